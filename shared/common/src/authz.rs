@@ -1,0 +1,83 @@
+//! The client every service uses to ask the authz service. Fails closed: when
+//! the authz service cannot answer, the caller gets `UNAVAILABLE` and nothing
+//! is allowed.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use secrets_proto::v1::{
+    BatchCheckRequest, CheckRequest, CheckResponse, Permission, authz_service_client::AuthzServiceClient,
+};
+use tonic::{Status, codegen::InterceptedService, transport::Channel};
+
+use crate::{
+    Principal,
+    auth::{InternalClient, lazy_channel},
+    error::from_upstream,
+};
+
+pub const AUTHZ_SERVICE: &str = "authz-service";
+
+#[derive(Clone)]
+pub struct AuthzClient {
+    inner: AuthzServiceClient<InterceptedService<Channel, InternalClient>>,
+}
+
+/// One question for the authz service.
+#[derive(Clone, Debug)]
+pub struct Question<'a> {
+    pub subject: &'a Principal,
+    pub permission: Permission,
+    pub domain: Option<&'a str>,
+}
+
+impl AuthzClient {
+    pub fn new(url: &str, internal_token: &SecretString, timeout: Duration) -> Result<Self, String> {
+        let channel = lazy_channel(url, timeout)?;
+        Ok(Self { inner: AuthzServiceClient::with_interceptor(channel, InternalClient::new(internal_token)?) })
+    }
+
+    /// The raw client, for forwarding management calls.
+    pub fn raw(&self) -> AuthzServiceClient<InterceptedService<Channel, InternalClient>> {
+        self.inner.clone()
+    }
+
+    /// Asks several questions in one round trip; answers in order.
+    pub async fn batch_check(&self, questions: &[Question<'_>]) -> Result<Vec<CheckResponse>, Status> {
+        let checks = questions
+            .iter()
+            .map(|q| CheckRequest {
+                subject: q.subject.to_string(),
+                permission: q.permission as i32,
+                domain: q.domain.unwrap_or_default().to_string(),
+            })
+            .collect::<Vec<_>>();
+        let n = checks.len();
+        let results = self
+            .inner
+            .clone()
+            .batch_check(BatchCheckRequest { checks })
+            .await
+            .map_err(|s| from_upstream(AUTHZ_SERVICE, s))?
+            .into_inner()
+            .results;
+        if results.len() != n {
+            return Err(Status::unavailable(format!(
+                "{AUTHZ_SERVICE}: answered {} of {n} checks",
+                results.len()
+            )));
+        }
+        Ok(results)
+    }
+
+    /// `Ok(())` when allowed, `PERMISSION_DENIED` saying what `action` needed
+    /// and why it was refused otherwise.
+    pub async fn require(&self, question: Question<'_>, action: &str) -> Result<(), Status> {
+        let answer = self.batch_check(std::slice::from_ref(&question)).await?.remove(0);
+        if answer.allowed {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!("{} may not {action}: {}", question.subject, answer.reason)))
+        }
+    }
+}

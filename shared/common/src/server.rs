@@ -1,0 +1,84 @@
+//! What every service's gRPC server has: health, reflection, trace spans,
+//! and a clean shutdown.
+
+use std::{future::Future, net::SocketAddr};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{server::NamedService, transport::Server};
+use tonic_health::server::HealthReporter;
+
+use crate::telemetry;
+
+/// A server builder with a span per request that joins the caller's trace.
+pub fn builder() -> Server {
+    Server::builder().trace_fn(telemetry::server_span)
+}
+
+/// Server reflection (v1 and v1alpha, which grpcurl speaks) advertising only
+/// the named services.
+pub fn reflection(
+    services: &[&str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let configure = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(secrets_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for s in services {
+            b = b.with_service_name(*s);
+        }
+        b.with_service_name("grpc.health.v1.Health")
+    };
+    Ok((configure().build_v1()?, configure().build_v1alpha()?))
+}
+
+/// Health reporting with every named service marked serving.
+pub async fn health<S: NamedService>(reporter: &HealthReporter) {
+    reporter.set_serving::<S>().await;
+}
+
+/// Binds `addr`; errors name the address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// The incoming stream of an already-bound listener, for `serve_with_incoming`.
+pub fn incoming(listener: TcpListener) -> TcpListenerStream {
+    TcpListenerStream::new(listener)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        tracing::info!("shutting down");
+    }
+}

@@ -1,0 +1,158 @@
+//! Logs and traces: one function builds the subscriber, W3C trace context
+//! crosses every gRPC hop (client interceptor in, server span out).
+
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry::{
+    global,
+    propagation::{Extractor, Injector},
+    trace::TracerProvider as _,
+};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use serde::Deserialize;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// Logging and tracing settings, the same for every service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// A filter such as `info` or `secret_service=debug,info`; `RUST_LOG`
+    /// wins when it is set.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint such as `http://127.0.0.1:4317`; unset means no
+    /// exporter at all.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { log_level: "info".into(), log_format: LogFormat::Human, otlp_endpoint: None }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Flushes and shuts the exporter down when dropped.
+#[must_use = "dropping the guard shuts the trace exporter down"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("trace exporter shutdown failed: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber for a process: a filter, a human or JSON
+/// log sink on stderr, and an OpenTelemetry layer when an OTLP endpoint is
+/// configured. Call it once, inside the Tokio runtime.
+pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(v),
+        _ => EnvFilter::try_new(&config.log_level),
+    }
+    .map_err(|e| anyhow::anyhow!("log_level: {e}"))?;
+
+    let fmt = match config.log_format {
+        LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+
+    let (otel, provider) = match &config.otlp_endpoint {
+        None => (None, None),
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .map_err(|e| anyhow::anyhow!("otlp_endpoint {endpoint:?}: {e}"))?;
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    Resource::builder()
+                        .with_service_name(service_name)
+                        .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer(service_name);
+            global::set_tracer_provider(provider.clone());
+            (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
+        }
+    };
+
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("a tracing subscriber is already installed: {e}"))?;
+    Ok(TelemetryGuard { provider })
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Writes the current span's trace context into outgoing gRPC metadata.
+pub fn inject_context(metadata: &mut MetadataMap) {
+    let cx = Span::current().context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
+}
+
+/// The server span of one gRPC request, continuing the caller's trace when
+/// it sent a `traceparent`. Pass to `Server::builder().trace_fn(..)`.
+pub fn server_span(request: &http::Request<()>) -> Span {
+    let path = request.uri().path();
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    // Fails only when no OpenTelemetry layer is installed: nothing to join then.
+    let _ = span.set_parent(parent);
+    span
+}

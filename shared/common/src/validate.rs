@@ -1,0 +1,147 @@
+//! Input rules shared by every service; each failure names the field and the rule.
+
+use std::fmt;
+
+/// Kubernetes Secret data keys: `[-._a-zA-Z0-9]+`.
+pub const MAX_KEY_LEN: usize = 253;
+/// A DNS label.
+pub const MAX_DOMAIN_LEN: usize = 63;
+/// Decoded values of one store object, in total: the Kubernetes Secret limit.
+pub const MAX_OBJECT_VALUE_BYTES: usize = 1024 * 1024;
+
+/// One problem with one field of a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self { field: field.into(), description: description.into() }
+    }
+}
+
+impl fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.description)
+    }
+}
+
+impl std::error::Error for FieldViolation {}
+
+/// A secret key: 1..253 characters of `[-._a-zA-Z0-9]`, not `.` or `..`, not
+/// starting with `..` (the Kubernetes Secret data-key rule).
+pub fn secret_key(field: &str, key: &str) -> Result<(), FieldViolation> {
+    let rule = "secret keys are 1 to 253 characters of letters, digits, '-', '_' and '.'";
+    if key.is_empty() {
+        return Err(FieldViolation::new(field, format!("must not be empty; {rule}")));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(FieldViolation::new(
+            field,
+            format!("is {} characters long; {rule}", key.chars().count()),
+        ));
+    }
+    if let Some(bad) = key.chars().find(|c| !is_key_char(*c)) {
+        return Err(FieldViolation::new(
+            field,
+            format!("contains {bad:?}; {rule}"),
+        ));
+    }
+    if key == "." || key == ".." || key.starts_with("..") {
+        return Err(FieldViolation::new(field, "must not be '.' or '..' or start with '..'"));
+    }
+    Ok(())
+}
+
+pub fn is_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// A domain name: a lowercase DNS label, `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, 1..63.
+pub fn domain(field: &str, name: &str) -> Result<(), FieldViolation> {
+    let rule = "domain names are lowercase DNS labels: 1 to 63 of a-z, 0-9 and '-', starting and ending with a letter or digit";
+    if name.is_empty() {
+        return Err(FieldViolation::new(field, format!("must not be empty; {rule}")));
+    }
+    if name.len() > MAX_DOMAIN_LEN {
+        return Err(FieldViolation::new(field, format!("is {} characters long; {rule}", name.chars().count())));
+    }
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if let Some(bad) = name.chars().find(|c| !ok_char(*c)) {
+        return Err(FieldViolation::new(field, format!("contains {bad:?}; {rule}")));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(FieldViolation::new(field, format!("starts or ends with '-'; {rule}")));
+    }
+    Ok(())
+}
+
+/// A secret value: not empty, at most the object limit on its own.
+pub fn secret_value(field: &str, len: usize) -> Result<(), FieldViolation> {
+    if len == 0 {
+        return Err(FieldViolation::new(field, "must not be empty"));
+    }
+    if len > MAX_OBJECT_VALUE_BYTES {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "is {len} bytes; a value may be at most {MAX_OBJECT_VALUE_BYTES} bytes (1 MiB, the Kubernetes Secret size limit)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_kubernetes_style_keys() {
+        for key in ["db_password", "a", "S3.access-key", ".hidden", "x".repeat(253).as_str()] {
+            assert!(secret_key("key", key).is_ok(), "{key}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_keys_naming_field_and_rule() {
+        let cases = [
+            ("", "must not be empty"),
+            ("has space", "contains ' '"),
+            ("slash/key", "contains '/'"),
+            ("ключ", "contains 'к'"),
+            (".", "must not be '.'"),
+            ("..x", "start with '..'"),
+        ];
+        for (key, expected) in cases {
+            let err = secret_key("key", key).unwrap_err();
+            assert_eq!(err.field, "key");
+            assert!(err.description.contains(expected), "{key:?}: {}", err.description);
+        }
+        let long = secret_key("key", &"k".repeat(254)).unwrap_err();
+        assert!(long.description.contains("254 characters"), "{}", long.description);
+    }
+
+    #[test]
+    fn domains_are_dns_labels() {
+        for ok in ["finance", "a", "team-1", &"d".repeat(63)] {
+            assert!(domain("domain", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Finance", "-a", "a-", "a_b", "a.b", &"d".repeat(64)] {
+            let err = domain("domain", bad).unwrap_err();
+            assert_eq!(err.field, "domain");
+            assert!(err.description.contains("DNS label"), "{bad}: {}", err.description);
+        }
+    }
+
+    #[test]
+    fn values_must_be_non_empty_and_within_one_mebibyte() {
+        assert!(secret_value("value", 1).is_ok());
+        assert!(secret_value("value", MAX_OBJECT_VALUE_BYTES).is_ok());
+        assert!(secret_value("value", 0).unwrap_err().description.contains("empty"));
+        let big = secret_value("value", MAX_OBJECT_VALUE_BYTES + 1).unwrap_err();
+        assert!(big.description.contains("1 MiB"), "{}", big.description);
+    }
+}
