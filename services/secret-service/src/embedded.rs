@@ -1,0 +1,240 @@
+//! The local backend: one AES-256-GCM encrypted file per store object under a
+//! data directory, replaced atomically on every write.
+//!
+//! File layout: `ISS1` magic, 12-byte random nonce, ciphertext of a JSON
+//! document; the object name is the associated data, so a file renamed onto
+//! another object fails to decrypt instead of serving the wrong secrets.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aes_gcm::{
+    Aes256Gcm, KeyInit, Nonce,
+    aead::{AeadInPlace, OsRng, rand_core::RngCore},
+};
+use async_trait::async_trait;
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use chrono::{DateTime, Utc};
+use secrets_common::SecretValue;
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::{
+    Error, Result,
+    backend::{Change, Entries, Entry, SecretBackend},
+};
+
+const MAGIC: &[u8; 4] = b"ISS1";
+const NONCE_LEN: usize = 12;
+const KEY_FILE: &str = "store.key";
+const NAME: &str = "embedded";
+
+pub struct EmbeddedBackend {
+    objects_dir: PathBuf,
+    cipher: Aes256Gcm,
+    /// One writer at a time per object inside this process.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl EmbeddedBackend {
+    /// Opens (or creates) the store under `data_dir`: the key file
+    /// `store.key` (32 random bytes, mode 0600) and `objects/`.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        let objects_dir = data_dir.join("objects");
+        std::fs::create_dir_all(&objects_dir).map_err(|e| {
+            Error::Corrupt(format!("cannot create the embedded store directory {}: {e}", objects_dir.display()))
+        })?;
+        let key = load_or_create_key(&data_dir.join(KEY_FILE))?;
+        let cipher = Aes256Gcm::new_from_slice(&key[..])
+            .map_err(|_| Error::Internal("AES-256-GCM key has the wrong length".into()))?;
+        Ok(Self { objects_dir, cipher, locks: Mutex::default() })
+    }
+
+    fn path(&self, object: &str) -> PathBuf {
+        self.objects_dir.join(format!("{object}.enc"))
+    }
+
+    fn lock(&self, object: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(object.to_string()).or_default().clone()
+    }
+
+    async fn load(&self, object: &str) -> Result<Option<Entries>> {
+        let path = self.path(object);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(unavailable(format!("cannot read {}: {e}", path.display()))),
+        };
+        let plain = self.decrypt(object, &bytes)?;
+        let doc: FileDoc = serde_json::from_slice(&plain)
+            .map_err(|e| Error::Corrupt(format!("embedded store object {} is not valid: {e}", path.display())))?;
+        let mut entries = Entries::new();
+        for (key, fe) in doc.entries {
+            let value = B64
+                .decode(fe.v.as_bytes())
+                .map_err(|_| Error::Corrupt(format!("embedded store object {}: bad value encoding", path.display())))?;
+            entries.insert(key, Entry { value: SecretValue::new(value), created_at: fe.c, updated_at: fe.u });
+        }
+        Ok(Some(entries))
+    }
+
+    async fn store(&self, object: &str, entries: &Entries) -> Result<()> {
+        let doc = FileDoc {
+            entries: entries
+                .iter()
+                .map(|(k, e)| (k.clone(), FileEntry { v: B64.encode(e.value.expose()), c: e.created_at, u: e.updated_at }))
+                .collect(),
+        };
+        let plain = Zeroizing::new(
+            serde_json::to_vec(&doc).map_err(|e| Error::Internal(format!("cannot encode store object: {e}")))?,
+        );
+        let sealed = self.encrypt(object, plain)?;
+        let path = self.path(object);
+        let dir = self.objects_dir.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&dir, &path, &sealed))
+            .await
+            .map_err(|e| Error::Internal(format!("store write task failed: {e}")))?
+    }
+
+    fn encrypt(&self, object: &str, plain: Zeroizing<Vec<u8>>) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        let mut buffer = plain;
+        self.cipher
+            .encrypt_in_place(Nonce::from_slice(&nonce), object.as_bytes(), &mut *buffer)
+            .map_err(|_| Error::Internal("encryption failed".into()))?;
+        let mut out = Vec::with_capacity(MAGIC.len() + NONCE_LEN + buffer.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buffer);
+        Ok(out)
+    }
+
+    fn decrypt(&self, object: &str, bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let corrupt = |why: &str| {
+            Error::Corrupt(format!(
+                "embedded store object {object} cannot be decrypted ({why}); was {KEY_FILE} replaced or the file copied from another store?"
+            ))
+        };
+        if bytes.len() < MAGIC.len() + NONCE_LEN || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(corrupt("unknown file format"));
+        }
+        let nonce = &bytes[MAGIC.len()..MAGIC.len() + NONCE_LEN];
+        let mut buffer = Zeroizing::new(bytes[MAGIC.len() + NONCE_LEN..].to_vec());
+        self.cipher
+            .decrypt_in_place(Nonce::from_slice(nonce), object.as_bytes(), &mut *buffer)
+            .map_err(|_| corrupt("authentication failed"))?;
+        Ok(buffer)
+    }
+}
+
+#[async_trait]
+impl SecretBackend for EmbeddedBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn read(&self, object: &str) -> Result<Option<Entries>> {
+        self.load(object).await
+    }
+
+    async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()> {
+        let lock = self.lock(object);
+        let _guard = lock.lock().await;
+        let mut entries = self.load(object).await?.unwrap_or_default();
+        change(&mut entries)?;
+        self.store(object, &entries).await
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileDoc {
+    entries: BTreeMap<String, FileEntry>,
+}
+
+/// One entry as serialized inside the encrypted document; the encoded value
+/// is wiped when the entry is dropped.
+#[derive(Serialize, Deserialize)]
+struct FileEntry {
+    v: String,
+    c: DateTime<Utc>,
+    u: DateTime<Utc>,
+}
+
+impl Drop for FileEntry {
+    fn drop(&mut self) {
+        self.v.zeroize();
+    }
+}
+
+fn unavailable(message: String) -> Error {
+    Error::Unavailable { backend: NAME, message }
+}
+
+/// Reads the 32-byte key, or creates it with mode 0600 on first start.
+fn load_or_create_key(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let bytes = Zeroizing::new(bytes);
+            if bytes.len() != 32 {
+                return Err(Error::Corrupt(format!(
+                    "key file {} holds {} bytes; an AES-256 key is 32 bytes",
+                    path.display(),
+                    bytes.len()
+                )));
+            }
+            let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+            if mode & 0o077 != 0 {
+                return Err(Error::Corrupt(format!(
+                    "key file {} has mode {mode:o}; it must be readable by its owner only: chmod 600 it",
+                    path.display()
+                )));
+            }
+            Ok(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = Zeroizing::new(vec![0u8; 32]);
+            OsRng.fill_bytes(&mut key);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Error::Corrupt(format!("cannot create key file {}: {e}", path.display())))?;
+            file.write_all(&key)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| Error::Corrupt(format!("cannot write key file {}: {e}", path.display())))?;
+            tracing::info!(path = %path.display(), "created a new embedded store key");
+            Ok(key)
+        }
+        Err(e) => Err(Error::Corrupt(format!("cannot read key file {}: {e}", path.display()))),
+    }
+}
+
+/// Writes to a temporary file beside the target, syncs it, renames it over
+/// the target and syncs the directory: readers see the old or the new
+/// object, never a torn one.
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let fail = |what: &str, e: std::io::Error| unavailable(format!("cannot {what} {}: {e}", path.display()));
+    let tmp = dir.join(format!(".{}.{:016x}.tmp", path.file_name().map_or("object".into(), |n| n.to_string_lossy()), rand::random::<u64>()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail("write", e));
+    }
+    // Keep the data files private even if the umask is loose.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! The tonic adapter: decode, authorize, call the store, map errors.
+
+use prost_types::Timestamp;
+use secrets_common::{
+    Principal, SecretValue,
+    auth::InternalCall,
+    authz::{AuthzClient, Question},
+    error::invalid_argument,
+    validate::FieldViolation,
+};
+use secrets_proto::v1::{
+    self as pb, Permission, secret_reader_server::SecretReader, secret_service_server::SecretService,
+};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::store::{Lookup, Scope, SecretInfo, SecretStore};
+
+#[derive(Clone)]
+pub struct SecretGrpc {
+    store: SecretStore,
+    authz: AuthzClient,
+}
+
+impl SecretGrpc {
+    pub fn new(store: SecretStore, authz: AuthzClient) -> Self {
+        Self { store, authz }
+    }
+
+    async fn authorize(&self, principal: &Principal, scope: &Scope, op: Op, view_domain: Option<&str>) -> Result<(), Status> {
+        let (permission, domain) = match (scope, op) {
+            (Scope::Domain(d), Op::List) => (Permission::ListSecrets, Some(d.as_str())),
+            (Scope::Domain(d), Op::Write) => (Permission::ManageSecrets, Some(d.as_str())),
+            (Scope::Global, Op::List) if view_domain.is_some() => (Permission::ListSecrets, view_domain),
+            (Scope::Global | Scope::Admin, _) => (Permission::PlatformAdmin, None),
+        };
+        let action = match op {
+            Op::List => format!("list {scope}"),
+            Op::Write => format!("change {scope}"),
+        };
+        self.authz.require(Question { subject: principal, permission, domain }, &action).await
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    List,
+    Write,
+}
+
+/// The scope a request names; `domain` must be set exactly for domain scopes
+/// (and may be set to view global secrets from a domain).
+fn scope_of(scope: i32, domain: &str, allow_domain_view: bool) -> Result<Scope, Status> {
+    let scope = pb::Scope::try_from(scope).map_err(|_| {
+        invalid_argument(FieldViolation::new(
+            "scope",
+            format!("unknown value {scope}; use SCOPE_DOMAIN, SCOPE_GLOBAL or SCOPE_ADMIN"),
+        ))
+    })?;
+    match scope {
+        pb::Scope::Domain => Ok(Scope::domain("domain", domain)?),
+        pb::Scope::Global if allow_domain_view => Ok(Scope::Global),
+        pb::Scope::Global | pb::Scope::Admin if !domain.is_empty() => Err(invalid_argument(FieldViolation::new(
+            "domain",
+            format!("must be empty for {}: those secrets belong to no domain", scope.as_str_name()),
+        ))),
+        pb::Scope::Global => Ok(Scope::Global),
+        pb::Scope::Admin => Ok(Scope::Admin),
+    }
+}
+
+fn value_of(binary: Option<Vec<u8>>, text: Option<String>) -> Result<SecretValue, Status> {
+    match (binary, text) {
+        (Some(b), _) => Ok(SecretValue::new(b)),
+        (None, Some(t)) => Ok(SecretValue::from(t)),
+        (None, None) => Err(invalid_argument(FieldViolation::new(
+            "value",
+            "is required: set `binary` (base64 in JSON) or `text`",
+        ))),
+    }
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+fn metadata(info: SecretInfo, view_domain: &str) -> pb::SecretMetadata {
+    let (scope, domain, source_id) = match &info.scope {
+        Scope::Domain(d) => (pb::Scope::Domain, d.clone(), d.clone()),
+        // Listed from a domain, a global secret is referenced through that
+        // domain (domain first, then global), so the source names it.
+        Scope::Global => (pb::Scope::Global, String::new(), view_domain.to_string()),
+        Scope::Admin => (pb::Scope::Admin, String::new(), String::new()),
+    };
+    pb::SecretMetadata {
+        key: info.key,
+        scope: scope as i32,
+        domain,
+        source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: source_id }),
+        created_at: Some(timestamp(info.created_at)),
+        updated_at: Some(timestamp(info.updated_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl SecretService for SecretGrpc {
+    #[instrument(skip_all, fields(rpc = "CreateSecret", scope, domain, key, principal))]
+    async fn create_secret(&self, request: Request<pb::CreateSecretRequest>) -> Result<Response<pb::SecretMetadata>, Status> {
+        let call = InternalCall::of(&request);
+        let principal = call.require_principal()?;
+        let req = request.into_inner();
+        record(&principal.to_string(), &req.domain, &req.key, req.scope);
+        let scope = scope_of(req.scope, &req.domain, false)?;
+        let (binary, text) = split_create(req.value);
+        let value = value_of(binary, text)?;
+        self.authorize(principal, &scope, Op::Write, None).await?;
+        let info = self.store.create(&scope, &req.key, value).await?;
+        tracing::info!(%scope, key = %info.key, %principal, "secret created");
+        Ok(Response::new(metadata(info, &req.domain)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "UpdateSecret", scope, domain, key, principal))]
+    async fn update_secret(&self, request: Request<pb::UpdateSecretRequest>) -> Result<Response<pb::SecretMetadata>, Status> {
+        let call = InternalCall::of(&request);
+        let principal = call.require_principal()?;
+        let req = request.into_inner();
+        record(&principal.to_string(), &req.domain, &req.key, req.scope);
+        let scope = scope_of(req.scope, &req.domain, false)?;
+        let (binary, text) = split_update(req.value);
+        let value = value_of(binary, text)?;
+        self.authorize(principal, &scope, Op::Write, None).await?;
+        let info = self.store.update(&scope, &req.key, value).await?;
+        tracing::info!(%scope, key = %info.key, %principal, "secret updated");
+        Ok(Response::new(metadata(info, &req.domain)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "DeleteSecret", scope, domain, key, principal))]
+    async fn delete_secret(&self, request: Request<pb::DeleteSecretRequest>) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let call = InternalCall::of(&request);
+        let principal = call.require_principal()?;
+        let req = request.into_inner();
+        record(&principal.to_string(), &req.domain, &req.key, req.scope);
+        let scope = scope_of(req.scope, &req.domain, false)?;
+        self.authorize(principal, &scope, Op::Write, None).await?;
+        self.store.delete(&scope, &req.key).await?;
+        tracing::info!(%scope, key = %req.key, %principal, "secret deleted");
+        Ok(Response::new(pb::DeleteSecretResponse {}))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListSecrets", scope, domain, principal, count))]
+    async fn list_secrets(&self, request: Request<pb::ListSecretsRequest>) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let call = InternalCall::of(&request);
+        let principal = call.require_principal()?;
+        let req = request.into_inner();
+        record(&principal.to_string(), &req.domain, "", req.scope);
+        let scope = scope_of(req.scope, &req.domain, true)?;
+        let view_domain = match (&scope, req.domain.as_str()) {
+            (Scope::Global, "") => None,
+            (Scope::Global, d) => {
+                secrets_common::validate::domain("domain", d).map_err(invalid_argument)?;
+                Some(d)
+            }
+            _ => None,
+        };
+        self.authorize(principal, &scope, Op::List, view_domain).await?;
+        let secrets: Vec<_> = self.store.list(&scope).await?.into_iter().map(|i| metadata(i, &req.domain)).collect();
+        tracing::Span::current().record("count", secrets.len());
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+}
+
+#[tonic::async_trait]
+impl SecretReader for SecretGrpc {
+    /// Values for the gateway's resolver. The gateway has already decided the
+    /// caller may use them; this service only checks that the call is the
+    /// gateway's (the internal credential).
+    #[instrument(skip_all, fields(rpc = "ReadSecrets", lookups, found))]
+    async fn read_secrets(&self, request: Request<pb::ReadSecretsRequest>) -> Result<Response<pb::ReadSecretsResponse>, Status> {
+        let req = request.into_inner();
+        tracing::Span::current().record("lookups", req.lookups.len());
+        let mut lookups = Vec::with_capacity(req.lookups.len());
+        for (i, l) in req.lookups.into_iter().enumerate() {
+            let scope = scope_of(l.scope, &l.domain, false).map_err(|s| {
+                Status::with_details(s.code(), format!("lookups[{i}].{}", s.message()), s.details().to_vec().into())
+            })?;
+            lookups.push(Lookup { scope, key: l.key, global_fallback: l.global_fallback });
+        }
+        let found = self.store.read_values(&lookups).await?;
+        tracing::Span::current().record("found", found.iter().filter(|f| f.is_some()).count());
+        let results = found
+            .into_iter()
+            .map(|f| match f {
+                None => pb::SecretLookupResult::default(),
+                Some(f) => pb::SecretLookupResult {
+                    found: true,
+                    found_in: match f.scope {
+                        Scope::Domain(_) => pb::Scope::Domain,
+                        Scope::Global => pb::Scope::Global,
+                        Scope::Admin => pb::Scope::Admin,
+                    } as i32,
+                    value: f.value.into_exposed(),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::ReadSecretsResponse { results }))
+    }
+}
+
+fn record(principal: &str, domain: &str, key: &str, scope: i32) {
+    let span = tracing::Span::current();
+    span.record("principal", principal);
+    span.record("domain", domain);
+    span.record("key", key);
+    span.record("scope", pb::Scope::try_from(scope).map_or("unknown", |s| s.as_str_name()));
+}
+
+fn split_create(v: Option<pb::create_secret_request::Value>) -> (Option<Vec<u8>>, Option<String>) {
+    use pb::create_secret_request::Value;
+    match v {
+        Some(Value::Binary(b)) => (Some(b), None),
+        Some(Value::Text(t)) => (None, Some(t)),
+        None => (None, None),
+    }
+}
+
+fn split_update(v: Option<pb::update_secret_request::Value>) -> (Option<Vec<u8>>, Option<String>) {
+    use pb::update_secret_request::Value;
+    match v {
+        Some(Value::Binary(b)) => (Some(b), None),
+        Some(Value::Text(t)) => (None, Some(t)),
+        None => (None, None),
+    }
+}

@@ -1,0 +1,186 @@
+//! The secret service: stores domain, global and admin secrets and hands
+//! values only to the gateway's resolver.
+//!
+//! Reading order: [`grpc`] (the tonic adapter) → [`store`] (the domain logic)
+//! → [`backend`] (the storage trait) → [`kubernetes`] and [`embedded`].
+
+pub mod backend;
+pub mod embedded;
+mod error;
+pub mod grpc;
+pub mod kubernetes;
+pub mod store;
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use secrecy::SecretString;
+use secrets_common::{auth::InternalAuth, authz::AuthzClient, server, telemetry::TelemetryConfig};
+use secrets_proto::{
+    service_names::{SECRET_READER, SECRET_SERVICE},
+    v1::{secret_reader_server::SecretReaderServer, secret_service_server::SecretServiceServer},
+};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tonic::transport::server::Router;
+
+pub use error::{Error, Result};
+
+use crate::{backend::SecretBackend, embedded::EmbeddedBackend, kubernetes::KubernetesBackend, store::SecretStore};
+
+/// Environment variables that configure the service start with this.
+pub const ENV_PREFIX: &str = "SECRET_SERVICE_";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    /// The credential the gateway and the services present to each other.
+    pub internal_token: Option<SecretString>,
+    /// The authz service, asked before every management call.
+    pub authz_url: String,
+    /// Bound on every call to another service.
+    pub request_timeout_ms: u64,
+    pub backend: BackendKind,
+    /// Store object names: `{prefix}-{domain}`, `{prefix}`, `{prefix}-admin`.
+    pub object_prefix: String,
+    pub embedded: EmbeddedConfig,
+    pub kubernetes: KubernetesConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_addr: ([127, 0, 0, 1], 50052).into(),
+            internal_token: None,
+            authz_url: "http://127.0.0.1:50053".into(),
+            request_timeout_ms: 5_000,
+            backend: BackendKind::Embedded,
+            object_prefix: "iomete-secret-store".into(),
+            embedded: EmbeddedConfig::default(),
+            kubernetes: KubernetesConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Encrypted files under `embedded.data_dir`: no cluster needed.
+    #[default]
+    Embedded,
+    /// Opaque Secrets in `kubernetes.namespace`.
+    Kubernetes,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    pub data_dir: PathBuf,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("data/secrets") }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The namespace of the installation.
+    pub namespace: String,
+    /// An explicit API server URL (for example `kubectl proxy`); unset means
+    /// `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
+    pub api_url: Option<String>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self { namespace: "default".into(), api_url: None }
+    }
+}
+
+impl Config {
+    pub fn internal_token(&self) -> anyhow::Result<&SecretString> {
+        self.internal_token
+            .as_ref()
+            .context("internal_token is required (set SECRET_SERVICE_INTERNAL_TOKEN or internal_token in the config file)")
+    }
+}
+
+/// The backend the configuration names.
+pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<dyn SecretBackend>> {
+    Ok(match config.backend {
+        BackendKind::Embedded => Arc::new(EmbeddedBackend::open(&config.embedded.data_dir)?),
+        BackendKind::Kubernetes => {
+            let k = &config.kubernetes;
+            let client = KubernetesBackend::client(k.api_url.as_deref(), &k.namespace).await?;
+            Arc::new(KubernetesBackend::new(client, &k.namespace))
+        }
+    })
+}
+
+/// A built server, bound and ready to run.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    port: u16,
+}
+
+impl Application {
+    /// Binds `listen_addr` and opens the configured backend.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = server::bind(config.listen_addr).await?;
+        Self::build_with_listener(config, listener).await
+    }
+
+    /// Serves on an already-bound listener (tests and the local stack bind
+    /// port 0 first).
+    pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        let backend = backend_from_config(&config).await?;
+        Self::build_with_backend(config, listener, backend).await
+    }
+
+    /// Serves with a given backend.
+    pub async fn build_with_backend(
+        config: Config,
+        listener: TcpListener,
+        backend: Arc<dyn SecretBackend>,
+    ) -> anyhow::Result<Self> {
+        let token = config.internal_token()?;
+        let timeout = Duration::from_millis(config.request_timeout_ms);
+        let authz = AuthzClient::new(&config.authz_url, token, timeout).map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
+        let store = SecretStore::new(backend, config.object_prefix.clone());
+        tracing::info!(backend = store.backend_name(), "secret store ready");
+        let grpc = grpc::SecretGrpc::new(store, authz);
+        let auth = InternalAuth::new(token);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in [SECRET_SERVICE, SECRET_READER] {
+            health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+        let (reflection_v1, reflection_v1alpha) = server::reflection(&[SECRET_SERVICE, SECRET_READER])?;
+        let router = server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(SecretServiceServer::with_interceptor(grpc.clone(), auth.clone()))
+            .add_service(SecretReaderServer::with_interceptor(grpc, auth));
+        let port = listener.local_addr()?.port();
+        Ok(Self { listener, router, port })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.router
+            .serve_with_incoming_shutdown(server::incoming(self.listener), shutdown)
+            .await
+            .context("secret-service stopped with an error")
+    }
+}

@@ -1,0 +1,227 @@
+//! The domain logic of secrets: which object a secret lives in, the key and
+//! size rules, create / update / delete / list semantics. Knows nothing about
+//! gRPC or about how objects are stored.
+
+use std::{collections::BTreeMap, fmt, sync::Arc};
+
+use chrono::Utc;
+use secrets_common::{
+    SecretValue,
+    validate::{self, MAX_OBJECT_VALUE_BYTES},
+};
+use tracing::instrument;
+
+use crate::{
+    Error, Result,
+    backend::{Entries, Entry, SecretBackend},
+};
+
+/// Where a secret lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Domain(String),
+    Global,
+    Admin,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Domain(d) => write!(f, "domain {d:?}"),
+            Self::Global => f.write_str("the global secrets"),
+            Self::Admin => f.write_str("the admin secrets"),
+        }
+    }
+}
+
+/// Domain names that would map onto another scope's store object.
+const RESERVED_DOMAINS: &[&str] = &["admin"];
+
+impl Scope {
+    /// A domain scope, checking the name.
+    pub fn domain(field: &str, name: &str) -> Result<Self> {
+        validate::domain(field, name)?;
+        if RESERVED_DOMAINS.contains(&name) {
+            return Err(Error::InvalidArgument(validate::FieldViolation::new(
+                field,
+                format!("{name:?} is reserved: its store object would be the admin secrets' object"),
+            )));
+        }
+        Ok(Self::Domain(name.to_string()))
+    }
+}
+
+/// What a person may see about a secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretInfo {
+    pub key: String,
+    pub scope: Scope,
+    pub created_at: chrono::DateTime<Utc>,
+    pub updated_at: chrono::DateTime<Utc>,
+}
+
+/// One key to read for the resolver.
+#[derive(Clone, Debug)]
+pub struct Lookup {
+    pub scope: Scope,
+    pub key: String,
+    /// For domain scopes: try the global secrets when the domain lacks the key.
+    pub global_fallback: bool,
+}
+
+/// The answer to one [`Lookup`].
+#[derive(Debug)]
+pub struct Found {
+    pub scope: Scope,
+    pub value: SecretValue,
+}
+
+#[derive(Clone)]
+pub struct SecretStore {
+    backend: Arc<dyn SecretBackend>,
+    prefix: String,
+}
+
+impl SecretStore {
+    pub fn new(backend: Arc<dyn SecretBackend>, prefix: impl Into<String>) -> Self {
+        Self { backend, prefix: prefix.into() }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The store object of a scope: `{prefix}-{domain}`, `{prefix}`, `{prefix}-admin`.
+    pub fn object_name(&self, scope: &Scope) -> String {
+        match scope {
+            Scope::Domain(d) => format!("{}-{d}", self.prefix),
+            Scope::Global => self.prefix.clone(),
+            Scope::Admin => format!("{}-admin", self.prefix),
+        }
+    }
+
+    #[instrument(skip(self, value), fields(backend = self.backend.name(), %scope))]
+    pub async fn create(&self, scope: &Scope, key: &str, value: SecretValue) -> Result<SecretInfo> {
+        self.put(scope, key, value, Mode::Create).await
+    }
+
+    #[instrument(skip(self, value), fields(backend = self.backend.name(), %scope))]
+    pub async fn update(&self, scope: &Scope, key: &str, value: SecretValue) -> Result<SecretInfo> {
+        self.put(scope, key, value, Mode::Update).await
+    }
+
+    async fn put(&self, scope: &Scope, key: &str, value: SecretValue, mode: Mode) -> Result<SecretInfo> {
+        validate::secret_key("key", key)?;
+        validate::secret_value("value", value.len())?;
+        let object = self.object_name(scope);
+        let mut written = None;
+        self.backend
+            .modify(&object, &mut |entries: &mut Entries| {
+                let now = Utc::now();
+                let created_at = match (entries.get(key), mode) {
+                    (Some(_), Mode::Create) => {
+                        return Err(Error::AlreadyExists { key: key.to_string(), scope: scope.clone() });
+                    }
+                    (None, Mode::Update) => {
+                        return Err(Error::NotFound { key: key.to_string(), scope: scope.clone() });
+                    }
+                    (Some(existing), Mode::Update) => existing.created_at,
+                    (None, Mode::Create) => now,
+                };
+                entries.insert(
+                    key.to_string(),
+                    Entry { value: value.clone(), created_at, updated_at: now },
+                );
+                check_object_size(&object, entries)?;
+                written = Some(SecretInfo { key: key.to_string(), scope: scope.clone(), created_at, updated_at: now });
+                Ok(())
+            })
+            .await?;
+        written.ok_or_else(|| Error::Internal("backend finished a write without applying it".into()))
+    }
+
+    #[instrument(skip(self), fields(backend = self.backend.name(), %scope))]
+    pub async fn delete(&self, scope: &Scope, key: &str) -> Result<()> {
+        validate::secret_key("key", key)?;
+        let object = self.object_name(scope);
+        // A missing object has no keys: report the key as missing without
+        // creating an empty object.
+        if self.backend.read(&object).await?.is_none() {
+            return Err(Error::NotFound { key: key.to_string(), scope: scope.clone() });
+        }
+        self.backend
+            .modify(&object, &mut |entries: &mut Entries| match entries.remove(key) {
+                Some(_) => Ok(()),
+                None => Err(Error::NotFound { key: key.to_string(), scope: scope.clone() }),
+            })
+            .await
+    }
+
+    #[instrument(skip(self), fields(backend = self.backend.name(), %scope))]
+    pub async fn list(&self, scope: &Scope) -> Result<Vec<SecretInfo>> {
+        let entries = self.backend.read(&self.object_name(scope)).await?.unwrap_or_default();
+        Ok(entries
+            .into_iter()
+            .map(|(key, e)| SecretInfo { key, scope: scope.clone(), created_at: e.created_at, updated_at: e.updated_at })
+            .collect())
+    }
+
+    /// Reads values for the resolver. Each store object is read at most once,
+    /// however many lookups name it; the global object is read once, and only
+    /// when a lookup needs it.
+    #[instrument(skip(self, lookups), fields(backend = self.backend.name(), lookups = lookups.len(), objects_read))]
+    pub async fn read_values(&self, lookups: &[Lookup]) -> Result<Vec<Option<Found>>> {
+        for (i, l) in lookups.iter().enumerate() {
+            validate::secret_key(&format!("lookups[{i}].key"), &l.key)?;
+        }
+        let mut objects: BTreeMap<Scope, Entries> = BTreeMap::new();
+        let load = async |scope: &Scope, objects: &mut BTreeMap<Scope, Entries>| -> Result<()> {
+            if !objects.contains_key(scope) {
+                let entries = self.backend.read(&self.object_name(scope)).await?.unwrap_or_default();
+                objects.insert(scope.clone(), entries);
+            }
+            Ok(())
+        };
+        for l in lookups {
+            load(&l.scope, &mut objects).await?;
+        }
+        let needs_global = lookups.iter().any(|l| {
+            matches!(l.scope, Scope::Domain(_)) && l.global_fallback && !objects[&l.scope].contains_key(&l.key)
+        });
+        if needs_global {
+            load(&Scope::Global, &mut objects).await?;
+        }
+        tracing::Span::current().record("objects_read", objects.len());
+        Ok(lookups
+            .iter()
+            .map(|l| {
+                let found = |scope: &Scope| {
+                    objects.get(scope).and_then(|o| o.get(&l.key)).map(|e| Found { scope: scope.clone(), value: e.value.clone() })
+                };
+                found(&l.scope).or_else(|| {
+                    (l.global_fallback && matches!(l.scope, Scope::Domain(_))).then(|| found(&Scope::Global)).flatten()
+                })
+            })
+            .collect())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Create,
+    Update,
+}
+
+/// Refuses a change that would take the object past the Kubernetes Secret
+/// limit, before the backend is asked to write it.
+fn check_object_size(object: &str, entries: &Entries) -> Result<()> {
+    let total: usize = entries.values().map(|e| e.value.len()).sum();
+    if total > MAX_OBJECT_VALUE_BYTES {
+        return Err(Error::TooLarge {
+            object: object.to_string(),
+            total,
+            limit: MAX_OBJECT_VALUE_BYTES,
+        });
+    }
+    Ok(())
+}
