@@ -1,0 +1,198 @@
+//! Tables and migrations. The database stores grants only: subjects,
+//! domains, roles and permission names, never a secret.
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm_migration::{MigratorTrait, prelude::*};
+
+pub mod platform_admin {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "platform_admins")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub subject: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod domain_member {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "domain_members")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub domain: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub subject: String,
+        /// `owner` or `member`.
+        pub role: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod domain_permission {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "domain_permissions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub domain: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub subject: String,
+        /// `LIST_SECRETS` or `MANAGE_SECRETS`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub permission: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+#[derive(DeriveIden)]
+enum PlatformAdmins {
+    Table,
+    Subject,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum DomainMembers {
+    Table,
+    Domain,
+    Subject,
+    Role,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum DomainPermissions {
+    Table,
+    Domain,
+    Subject,
+    Permission,
+    CreatedAt,
+}
+
+struct CreateGrantTables;
+
+impl MigrationName for CreateGrantTables {
+    fn name(&self) -> &str {
+        "m20261128_000001_create_grant_tables"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateGrantTables {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(PlatformAdmins::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(PlatformAdmins::Subject).string_len(270).not_null().primary_key())
+                    .col(ColumnDef::new(PlatformAdmins::CreatedAt).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(DomainMembers::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(DomainMembers::Domain).string_len(63).not_null())
+                    .col(ColumnDef::new(DomainMembers::Subject).string_len(270).not_null())
+                    .col(ColumnDef::new(DomainMembers::Role).string_len(16).not_null())
+                    .col(ColumnDef::new(DomainMembers::CreatedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(Index::create().col(DomainMembers::Domain).col(DomainMembers::Subject))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(DomainPermissions::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(DomainPermissions::Domain).string_len(63).not_null())
+                    .col(ColumnDef::new(DomainPermissions::Subject).string_len(270).not_null())
+                    .col(ColumnDef::new(DomainPermissions::Permission).string_len(32).not_null())
+                    .col(ColumnDef::new(DomainPermissions::CreatedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(
+                        Index::create()
+                            .col(DomainPermissions::Domain)
+                            .col(DomainPermissions::Subject)
+                            .col(DomainPermissions::Permission),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.drop_table(Table::drop().table(DomainPermissions::Table).to_owned()).await?;
+        manager.drop_table(Table::drop().table(DomainMembers::Table).to_owned()).await?;
+        manager.drop_table(Table::drop().table(PlatformAdmins::Table).to_owned()).await
+    }
+}
+
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateGrantTables)]
+    }
+}
+
+/// An arbitrary constant that names this service's migration lock.
+const MIGRATION_LOCK_ID: i64 = 0x1075_ec12_a07b;
+
+/// Connects and brings the schema up to date. On PostgreSQL, replicas that
+/// start together take turns through an advisory lock.
+pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
+    if let Some(path) = sqlite_file(url) {
+        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create the directory of the database {url}: {e}"))?;
+        }
+    }
+    let mut options = ConnectOptions::new(url.to_string());
+    options.sqlx_logging(false).connect_timeout(std::time::Duration::from_secs(5));
+    if url.contains(":memory:") {
+        options.max_connections(1);
+    }
+    let db = Database::connect(options).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+    if db.get_database_backend() == DbBackend::Postgres {
+        let txn = db.begin().await?;
+        txn.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"),
+        ))
+        .await?;
+        Migrator::up(&db, None).await?;
+        txn.commit().await?;
+    } else {
+        Migrator::up(&db, None).await?;
+    }
+    Ok(db)
+}
+
+fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && !path.contains(":memory:")).then_some(path)
+}

@@ -1,0 +1,113 @@
+//! The authz service (the RAS): platform admins, domain owners and members
+//! with explicit permissions. Deny by default.
+//!
+//! Reading order: [`grpc`] → [`policy`] → [`db`].
+
+pub mod db;
+mod error;
+pub mod grpc;
+pub mod policy;
+
+use std::{collections::BTreeSet, future::Future, net::SocketAddr};
+
+use anyhow::Context;
+use secrecy::SecretString;
+use secrets_common::{Principal, auth::InternalAuth, server, telemetry::TelemetryConfig};
+use secrets_proto::{service_names::AUTHZ_SERVICE, v1::authz_service_server::AuthzServiceServer};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tonic::transport::server::Router;
+
+pub use error::{Error, Result};
+
+pub const ENV_PREFIX: &str = "AUTHZ_SERVICE_";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub internal_token: Option<SecretString>,
+    /// `sqlite://path?mode=rwc` (the default) or `postgres://...`;
+    /// `DATABASE_URL` sets it too.
+    pub database_url: String,
+    /// Subjects that are platform admins by configuration, such as `user:admin`.
+    pub bootstrap_admins: Vec<String>,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_addr: ([127, 0, 0, 1], 50053).into(),
+            internal_token: None,
+            database_url: "sqlite://data/authz.db?mode=rwc".into(),
+            bootstrap_admins: Vec::new(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads file and `AUTHZ_SERVICE_*` variables; a `DATABASE_URL` in the
+    /// environment is used unless `AUTHZ_SERVICE_DATABASE_URL` is set too.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut config: Self = secrets_common::config::load(file, ENV_PREFIX).map_err(anyhow::Error::msg)?;
+        if std::env::var_os("AUTHZ_SERVICE_DATABASE_URL").is_none() {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                config.database_url = url;
+            }
+        }
+        Ok(config)
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    port: u16,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = server::bind(config.listen_addr).await?;
+        Self::build_with_listener(config, listener).await
+    }
+
+    pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        let token = config
+            .internal_token
+            .as_ref()
+            .context("internal_token is required (set AUTHZ_SERVICE_INTERNAL_TOKEN or internal_token in the config file)")?;
+        let admins = config
+            .bootstrap_admins
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Principal::parse(&format!("bootstrap_admins[{i}]"), s))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let db = db::connect(&config.database_url).await?;
+        tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
+        let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status(AUTHZ_SERVICE, tonic_health::ServingStatus::Serving).await;
+        let (reflection_v1, reflection_v1alpha) = server::reflection(&[AUTHZ_SERVICE])?;
+        let router = server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(AuthzServiceServer::with_interceptor(grpc, InternalAuth::new(token)));
+        let port = listener.local_addr()?.port();
+        Ok(Self { listener, router, port })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.router
+            .serve_with_incoming_shutdown(server::incoming(self.listener), shutdown)
+            .await
+            .context("authz-service stopped with an error")
+    }
+}

@@ -1,0 +1,24 @@
+use std::path::PathBuf;
+
+use authz_service::{Application, Config};
+use clap::Parser;
+
+/// Decides who may see, change or use secrets.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// A TOML config file; AUTHZ_SERVICE_* environment variables override it.
+    #[arg(long, env = "AUTHZ_SERVICE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let config = Config::load(args.config.as_deref())?;
+    let _telemetry = secrets_common::telemetry::init("authz-service", &config.telemetry)?;
+    let app = Application::build(config).await?;
+    tracing::info!(port = app.port(), "authz-service listening");
+    app.run_until_stopped(secrets_common::server::shutdown_signal()).await
+}
