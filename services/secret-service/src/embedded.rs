@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -46,7 +46,7 @@ impl EmbeddedBackend {
     /// `store.key` (32 random bytes, mode 0600) and `objects/`.
     pub fn open(data_dir: &Path) -> Result<Self> {
         let objects_dir = data_dir.join("objects");
-        std::fs::create_dir_all(&objects_dir).map_err(|e| {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&objects_dir).map_err(|e| {
             Error::Corrupt(format!("cannot create the embedded store directory {}: {e}", objects_dir.display()))
         })?;
         let key = load_or_create_key(&data_dir.join(KEY_FILE))?;

@@ -183,11 +183,6 @@ fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
         let (created_at, updated_at) = times.get(&key).map_or((fallback, fallback), |t| (t.0, t.1));
         entries.insert(key, Entry { value: SecretValue::new(bytes), created_at, updated_at });
     }
-    // stringData is write-only on a real API server, but a Secret written by
-    // hand into a test fixture may carry it: merge it so nothing is dropped.
-    for (key, text) in secret.string_data.unwrap_or_default() {
-        entries.entry(key).or_insert(Entry { value: SecretValue::from(text), created_at: fallback, updated_at: fallback });
-    }
     Ok((entries, meta))
 }
 

@@ -1,0 +1,129 @@
+//! The gateway: the one endpoint platform components and operators call.
+//!
+//! It authenticates every call ([`auth`]), forwards the management APIs of
+//! the internal services ([`forward`]) and resolves secret references for
+//! platform components ([`resolver`]).
+
+pub mod auth;
+pub mod forward;
+pub mod resolver;
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use secrecy::SecretString;
+use secrets_common::{
+    auth::{InternalClient, lazy_channel},
+    authz::AuthzClient,
+    server,
+    telemetry::TelemetryConfig,
+};
+use secrets_proto::{
+    service_names::{AUTHZ_SERVICE, GATEWAY, SECRET_SERVICE},
+    v1::{
+        authz_service_client::AuthzServiceClient, authz_service_server::AuthzServiceServer,
+        gateway_server::GatewayServer, secret_reader_client::SecretReaderClient,
+        secret_service_client::SecretServiceClient, secret_service_server::SecretServiceServer,
+    },
+};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tonic::transport::server::Router;
+
+pub use auth::{TokenConfig, TokenKind};
+
+pub const ENV_PREFIX: &str = "GATEWAY_";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    /// The credential the gateway presents to the internal services.
+    pub internal_token: Option<SecretString>,
+    pub secret_service_url: String,
+    pub authz_service_url: String,
+    /// Bound on every call to an internal service.
+    pub request_timeout_ms: u64,
+    /// The tokens callers may present.
+    pub tokens: Vec<TokenConfig>,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_addr: ([127, 0, 0, 1], 50051).into(),
+            internal_token: None,
+            secret_service_url: "http://127.0.0.1:50052".into(),
+            authz_service_url: "http://127.0.0.1:50053".into(),
+            request_timeout_ms: 5_000,
+            tokens: Vec::new(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    port: u16,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = server::bind(config.listen_addr).await?;
+        Self::build_with_listener(config, listener).await
+    }
+
+    pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        let token = config
+            .internal_token
+            .as_ref()
+            .context("internal_token is required (set GATEWAY_INTERNAL_TOKEN or internal_token in the config file)")?;
+        let authenticator = auth::Authenticator::new(&config.tokens).map_err(|v| anyhow::anyhow!("{v}"))?;
+        if config.tokens.is_empty() {
+            tracing::warn!("no tokens are configured: every call will be refused as unauthenticated");
+        }
+        let timeout = Duration::from_millis(config.request_timeout_ms);
+        let internal = InternalClient::new(token).map_err(anyhow::Error::msg)?;
+        let secrets_channel =
+            lazy_channel(&config.secret_service_url, timeout).map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
+        let authz_channel =
+            lazy_channel(&config.authz_service_url, timeout).map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
+
+        let forwarder = forward::Forwarder {
+            secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), internal.clone()),
+            authz: AuthzServiceClient::with_interceptor(authz_channel, internal.clone()),
+        };
+        let resolver = resolver::Resolver {
+            reader: SecretReaderClient::with_interceptor(secrets_channel, internal),
+            authz: AuthzClient::new(&config.authz_service_url, token, timeout).map_err(anyhow::Error::msg)?,
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in [GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE] {
+            health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+        let (reflection_v1, reflection_v1alpha) = server::reflection(&[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE])?;
+        let router = server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(GatewayServer::with_interceptor(resolver, authenticator.clone()))
+            .add_service(SecretServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
+            .add_service(AuthzServiceServer::with_interceptor(forwarder, authenticator));
+        let port = listener.local_addr()?.port();
+        Ok(Self { listener, router, port })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.router
+            .serve_with_incoming_shutdown(server::incoming(self.listener), shutdown)
+            .await
+            .context("gateway stopped with an error")
+    }
+}

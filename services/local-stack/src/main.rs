@@ -1,0 +1,171 @@
+//! Runs the whole control plane locally on embedded defaults: SQLite for the
+//! authz service, the encrypted embedded store for secrets, every service on
+//! its own port. Data and generated tokens live in the data directory, so a
+//! restart keeps everything.
+
+use std::{
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use secrecy::SecretString;
+use secrets_common::{
+    auth::{TokenHash, generate_token},
+    config,
+    telemetry::{self, LogFormat, TelemetryConfig},
+};
+
+#[derive(Parser)]
+#[command(version, about = "Runs the secrets control plane locally on embedded defaults")]
+struct Args {
+    /// Where the database, the encrypted secrets and the tokens are kept.
+    #[arg(long, env = "LOCAL_STACK_DATA_DIR", default_value = ".local-stack")]
+    data_dir: PathBuf,
+    #[arg(long, env = "LOCAL_STACK_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    #[arg(long, env = "LOCAL_STACK_GATEWAY_PORT", default_value_t = 50051)]
+    gateway_port: u16,
+    #[arg(long, env = "LOCAL_STACK_SECRET_SERVICE_PORT", default_value_t = 50052)]
+    secret_service_port: u16,
+    #[arg(long, env = "LOCAL_STACK_AUTHZ_SERVICE_PORT", default_value_t = 50053)]
+    authz_service_port: u16,
+    /// Export traces over OTLP/gRPC, e.g. http://127.0.0.1:4317.
+    #[arg(long, env = "LOCAL_STACK_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// `human` or `json` log lines.
+    #[arg(long, env = "LOCAL_STACK_LOG_FORMAT", default_value = "human", value_parser = parse_format)]
+    log_format: LogFormat,
+}
+
+fn parse_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "human" => Ok(LogFormat::Human),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("{other:?} is not a log format; use human or json")),
+    }
+}
+
+/// A token kept in the data directory (mode 0600), created on first start.
+fn token_file(dir: &Path, name: &str) -> anyhow::Result<String> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => anyhow::bail!("{} is empty; delete it to have a new token generated", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let token = generate_token();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    Ok(token)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let _telemetry = telemetry::init(
+        "secrets-local-stack",
+        &TelemetryConfig {
+            log_level: "info".into(),
+            log_format: args.log_format,
+            otlp_endpoint: args.otlp_endpoint.clone(),
+        },
+    )?;
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let internal = SecretString::from(token_file(&data_dir, "internal.token")?);
+    let admin = token_file(&data_dir, "admin.token")?;
+    let service = token_file(&data_dir, "platform-service.token")?;
+
+    let addr = |port| SocketAddr::new(args.host, port);
+    let url = |port| format!("http://{}", SocketAddr::new(args.host, port));
+
+    // Each service reads its usual environment variables too, so
+    // SECRET_SERVICE_BACKEND=kubernetes and friends work here as well.
+    let mut authz: authz_service::Config = authz_service::Config::load(None)?;
+    authz.listen_addr = addr(args.authz_service_port);
+    authz.internal_token = Some(internal.clone());
+    if std::env::var_os("AUTHZ_SERVICE_DATABASE_URL").is_none() && std::env::var_os("DATABASE_URL").is_none() {
+        authz.database_url = format!("sqlite://{}?mode=rwc", data_dir.join("authz.db").display());
+    }
+    authz.bootstrap_admins.push("user:admin".into());
+
+    let mut secrets: secret_service::Config =
+        config::load(None, secret_service::ENV_PREFIX).map_err(anyhow::Error::msg)?;
+    secrets.listen_addr = addr(args.secret_service_port);
+    secrets.internal_token = Some(internal.clone());
+    secrets.authz_url = url(args.authz_service_port);
+    if std::env::var_os("SECRET_SERVICE_EMBEDDED__DATA_DIR").is_none() {
+        secrets.embedded.data_dir = data_dir.join("secrets");
+    }
+
+    let mut gw: gateway::Config = config::load(None, gateway::ENV_PREFIX).map_err(anyhow::Error::msg)?;
+    gw.listen_addr = addr(args.gateway_port);
+    gw.internal_token = Some(internal);
+    gw.secret_service_url = url(args.secret_service_port);
+    gw.authz_service_url = url(args.authz_service_port);
+    gw.tokens.push(gateway::TokenConfig {
+        name: "admin".into(),
+        kind: gateway::TokenKind::User,
+        subject: "admin".into(),
+        sha256: TokenHash::of(&admin).to_hex(),
+    });
+    gw.tokens.push(gateway::TokenConfig {
+        name: "platform".into(),
+        kind: gateway::TokenKind::Service,
+        subject: "platform".into(),
+        sha256: TokenHash::of(&service).to_hex(),
+    });
+
+    let authz = authz_service::Application::build(authz).await.context("authz-service")?;
+    let secrets = secret_service::Application::build(secrets).await.context("secret-service")?;
+    let gw = gateway::Application::build(gw).await.context("gateway")?;
+
+    let shown = args.data_dir.display();
+    println!(
+        "\nsecrets control plane is running; data in {shown} (kept across restarts)\n\n  \
+         gateway         {gateway_addr}   <- call this one\n  \
+         secret-service  {secret_addr}   (internal: accepts only the gateway)\n  \
+         authz-service   {authz_addr}   (internal: accepts only the gateway)\n\n\
+         tokens (created on first start):\n  \
+         export ADMIN_TOKEN=$(cat {shown}/admin.token)              # user:admin, a platform admin\n  \
+         export SERVICE_TOKEN=$(cat {shown}/platform-service.token) # platform service: may resolve values\n\n\
+         try:\n  \
+         grpcurl -plaintext -H \"authorization: Bearer $ADMIN_TOKEN\" {gateway_addr} list\n",
+        gateway_addr = addr(gw.port()),
+        secret_addr = addr(secrets.port()),
+        authz_addr = addr(authz.port()),
+    );
+
+    let shutdown = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (tx, rx) = shutdown;
+    let servers = tokio::spawn(async move {
+        tokio::try_join!(
+            authz.run_until_stopped(stopped(rx.clone())),
+            secrets.run_until_stopped(stopped(rx.clone())),
+            gw.run_until_stopped(stopped(rx)),
+        )
+    });
+    secrets_common::server::shutdown_signal().await;
+    let _ = tx.send(true);
+    servers.await??;
+    Ok(())
+}
