@@ -58,7 +58,11 @@ impl KubernetesBackend {
     /// A client from an explicit API URL (for example `kubectl proxy`'s
     /// `http://127.0.0.1:8001`), or inferred from `KUBECONFIG`, the default
     /// kubeconfig or the in-cluster service account.
-    pub async fn client(api_url: Option<&str>, namespace: &str) -> Result<kube::Client> {
+    ///
+    /// Every API call is bounded by `timeout`. kube's own retry layer is
+    /// turned off: it retries 503s for minutes, and a caller waiting on a
+    /// secret is better told at once that the API server is unavailable.
+    pub async fn client(api_url: Option<&str>, namespace: &str, timeout: Duration) -> Result<kube::Client> {
         let config = match api_url {
             Some(url) => {
                 let uri = url.parse().map_err(|e| {
@@ -76,6 +80,11 @@ impl KubernetesBackend {
                 message: format!("no cluster configuration found (KUBECONFIG, ~/.kube/config or in-cluster): {e}"),
             })?,
         };
+        let mut config = config;
+        config.default_retry = false;
+        config.connect_timeout = Some(timeout.min(Duration::from_secs(5)));
+        config.read_timeout = Some(timeout);
+        config.write_timeout = Some(timeout);
         kube::Client::try_from(config)
             .map_err(|e| Error::Unavailable { backend: NAME, message: format!("cannot build a client: {e}") })
     }

@@ -95,11 +95,13 @@ pub struct KubernetesConfig {
     /// An explicit API server URL (for example `kubectl proxy`); unset means
     /// `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
     pub api_url: Option<String>,
+    /// Bound on each call to the API server.
+    pub timeout_ms: u64,
 }
 
 impl Default for KubernetesConfig {
     fn default() -> Self {
-        Self { namespace: "default".into(), api_url: None }
+        Self { namespace: "default".into(), api_url: None, timeout_ms: 5_000 }
     }
 }
 
@@ -117,7 +119,8 @@ pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<dyn Secr
         BackendKind::Embedded => Arc::new(EmbeddedBackend::open(&config.embedded.data_dir)?),
         BackendKind::Kubernetes => {
             let k = &config.kubernetes;
-            let client = KubernetesBackend::client(k.api_url.as_deref(), &k.namespace).await?;
+            let timeout = Duration::from_millis(k.timeout_ms);
+            let client = KubernetesBackend::client(k.api_url.as_deref(), &k.namespace, timeout).await?;
             Arc::new(KubernetesBackend::new(client, &k.namespace))
         }
     })
