@@ -1,0 +1,345 @@
+//! `TestApp`: the three services started in-process on port 0, talking real
+//! gRPC to each other, with clients for each test persona.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use secrecy::SecretString;
+use secret_service::backend::SecretBackend;
+use secrets_common::auth::{ON_BEHALF_OF, TokenHash, generate_token};
+use secrets_proto::v1::{
+    self as pb, DomainRole, Permission, authz_service_client::AuthzServiceClient, gateway_client::GatewayClient,
+    secret_service_client::SecretServiceClient,
+};
+use tempfile::TempDir;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request, Status,
+    codegen::InterceptedService,
+    metadata::AsciiMetadataValue,
+    service::Interceptor,
+    transport::{Channel, Endpoint},
+};
+
+/// Test personas and what they hold in the domain set up by `setup_domain`.
+pub const ADMIN: &str = "admin"; // platform admin by configuration
+pub const OWNER: &str = "olivia"; // owner of the domain
+pub const LISTER: &str = "lisa"; // member with LIST_SECRETS
+pub const MANAGER: &str = "max"; // member with MANAGE_SECRETS
+pub const MEMBER: &str = "nina"; // member with no permission
+pub const OUTSIDER: &str = "oscar"; // member of another domain with both permissions
+pub const STRANGER: &str = "eve"; // no grants at all
+pub const USERS: [&str; 7] = [ADMIN, OWNER, LISTER, MANAGER, MEMBER, OUTSIDER, STRANGER];
+/// A platform service's token name.
+pub const SPARK: &str = "spark";
+/// The domain `OUTSIDER` belongs to.
+pub const OTHER_DOMAIN: &str = "other";
+
+#[derive(Default)]
+pub struct Options {
+    pub backend: Option<Arc<dyn SecretBackend>>,
+    /// Defaults to a SQLite file in the test's directory.
+    pub database_url: Option<String>,
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+pub struct TestApp {
+    pub gateway_url: String,
+    pub secret_service_url: String,
+    pub authz_service_url: String,
+    pub authz_port: u16,
+    pub dir: TempDir,
+    pub internal_token: SecretString,
+    pub database_url: String,
+    tokens: HashMap<String, String>,
+    authz: Option<Running>,
+    others: Vec<Running>,
+}
+
+fn run<F>(fut: F) -> Running
+where
+    F: FnOnce(oneshot::Receiver<()>) -> JoinHandle<anyhow::Result<()>>,
+{
+    let (stop, rx) = oneshot::channel();
+    Running { stop, task: fut(rx) }
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> Self {
+        crate::logs::init();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let internal_token = SecretString::from(generate_token());
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+        let (authz_l, secret_l, gateway_l) = (bind().await, bind().await, bind().await);
+        let port = |l: &TcpListener| l.local_addr().unwrap().port();
+        let authz_port = port(&authz_l);
+        let authz_service_url = format!("http://127.0.0.1:{authz_port}");
+        let secret_service_url = format!("http://127.0.0.1:{}", port(&secret_l));
+        let gateway_url = format!("http://127.0.0.1:{}", port(&gateway_l));
+        let database_url = options
+            .database_url
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display()));
+
+        let mut tokens = HashMap::new();
+        let mut token_configs = Vec::new();
+        for (name, kind) in USERS.iter().map(|u| (*u, gateway::TokenKind::User)).chain([(SPARK, gateway::TokenKind::Service)]) {
+            let token = generate_token();
+            token_configs.push(gateway::TokenConfig {
+                name: name.into(),
+                kind,
+                subject: name.into(),
+                sha256: TokenHash::of(&token).to_hex(),
+            });
+            tokens.insert(name.to_string(), token);
+        }
+
+        let mut app = TestApp {
+            gateway_url,
+            secret_service_url: secret_service_url.clone(),
+            authz_service_url: authz_service_url.clone(),
+            authz_port,
+            internal_token: internal_token.clone(),
+            database_url,
+            tokens,
+            authz: None,
+            others: Vec::new(),
+            dir,
+        };
+        app.start_authz_on(authz_l).await;
+
+        let secret_config = secret_service::Config {
+            internal_token: Some(internal_token.clone()),
+            authz_url: authz_service_url.clone(),
+            request_timeout_ms: 2_000,
+            embedded: secret_service::EmbeddedConfig { data_dir: app.dir.path().join("secrets") },
+            ..Default::default()
+        };
+        let backend = match options.backend {
+            Some(b) => b,
+            None => secret_service::backend_from_config(&secret_config).await.expect("backend"),
+        };
+        let secrets = secret_service::Application::build_with_backend(secret_config, secret_l, backend)
+            .await
+            .expect("secret-service");
+        app.others.push(run(|rx| tokio::spawn(secrets.run_until_stopped(async { let _ = rx.await; }))));
+
+        let gateway_config = gateway::Config {
+            internal_token: Some(internal_token),
+            secret_service_url,
+            authz_service_url,
+            request_timeout_ms: 2_000,
+            tokens: token_configs,
+            ..Default::default()
+        };
+        let gw = gateway::Application::build_with_listener(gateway_config, gateway_l).await.expect("gateway");
+        app.others.push(run(|rx| tokio::spawn(gw.run_until_stopped(async { let _ = rx.await; }))));
+        app
+    }
+
+    async fn start_authz_on(&mut self, listener: TcpListener) {
+        let config = authz_service::Config {
+            internal_token: Some(self.internal_token.clone()),
+            database_url: self.database_url.clone(),
+            bootstrap_admins: vec![format!("user:{ADMIN}")],
+            ..Default::default()
+        };
+        let authz = authz_service::Application::build_with_listener(config, listener).await.expect("authz-service");
+        self.authz = Some(run(|rx| tokio::spawn(authz.run_until_stopped(async { let _ = rx.await; }))));
+    }
+
+    /// Stops the authz service (its port stays unused until `start_authz`).
+    pub async fn stop_authz(&mut self) {
+        if let Some(r) = self.authz.take() {
+            let _ = r.stop.send(());
+            let _ = r.task.await;
+        }
+    }
+
+    /// Starts the authz service again on the same port and database.
+    pub async fn start_authz(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.authz_port)).await.expect("rebind authz port");
+        self.start_authz_on(listener).await;
+    }
+
+    pub fn token(&self, name: &str) -> &str {
+        &self.tokens[name]
+    }
+
+    /// Clients that call the gateway with `name`'s token.
+    pub fn as_user(&self, name: &str) -> Clients {
+        Clients::new(&self.gateway_url, Some(self.token(name)), None)
+    }
+
+    /// Clients that call the gateway as the platform service, optionally on
+    /// behalf of a principal such as `user:lisa`.
+    pub fn as_service(&self, on_behalf_of: Option<&str>) -> Clients {
+        Clients::new(&self.gateway_url, Some(self.token(SPARK)), on_behalf_of)
+    }
+
+    /// Clients that send no credentials.
+    pub fn anonymous(&self) -> Clients {
+        Clients::new(&self.gateway_url, None, None)
+    }
+
+    /// Gives every persona its grants in `domain` (and OUTSIDER its grants in
+    /// OTHER_DOMAIN), through the gateway as the admin.
+    pub async fn setup_domain(&self, domain: &str) {
+        let admin = self.as_user(ADMIN);
+        let mut authz = admin.authz.clone();
+        let add = |d: &str, who: &str, role: DomainRole| pb::AddDomainMemberRequest {
+            domain: d.into(),
+            subject: format!("user:{who}"),
+            role: role as i32,
+        };
+        let grant = |d: &str, who: &str, p: Permission| pb::GrantDomainPermissionRequest {
+            domain: d.into(),
+            subject: format!("user:{who}"),
+            permission: p as i32,
+        };
+        authz.add_domain_member(add(domain, OWNER, DomainRole::Owner)).await.expect("owner");
+        for who in [LISTER, MANAGER, MEMBER] {
+            authz.add_domain_member(add(domain, who, DomainRole::Member)).await.expect("member");
+        }
+        authz.grant_domain_permission(grant(domain, LISTER, Permission::ListSecrets)).await.expect("grant");
+        authz.grant_domain_permission(grant(domain, MANAGER, Permission::ManageSecrets)).await.expect("grant");
+        authz.add_domain_member(add(OTHER_DOMAIN, OUTSIDER, DomainRole::Member)).await.expect("outsider");
+        for p in [Permission::ListSecrets, Permission::ManageSecrets] {
+            authz.grant_domain_permission(grant(OTHER_DOMAIN, OUTSIDER, p)).await.expect("grant");
+        }
+    }
+
+    /// Every file the services wrote (database, store objects, key file).
+    pub fn written_files(&self) -> Vec<std::path::PathBuf> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() { walk(&p, out) } else { out.push(p) }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir.path(), &mut out);
+        out
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        for r in self.authz.take().into_iter().chain(self.others.drain(..)) {
+            let _ = r.stop.send(());
+        }
+    }
+}
+
+/// Adds a bearer token and, for service calls, `x-on-behalf-of`.
+#[derive(Clone)]
+pub struct Bearer {
+    authorization: Option<AsciiMetadataValue>,
+    on_behalf_of: Option<AsciiMetadataValue>,
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(a) = &self.authorization {
+            request.metadata_mut().insert("authorization", a.clone());
+        }
+        if let Some(p) = &self.on_behalf_of {
+            request.metadata_mut().insert(ON_BEHALF_OF, p.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Ch = InterceptedService<Channel, Bearer>;
+
+#[derive(Clone)]
+pub struct Clients {
+    pub secrets: SecretServiceClient<Ch>,
+    pub authz: AuthzServiceClient<Ch>,
+    pub gateway: GatewayClient<Ch>,
+}
+
+pub fn channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_string()).expect("url").timeout(Duration::from_secs(10)).connect_lazy()
+}
+
+impl Clients {
+    pub fn new(url: &str, token: Option<&str>, on_behalf_of: Option<&str>) -> Self {
+        let bearer = Bearer {
+            authorization: token.map(|t| format!("Bearer {t}").parse().expect("token header")),
+            on_behalf_of: on_behalf_of.map(|p| p.parse().expect("principal header")),
+        };
+        let ch = channel(url);
+        Self {
+            secrets: SecretServiceClient::with_interceptor(ch.clone(), bearer.clone()),
+            authz: AuthzServiceClient::with_interceptor(ch.clone(), bearer.clone()),
+            gateway: GatewayClient::with_interceptor(ch, bearer),
+        }
+    }
+
+    pub async fn create(&self, domain: &str, key: &str, text: &str) -> Result<pb::SecretMetadata, Status> {
+        self.create_in(pb::Scope::Domain, domain, key, text).await
+    }
+
+    pub async fn create_in(&self, scope: pb::Scope, domain: &str, key: &str, text: &str) -> Result<pb::SecretMetadata, Status> {
+        let request = pb::CreateSecretRequest {
+            scope: scope as i32,
+            domain: domain.into(),
+            key: key.into(),
+            value: Some(pb::create_secret_request::Value::Text(text.into())),
+        };
+        Ok(self.secrets.clone().create_secret(request).await?.into_inner())
+    }
+
+    pub async fn update(&self, domain: &str, key: &str, text: &str) -> Result<pb::SecretMetadata, Status> {
+        let request = pb::UpdateSecretRequest {
+            scope: pb::Scope::Domain as i32,
+            domain: domain.into(),
+            key: key.into(),
+            value: Some(pb::update_secret_request::Value::Text(text.into())),
+        };
+        Ok(self.secrets.clone().update_secret(request).await?.into_inner())
+    }
+
+    pub async fn delete(&self, domain: &str, key: &str) -> Result<(), Status> {
+        let request = pb::DeleteSecretRequest { scope: pb::Scope::Domain as i32, domain: domain.into(), key: key.into() };
+        self.secrets.clone().delete_secret(request).await.map(|_| ())
+    }
+
+    pub async fn list_in(&self, scope: pb::Scope, domain: &str) -> Result<Vec<String>, Status> {
+        let request = pb::ListSecretsRequest { scope: scope as i32, domain: domain.into() };
+        Ok(self.secrets.clone().list_secrets(request).await?.into_inner().secrets.into_iter().map(|s| s.key).collect())
+    }
+
+    pub async fn list(&self, domain: &str) -> Result<Vec<String>, Status> {
+        self.list_in(pb::Scope::Domain, domain).await
+    }
+
+    pub async fn resolve(&self, domain: &str, items: Vec<pb::ResolveItem>) -> Result<Vec<pb::ResolvedItem>, Status> {
+        let request = pb::ResolveSecretsRequest { domain: domain.into(), items };
+        Ok(self.gateway.clone().resolve_secrets(request).await?.into_inner().items)
+    }
+}
+
+/// A `${secrets.KEY}` text item.
+pub fn text_item(id: &str, text: &str) -> pb::ResolveItem {
+    pb::ResolveItem { id: id.into(), reference: Some(pb::resolve_item::Reference::Text(text.into())) }
+}
+
+/// A KUBERNETES secret-object item.
+pub fn object_item(id: &str, domain: &str, key: &str) -> pb::ResolveItem {
+    pb::ResolveItem {
+        id: id.into(),
+        reference: Some(pb::resolve_item::Reference::SecretObject(pb::SecretObject {
+            key: key.into(),
+            source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: domain.into() }),
+        })),
+    }
+}

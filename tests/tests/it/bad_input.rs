@@ -1,0 +1,173 @@
+//! Bad input gets INVALID_ARGUMENT (or the right code) with a message and a
+//! field violation naming the field; nothing panics and nothing is lost.
+
+use integration_tests::*;
+use secrets_proto::v1::{self as pb, create_secret_request::Value};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+fn field_of(status: &Status) -> String {
+    let details = status.get_error_details();
+    let bad = details.bad_request().unwrap_or_else(|| panic!("no BadRequest details: {status:?}"));
+    bad.field_violations[0].field.clone()
+}
+
+fn create(scope: i32, domain: &str, key: &str, value: Option<Value>) -> pb::CreateSecretRequest {
+    pb::CreateSecretRequest { scope, domain: domain.into(), key: key.into(), value }
+}
+
+fn text(s: &str) -> Option<Value> {
+    Some(Value::Text(s.into()))
+}
+
+#[tokio::test]
+async fn bad_secret_requests_name_the_field_and_the_rule() {
+    let app = TestApp::spawn().await;
+    let admin = app.as_user(ADMIN);
+    admin.create("finance", "existing", "keep-me").await.unwrap();
+    let d = pb::Scope::Domain as i32;
+    let cases = vec![
+        ("empty key", create(d, "finance", "", text("v")), "key", "must not be empty"),
+        ("long key", create(d, "finance", &"k".repeat(254), text("v")), "key", "254 characters"),
+        ("bad characters", create(d, "finance", "a/b", text("v")), "key", "contains '/'"),
+        ("dot-dot", create(d, "finance", "..", text("v")), "key", "'..'"),
+        ("empty domain", create(d, "", "k", text("v")), "domain", "must not be empty"),
+        ("bad domain", create(d, "Finance", "k", text("v")), "domain", "DNS label"),
+        ("reserved domain", create(d, "admin", "k", text("v")), "domain", "reserved"),
+        ("unknown scope", create(7, "finance", "k", text("v")), "scope", "unknown value 7"),
+        ("domain on global", create(pb::Scope::Global as i32, "finance", "k", text("v")), "domain", "must be empty"),
+        ("missing value", create(d, "finance", "k", None), "value", "is required"),
+        ("empty value", create(d, "finance", "k", text("")), "value", "must not be empty"),
+        (
+            "oversized value",
+            create(d, "finance", "k", Some(Value::Binary(vec![1; 1024 * 1024 + 1]))),
+            "value",
+            "at most 1048576 bytes (1 MiB, the Kubernetes Secret size limit)",
+        ),
+    ];
+    for (name, request, field, fragment) in cases {
+        let err = admin.secrets.clone().create_secret(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        assert_eq!(field_of(&err), field, "{name}");
+        assert!(err.message().starts_with(&format!("{field}: ")), "{name}: {}", err.message());
+        assert!(err.message().contains(fragment), "{name}: {}", err.message());
+    }
+    assert_eq!(admin.list("finance").await.unwrap(), ["existing"], "nothing was lost or added");
+}
+
+#[tokio::test]
+async fn an_object_that_would_pass_one_mebibyte_is_refused_saying_which_limit() {
+    let app = TestApp::spawn().await;
+    let admin = app.as_user(ADMIN);
+    let big = || Some(Value::Binary(vec![b'x'; 700 * 1024]));
+    admin.secrets.clone().create_secret(create(0, "finance", "one", big())).await.unwrap();
+    let err = admin.secrets.clone().create_secret(create(0, "finance", "two", big())).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("limit is 1048576 bytes"), "{}", err.message());
+    assert_eq!(admin.list("finance").await.unwrap(), ["one"]);
+}
+
+#[tokio::test]
+async fn bad_resolve_requests_name_the_field() {
+    let app = TestApp::spawn().await;
+    let service = app.as_service(Some("user:admin"));
+    let err = service.resolve("Bad Domain", vec![]).await.unwrap_err();
+    assert_eq!((err.code(), field_of(&err).as_str()), (Code::InvalidArgument, "domain"));
+    let many = (0..1001).map(|i| text_item(&i.to_string(), "x")).collect();
+    let err = service.resolve("finance", many).await.unwrap_err();
+    assert_eq!((err.code(), field_of(&err).as_str()), (Code::InvalidArgument, "items"));
+    assert!(err.message().contains("at most 1000"), "{}", err.message());
+    assert!(service.resolve("finance", vec![]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_metadata_is_refused_with_the_header_named() {
+    let app = TestApp::spawn().await;
+    let bad_principal = app.as_service(Some("bob"));
+    let err = bad_principal.list("finance").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("x-on-behalf-of"), "{}", err.message());
+    let user_on_behalf = Clients::new(&app.gateway_url, Some(app.token(LISTER)), Some("user:admin"));
+    let err = user_on_behalf.list("finance").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("only platform-service tokens may act on behalf"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn bad_authz_requests_name_the_field() {
+    let app = TestApp::spawn().await;
+    let mut authz = app.as_user(ADMIN).authz.clone();
+    let err = authz
+        .add_domain_member(pb::AddDomainMemberRequest { domain: "finance".into(), subject: "alice".into(), role: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!((err.code(), field_of(&err).as_str()), (Code::InvalidArgument, "subject"));
+    let err = authz
+        .add_domain_member(pb::AddDomainMemberRequest { domain: "finance".into(), subject: "user:alice".into(), role: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&err), "role");
+    let err = authz
+        .grant_domain_permission(pb::GrantDomainPermissionRequest {
+            domain: "finance".into(),
+            subject: "user:alice".into(),
+            permission: pb::Permission::UseSecrets as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&err), "permission");
+    assert!(err.message().contains("cannot be granted"), "{}", err.message());
+    let err = authz
+        .check(pb::CheckRequest { subject: "user:a".into(), permission: 99, domain: "finance".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&err), "permission");
+    let err = authz
+        .batch_check(pb::BatchCheckRequest {
+            checks: vec![
+                pb::CheckRequest { subject: "user:a".into(), permission: 1, domain: "finance".into() },
+                pb::CheckRequest { subject: "user:a".into(), permission: 1, domain: "".into() },
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&err), "checks[1].domain");
+}
+
+/// Many requests with arbitrary strings in every field: each gets an answer
+/// (success or a client error code), and the services keep serving.
+#[tokio::test]
+async fn arbitrary_strings_never_crash_a_service() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    let admin = app.as_user(ADMIN);
+    let service = app.as_service(Some("user:admin"));
+    let pieces = ["", "a", "-", "..", "${secrets.", "}", "${secrets.a}", "\u{0}", "é", "🔑", "finance", "/", " ", "%", "\n"];
+    let mut seed: u64 = 0x5eed;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    for _ in 0..300 {
+        let mut s = String::new();
+        for _ in 0..next(6) {
+            s.push_str(pieces[next(pieces.len())]);
+        }
+        let domain = if next(2) == 0 { "finance".to_string() } else { s.clone() };
+        let scope = next(4) as i32;
+        let r = admin.secrets.clone().create_secret(create(scope, &domain, &s, text(&s))).await;
+        if let Err(e) = r {
+            assert!(
+                matches!(e.code(), Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition),
+                "{e:?}"
+            );
+        }
+        let r = service.resolve(&domain, vec![text_item(&s, &s), object_item(&s, &s, &s)]).await;
+        if let Err(e) = r {
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        }
+    }
+    assert!(admin.list("finance").await.is_ok(), "still serving");
+}

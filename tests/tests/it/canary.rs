@@ -1,0 +1,133 @@
+//! Canary values planted through every path that carries a value, then
+//! searched for everywhere they must never be: logs (at trace level, span
+//! fields included), error messages, the database file and the embedded
+//! store's files.
+
+use integration_tests::{logs, *};
+use secrets_proto::v1::{self as pb, create_secret_request, update_secret_request};
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    let admin = app.as_user(ADMIN);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let canary = |what: &str| format!("canary-{what}-{id}");
+    let mut planted = Vec::new();
+    let mut errors = Vec::new();
+
+    // Created as text and as bytes, in every scope.
+    for (scope, domain, what) in [
+        (pb::Scope::Domain, "finance", "domain"),
+        (pb::Scope::Global, "", "global"),
+        (pb::Scope::Admin, "", "admin"),
+    ] {
+        admin.create_in(scope, domain, what, &canary(what)).await.unwrap();
+        planted.push(canary(what));
+    }
+    let binary = canary("binary");
+    admin
+        .secrets
+        .clone()
+        .create_secret(pb::CreateSecretRequest {
+            scope: 0,
+            domain: "finance".into(),
+            key: "binary".into(),
+            value: Some(create_secret_request::Value::Binary(binary.clone().into_bytes())),
+        })
+        .await
+        .unwrap();
+    planted.push(binary);
+    // Updated.
+    let updated = canary("updated");
+    admin
+        .secrets
+        .clone()
+        .update_secret(pb::UpdateSecretRequest {
+            scope: 0,
+            domain: "finance".into(),
+            key: "domain".into(),
+            value: Some(update_secret_request::Value::Text(updated.clone())),
+        })
+        .await
+        .unwrap();
+    planted.push(updated);
+
+    // Refused writes that carried a value.
+    let refused = canary("refused");
+    planted.push(refused.clone());
+    errors.push(admin.create("finance", "binary", &refused).await.unwrap_err());
+    errors.push(admin.update("finance", "missing", &refused).await.unwrap_err());
+    errors.push(app.as_user(LISTER).create("finance", "x", &refused).await.unwrap_err());
+    errors.push(app.as_user(STRANGER).update("finance", "domain", &refused).await.unwrap_err());
+    errors.push(admin.create("Bad Domain", "x", &refused).await.unwrap_err());
+    errors.push(admin.create("finance", "bad key", &refused).await.unwrap_err());
+    let mut oversized = refused.clone().into_bytes();
+    oversized.resize(1024 * 1024 + 1, b'#');
+    errors.push(
+        admin
+            .secrets
+            .clone()
+            .create_secret(pb::CreateSecretRequest {
+                scope: 0,
+                domain: "finance".into(),
+                key: "huge".into(),
+                value: Some(create_secret_request::Value::Binary(oversized)),
+            })
+            .await
+            .unwrap_err(),
+    );
+
+    // Resolved: the values do come back to the service, and go nowhere else.
+    let out = app
+        .as_service(Some("user:admin"))
+        .resolve(
+            "finance",
+            vec![
+                text_item("t", "${secrets.domain}:${secrets.global}:${secrets.missing}"),
+                text_item("u", "${secrets.domain}:${secrets.global}"),
+                object_item("o", "finance", "binary"),
+                pb::ResolveItem { id: "a".into(), reference: Some(pb::resolve_item::Reference::AdminKey("admin".into())) },
+            ],
+        )
+        .await
+        .unwrap();
+    let resolved_text = format!("{out:?}");
+    assert!(matches!(&out[1].result, Some(pb::resolved_item::Result::Text(t)) if t.contains(&canary("updated"))));
+    for item in &out {
+        if let Some(pb::resolved_item::Result::Error(e)) = &item.result {
+            assert!(!planted.iter().any(|c| e.message.contains(c)), "item error leaks: {}", e.message);
+        }
+    }
+
+    for e in &errors {
+        for c in &planted {
+            assert!(!e.message().contains(c), "error message leaks {c}: {}", e.message());
+            assert!(!contains(e.details(), c), "error details leak {c}");
+        }
+    }
+    assert!(!planted.iter().any(|c| resolved_text.contains(c)), "Debug of resolved items leaks: {resolved_text}");
+
+    let logs = logs::captured();
+    assert!(logs.contains("secret created"), "logs were captured");
+    for c in &planted {
+        assert!(!logs.contains(c.as_str()), "logs leak {c}");
+    }
+    for token in USERS.iter().map(|u| app.token(u)).chain([app.token(SPARK)]) {
+        assert!(!logs.contains(token), "logs leak a bearer token");
+    }
+
+    let files = app.written_files();
+    assert!(files.iter().any(|p| p.ends_with("authz.db")), "{files:?}");
+    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "enc")), "{files:?}");
+    for path in files {
+        let bytes = std::fs::read(&path).unwrap();
+        for c in &planted {
+            assert!(!contains(&bytes, c), "{} holds {c} in clear", path.display());
+        }
+    }
+}

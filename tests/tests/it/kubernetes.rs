@@ -1,0 +1,139 @@
+//! What only the Kubernetes backend has: the API server's optimistic
+//! concurrency, Secrets written by other tools, and outages.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use integration_tests::{kube_server::FakeKube, stores::{Fixture, NAMESPACE, PREFIX}};
+use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use secret_service::{
+    Error,
+    backend::SecretBackend,
+    kubernetes::{KubernetesBackend, MANAGED_BY_LABEL, TIMESTAMPS_ANNOTATION},
+    store::{Scope, SecretStore},
+};
+use secrets_common::SecretValue;
+
+fn finance() -> Scope {
+    Scope::domain("domain", "finance").unwrap()
+}
+
+#[tokio::test]
+async fn replicas_writing_at_once_retry_on_conflict_and_lose_no_key() {
+    let f = Fixture::kubernetes().await;
+    let kube = f.kube.clone().unwrap();
+    // Four replicas, each with its own client: their writes race at the API server.
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(SecretStore::new(f.another().await, PREFIX));
+    }
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = stores[i % 4].clone();
+            tokio::spawn(async move {
+                store.create(&finance(), &format!("k{i}"), SecretValue::from(format!("v{i}"))).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let secret = kube.secret(NAMESPACE, &format!("{PREFIX}-finance")).unwrap();
+    assert_eq!(secret.data.unwrap().len(), 200);
+    let c = kube.counters();
+    assert!(c.conflicts > 0, "the replicas really raced: {c:?}");
+    assert_eq!(c.unconditional_puts, 0, "every PUT carried the resourceVersion it read: {c:?}");
+}
+
+#[tokio::test]
+async fn writes_are_opaque_labelled_and_keep_timestamps_in_an_annotation() {
+    let f = Fixture::kubernetes().await;
+    f.store().create(&finance(), "db_password", SecretValue::from("pw".to_string())).await.unwrap();
+    let secret = f.kube.as_ref().unwrap().secret(NAMESPACE, &format!("{PREFIX}-finance")).unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+    assert_eq!(secret.data.unwrap()["db_password"].0, b"pw");
+    assert_eq!(secret.metadata.labels.unwrap()[MANAGED_BY_LABEL.0], MANAGED_BY_LABEL.1);
+    let times = &secret.metadata.annotations.unwrap()[TIMESTAMPS_ANNOTATION];
+    assert!(times.contains("db_password"), "{times}");
+    assert!(!times.contains("pw\""), "the annotation holds times, not values: {times}");
+}
+
+#[tokio::test]
+async fn secrets_written_by_other_tools_are_read_and_kept() {
+    let f = Fixture::kubernetes().await;
+    let kube = f.kube.as_ref().unwrap();
+    let mut annotations = BTreeMap::new();
+    annotations.insert("owner".to_string(), "helm".to_string());
+    kube.insert(
+        NAMESPACE,
+        Secret {
+            metadata: ObjectMeta { name: Some(PREFIX.into()), annotations: Some(annotations), ..Default::default() },
+            data: Some([("legacy_key".to_string(), ByteString(b"legacy".to_vec()))].into()),
+            ..Default::default()
+        },
+    );
+    let store = f.store();
+    let listed = store.list(&Scope::Global).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key, "legacy_key");
+    store.create(&Scope::Global, "new_key", SecretValue::from("n".to_string())).await.unwrap();
+    let secret = kube.secret(NAMESPACE, PREFIX).unwrap();
+    assert_eq!(secret.data.unwrap().len(), 2, "the legacy key is kept");
+    assert_eq!(secret.metadata.annotations.unwrap()["owner"], "helm", "foreign annotations are kept");
+}
+
+#[tokio::test]
+async fn an_api_server_outage_is_unavailable_naming_kubernetes_and_recovers() {
+    let f = Fixture::kubernetes().await;
+    let kube = f.kube.as_ref().unwrap();
+    let store = f.store();
+    kube.set_failing(Some(503));
+    let err = store.create(&finance(), "k", SecretValue::from("v".to_string())).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { backend: "kubernetes", .. }), "{err:?}");
+    assert!(err.to_string().starts_with("kubernetes: "), "{err}");
+    let err = store.list(&finance()).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    kube.set_failing(None);
+    store.create(&finance(), "k", SecretValue::from("v".to_string())).await.unwrap();
+    assert_eq!(store.list(&finance()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_unavailable_not_a_panic() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kube = FakeKube::start().await;
+    let client = KubernetesBackend::client(Some("http://127.0.0.1:9"), NAMESPACE, std::time::Duration::from_secs(2)).await.unwrap();
+    let backend: Arc<dyn SecretBackend> = Arc::new(KubernetesBackend::new(client, NAMESPACE));
+    let err = backend.read("anything").await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { backend: "kubernetes", .. }), "{err:?}");
+    assert_eq!(kube.counters().gets, 0);
+    let err = KubernetesBackend::client(Some("not a url"), NAMESPACE, std::time::Duration::from_secs(2)).await.err().expect("refused");
+    assert!(err.to_string().contains("kubernetes.api_url"), "{err}");
+}
+
+/// Runs against a real cluster when KUBECONFIG is set (in the namespace
+/// named by SECRETS_TEST_NAMESPACE, default `default`); prints why it did
+/// nothing otherwise.
+#[tokio::test]
+async fn real_cluster_round_trip_when_kubeconfig_is_set() {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!("KUBECONFIG is not set: not running against a real cluster");
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let namespace = std::env::var("SECRETS_TEST_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let client = KubernetesBackend::client(None, &namespace, std::time::Duration::from_secs(10)).await.expect("cluster client");
+    let prefix = format!("secrets-it-{}", uuid::Uuid::new_v4().simple());
+    let store = SecretStore::new(Arc::new(KubernetesBackend::new(client.clone(), &namespace)), prefix.clone());
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create(&finance(), &format!("k{i}"), SecretValue::from(format!("v{i}"))).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(store.list(&finance()).await.unwrap().len(), 20);
+    let api: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
+    api.delete(&format!("{prefix}-finance"), &Default::default()).await.expect("clean up");
+}

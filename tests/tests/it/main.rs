@@ -1,0 +1,15 @@
+//! Integration tests: real servers in-process on port 0, real gRPC between
+//! them, a Kubernetes API server speaking the core/v1 Secret protocol,
+//! SQLite and (when DATABASE_URL is set) PostgreSQL, and grpcurl.
+
+mod authz;
+mod bad_input;
+mod canary;
+mod embedded;
+mod grpcurl;
+mod kubernetes;
+mod permissions;
+mod resilience;
+mod resolve;
+mod secrets;
+mod store_suite;

@@ -1,0 +1,30 @@
+//! Fail closed when the authz service cannot answer, and recover when it is
+//! back, without restarting anything.
+
+use integration_tests::*;
+use secrets_proto::v1::resolved_item::Result as R;
+use tonic::Code;
+
+#[tokio::test]
+async fn nothing_is_allowed_while_authz_is_down_and_everything_recovers_when_it_returns() {
+    let mut app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(ADMIN).create("finance", "k", "v").await.unwrap();
+
+    app.stop_authz().await;
+    let err = app.as_user(ADMIN).create("finance", "k2", "v").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The chain of hops: the gateway reached the secret service, which could not reach authz.
+    assert!(err.message().starts_with("secret-service: authz-service: "), "names the backends: {}", err.message());
+    let err = app.as_user(LISTER).list("finance").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    let err = app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().starts_with("authz-service: "), "{}", err.message());
+
+    app.start_authz().await;
+    app.as_user(ADMIN).create("finance", "k2", "v").await.unwrap();
+    let out = app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+    assert_eq!(out[0].result, Some(R::Value(b"v".to_vec())));
+    assert_eq!(app.as_user(LISTER).list("finance").await.unwrap(), ["k", "k2"], "grants survived the restart");
+}

@@ -1,0 +1,214 @@
+//! `ResolveSecrets`: what a platform component gets when it launches a workload.
+
+use integration_tests::{stores::CountingBackend, *};
+use secrets_proto::v1::{self as pb, ItemErrorCode, resolved_item::Result as R};
+use tonic::Code;
+
+fn text(r: &pb::ResolvedItem) -> &str {
+    match &r.result {
+        Some(R::Text(t)) => t,
+        other => panic!("{}: expected text, got {other:?}", r.id),
+    }
+}
+
+fn error(r: &pb::ResolvedItem) -> (ItemErrorCode, &str) {
+    match &r.result {
+        Some(R::Error(e)) => (e.code(), e.message.as_str()),
+        other => panic!("{}: expected an error, got {other:?}", r.id),
+    }
+}
+
+#[tokio::test]
+async fn placeholders_and_objects_resolve_domain_first_then_global() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    let admin = app.as_user(ADMIN);
+    admin.create("finance", "db_user", "etl").await.unwrap();
+    admin.create("finance", "db_password", "domain-pw").await.unwrap();
+    admin.create_in(pb::Scope::Global, "", "db_password", "global-pw").await.unwrap();
+    admin.create_in(pb::Scope::Global, "", "s3_key", "global-s3").await.unwrap();
+
+    let items = vec![
+        text_item("envVars.JDBC", "jdbc:pg://${secrets.db_user}:${secrets.db_password}@db/${secrets.db_user}"),
+        text_item("sparkConf.spark.hadoop.fs.s3a.secret.key", "${secrets.s3_key}"),
+        text_item("envVars.PLAIN", "no placeholders ${env:HOME} here"),
+        object_item("envVars.DB", "finance", "db_password"),
+        object_item("envVars.S3", "finance", "s3_key"),
+    ];
+    let out = app.as_service(Some("user:nina")).resolve("finance", items).await.unwrap();
+    assert_eq!(out.len(), 5);
+    assert_eq!(text(&out[0]), "jdbc:pg://etl:domain-pw@db/etl");
+    assert_eq!(text(&out[1]), "global-s3");
+    assert_eq!(text(&out[2]), "no placeholders ${env:HOME} here");
+    assert_eq!(out[3].result, Some(R::Value(b"domain-pw".to_vec())));
+    assert_eq!(out[4].result, Some(R::Value(b"global-s3".to_vec())), "objects fall back to global too");
+    assert_eq!(out.iter().map(|r| r.id.as_str()).collect::<Vec<_>>()[0], "envVars.JDBC", "ids come back in order");
+}
+
+#[tokio::test]
+async fn problems_with_one_item_are_reported_on_that_item_and_the_rest_resolve() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(ADMIN).create("finance", "ok", "fine").await.unwrap();
+    let unknown_type = pb::ResolveItem {
+        id: "unknown-type".into(),
+        reference: Some(pb::resolve_item::Reference::SecretObject(pb::SecretObject {
+            key: "ok".into(),
+            source: Some(pb::SecretSource { r#type: 9, id: "finance".into() }),
+        })),
+    };
+    let vault = pb::ResolveItem {
+        id: "vault".into(),
+        reference: Some(pb::resolve_item::Reference::SecretObject(pb::SecretObject {
+            key: "ok".into(),
+            source: Some(pb::SecretSource { r#type: pb::SourceType::Vault as i32, id: "cfg-1".into() }),
+        })),
+    };
+    let items = vec![
+        text_item("missing", "${secrets.nope}"),
+        text_item("unterminated", "x=${secrets.ok"),
+        text_item("bad-key", "${secrets.bad key}"),
+        unknown_type,
+        vault,
+        object_item("bad-domain", "Not_A_Domain", "ok"),
+        object_item("bad-object-key", "finance", "a/b"),
+        pb::ResolveItem { id: "empty".into(), reference: None },
+        object_item("good", "finance", "ok"),
+    ];
+    let out = app.as_service(Some("user:olivia")).resolve("finance", items).await.unwrap();
+    let expect = [
+        ("missing", ItemErrorCode::NotFound, "secret \"nope\" does not exist in domain \"finance\" or the global secrets"),
+        ("unterminated", ItemErrorCode::InvalidArgument, "text: malformed placeholder at byte 2"),
+        ("bad-key", ItemErrorCode::InvalidArgument, "contains ' '"),
+        ("unknown-type", ItemErrorCode::InvalidArgument, "secret_object.source.type: unknown source type 9"),
+        ("vault", ItemErrorCode::FailedPrecondition, "vault-config-service"),
+        ("bad-domain", ItemErrorCode::InvalidArgument, "secret_object.source.id"),
+        ("bad-object-key", ItemErrorCode::InvalidArgument, "secret_object.key"),
+        ("empty", ItemErrorCode::InvalidArgument, "set one of secret_object, text or admin_key"),
+    ];
+    for (i, (id, code, fragment)) in expect.iter().enumerate() {
+        let (got_code, message) = error(&out[i]);
+        assert_eq!(got_code, *code, "{id}: {message}");
+        assert!(message.contains(&format!("items[{i}] (\"{id}\")")), "names the item: {message}");
+        assert!(message.contains(fragment), "{id}: {message}");
+    }
+    assert_eq!(out[8].result, Some(R::Value(b"fine".to_vec())));
+}
+
+#[tokio::test]
+async fn values_go_only_to_platform_service_tokens() {
+    let app = TestApp::spawn().await;
+    app.as_user(ADMIN).create("finance", "k", "v").await.unwrap();
+    for user in [ADMIN, OWNER] {
+        let err = app.as_user(user).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{user}");
+        assert!(err.message().contains("only to platform-service tokens"), "{}", err.message());
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_sources_need_membership_of_their_domain() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(ADMIN).create("finance", "k", "v").await.unwrap();
+    for user in [ADMIN, OWNER, LISTER, MANAGER, MEMBER] {
+        let out = app.as_service(Some(&format!("user:{user}"))).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+        assert_eq!(out[0].result, Some(R::Value(b"v".to_vec())), "{user}");
+    }
+    for user in [OUTSIDER, STRANGER] {
+        let out = app
+            .as_service(Some(&format!("user:{user}")))
+            .resolve("finance", vec![object_item("x", "finance", "k"), text_item("y", "${secrets.k}")])
+            .await
+            .unwrap();
+        for item in &out {
+            let (code, message) = error(item);
+            assert_eq!(code, ItemErrorCode::PermissionDenied, "{user}");
+            assert!(message.contains(&format!("user:{user} may not use the secrets of domain \"finance\"")), "{message}");
+        }
+    }
+    // An object in another domain needs membership there, whatever the workload's domain.
+    let out = app.as_service(Some("user:oscar")).resolve("other", vec![object_item("x", "finance", "k")]).await.unwrap();
+    assert_eq!(error(&out[0]).0, ItemErrorCode::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_service_without_a_principal_acts_as_its_own_service_account() {
+    let app = TestApp::spawn().await;
+    let admin = app.as_user(ADMIN);
+    admin.create("finance", "k", "v").await.unwrap();
+    let out = app.as_service(None).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+    assert!(error(&out[0]).1.contains("service:spark"), "{:?}", out[0]);
+    admin
+        .authz
+        .clone()
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: "finance".into(),
+            subject: "service:spark".into(),
+            role: pb::DomainRole::Member as i32,
+        })
+        .await
+        .unwrap();
+    let out = app.as_service(None).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+    assert_eq!(out[0].result, Some(R::Value(b"v".to_vec())));
+}
+
+#[tokio::test]
+async fn admin_secrets_resolve_only_for_platform_admins() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(ADMIN).create_in(pb::Scope::Admin, "", "ldap_bind_password", "ldap").await.unwrap();
+    let item = || pb::ResolveItem { id: "ldap".into(), reference: Some(pb::resolve_item::Reference::AdminKey("ldap_bind_password".into())) };
+    let out = app.as_service(Some("user:admin")).resolve("finance", vec![item()]).await.unwrap();
+    assert_eq!(out[0].result, Some(R::Value(b"ldap".to_vec())));
+    let out = app.as_service(Some("user:olivia")).resolve("finance", vec![item()]).await.unwrap();
+    assert_eq!(error(&out[0]).0, ItemErrorCode::PermissionDenied);
+}
+
+#[tokio::test]
+async fn binary_values_cannot_be_placed_into_text_but_resolve_as_objects() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    let request = pb::CreateSecretRequest {
+        scope: pb::Scope::Domain as i32,
+        domain: "finance".into(),
+        key: "keystore".into(),
+        value: Some(pb::create_secret_request::Value::Binary(vec![0xff, 0xfe, 0x00])),
+    };
+    app.as_user(ADMIN).secrets.clone().create_secret(request).await.unwrap();
+    let out = app
+        .as_service(Some("user:nina"))
+        .resolve("finance", vec![text_item("t", "${secrets.keystore}"), object_item("o", "finance", "keystore")])
+        .await
+        .unwrap();
+    let (code, message) = error(&out[0]);
+    assert_eq!(code, ItemErrorCode::FailedPrecondition);
+    assert!(message.contains("binary"), "{message}");
+    assert_eq!(out[1].result, Some(R::Value(vec![0xff, 0xfe, 0x00])));
+}
+
+#[tokio::test]
+async fn each_store_object_is_read_once_per_batch() {
+    let fixture = integration_tests::stores::Fixture::embedded().await;
+    let counting = CountingBackend::new(fixture.backend.clone());
+    let app = TestApp::spawn_with(Options { backend: Some(counting.clone()), ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    app.setup_domain("sales").await;
+    let admin = app.as_user(ADMIN);
+    for (d, k) in [("finance", "a"), ("finance", "b"), ("sales", "c")] {
+        admin.create(d, k, "v").await.unwrap();
+    }
+    admin.create_in(pb::Scope::Global, "", "g", "v").await.unwrap();
+    counting.reset();
+    let mut items = Vec::new();
+    for i in 0..4 {
+        items.push(text_item(&format!("t{i}"), "${secrets.a}/${secrets.b}/${secrets.g}"));
+        items.push(object_item(&format!("o{i}"), "sales", "c"));
+        items.push(object_item(&format!("g{i}"), "sales", "g"));
+    }
+    let out = app.as_service(Some("user:admin")).resolve("finance", items).await.unwrap();
+    assert!(out.iter().all(|r| !matches!(r.result, Some(R::Error(_)))), "{out:?}");
+    let reads = counting.reads();
+    assert_eq!(reads.len(), 3, "finance, sales and global: {reads:?}");
+    assert!(reads.values().all(|n| *n == 1), "12 items, each object read once: {reads:?}");
+}
