@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use authz_service::{Application, Config};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Decides who may see, change or use secrets.
 #[derive(Parser)]
@@ -10,6 +10,14 @@ struct Args {
     /// A TOML config file; AUTHZ_SERVICE_* environment variables override it.
     #[arg(long, env = "AUTHZ_SERVICE_CONFIG")]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Exits 0 when the service on the configured listen_addr is serving.
+    HealthCheck,
 }
 
 #[tokio::main]
@@ -17,6 +25,9 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let config = Config::load(args.config.as_deref())?;
+    if let Some(Command::HealthCheck) = args.command {
+        return secrets_common::server::probe(config.listen_addr).await;
+    }
     let _telemetry = secrets_common::telemetry::init("authz-service", &config.telemetry)?;
     let app = Application::build(config).await?;
     tracing::info!(port = app.port(), "authz-service listening");

@@ -19,6 +19,8 @@ enum Command {
     /// Reads a token on standard input and prints the `sha256` to put in a
     /// `[[tokens]]` entry of the configuration.
     HashToken,
+    /// Exits 0 when the gateway on the configured listen_addr is serving.
+    HealthCheck,
 }
 
 #[tokio::main]
@@ -34,6 +36,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
+    if let Some(Command::HealthCheck) = args.command {
+        return secrets_common::server::probe(config.listen_addr).await;
+    }
     let _telemetry = secrets_common::telemetry::init("gateway", &config.telemetry)?;
     let app = Application::build(config).await?;
     tracing::info!(port = app.port(), "gateway listening");

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use secret_service::{Application, Config, ENV_PREFIX};
 
 /// Stores domain, global and admin secrets (Kubernetes Secrets or an
@@ -11,6 +11,14 @@ struct Args {
     /// A TOML config file; SECRET_SERVICE_* environment variables override it.
     #[arg(long, env = "SECRET_SERVICE_CONFIG")]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Exits 0 when the service on the configured listen_addr is serving.
+    HealthCheck,
 }
 
 #[tokio::main]
@@ -19,6 +27,9 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
+    if let Some(Command::HealthCheck) = args.command {
+        return secrets_common::server::probe(config.listen_addr).await;
+    }
     let _telemetry = secrets_common::telemetry::init("secret-service", &config.telemetry)?;
     let app = Application::build(config).await?;
     tracing::info!(port = app.port(), "secret-service listening");

@@ -67,6 +67,30 @@ mod tests {
         });
     }
 
+    #[derive(Debug, Deserialize, PartialEq, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct WithList {
+        tokens: Vec<Entry>,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        name: String,
+        kind: String,
+    }
+
+    #[test]
+    fn a_list_of_tables_can_come_from_one_environment_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LISTCFG_TOKENS", r#"[{name="admin",kind="user"},{name="spark",kind="service"}]"#);
+            let cfg: WithList = load(None, "LISTCFG_").unwrap();
+            assert_eq!(cfg.tokens.len(), 2);
+            assert_eq!(cfg.tokens[1], Entry { name: "spark".into(), kind: "service".into() });
+            Ok(())
+        });
+    }
+
     #[test]
     fn unknown_keys_and_missing_files_are_errors() {
         figment::Jail::expect_with(|jail| {

@@ -82,3 +82,28 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
         tracing::info!("shutting down");
     }
 }
+
+/// Asks the gRPC health service of the server listening on `listen_addr`
+/// (on loopback when it listens on every interface) whether it is serving.
+/// For container health checks: `<binary> health-check`.
+pub async fn probe(listen_addr: SocketAddr) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let mut addr = listen_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .map_err(|e| anyhow::anyhow!("health check at {addr} failed: {}", e.message()))?
+        .into_inner()
+        .status();
+    anyhow::ensure!(status == ServingStatus::Serving, "{addr} reports {}", status.as_str_name());
+    Ok(())
+}
