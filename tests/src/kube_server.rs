@@ -44,6 +44,9 @@ struct State {
     counters: Counters,
     /// While set, every request gets this status (an API server outage).
     failing: Option<u16>,
+    /// While set, writes are denied with 422 Invalid and this message, as a
+    /// validating admission policy does.
+    denying_writes: Option<String>,
 }
 
 #[derive(Clone)]
@@ -92,6 +95,10 @@ impl FakeKube {
 
     pub fn set_failing(&self, status: Option<u16>) {
         self.state.lock().unwrap().failing = status;
+    }
+
+    pub fn deny_writes(&self, message: Option<&str>) {
+        self.state.lock().unwrap().denying_writes = message.map(str::to_owned);
     }
 
     pub async fn client(&self, namespace: &str) -> kube::Client {
@@ -166,6 +173,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     if let Some(code) = s.failing {
         let code = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         return Ok(status(code, "ServiceUnavailable", "the API server is shutting down".into()));
+    }
+    if let Some(m) = s.denying_writes.clone()
+        && matches!(method, Method::POST | Method::PUT)
+    {
+        s.counters.invalid += 1;
+        return Ok(status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", m));
     }
     let parse = |body: &Bytes| serde_json::from_slice::<Secret>(body);
     Ok(match (method, name) {

@@ -58,4 +58,19 @@ async fn grpcurl_lists_and_describes_the_gateway_and_creates_and_resolves_a_secr
         ])
     });
     assert!(resolved.contains(r#""text": "pw=from-grpcurl""#), "{resolved}");
+
+    // A refused call shows the code and the decoded field violation.
+    let output = tokio::task::block_in_place(|| {
+        Command::new(grpcurl())
+            .args([
+                "-plaintext", "-H", &admin, "-d", r#"{"domain":"finance","key":"bad key","text":"x"}"#,
+                &addr, "iomete.secrets.v1.SecretService/CreateSecret",
+            ])
+            .output()
+            .expect("run grpcurl")
+    });
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Code: InvalidArgument"), "{stderr}");
+    assert!(stderr.contains(r#""fieldViolations":[{"field":"key""#), "details decoded: {stderr}");
 }

@@ -98,6 +98,25 @@ async fn an_api_server_outage_is_unavailable_naming_kubernetes_and_recovers() {
 }
 
 #[tokio::test]
+async fn a_write_the_api_server_rejects_is_refused_with_its_reason_and_loses_nothing() {
+    let f = Fixture::kubernetes().await;
+    let kube = f.kube.as_ref().unwrap();
+    let store = f.store();
+    store.create(&finance(), "kept", SecretValue::from("v".to_string())).await.unwrap();
+    let reason = "ValidatingAdmissionPolicy 'secret-size' with binding 'prod' denied request: too many keys";
+    kube.deny_writes(Some(reason));
+    let err = store.create(&finance(), "new", SecretValue::from("v".to_string())).await.unwrap_err();
+    assert!(matches!(err, Error::Rejected { backend: "kubernetes", .. }), "{err:?}");
+    assert!(err.to_string().contains(reason), "the server's reason reaches the caller: {err}");
+    assert!(err.to_string().contains(&format!("{PREFIX}-finance")), "names the object: {err}");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    kube.deny_writes(None);
+    let keys: Vec<_> = store.list(&finance()).await.unwrap().into_iter().map(|s| s.key).collect();
+    assert_eq!(keys, ["kept"]);
+}
+
+#[tokio::test]
 async fn an_unreachable_api_server_is_unavailable_not_a_panic() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kube = FakeKube::start().await;
