@@ -51,6 +51,9 @@ pub struct TestApp {
     pub secret_service_url: String,
     pub authz_service_url: String,
     pub authz_port: u16,
+    /// Metrics endpoints: gateway, secret-service, authz-service (the last
+    /// changes when authz restarts).
+    pub metrics_urls: std::sync::Mutex<HashMap<&'static str, String>>,
     pub dir: TempDir,
     pub internal_token: SecretString,
     pub database_url: String,
@@ -106,6 +109,7 @@ impl TestApp {
             secret_service_url: secret_service_url.clone(),
             authz_service_url: authz_service_url.clone(),
             authz_port,
+            metrics_urls: Default::default(),
             internal_token: internal_token.clone(),
             database_url,
             tokens,
@@ -117,6 +121,7 @@ impl TestApp {
 
         let secret_config = secret_service::Config {
             internal_token: Some(internal_token.clone()),
+            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             authz_url: authz_service_url.clone(),
             request_timeout_ms: 2_000,
             embedded: secret_service::EmbeddedConfig { data_dir: app.dir.path().join("secrets") },
@@ -129,10 +134,12 @@ impl TestApp {
         let secrets = secret_service::Application::build_with_backend(secret_config, secret_l, backend)
             .await
             .expect("secret-service");
+        app.set_metrics("secret-service", secrets.metrics_port());
         app.others.push(run(|rx| tokio::spawn(secrets.run_until_stopped(async { let _ = rx.await; }))));
 
         let gateway_config = gateway::Config {
             internal_token: Some(internal_token),
+            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             secret_service_url,
             authz_service_url,
             request_timeout_ms: 2_000,
@@ -140,6 +147,7 @@ impl TestApp {
             ..Default::default()
         };
         let gw = gateway::Application::build_with_listener(gateway_config, gateway_l).await.expect("gateway");
+        app.set_metrics("gateway", gw.metrics_port());
         app.others.push(run(|rx| tokio::spawn(gw.run_until_stopped(async { let _ = rx.await; }))));
         app
     }
@@ -149,10 +157,22 @@ impl TestApp {
             internal_token: Some(self.internal_token.clone()),
             database_url: self.database_url.clone(),
             bootstrap_admins: vec![format!("user:{ADMIN}")],
+            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             ..Default::default()
         };
         let authz = authz_service::Application::build_with_listener(config, listener).await.expect("authz-service");
+        self.set_metrics("authz-service", authz.metrics_port());
         self.authz = Some(run(|rx| tokio::spawn(authz.run_until_stopped(async { let _ = rx.await; }))));
+    }
+
+    fn set_metrics(&self, service: &'static str, port: Option<u16>) {
+        let url = format!("http://127.0.0.1:{}/metrics", port.expect("metrics endpoint"));
+        self.metrics_urls.lock().unwrap().insert(service, url);
+    }
+
+    /// The metrics endpoint of `service` (gateway, secret-service, authz-service).
+    pub fn metrics_url(&self, service: &str) -> String {
+        self.metrics_urls.lock().unwrap()[service].clone()
     }
 
     /// Stops the authz service (its port stays unused until `start_authz`).

@@ -3,6 +3,7 @@
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use sea_orm_migration::{MigratorTrait, prelude::*};
+use secrets_common::observe::Metrics;
 
 pub mod platform_admin {
     use sea_orm::entity::prelude::*;
@@ -162,8 +163,9 @@ impl MigratorTrait for Migrator {
 const MIGRATION_LOCK_ID: i64 = 0x1075_ec12_a07b;
 
 /// Connects and brings the schema up to date. On PostgreSQL, replicas that
-/// start together take turns through an advisory lock.
-pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
+/// start together take turns through an advisory lock. With `metrics`,
+/// every statement is counted and timed as a backend call.
+pub async fn connect(url: &str, metrics: Option<&Metrics>) -> anyhow::Result<DatabaseConnection> {
     if let Some(path) = sqlite_file(url) {
         if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -175,7 +177,24 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
     if url.contains(":memory:") {
         options.max_connections(1);
     }
-    let db = Database::connect(options).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+    let mut db = Database::connect(options).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+    if let Some(metrics) = metrics {
+        let metrics = metrics.clone();
+        let backend = match db.get_database_backend() {
+            DbBackend::Postgres => "postgres",
+            DbBackend::Sqlite => "sqlite",
+            _ => "database",
+        };
+        db.set_metric_callback(move |info| {
+            // The statement's verb only: SQL text never reaches a label.
+            let verb = info.statement.sql.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let operation = match verb.as_str() {
+                "select" | "insert" | "update" | "delete" => verb.as_str(),
+                _ => "other",
+            };
+            metrics.observe_backend(backend, operation, !info.failed, info.elapsed);
+        });
+    }
     if db.get_database_backend() == DbBackend::Postgres {
         let txn = db.begin().await?;
         txn.execute_raw(Statement::from_string(

@@ -12,11 +12,16 @@ use std::{collections::BTreeSet, future::Future, net::SocketAddr};
 
 use anyhow::Context;
 use secrecy::SecretString;
-use secrets_common::{Principal, auth::InternalAuth, server, telemetry::TelemetryConfig};
+use secrets_common::{
+    Principal,
+    auth::InternalAuth,
+    observe::Metrics,
+    server::{self, Served},
+    telemetry::TelemetryConfig,
+};
 use secrets_proto::{service_names::AUTHZ_SERVICE, v1::authz_service_server::AuthzServiceServer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tonic::transport::server::Router;
 
 pub use error::{Error, Result};
 
@@ -26,6 +31,8 @@ pub const ENV_PREFIX: &str = "AUTHZ_SERVICE_";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen_addr: SocketAddr,
+    /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
+    pub metrics_addr: Option<SocketAddr>,
     pub internal_token: Option<SecretString>,
     /// `sqlite://path?mode=rwc` (the default) or `postgres://...`;
     /// `DATABASE_URL` sets it too.
@@ -39,6 +46,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen_addr: ([127, 0, 0, 1], 50053).into(),
+            metrics_addr: Some(([127, 0, 0, 1], 9103).into()),
             internal_token: None,
             database_url: "sqlite://data/authz.db?mode=rwc".into(),
             bootstrap_admins: Vec::new(),
@@ -62,9 +70,7 @@ impl Config {
 }
 
 pub struct Application {
-    listener: TcpListener,
-    router: Router,
-    port: u16,
+    served: Served,
 }
 
 impl Application {
@@ -84,30 +90,31 @@ impl Application {
             .enumerate()
             .map(|(i, s)| Principal::parse(&format!("bootstrap_admins[{i}]"), s))
             .collect::<Result<BTreeSet<_>, _>>()?;
-        let db = db::connect(&config.database_url).await?;
+        let metrics = Metrics::new();
+        let db = db::connect(&config.database_url, Some(&metrics)).await?;
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
         let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status(AUTHZ_SERVICE, tonic_health::ServingStatus::Serving).await;
         let (reflection_v1, reflection_v1alpha) = server::reflection(&[AUTHZ_SERVICE])?;
-        let router = server::builder()
+        let router = server::builder(&metrics)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AuthzServiceServer::with_interceptor(grpc, InternalAuth::new(token)));
-        let port = listener.local_addr()?.port();
-        Ok(Self { listener, router, port })
+        Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.served.port()
+    }
+
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.served.metrics_port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.router
-            .serve_with_incoming_shutdown(server::incoming(self.listener), shutdown)
-            .await
-            .context("authz-service stopped with an error")
+        self.served.run(shutdown).await.context("authz-service stopped with an error")
     }
 }

@@ -2,12 +2,12 @@
 //! gateway: each call is authenticated here, then forwarded with the acting
 //! principal and the internal credential. The internal services authorize.
 
-use secrets_common::{auth::{InternalClient, act_as}, error::from_upstream};
+use secrets_common::{auth::{InternalChannel, act_as}, error::from_upstream};
 use secrets_proto::v1::{
     self as pb, authz_service_client::AuthzServiceClient, authz_service_server::AuthzService,
     secret_service_client::SecretServiceClient, secret_service_server::SecretService,
 };
-use tonic::{Request, Response, Status, codegen::InterceptedService, transport::Channel};
+use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 
@@ -16,8 +16,8 @@ pub const AUTHZ_SERVICE: &str = secrets_common::authz::AUTHZ_SERVICE;
 
 #[derive(Clone)]
 pub struct Forwarder {
-    pub secrets: SecretServiceClient<InterceptedService<Channel, InternalClient>>,
-    pub authz: AuthzServiceClient<InterceptedService<Channel, InternalClient>>,
+    pub secrets: SecretServiceClient<InternalChannel>,
+    pub authz: AuthzServiceClient<InternalChannel>,
 }
 
 /// The request to send upstream: the same message, acting for the caller.

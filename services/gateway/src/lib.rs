@@ -13,9 +13,10 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use anyhow::Context;
 use secrecy::SecretString;
 use secrets_common::{
-    auth::{InternalClient, lazy_channel},
-    authz::AuthzClient,
-    server,
+    auth::{InternalClient, internal_channel},
+    authz::{self, AuthzClient},
+    observe::Metrics,
+    server::{self, Served},
     telemetry::TelemetryConfig,
 };
 use secrets_proto::{
@@ -28,7 +29,6 @@ use secrets_proto::{
 };
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tonic::transport::server::Router;
 
 pub use auth::{TokenConfig, TokenKind};
 
@@ -38,6 +38,8 @@ pub const ENV_PREFIX: &str = "GATEWAY_";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen_addr: SocketAddr,
+    /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
+    pub metrics_addr: Option<SocketAddr>,
     /// The credential the gateway presents to the internal services.
     pub internal_token: Option<SecretString>,
     pub secret_service_url: String,
@@ -53,6 +55,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen_addr: ([127, 0, 0, 1], 50051).into(),
+            metrics_addr: Some(([127, 0, 0, 1], 9101).into()),
             internal_token: None,
             secret_service_url: "http://127.0.0.1:50052".into(),
             authz_service_url: "http://127.0.0.1:50053".into(),
@@ -64,9 +67,7 @@ impl Default for Config {
 }
 
 pub struct Application {
-    listener: TcpListener,
-    router: Router,
-    port: u16,
+    served: Served,
 }
 
 impl Application {
@@ -85,19 +86,20 @@ impl Application {
             tracing::warn!("no tokens are configured: every call will be refused as unauthenticated");
         }
         let timeout = Duration::from_millis(config.request_timeout_ms);
+        let metrics = Metrics::new();
         let internal = InternalClient::new(token).map_err(anyhow::Error::msg)?;
-        let secrets_channel =
-            lazy_channel(&config.secret_service_url, timeout).map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
-        let authz_channel =
-            lazy_channel(&config.authz_service_url, timeout).map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
+        let secrets_channel = internal_channel(&config.secret_service_url, timeout, forward::SECRET_SERVICE, &metrics)
+            .map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
+        let authz_channel = internal_channel(&config.authz_service_url, timeout, authz::AUTHZ_SERVICE, &metrics)
+            .map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
 
         let forwarder = forward::Forwarder {
             secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), internal.clone()),
-            authz: AuthzServiceClient::with_interceptor(authz_channel, internal.clone()),
+            authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), internal.clone()),
         };
         let resolver = resolver::Resolver {
             reader: SecretReaderClient::with_interceptor(secrets_channel, internal),
-            authz: AuthzClient::new(&config.authz_service_url, token, timeout).map_err(anyhow::Error::msg)?,
+            authz: AuthzClient::new(authz_channel, token).map_err(anyhow::Error::msg)?,
         };
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -105,25 +107,25 @@ impl Application {
             health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
         }
         let (reflection_v1, reflection_v1alpha) = server::reflection(&[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE])?;
-        let router = server::builder()
+        let router = server::builder(&metrics)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(GatewayServer::with_interceptor(resolver, authenticator.clone()))
             .add_service(SecretServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
             .add_service(AuthzServiceServer::with_interceptor(forwarder, authenticator));
-        let port = listener.local_addr()?.port();
-        Ok(Self { listener, router, port })
+        Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.served.port()
+    }
+
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.served.metrics_port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.router
-            .serve_with_incoming_shutdown(server::incoming(self.listener), shutdown)
-            .await
-            .context("gateway stopped with an error")
+        self.served.run(shutdown).await.context("gateway stopped with an error")
     }
 }

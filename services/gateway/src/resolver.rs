@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use secrets_common::{
     Principal, SecretValue,
-    auth::InternalClient,
+    auth::InternalChannel,
     authz::{AuthzClient, Question},
     error::{from_upstream, invalid_argument},
     placeholder::{self, Segment},
@@ -19,7 +19,7 @@ use secrets_proto::v1::{
     self as pb, ItemErrorCode, Permission, gateway_server::Gateway, resolve_item::Reference,
     secret_reader_client::SecretReaderClient,
 };
-use tonic::{Request, Response, Status, codegen::InterceptedService, transport::Channel};
+use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::{
@@ -32,7 +32,7 @@ pub const MAX_ITEMS: usize = 1_000;
 
 #[derive(Clone)]
 pub struct Resolver {
-    pub reader: SecretReaderClient<InterceptedService<Channel, InternalClient>>,
+    pub reader: SecretReaderClient<InternalChannel>,
     pub authz: AuthzClient,
 }
 

@@ -1,11 +1,11 @@
 //! The storage contract both backends implement: whole store objects, read
 //! once and changed by read-modify-write.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use secrets_common::SecretValue;
+use secrets_common::{SecretValue, observe::Metrics};
 
 use crate::Result;
 
@@ -36,4 +36,43 @@ pub trait SecretBackend: Send + Sync + 'static {
     /// writes the result back, so that concurrent writers never lose each
     /// other's keys. Creates the object on first write.
     async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()>;
+}
+
+/// Counts and times every call to the backend it wraps.
+pub struct MeteredBackend {
+    inner: Arc<dyn SecretBackend>,
+    metrics: Metrics,
+}
+
+impl MeteredBackend {
+    pub fn new(inner: Arc<dyn SecretBackend>, metrics: Metrics) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl SecretBackend for MeteredBackend {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn read(&self, object: &str) -> Result<Option<Entries>> {
+        let start = Instant::now();
+        let result = self.inner.read(object).await;
+        self.metrics.observe_backend(self.name(), "read", result.is_ok(), start.elapsed());
+        result
+    }
+
+    async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()> {
+        let start = Instant::now();
+        let result = self.inner.modify(object, change).await;
+        // A change refused by the store's own rules (exists, missing, too
+        // large) is an answer, not a backend failure.
+        let failed = matches!(
+            result,
+            Err(crate::Error::Unavailable { .. } | crate::Error::Corrupt(_) | crate::Error::Internal(_) | crate::Error::Rejected { .. })
+        );
+        self.metrics.observe_backend(self.name(), "modify", !failed, start.elapsed());
+        result
+    }
 }

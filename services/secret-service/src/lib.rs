@@ -15,14 +15,19 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 
 use anyhow::Context;
 use secrecy::SecretString;
-use secrets_common::{auth::InternalAuth, authz::AuthzClient, server, telemetry::TelemetryConfig};
+use secrets_common::{
+    auth::{InternalAuth, internal_channel},
+    authz::{AUTHZ_SERVICE, AuthzClient},
+    observe::Metrics,
+    server::{self, Served},
+    telemetry::TelemetryConfig,
+};
 use secrets_proto::{
     service_names::{SECRET_READER, SECRET_SERVICE},
     v1::{secret_reader_server::SecretReaderServer, secret_service_server::SecretServiceServer},
 };
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tonic::transport::server::Router;
 
 pub use error::{Error, Result};
 
@@ -35,6 +40,8 @@ pub const ENV_PREFIX: &str = "SECRET_SERVICE_";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen_addr: SocketAddr,
+    /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
+    pub metrics_addr: Option<SocketAddr>,
     /// The credential the gateway and the services present to each other.
     pub internal_token: Option<SecretString>,
     /// The authz service, asked before every management call.
@@ -53,6 +60,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen_addr: ([127, 0, 0, 1], 50052).into(),
+            metrics_addr: Some(([127, 0, 0, 1], 9102).into()),
             internal_token: None,
             authz_url: "http://127.0.0.1:50053".into(),
             request_timeout_ms: 5_000,
@@ -128,9 +136,7 @@ pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<dyn Secr
 
 /// A built server, bound and ready to run.
 pub struct Application {
-    listener: TcpListener,
-    router: Router,
-    port: u16,
+    served: Served,
 }
 
 impl Application {
@@ -154,8 +160,12 @@ impl Application {
         backend: Arc<dyn SecretBackend>,
     ) -> anyhow::Result<Self> {
         let token = config.internal_token()?;
+        let metrics = Metrics::new();
         let timeout = Duration::from_millis(config.request_timeout_ms);
-        let authz = AuthzClient::new(&config.authz_url, token, timeout).map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
+        let channel = internal_channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
+            .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
+        let authz = AuthzClient::new(channel, token).map_err(anyhow::Error::msg)?;
+        let backend = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
         let store = SecretStore::new(backend, config.object_prefix.clone());
         tracing::info!(backend = store.backend_name(), "secret store ready");
         let grpc = grpc::SecretGrpc::new(store, authz);
@@ -166,24 +176,24 @@ impl Application {
             health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
         }
         let (reflection_v1, reflection_v1alpha) = server::reflection(&[SECRET_SERVICE, SECRET_READER])?;
-        let router = server::builder()
+        let router = server::builder(&metrics)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(SecretServiceServer::with_interceptor(grpc.clone(), auth.clone()))
             .add_service(SecretReaderServer::with_interceptor(grpc, auth));
-        let port = listener.local_addr()?.port();
-        Ok(Self { listener, router, port })
+        Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.served.port()
+    }
+
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.served.metrics_port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.router
-            .serve_with_incoming_shutdown(server::incoming(self.listener), shutdown)
-            .await
-            .context("secret-service stopped with an error")
+        self.served.run(shutdown).await.context("secret-service stopped with an error")
     }
 }

@@ -13,7 +13,11 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use crate::{Principal, error::invalid_argument, telemetry};
+use crate::{
+    Principal,
+    error::invalid_argument,
+    observe::{Metrics, TracedChannel},
+};
 
 /// `authorization: Bearer <token>`.
 pub const AUTHORIZATION: &str = "authorization";
@@ -132,8 +136,8 @@ impl Interceptor for InternalAuth {
     }
 }
 
-/// Client-side interceptor for internal hops: adds the internal credential
-/// and the current W3C trace context.
+/// Client-side interceptor for internal hops: adds the internal credential.
+/// (The trace context is added by the [`TracedChannel`] underneath.)
 #[derive(Clone)]
 pub struct InternalClient {
     authorization: AsciiMetadataValue,
@@ -152,7 +156,6 @@ impl InternalClient {
 impl Interceptor for InternalClient {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         request.metadata_mut().insert(AUTHORIZATION, self.authorization.clone());
-        telemetry::inject_context(request.metadata_mut());
         Ok(request)
     }
 }
@@ -169,14 +172,25 @@ pub fn act_as<T>(request: &mut Request<T>, principal: &Principal, caller: Option
 
 /// A channel to another service that connects on first use and reconnects
 /// by itself, so services start in any order and recover when a peer returns.
-pub fn lazy_channel(url: &str, request_timeout: Duration) -> Result<Channel, String> {
+/// Every call is bounded by `request_timeout`, traced, and counted as a
+/// backend call of `peer`.
+pub fn internal_channel(
+    url: &str,
+    request_timeout: Duration,
+    peer: &'static str,
+    metrics: &Metrics,
+) -> Result<TracedChannel, String> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
-    Ok(endpoint
+    let channel: Channel = endpoint
         .connect_timeout(Duration::from_secs(2).min(request_timeout))
         .timeout(request_timeout)
         .tcp_nodelay(true)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(TracedChannel::new(channel, peer, metrics.clone()))
 }
+
+/// A client stack for internal calls: traced channel plus internal credential.
+pub type InternalChannel = tonic::codegen::InterceptedService<TracedChannel, InternalClient>;
 
 #[cfg(test)]
 mod tests {

@@ -2,25 +2,24 @@
 //! the authz service cannot answer, the caller gets `UNAVAILABLE` and nothing
 //! is allowed.
 
-use std::time::Duration;
-
 use secrecy::SecretString;
 use secrets_proto::v1::{
     BatchCheckRequest, CheckRequest, CheckResponse, Permission, authz_service_client::AuthzServiceClient,
 };
-use tonic::{Status, codegen::InterceptedService, transport::Channel};
+use tonic::Status;
 
 use crate::{
     Principal,
-    auth::{InternalClient, lazy_channel},
+    auth::{InternalChannel, InternalClient},
     error::from_upstream,
+    observe::TracedChannel,
 };
 
 pub const AUTHZ_SERVICE: &str = "authz-service";
 
 #[derive(Clone)]
 pub struct AuthzClient {
-    inner: AuthzServiceClient<InterceptedService<Channel, InternalClient>>,
+    inner: AuthzServiceClient<InternalChannel>,
 }
 
 /// One question for the authz service.
@@ -32,14 +31,8 @@ pub struct Question<'a> {
 }
 
 impl AuthzClient {
-    pub fn new(url: &str, internal_token: &SecretString, timeout: Duration) -> Result<Self, String> {
-        let channel = lazy_channel(url, timeout)?;
+    pub fn new(channel: TracedChannel, internal_token: &SecretString) -> Result<Self, String> {
         Ok(Self { inner: AuthzServiceClient::with_interceptor(channel, InternalClient::new(internal_token)?) })
-    }
-
-    /// The raw client, for forwarding management calls.
-    pub fn raw(&self) -> AuthzServiceClient<InterceptedService<Channel, InternalClient>> {
-        self.inner.clone()
     }
 
     /// Asks several questions in one round trip; answers in order.

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod authz;
 pub mod config;
 pub mod error;
+pub mod observe;
 pub mod placeholder;
 pub mod principal;
 pub mod server;

@@ -5,14 +5,22 @@ use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{server::NamedService, transport::Server};
+use tonic::{
+    server::NamedService,
+    transport::{Server, server::Router},
+};
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
 
-use crate::telemetry;
+use crate::observe::{Metrics, ObserveLayer};
 
-/// A server builder with a span per request that joins the caller's trace.
-pub fn builder() -> Server {
-    Server::builder().trace_fn(telemetry::server_span)
+/// The router every service builds: its services behind [`ObserveLayer`].
+pub type ServiceRouter = Router<Stack<ObserveLayer, Identity>>;
+
+/// A server builder with a span per request that joins the caller's trace,
+/// and request metrics recorded into `metrics`.
+pub fn builder(metrics: &Metrics) -> Server<Stack<ObserveLayer, Identity>> {
+    Server::builder().layer(ObserveLayer::new(metrics.clone()))
 }
 
 /// Server reflection (v1 and v1alpha, which grpcurl speaks) advertising only
@@ -108,4 +116,49 @@ pub async fn probe(listen_addr: SocketAddr) -> anyhow::Result<()> {
         .status();
     anyhow::ensure!(status == ServingStatus::Serving, "{addr} reports {}", status.as_str_name());
     Ok(())
+}
+
+/// A service ready to run: its gRPC listener and router, and its metrics
+/// endpoint when one is configured.
+pub struct Served {
+    listener: TcpListener,
+    router: ServiceRouter,
+    metrics: Metrics,
+    metrics_listener: Option<TcpListener>,
+}
+
+impl Served {
+    /// Binds the metrics endpoint (when `metrics_addr` is set).
+    pub async fn new(
+        listener: TcpListener,
+        router: ServiceRouter,
+        metrics: Metrics,
+        metrics_addr: Option<SocketAddr>,
+    ) -> std::io::Result<Self> {
+        let metrics_listener = match metrics_addr {
+            Some(addr) => Some(crate::observe::bind_metrics(addr).await?),
+            None => None,
+        };
+        Ok(Self { listener, router, metrics, metrics_listener })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The metrics endpoint's port, when there is one.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port())
+    }
+
+    /// Serves gRPC and metrics until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), tonic::transport::Error> {
+        use futures::FutureExt;
+        let shutdown = shutdown.shared();
+        let grpc = self.router.serve_with_incoming_shutdown(incoming(self.listener), shutdown.clone());
+        match self.metrics_listener {
+            Some(l) => tokio::join!(grpc, self.metrics.serve(l, shutdown)).0,
+            None => grpc.await,
+        }
+    }
 }

@@ -5,11 +5,10 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry::{
     global,
     propagation::{Extractor, Injector},
-    trace::TracerProvider as _,
+    trace::{TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use serde::Deserialize;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
@@ -23,7 +22,8 @@ pub struct TelemetryConfig {
     pub log_level: String,
     pub log_format: LogFormat,
     /// OTLP/gRPC endpoint such as `http://127.0.0.1:4317`; unset means no
-    /// exporter at all.
+    /// exporter at all. With JSON logs and no endpoint, trace ids are still
+    /// made (and logged) but nothing is exported.
     pub otlp_endpoint: Option<String>,
 }
 
@@ -70,15 +70,22 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
 
     let fmt = match config.log_format {
         LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        // The span list carries the ids recorded on the grpc.server and
+        // grpc.client spans: every line can be tied to its trace.
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .with_writer(std::io::stderr)
             .boxed(),
     };
 
     let (otel, provider) = match &config.otlp_endpoint {
+        None if config.log_format == LogFormat::Json => {
+            let provider = SdkTracerProvider::builder().build();
+            let tracer = provider.tracer(service_name);
+            (Some(tracing_opentelemetry::layer().with_tracer(tracer)), None)
+        }
         None => (None, None),
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -110,11 +117,11 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
     Ok(TelemetryGuard { provider })
 }
 
-struct MetadataInjector<'a>(&'a mut MetadataMap);
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
-impl Injector for MetadataInjector<'_> {
+impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value)) {
             self.0.insert(k, v);
         }
     }
@@ -132,27 +139,43 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// Writes the current span's trace context into outgoing gRPC metadata.
-pub fn inject_context(metadata: &mut MetadataMap) {
-    let cx = Span::current().context();
-    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
+/// Writes `span`'s W3C trace context (`traceparent`) into outgoing headers.
+pub fn inject_into_headers(span: &Span, headers: &mut http::HeaderMap) {
+    let cx = span.context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+}
+
+/// Records the span's OpenTelemetry trace and span ids as `trace_id` and
+/// `span_id`, so log lines inside it can be found from a trace and back.
+pub fn record_ids(span: &Span) {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+        span.record("span_id", tracing::field::display(sc.span_id()));
+    }
 }
 
 /// The server span of one gRPC request, continuing the caller's trace when
-/// it sent a `traceparent`. Pass to `Server::builder().trace_fn(..)`.
-pub fn server_span(request: &http::Request<()>) -> Span {
-    let path = request.uri().path();
-    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+/// it sent a `traceparent`.
+pub fn server_span(path: &str, headers: &http::HeaderMap) -> Span {
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
     let span = tracing::info_span!(
         "grpc.server",
-        otel.name = %path.trim_start_matches('/'),
+        otel.name = %name,
         otel.kind = "server",
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
-    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     // Fails only when no OpenTelemetry layer is installed: nothing to join then.
     let _ = span.set_parent(parent);
+    record_ids(&span);
     span
 }

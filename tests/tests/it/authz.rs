@@ -189,7 +189,7 @@ async fn replicas_starting_together_on_one_postgres_database_all_migrate() {
     };
     let starts = (0..4).map(|_| {
         let url = db.url.clone();
-        tokio::spawn(async move { authz_service::db::connect(&url).await.map(drop) })
+        tokio::spawn(async move { authz_service::db::connect(&url, None).await.map(drop) })
     });
     for s in starts {
         s.await.unwrap().expect("each replica migrates or finds the schema current");

@@ -1,0 +1,465 @@
+//! What SREs see of every call: a span per gRPC request on both sides of
+//! each hop (joined by W3C trace context), its outcome, and Prometheus
+//! metrics for requests and backend calls.
+//!
+//! Labels and span attributes carry service, method, status code and backend
+//! names only: never a value, a token or a key.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
+};
+
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tonic::{Code, transport::Channel};
+use tower::{Layer, Service};
+use tracing::{Instrument, Span, field::Empty};
+
+use crate::telemetry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc_service: String,
+    rpc_method: String,
+    grpc_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+    operation: String,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RpcLabels, Counter>,
+    request_seconds: Family<RpcLabels, Histogram>,
+    backend_calls: Family<BackendLabels, Counter>,
+    backend_errors: Family<BackendLabels, Counter>,
+    backend_seconds: Family<BackendLabels, Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.00025, 2.0, 17))
+}
+
+/// One service's metrics registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("secrets");
+        let requests = Family::<RpcLabels, Counter>::default();
+        let request_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let backend_calls = Family::<BackendLabels, Counter>::default();
+        let backend_errors = Family::<BackendLabels, Counter>::default();
+        let backend_seconds = Family::<BackendLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register("grpc_server_requests", "gRPC requests served, by method and status code", requests.clone());
+        registry.register(
+            "grpc_server_request_duration_seconds",
+            "Time to serve a gRPC request, by method and status code",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "backend_calls",
+            "Calls to a backend (kubernetes, embedded, sqlite, postgres, or another service)",
+            backend_calls.clone(),
+        );
+        registry.register("backend_errors", "Backend calls that failed", backend_errors.clone());
+        registry.register("backend_call_duration_seconds", "Time a backend call took", backend_seconds.clone());
+        Self { inner: Arc::new(Inner { registry, requests, request_seconds, backend_calls, backend_errors, backend_seconds }) }
+    }
+
+    fn observe_request(&self, service: &str, method: &str, code: Code, elapsed: Duration) {
+        let labels = RpcLabels { rpc_service: service.into(), rpc_method: method.into(), grpc_code: code_name(code).into() };
+        self.inner.requests.get_or_create(&labels).inc();
+        self.inner.request_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one backend call.
+    pub fn observe_backend(&self, backend: &str, operation: &str, ok: bool, elapsed: Duration) {
+        let labels = BackendLabels { backend: backend.into(), operation: operation.into() };
+        self.inner.backend_calls.get_or_create(&labels).inc();
+        if !ok {
+            self.inner.backend_errors.get_or_create(&labels).inc();
+        }
+        self.inner.backend_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => return,
+                a = listener.accept() => a,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let metrics = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(metrics_response(&metrics, req.method(), req.uri().path())) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    }
+}
+
+fn metrics_response(metrics: &Metrics, method: &http::Method, path: &str) -> http::Response<Full<Bytes>> {
+    let (status, content_type, body) = match (method, path) {
+        (&http::Method::GET, "/metrics") => {
+            (http::StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+        }
+        _ => (http::StatusCode::NOT_FOUND, "text/plain", "metrics are served at GET /metrics\n".to_string()),
+    };
+    let mut response = http::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+/// Binds the metrics listener; errors name the address.
+pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for metrics on {addr}: {e}")))
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(v))
+}
+
+/// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
+fn split_path(path: &str) -> (&str, &str) {
+    path.trim_start_matches('/').split_once('/').unwrap_or((path, ""))
+}
+
+/// Health checks and reflection are not traced or counted: they would bury
+/// the calls that matter.
+fn is_quiet(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
+}
+
+/// What to record once a call's final status is known.
+struct Finish {
+    span: Span,
+    start: Instant,
+    metrics: Metrics,
+    side: Side,
+}
+
+enum Side {
+    Server { service: String, method: String },
+    Client { peer: &'static str, method: String },
+}
+
+impl Finish {
+    fn done(self, code: Code) {
+        let elapsed = self.start.elapsed();
+        self.span.record("rpc.grpc.status_code", code as i64);
+        if code != Code::Ok {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        match &self.side {
+            Side::Server { service, method } => self.metrics.observe_request(service, method, code, elapsed),
+            Side::Client { peer, method } => {
+                // Refusals about the request itself are answers, not backend failures.
+                let failed = matches!(
+                    code,
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown | Code::Cancelled | Code::DataLoss
+                );
+                self.metrics.observe_backend(peer, method, !failed, elapsed)
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records the call's status when its trailers
+    /// arrive (or CANCELLED when it is dropped before).
+    pub struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        finish: Option<Finish>,
+    }
+
+    impl<B> PinnedDrop for ObservedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(f) = this.project().finish.take() {
+                f.done(Code::Cancelled);
+            }
+        }
+    }
+}
+
+/// Needed by tonic's interceptors, which answer refused calls themselves.
+impl<B: Default> Default for ObservedBody<B> {
+    fn default() -> Self {
+        Self { inner: B::default(), finish: None }
+    }
+}
+
+impl<B: Body> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref() {
+                    if let Some(finish) = this.finish.take() {
+                        finish.done(grpc_status(trailers).unwrap_or(Code::Unknown));
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(finish) = this.finish.take() {
+                    finish.done(Code::Unknown);
+                }
+            }
+            None => {
+                if let Some(finish) = this.finish.take() {
+                    finish.done(Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn observe_response<B>(response: http::Response<B>, finish: Option<Finish>) -> http::Response<ObservedBody<B>> {
+    // Errors are sent "trailers-only": the status is already in the headers.
+    let finish = match (finish, grpc_status(response.headers())) {
+        (Some(f), Some(code)) => {
+            f.done(code);
+            None
+        }
+        (f, _) => f,
+    };
+    response.map(|inner| ObservedBody { inner, finish })
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// Server layer: one span per request (continuing the caller's trace), its
+/// status recorded on the span, and the request metrics.
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Metrics,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Observe<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = http::Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if is_quiet(&path) {
+            let fut = inner.call(request);
+            return Box::pin(async move { Ok(observe_response(fut.await?, None)) });
+        }
+        let span = telemetry::server_span(&path, request.headers());
+        let fut = {
+            let _entered = span.enter();
+            inner.call(request)
+        };
+        let (service, method) = split_path(&path);
+        let finish = Finish {
+            span: span.clone(),
+            start: Instant::now(),
+            metrics: self.metrics.clone(),
+            side: Side::Server { service: service.into(), method: method.into() },
+        };
+        Box::pin(async move { Ok(observe_response(fut.await?, Some(finish))) }.instrument(span))
+    }
+}
+
+/// A channel to another service that opens a client span per call, sends
+/// that span's trace context, and records the call as a backend call of
+/// `peer`.
+#[derive(Clone)]
+pub struct TracedChannel {
+    inner: Channel,
+    peer: &'static str,
+    metrics: Metrics,
+}
+
+impl TracedChannel {
+    pub fn new(inner: Channel, peer: &'static str, metrics: Metrics) -> Self {
+        Self { inner, peer, metrics }
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for TracedChannel {
+    type Response = http::Response<ObservedBody<tonic::body::Body>>;
+    type Error = tonic::transport::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let (service, method) = split_path(&path);
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            peer.service = self.peer,
+            rpc.grpc.status_code = Empty,
+            otel.status_code = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        telemetry::record_ids(&span);
+        telemetry::inject_into_headers(&span, request.headers_mut());
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let fut = inner.call(request);
+        let finish = Finish {
+            span: span.clone(),
+            start: Instant::now(),
+            metrics: self.metrics.clone(),
+            side: Side::Client { peer: self.peer, method: method.to_string() },
+        };
+        Box::pin(
+            async move {
+                match fut.await {
+                    Ok(response) => Ok(observe_response(response, Some(finish))),
+                    Err(e) => {
+                        finish.done(Code::Unavailable);
+                        Err(e)
+                    }
+                }
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_requests_and_backend_calls() {
+        let m = Metrics::new();
+        m.observe_request("iomete.secrets.v1.SecretService", "CreateSecret", Code::InvalidArgument, Duration::from_millis(3));
+        m.observe_backend("kubernetes", "modify", false, Duration::from_millis(20));
+        let text = m.render();
+        assert!(text.contains(
+            r#"secrets_grpc_server_requests_total{rpc_service="iomete.secrets.v1.SecretService",rpc_method="CreateSecret",grpc_code="INVALID_ARGUMENT"} 1"#
+        ), "{text}");
+        assert!(text.contains(r#"secrets_backend_errors_total{backend="kubernetes",operation="modify"} 1"#), "{text}");
+        assert!(text.contains("secrets_backend_call_duration_seconds_bucket"), "{text}");
+    }
+}
