@@ -17,4 +17,5 @@ fi
 export PATH="$PWD/$venv/bin:$PATH"
 grpcurl -version
 
+cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

@@ -69,6 +69,21 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Everything that can be checked without starting: for `check-config`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.internal_token.as_ref().context("internal_token is required")?;
+        for (i, s) in self.bootstrap_admins.iter().enumerate() {
+            Principal::parse(&format!("bootstrap_admins[{i}]"), s)?;
+        }
+        anyhow::ensure!(
+            ["sqlite:", "postgres://", "postgresql://"].iter().any(|p| self.database_url.starts_with(p)),
+            "database_url must start with sqlite:, postgres:// or postgresql://"
+        );
+        Ok(())
+    }
+}
+
 pub struct Application {
     served: Served,
 }

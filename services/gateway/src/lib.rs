@@ -66,6 +66,19 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Everything that can be checked without starting: for `check-config`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.internal_token.as_ref().context("internal_token is required")?;
+        auth::Authenticator::new(&self.tokens).map_err(|v| anyhow::anyhow!("{v}"))?;
+        let m = Metrics::new();
+        let t = Duration::from_secs(1);
+        internal_channel(&self.secret_service_url, t, forward::SECRET_SERVICE, &m).map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
+        internal_channel(&self.authz_service_url, t, authz::AUTHZ_SERVICE, &m).map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
+        Ok(())
+    }
+}
+
 pub struct Application {
     served: Served,
 }

@@ -19,6 +19,9 @@ enum Command {
     /// Reads a token on standard input and prints the `sha256` to put in a
     /// `[[tokens]]` entry of the configuration.
     HashToken,
+    /// Loads and checks the configuration (file and environment), prints
+    /// what is wrong, and exits; starts nothing.
+    CheckConfig,
     /// Exits 0 when the gateway on the configured listen_addr is serving.
     HealthCheck,
 }
@@ -36,8 +39,14 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
-    if let Some(Command::HealthCheck) = args.command {
-        return secrets_common::server::probe(config.listen_addr).await;
+    match args.command {
+        Some(Command::HealthCheck) => return secrets_common::server::probe(config.listen_addr).await,
+        Some(Command::CheckConfig) => {
+            config.validate()?;
+            println!("configuration ok");
+            return Ok(());
+        }
+        _ => {}
     }
     let _telemetry = secrets_common::telemetry::init("gateway", &config.telemetry)?;
     let app = Application::build(config).await?;

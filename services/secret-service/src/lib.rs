@@ -114,6 +114,26 @@ impl Default for KubernetesConfig {
 }
 
 impl Config {
+    /// Everything that can be checked without starting: for `check-config`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.internal_token()?;
+        secrets_common::auth::internal_channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
+            .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
+        match self.backend {
+            BackendKind::Embedded => anyhow::ensure!(
+                !self.embedded.data_dir.as_os_str().is_empty(),
+                "embedded.data_dir must be set for the embedded backend"
+            ),
+            BackendKind::Kubernetes => {
+                anyhow::ensure!(!self.kubernetes.namespace.is_empty(), "kubernetes.namespace must be set");
+                if let Some(url) = &self.kubernetes.api_url {
+                    url.parse::<http::Uri>().map_err(|e| anyhow::anyhow!("kubernetes.api_url {url:?}: {e}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn internal_token(&self) -> anyhow::Result<&SecretString> {
         self.internal_token
             .as_ref()

@@ -17,6 +17,9 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Loads and checks the configuration (file and environment), prints
+    /// what is wrong, and exits; starts nothing.
+    CheckConfig,
     /// Exits 0 when the service on the configured listen_addr is serving.
     HealthCheck,
 }
@@ -27,8 +30,14 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
-    if let Some(Command::HealthCheck) = args.command {
-        return secrets_common::server::probe(config.listen_addr).await;
+    match args.command {
+        Some(Command::HealthCheck) => return secrets_common::server::probe(config.listen_addr).await,
+        Some(Command::CheckConfig) => {
+            config.validate()?;
+            println!("configuration ok");
+            return Ok(());
+        }
+        _ => {}
     }
     let _telemetry = secrets_common::telemetry::init("secret-service", &config.telemetry)?;
     let app = Application::build(config).await?;

@@ -5,9 +5,11 @@
 mod authz;
 mod bad_input;
 mod canary;
+mod deployment;
 mod embedded;
 mod grpcurl;
 mod kubernetes;
+mod metrics;
 mod permissions;
 mod resilience;
 mod resolve;

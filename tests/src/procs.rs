@@ -1,0 +1,69 @@
+//! The real service binaries as child processes, for tests of what only a
+//! whole process shows: its OTLP resource, its log lines, its configuration
+//! from the environment.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+/// A built binary of this workspace (`cargo build --bins`, which
+/// scripts/test.sh runs before the tests).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A child process that is stopped when dropped.
+pub struct Service {
+    pub name: &'static str,
+    child: Option<Child>,
+}
+
+impl Service {
+    /// Starts `binary` with exactly `env` (plus PATH), stderr captured.
+    pub fn start(name: &'static str, env: &BTreeMap<String, String>) -> Self {
+        let child = Command::new(binary(name))
+            .env_clear()
+            .envs(env)
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self { name, child: Some(child) }
+    }
+
+    /// Sends SIGTERM, waits for a clean exit, and returns what it logged.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let output = child.wait_with_output().expect("wait");
+        assert!(output.status.success(), "{} exited with {:?}: {}", self.name, output.status, String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

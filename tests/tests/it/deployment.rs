@@ -1,0 +1,122 @@
+//! docker-compose.yml and the Dockerfile agree with the binaries as tested:
+//! every service's environment is loaded and checked by the real binary
+//! (unknown or misspelled variables are errors there), its health check is a
+//! real subcommand, its published port is the port it listens on, and the
+//! Dockerfile builds every binary the compose file runs.
+
+use std::{collections::BTreeMap, process::Command};
+
+use integration_tests::procs::binary;
+use serde_yaml::Value;
+
+const COMPOSE: &str = include_str!("../../../docker-compose.yml");
+const DOCKERFILE: &str = include_str!("../../../Dockerfile");
+const OURS: [&str; 3] = ["authz-service", "secret-service", "gateway"];
+
+/// Replaces `${VAR}`, `${VAR:?msg}` and `${VAR:-default}` as compose does,
+/// with a plausible value for each variable.
+fn interpolate(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closed ${...}") + start;
+        let inner = &rest[start + 2..end];
+        let name = inner.split([':', '-', '?']).next().unwrap_or(inner);
+        out.push_str(&if name.ends_with("_SHA256") {
+            "ab".repeat(32)
+        } else {
+            format!("value-of-{}", name.to_lowercase())
+        });
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn services() -> serde_yaml::Mapping {
+    let doc: Value = serde_yaml::from_str(COMPOSE).expect("docker-compose.yml is valid YAML");
+    doc["services"].as_mapping().expect("services").clone()
+}
+
+fn environment(service: &Value) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_mapping()
+        .expect("environment is a map")
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+            };
+            (k.as_str().unwrap().to_string(), interpolate(&value))
+        })
+        .collect()
+}
+
+#[test]
+fn each_compose_service_environment_is_accepted_by_its_binary() {
+    let services = services();
+    for name in OURS {
+        let service = &services[name];
+        let command = service["command"].as_sequence().expect("command");
+        assert_eq!(command[0].as_str(), Some(name), "{name} runs its own binary");
+        let env = environment(service);
+        let output = Command::new(binary(name))
+            .arg("check-config")
+            .env_clear()
+            .envs(&env)
+            .output()
+            .expect("run check-config");
+        assert!(
+            output.status.success(),
+            "{name} refuses its compose environment {env:#?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_misspelled_variable_is_caught_by_check_config() {
+    let services = services();
+    let mut env = environment(&services["gateway"]);
+    let value = env.remove("GATEWAY_SECRET_SERVICE_URL").unwrap();
+    env.insert("GATEWAY_SECRET_SERVICE_ULR".into(), value);
+    let output = Command::new(binary("gateway")).arg("check-config").env_clear().envs(&env).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("secret_service_ulr"));
+}
+
+#[test]
+fn health_checks_ports_and_dependencies_match_the_binaries() {
+    let services = services();
+    for name in OURS {
+        let service = &services[name];
+        let test: Vec<&str> = service["healthcheck"]["test"].as_sequence().expect("healthcheck").iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(test[..2], ["CMD", name], "{name}");
+        let status = Command::new(binary(name)).args(&test[2..]).arg("--help").output().unwrap().status;
+        assert!(status.success(), "{name}: {:?} is not a subcommand", &test[2..]);
+
+        let env = environment(service);
+        let prefix = name.to_uppercase().replace('-', "_") + "_";
+        let prefix = if name == "gateway" { "GATEWAY_".to_string() } else { prefix };
+        let listen = &env[&format!("{prefix}LISTEN_ADDR")];
+        let port = listen.rsplit(':').next().unwrap();
+        for p in service["ports"].as_sequence().into_iter().flatten() {
+            let published = p.as_str().unwrap();
+            assert!(published.ends_with(&format!(":{port}")), "{name} publishes {published} but listens on {listen}");
+        }
+        for url in env.iter().filter(|(k, _)| k.ends_with("_URL") && !k.contains("DATABASE")).map(|(_, v)| v) {
+            let host = url.trim_start_matches("http://").split(':').next().unwrap();
+            assert!(services.contains_key(host), "{name} calls {url}, which is no compose service");
+        }
+        for dep in service["depends_on"].as_mapping().into_iter().flatten() {
+            assert!(services.contains_key(dep.0.as_str().unwrap()), "{name} depends on a missing service");
+        }
+        assert!(DOCKERFILE.contains(&format!("--bin {name}")), "the Dockerfile does not build {name}");
+        assert!(DOCKERFILE.contains(&format!("/target/release/{name}")), "the Dockerfile does not ship {name}");
+    }
+    for peer in ["postgres", "openbao", "jaeger"] {
+        assert!(services[peer]["healthcheck"]["test"].is_sequence(), "{peer} has a health check");
+    }
+}
