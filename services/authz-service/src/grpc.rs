@@ -148,11 +148,11 @@ impl AuthzService for AuthzGrpc {
         Ok(Response::new(answer))
     }
 
-    #[instrument(skip_all, fields(rpc = "BatchCheck", checks = request.get_ref().checks.len(), allowed))]
+    #[instrument(skip_all, fields(rpc = "BatchCheck", checks = request.get_ref().checks.len() as i64, allowed))]
     async fn batch_check(&self, request: Request<pb::BatchCheckRequest>) -> Result<Response<pb::BatchCheckResponse>, Status> {
         let call = InternalCall::of(&request);
         let results = self.answer(&call, request.into_inner().checks).await?;
-        tracing::Span::current().record("allowed", results.iter().filter(|r| r.allowed).count());
+        tracing::Span::current().record("allowed", results.iter().filter(|r| r.allowed).count() as i64);
         Ok(Response::new(pb::BatchCheckResponse { results }))
     }
 

@@ -187,10 +187,10 @@ impl Resolver {
             })
             .collect::<Vec<_>>();
         let span = tracing::Span::current();
-        span.record("keys", wanted.len());
-        span.record("denied", counts.denied);
-        span.record("not_found", counts.not_found);
-        span.record("invalid", counts.invalid);
+        span.record("keys", wanted.len() as i64);
+        span.record("denied", counts.denied as i64);
+        span.record("not_found", counts.not_found as i64);
+        span.record("invalid", counts.invalid as i64);
         Ok(pb::ResolveSecretsResponse { items })
     }
 
@@ -306,7 +306,7 @@ impl Gateway for Resolver {
     #[instrument(
         skip_all,
         fields(rpc = "ResolveSecrets", caller, principal, domain = %request.get_ref().domain,
-               items = request.get_ref().items.len(), keys, denied, not_found, invalid)
+               items = request.get_ref().items.len() as i64, keys, denied, not_found, invalid)
     )]
     async fn resolve_secrets(&self, request: Request<pb::ResolveSecretsRequest>) -> Result<Response<pb::ResolveSecretsResponse>, Status> {
         let caller = Caller::of(&request)?;

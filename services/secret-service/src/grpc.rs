@@ -164,7 +164,7 @@ impl SecretService for SecretGrpc {
         };
         self.authorize(principal, &scope, Op::List, view_domain).await?;
         let secrets: Vec<_> = self.store.list(&scope).await?.into_iter().map(|i| metadata(i, &req.domain)).collect();
-        tracing::Span::current().record("count", secrets.len());
+        tracing::Span::current().record("count", secrets.len() as i64);
         Ok(Response::new(pb::ListSecretsResponse { secrets }))
     }
 }
@@ -177,7 +177,7 @@ impl SecretReader for SecretGrpc {
     #[instrument(skip_all, fields(rpc = "ReadSecrets", lookups, found))]
     async fn read_secrets(&self, request: Request<pb::ReadSecretsRequest>) -> Result<Response<pb::ReadSecretsResponse>, Status> {
         let req = request.into_inner();
-        tracing::Span::current().record("lookups", req.lookups.len());
+        tracing::Span::current().record("lookups", req.lookups.len() as i64);
         let mut lookups = Vec::with_capacity(req.lookups.len());
         for (i, l) in req.lookups.into_iter().enumerate() {
             let scope = scope_of(l.scope, &l.domain, false).map_err(|s| {
@@ -186,7 +186,7 @@ impl SecretReader for SecretGrpc {
             lookups.push(Lookup { scope, key: l.key, global_fallback: l.global_fallback });
         }
         let found = self.store.read_values(&lookups).await?;
-        tracing::Span::current().record("found", found.iter().filter(|f| f.is_some()).count());
+        tracing::Span::current().record("found", found.iter().filter(|f| f.is_some()).count() as i64);
         let results = found
             .into_iter()
             .map(|f| match f {

@@ -169,7 +169,7 @@ impl SecretStore {
     /// Reads values for the resolver. Each store object is read at most once,
     /// however many lookups name it; the global object is read once, and only
     /// when a lookup needs it.
-    #[instrument(skip(self, lookups), fields(backend = self.backend.name(), lookups = lookups.len(), objects_read))]
+    #[instrument(skip(self, lookups), fields(backend = self.backend.name(), lookups = lookups.len() as i64, objects_read))]
     pub async fn read_values(&self, lookups: &[Lookup]) -> Result<Vec<Option<Found>>> {
         for (i, l) in lookups.iter().enumerate() {
             validate::secret_key(&format!("lookups[{i}].key"), &l.key)?;
@@ -191,7 +191,7 @@ impl SecretStore {
         if needs_global {
             load(&Scope::Global, &mut objects).await?;
         }
-        tracing::Span::current().record("objects_read", objects.len());
+        tracing::Span::current().record("objects_read", objects.len() as i64);
         Ok(lookups
             .iter()
             .map(|l| {

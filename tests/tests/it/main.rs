@@ -15,3 +15,4 @@ mod resilience;
 mod resolve;
 mod secrets;
 mod store_suite;
+mod traces;
