@@ -142,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
          gateway         {gateway_addr}   <- call this one\n  \
          secret-service  {secret_addr}   (internal: accepts only the gateway)\n  \
          authz-service   {authz_addr}   (internal: accepts only the gateway)\n\n\
+         metrics: {metrics}\n\n\
          tokens (created on first start):\n  \
          export ADMIN_TOKEN=$(cat {shown}/admin.token)              # user:admin, a platform admin\n  \
          export SERVICE_TOKEN=$(cat {shown}/platform-service.token) # platform service: may resolve values\n\n\
@@ -150,6 +151,11 @@ async fn main() -> anyhow::Result<()> {
         gateway_addr = addr(gw.port()),
         secret_addr = addr(secrets.port()),
         authz_addr = addr(authz.port()),
+        metrics = [("gateway", gw.metrics_port()), ("secret-service", secrets.metrics_port()), ("authz-service", authz.metrics_port())]
+            .iter()
+            .filter_map(|(n, p)| p.map(|p| format!("{n} http://127.0.0.1:{p}/metrics")))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
 
     let shutdown = tokio::sync::watch::channel(false);
