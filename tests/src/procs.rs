@@ -51,7 +51,7 @@ impl Service {
 
     /// Sends SIGTERM, waits for a clean exit, and returns what it logged.
     pub fn stop(mut self) -> String {
-        let mut child = self.child.take().expect("running");
+        let child = self.child.take().expect("running");
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let output = child.wait_with_output().expect("wait");
         assert!(output.status.success(), "{} exited with {:?}: {}", self.name, output.status, String::from_utf8_lossy(&output.stderr));

@@ -110,13 +110,8 @@ impl Application {
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
         let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins));
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status(AUTHZ_SERVICE, tonic_health::ServingStatus::Serving).await;
-        let (reflection_v1, reflection_v1alpha) = server::reflection(&[AUTHZ_SERVICE])?;
-        let router = server::builder(&metrics)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        let router = server::router(&metrics, &[AUTHZ_SERVICE])
+            .await?
             .add_service(AuthzServiceServer::with_interceptor(grpc, InternalAuth::new(token)));
         Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })
     }

@@ -1,7 +1,8 @@
 use std::path::PathBuf;
 
 use authz_service::{Application, Config};
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use secrets_common::cli::Maintenance;
 
 /// Decides who may see, change or use secrets.
 #[derive(Parser)]
@@ -11,16 +12,7 @@ struct Args {
     #[arg(long, env = "AUTHZ_SERVICE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Loads and checks the configuration (file and environment), prints
-    /// what is wrong, and exits; starts nothing.
-    CheckConfig,
-    /// Exits 0 when the service on the configured listen_addr is serving.
-    HealthCheck,
+    command: Option<Maintenance>,
 }
 
 #[tokio::main]
@@ -28,14 +20,8 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let config = Config::load(args.config.as_deref())?;
-    match args.command {
-        Some(Command::HealthCheck) => return secrets_common::server::probe(config.listen_addr).await,
-        Some(Command::CheckConfig) => {
-            config.validate()?;
-            println!("configuration ok");
-            return Ok(());
-        }
-        _ => {}
+    if let Some(command) = args.command {
+        return command.run(config.listen_addr, || config.validate()).await;
     }
     let _telemetry = secrets_common::telemetry::init("authz-service", &config.telemetry)?;
     let app = Application::build(config).await?;

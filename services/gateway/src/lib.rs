@@ -115,15 +115,8 @@ impl Application {
             authz: AuthzClient::new(authz_channel, token).map_err(anyhow::Error::msg)?,
         };
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        for name in [GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE] {
-            health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
-        }
-        let (reflection_v1, reflection_v1alpha) = server::reflection(&[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE])?;
-        let router = server::builder(&metrics)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        let router = server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE])
+            .await?
             .add_service(GatewayServer::with_interceptor(resolver, authenticator.clone()))
             .add_service(SecretServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
             .add_service(AuthzServiceServer::with_interceptor(forwarder, authenticator));

@@ -2,6 +2,7 @@ use std::{io::Read, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 use gateway::{Application, Config, ENV_PREFIX};
+use secrets_common::cli::Maintenance;
 
 /// The one endpoint platform components and operators call.
 #[derive(Parser)]
@@ -19,11 +20,8 @@ enum Command {
     /// Reads a token on standard input and prints the `sha256` to put in a
     /// `[[tokens]]` entry of the configuration.
     HashToken,
-    /// Loads and checks the configuration (file and environment), prints
-    /// what is wrong, and exits; starts nothing.
-    CheckConfig,
-    /// Exits 0 when the gateway on the configured listen_addr is serving.
-    HealthCheck,
+    #[command(flatten)]
+    Maintenance(Maintenance),
 }
 
 #[tokio::main]
@@ -39,14 +37,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
-    match args.command {
-        Some(Command::HealthCheck) => return secrets_common::server::probe(config.listen_addr).await,
-        Some(Command::CheckConfig) => {
-            config.validate()?;
-            println!("configuration ok");
-            return Ok(());
-        }
-        _ => {}
+    if let Some(Command::Maintenance(command)) = args.command {
+        return command.run(config.listen_addr, || config.validate()).await;
     }
     let _telemetry = secrets_common::telemetry::init("gateway", &config.telemetry)?;
     let app = Application::build(config).await?;

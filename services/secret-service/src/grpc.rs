@@ -42,10 +42,44 @@ impl SecretGrpc {
     }
 }
 
+/// A create or update request, whichever message it came in.
+struct Write {
+    scope: i32,
+    domain: String,
+    key: String,
+    value: (Option<Vec<u8>>, Option<String>),
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Create,
+    Update,
+}
+
 #[derive(Clone, Copy)]
 enum Op {
     List,
     Write,
+}
+
+impl SecretGrpc {
+    async fn put(&self, call: &InternalCall, w: Write, mode: Mode) -> Result<Response<pb::SecretMetadata>, Status> {
+        let principal = call.require_principal()?;
+        record(&principal.to_string(), &w.domain, &w.key, w.scope);
+        let scope = scope_of(w.scope, &w.domain, false)?;
+        let value = value_of(w.value.0, w.value.1)?;
+        self.authorize(principal, &scope, Op::Write, None).await?;
+        let info = match mode {
+            Mode::Create => self.store.create(&scope, &w.key, value).await?,
+            Mode::Update => self.store.update(&scope, &w.key, value).await?,
+        };
+        let verb = match mode {
+            Mode::Create => "secret created",
+            Mode::Update => "secret updated",
+        };
+        tracing::info!(%scope, key = %info.key, %principal, "{verb}");
+        Ok(Response::new(metadata(info, &w.domain)))
+    }
 }
 
 /// The scope a request names; `domain` must be set exactly for domain scopes
@@ -107,31 +141,17 @@ impl SecretService for SecretGrpc {
     #[instrument(skip_all, fields(rpc = "CreateSecret", scope, domain, key, principal))]
     async fn create_secret(&self, request: Request<pb::CreateSecretRequest>) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
-        let principal = call.require_principal()?;
         let req = request.into_inner();
-        record(&principal.to_string(), &req.domain, &req.key, req.scope);
-        let scope = scope_of(req.scope, &req.domain, false)?;
-        let (binary, text) = split_create(req.value);
-        let value = value_of(binary, text)?;
-        self.authorize(principal, &scope, Op::Write, None).await?;
-        let info = self.store.create(&scope, &req.key, value).await?;
-        tracing::info!(%scope, key = %info.key, %principal, "secret created");
-        Ok(Response::new(metadata(info, &req.domain)))
+        let value = split_create(req.value);
+        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value }, Mode::Create).await
     }
 
     #[instrument(skip_all, fields(rpc = "UpdateSecret", scope, domain, key, principal))]
     async fn update_secret(&self, request: Request<pb::UpdateSecretRequest>) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
-        let principal = call.require_principal()?;
         let req = request.into_inner();
-        record(&principal.to_string(), &req.domain, &req.key, req.scope);
-        let scope = scope_of(req.scope, &req.domain, false)?;
-        let (binary, text) = split_update(req.value);
-        let value = value_of(binary, text)?;
-        self.authorize(principal, &scope, Op::Write, None).await?;
-        let info = self.store.update(&scope, &req.key, value).await?;
-        tracing::info!(%scope, key = %info.key, %principal, "secret updated");
-        Ok(Response::new(metadata(info, &req.domain)))
+        let value = split_update(req.value);
+        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value }, Mode::Update).await
     }
 
     #[instrument(skip_all, fields(rpc = "DeleteSecret", scope, domain, key, principal))]

@@ -191,15 +191,8 @@ impl Application {
         let grpc = grpc::SecretGrpc::new(store, authz);
         let auth = InternalAuth::new(token);
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        for name in [SECRET_SERVICE, SECRET_READER] {
-            health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
-        }
-        let (reflection_v1, reflection_v1alpha) = server::reflection(&[SECRET_SERVICE, SECRET_READER])?;
-        let router = server::builder(&metrics)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        let router = server::router(&metrics, &[SECRET_SERVICE, SECRET_READER])
+            .await?
             .add_service(SecretServiceServer::with_interceptor(grpc.clone(), auth.clone()))
             .add_service(SecretReaderServer::with_interceptor(grpc, auth));
         Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })

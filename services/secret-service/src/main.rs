@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use secrets_common::cli::Maintenance;
 use secret_service::{Application, Config, ENV_PREFIX};
 
 /// Stores domain, global and admin secrets (Kubernetes Secrets or an
@@ -12,16 +13,7 @@ struct Args {
     #[arg(long, env = "SECRET_SERVICE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Loads and checks the configuration (file and environment), prints
-    /// what is wrong, and exits; starts nothing.
-    CheckConfig,
-    /// Exits 0 when the service on the configured listen_addr is serving.
-    HealthCheck,
+    command: Option<Maintenance>,
 }
 
 #[tokio::main]
@@ -30,14 +22,8 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
-    match args.command {
-        Some(Command::HealthCheck) => return secrets_common::server::probe(config.listen_addr).await,
-        Some(Command::CheckConfig) => {
-            config.validate()?;
-            println!("configuration ok");
-            return Ok(());
-        }
-        _ => {}
+    if let Some(command) = args.command {
+        return command.run(config.listen_addr, || config.validate()).await;
     }
     let _telemetry = secrets_common::telemetry::init("secret-service", &config.telemetry)?;
     let app = Application::build(config).await?;

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod authz;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod observe;

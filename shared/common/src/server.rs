@@ -162,3 +162,14 @@ impl Served {
         }
     }
 }
+
+/// The router every service starts from: the observe layer, health with
+/// every named service SERVING, and reflection advertising the names.
+pub async fn router(metrics: &Metrics, services: &[&str]) -> anyhow::Result<ServiceRouter> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in services {
+        health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
+    }
+    let (reflection_v1, reflection_v1alpha) = reflection(services)?;
+    Ok(builder(metrics).add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha))
+}
