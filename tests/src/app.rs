@@ -39,6 +39,8 @@ pub struct Options {
     pub backend: Option<Arc<dyn SecretBackend>>,
     /// Defaults to a SQLite file in the test's directory.
     pub database_url: Option<String>,
+    /// Skip the trace-level log capture (for benchmarks).
+    pub no_log_capture: bool,
 }
 
 struct Running {
@@ -59,6 +61,10 @@ pub struct TestApp {
     pub database_url: String,
     tokens: HashMap<String, String>,
     authz: Option<Running>,
+    secrets: Option<Running>,
+    secret_port: u16,
+    secret_config: secret_service::Config,
+    backend: Option<Arc<dyn SecretBackend>>,
     others: Vec<Running>,
 }
 
@@ -76,7 +82,9 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: Options) -> Self {
-        crate::logs::init();
+        if !options.no_log_capture {
+            crate::logs::init();
+        }
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("tempdir");
         let internal_token = SecretString::from(generate_token());
@@ -114,6 +122,10 @@ impl TestApp {
             database_url,
             tokens,
             authz: None,
+            secrets: None,
+            secret_port: port(&secret_l),
+            secret_config: secret_service::Config::default(),
+            backend: None,
             others: Vec::new(),
             dir,
         };
@@ -131,11 +143,9 @@ impl TestApp {
             Some(b) => b,
             None => secret_service::backend_from_config(&secret_config).await.expect("backend"),
         };
-        let secrets = secret_service::Application::build_with_backend(secret_config, secret_l, backend)
-            .await
-            .expect("secret-service");
-        app.set_metrics("secret-service", secrets.metrics_port());
-        app.others.push(run(|rx| tokio::spawn(secrets.run_until_stopped(async { let _ = rx.await; }))));
+        app.secret_config = secret_config;
+        app.backend = Some(backend);
+        app.start_secret_service_on(secret_l).await;
 
         let gateway_config = gateway::Config {
             internal_token: Some(internal_token),
@@ -150,6 +160,29 @@ impl TestApp {
         app.set_metrics("gateway", gw.metrics_port());
         app.others.push(run(|rx| tokio::spawn(gw.run_until_stopped(async { let _ = rx.await; }))));
         app
+    }
+
+    async fn start_secret_service_on(&mut self, listener: TcpListener) {
+        let backend = self.backend.clone().expect("backend");
+        let secrets = secret_service::Application::build_with_backend(self.secret_config.clone(), listener, backend)
+            .await
+            .expect("secret-service");
+        self.set_metrics("secret-service", secrets.metrics_port());
+        self.secrets = Some(run(|rx| tokio::spawn(secrets.run_until_stopped(async { let _ = rx.await; }))));
+    }
+
+    /// Stops the secret service (its data stays).
+    pub async fn stop_secret_service(&mut self) {
+        if let Some(r) = self.secrets.take() {
+            let _ = r.stop.send(());
+            let _ = r.task.await;
+        }
+    }
+
+    /// Starts the secret service again on the same port, backend and data.
+    pub async fn start_secret_service(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.secret_port)).await.expect("rebind secret-service port");
+        self.start_secret_service_on(listener).await;
     }
 
     async fn start_authz_on(&mut self, listener: TcpListener) {
@@ -252,7 +285,7 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        for r in self.authz.take().into_iter().chain(self.others.drain(..)) {
+        for r in self.authz.take().into_iter().chain(self.secrets.take()).chain(self.others.drain(..)) {
             let _ = r.stop.send(());
         }
     }
