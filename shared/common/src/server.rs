@@ -4,7 +4,6 @@
 use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     server::NamedService,
     transport::{Server, server::Router},
@@ -62,9 +61,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-/// The incoming stream of an already-bound listener, for `serve_with_incoming`.
-pub fn incoming(listener: TcpListener) -> TcpListenerStream {
-    TcpListenerStream::new(listener)
+/// The incoming connections of an already-bound listener, for
+/// `serve_with_incoming`, with TCP_NODELAY: small gRPC frames must not wait
+/// for Nagle's algorithm and the peer's delayed ACK (tens of ms per call).
+pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
