@@ -119,6 +119,9 @@ pub async fn probe(listen_addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long open connections may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A service ready to run: its gRPC listener and router, and its metrics
 /// endpoint when one is configured.
 pub struct Served {
@@ -152,14 +155,28 @@ impl Served {
         self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port())
     }
 
-    /// Serves gRPC and metrics until `shutdown` resolves.
+    /// Serves gRPC and metrics until `shutdown` resolves, then lets open
+    /// calls finish for at most [`SHUTDOWN_GRACE`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), tonic::transport::Error> {
         use futures::FutureExt;
         let shutdown = shutdown.shared();
         let grpc = self.router.serve_with_incoming_shutdown(incoming(self.listener), shutdown.clone());
-        match self.metrics_listener {
-            Some(l) => tokio::join!(grpc, self.metrics.serve(l, shutdown)).0,
-            None => grpc.await,
+        let serve = async {
+            match self.metrics_listener {
+                Some(l) => tokio::join!(grpc, self.metrics.serve(l, shutdown.clone())).0,
+                None => grpc.await,
+            }
+        };
+        let deadline = async {
+            shutdown.clone().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            result = serve => result,
+            () = deadline => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after shutdown; closing them");
+                Ok(())
+            }
         }
     }
 }
