@@ -50,6 +50,8 @@ impl Service {
     }
 
     /// Sends SIGTERM, waits for a clean exit, and returns what it logged.
+    /// Blocks: call it from a multi-threaded runtime so the test's own
+    /// connections to the service can close.
     pub fn stop(mut self) -> String {
         let child = self.child.take().expect("running");
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();

@@ -9,6 +9,7 @@ mod deployment;
 mod embedded;
 mod grpcurl;
 mod kubernetes;
+mod logs;
 mod metrics;
 mod permissions;
 mod resilience;
