@@ -9,7 +9,10 @@
 //! placeholders, half secret objects, some falling back to global secrets).
 
 use std::{
-    sync::{Arc, Mutex, atomic::{AtomicUsize, Ordering}},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -84,7 +87,17 @@ async fn main() {
 
     println!("stack start-up (3 services, SQLite migrations, store key): {:.1} ms", startup.as_secs_f64() * 1000.0);
     println!("ResolveSecrets: {calls} calls x {items} items, {concurrency} concurrent callers");
-    println!("  throughput: {:.0} calls/s ({:.0} items/s)", calls as f64 / elapsed.as_secs_f64(), (calls * items) as f64 / elapsed.as_secs_f64());
-    println!("  latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}", percentile(&l, 0.50), percentile(&l, 0.95), percentile(&l, 0.99), percentile(&l, 1.0));
+    println!(
+        "  throughput: {:.0} calls/s ({:.0} items/s)",
+        calls as f64 / elapsed.as_secs_f64(),
+        (calls * items) as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+        percentile(&l, 0.50),
+        percentile(&l, 0.95),
+        percentile(&l, 0.99),
+        percentile(&l, 1.0)
+    );
     println!("peak RSS of the process (all services and the load generator): {:.1} MiB", peak_rss_mib());
 }

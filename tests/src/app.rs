@@ -101,7 +101,9 @@ impl TestApp {
 
         let mut tokens = HashMap::new();
         let mut token_configs = Vec::new();
-        for (name, kind) in USERS.iter().map(|u| (*u, gateway::TokenKind::User)).chain([(SPARK, gateway::TokenKind::Service)]) {
+        for (name, kind) in
+            USERS.iter().map(|u| (*u, gateway::TokenKind::User)).chain([(SPARK, gateway::TokenKind::Service)])
+        {
             let token = generate_token();
             token_configs.push(gateway::TokenConfig {
                 name: name.into(),
@@ -158,7 +160,11 @@ impl TestApp {
         };
         let gw = gateway::Application::build_with_listener(gateway_config, gateway_l).await.expect("gateway");
         app.set_metrics("gateway", gw.metrics_port());
-        app.others.push(run(|rx| tokio::spawn(gw.run_until_stopped(async { let _ = rx.await; }))));
+        app.others.push(run(|rx| {
+            tokio::spawn(gw.run_until_stopped(async {
+                let _ = rx.await;
+            }))
+        }));
         app
     }
 
@@ -168,7 +174,11 @@ impl TestApp {
             .await
             .expect("secret-service");
         self.set_metrics("secret-service", secrets.metrics_port());
-        self.secrets = Some(run(|rx| tokio::spawn(secrets.run_until_stopped(async { let _ = rx.await; }))));
+        self.secrets = Some(run(|rx| {
+            tokio::spawn(secrets.run_until_stopped(async {
+                let _ = rx.await;
+            }))
+        }));
     }
 
     /// Stops the secret service (its data stays).
@@ -195,7 +205,11 @@ impl TestApp {
         };
         let authz = authz_service::Application::build_with_listener(config, listener).await.expect("authz-service");
         self.set_metrics("authz-service", authz.metrics_port());
-        self.authz = Some(run(|rx| tokio::spawn(authz.run_until_stopped(async { let _ = rx.await; }))));
+        self.authz = Some(run(|rx| {
+            tokio::spawn(authz.run_until_stopped(async {
+                let _ = rx.await;
+            }))
+        }));
     }
 
     fn set_metrics(&self, service: &'static str, port: Option<u16>) {
@@ -341,7 +355,13 @@ impl Clients {
         self.create_in(pb::Scope::Domain, domain, key, text).await
     }
 
-    pub async fn create_in(&self, scope: pb::Scope, domain: &str, key: &str, text: &str) -> Result<pb::SecretMetadata, Status> {
+    pub async fn create_in(
+        &self,
+        scope: pb::Scope,
+        domain: &str,
+        key: &str,
+        text: &str,
+    ) -> Result<pb::SecretMetadata, Status> {
         let request = pb::CreateSecretRequest {
             scope: scope as i32,
             domain: domain.into(),
@@ -362,7 +382,8 @@ impl Clients {
     }
 
     pub async fn delete(&self, domain: &str, key: &str) -> Result<(), Status> {
-        let request = pb::DeleteSecretRequest { scope: pb::Scope::Domain as i32, domain: domain.into(), key: key.into() };
+        let request =
+            pb::DeleteSecretRequest { scope: pb::Scope::Domain as i32, domain: domain.into(), key: key.into() };
         self.secrets.clone().delete_secret(request).await.map(|_| ())
     }
 

@@ -16,11 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::Time,
-};
+use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -67,7 +63,9 @@ impl FakeKube {
                 let state = served.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
@@ -102,7 +100,13 @@ impl FakeKube {
     }
 
     pub async fn client(&self, namespace: &str) -> kube::Client {
-        secret_service::kubernetes::KubernetesBackend::client(Some(&self.url), namespace, std::time::Duration::from_secs(5)).await.expect("kube client")
+        secret_service::kubernetes::KubernetesBackend::client(
+            Some(&self.url),
+            namespace,
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .expect("kube client")
     }
 }
 
@@ -144,17 +148,20 @@ fn validate(name: &str, secret: &mut Secret) -> Result<(), String> {
             && key != ".."
             && !key.starts_with("..");
         if !ok {
-            return Err(format!("Secret {name:?} is invalid: data[{key}]: Invalid value: {key:?}: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
+            return Err(format!(
+                "Secret {name:?} is invalid: data[{key}]: Invalid value: {key:?}: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+            ));
         }
     }
     let total: usize = data.values().map(|v| v.0.len()).sum();
     if total > 1024 * 1024 {
         return Err(format!("Secret {name:?} is invalid: data: Too long: must have at most 1048576 bytes"));
     }
-    let annotations: usize =
-        secret.metadata.annotations.iter().flatten().map(|(k, v)| k.len() + v.len()).sum();
+    let annotations: usize = secret.metadata.annotations.iter().flatten().map(|(k, v)| k.len() + v.len()).sum();
     if annotations > 256 * 1024 {
-        return Err(format!("Secret {name:?} is invalid: metadata.annotations: Too long: must have at most 262144 bytes"));
+        return Err(format!(
+            "Secret {name:?} is invalid: metadata.annotations: Too long: must have at most 262144 bytes"
+        ));
     }
     Ok(())
 }
@@ -167,7 +174,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     let (namespace, name) = match parts.as_slice() {
         ["api", "v1", "namespaces", ns, "secrets"] => (ns.to_string(), None),
         ["api", "v1", "namespaces", ns, "secrets", name] => (ns.to_string(), Some(name.to_string())),
-        _ => return Ok(status(StatusCode::NOT_FOUND, "NotFound", format!("the server could not find the requested resource ({path})"))),
+        _ => {
+            return Ok(status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            ));
+        }
     };
     let mut s = state.lock().unwrap();
     if let Some(code) = s.failing {
@@ -231,7 +244,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
                     return Ok(status(
                         StatusCode::CONFLICT,
                         "Conflict",
-                        format!("Operation cannot be fulfilled on secrets {name:?}: the object has been modified; please apply your changes to the latest version and try again"),
+                        format!(
+                            "Operation cannot be fulfilled on secrets {name:?}: the object has been modified; please apply your changes to the latest version and try again"
+                        ),
                     ));
                 }
                 Some(_) => {}

@@ -26,7 +26,10 @@ impl TestDatabase {
     pub async fn drop_database(self) {
         if let Ok(db) = Database::connect(&self.admin_url).await {
             let _ = db
-                .execute_raw(Statement::from_string(DbBackend::Postgres, format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+                .execute_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+                ))
                 .await;
         }
     }

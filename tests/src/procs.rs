@@ -56,7 +56,13 @@ impl Service {
         let child = self.child.take().expect("running");
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let output = child.wait_with_output().expect("wait");
-        assert!(output.status.success(), "{} exited with {:?}: {}", self.name, output.status, String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{} exited with {:?}: {}",
+            self.name,
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stderr).into_owned()
     }
 }

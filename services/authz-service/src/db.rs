@@ -166,18 +166,19 @@ const MIGRATION_LOCK_ID: i64 = 0x1075_ec12_a07b;
 /// start together take turns through an advisory lock. With `metrics`,
 /// every statement is counted and timed as a backend call.
 pub async fn connect(url: &str, metrics: Option<&Metrics>) -> anyhow::Result<DatabaseConnection> {
-    if let Some(path) = sqlite_file(url) {
-        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| anyhow::anyhow!("cannot create the directory of the database {url}: {e}"))?;
-        }
+    if let Some(path) = sqlite_file(url)
+        && let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the directory of the database {url}: {e}"))?;
     }
     let mut options = ConnectOptions::new(url.to_string());
     options.sqlx_logging(false).connect_timeout(std::time::Duration::from_secs(5));
     if url.contains(":memory:") {
         options.max_connections(1);
     }
-    let mut db = Database::connect(options).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+    let mut db =
+        Database::connect(options).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
     if let Some(metrics) = metrics {
         let metrics = metrics.clone();
         let backend = match db.get_database_backend() {

@@ -1,6 +1,10 @@
 //! The tonic adapter of the authz service.
 
-use secrets_common::{Principal, auth::InternalCall, validate::{self, FieldViolation}};
+use secrets_common::{
+    Principal,
+    auth::InternalCall,
+    validate::{self, FieldViolation},
+};
 use secrets_proto::v1::{self as pb, authz_service_server::AuthzService};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -46,12 +50,13 @@ impl AuthzGrpc {
             .enumerate()
             .map(|(i, c)| parse_check(c, if checks.len() == 1 { String::new() } else { format!("checks[{i}].") }))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(caller) = &call.principal {
-            if parsed.iter().any(|(s, _, _)| s != caller) && !self.policy.is_platform_admin(caller).await? {
-                return Err(Error::PermissionDenied(format!(
-                    "{caller} may check its own permissions only; platform admins may check anyone's"
-                )));
-            }
+        if let Some(caller) = &call.principal
+            && parsed.iter().any(|(s, _, _)| s != caller)
+            && !self.policy.is_platform_admin(caller).await?
+        {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} may check its own permissions only; platform admins may check anyone's"
+            )));
         }
         let mut out = Vec::with_capacity(parsed.len());
         for (subject, permission, domain) in parsed {
@@ -149,7 +154,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "BatchCheck", checks = request.get_ref().checks.len() as i64, allowed))]
-    async fn batch_check(&self, request: Request<pb::BatchCheckRequest>) -> Result<Response<pb::BatchCheckResponse>, Status> {
+    async fn batch_check(
+        &self,
+        request: Request<pb::BatchCheckRequest>,
+    ) -> Result<Response<pb::BatchCheckResponse>, Status> {
         let call = InternalCall::of(&request);
         let results = self.answer(&call, request.into_inner().checks).await?;
         tracing::Span::current().record("allowed", results.iter().filter(|r| r.allowed).count() as i64);
@@ -157,7 +165,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "AddDomainMember", domain = %request.get_ref().domain, subject = %request.get_ref().subject))]
-    async fn add_domain_member(&self, request: Request<pb::AddDomainMemberRequest>) -> Result<Response<pb::DomainMember>, Status> {
+    async fn add_domain_member(
+        &self,
+        request: Request<pb::AddDomainMemberRequest>,
+    ) -> Result<Response<pb::DomainMember>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let d = domain("domain", &req.domain)?;
@@ -165,7 +176,11 @@ impl AuthzService for AuthzGrpc {
         let role = match pb::DomainRole::try_from(req.role) {
             Ok(pb::DomainRole::Owner) => Role::Owner,
             Ok(pb::DomainRole::Member) => Role::Member,
-            _ => return Err(Error::from(FieldViolation::new("role", "must be DOMAIN_ROLE_OWNER or DOMAIN_ROLE_MEMBER")).into()),
+            _ => {
+                return Err(
+                    Error::from(FieldViolation::new("role", "must be DOMAIN_ROLE_OWNER or DOMAIN_ROLE_MEMBER")).into()
+                );
+            }
         };
         self.require_domain_access(&caller, &d).await?;
         let m = self.policy.add_member(&d, &s, role).await?;
@@ -174,7 +189,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "RemoveDomainMember", domain = %request.get_ref().domain, subject = %request.get_ref().subject))]
-    async fn remove_domain_member(&self, request: Request<pb::RemoveDomainMemberRequest>) -> Result<Response<pb::RemoveDomainMemberResponse>, Status> {
+    async fn remove_domain_member(
+        &self,
+        request: Request<pb::RemoveDomainMemberRequest>,
+    ) -> Result<Response<pb::RemoveDomainMemberResponse>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let d = domain("domain", &req.domain)?;
@@ -186,7 +204,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "GrantDomainPermission", domain = %request.get_ref().domain, subject = %request.get_ref().subject))]
-    async fn grant_domain_permission(&self, request: Request<pb::GrantDomainPermissionRequest>) -> Result<Response<pb::DomainMember>, Status> {
+    async fn grant_domain_permission(
+        &self,
+        request: Request<pb::GrantDomainPermissionRequest>,
+    ) -> Result<Response<pb::DomainMember>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let d = domain("domain", &req.domain)?;
@@ -199,7 +220,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "RevokeDomainPermission", domain = %request.get_ref().domain, subject = %request.get_ref().subject))]
-    async fn revoke_domain_permission(&self, request: Request<pb::RevokeDomainPermissionRequest>) -> Result<Response<pb::DomainMember>, Status> {
+    async fn revoke_domain_permission(
+        &self,
+        request: Request<pb::RevokeDomainPermissionRequest>,
+    ) -> Result<Response<pb::DomainMember>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let d = domain("domain", &req.domain)?;
@@ -212,7 +236,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "ListDomainMembers", domain = %request.get_ref().domain))]
-    async fn list_domain_members(&self, request: Request<pb::ListDomainMembersRequest>) -> Result<Response<pb::ListDomainMembersResponse>, Status> {
+    async fn list_domain_members(
+        &self,
+        request: Request<pb::ListDomainMembersRequest>,
+    ) -> Result<Response<pb::ListDomainMembersResponse>, Status> {
         let caller = caller(&request)?;
         let d = domain("domain", &request.get_ref().domain)?;
         self.require_domain_access(&caller, &d).await?;
@@ -221,7 +248,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "GrantPlatformAdmin", subject = %request.get_ref().subject))]
-    async fn grant_platform_admin(&self, request: Request<pb::GrantPlatformAdminRequest>) -> Result<Response<pb::GrantPlatformAdminResponse>, Status> {
+    async fn grant_platform_admin(
+        &self,
+        request: Request<pb::GrantPlatformAdminRequest>,
+    ) -> Result<Response<pb::GrantPlatformAdminResponse>, Status> {
         let caller = caller(&request)?;
         let s = subject("subject", &request.get_ref().subject)?;
         self.require_admin(&caller).await?;
@@ -231,7 +261,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "RevokePlatformAdmin", subject = %request.get_ref().subject))]
-    async fn revoke_platform_admin(&self, request: Request<pb::RevokePlatformAdminRequest>) -> Result<Response<pb::RevokePlatformAdminResponse>, Status> {
+    async fn revoke_platform_admin(
+        &self,
+        request: Request<pb::RevokePlatformAdminRequest>,
+    ) -> Result<Response<pb::RevokePlatformAdminResponse>, Status> {
         let caller = caller(&request)?;
         let s = subject("subject", &request.get_ref().subject)?;
         self.require_admin(&caller).await?;
@@ -241,7 +274,10 @@ impl AuthzService for AuthzGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "ListPlatformAdmins"))]
-    async fn list_platform_admins(&self, request: Request<pb::ListPlatformAdminsRequest>) -> Result<Response<pb::ListPlatformAdminsResponse>, Status> {
+    async fn list_platform_admins(
+        &self,
+        request: Request<pb::ListPlatformAdminsRequest>,
+    ) -> Result<Response<pb::ListPlatformAdminsResponse>, Status> {
         let caller = caller(&request)?;
         self.require_admin(&caller).await?;
         let admins = self

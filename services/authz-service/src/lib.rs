@@ -60,10 +60,10 @@ impl Config {
     /// environment is used unless `AUTHZ_SERVICE_DATABASE_URL` is set too.
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut config: Self = secrets_common::config::load(file, ENV_PREFIX).map_err(anyhow::Error::msg)?;
-        if std::env::var_os("AUTHZ_SERVICE_DATABASE_URL").is_none() {
-            if let Ok(url) = std::env::var("DATABASE_URL") {
-                config.database_url = url;
-            }
+        if std::env::var_os("AUTHZ_SERVICE_DATABASE_URL").is_none()
+            && let Ok(url) = std::env::var("DATABASE_URL")
+        {
+            config.database_url = url;
         }
         Ok(config)
     }
@@ -95,10 +95,9 @@ impl Application {
     }
 
     pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
-        let token = config
-            .internal_token
-            .as_ref()
-            .context("internal_token is required (set AUTHZ_SERVICE_INTERNAL_TOKEN or internal_token in the config file)")?;
+        let token = config.internal_token.as_ref().context(
+            "internal_token is required (set AUTHZ_SERVICE_INTERNAL_TOKEN or internal_token in the config file)",
+        )?;
         let admins = config
             .bootstrap_admins
             .iter()

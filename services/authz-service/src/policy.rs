@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 
 use chrono::Utc;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
-    sea_query::OnConflict,
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait, sea_query::OnConflict,
 };
 use secrets_common::Principal;
 
@@ -112,7 +111,10 @@ impl Policy {
             return Ok(Decision::allow(format!("{subject} is a platform admin")));
         }
         let Some(domain) = domain else {
-            return Ok(Decision::deny(format!("{} needs a platform admin and {subject} is not one", permission.name())));
+            return Ok(Decision::deny(format!(
+                "{} needs a platform admin and {subject} is not one",
+                permission.name()
+            )));
         };
         if permission == Permission::PlatformAdmin {
             return Ok(Decision::deny(format!("{subject} is not a platform admin")));
@@ -122,7 +124,9 @@ impl Policy {
         };
         Ok(match (member.role, permission) {
             (Role::Owner, _) => Decision::allow(format!("{subject} owns domain {domain:?}")),
-            (Role::Member, Permission::UseSecrets) => Decision::allow(format!("{subject} is a member of domain {domain:?}")),
+            (Role::Member, Permission::UseSecrets) => {
+                Decision::allow(format!("{subject} is a member of domain {domain:?}"))
+            }
             (Role::Member, p) if member.permissions.contains(&p) => {
                 Decision::allow(format!("{subject} holds {} in domain {domain:?}", p.name()))
             }
@@ -134,7 +138,9 @@ impl Policy {
     }
 
     pub async fn member(&self, domain: &str, subject: &Principal) -> Result<Option<Member>> {
-        let Some(row) = domain_member::Entity::find_by_id((domain.to_string(), subject.to_string())).one(&self.db).await? else {
+        let Some(row) =
+            domain_member::Entity::find_by_id((domain.to_string(), subject.to_string())).one(&self.db).await?
+        else {
             return Ok(None);
         };
         let permissions = domain_permission::Entity::find()
@@ -214,9 +220,13 @@ impl Policy {
         let Some(_) = self.member(domain, subject).await? else {
             return Err(Error::NotFound(format!("{subject} is not a member of domain {domain:?}")));
         };
-        domain_permission::Entity::delete_by_id((domain.to_string(), subject.to_string(), permission.name().to_string()))
-            .exec(&self.db)
-            .await?;
+        domain_permission::Entity::delete_by_id((
+            domain.to_string(),
+            subject.to_string(),
+            permission.name().to_string(),
+        ))
+        .exec(&self.db)
+        .await?;
         self.member(domain, subject).await?.ok_or_else(|| Error::Internal("member vanished after revoke".into()))
     }
 

@@ -103,16 +103,14 @@ impl Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let token = bearer(request.metadata()).ok_or_else(|| {
-            Status::unauthenticated("missing credentials: send `authorization: Bearer <token>`")
-        })?;
+        let token = bearer(request.metadata())
+            .ok_or_else(|| Status::unauthenticated("missing credentials: send `authorization: Bearer <token>`"))?;
         let entry = self.find(token).ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
         let on_behalf_of = match request.metadata().get(ON_BEHALF_OF) {
             None => None,
             Some(v) => {
-                let text = v
-                    .to_str()
-                    .map_err(|_| invalid_argument(FieldViolation::new(ON_BEHALF_OF, "must be ASCII")))?;
+                let text =
+                    v.to_str().map_err(|_| invalid_argument(FieldViolation::new(ON_BEHALF_OF, "must be ASCII")))?;
                 Some(Principal::parse(ON_BEHALF_OF, text).map_err(invalid_argument)?)
             }
         };
@@ -139,8 +137,18 @@ mod tests {
 
     fn authenticator() -> Authenticator {
         Authenticator::new(&[
-            TokenConfig { name: "alice".into(), kind: TokenKind::User, subject: "alice".into(), sha256: TokenHash::of("t-alice").to_hex() },
-            TokenConfig { name: "spark".into(), kind: TokenKind::Service, subject: "spark".into(), sha256: TokenHash::of("t-spark").to_hex() },
+            TokenConfig {
+                name: "alice".into(),
+                kind: TokenKind::User,
+                subject: "alice".into(),
+                sha256: TokenHash::of("t-alice").to_hex(),
+            },
+            TokenConfig {
+                name: "spark".into(),
+                kind: TokenKind::Service,
+                subject: "spark".into(),
+                sha256: TokenHash::of("t-spark").to_hex(),
+            },
         ])
         .unwrap()
     }

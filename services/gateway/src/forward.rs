@@ -2,7 +2,10 @@
 //! gateway: each call is authenticated here, then forwarded with the acting
 //! principal and the internal credential. The internal services authorize.
 
-use secrets_common::{auth::{InternalChannel, act_as}, error::from_upstream};
+use secrets_common::{
+    auth::{InternalChannel, act_as},
+    error::from_upstream,
+};
 use secrets_proto::v1::{
     self as pb, authz_service_client::AuthzServiceClient, authz_service_server::AuthzService,
     secret_service_client::SecretServiceClient, secret_service_server::SecretService,

@@ -73,8 +73,10 @@ impl Config {
         auth::Authenticator::new(&self.tokens).map_err(|v| anyhow::anyhow!("{v}"))?;
         let m = Metrics::new();
         let t = Duration::from_secs(1);
-        internal_channel(&self.secret_service_url, t, forward::SECRET_SERVICE, &m).map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
-        internal_channel(&self.authz_service_url, t, authz::AUTHZ_SERVICE, &m).map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
+        internal_channel(&self.secret_service_url, t, forward::SECRET_SERVICE, &m)
+            .map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
+        internal_channel(&self.authz_service_url, t, authz::AUTHZ_SERVICE, &m)
+            .map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
         Ok(())
     }
 }

@@ -36,7 +36,8 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", secrets_common::auth::TokenHash::of(token).to_hex());
         return Ok(());
     }
-    let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
+    let config: Config =
+        secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
     if let Some(Command::Maintenance(command)) = args.command {
         return command.run(config.listen_addr, || config.validate()).await;
     }

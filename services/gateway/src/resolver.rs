@@ -97,11 +97,14 @@ fn plan(index: usize, item: &pb::ResolveItem) -> Plan<'_> {
                 },
                 Ok(pb::SourceType::Vault) => Plan::Failed(item_error(
                     ItemErrorCode::FailedPrecondition,
-                    format!("{name}: VAULT sources are resolved by the vault-config-service, which this gateway is not connected to"),
+                    format!(
+                        "{name}: VAULT sources are resolved by the vault-config-service, which this gateway is not connected to"
+                    ),
                 )),
-                Ok(pb::SourceType::Unspecified) | Err(_) => {
-                    invalid("secret_object.source.type", format!("unknown source type {}; use KUBERNETES or VAULT", source.r#type))
-                }
+                Ok(pb::SourceType::Unspecified) | Err(_) => invalid(
+                    "secret_object.source.type",
+                    format!("unknown source type {}; use KUBERNETES or VAULT", source.r#type),
+                ),
             }
         }
         Some(Reference::Text(text)) => match placeholder::parse(text) {
@@ -116,7 +119,11 @@ fn plan(index: usize, item: &pb::ResolveItem) -> Plan<'_> {
 }
 
 impl Resolver {
-    pub async fn resolve(&self, caller: &Caller, request: pb::ResolveSecretsRequest) -> Result<pb::ResolveSecretsResponse, Status> {
+    pub async fn resolve(
+        &self,
+        caller: &Caller,
+        request: pb::ResolveSecretsRequest,
+    ) -> Result<pb::ResolveSecretsResponse, Status> {
         if caller.kind != TokenKind::Service {
             return Err(Status::permission_denied(format!(
                 "token {:?} is a user token; secret values are returned only to platform-service tokens",
@@ -153,12 +160,8 @@ impl Resolver {
         let targets: Vec<Target> = wanted.iter().map(|(t, _)| t.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         let questions: Vec<Question> = targets.iter().map(|t| t.question(&caller.principal)).collect();
         let answers = if questions.is_empty() { Vec::new() } else { self.authz.batch_check(&questions).await? };
-        let denied: BTreeMap<&Target, String> = targets
-            .iter()
-            .zip(answers)
-            .filter(|(_, a)| !a.allowed)
-            .map(|(t, a)| (t, a.reason))
-            .collect();
+        let denied: BTreeMap<&Target, String> =
+            targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
 
         // One secret-service round trip for every permitted key.
         let lookups: Vec<&(Target, String)> = wanted.iter().filter(|(t, _)| !denied.contains_key(t)).collect();
@@ -176,8 +179,10 @@ impl Resolver {
                     Plan::Failed(e) => Err(e),
                     Plan::Value { target, key } => lookup(&values, &denied, &caller.principal, &name, &target, &key)
                         .map(|v| pb::resolved_item::Result::Value(v.clone().into_exposed())),
-                    Plan::Text { segments } => render(&values, &denied, &caller.principal, &name, &text_target, &segments)
-                        .map(pb::resolved_item::Result::Text),
+                    Plan::Text { segments } => {
+                        render(&values, &denied, &caller.principal, &name, &text_target, &segments)
+                            .map(pb::resolved_item::Result::Text)
+                    }
                 };
                 let result = result.unwrap_or_else(|e| {
                     counts.count(&e);
@@ -226,7 +231,11 @@ impl Resolver {
             .into_inner()
             .results;
         if results.len() != lookups.len() {
-            return Err(Status::unavailable(format!("{SECRET_SERVICE}: answered {} of {} lookups", results.len(), lookups.len())));
+            return Err(Status::unavailable(format!(
+                "{SECRET_SERVICE}: answered {} of {} lookups",
+                results.len(),
+                lookups.len()
+            )));
         }
         Ok(lookups
             .iter()
@@ -250,7 +259,10 @@ fn lookup<'v>(
             Target::Domain(d) => format!("use the secrets of domain {d:?}"),
             Target::Admin => "use the admin secrets".into(),
         };
-        return Err(item_error(ItemErrorCode::PermissionDenied, format!("{name}: {principal} may not {what}: {reason}")));
+        return Err(item_error(
+            ItemErrorCode::PermissionDenied,
+            format!("{name}: {principal} may not {what}: {reason}"),
+        ));
     }
     values.get(&(target.clone(), key.to_string())).ok_or_else(|| {
         item_error(ItemErrorCode::NotFound, format!("{name}: secret {key:?} does not exist in {}", target.describe()))
@@ -308,7 +320,10 @@ impl Gateway for Resolver {
         fields(rpc = "ResolveSecrets", caller, principal, domain = %request.get_ref().domain,
                items = request.get_ref().items.len() as i64, keys, denied, not_found, invalid)
     )]
-    async fn resolve_secrets(&self, request: Request<pb::ResolveSecretsRequest>) -> Result<Response<pb::ResolveSecretsResponse>, Status> {
+    async fn resolve_secrets(
+        &self,
+        request: Request<pb::ResolveSecretsRequest>,
+    ) -> Result<Response<pb::ResolveSecretsResponse>, Status> {
         let caller = Caller::of(&request)?;
         let span = tracing::Span::current();
         span.record("caller", caller.name.as_str());

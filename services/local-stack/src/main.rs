@@ -151,11 +151,15 @@ async fn main() -> anyhow::Result<()> {
         gateway_addr = addr(gw.port()),
         secret_addr = addr(secrets.port()),
         authz_addr = addr(authz.port()),
-        metrics = [("gateway", gw.metrics_port()), ("secret-service", secrets.metrics_port()), ("authz-service", authz.metrics_port())]
-            .iter()
-            .filter_map(|(n, p)| p.map(|p| format!("{n} http://127.0.0.1:{p}/metrics")))
-            .collect::<Vec<_>>()
-            .join(", "),
+        metrics = [
+            ("gateway", gw.metrics_port()),
+            ("secret-service", secrets.metrics_port()),
+            ("authz-service", authz.metrics_port())
+        ]
+        .iter()
+        .filter_map(|(n, p)| p.map(|p| format!("{n} http://127.0.0.1:{p}/metrics")))
+        .collect::<Vec<_>>()
+        .join(", "),
     );
 
     let shutdown = tokio::sync::watch::channel(false);

@@ -70,7 +70,10 @@ impl SecretBackend for MeteredBackend {
         // large) is an answer, not a backend failure.
         let failed = matches!(
             result,
-            Err(crate::Error::Unavailable { .. } | crate::Error::Corrupt(_) | crate::Error::Internal(_) | crate::Error::Rejected { .. })
+            Err(crate::Error::Unavailable { .. }
+                | crate::Error::Corrupt(_)
+                | crate::Error::Internal(_)
+                | crate::Error::Rejected { .. })
         );
         self.metrics.observe_backend(self.name(), "modify", !failed, start.elapsed());
         result

@@ -88,7 +88,9 @@ impl EmbeddedBackend {
         let doc = FileDoc {
             entries: entries
                 .iter()
-                .map(|(k, e)| (k.clone(), FileEntry { v: B64.encode(e.value.expose()), c: e.created_at, u: e.updated_at }))
+                .map(|(k, e)| {
+                    (k.clone(), FileEntry { v: B64.encode(e.value.expose()), c: e.created_at, u: e.updated_at })
+                })
                 .collect(),
         };
         let plain = Zeroizing::new(
@@ -222,7 +224,11 @@ fn load_or_create_key(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
 /// object, never a torn one.
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let fail = |what: &str, e: std::io::Error| unavailable(format!("cannot {what} {}: {e}", path.display()));
-    let tmp = dir.join(format!(".{}.{:016x}.tmp", path.file_name().map_or("object".into(), |n| n.to_string_lossy()), rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        path.file_name().map_or("object".into(), |n| n.to_string_lossy()),
+        rand::random::<u64>()
+    ));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         f.write_all(bytes)?;

@@ -27,7 +27,13 @@ impl SecretGrpc {
         Self { store, authz }
     }
 
-    async fn authorize(&self, principal: &Principal, scope: &Scope, op: Op, view_domain: Option<&str>) -> Result<(), Status> {
+    async fn authorize(
+        &self,
+        principal: &Principal,
+        scope: &Scope,
+        op: Op,
+        view_domain: Option<&str>,
+    ) -> Result<(), Status> {
         let (permission, domain) = match (scope, op) {
             (Scope::Domain(d), Op::List) => (Permission::ListSecrets, Some(d.as_str())),
             (Scope::Domain(d), Op::Write) => (Permission::ManageSecrets, Some(d.as_str())),
@@ -107,10 +113,9 @@ fn value_of(binary: Option<Vec<u8>>, text: Option<String>) -> Result<SecretValue
     match (binary, text) {
         (Some(b), _) => Ok(SecretValue::new(b)),
         (None, Some(t)) => Ok(SecretValue::from(t)),
-        (None, None) => Err(invalid_argument(FieldViolation::new(
-            "value",
-            "is required: set `binary` (base64 in JSON) or `text`",
-        ))),
+        (None, None) => {
+            Err(invalid_argument(FieldViolation::new("value", "is required: set `binary` (base64 in JSON) or `text`")))
+        }
     }
 }
 
@@ -139,7 +144,10 @@ fn metadata(info: SecretInfo, view_domain: &str) -> pb::SecretMetadata {
 #[tonic::async_trait]
 impl SecretService for SecretGrpc {
     #[instrument(skip_all, fields(rpc = "CreateSecret", scope, domain, key, principal))]
-    async fn create_secret(&self, request: Request<pb::CreateSecretRequest>) -> Result<Response<pb::SecretMetadata>, Status> {
+    async fn create_secret(
+        &self,
+        request: Request<pb::CreateSecretRequest>,
+    ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
         let req = request.into_inner();
         let value = split_create(req.value);
@@ -147,7 +155,10 @@ impl SecretService for SecretGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "UpdateSecret", scope, domain, key, principal))]
-    async fn update_secret(&self, request: Request<pb::UpdateSecretRequest>) -> Result<Response<pb::SecretMetadata>, Status> {
+    async fn update_secret(
+        &self,
+        request: Request<pb::UpdateSecretRequest>,
+    ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
         let req = request.into_inner();
         let value = split_update(req.value);
@@ -155,7 +166,10 @@ impl SecretService for SecretGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "DeleteSecret", scope, domain, key, principal))]
-    async fn delete_secret(&self, request: Request<pb::DeleteSecretRequest>) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+    async fn delete_secret(
+        &self,
+        request: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
         let call = InternalCall::of(&request);
         let principal = call.require_principal()?;
         let req = request.into_inner();
@@ -168,7 +182,10 @@ impl SecretService for SecretGrpc {
     }
 
     #[instrument(skip_all, fields(rpc = "ListSecrets", scope, domain, principal, count))]
-    async fn list_secrets(&self, request: Request<pb::ListSecretsRequest>) -> Result<Response<pb::ListSecretsResponse>, Status> {
+    async fn list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
         let call = InternalCall::of(&request);
         let principal = call.require_principal()?;
         let req = request.into_inner();
@@ -195,7 +212,10 @@ impl SecretReader for SecretGrpc {
     /// caller may use them; this service only checks that the call is the
     /// gateway's (the internal credential).
     #[instrument(skip_all, fields(rpc = "ReadSecrets", lookups, found))]
-    async fn read_secrets(&self, request: Request<pb::ReadSecretsRequest>) -> Result<Response<pb::ReadSecretsResponse>, Status> {
+    async fn read_secrets(
+        &self,
+        request: Request<pb::ReadSecretsRequest>,
+    ) -> Result<Response<pb::ReadSecretsResponse>, Status> {
         let req = request.into_inner();
         tracing::Span::current().record("lookups", req.lookups.len() as i64);
         let mut lookups = Vec::with_capacity(req.lookups.len());

@@ -184,9 +184,10 @@ fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
         None => BTreeMap::new(),
     };
     // Secrets created by other tools have no timestamps: use the object's.
-    let fallback = meta.creation_timestamp.as_ref().map_or_else(Utc::now, |t| {
-        DateTime::<Utc>::from_timestamp(t.0.as_second(), 0).unwrap_or_else(Utc::now)
-    });
+    let fallback = meta
+        .creation_timestamp
+        .as_ref()
+        .map_or_else(Utc::now, |t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0).unwrap_or_else(Utc::now));
     let mut entries = Entries::new();
     for (key, ByteString(bytes)) in secret.data.unwrap_or_default() {
         let (created_at, updated_at) = times.get(&key).map_or((fallback, fallback), |t| (t.0, t.1));
@@ -205,7 +206,11 @@ fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries) -> Result<Secre
     annotations.insert(TIMESTAMPS_ANNOTATION.to_string(), times);
     let annotation_bytes: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
     if annotation_bytes > MAX_ANNOTATION_BYTES {
-        return Err(Error::TooLarge { object: object.to_string(), total: annotation_bytes, limit: MAX_ANNOTATION_BYTES });
+        return Err(Error::TooLarge {
+            object: object.to_string(),
+            total: annotation_bytes,
+            limit: MAX_ANNOTATION_BYTES,
+        });
     }
     meta.annotations = Some(annotations);
     meta.name = Some(object.to_string());

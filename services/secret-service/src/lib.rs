@@ -135,9 +135,9 @@ impl Config {
     }
 
     pub fn internal_token(&self) -> anyhow::Result<&SecretString> {
-        self.internal_token
-            .as_ref()
-            .context("internal_token is required (set SECRET_SERVICE_INTERNAL_TOKEN or internal_token in the config file)")
+        self.internal_token.as_ref().context(
+            "internal_token is required (set SECRET_SERVICE_INTERNAL_TOKEN or internal_token in the config file)",
+        )
     }
 }
 

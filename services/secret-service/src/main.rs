@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use secrets_common::cli::Maintenance;
 use secret_service::{Application, Config, ENV_PREFIX};
+use secrets_common::cli::Maintenance;
 
 /// Stores domain, global and admin secrets (Kubernetes Secrets or an
 /// encrypted embedded store) and serves them only to the gateway.
@@ -21,7 +21,8 @@ async fn main() -> anyhow::Result<()> {
     // One TLS provider for the whole process (kube and sqlx use rustls).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    let config: Config = secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
+    let config: Config =
+        secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
     if let Some(command) = args.command {
         return command.run(config.listen_addr, || config.validate()).await;
     }

@@ -128,10 +128,7 @@ impl SecretStore {
                     (Some(existing), Mode::Update) => existing.created_at,
                     (None, Mode::Create) => now,
                 };
-                entries.insert(
-                    key.to_string(),
-                    Entry { value: value.clone(), created_at, updated_at: now },
-                );
+                entries.insert(key.to_string(), Entry { value: value.clone(), created_at, updated_at: now });
                 check_object_size(&object, entries)?;
                 written = Some(SecretInfo { key: key.to_string(), scope: scope.clone(), created_at, updated_at: now });
                 Ok(())
@@ -162,7 +159,12 @@ impl SecretStore {
         let entries = self.backend.read(&self.object_name(scope)).await?.unwrap_or_default();
         Ok(entries
             .into_iter()
-            .map(|(key, e)| SecretInfo { key, scope: scope.clone(), created_at: e.created_at, updated_at: e.updated_at })
+            .map(|(key, e)| SecretInfo {
+                key,
+                scope: scope.clone(),
+                created_at: e.created_at,
+                updated_at: e.updated_at,
+            })
             .collect())
     }
 
@@ -196,7 +198,10 @@ impl SecretStore {
             .iter()
             .map(|l| {
                 let found = |scope: &Scope| {
-                    objects.get(scope).and_then(|o| o.get(&l.key)).map(|e| Found { scope: scope.clone(), value: e.value.clone() })
+                    objects
+                        .get(scope)
+                        .and_then(|o| o.get(&l.key))
+                        .map(|e| Found { scope: scope.clone(), value: e.value.clone() })
                 };
                 found(&l.scope).or_else(|| {
                     (l.global_fallback && matches!(l.scope, Scope::Domain(_))).then(|| found(&Scope::Global)).flatten()
@@ -217,11 +222,7 @@ enum Mode {
 fn check_object_size(object: &str, entries: &Entries) -> Result<()> {
     let total: usize = entries.values().map(|e| e.value.len()).sum();
     if total > MAX_OBJECT_VALUE_BYTES {
-        return Err(Error::TooLarge {
-            object: object.to_string(),
-            total,
-            limit: MAX_OBJECT_VALUE_BYTES,
-        });
+        return Err(Error::TooLarge { object: object.to_string(), total, limit: MAX_OBJECT_VALUE_BYTES });
     }
     Ok(())
 }

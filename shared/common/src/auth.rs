@@ -124,9 +124,9 @@ impl Interceptor for InternalAuth {
         let principal = match request.metadata().get(PRINCIPAL) {
             None => None,
             Some(v) => {
-                let text = v.to_str().map_err(|_| {
-                    invalid_argument(crate::validate::FieldViolation::new(PRINCIPAL, "must be ASCII"))
-                })?;
+                let text = v
+                    .to_str()
+                    .map_err(|_| invalid_argument(crate::validate::FieldViolation::new(PRINCIPAL, "must be ASCII")))?;
                 Some(Principal::parse(PRINCIPAL, text).map_err(invalid_argument)?)
             }
         };

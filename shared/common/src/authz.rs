@@ -55,10 +55,7 @@ impl AuthzClient {
             .into_inner()
             .results;
         if results.len() != n {
-            return Err(Status::unavailable(format!(
-                "{AUTHZ_SERVICE}: answered {} of {n} checks",
-                results.len()
-            )));
+            return Err(Status::unavailable(format!("{AUTHZ_SERVICE}: answered {} of {n} checks", results.len())));
         }
         Ok(results)
     }

@@ -12,7 +12,11 @@ pub enum Maintenance {
 }
 
 impl Maintenance {
-    pub async fn run(self, listen_addr: SocketAddr, validate: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        listen_addr: SocketAddr,
+        validate: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         match self {
             Self::CheckConfig => {
                 validate()?;

@@ -31,6 +31,8 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>, env_prefix: &str) -> Resul
 }
 
 #[cfg(test)]
+// figment's Jail closures return its large Error type by design.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use serde::Deserialize;

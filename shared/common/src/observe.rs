@@ -78,10 +78,12 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("secrets");
         let requests = Family::<RpcLabels, Counter>::default();
-        let request_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let request_seconds =
+            Family::<RpcLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
         let backend_calls = Family::<BackendLabels, Counter>::default();
         let backend_errors = Family::<BackendLabels, Counter>::default();
-        let backend_seconds = Family::<BackendLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let backend_seconds =
+            Family::<BackendLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register("grpc_server_requests", "gRPC requests served, by method and status code", requests.clone());
         registry.register(
             "grpc_server_request_duration_seconds",
@@ -95,11 +97,21 @@ impl Metrics {
         );
         registry.register("backend_errors", "Backend calls that failed", backend_errors.clone());
         registry.register("backend_call_duration_seconds", "Time a backend call took", backend_seconds.clone());
-        Self { inner: Arc::new(Inner { registry, requests, request_seconds, backend_calls, backend_errors, backend_seconds }) }
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                request_seconds,
+                backend_calls,
+                backend_errors,
+                backend_seconds,
+            }),
+        }
     }
 
     fn observe_request(&self, service: &str, method: &str, code: Code, elapsed: Duration) {
-        let labels = RpcLabels { rpc_service: service.into(), rpc_method: method.into(), grpc_code: code_name(code).into() };
+        let labels =
+            RpcLabels { rpc_service: service.into(), rpc_method: method.into(), grpc_code: code_name(code).into() };
         self.inner.requests.get_or_create(&labels).inc();
         self.inner.request_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
     }
@@ -137,7 +149,8 @@ impl Metrics {
                     let metrics = metrics.clone();
                     async move { Ok::<_, Infallible>(metrics_response(&metrics, req.method(), req.uri().path())) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     }
@@ -229,7 +242,12 @@ impl Finish {
                 // Refusals about the request itself are answers, not backend failures.
                 let failed = matches!(
                     code,
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown | Code::Cancelled | Code::DataLoss
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::Internal
+                        | Code::Unknown
+                        | Code::Cancelled
+                        | Code::DataLoss
                 );
                 self.metrics.observe_backend(peer, method, !failed, elapsed)
             }
@@ -271,10 +289,10 @@ impl<B: Body> Body for ObservedBody<B> {
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
-                if let Some(trailers) = f.trailers_ref() {
-                    if let Some(finish) = this.finish.take() {
-                        finish.done(grpc_status(trailers).unwrap_or(Code::Unknown));
-                    }
+                if let Some(trailers) = f.trailers_ref()
+                    && let Some(finish) = this.finish.take()
+                {
+                    finish.done(grpc_status(trailers).unwrap_or(Code::Unknown));
                 }
             }
             Some(Err(_)) => {
@@ -453,7 +471,12 @@ mod tests {
     #[test]
     fn metrics_render_requests_and_backend_calls() {
         let m = Metrics::new();
-        m.observe_request("iomete.secrets.v1.SecretService", "CreateSecret", Code::InvalidArgument, Duration::from_millis(3));
+        m.observe_request(
+            "iomete.secrets.v1.SecretService",
+            "CreateSecret",
+            Code::InvalidArgument,
+            Duration::from_millis(3),
+        );
         m.observe_backend("kubernetes", "modify", false, Duration::from_millis(20));
         let text = m.render();
         assert!(text.contains(

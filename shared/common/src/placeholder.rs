@@ -48,10 +48,7 @@ pub fn parse(text: &str) -> Result<Vec<Segment<'_>>, PlaceholderError> {
         let key = &after[..end];
         if let Err(v) = validate::secret_key("key", key) {
             let shown: String = key.chars().take(MAX_KEY_LEN.min(64)).collect();
-            return Err(PlaceholderError {
-                offset,
-                reason: format!("key {shown:?} {}", v.description),
-            });
+            return Err(PlaceholderError { offset, reason: format!("key {shown:?} {}", v.description) });
         }
         segments.push(Segment::Placeholder(key));
         let used = start + OPEN.len() + end + 1;
@@ -68,10 +65,10 @@ pub fn parse(text: &str) -> Result<Vec<Segment<'_>>, PlaceholderError> {
 pub fn keys<'a>(segments: &[Segment<'a>]) -> Vec<&'a str> {
     let mut keys: Vec<&str> = Vec::new();
     for s in segments {
-        if let Segment::Placeholder(k) = s {
-            if !keys.contains(k) {
-                keys.push(k);
-            }
+        if let Segment::Placeholder(k) = s
+            && !keys.contains(k)
+        {
+            keys.push(k);
         }
     }
     keys
@@ -104,7 +101,13 @@ mod tests {
         for text in ["plain", "${env:HOME}", "$secrets.x", "${secret.x}", "", "{secrets.x}"] {
             let s = parse(text).unwrap();
             assert!(keys(&s).is_empty(), "{text}");
-            let joined: String = s.iter().map(|x| match x { Literal(l) => *l, Placeholder(_) => "?" }).collect();
+            let joined: String = s
+                .iter()
+                .map(|x| match x {
+                    Literal(l) => *l,
+                    Placeholder(_) => "?",
+                })
+                .collect();
             assert_eq!(joined, text);
         }
     }

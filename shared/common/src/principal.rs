@@ -38,10 +38,10 @@ impl Principal {
 
     /// Parses a subject string, naming `field` in the error.
     pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
-        let rule = "subjects are 'user:NAME' or 'service:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_' and '-'";
-        let (kind, name) = text
-            .split_once(':')
-            .ok_or_else(|| FieldViolation::new(field, format!("{text:?} has no kind; {rule}")))?;
+        let rule =
+            "subjects are 'user:NAME' or 'service:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_' and '-'";
+        let (kind, name) =
+            text.split_once(':').ok_or_else(|| FieldViolation::new(field, format!("{text:?} has no kind; {rule}")))?;
         let kind = match kind {
             "user" => SubjectKind::User,
             "service" => SubjectKind::Service,

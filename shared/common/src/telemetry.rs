@@ -1,12 +1,12 @@
 //! Logs and traces: one function builds the subscriber, W3C trace context
 //! crosses every gRPC hop (client interceptor in, server span out).
 
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry::{
     global,
     propagation::{Extractor, Injector},
     trace::{TraceContextExt, TracerProvider as _},
 };
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use serde::Deserialize;
 use tracing::Span;
@@ -49,10 +49,10 @@ pub struct TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            if let Err(e) = provider.shutdown() {
-                eprintln!("trace exporter shutdown failed: {e}");
-            }
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("trace exporter shutdown failed: {e}");
         }
     }
 }

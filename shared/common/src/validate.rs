@@ -38,16 +38,10 @@ pub fn secret_key(field: &str, key: &str) -> Result<(), FieldViolation> {
         return Err(FieldViolation::new(field, format!("must not be empty; {rule}")));
     }
     if key.len() > MAX_KEY_LEN {
-        return Err(FieldViolation::new(
-            field,
-            format!("is {} characters long; {rule}", key.chars().count()),
-        ));
+        return Err(FieldViolation::new(field, format!("is {} characters long; {rule}", key.chars().count())));
     }
     if let Some(bad) = key.chars().find(|c| !is_key_char(*c)) {
-        return Err(FieldViolation::new(
-            field,
-            format!("contains {bad:?}; {rule}"),
-        ));
+        return Err(FieldViolation::new(field, format!("contains {bad:?}; {rule}")));
     }
     if key == "." || key == ".." || key.starts_with("..") {
         return Err(FieldViolation::new(field, "must not be '.' or '..' or start with '..'"));

@@ -106,10 +106,7 @@ impl fmt::Debug for v1::resolved_item::Result {
 
 impl fmt::Debug for v1::ResolvedItem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResolvedItem")
-            .field("id", &self.id)
-            .field("result", &self.result)
-            .finish()
+        f.debug_struct("ResolvedItem").field("id", &self.id).field("result", &self.result).finish()
     }
 }
 

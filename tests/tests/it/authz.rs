@@ -96,9 +96,21 @@ async fn roles_and_permissions_decide_each_check_with_a_reason(app: TestApp) {
 async fn batch_check_answers_every_check_in_order(app: TestApp) {
     app.setup_domain("finance").await;
     let checks = ["user:lisa", "user:nina", "user:lisa", "user:eve"]
-        .map(|s| pb::CheckRequest { subject: s.into(), permission: Permission::ListSecrets as i32, domain: "finance".into() })
+        .map(|s| pb::CheckRequest {
+            subject: s.into(),
+            permission: Permission::ListSecrets as i32,
+            domain: "finance".into(),
+        })
         .to_vec();
-    let results = app.as_user(ADMIN).authz.clone().batch_check(pb::BatchCheckRequest { checks }).await.unwrap().into_inner().results;
+    let results = app
+        .as_user(ADMIN)
+        .authz
+        .clone()
+        .batch_check(pb::BatchCheckRequest { checks })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
     assert_eq!(results.iter().map(|r| r.allowed).collect::<Vec<_>>(), [true, false, true, false]);
 }
 
@@ -112,12 +124,19 @@ async fn granting_needs_membership_and_removal_takes_permissions_along(app: Test
     let err = authz.grant_domain_permission(grant.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("AddDomainMember first"), "{}", err.message());
-    let add = pb::AddDomainMemberRequest { domain: "finance".into(), subject: "user:zoe".into(), role: DomainRole::Member as i32 };
+    let add = pb::AddDomainMemberRequest {
+        domain: "finance".into(),
+        subject: "user:zoe".into(),
+        role: DomainRole::Member as i32,
+    };
     authz.add_domain_member(add.clone()).await.unwrap();
     let member = authz.grant_domain_permission(grant.clone()).await.unwrap().into_inner();
     assert_eq!(member.permissions, [Permission::ListSecrets as i32]);
     authz.grant_domain_permission(grant).await.expect("granting twice is harmless");
-    authz.remove_domain_member(pb::RemoveDomainMemberRequest { domain: "finance".into(), subject: "user:zoe".into() }).await.unwrap();
+    authz
+        .remove_domain_member(pb::RemoveDomainMemberRequest { domain: "finance".into(), subject: "user:zoe".into() })
+        .await
+        .unwrap();
     assert!(!check(&app, "user:zoe", Permission::UseSecrets, "finance").await.allowed);
     let member = authz.add_domain_member(add).await.unwrap().into_inner();
     assert!(member.permissions.is_empty(), "permissions went with the membership");
@@ -131,10 +150,19 @@ async fn granting_needs_membership_and_removal_takes_permissions_along(app: Test
 async fn adding_a_member_again_changes_its_role(app: TestApp) {
     app.setup_domain("finance").await;
     let mut authz = app.as_user(OWNER).authz.clone();
-    let promote = pb::AddDomainMemberRequest { domain: "finance".into(), subject: "user:nina".into(), role: DomainRole::Owner as i32 };
+    let promote = pb::AddDomainMemberRequest {
+        domain: "finance".into(),
+        subject: "user:nina".into(),
+        role: DomainRole::Owner as i32,
+    };
     assert_eq!(authz.add_domain_member(promote).await.unwrap().into_inner().role(), DomainRole::Owner);
     assert!(check(&app, "user:nina", Permission::ManageDomainAccess, "finance").await.allowed);
-    let members = authz.list_domain_members(pb::ListDomainMembersRequest { domain: "finance".into() }).await.unwrap().into_inner().members;
+    let members = authz
+        .list_domain_members(pb::ListDomainMembersRequest { domain: "finance".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
     let subjects: Vec<_> = members.iter().map(|m| m.subject.as_str()).collect();
     assert_eq!(subjects, ["user:lisa", "user:max", "user:nina", "user:olivia"]);
     // An owner manages its own domain only.
@@ -148,9 +176,17 @@ async fn adding_a_member_again_changes_its_role(app: TestApp) {
 async fn callers_may_check_only_their_own_permissions_unless_admin(app: TestApp) {
     app.setup_domain("finance").await;
     let mut lisa = app.as_user(LISTER).authz.clone();
-    let own = pb::CheckRequest { subject: "user:lisa".into(), permission: Permission::ListSecrets as i32, domain: "finance".into() };
+    let own = pb::CheckRequest {
+        subject: "user:lisa".into(),
+        permission: Permission::ListSecrets as i32,
+        domain: "finance".into(),
+    };
     assert!(lisa.check(own).await.unwrap().into_inner().allowed);
-    let other = pb::CheckRequest { subject: "user:max".into(), permission: Permission::ManageSecrets as i32, domain: "finance".into() };
+    let other = pb::CheckRequest {
+        subject: "user:max".into(),
+        permission: Permission::ManageSecrets as i32,
+        domain: "finance".into(),
+    };
     let err = lisa.check(other.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("its own permissions"), "{}", err.message());
@@ -159,7 +195,8 @@ async fn callers_may_check_only_their_own_permissions_unless_admin(app: TestApp)
 
 async fn configured_admins_cannot_be_revoked_but_granted_ones_can(app: TestApp) {
     let mut authz = app.as_user(ADMIN).authz.clone();
-    let err = authz.revoke_platform_admin(pb::RevokePlatformAdminRequest { subject: "user:admin".into() }).await.unwrap_err();
+    let err =
+        authz.revoke_platform_admin(pb::RevokePlatformAdminRequest { subject: "user:admin".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("bootstrap_admins"), "{}", err.message());
     authz.grant_platform_admin(pb::GrantPlatformAdminRequest { subject: "user:eve".into() }).await.unwrap();
@@ -169,7 +206,8 @@ async fn configured_admins_cannot_be_revoked_but_granted_ones_can(app: TestApp) 
     assert_eq!(listed, [("user:admin", true), ("user:eve", false)]);
     authz.revoke_platform_admin(pb::RevokePlatformAdminRequest { subject: "user:eve".into() }).await.unwrap();
     assert!(!check(&app, "user:eve", Permission::PlatformAdmin, "").await.allowed);
-    let err = authz.revoke_platform_admin(pb::RevokePlatformAdminRequest { subject: "user:eve".into() }).await.unwrap_err();
+    let err =
+        authz.revoke_platform_admin(pb::RevokePlatformAdminRequest { subject: "user:eve".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 

@@ -103,7 +103,11 @@ async fn bad_authz_requests_name_the_field() {
         .unwrap_err();
     assert_eq!((err.code(), field_of(&err).as_str()), (Code::InvalidArgument, "subject"));
     let err = authz
-        .add_domain_member(pb::AddDomainMemberRequest { domain: "finance".into(), subject: "user:alice".into(), role: 0 })
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: "finance".into(),
+            subject: "user:alice".into(),
+            role: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(field_of(&err), "role");
@@ -142,7 +146,8 @@ async fn arbitrary_strings_never_crash_a_service() {
     app.setup_domain("finance").await;
     let admin = app.as_user(ADMIN);
     let service = app.as_service(Some("user:admin"));
-    let pieces = ["", "a", "-", "..", "${secrets.", "}", "${secrets.a}", "\u{0}", "é", "🔑", "finance", "/", " ", "%", "\n"];
+    let pieces =
+        ["", "a", "-", "..", "${secrets.", "}", "${secrets.a}", "\u{0}", "é", "🔑", "finance", "/", " ", "%", "\n"];
     let mut seed: u64 = 0x5eed;
     let mut next = |n: usize| {
         seed ^= seed << 13;

@@ -21,11 +21,9 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
     let mut errors = Vec::new();
 
     // Created as text and as bytes, in every scope.
-    for (scope, domain, what) in [
-        (pb::Scope::Domain, "finance", "domain"),
-        (pb::Scope::Global, "", "global"),
-        (pb::Scope::Admin, "", "admin"),
-    ] {
+    for (scope, domain, what) in
+        [(pb::Scope::Domain, "finance", "domain"), (pb::Scope::Global, "", "global"), (pb::Scope::Admin, "", "admin")]
+    {
         admin.create_in(scope, domain, what, &canary(what)).await.unwrap();
         planted.push(canary(what));
     }
@@ -91,7 +89,10 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
                 text_item("t", "${secrets.domain}:${secrets.global}:${secrets.missing}"),
                 text_item("u", "${secrets.domain}:${secrets.global}"),
                 object_item("o", "finance", "binary"),
-                pb::ResolveItem { id: "a".into(), reference: Some(pb::resolve_item::Reference::AdminKey("admin".into())) },
+                pb::ResolveItem {
+                    id: "a".into(),
+                    reference: Some(pb::resolve_item::Reference::AdminKey("admin".into())),
+                },
             ],
         )
         .await

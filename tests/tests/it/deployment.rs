@@ -62,12 +62,8 @@ fn each_compose_service_environment_is_accepted_by_its_binary() {
         let command = service["command"].as_sequence().expect("command");
         assert_eq!(command[0].as_str(), Some(name), "{name} runs its own binary");
         let env = environment(service);
-        let output = Command::new(binary(name))
-            .arg("check-config")
-            .env_clear()
-            .envs(&env)
-            .output()
-            .expect("run check-config");
+        let output =
+            Command::new(binary(name)).arg("check-config").env_clear().envs(&env).output().expect("run check-config");
         assert!(
             output.status.success(),
             "{name} refuses its compose environment {env:#?}: {}",
@@ -92,7 +88,12 @@ fn health_checks_ports_and_dependencies_match_the_binaries() {
     let services = services();
     for name in OURS {
         let service = &services[name];
-        let test: Vec<&str> = service["healthcheck"]["test"].as_sequence().expect("healthcheck").iter().map(|v| v.as_str().unwrap()).collect();
+        let test: Vec<&str> = service["healthcheck"]["test"]
+            .as_sequence()
+            .expect("healthcheck")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         assert_eq!(test[..2], ["CMD", name], "{name}");
         let status = Command::new(binary(name)).args(&test[2..]).arg("--help").output().unwrap().status;
         assert!(status.success(), "{name}: {:?} is not a subcommand", &test[2..]);

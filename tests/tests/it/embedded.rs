@@ -3,7 +3,11 @@
 use std::os::unix::fs::PermissionsExt;
 
 use integration_tests::stores::{Fixture, PREFIX};
-use secret_service::{Error, embedded::EmbeddedBackend, store::{Scope, SecretStore}};
+use secret_service::{
+    Error,
+    embedded::EmbeddedBackend,
+    store::{Scope, SecretStore},
+};
 use secrets_common::SecretValue;
 
 fn finance() -> Scope {

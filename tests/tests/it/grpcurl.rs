@@ -16,11 +16,7 @@ fn grpcurl() -> std::path::PathBuf {
 fn run(args: &[&str]) -> String {
     let output = Command::new(grpcurl()).args(args).output().expect("run grpcurl");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "grpcurl {args:?} failed: {}{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "grpcurl {args:?} failed: {}{stdout}", String::from_utf8_lossy(&output.stderr));
     stdout
 }
 
@@ -35,26 +31,45 @@ async fn grpcurl_lists_and_describes_the_gateway_and_creates_and_resolves_a_secr
     let services: Vec<&str> = listed.lines().collect();
     assert_eq!(
         services,
-        ["grpc.health.v1.Health", "iomete.secrets.v1.AuthzService", "iomete.secrets.v1.Gateway", "iomete.secrets.v1.SecretService"],
+        [
+            "grpc.health.v1.Health",
+            "iomete.secrets.v1.AuthzService",
+            "iomete.secrets.v1.Gateway",
+            "iomete.secrets.v1.SecretService"
+        ],
         "the internal SecretReader is not exposed"
     );
-    let described = tokio::task::block_in_place(|| run(&["-plaintext", &addr, "describe", "iomete.secrets.v1.Gateway"]));
+    let described =
+        tokio::task::block_in_place(|| run(&["-plaintext", &addr, "describe", "iomete.secrets.v1.Gateway"]));
     assert!(described.contains("rpc ResolveSecrets"), "{described}");
-    let described = tokio::task::block_in_place(|| run(&["-plaintext", &addr, "describe", "iomete.secrets.v1.CreateSecretRequest"]));
+    let described = tokio::task::block_in_place(|| {
+        run(&["-plaintext", &addr, "describe", "iomete.secrets.v1.CreateSecretRequest"])
+    });
     assert!(described.contains("string text = 5"), "{described}");
 
     let created = tokio::task::block_in_place(|| {
         run(&[
-            "-plaintext", "-H", &admin, "-d", r#"{"domain":"finance","key":"db_password","text":"from-grpcurl"}"#,
-            &addr, "iomete.secrets.v1.SecretService/CreateSecret",
+            "-plaintext",
+            "-H",
+            &admin,
+            "-d",
+            r#"{"domain":"finance","key":"db_password","text":"from-grpcurl"}"#,
+            &addr,
+            "iomete.secrets.v1.SecretService/CreateSecret",
         ])
     });
     assert!(created.contains(r#""key": "db_password""#), "{created}");
     let resolved = tokio::task::block_in_place(|| {
         run(&[
-            "-plaintext", "-H", &service, "-H", "x-on-behalf-of: user:admin",
-            "-d", r#"{"domain":"finance","items":[{"id":"envVars.DB","text":"pw=${secrets.db_password}"}]}"#,
-            &addr, "iomete.secrets.v1.Gateway/ResolveSecrets",
+            "-plaintext",
+            "-H",
+            &service,
+            "-H",
+            "x-on-behalf-of: user:admin",
+            "-d",
+            r#"{"domain":"finance","items":[{"id":"envVars.DB","text":"pw=${secrets.db_password}"}]}"#,
+            &addr,
+            "iomete.secrets.v1.Gateway/ResolveSecrets",
         ])
     });
     assert!(resolved.contains(r#""text": "pw=from-grpcurl""#), "{resolved}");
@@ -63,8 +78,13 @@ async fn grpcurl_lists_and_describes_the_gateway_and_creates_and_resolves_a_secr
     let output = tokio::task::block_in_place(|| {
         Command::new(grpcurl())
             .args([
-                "-plaintext", "-H", &admin, "-d", r#"{"domain":"finance","key":"bad key","text":"x"}"#,
-                &addr, "iomete.secrets.v1.SecretService/CreateSecret",
+                "-plaintext",
+                "-H",
+                &admin,
+                "-d",
+                r#"{"domain":"finance","key":"bad key","text":"x"}"#,
+                &addr,
+                "iomete.secrets.v1.SecretService/CreateSecret",
             ])
             .output()
             .expect("run grpcurl")

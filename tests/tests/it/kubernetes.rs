@@ -3,7 +3,10 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use integration_tests::{kube_server::FakeKube, stores::{Fixture, NAMESPACE, PREFIX}};
+use integration_tests::{
+    kube_server::FakeKube,
+    stores::{Fixture, NAMESPACE, PREFIX},
+};
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use secret_service::{
     Error,
@@ -29,9 +32,9 @@ async fn replicas_writing_at_once_retry_on_conflict_and_lose_no_key() {
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let store = stores[i % 4].clone();
-            tokio::spawn(async move {
-                store.create(&finance(), &format!("k{i}"), SecretValue::from(format!("v{i}"))).await
-            })
+            tokio::spawn(
+                async move { store.create(&finance(), &format!("k{i}"), SecretValue::from(format!("v{i}"))).await },
+            )
         })
         .collect();
     for t in tasks {
@@ -120,12 +123,17 @@ async fn a_write_the_api_server_rejects_is_refused_with_its_reason_and_loses_not
 async fn an_unreachable_api_server_is_unavailable_not_a_panic() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kube = FakeKube::start().await;
-    let client = KubernetesBackend::client(Some("http://127.0.0.1:9"), NAMESPACE, std::time::Duration::from_secs(2)).await.unwrap();
+    let client = KubernetesBackend::client(Some("http://127.0.0.1:9"), NAMESPACE, std::time::Duration::from_secs(2))
+        .await
+        .unwrap();
     let backend: Arc<dyn SecretBackend> = Arc::new(KubernetesBackend::new(client, NAMESPACE));
     let err = backend.read("anything").await.unwrap_err();
     assert!(matches!(err, Error::Unavailable { backend: "kubernetes", .. }), "{err:?}");
     assert_eq!(kube.counters().gets, 0);
-    let err = KubernetesBackend::client(Some("not a url"), NAMESPACE, std::time::Duration::from_secs(2)).await.err().expect("refused");
+    let err = KubernetesBackend::client(Some("not a url"), NAMESPACE, std::time::Duration::from_secs(2))
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("kubernetes.api_url"), "{err}");
 }
 
@@ -140,13 +148,16 @@ async fn real_cluster_round_trip_when_kubeconfig_is_set() {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let namespace = std::env::var("SECRETS_TEST_NAMESPACE").unwrap_or_else(|_| "default".into());
-    let client = KubernetesBackend::client(None, &namespace, std::time::Duration::from_secs(10)).await.expect("cluster client");
+    let client =
+        KubernetesBackend::client(None, &namespace, std::time::Duration::from_secs(10)).await.expect("cluster client");
     let prefix = format!("secrets-it-{}", uuid::Uuid::new_v4().simple());
     let store = SecretStore::new(Arc::new(KubernetesBackend::new(client.clone(), &namespace)), prefix.clone());
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move { store.create(&finance(), &format!("k{i}"), SecretValue::from(format!("v{i}"))).await })
+            tokio::spawn(
+                async move { store.create(&finance(), &format!("k{i}"), SecretValue::from(format!("v{i}"))).await },
+            )
         })
         .collect();
     for t in tasks {

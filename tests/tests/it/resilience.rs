@@ -18,13 +18,15 @@ async fn nothing_is_allowed_while_authz_is_down_and_everything_recovers_when_it_
     assert!(err.message().starts_with("secret-service: authz-service: "), "names the backends: {}", err.message());
     let err = app.as_user(LISTER).list("finance").await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    let err = app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap_err();
+    let err =
+        app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().starts_with("authz-service: "), "{}", err.message());
 
     app.start_authz().await;
     app.as_user(ADMIN).create("finance", "k2", "v").await.unwrap();
-    let out = app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+    let out =
+        app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
     assert_eq!(out[0].result, Some(R::Value(b"v".to_vec())));
     assert_eq!(app.as_user(LISTER).list("finance").await.unwrap(), ["k", "k2"], "grants survived the restart");
 }
@@ -36,7 +38,8 @@ async fn a_stopped_secret_service_is_unavailable_by_name_and_recovers_without_re
     app.as_user(ADMIN).create("finance", "k", "v").await.unwrap();
 
     app.stop_secret_service().await;
-    let err = app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap_err();
+    let err =
+        app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().starts_with("secret-service: "), "{}", err.message());
     let err = app.as_user(LISTER).list("finance").await.unwrap_err();
@@ -44,6 +47,7 @@ async fn a_stopped_secret_service_is_unavailable_by_name_and_recovers_without_re
     assert!(err.message().starts_with("secret-service: "), "{}", err.message());
 
     app.start_secret_service().await;
-    let out = app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+    let out =
+        app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
     assert_eq!(out[0].result, Some(R::Value(b"v".to_vec())), "the gateway reconnected by itself");
 }

@@ -77,7 +77,11 @@ async fn problems_with_one_item_are_reported_on_that_item_and_the_rest_resolve()
     ];
     let out = app.as_service(Some("user:olivia")).resolve("finance", items).await.unwrap();
     let expect = [
-        ("missing", ItemErrorCode::NotFound, "secret \"nope\" does not exist in domain \"finance\" or the global secrets"),
+        (
+            "missing",
+            ItemErrorCode::NotFound,
+            "secret \"nope\" does not exist in domain \"finance\" or the global secrets",
+        ),
         ("unterminated", ItemErrorCode::InvalidArgument, "text: malformed placeholder at byte 2"),
         ("bad-key", ItemErrorCode::InvalidArgument, "contains ' '"),
         ("unknown-type", ItemErrorCode::InvalidArgument, "secret_object.source.type: unknown source type 9"),
@@ -112,7 +116,11 @@ async fn kubernetes_sources_need_membership_of_their_domain() {
     app.setup_domain("finance").await;
     app.as_user(ADMIN).create("finance", "k", "v").await.unwrap();
     for user in [ADMIN, OWNER, LISTER, MANAGER, MEMBER] {
-        let out = app.as_service(Some(&format!("user:{user}"))).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+        let out = app
+            .as_service(Some(&format!("user:{user}")))
+            .resolve("finance", vec![object_item("x", "finance", "k")])
+            .await
+            .unwrap();
         assert_eq!(out[0].result, Some(R::Value(b"v".to_vec())), "{user}");
     }
     for user in [OUTSIDER, STRANGER] {
@@ -124,11 +132,15 @@ async fn kubernetes_sources_need_membership_of_their_domain() {
         for item in &out {
             let (code, message) = error(item);
             assert_eq!(code, ItemErrorCode::PermissionDenied, "{user}");
-            assert!(message.contains(&format!("user:{user} may not use the secrets of domain \"finance\"")), "{message}");
+            assert!(
+                message.contains(&format!("user:{user} may not use the secrets of domain \"finance\"")),
+                "{message}"
+            );
         }
     }
     // An object in another domain needs membership there, whatever the workload's domain.
-    let out = app.as_service(Some("user:oscar")).resolve("other", vec![object_item("x", "finance", "k")]).await.unwrap();
+    let out =
+        app.as_service(Some("user:oscar")).resolve("other", vec![object_item("x", "finance", "k")]).await.unwrap();
     assert_eq!(error(&out[0]).0, ItemErrorCode::PermissionDenied);
 }
 
@@ -158,7 +170,10 @@ async fn admin_secrets_resolve_only_for_platform_admins() {
     let app = TestApp::spawn().await;
     app.setup_domain("finance").await;
     app.as_user(ADMIN).create_in(pb::Scope::Admin, "", "ldap_bind_password", "ldap").await.unwrap();
-    let item = || pb::ResolveItem { id: "ldap".into(), reference: Some(pb::resolve_item::Reference::AdminKey("ldap_bind_password".into())) };
+    let item = || pb::ResolveItem {
+        id: "ldap".into(),
+        reference: Some(pb::resolve_item::Reference::AdminKey("ldap_bind_password".into())),
+    };
     let out = app.as_service(Some("user:admin")).resolve("finance", vec![item()]).await.unwrap();
     assert_eq!(out[0].result, Some(R::Value(b"ldap".to_vec())));
     let out = app.as_service(Some("user:olivia")).resolve("finance", vec![item()]).await.unwrap();

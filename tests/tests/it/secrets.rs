@@ -22,7 +22,11 @@ async fn a_domain_secret_is_created_listed_updated_and_deleted_through_the_gatew
     assert_eq!(updated.created_at, created.created_at);
     assert_ne!(updated.updated_at, created.updated_at);
 
-    let resolved = app.as_service(Some("user:admin")).resolve("finance", vec![object_item("x", "finance", "db_password")]).await.unwrap();
+    let resolved = app
+        .as_service(Some("user:admin"))
+        .resolve("finance", vec![object_item("x", "finance", "db_password")])
+        .await
+        .unwrap();
     assert_eq!(resolved[0].result, Some(pb::resolved_item::Result::Value(b"pw-2".to_vec())));
 
     admin.delete("finance", "db_password").await.unwrap();

@@ -193,7 +193,9 @@ async fn concurrent_creates_in_one_domain_all_land(f: Fixture) {
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move { store.create(&scope("finance"), &format!("key-{i:03}"), value(&format!("v{i}"))).await })
+            tokio::spawn(async move {
+                store.create(&scope("finance"), &format!("key-{i:03}"), value(&format!("v{i}"))).await
+            })
         })
         .collect();
     for t in tasks {

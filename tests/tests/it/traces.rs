@@ -29,7 +29,10 @@ struct Receiver {
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
-    async fn export(&self, request: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let mut spans = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
             let service = rs
@@ -93,19 +96,25 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     };
     let authz = Service::start(
         "authz-service",
-        &with("AUTHZ_SERVICE_", &[
-            ("AUTHZ_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{az}")),
-            ("AUTHZ_SERVICE_DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display())),
-            ("AUTHZ_SERVICE_BOOTSTRAP_ADMINS", r#"["user:admin"]"#.to_string()),
-        ]),
+        &with(
+            "AUTHZ_SERVICE_",
+            &[
+                ("AUTHZ_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{az}")),
+                ("AUTHZ_SERVICE_DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display())),
+                ("AUTHZ_SERVICE_BOOTSTRAP_ADMINS", r#"["user:admin"]"#.to_string()),
+            ],
+        ),
     );
     let secrets = Service::start(
         "secret-service",
-        &with("SECRET_SERVICE_", &[
-            ("SECRET_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{ss}")),
-            ("SECRET_SERVICE_AUTHZ_URL", format!("http://127.0.0.1:{az}")),
-            ("SECRET_SERVICE_EMBEDDED__DATA_DIR", dir.path().join("secrets").display().to_string()),
-        ]),
+        &with(
+            "SECRET_SERVICE_",
+            &[
+                ("SECRET_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{ss}")),
+                ("SECRET_SERVICE_AUTHZ_URL", format!("http://127.0.0.1:{az}")),
+                ("SECRET_SERVICE_EMBEDDED__DATA_DIR", dir.path().join("secrets").display().to_string()),
+            ],
+        ),
     );
     let tokens = format!(
         r#"[{{name="admin",kind="user",subject="admin",sha256="{}"}},{{name="spark",kind="service",subject="spark",sha256="{}"}}]"#,
@@ -114,12 +123,15 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     );
     let gateway = Service::start(
         "gateway",
-        &with("GATEWAY_", &[
-            ("GATEWAY_LISTEN_ADDR", format!("127.0.0.1:{gw}")),
-            ("GATEWAY_SECRET_SERVICE_URL", format!("http://127.0.0.1:{ss}")),
-            ("GATEWAY_AUTHZ_SERVICE_URL", format!("http://127.0.0.1:{az}")),
-            ("GATEWAY_TOKENS", tokens),
-        ]),
+        &with(
+            "GATEWAY_",
+            &[
+                ("GATEWAY_LISTEN_ADDR", format!("127.0.0.1:{gw}")),
+                ("GATEWAY_SECRET_SERVICE_URL", format!("http://127.0.0.1:{ss}")),
+                ("GATEWAY_AUTHZ_SERVICE_URL", format!("http://127.0.0.1:{az}")),
+                ("GATEWAY_TOKENS", tokens),
+            ],
+        ),
     );
 
     // Wait until the gateway answers (bounded: 100 tries).
@@ -178,7 +190,12 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     };
     let one = |name: &str, kind: SpanKind| -> &(String, Span) {
         let found = find(name, kind);
-        assert_eq!(found.len(), 1, "exactly one {kind:?} span {name} in the trace: {:#?}", trace.iter().map(|(svc, s)| (svc, &s.name, s.kind)).collect::<Vec<_>>());
+        assert_eq!(
+            found.len(),
+            1,
+            "exactly one {kind:?} span {name} in the trace: {:#?}",
+            trace.iter().map(|(svc, s)| (svc, &s.name, s.kind)).collect::<Vec<_>>()
+        );
         found[0]
     };
 
@@ -206,10 +223,16 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     ] {
         let client = one(client_name, SpanKind::Client);
         assert_eq!(client.0, "gateway");
-        assert!(descends_from(&client.1, &gw_server.1), "{client_name} client span is inside the gateway's server span");
+        assert!(
+            descends_from(&client.1, &gw_server.1),
+            "{client_name} client span is inside the gateway's server span"
+        );
         let server = one(client_name, SpanKind::Server);
         assert_eq!(server.0, server_service);
-        assert_eq!(server.1.parent_span_id, client.1.span_id, "{server_service}'s server span is the child of the gateway's client span");
+        assert_eq!(
+            server.1.parent_span_id, client.1.span_id,
+            "{server_service}'s server span is the child of the gateway's client span"
+        );
     }
     let server_spans = trace.iter().filter(|(_, s)| s.kind == SpanKind::Server as i32).count();
     assert_eq!(server_spans, 3, "one server span per hop");
@@ -220,7 +243,10 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
             span.name
         );
     }
-    let handler = trace.iter().find(|(_, s)| attr(s, "rpc") == Some(&AnyValue::StringValue("ResolveSecrets".into()))).expect("resolve handler span");
+    let handler = trace
+        .iter()
+        .find(|(_, s)| attr(s, "rpc") == Some(&AnyValue::StringValue("ResolveSecrets".into())))
+        .expect("resolve handler span");
     assert_eq!(attr(&handler.1, "domain"), Some(&AnyValue::StringValue("finance".into())));
     assert_eq!(attr(&handler.1, "items"), Some(&AnyValue::IntValue(2)));
 
@@ -233,7 +259,8 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     for (service, text) in &logs {
         assert!(!text.contains(&canary), "{service} logged a value");
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{service}: not JSON ({e}): {line}"));
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|e| panic!("{service}: not JSON ({e}): {line}"));
         }
     }
     let gateway_logs = &logs[0].1;
