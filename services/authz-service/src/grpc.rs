@@ -177,9 +177,11 @@ impl AuthzService for AuthzGrpc {
             Ok(pb::DomainRole::Owner) => Role::Owner,
             Ok(pb::DomainRole::Member) => Role::Member,
             _ => {
-                return Err(
-                    Error::from(FieldViolation::new("role", "must be DOMAIN_ROLE_OWNER or DOMAIN_ROLE_MEMBER")).into()
-                );
+                return Err(Error::from(FieldViolation::new(
+                    "role",
+                    "must be DOMAIN_ROLE_OWNER or DOMAIN_ROLE_MEMBER",
+                ))
+                .into());
             }
         };
         self.require_domain_access(&caller, &d).await?;
