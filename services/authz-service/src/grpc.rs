@@ -67,6 +67,34 @@ impl AuthzGrpc {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Change {
+    Grant,
+    Revoke,
+}
+
+impl AuthzGrpc {
+    async fn change_permission(
+        &self,
+        caller: &Principal,
+        domain_name: &str,
+        subject_name: &str,
+        permission: i32,
+        change: Change,
+    ) -> Result<Response<pb::DomainMember>, Status> {
+        let d = domain("domain", domain_name)?;
+        let s = subject("subject", subject_name)?;
+        let p = grantable("permission", permission)?;
+        self.require_domain_access(caller, &d).await?;
+        let (m, what) = match change {
+            Change::Grant => (self.policy.grant(&d, &s, p).await?, "permission granted"),
+            Change::Revoke => (self.policy.revoke(&d, &s, p).await?, "permission revoked"),
+        };
+        tracing::info!(domain = %d, subject = %s, permission = p.name(), %caller, "{what}");
+        Ok(Response::new(member_pb(m)))
+    }
+}
+
 fn subject(field: &str, text: &str) -> Result<Principal> {
     Ok(Principal::parse(field, text)?)
 }
@@ -212,13 +240,7 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::DomainMember>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        let d = domain("domain", &req.domain)?;
-        let s = subject("subject", &req.subject)?;
-        let p = grantable("permission", req.permission)?;
-        self.require_domain_access(&caller, &d).await?;
-        let m = self.policy.grant(&d, &s, p).await?;
-        tracing::info!(domain = %d, subject = %s, permission = p.name(), %caller, "permission granted");
-        Ok(Response::new(member_pb(m)))
+        self.change_permission(&caller, &req.domain, &req.subject, req.permission, Change::Grant).await
     }
 
     #[instrument(skip_all, fields(rpc = "RevokeDomainPermission", domain = %request.get_ref().domain, subject = %request.get_ref().subject))]
@@ -228,13 +250,7 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::DomainMember>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        let d = domain("domain", &req.domain)?;
-        let s = subject("subject", &req.subject)?;
-        let p = grantable("permission", req.permission)?;
-        self.require_domain_access(&caller, &d).await?;
-        let m = self.policy.revoke(&d, &s, p).await?;
-        tracing::info!(domain = %d, subject = %s, permission = p.name(), %caller, "permission revoked");
-        Ok(Response::new(member_pb(m)))
+        self.change_permission(&caller, &req.domain, &req.subject, req.permission, Change::Revoke).await
     }
 
     #[instrument(skip_all, fields(rpc = "ListDomainMembers", domain = %request.get_ref().domain))]
