@@ -102,10 +102,15 @@ fn health_checks_ports_and_dependencies_match_the_binaries() {
         let prefix = name.to_uppercase().replace('-', "_") + "_";
         let prefix = if name == "gateway" { "GATEWAY_".to_string() } else { prefix };
         let listen = &env[&format!("{prefix}LISTEN_ADDR")];
-        let port = listen.rsplit(':').next().unwrap();
+        let metrics = &env[&format!("{prefix}METRICS_ADDR")];
+        assert!(metrics.starts_with("0.0.0.0:"), "{name}'s metrics must be reachable from other containers");
+        let ports: Vec<&str> = [listen, metrics].iter().map(|a| a.rsplit(':').next().unwrap()).collect();
         for p in service["ports"].as_sequence().into_iter().flatten() {
             let published = p.as_str().unwrap();
-            assert!(published.ends_with(&format!(":{port}")), "{name} publishes {published} but listens on {listen}");
+            assert!(
+                ports.iter().any(|port| published.ends_with(&format!(":{port}"))),
+                "{name} publishes {published} but listens on {listen} and {metrics}"
+            );
         }
         for url in env.iter().filter(|(k, _)| k.ends_with("_URL") && !k.contains("DATABASE")).map(|(_, v)| v) {
             let host = url.trim_start_matches("http://").split(':').next().unwrap();

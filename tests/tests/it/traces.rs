@@ -25,6 +25,8 @@ use tonic::{Request, Response, Status, metadata::MetadataValue};
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
+    /// (service.name, service.version) of every resource received.
+    resources: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 #[tonic::async_trait]
@@ -35,17 +37,20 @@ impl TraceService for Receiver {
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let mut spans = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    AnyValue::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
+            let resource = |key: &str| {
+                rs.resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|a| a.key == key)
+                    .and_then(|a| a.value.as_ref()?.value.as_ref())
+                    .map(|v| match v {
+                        AnyValue::StringValue(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default()
+            };
+            let service = resource("service.name");
+            self.resources.lock().unwrap().push((service.clone(), resource("service.version")));
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     spans.push((service.clone(), span));
@@ -181,6 +186,9 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     let logs: Vec<(&str, String)> = [gateway, secrets, authz].into_iter().map(|s| (s.name, s.stop())).collect();
 
     let received = receiver.spans.lock().unwrap().clone();
+    for (service, version) in receiver.resources.lock().unwrap().iter() {
+        assert_eq!(version, env!("CARGO_PKG_VERSION"), "{service} names its version");
+    }
     let trace_id = hex::decode(&trace_hex).unwrap();
     let caller_span = hex::decode(caller_span_hex).unwrap();
     let trace: Vec<&(String, Span)> = received.iter().filter(|(_, s)| s.trace_id == trace_id).collect();
