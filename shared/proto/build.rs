@@ -1,17 +1,19 @@
 //! Compiles `proto/` with a vendored protoc, so a fresh machine needs none.
+//!
+//! Two descriptor sets: the public APIs (`iomete.secrets.v1`), which the
+//! gateway reflects, and the internal ones (`iomete.secrets.internal.v1`),
+//! which only the internal services reflect.
 
 use std::{env, path::PathBuf};
 
 /// Messages that carry secret values: their `Debug` is written by hand in
 /// `lib.rs` so that a value can never be printed.
 const REDACTED: &[&str] = &[
-    ".iomete.secrets.v1.CreateSecretRequest",
-    ".iomete.secrets.v1.CreateSecretRequest.value",
-    ".iomete.secrets.v1.UpdateSecretRequest",
-    ".iomete.secrets.v1.UpdateSecretRequest.value",
-    ".iomete.secrets.v1.SecretLookupResult",
+    ".iomete.secrets.v1.SecretValue",
+    ".iomete.secrets.v1.SecretValue.kind",
     ".iomete.secrets.v1.ResolvedItem",
     ".iomete.secrets.v1.ResolvedItem.result",
+    ".iomete.secrets.internal.v1.SecretLookupResult",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,18 +22,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { env::set_var("PROTOC", protoc) };
     let proto_root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let files = [
+    let public = [
         "iomete/secrets/v1/common.proto",
         "iomete/secrets/v1/secret_service.proto",
-        "iomete/secrets/v1/secret_reader.proto",
         "iomete/secrets/v1/authz.proto",
         "iomete/secrets/v1/gateway.proto",
     ]
     .map(|f| proto_root.join(f));
-    tonic_prost_build::configure()
+    let internal = ["iomete/secrets/internal/v1/secret_reader.proto"].map(|f| proto_root.join(f));
+    let configure = || {
+        tonic_prost_build::configure()
+            // google.rpc.Status and friends come from tonic-types.
+            .extern_path(".google.rpc", "::tonic_types::pb")
+            .skip_debug(REDACTED.iter().copied())
+    };
+    configure()
         .file_descriptor_set_path(out.join("secrets_descriptor.bin"))
-        .skip_debug(REDACTED.iter().copied())
-        .compile_protos(&files, std::slice::from_ref(&proto_root))?;
+        .compile_protos(&public, std::slice::from_ref(&proto_root))?;
+    configure()
+        .extern_path(".iomete.secrets.v1", "crate::v1")
+        .file_descriptor_set_path(out.join("secrets_internal_descriptor.bin"))
+        .compile_protos(&internal, std::slice::from_ref(&proto_root))?;
     println!("cargo:rerun-if-changed={}", proto_root.display());
     Ok(())
 }

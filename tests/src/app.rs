@@ -366,7 +366,7 @@ impl Clients {
             scope: scope as i32,
             domain: domain.into(),
             key: key.into(),
-            value: Some(pb::create_secret_request::Value::Text(text.into())),
+            value: Some(text_value(text)),
         };
         Ok(self.secrets.clone().create_secret(request).await?.into_inner())
     }
@@ -376,7 +376,7 @@ impl Clients {
             scope: pb::Scope::Domain as i32,
             domain: domain.into(),
             key: key.into(),
-            value: Some(pb::update_secret_request::Value::Text(text.into())),
+            value: Some(text_value(text)),
         };
         Ok(self.secrets.clone().update_secret(request).await?.into_inner())
     }
@@ -400,6 +400,11 @@ impl Clients {
         let request = pb::ResolveSecretsRequest { domain: domain.into(), items };
         Ok(self.gateway.clone().resolve_secrets(request).await?.into_inner().items)
     }
+}
+
+/// A text secret value, as create and update take it.
+pub fn text_value(text: &str) -> pb::SecretValue {
+    pb::SecretValue { kind: Some(pb::secret_value::Kind::Text(text.into())) }
 }
 
 /// A `${secrets.KEY}` text item.

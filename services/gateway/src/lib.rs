@@ -20,11 +20,12 @@ use secrets_common::{
     telemetry::TelemetryConfig,
 };
 use secrets_proto::{
+    internal::v1::secret_reader_client::SecretReaderClient,
     service_names::{AUTHZ_SERVICE, GATEWAY, SECRET_SERVICE},
     v1::{
         authz_service_client::AuthzServiceClient, authz_service_server::AuthzServiceServer,
-        gateway_server::GatewayServer, secret_reader_client::SecretReaderClient,
-        secret_service_client::SecretServiceClient, secret_service_server::SecretServiceServer,
+        gateway_server::GatewayServer, secret_service_client::SecretServiceClient,
+        secret_service_server::SecretServiceServer,
     },
 };
 use serde::Deserialize;
@@ -119,7 +120,10 @@ impl Application {
 
         let router = server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE])
             .await?
-            .add_service(GatewayServer::with_interceptor(resolver, authenticator.clone()))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                GatewayServer::new(resolver).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                authenticator.clone(),
+            ))
             .add_service(SecretServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
             .add_service(AuthzServiceServer::with_interceptor(forwarder, authenticator));
         Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })

@@ -3,7 +3,12 @@
 //!
 //! One batch costs one authz round trip (every distinct permission asked
 //! once) and one secret-service round trip (each store object read once).
-//! Problems with one item are reported on that item; the rest still resolve.
+//! Problems with one item are reported on that item as a `google.rpc.Status`;
+//! the rest still resolve. Every batch is bounded by [`limits`].
+//!
+//! Reading order: [`plan`] (rules: what each item needs, no I/O) →
+//! [`Resolver::resolve`] (the two round trips) → [`render`] (rules: values
+//! into items, within the response budget).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,15 +16,16 @@ use secrets_common::{
     Principal, SecretValue,
     auth::InternalChannel,
     authz::{AuthzClient, Question},
-    error::{from_upstream, invalid_argument},
+    error::{self, from_upstream, invalid_argument},
     placeholder::{self, Segment},
     validate::{self, FieldViolation},
 };
-use secrets_proto::v1::{
-    self as pb, ItemErrorCode, Permission, gateway_server::Gateway, resolve_item::Reference,
-    secret_reader_client::SecretReaderClient,
+use secrets_proto::{
+    internal::v1::{self as internal, secret_reader_client::SecretReaderClient},
+    v1::{self as pb, Permission, gateway_server::Gateway, resolve_item::Reference},
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 use tracing::instrument;
 
 use crate::{
@@ -27,8 +33,24 @@ use crate::{
     forward::SECRET_SERVICE,
 };
 
-/// Items per call: enough for any workload, small enough to bound one call.
-pub const MAX_ITEMS: usize = 1_000;
+/// What one `ResolveSecrets` call may ask for. Each refusal names its limit.
+pub mod limits {
+    /// Items per call.
+    pub const MAX_ITEMS: usize = 1_000;
+    /// Bytes of one item's `id`.
+    pub const MAX_ITEM_ID_BYTES: usize = 256;
+    /// Bytes of one `text` item.
+    pub const MAX_TEXT_BYTES: usize = 4_096;
+    /// `${secrets.KEY}` placeholders in one `text` item, repeats included.
+    pub const MAX_PLACEHOLDERS_PER_ITEM: usize = 64;
+    /// Resolved values and texts of one response together; items past it get
+    /// `RESOURCE_EXHAUSTED`. Keeps every response under gRPC's usual 4 MiB.
+    pub const MAX_RESPONSE_VALUE_BYTES: usize = 3 * 1024 * 1024;
+    /// One encoded request: room for `MAX_ITEMS` items at their largest.
+    pub const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+}
+
+use limits::*;
 
 #[derive(Clone)]
 pub struct Resolver {
@@ -64,57 +86,186 @@ impl Target {
 enum Plan<'a> {
     Value { target: Target, key: String },
     Text { segments: Vec<Segment<'a>> },
-    Failed(pb::ItemError),
+    Failed(Status),
 }
 
-fn item_error(code: ItemErrorCode, message: String) -> pb::ItemError {
-    pb::ItemError { code: code as i32, message }
+/// What the secret service answered for one (target, key).
+enum Read {
+    Found(SecretValue),
+    /// Found, but past the response budget.
+    Withheld,
 }
+
+type Values = BTreeMap<(Target, String), Read>;
 
 /// `items[3] ("envVars.DB_PASSWORD")`: how errors name an item.
 fn item_name(index: usize, id: &str) -> String {
-    if id.is_empty() { format!("items[{index}]") } else { format!("items[{index}] ({id:?})") }
+    if id.is_empty() || id.len() > MAX_ITEM_ID_BYTES {
+        format!("items[{index}]")
+    } else {
+        format!("items[{index}] ({id:?})")
+    }
 }
 
+/// `INVALID_ARGUMENT` for one field of one item, with a `BadRequest`
+/// violation naming `items[i].field`.
+fn item_invalid(index: usize, id: &str, field: &str, why: &str) -> Status {
+    let mut details = ErrorDetails::new();
+    details.add_bad_request_violation(format!("items[{index}].{field}"), why);
+    Status::with_error_details(Code::InvalidArgument, format!("{}: {field}: {why}", item_name(index, id)), details)
+}
+
+/// The rules for one item: what it needs, or why it cannot be resolved.
 fn plan(index: usize, item: &pb::ResolveItem) -> Plan<'_> {
-    let name = item_name(index, &item.id);
-    let invalid = |field: &str, why: String| {
-        Plan::Failed(item_error(ItemErrorCode::InvalidArgument, format!("{name}: {field}: {why}")))
-    };
+    let id = item.id.as_str();
+    let invalid = |field: &str, why: &str| Plan::Failed(item_invalid(index, id, field, why));
+    if id.len() > MAX_ITEM_ID_BYTES {
+        return invalid("id", &format!("is {} bytes; an item id is at most {MAX_ITEM_ID_BYTES} bytes", id.len()));
+    }
     match &item.reference {
-        None => invalid("reference", "set one of secret_object, text or admin_key".into()),
+        None => invalid("reference", "set one of secret_object, text or admin_key"),
         Some(Reference::SecretObject(obj)) => {
             if let Err(v) = validate::secret_key("key", &obj.key) {
-                return invalid("secret_object.key", v.description);
+                return invalid("secret_object.key", &v.description);
             }
             let Some(source) = &obj.source else {
-                return invalid("secret_object.source", "is required: {type: KUBERNETES, id: <domain>}".into());
+                return invalid("secret_object.source", "is required: {type: KUBERNETES, id: <domain>}");
             };
             match pb::SourceType::try_from(source.r#type) {
                 Ok(pb::SourceType::Kubernetes) => match validate::domain("id", &source.id) {
                     Ok(()) => Plan::Value { target: Target::Domain(source.id.clone()), key: obj.key.clone() },
-                    Err(v) => invalid("secret_object.source.id", format!("must be the domain name; {}", v.description)),
+                    Err(v) => invalid("secret_object.source.id", &format!("must be a domain name; {}", v.description)),
                 },
-                Ok(pb::SourceType::Vault) => Plan::Failed(item_error(
-                    ItemErrorCode::FailedPrecondition,
-                    format!(
-                        "{name}: VAULT sources are resolved by the vault-config-service, which this gateway is not connected to"
-                    ),
-                )),
-                Ok(pb::SourceType::Unspecified) | Err(_) => invalid(
+                Ok(pb::SourceType::Vault) => Plan::Failed(Status::failed_precondition(format!(
+                    "{}: VAULT sources are resolved by the vault-config-service, which this gateway is not connected to",
+                    item_name(index, id)
+                ))),
+                Ok(pb::SourceType::Unspecified) => {
+                    invalid("secret_object.source.type", "is required: KUBERNETES or VAULT")
+                }
+                Err(_) => invalid(
                     "secret_object.source.type",
-                    format!("unknown source type {}; use KUBERNETES or VAULT", source.r#type),
+                    &format!("unknown value {}; use KUBERNETES or VAULT", source.r#type),
                 ),
             }
         }
-        Some(Reference::Text(text)) => match placeholder::parse(text) {
-            Ok(segments) => Plan::Text { segments },
-            Err(e) => invalid("text", e.to_string()),
-        },
+        Some(Reference::Text(text)) => {
+            if text.len() > MAX_TEXT_BYTES {
+                return invalid(
+                    "text",
+                    &format!("is {} bytes; a text item is at most {MAX_TEXT_BYTES} bytes", text.len()),
+                );
+            }
+            match placeholder::parse(text) {
+                Ok(segments) if placeholder::count(&segments) > MAX_PLACEHOLDERS_PER_ITEM => invalid(
+                    "text",
+                    &format!(
+                        "has {} placeholders; a text item has at most {MAX_PLACEHOLDERS_PER_ITEM}",
+                        placeholder::count(&segments)
+                    ),
+                ),
+                Ok(segments) => Plan::Text { segments },
+                Err(e) => invalid("text", &e.to_string()),
+            }
+        }
         Some(Reference::AdminKey(key)) => match validate::secret_key("admin_key", key) {
             Ok(()) => Plan::Value { target: Target::Admin, key: key.clone() },
-            Err(v) => invalid("admin_key", v.description),
+            Err(v) => invalid("admin_key", &v.description),
         },
+    }
+}
+
+/// The response budget left for values and texts.
+struct Budget {
+    left: usize,
+}
+
+impl Budget {
+    fn take(&mut self, name: &str, bytes: usize) -> Result<(), Status> {
+        if bytes > self.left {
+            return Err(over_budget(name));
+        }
+        self.left -= bytes;
+        Ok(())
+    }
+}
+
+fn over_budget(name: &str) -> Status {
+    Status::resource_exhausted(format!(
+        "{name}: the resolved values of one response total at most {MAX_RESPONSE_VALUE_BYTES} bytes (3 MiB) and this item would pass that; resolve it in another call"
+    ))
+}
+
+/// Why an item's (target, key) cannot be used, if it cannot.
+fn lookup<'v>(
+    values: &'v Values,
+    denied: &BTreeMap<&Target, String>,
+    principal: &Principal,
+    name: &str,
+    target: &Target,
+    key: &str,
+) -> Result<&'v SecretValue, Status> {
+    if let Some(reason) = denied.get(target) {
+        let what = match target {
+            Target::Domain(d) => format!("use the secrets of domain {d:?}"),
+            Target::Admin => "use the admin secrets".into(),
+        };
+        return Err(Status::permission_denied(format!("{name}: {principal} may not {what}: {reason}")));
+    }
+    match values.get(&(target.clone(), key.to_string())) {
+        Some(Read::Found(v)) => Ok(v),
+        Some(Read::Withheld) => Err(over_budget(name)),
+        None => Err(Status::not_found(format!("{name}: secret {key:?} does not exist in {}", target.describe()))),
+    }
+}
+
+/// The result of one planned item, drawing on `budget`.
+fn render(
+    plan: Plan<'_>,
+    name: &str,
+    text_target: &Target,
+    values: &Values,
+    denied: &BTreeMap<&Target, String>,
+    principal: &Principal,
+    budget: &mut Budget,
+) -> Result<pb::resolved_item::Result, Status> {
+    match plan {
+        Plan::Failed(e) => Err(e),
+        Plan::Value { target, key } => {
+            let value = lookup(values, denied, principal, name, &target, &key)?;
+            budget.take(name, value.len())?;
+            Ok(pb::resolved_item::Result::Value(value.expose().to_vec()))
+        }
+        Plan::Text { segments } => {
+            let mut out = zeroize::Zeroizing::new(String::new());
+            let mut taken = 0;
+            let mut push = |piece: &str, budget: &mut Budget| -> Result<(), Status> {
+                budget.take(name, piece.len())?;
+                taken += piece.len();
+                out.push_str(piece);
+                Ok(())
+            };
+            let result = segments.iter().try_for_each(|s| match s {
+                Segment::Literal(l) => push(l, budget),
+                Segment::Placeholder(key) => {
+                    let value = lookup(values, denied, principal, name, text_target, key)?;
+                    let text = std::str::from_utf8(value.expose()).map_err(|_| {
+                        Status::failed_precondition(format!(
+                            "{name}: secret {key:?} holds binary data and cannot be placed into text; reference it as a secret object"
+                        ))
+                    })?;
+                    push(text, budget)
+                }
+            });
+            match result {
+                Ok(()) => Ok(pb::resolved_item::Result::Text(std::mem::take(&mut *out))),
+                Err(e) => {
+                    // A failed item sends nothing: give its bytes back.
+                    budget.left += taken;
+                    Err(e)
+                }
+            }
+        }
     }
 }
 
@@ -168,6 +319,7 @@ impl Resolver {
         let values = self.read(&lookups).await?;
 
         let mut counts = Counts::default();
+        let mut budget = Budget { left: MAX_RESPONSE_VALUE_BYTES };
         let items = request
             .items
             .iter()
@@ -175,19 +327,11 @@ impl Resolver {
             .enumerate()
             .map(|(i, (item, p))| {
                 let name = item_name(i, &item.id);
-                let result = match p {
-                    Plan::Failed(e) => Err(e),
-                    Plan::Value { target, key } => lookup(&values, &denied, &caller.principal, &name, &target, &key)
-                        .map(|v| pb::resolved_item::Result::Value(v.clone().into_exposed())),
-                    Plan::Text { segments } => {
-                        render(&values, &denied, &caller.principal, &name, &text_target, &segments)
-                            .map(pb::resolved_item::Result::Text)
-                    }
-                };
-                let result = result.unwrap_or_else(|e| {
-                    counts.count(&e);
-                    pb::resolved_item::Result::Error(e)
-                });
+                let result = render(p, &name, &text_target, &values, &denied, &caller.principal, &mut budget)
+                    .unwrap_or_else(|e| {
+                        counts.count(e.code());
+                        pb::resolved_item::Result::Error(error::to_rpc_status(&e))
+                    });
                 pb::ResolvedItem { id: item.id.clone(), result: Some(result) }
             })
             .collect::<Vec<_>>();
@@ -196,24 +340,25 @@ impl Resolver {
         span.record("denied", counts.denied as i64);
         span.record("not_found", counts.not_found as i64);
         span.record("invalid", counts.invalid as i64);
+        span.record("over_limit", counts.over_limit as i64);
         Ok(pb::ResolveSecretsResponse { items })
     }
 
-    async fn read(&self, lookups: &[&(Target, String)]) -> Result<BTreeMap<(Target, String), SecretValue>, Status> {
+    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Values, Status> {
         if lookups.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let request = pb::ReadSecretsRequest {
+        let request = internal::ReadSecretsRequest {
             lookups: lookups
                 .iter()
                 .map(|(t, key)| match t {
-                    Target::Domain(d) => pb::SecretLookup {
+                    Target::Domain(d) => internal::SecretLookup {
                         scope: pb::Scope::Domain as i32,
                         domain: d.clone(),
                         key: key.clone(),
                         global_fallback: true,
                     },
-                    Target::Admin => pb::SecretLookup {
+                    Target::Admin => internal::SecretLookup {
                         scope: pb::Scope::Admin as i32,
                         domain: String::new(),
                         key: key.clone(),
@@ -221,13 +366,22 @@ impl Resolver {
                     },
                 })
                 .collect(),
+            max_value_bytes: MAX_RESPONSE_VALUE_BYTES as u64,
         };
         let results = self
             .reader
             .clone()
             .read_secrets(request)
             .await
-            .map_err(|s| from_upstream(SECRET_SERVICE, s))?
+            .map_err(|s| match s.code() {
+                // The lookups are built here from validated items: a refusal
+                // is this service's bug, and its internal field names mean
+                // nothing to the caller.
+                Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
+                    error::internal("secret-service refused the resolver's lookups", &s.message())
+                }
+                _ => from_upstream(SECRET_SERVICE, s),
+            })?
             .into_inner()
             .results;
         if results.len() != lookups.len() {
@@ -241,59 +395,12 @@ impl Resolver {
             .iter()
             .zip(results)
             .filter(|(_, r)| r.found)
-            .map(|(l, r)| ((*l).clone(), SecretValue::new(r.value)))
+            .map(|(l, r)| {
+                let read = if r.withheld { Read::Withheld } else { Read::Found(SecretValue::new(r.value)) };
+                ((*l).clone(), read)
+            })
             .collect())
     }
-}
-
-fn lookup<'v>(
-    values: &'v BTreeMap<(Target, String), SecretValue>,
-    denied: &BTreeMap<&Target, String>,
-    principal: &Principal,
-    name: &str,
-    target: &Target,
-    key: &str,
-) -> Result<&'v SecretValue, pb::ItemError> {
-    if let Some(reason) = denied.get(target) {
-        let what = match target {
-            Target::Domain(d) => format!("use the secrets of domain {d:?}"),
-            Target::Admin => "use the admin secrets".into(),
-        };
-        return Err(item_error(
-            ItemErrorCode::PermissionDenied,
-            format!("{name}: {principal} may not {what}: {reason}"),
-        ));
-    }
-    values.get(&(target.clone(), key.to_string())).ok_or_else(|| {
-        item_error(ItemErrorCode::NotFound, format!("{name}: secret {key:?} does not exist in {}", target.describe()))
-    })
-}
-
-fn render(
-    values: &BTreeMap<(Target, String), SecretValue>,
-    denied: &BTreeMap<&Target, String>,
-    principal: &Principal,
-    name: &str,
-    target: &Target,
-    segments: &[Segment<'_>],
-) -> Result<String, pb::ItemError> {
-    let mut out = zeroize::Zeroizing::new(String::new());
-    for s in segments {
-        match s {
-            Segment::Literal(l) => out.push_str(l),
-            Segment::Placeholder(key) => {
-                let value = lookup(values, denied, principal, name, target, key)?;
-                let text = std::str::from_utf8(value.expose()).map_err(|_| {
-                    item_error(
-                        ItemErrorCode::FailedPrecondition,
-                        format!("{name}: secret {key:?} holds binary data and cannot be placed into text; reference it as a secret object"),
-                    )
-                })?;
-                out.push_str(text);
-            }
-        }
-    }
-    Ok(std::mem::take(&mut *out))
 }
 
 #[derive(Default)]
@@ -301,13 +408,15 @@ struct Counts {
     denied: usize,
     not_found: usize,
     invalid: usize,
+    over_limit: usize,
 }
 
 impl Counts {
-    fn count(&mut self, e: &pb::ItemError) {
-        match ItemErrorCode::try_from(e.code) {
-            Ok(ItemErrorCode::PermissionDenied) => self.denied += 1,
-            Ok(ItemErrorCode::NotFound) => self.not_found += 1,
+    fn count(&mut self, code: Code) {
+        match code {
+            Code::PermissionDenied => self.denied += 1,
+            Code::NotFound => self.not_found += 1,
+            Code::ResourceExhausted => self.over_limit += 1,
             _ => self.invalid += 1,
         }
     }
@@ -318,7 +427,7 @@ impl Gateway for Resolver {
     #[instrument(
         skip_all,
         fields(rpc = "ResolveSecrets", caller, principal, domain = %request.get_ref().domain,
-               items = request.get_ref().items.len() as i64, keys, denied, not_found, invalid)
+               items = request.get_ref().items.len() as i64, keys, denied, not_found, invalid, over_limit)
     )]
     async fn resolve_secrets(
         &self,
@@ -331,5 +440,76 @@ impl Gateway for Resolver {
         let response = self.resolve(&caller, request.into_inner()).await?;
         tracing::info!("resolved");
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(id: &str, t: &str) -> pb::ResolveItem {
+        pb::ResolveItem { id: id.into(), reference: Some(Reference::Text(t.into())) }
+    }
+
+    fn failed(p: Plan<'_>) -> Status {
+        match p {
+            Plan::Failed(s) => s,
+            _ => panic!("expected a failed plan"),
+        }
+    }
+
+    #[test]
+    fn items_past_their_limits_are_refused_naming_the_limit_and_the_field() {
+        let long_text = text("x", &"a".repeat(MAX_TEXT_BYTES + 1));
+        let s = failed(plan(0, &long_text));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("at most 4096 bytes"), "{}", s.message());
+        assert_eq!(s.get_error_details().bad_request().unwrap().field_violations[0].field, "items[0].text");
+
+        let many = text("y", &"${secrets.k}".repeat(MAX_PLACEHOLDERS_PER_ITEM + 1));
+        let s = failed(plan(3, &many));
+        assert!(s.message().contains("at most 64"), "{}", s.message());
+        assert!(s.message().starts_with("items[3] (\"y\"): text:"), "{}", s.message());
+
+        let long_id = text(&"i".repeat(MAX_ITEM_ID_BYTES + 1), "plain");
+        let s = failed(plan(1, &long_id));
+        assert!(s.message().starts_with("items[1]: id: is 257 bytes"), "{}", s.message());
+
+        assert!(matches!(plan(0, &text("ok", &"${secrets.k}".repeat(MAX_PLACEHOLDERS_PER_ITEM))), Plan::Text { .. }));
+    }
+
+    #[test]
+    fn the_reserved_admin_domain_fails_its_item_only() {
+        let item = pb::ResolveItem {
+            id: "a".into(),
+            reference: Some(Reference::SecretObject(pb::SecretObject {
+                key: "k".into(),
+                source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: "admin".into() }),
+            })),
+        };
+        let s = failed(plan(0, &item));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("reserved"), "{}", s.message());
+    }
+
+    #[test]
+    fn rendering_stops_at_the_response_budget_and_gives_back_what_a_failed_item_took() {
+        let target = Target::Domain("d".into());
+        let mut values = Values::new();
+        values.insert((target.clone(), "big".into()), Read::Found(SecretValue::new(vec![b'v'; 1000])));
+        let principal = Principal::user("u");
+        let denied = BTreeMap::new();
+        let mut budget = Budget { left: 2500 };
+        let run = |t: &str, budget: &mut Budget| {
+            let item = text("t", t);
+            render(plan(0, &item), "items[0]", &target, &values, &denied, &principal, budget)
+        };
+        assert!(run("${secrets.big}${secrets.big}", &mut budget).is_ok());
+        assert_eq!(budget.left, 500);
+        let over = run("ab${secrets.big}", &mut budget).unwrap_err();
+        assert_eq!(over.code(), Code::ResourceExhausted);
+        assert!(over.message().contains("3 MiB"), "{}", over.message());
+        assert_eq!(budget.left, 500, "a refused item costs nothing");
+        assert!(run("short", &mut budget).is_ok());
     }
 }

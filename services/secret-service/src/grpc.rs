@@ -8,8 +8,9 @@ use secrets_common::{
     error::invalid_argument,
     validate::FieldViolation,
 };
-use secrets_proto::v1::{
-    self as pb, Permission, secret_reader_server::SecretReader, secret_service_server::SecretService,
+use secrets_proto::{
+    internal::v1::{self as internal, secret_reader_server::SecretReader},
+    v1::{self as pb, Permission, secret_service_server::SecretService},
 };
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -53,7 +54,7 @@ struct Write {
     scope: i32,
     domain: String,
     key: String,
-    value: (Option<Vec<u8>>, Option<String>),
+    value: Option<pb::SecretValue>,
 }
 
 #[derive(Clone, Copy)]
@@ -73,7 +74,7 @@ impl SecretGrpc {
         let principal = call.require_principal()?;
         record(&principal.to_string(), &w.domain, &w.key, w.scope);
         let scope = scope_of(w.scope, &w.domain, false)?;
-        let value = value_of(w.value.0, w.value.1)?;
+        let value = value_of(w.value)?;
         self.authorize(principal, &scope, Op::Write, None).await?;
         let info = match mode {
             Mode::Create => self.store.create(&scope, &w.key, value).await?,
@@ -91,31 +92,34 @@ impl SecretGrpc {
 /// The scope a request names; `domain` must be set exactly for domain scopes
 /// (and may be set to view global secrets from a domain).
 fn scope_of(scope: i32, domain: &str, allow_domain_view: bool) -> Result<Scope, Status> {
-    let scope = pb::Scope::try_from(scope).map_err(|_| {
-        invalid_argument(FieldViolation::new(
-            "scope",
-            format!("unknown value {scope}; use SCOPE_DOMAIN, SCOPE_GLOBAL or SCOPE_ADMIN"),
-        ))
-    })?;
-    match scope {
-        pb::Scope::Domain => Ok(Scope::domain("domain", domain)?),
-        pb::Scope::Global if allow_domain_view => Ok(Scope::Global),
-        pb::Scope::Global | pb::Scope::Admin if !domain.is_empty() => Err(invalid_argument(FieldViolation::new(
-            "domain",
-            format!("must be empty for {}: those secrets belong to no domain", scope.as_str_name()),
-        ))),
-        pb::Scope::Global => Ok(Scope::Global),
-        pb::Scope::Admin => Ok(Scope::Admin),
+    let field = |why: String| invalid_argument(FieldViolation::new("scope", why));
+    match pb::Scope::try_from(scope) {
+        Ok(pb::Scope::Unspecified) => {
+            Err(field("is required: set SCOPE_DOMAIN (with domain), SCOPE_GLOBAL or SCOPE_ADMIN".into()))
+        }
+        Err(_) => Err(field(format!("unknown value {scope}; use SCOPE_DOMAIN, SCOPE_GLOBAL or SCOPE_ADMIN"))),
+        Ok(pb::Scope::Domain) => Ok(Scope::domain("domain", domain)?),
+        Ok(pb::Scope::Global) if allow_domain_view => Ok(Scope::Global),
+        Ok(s @ (pb::Scope::Global | pb::Scope::Admin)) if !domain.is_empty() => {
+            Err(invalid_argument(FieldViolation::new(
+                "domain",
+                format!("must be empty for {}: those secrets belong to no domain", s.as_str_name()),
+            )))
+        }
+        Ok(pb::Scope::Global) => Ok(Scope::Global),
+        Ok(pb::Scope::Admin) => Ok(Scope::Admin),
     }
 }
 
-fn value_of(binary: Option<Vec<u8>>, text: Option<String>) -> Result<SecretValue, Status> {
-    match (binary, text) {
-        (Some(b), _) => Ok(SecretValue::new(b)),
-        (None, Some(t)) => Ok(SecretValue::from(t)),
-        (None, None) => {
-            Err(invalid_argument(FieldViolation::new("value", "is required: set `binary` (base64 in JSON) or `text`")))
-        }
+fn value_of(value: Option<pb::SecretValue>) -> Result<SecretValue, Status> {
+    use pb::secret_value::Kind;
+    match value.and_then(|v| v.kind) {
+        Some(Kind::Binary(b)) => Ok(SecretValue::new(b)),
+        Some(Kind::Text(t)) => Ok(SecretValue::from(t)),
+        None => Err(invalid_argument(FieldViolation::new(
+            "value",
+            "is required: set value.text, or value.binary (base64 in JSON)",
+        ))),
     }
 }
 
@@ -150,8 +154,8 @@ impl SecretService for SecretGrpc {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
         let req = request.into_inner();
-        let value = split_create(req.value);
-        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value }, Mode::Create).await
+        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value: req.value }, Mode::Create)
+            .await
     }
 
     #[instrument(skip_all, fields(rpc = "UpdateSecret", scope, domain, key, principal))]
@@ -161,8 +165,8 @@ impl SecretService for SecretGrpc {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
         let req = request.into_inner();
-        let value = split_update(req.value);
-        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value }, Mode::Update).await
+        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value: req.value }, Mode::Update)
+            .await
     }
 
     #[instrument(skip_all, fields(rpc = "DeleteSecret", scope, domain, key, principal))]
@@ -210,12 +214,13 @@ impl SecretService for SecretGrpc {
 impl SecretReader for SecretGrpc {
     /// Values for the gateway's resolver. The gateway has already decided the
     /// caller may use them; this service only checks that the call is the
-    /// gateway's (the internal credential).
-    #[instrument(skip_all, fields(rpc = "ReadSecrets", lookups, found))]
+    /// gateway's (the internal credential). Values are returned in lookup
+    /// order while they fit in `max_value_bytes`; the rest are withheld.
+    #[instrument(skip_all, fields(rpc = "ReadSecrets", lookups, found, withheld))]
     async fn read_secrets(
         &self,
-        request: Request<pb::ReadSecretsRequest>,
-    ) -> Result<Response<pb::ReadSecretsResponse>, Status> {
+        request: Request<internal::ReadSecretsRequest>,
+    ) -> Result<Response<internal::ReadSecretsResponse>, Status> {
         let req = request.into_inner();
         tracing::Span::current().record("lookups", req.lookups.len() as i64);
         let mut lookups = Vec::with_capacity(req.lookups.len());
@@ -226,23 +231,44 @@ impl SecretReader for SecretGrpc {
             lookups.push(Lookup { scope, key: l.key, global_fallback: l.global_fallback });
         }
         let found = self.store.read_values(&lookups).await?;
-        tracing::Span::current().record("found", found.iter().filter(|f| f.is_some()).count() as i64);
+        let budget = if req.max_value_bytes == 0 { u64::MAX } else { req.max_value_bytes };
+        let mut sent = 0u64;
+        let (mut n_found, mut n_withheld) = (0i64, 0i64);
         let results = found
             .into_iter()
             .map(|f| match f {
-                None => pb::SecretLookupResult::default(),
-                Some(f) => pb::SecretLookupResult {
-                    found: true,
-                    found_in: match f.scope {
+                None => internal::SecretLookupResult::default(),
+                Some(f) => {
+                    n_found += 1;
+                    let found_in = match f.scope {
                         Scope::Domain(_) => pb::Scope::Domain,
                         Scope::Global => pb::Scope::Global,
                         Scope::Admin => pb::Scope::Admin,
-                    } as i32,
-                    value: f.value.into_exposed(),
-                },
+                    } as i32;
+                    let len = f.value.len() as u64;
+                    if sent.saturating_add(len) > budget {
+                        n_withheld += 1;
+                        return internal::SecretLookupResult {
+                            found: true,
+                            found_in,
+                            withheld: true,
+                            ..Default::default()
+                        };
+                    }
+                    sent += len;
+                    internal::SecretLookupResult {
+                        found: true,
+                        found_in,
+                        value: f.value.into_exposed(),
+                        withheld: false,
+                    }
+                }
             })
             .collect();
-        Ok(Response::new(pb::ReadSecretsResponse { results }))
+        let span = tracing::Span::current();
+        span.record("found", n_found);
+        span.record("withheld", n_withheld);
+        Ok(Response::new(internal::ReadSecretsResponse { results }))
     }
 }
 
@@ -252,22 +278,4 @@ fn record(principal: &str, domain: &str, key: &str, scope: i32) {
     span.record("domain", domain);
     span.record("key", key);
     span.record("scope", pb::Scope::try_from(scope).map_or("unknown", |s| s.as_str_name()));
-}
-
-fn split_create(v: Option<pb::create_secret_request::Value>) -> (Option<Vec<u8>>, Option<String>) {
-    use pb::create_secret_request::Value;
-    match v {
-        Some(Value::Binary(b)) => (Some(b), None),
-        Some(Value::Text(t)) => (None, Some(t)),
-        None => (None, None),
-    }
-}
-
-fn split_update(v: Option<pb::update_secret_request::Value>) -> (Option<Vec<u8>>, Option<String>) {
-    use pb::update_secret_request::Value;
-    match v {
-        Some(Value::Binary(b)) => (Some(b), None),
-        Some(Value::Text(t)) => (None, Some(t)),
-        None => (None, None),
-    }
 }

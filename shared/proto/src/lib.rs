@@ -7,89 +7,57 @@
 
 use std::fmt;
 
+/// The public APIs: what the gateway serves and reflects.
 pub mod v1 {
     tonic::include_proto!("iomete.secrets.v1");
 }
 
-/// The encoded file descriptor set of every proto, for server reflection.
+/// APIs between the services only: never routed or reflected by the gateway.
+pub mod internal {
+    pub mod v1 {
+        tonic::include_proto!("iomete.secrets.internal.v1");
+    }
+}
+
+/// The encoded file descriptor set of the public protos, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("secrets_descriptor");
+
+/// The encoded file descriptor set of the internal protos, reflected only by
+/// the internal services.
+pub const INTERNAL_FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("secrets_internal_descriptor");
 
 /// Fully-qualified service names, as reflection and health report them.
 pub mod service_names {
     pub const SECRET_SERVICE: &str = "iomete.secrets.v1.SecretService";
-    pub const SECRET_READER: &str = "iomete.secrets.v1.SecretReader";
+    pub const SECRET_READER: &str = "iomete.secrets.internal.v1.SecretReader";
     pub const AUTHZ_SERVICE: &str = "iomete.secrets.v1.AuthzService";
     pub const GATEWAY: &str = "iomete.secrets.v1.Gateway";
 }
 
 const REDACTED: &str = "<redacted>";
 
-fn value_kind(value: &Option<impl ValueKind>) -> &'static str {
-    value.as_ref().map_or("none", ValueKind::kind)
-}
-
-trait ValueKind {
-    fn kind(&self) -> &'static str;
-}
-
-impl ValueKind for v1::create_secret_request::Value {
-    fn kind(&self) -> &'static str {
+impl fmt::Debug for v1::secret_value::Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Binary(_) => "binary",
-            Self::Text(_) => "text",
+            Self::Binary(_) => write!(f, "Binary({REDACTED})"),
+            Self::Text(_) => write!(f, "Text({REDACTED})"),
         }
     }
 }
 
-impl ValueKind for v1::update_secret_request::Value {
-    fn kind(&self) -> &'static str {
-        match self {
-            Self::Binary(_) => "binary",
-            Self::Text(_) => "text",
-        }
-    }
-}
-
-impl fmt::Debug for v1::create_secret_request::Value {
+impl fmt::Debug for v1::SecretValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}({REDACTED})", self.kind())
+        f.debug_struct("SecretValue").field("kind", &self.kind).finish()
     }
 }
 
-impl fmt::Debug for v1::update_secret_request::Value {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}({REDACTED})", self.kind())
-    }
-}
-
-impl fmt::Debug for v1::CreateSecretRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CreateSecretRequest")
-            .field("scope", &self.scope())
-            .field("domain", &self.domain)
-            .field("key", &self.key)
-            .field("value", &value_kind(&self.value))
-            .finish()
-    }
-}
-
-impl fmt::Debug for v1::UpdateSecretRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpdateSecretRequest")
-            .field("scope", &self.scope())
-            .field("domain", &self.domain)
-            .field("key", &self.key)
-            .field("value", &value_kind(&self.value))
-            .finish()
-    }
-}
-
-impl fmt::Debug for v1::SecretLookupResult {
+impl fmt::Debug for internal::v1::SecretLookupResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretLookupResult")
             .field("found", &self.found)
             .field("found_in", &self.found_in())
             .field("value", &REDACTED)
+            .field("withheld", &self.withheld)
             .finish()
     }
 }
@@ -112,7 +80,7 @@ impl fmt::Debug for v1::ResolvedItem {
 
 #[cfg(test)]
 mod tests {
-    use super::v1::*;
+    use super::{internal::v1::SecretLookupResult, v1::*};
 
     const CANARY: &str = "canary-debug-7f3a9";
 
@@ -120,15 +88,15 @@ mod tests {
     fn debug_output_of_value_carrying_messages_never_shows_the_value() {
         let create = CreateSecretRequest {
             key: "db_password".into(),
-            value: Some(create_secret_request::Value::Text(CANARY.into())),
+            value: Some(SecretValue { kind: Some(secret_value::Kind::Text(CANARY.into())) }),
             ..Default::default()
         };
         let update = UpdateSecretRequest {
             key: "db_password".into(),
-            value: Some(update_secret_request::Value::Binary(CANARY.as_bytes().to_vec())),
+            value: Some(SecretValue { kind: Some(secret_value::Kind::Binary(CANARY.as_bytes().to_vec())) }),
             ..Default::default()
         };
-        let lookup = SecretLookupResult { found: true, found_in: 0, value: CANARY.as_bytes().to_vec() };
+        let lookup = SecretLookupResult { found: true, value: CANARY.as_bytes().to_vec(), ..Default::default() };
         let resolved = ResolvedItem {
             id: "envVars.DB".into(),
             result: Some(resolved_item::Result::Text(format!("jdbc:pg://u:{CANARY}@h"))),
@@ -137,5 +105,16 @@ mod tests {
         assert!(!printed.contains(CANARY), "{printed}");
         assert!(printed.contains("db_password"), "keys stay visible: {printed}");
         assert!(printed.contains("envVars.DB"), "item ids stay visible: {printed}");
+        assert!(printed.contains("Text(<redacted>)"), "the kind of value stays visible: {printed}");
+    }
+
+    #[test]
+    fn the_public_descriptor_set_holds_no_internal_package() {
+        use prost::Message;
+        let public = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        assert!(public.file.iter().any(|f| f.package() == "iomete.secrets.v1"));
+        assert!(public.file.iter().all(|f| !f.package().contains("internal")), "internal schema in the public set");
+        let internal = prost_types::FileDescriptorSet::decode(super::INTERNAL_FILE_DESCRIPTOR_SET).unwrap();
+        assert!(internal.file.iter().any(|f| f.package() == "iomete.secrets.internal.v1"));
     }
 }

@@ -2,7 +2,7 @@
 //! field violation naming the field; nothing panics and nothing is lost.
 
 use integration_tests::*;
-use secrets_proto::v1::{self as pb, create_secret_request::Value};
+use secrets_proto::v1::{self as pb, secret_value::Kind as Value};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -13,6 +13,7 @@ fn field_of(status: &Status) -> String {
 }
 
 fn create(scope: i32, domain: &str, key: &str, value: Option<Value>) -> pb::CreateSecretRequest {
+    let value = value.map(|kind| pb::SecretValue { kind: Some(kind) });
     pb::CreateSecretRequest { scope, domain: domain.into(), key: key.into(), value }
 }
 
@@ -35,6 +36,7 @@ async fn bad_secret_requests_name_the_field_and_the_rule() {
         ("bad domain", create(d, "Finance", "k", text("v")), "domain", "DNS label"),
         ("reserved domain", create(d, "admin", "k", text("v")), "domain", "reserved"),
         ("unknown scope", create(7, "finance", "k", text("v")), "scope", "unknown value 7"),
+        ("unset scope", create(0, "finance", "k", text("v")), "scope", "is required: set SCOPE_DOMAIN"),
         ("domain on global", create(pb::Scope::Global as i32, "finance", "k", text("v")), "domain", "must be empty"),
         ("missing value", create(d, "finance", "k", None), "value", "is required"),
         ("empty value", create(d, "finance", "k", text("")), "value", "must not be empty"),
@@ -60,8 +62,13 @@ async fn an_object_that_would_pass_one_mebibyte_is_refused_saying_which_limit() 
     let app = TestApp::spawn().await;
     let admin = app.as_user(ADMIN);
     let big = || Some(Value::Binary(vec![b'x'; 700 * 1024]));
-    admin.secrets.clone().create_secret(create(0, "finance", "one", big())).await.unwrap();
-    let err = admin.secrets.clone().create_secret(create(0, "finance", "two", big())).await.unwrap_err();
+    admin.secrets.clone().create_secret(create(pb::Scope::Domain as i32, "finance", "one", big())).await.unwrap();
+    let err = admin
+        .secrets
+        .clone()
+        .create_secret(create(pb::Scope::Domain as i32, "finance", "two", big()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("limit is 1048576 bytes"), "{}", err.message());
     assert_eq!(admin.list("finance").await.unwrap(), ["one"]);

@@ -4,7 +4,7 @@
 //! store's files.
 
 use integration_tests::{logs, *};
-use secrets_proto::v1::{self as pb, create_secret_request, update_secret_request};
+use secrets_proto::v1::{self as pb, secret_value::Kind};
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
@@ -32,10 +32,10 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
         .secrets
         .clone()
         .create_secret(pb::CreateSecretRequest {
-            scope: 0,
+            scope: pb::Scope::Domain as i32,
             domain: "finance".into(),
             key: "binary".into(),
-            value: Some(create_secret_request::Value::Binary(binary.clone().into_bytes())),
+            value: Some(pb::SecretValue { kind: Some(Kind::Binary(binary.clone().into_bytes())) }),
         })
         .await
         .unwrap();
@@ -46,10 +46,10 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
         .secrets
         .clone()
         .update_secret(pb::UpdateSecretRequest {
-            scope: 0,
+            scope: pb::Scope::Domain as i32,
             domain: "finance".into(),
             key: "domain".into(),
-            value: Some(update_secret_request::Value::Text(updated.clone())),
+            value: Some(text_value(&updated)),
         })
         .await
         .unwrap();
@@ -71,10 +71,10 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
             .secrets
             .clone()
             .create_secret(pb::CreateSecretRequest {
-                scope: 0,
+                scope: pb::Scope::Domain as i32,
                 domain: "finance".into(),
                 key: "huge".into(),
-                value: Some(create_secret_request::Value::Binary(oversized)),
+                value: Some(pb::SecretValue { kind: Some(Kind::Binary(oversized)) }),
             })
             .await
             .unwrap_err(),

@@ -39,13 +39,20 @@ async fn grpcurl_lists_and_describes_the_gateway_and_creates_and_resolves_a_secr
         ],
         "the internal SecretReader is not exposed"
     );
+    let internal = tokio::task::block_in_place(|| {
+        Command::new(grpcurl())
+            .args(["-plaintext", &addr, "describe", "iomete.secrets.internal.v1.SecretReader"])
+            .output()
+            .expect("run grpcurl")
+    });
+    assert!(!internal.status.success(), "the gateway describes the internal SecretReader");
     let described =
         tokio::task::block_in_place(|| run(&["-plaintext", &addr, "describe", "iomete.secrets.v1.Gateway"]));
     assert!(described.contains("rpc ResolveSecrets"), "{described}");
     let described = tokio::task::block_in_place(|| {
         run(&["-plaintext", &addr, "describe", "iomete.secrets.v1.CreateSecretRequest"])
     });
-    assert!(described.contains("string text = 5"), "{described}");
+    assert!(described.contains(".iomete.secrets.v1.SecretValue value = 4"), "{described}");
 
     let created = tokio::task::block_in_place(|| {
         run(&[
@@ -53,7 +60,7 @@ async fn grpcurl_lists_and_describes_the_gateway_and_creates_and_resolves_a_secr
             "-H",
             &admin,
             "-d",
-            r#"{"domain":"finance","key":"db_password","text":"from-grpcurl"}"#,
+            r#"{"scope":"SCOPE_DOMAIN","domain":"finance","key":"db_password","value":{"text":"from-grpcurl"}}"#,
             &addr,
             "iomete.secrets.v1.SecretService/CreateSecret",
         ])
@@ -82,7 +89,7 @@ async fn grpcurl_lists_and_describes_the_gateway_and_creates_and_resolves_a_secr
                 "-H",
                 &admin,
                 "-d",
-                r#"{"domain":"finance","key":"bad key","text":"x"}"#,
+                r#"{"scope":"SCOPE_DOMAIN","domain":"finance","key":"bad key","value":{"text":"x"}}"#,
                 &addr,
                 "iomete.secrets.v1.SecretService/CreateSecret",
             ])

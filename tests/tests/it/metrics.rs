@@ -7,7 +7,7 @@ const CREATE_OK: &str = r#"secrets_grpc_server_requests_total{rpc_service="iomet
 const CREATE_EXISTS: &str = r#"secrets_grpc_server_requests_total{rpc_service="iomete.secrets.v1.SecretService",rpc_method="CreateSecret",grpc_code="ALREADY_EXISTS"}"#;
 const LIST_DENIED: &str = r#"secrets_grpc_server_requests_total{rpc_service="iomete.secrets.v1.SecretService",rpc_method="ListSecrets",grpc_code="PERMISSION_DENIED"}"#;
 const RESOLVE_OK: &str = r#"secrets_grpc_server_requests_total{rpc_service="iomete.secrets.v1.Gateway",rpc_method="ResolveSecrets",grpc_code="OK"}"#;
-const READ_OK: &str = r#"secrets_grpc_server_requests_total{rpc_service="iomete.secrets.v1.SecretReader",rpc_method="ReadSecrets",grpc_code="OK"}"#;
+const READ_OK: &str = r#"secrets_grpc_server_requests_total{rpc_service="iomete.secrets.internal.v1.SecretReader",rpc_method="ReadSecrets",grpc_code="OK"}"#;
 const TO_SECRET_SERVICE: &str = r#"secrets_backend_calls_total{backend="secret-service",operation="CreateSecret"}"#;
 const TO_AUTHZ: &str = r#"secrets_backend_calls_total{backend="authz-service",operation="BatchCheck"}"#;
 const EMBEDDED_MODIFY: &str = r#"secrets_backend_calls_total{backend="embedded",operation="modify"}"#;

@@ -1,7 +1,7 @@
 //! `ResolveSecrets`: what a platform component gets when it launches a workload.
 
 use integration_tests::{stores::CountingBackend, *};
-use secrets_proto::v1::{self as pb, ItemErrorCode, resolved_item::Result as R};
+use secrets_proto::v1::{self as pb, resolved_item::Result as R};
 use tonic::Code;
 
 fn text(r: &pb::ResolvedItem) -> &str {
@@ -11,9 +11,9 @@ fn text(r: &pb::ResolvedItem) -> &str {
     }
 }
 
-fn error(r: &pb::ResolvedItem) -> (ItemErrorCode, &str) {
+fn error(r: &pb::ResolvedItem) -> (Code, &str) {
     match &r.result {
-        Some(R::Error(e)) => (e.code(), e.message.as_str()),
+        Some(R::Error(e)) => (Code::from_i32(e.code), e.message.as_str()),
         other => panic!("{}: expected an error, got {other:?}", r.id),
     }
 }
@@ -77,18 +77,14 @@ async fn problems_with_one_item_are_reported_on_that_item_and_the_rest_resolve()
     ];
     let out = app.as_service(Some("user:olivia")).resolve("finance", items).await.unwrap();
     let expect = [
-        (
-            "missing",
-            ItemErrorCode::NotFound,
-            "secret \"nope\" does not exist in domain \"finance\" or the global secrets",
-        ),
-        ("unterminated", ItemErrorCode::InvalidArgument, "text: malformed placeholder at byte 2"),
-        ("bad-key", ItemErrorCode::InvalidArgument, "contains ' '"),
-        ("unknown-type", ItemErrorCode::InvalidArgument, "secret_object.source.type: unknown source type 9"),
-        ("vault", ItemErrorCode::FailedPrecondition, "vault-config-service"),
-        ("bad-domain", ItemErrorCode::InvalidArgument, "secret_object.source.id"),
-        ("bad-object-key", ItemErrorCode::InvalidArgument, "secret_object.key"),
-        ("empty", ItemErrorCode::InvalidArgument, "set one of secret_object, text or admin_key"),
+        ("missing", Code::NotFound, "secret \"nope\" does not exist in domain \"finance\" or the global secrets"),
+        ("unterminated", Code::InvalidArgument, "text: malformed placeholder at byte 2"),
+        ("bad-key", Code::InvalidArgument, "contains ' '"),
+        ("unknown-type", Code::InvalidArgument, "secret_object.source.type: unknown value 9"),
+        ("vault", Code::FailedPrecondition, "vault-config-service"),
+        ("bad-domain", Code::InvalidArgument, "secret_object.source.id"),
+        ("bad-object-key", Code::InvalidArgument, "secret_object.key"),
+        ("empty", Code::InvalidArgument, "set one of secret_object, text or admin_key"),
     ];
     for (i, (id, code, fragment)) in expect.iter().enumerate() {
         let (got_code, message) = error(&out[i]);
@@ -131,7 +127,7 @@ async fn kubernetes_sources_need_membership_of_their_domain() {
             .unwrap();
         for item in &out {
             let (code, message) = error(item);
-            assert_eq!(code, ItemErrorCode::PermissionDenied, "{user}");
+            assert_eq!(code, Code::PermissionDenied, "{user}");
             assert!(
                 message.contains(&format!("user:{user} may not use the secrets of domain \"finance\"")),
                 "{message}"
@@ -141,7 +137,7 @@ async fn kubernetes_sources_need_membership_of_their_domain() {
     // An object in another domain needs membership there, whatever the workload's domain.
     let out =
         app.as_service(Some("user:oscar")).resolve("other", vec![object_item("x", "finance", "k")]).await.unwrap();
-    assert_eq!(error(&out[0]).0, ItemErrorCode::PermissionDenied);
+    assert_eq!(error(&out[0]).0, Code::PermissionDenied);
 }
 
 #[tokio::test]
@@ -177,7 +173,7 @@ async fn admin_secrets_resolve_only_for_platform_admins() {
     let out = app.as_service(Some("user:admin")).resolve("finance", vec![item()]).await.unwrap();
     assert_eq!(out[0].result, Some(R::Value(b"ldap".to_vec())));
     let out = app.as_service(Some("user:olivia")).resolve("finance", vec![item()]).await.unwrap();
-    assert_eq!(error(&out[0]).0, ItemErrorCode::PermissionDenied);
+    assert_eq!(error(&out[0]).0, Code::PermissionDenied);
 }
 
 #[tokio::test]
@@ -188,7 +184,7 @@ async fn binary_values_cannot_be_placed_into_text_but_resolve_as_objects() {
         scope: pb::Scope::Domain as i32,
         domain: "finance".into(),
         key: "keystore".into(),
-        value: Some(pb::create_secret_request::Value::Binary(vec![0xff, 0xfe, 0x00])),
+        value: Some(pb::SecretValue { kind: Some(pb::secret_value::Kind::Binary(vec![0xff, 0xfe, 0x00])) }),
     };
     app.as_user(ADMIN).secrets.clone().create_secret(request).await.unwrap();
     let out = app
@@ -197,7 +193,7 @@ async fn binary_values_cannot_be_placed_into_text_but_resolve_as_objects() {
         .await
         .unwrap();
     let (code, message) = error(&out[0]);
-    assert_eq!(code, ItemErrorCode::FailedPrecondition);
+    assert_eq!(code, Code::FailedPrecondition);
     assert!(message.contains("binary"), "{message}");
     assert_eq!(out[1].result, Some(R::Value(vec![0xff, 0xfe, 0x00])));
 }

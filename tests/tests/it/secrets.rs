@@ -107,7 +107,7 @@ async fn every_service_reports_health() {
         (&app.gateway_url, "iomete.secrets.v1.SecretService"),
         (&app.gateway_url, ""),
         (&app.secret_service_url, "iomete.secrets.v1.SecretService"),
-        (&app.secret_service_url, "iomete.secrets.v1.SecretReader"),
+        (&app.secret_service_url, "iomete.secrets.internal.v1.SecretReader"),
         (&app.authz_service_url, "iomete.secrets.v1.AuthzService"),
     ] {
         let mut health = HealthClient::new(channel(url));

@@ -157,10 +157,10 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     let channel = integration_tests::channel(&url);
     let canary = format!("canary-trace-{}", uuid::Uuid::new_v4().simple());
     let mut create = Request::new(pb::CreateSecretRequest {
-        scope: 0,
+        scope: pb::Scope::Domain as i32,
         domain: "finance".into(),
         key: "db_password".into(),
-        value: Some(pb::create_secret_request::Value::Text(canary.clone())),
+        value: Some(integration_tests::text_value(&canary)),
     });
     create.metadata_mut().insert("authorization", format!("Bearer {admin}").parse().unwrap());
     SecretServiceClient::new(channel.clone()).create_secret(create).await.unwrap();
@@ -227,7 +227,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     };
     for (client_name, server_service) in [
         ("iomete.secrets.v1.AuthzService/BatchCheck", "authz-service"),
-        ("iomete.secrets.v1.SecretReader/ReadSecrets", "secret-service"),
+        ("iomete.secrets.internal.v1.SecretReader/ReadSecrets", "secret-service"),
     ] {
         let client = one(client_name, SpanKind::Client);
         assert_eq!(client.0, "gateway");
