@@ -6,6 +6,7 @@ pub mod kube_server;
 pub mod logs;
 pub mod postgres;
 pub mod procs;
+pub mod proxy;
 pub mod stores;
 
 pub use app::*;

@@ -8,10 +8,16 @@ pub struct TestDatabase {
     pub url: String,
 }
 
-/// `None` when DATABASE_URL is unset; panics when it is set but unusable,
-/// so a misconfigured CI fails instead of silently skipping.
+/// `None` when DATABASE_URL is unset (the test then reports the skip on
+/// stderr; `scripts/test.sh` always sets it, starting a throwaway server).
+/// Panics when it is set but unusable, and in CI when it is unset, so a
+/// misconfigured run fails instead of silently skipping.
 pub async fn fresh_database() -> Option<TestDatabase> {
-    let admin_url = std::env::var("DATABASE_URL").ok().filter(|u| u.starts_with("postgres"))?;
+    let Some(admin_url) = std::env::var("DATABASE_URL").ok().filter(|u| u.starts_with("postgres")) else {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the PostgreSQL variants: DATABASE_URL is not set");
+        eprintln!("SKIP: DATABASE_URL is not set: PostgreSQL variant not run");
+        return None;
+    };
     let name = format!("authz_it_{}", uuid::Uuid::new_v4().simple());
     let db = Database::connect(&admin_url).await.expect("connect to DATABASE_URL");
     db.execute_raw(Statement::from_string(DbBackend::Postgres, format!("CREATE DATABASE {name}")))
@@ -32,5 +38,20 @@ impl TestDatabase {
                 ))
                 .await;
         }
+    }
+}
+
+impl TestDatabase {
+    /// `host:port` of the server.
+    pub fn server_addr(&self) -> String {
+        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:5432") }
+    }
+
+    /// The database's URL, reached through `127.0.0.1:port` instead.
+    pub fn url_via(&self, port: u16) -> String {
+        self.url.replacen(&self.server_addr(), &format!("127.0.0.1:{port}"), 1)
     }
 }

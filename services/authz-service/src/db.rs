@@ -1,6 +1,8 @@
 //! Tables and migrations. The database stores grants only: subjects,
 //! domains, roles and permission names, never a secret.
 
+use std::time::Duration;
+
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use sea_orm_migration::{MigratorTrait, prelude::*};
 use secrets_common::observe::Metrics;
@@ -151,11 +153,80 @@ impl MigrationTrait for CreateGrantTables {
     }
 }
 
+/// Ties each permission to its member row: removing a member removes its
+/// permissions in the same statement, and a permission can never be written
+/// for a member that is gone (a grant racing a removal fails instead of
+/// leaving a permission that would come back when the member is re-added).
+/// SQLite cannot add a constraint to a table, so the table is rebuilt;
+/// orphaned rows are left behind.
+struct PermissionsBelongToMembers;
+
+#[derive(DeriveIden)]
+enum DomainPermissionsNew {
+    Table,
+}
+
+impl MigrationName for PermissionsBelongToMembers {
+    fn name(&self) -> &str {
+        "m20261129_000002_permissions_belong_to_members"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for PermissionsBelongToMembers {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(DomainPermissionsNew::Table)
+                    .col(ColumnDef::new(DomainPermissions::Domain).string_len(63).not_null())
+                    .col(ColumnDef::new(DomainPermissions::Subject).string_len(270).not_null())
+                    .col(ColumnDef::new(DomainPermissions::Permission).string_len(32).not_null())
+                    .col(ColumnDef::new(DomainPermissions::CreatedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(
+                        Index::create()
+                            .col(DomainPermissions::Domain)
+                            .col(DomainPermissions::Subject)
+                            .col(DomainPermissions::Permission),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_domain_permissions_member")
+                            .from_tbl(DomainPermissionsNew::Table)
+                            .from_col(DomainPermissions::Domain)
+                            .from_col(DomainPermissions::Subject)
+                            .to_tbl(DomainMembers::Table)
+                            .to_col(DomainMembers::Domain)
+                            .to_col(DomainMembers::Subject)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "INSERT INTO domain_permissions_new (domain, subject, permission, created_at) \
+                 SELECT p.domain, p.subject, p.permission, p.created_at FROM domain_permissions p \
+                 JOIN domain_members m ON m.domain = p.domain AND m.subject = p.subject",
+            )
+            .await?;
+        manager.drop_table(Table::drop().table(DomainPermissions::Table).to_owned()).await?;
+        manager
+            .rename_table(Table::rename().table(DomainPermissionsNew::Table, DomainPermissions::Table).to_owned())
+            .await
+    }
+
+    async fn down(&self, _manager: &SchemaManager) -> Result<(), DbErr> {
+        Err(DbErr::Migration("the member foreign key of domain_permissions is not removed by a down migration".into()))
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateGrantTables)]
+        vec![Box::new(CreateGrantTables), Box::new(PermissionsBelongToMembers)]
     }
 }
 
@@ -165,15 +236,22 @@ const MIGRATION_LOCK_ID: i64 = 0x1075_ec12_a07b;
 /// Connects and brings the schema up to date. On PostgreSQL, replicas that
 /// start together take turns through an advisory lock. With `metrics`,
 /// every statement is counted and timed as a backend call.
-pub async fn connect(url: &str, metrics: Option<&Metrics>) -> anyhow::Result<DatabaseConnection> {
-    if let Some(path) = sqlite_file(url)
-        && let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create the directory of the database {url}: {e}"))?;
+///
+/// `timeout` bounds getting a connection from the pool and each statement
+/// (PostgreSQL `statement_timeout`, SQLite's busy wait). A SQLite file is
+/// created readable by its owner only.
+pub async fn connect(url: &str, timeout: Duration, metrics: Option<&Metrics>) -> anyhow::Result<DatabaseConnection> {
+    if let Some(path) = sqlite_file(url) {
+        create_private_file(std::path::Path::new(path))
+            .map_err(|e| anyhow::anyhow!("cannot create the database file of {url}: {e}"))?;
     }
     let mut options = ConnectOptions::new(url.to_string());
-    options.sqlx_logging(false).connect_timeout(std::time::Duration::from_secs(5));
+    options
+        .sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(5).max(timeout))
+        .acquire_timeout(timeout)
+        .map_sqlx_postgres_opts(move |o| o.options([("statement_timeout", timeout.as_millis().to_string())]))
+        .map_sqlx_sqlite_opts(move |o| o.busy_timeout(timeout).foreign_keys(true));
     if url.contains(":memory:") {
         options.max_connections(1);
     }
@@ -209,6 +287,17 @@ pub async fn connect(url: &str, metrics: Option<&Metrics>) -> anyhow::Result<Dat
         Migrator::up(&db, None).await?;
     }
     Ok(db)
+}
+
+/// Creates the file (and its directory) with mode 0600 if it does not exist,
+/// and tightens an existing file to 0600.
+fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 fn sqlite_file(url: &str) -> Option<&str> {

@@ -13,8 +13,12 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// A database call that failed before [`crate::policy::Policy`] named it.
     #[error("database: {0}")]
-    Database(#[from] sea_orm::DbErr),
+    Db(#[from] sea_orm::DbErr),
+    /// The database did not answer, or failed: `UNAVAILABLE` naming it.
+    #[error("database ({backend}) is unavailable: {message}")]
+    Database { backend: &'static str, message: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -26,10 +30,11 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
-            Error::Database(e) => {
-                tracing::error!(error = %e, "database call failed");
-                Status::unavailable("authz-service: the database is unavailable")
+            Error::Db(ref db) => {
+                tracing::error!(error = %db, "database call failed");
+                Status::unavailable("database is unavailable")
             }
+            Error::Database { .. } => Status::unavailable(e.to_string()),
             Error::Internal(m) => error::internal("authz failure", &m),
         }
     }

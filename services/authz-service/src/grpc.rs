@@ -11,8 +11,12 @@ use tracing::instrument;
 
 use crate::{
     Error, Result,
-    policy::{Member, Permission, Policy, Role},
+    policy::{Check, Member, Permission, Policy, Role},
 };
+
+/// Checks in one `BatchCheck`: a resolve of the largest batch asks at most
+/// this many.
+pub const MAX_CHECKS: usize = 1_000;
 
 #[derive(Clone)]
 pub struct AuthzGrpc {
@@ -42,28 +46,32 @@ impl AuthzGrpc {
         }
     }
 
-    /// Answers checks. A forwarded call (one that names a principal) may ask
-    /// about its own principal only, unless that principal is an admin.
+    /// Answers checks from one database query. A forwarded call (one that
+    /// names a principal) may ask about its own principal only, unless that
+    /// principal is an admin.
     async fn answer(&self, call: &InternalCall, checks: Vec<pb::CheckRequest>) -> Result<Vec<pb::CheckResponse>> {
+        if checks.len() > MAX_CHECKS {
+            return Err(FieldViolation::new(
+                "checks",
+                format!("has {} checks; at most {MAX_CHECKS} per call", checks.len()),
+            )
+            .into());
+        }
         let parsed = checks
             .iter()
             .enumerate()
             .map(|(i, c)| parse_check(c, if checks.len() == 1 { String::new() } else { format!("checks[{i}].") }))
             .collect::<Result<Vec<_>>>()?;
+        let (caller_is_admin, decisions) = self.policy.check_batch(call.principal.as_ref(), &parsed).await?;
         if let Some(caller) = &call.principal
-            && parsed.iter().any(|(s, _, _)| s != caller)
-            && !self.policy.is_platform_admin(caller).await?
+            && parsed.iter().any(|c| &c.subject != caller)
+            && !caller_is_admin
         {
             return Err(Error::PermissionDenied(format!(
                 "{caller} may check its own permissions only; platform admins may check anyone's"
             )));
         }
-        let mut out = Vec::with_capacity(parsed.len());
-        for (subject, permission, domain) in parsed {
-            let d = self.policy.check(&subject, permission, domain.as_deref()).await?;
-            out.push(pb::CheckResponse { allowed: d.allowed, reason: d.reason });
-        }
-        Ok(out)
+        Ok(decisions.into_iter().map(|d| pb::CheckResponse { allowed: d.allowed, reason: d.reason }).collect())
     }
 }
 
@@ -122,14 +130,14 @@ fn permission(field: &str, value: i32) -> Result<Permission> {
     })
 }
 
-fn parse_check(c: &pb::CheckRequest, prefix: String) -> Result<(Principal, Permission, Option<String>)> {
-    let s = subject(&format!("{prefix}subject"), &c.subject)?;
-    let p = permission(&format!("{prefix}permission"), c.permission)?;
-    let d = match (p, c.domain.as_str()) {
+fn parse_check(c: &pb::CheckRequest, prefix: String) -> Result<Check> {
+    let subject = subject(&format!("{prefix}subject"), &c.subject)?;
+    let permission = permission(&format!("{prefix}permission"), c.permission)?;
+    let domain = match (permission, c.domain.as_str()) {
         (Permission::PlatformAdmin, "") => None,
         (_, d) => Some(domain(&format!("{prefix}domain"), d)?),
     };
-    Ok((s, p, d))
+    Ok(Check { subject, permission, domain })
 }
 
 fn grantable(field: &str, value: i32) -> Result<Permission> {

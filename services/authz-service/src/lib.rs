@@ -1,12 +1,14 @@
 //! The authz service (the RAS): platform admins, domain owners and members
 //! with explicit permissions. Deny by default.
 //!
-//! Reading order: [`grpc`] → [`policy`] → [`db`].
+//! Reading order: [`grpc`] → [`policy`] (queries) and [`rules`] (decisions,
+//! no I/O) → [`db`].
 
 pub mod db;
 mod error;
 pub mod grpc;
 pub mod policy;
+pub mod rules;
 
 use std::{collections::BTreeSet, future::Future, net::SocketAddr};
 
@@ -39,6 +41,10 @@ pub struct Config {
     pub database_url: String,
     /// Subjects that are platform admins by configuration, such as `user:admin`.
     pub bootstrap_admins: Vec<String>,
+    /// Bound on getting a connection and on each database operation; well
+    /// under the callers' request timeout, so a database that stops
+    /// answering is reported as `UNAVAILABLE` naming it, not as a time-out.
+    pub database_timeout_ms: u64,
     pub telemetry: TelemetryConfig,
 }
 
@@ -50,6 +56,7 @@ impl Default for Config {
             internal_token: None,
             database_url: "sqlite://data/authz.db?mode=rwc".into(),
             bootstrap_admins: Vec::new(),
+            database_timeout_ms: 1_500,
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -80,6 +87,7 @@ impl Config {
             ["sqlite:", "postgres://", "postgresql://"].iter().any(|p| self.database_url.starts_with(p)),
             "database_url must start with sqlite:, postgres:// or postgresql://"
         );
+        anyhow::ensure!(self.database_timeout_ms > 0, "database_timeout_ms must be above 0");
         Ok(())
     }
 }
@@ -105,9 +113,10 @@ impl Application {
             .map(|(i, s)| Principal::parse(&format!("bootstrap_admins[{i}]"), s))
             .collect::<Result<BTreeSet<_>, _>>()?;
         let metrics = Metrics::new();
-        let db = db::connect(&config.database_url, Some(&metrics)).await?;
+        let timeout = std::time::Duration::from_millis(config.database_timeout_ms);
+        let db = db::connect(&config.database_url, timeout, Some(&metrics)).await?;
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
-        let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins));
+        let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins, timeout));
 
         let router = server::router(&metrics, &[AUTHZ_SERVICE])
             .await?

@@ -45,6 +45,9 @@ pub fn from_upstream(service: &str, status: Status) -> Status {
                 "{service} refused this service's internal credential: the two are configured with different internal tokens (an operator must fix the configuration)"
             ))
         }
+        // A failure the peer knows is not transient (corrupt data, a bug):
+        // retrying will not help, so it stays INTERNAL.
+        Code::Internal | Code::DataLoss => Status::internal(name_once(service, status.message())),
         Code::DeadlineExceeded | Code::Cancelled => {
             Status::unavailable(format!("{service}: did not answer in time ({})", status.message()))
         }

@@ -19,7 +19,6 @@ macro_rules! on_both_databases {
                 #[tokio::test]
                 async fn postgres() {
                     let Some(db) = integration_tests::postgres::fresh_database().await else {
-                        eprintln!("DATABASE_URL is not set: PostgreSQL variant not run");
                         return;
                     };
                     let app = TestApp::spawn_with(Options { database_url: Some(db.url.clone()), ..Default::default() }).await;
@@ -40,6 +39,9 @@ on_both_databases!(
     callers_may_check_only_their_own_permissions_unless_admin,
     configured_admins_cannot_be_revoked_but_granted_ones_can,
     grants_survive_a_restart,
+    a_grant_racing_a_removal_never_leaves_a_permission_behind,
+    a_stored_role_that_is_not_understood_is_an_error_not_membership,
+    a_batch_of_checks_costs_one_query_and_is_capped,
 );
 
 async fn check(app: &TestApp, subject: &str, permission: Permission, domain: &str) -> pb::CheckResponse {
@@ -221,16 +223,148 @@ async fn grants_survive_a_restart(mut app: TestApp) {
 
 #[tokio::test]
 async fn replicas_starting_together_on_one_postgres_database_all_migrate() {
-    let Some(db) = postgres::fresh_database().await else {
-        eprintln!("DATABASE_URL is not set: PostgreSQL variant not run");
-        return;
-    };
+    let Some(db) = postgres::fresh_database().await else { return };
     let starts = (0..4).map(|_| {
         let url = db.url.clone();
-        tokio::spawn(async move { authz_service::db::connect(&url, None).await.map(drop) })
+        tokio::spawn(async move {
+            authz_service::db::connect(&url, std::time::Duration::from_secs(5), None).await.map(drop)
+        })
     });
     for s in starts {
         s.await.unwrap().expect("each replica migrates or finds the schema current");
     }
+    db.drop_database().await;
+}
+
+async fn a_grant_racing_a_removal_never_leaves_a_permission_behind(app: TestApp) {
+    let authz = app.as_user(ADMIN).authz.clone();
+    let zoe = |role: DomainRole| pb::AddDomainMemberRequest {
+        domain: "finance".into(),
+        subject: "user:zoe".into(),
+        role: role as i32,
+    };
+    let grant = pb::GrantDomainPermissionRequest {
+        domain: "finance".into(),
+        subject: "user:zoe".into(),
+        permission: Permission::ManageSecrets as i32,
+    };
+    let remove = pb::RemoveDomainMemberRequest { domain: "finance".into(), subject: "user:zoe".into() };
+    for round in 0..40 {
+        authz.clone().add_domain_member(zoe(DomainRole::Member)).await.unwrap();
+        let (mut a, mut b) = (authz.clone(), authz.clone());
+        let (granted, removed) =
+            tokio::join!(a.grant_domain_permission(grant.clone()), b.remove_domain_member(remove.clone()));
+        removed.expect("the member existed");
+        if let Err(e) = granted {
+            assert_eq!(e.code(), Code::FailedPrecondition, "round {round}: {e:?}");
+        }
+        let back = authz.clone().add_domain_member(zoe(DomainRole::Member)).await.unwrap().into_inner();
+        assert!(back.permissions.is_empty(), "round {round}: a permission outlived the membership: {back:?}");
+        assert!(!check(&app, "user:zoe", Permission::ManageSecrets, "finance").await.allowed, "round {round}");
+        authz.clone().remove_domain_member(remove.clone()).await.unwrap();
+    }
+}
+
+async fn a_stored_role_that_is_not_understood_is_an_error_not_membership(app: TestApp) {
+    use sea_orm::{ConnectionTrait, Database};
+    let db = Database::connect(&app.database_url).await.unwrap();
+    db.execute_unprepared(
+        "INSERT INTO domain_members (domain, subject, role, created_at) \
+         VALUES ('finance', 'user:zed', 'superuser', '2026-01-01T00:00:00Z')",
+    )
+    .await
+    .unwrap();
+    let err = app
+        .as_user(ADMIN)
+        .authz
+        .clone()
+        .check(pb::CheckRequest {
+            subject: "user:zed".into(),
+            permission: Permission::UseSecrets as i32,
+            domain: "finance".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(err.message(), "authz-service: internal error", "the cause is logged, not sent");
+}
+
+async fn a_batch_of_checks_costs_one_query_and_is_capped(app: TestApp) {
+    app.setup_domain("finance").await;
+    let checks: Vec<pb::CheckRequest> = (0..50)
+        .map(|i| pb::CheckRequest {
+            subject: ["user:lisa", "user:max", "user:nina", "user:eve", "user:admin"][i % 5].into(),
+            permission: ALL[i % 4] as i32,
+            domain: if i % 3 == 0 { "finance".into() } else { format!("domain-{}", i % 10) },
+        })
+        .collect();
+    let backend = if app.database_url.starts_with("postgres") { "postgres" } else { "sqlite" };
+    let selects = format!(r#"secrets_backend_calls_total{{backend="{backend}",operation="select"}}"#);
+    let before = sample(&http_get(&app.metrics_url("authz-service")).await.1, &selects);
+    let results = app
+        .as_user(ADMIN)
+        .authz
+        .clone()
+        .batch_check(pb::BatchCheckRequest { checks: checks.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let after = sample(&http_get(&app.metrics_url("authz-service")).await.1, &selects);
+    assert_eq!(results.len(), 50);
+    assert_eq!(after - before, 1.0, "50 checks over 11 domains and 5 subjects: one query");
+    assert!(results[0].allowed, "lisa holds LIST_SECRETS in finance: {:?}", results[0]);
+    assert!(!results[1].allowed, "max is no member of domain-1: {:?}", results[1]);
+
+    let too_many = pb::BatchCheckRequest { checks: checks.into_iter().cycle().take(1001).collect() };
+    let err = app.as_user(ADMIN).authz.clone().batch_check(too_many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("checks: has 1001 checks; at most 1000"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_database_that_stops_answering_is_unavailable_naming_it_at_once_and_recovers() {
+    let Some(db) = postgres::fresh_database().await else { return };
+    let proxy = integration_tests::proxy::FreezableProxy::start(db.server_addr()).await;
+    let app = TestApp::spawn_with(Options { database_url: Some(db.url_via(proxy.port)), ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    let ask = || async {
+        app.as_user(LISTER)
+            .authz
+            .clone()
+            .check(pb::CheckRequest {
+                subject: "user:lisa".into(),
+                permission: Permission::ListSecrets as i32,
+                domain: "finance".into(),
+            })
+            .await
+    };
+    assert!(ask().await.unwrap().into_inner().allowed);
+
+    proxy.freeze();
+    let err = ask().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "authz-service: database (postgres) is unavailable: did not answer within 1500 ms",
+        "named once, by the database's own bound, before the gateway's 2 s request timeout"
+    );
+    // Through the secret service too: its authz call fails the same way.
+    let err = app.as_user(LISTER).list("finance").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("database (postgres) is unavailable"), "{}", err.message());
+    assert_eq!(err.message().matches("authz-service").count(), 1, "{}", err.message());
+
+    proxy.thaw();
+    let mut recovered = false;
+    for _ in 0..20 {
+        if ask().await.is_ok_and(|r| r.into_inner().allowed) {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "the authz service answers again once the database does");
+    drop(app);
     db.drop_database().await;
 }
