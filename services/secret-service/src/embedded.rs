@@ -4,6 +4,11 @@
 //! File layout: `ISS1` magic, 12-byte random nonce, ciphertext of a JSON
 //! document; the object name is the associated data, so a file renamed onto
 //! another object fails to decrypt instead of serving the wrong secrets.
+//!
+//! Several processes may share one data directory: every read-modify-write
+//! holds an OS lock (`flock`) on the object's `.lock` file and re-reads the
+//! object under it, and the key file is published with a hard link, so the
+//! first process to start creates it and the others read that one.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -62,6 +67,26 @@ impl EmbeddedBackend {
     fn lock(&self, object: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(object.to_string()).or_default().clone()
+    }
+
+    /// Takes the cross-process lock of `object`; released when the returned
+    /// file is dropped. Waits in the blocking pool, never on a runtime thread.
+    async fn lock_across_processes(&self, object: &str) -> Result<std::fs::File> {
+        let path = self.objects_dir.join(format!("{object}.lock"));
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?;
+            file.lock()?;
+            Ok::<_, std::io::Error>(file)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("store lock task failed: {e}")))?
+        .map_err(|e| unavailable(format!("cannot lock store object {object}: {e}")))
     }
 
     async fn load(&self, object: &str) -> Result<Option<Entries>> {
@@ -147,8 +172,11 @@ impl SecretBackend for EmbeddedBackend {
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()> {
+        // Writers in this process queue here; other processes on the same
+        // directory queue on the file lock. The object is read under both.
         let lock = self.lock(object);
         let _guard = lock.lock().await;
+        let _file_lock = self.lock_across_processes(object).await?;
         let mut entries = self.load(object).await?.unwrap_or_default();
         change(&mut entries)?;
         self.store(object, &entries).await
@@ -180,42 +208,71 @@ fn unavailable(message: String) -> Error {
 }
 
 /// Reads the 32-byte key, or creates it with mode 0600 on first start.
+///
+/// A new key is written to a private temporary file and published with a
+/// hard link, which fails if the key file exists: of several processes
+/// starting at once, one creates the key and the others read it, and none
+/// ever reads a half-written key.
 fn load_or_create_key(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let bytes = Zeroizing::new(bytes);
-            if bytes.len() != 32 {
-                return Err(Error::Corrupt(format!(
-                    "key file {} holds {} bytes; an AES-256 key is 32 bytes",
-                    path.display(),
-                    bytes.len()
-                )));
-            }
-            let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
-            if mode & 0o077 != 0 {
-                return Err(Error::Corrupt(format!(
-                    "key file {} has mode {mode:o}; it must be readable by its owner only: chmod 600 it",
-                    path.display()
-                )));
-            }
-            Ok(bytes)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = Zeroizing::new(vec![0u8; 32]);
-            OsRng.fill_bytes(&mut key);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| Error::Corrupt(format!("cannot create key file {}: {e}", path.display())))?;
-            file.write_all(&key)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| Error::Corrupt(format!("cannot write key file {}: {e}", path.display())))?;
+    match read_key(path)? {
+        Some(key) => Ok(key),
+        None => match create_key(path)? {
+            Some(key) => Ok(key),
+            // Another process published its key first: use that one.
+            None => read_key(path)?
+                .ok_or_else(|| Error::Corrupt(format!("key file {} vanished while starting", path.display()))),
+        },
+    }
+}
+
+fn read_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => Zeroizing::new(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Corrupt(format!("cannot read key file {}: {e}", path.display()))),
+    };
+    if bytes.len() != 32 {
+        return Err(Error::Corrupt(format!(
+            "key file {} holds {} bytes; an AES-256 key is 32 bytes",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+    if mode & 0o077 != 0 {
+        return Err(Error::Corrupt(format!(
+            "key file {} has mode {mode:o}; it must be readable by its owner only: chmod 600 it",
+            path.display()
+        )));
+    }
+    Ok(Some(bytes))
+}
+
+/// `None` when another process published a key first.
+fn create_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    let fail =
+        |what: &str, e: std::io::Error| Error::Corrupt(format!("cannot {what} key file {}: {e}", path.display()));
+    let mut key = Zeroizing::new(vec![0u8; 32]);
+    OsRng.fill_bytes(&mut key);
+    let tmp = path.with_file_name(format!(".{KEY_FILE}.{:016x}.tmp", rand::random::<u64>()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        file.write_all(&key)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail("write", e));
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
             tracing::info!(path = %path.display(), "created a new embedded store key");
-            Ok(key)
+            Ok(Some(key))
         }
-        Err(e) => Err(Error::Corrupt(format!("cannot read key file {}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(fail("create", e)),
     }
 }
 

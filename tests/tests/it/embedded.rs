@@ -83,3 +83,96 @@ async fn another_stores_key_cannot_read_the_files() {
     let err = other.list(&finance()).await.unwrap_err();
     assert!(err.to_string().contains("cannot be decrypted"), "{err}");
 }
+
+/// Two stores on one data directory stand for two secret-service processes:
+/// they share no memory, only the files and their OS locks.
+fn two_stores_on_one_directory(dir: &std::path::Path) -> (SecretStore, SecretStore) {
+    let open = || SecretStore::new(std::sync::Arc::new(EmbeddedBackend::open(dir).unwrap()), PREFIX);
+    (open(), open())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_writing_500_keys_at_once_into_one_object_lose_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores_on_one_directory(dir.path());
+    let writes = (0..500).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move {
+            store.create(&finance(), &format!("key-{i:03}"), SecretValue::from(format!("value-{i}"))).await
+        })
+    });
+    for w in futures::future::join_all(writes).await {
+        w.unwrap().expect("every create is acknowledged");
+    }
+    for store in [&a, &b] {
+        let keys = store.list(&finance()).await.unwrap();
+        assert_eq!(keys.len(), 500, "acknowledged creates were lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_updating_and_creating_at_once_keep_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores_on_one_directory(dir.path());
+    for i in 0..50 {
+        a.create(&finance(), &format!("old-{i:02}"), SecretValue::from("v0".to_string())).await.unwrap();
+    }
+    let writes = (0..100).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move {
+            if i < 50 {
+                store.update(&finance(), &format!("old-{i:02}"), SecretValue::from("v1".to_string())).await
+            } else {
+                store.create(&finance(), &format!("new-{i:02}"), SecretValue::from("v1".to_string())).await
+            }
+        })
+    });
+    for w in futures::future::join_all(writes).await {
+        w.unwrap().expect("acknowledged");
+    }
+    let listed = b.list(&finance()).await.unwrap();
+    assert_eq!(listed.len(), 100);
+    let lookups: Vec<_> = listed
+        .iter()
+        .map(|i| secret_service::store::Lookup { scope: finance(), key: i.key.clone(), global_fallback: false })
+        .collect();
+    let values = a.read_values(&lookups).await.unwrap();
+    assert!(values.iter().all(|v| v.as_ref().is_some_and(|f| f.value.expose() == b"v1")), "an update was lost");
+}
+
+#[test]
+fn processes_starting_together_on_a_new_directory_agree_on_one_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let opened: Vec<_> = (0..8)
+        .map(|_| {
+            let (dir, barrier) = (dir.path().to_path_buf(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                EmbeddedBackend::open(&dir)
+            })
+        })
+        .collect();
+    let backends: Vec<_> = opened.into_iter().map(|t| t.join().unwrap().expect("every start succeeds")).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut stores = backends.into_iter().map(|b| SecretStore::new(std::sync::Arc::new(b), PREFIX));
+    let writer = stores.next().unwrap();
+    rt.block_on(writer.create(&finance(), "k", SecretValue::from("v".to_string()))).unwrap();
+    for reader in stores {
+        assert_eq!(rt.block_on(reader.list(&finance())).expect("same key").len(), 1);
+    }
+    let leftovers = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name() != "store.key").count();
+    assert_eq!(leftovers, 1, "only the objects directory is left beside the key");
+}
+
+#[tokio::test]
+async fn store_and_lock_files_are_private() {
+    let f = Fixture::embedded().await;
+    f.store().create(&finance(), "k", SecretValue::from("v".to_string())).await.unwrap();
+    for entry in std::fs::read_dir(f.dir.path().join("objects")).unwrap().flatten() {
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{:?}", entry.file_name());
+    }
+    let dir_mode = std::fs::metadata(f.dir.path().join("objects")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+}
