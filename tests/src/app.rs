@@ -138,7 +138,11 @@ impl TestApp {
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             authz_url: authz_service_url.clone(),
             request_timeout_ms: 2_000,
-            embedded: secret_service::EmbeddedConfig { data_dir: app.dir.path().join("secrets") },
+            backend: Some(secret_service::BackendKind::Embedded),
+            embedded: secret_service::EmbeddedConfig {
+                data_dir: app.dir.path().join("secrets"),
+                allow_in_cluster: true,
+            },
             ..Default::default()
         };
         let backend = match options.backend {

@@ -49,7 +49,9 @@ pub struct Config {
     pub authz_url: String,
     /// Bound on every call to another service.
     pub request_timeout_ms: u64,
-    pub backend: BackendKind,
+    /// Unset: `kubernetes` inside a cluster (`KUBERNETES_SERVICE_HOST` set),
+    /// `embedded` elsewhere. See [`Config::backend_kind`].
+    pub backend: Option<BackendKind>,
     /// Store object names: `{prefix}-{domain}`, `{prefix}`, `{prefix}-admin`.
     pub object_prefix: String,
     pub embedded: EmbeddedConfig,
@@ -65,7 +67,7 @@ impl Default for Config {
             internal_token: None,
             authz_url: "http://127.0.0.1:50053".into(),
             request_timeout_ms: 5_000,
-            backend: BackendKind::Embedded,
+            backend: None,
             object_prefix: "iomete-secret-store".into(),
             embedded: EmbeddedConfig::default(),
             kubernetes: KubernetesConfig::default(),
@@ -74,11 +76,10 @@ impl Default for Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Encrypted files under `embedded.data_dir`: no cluster needed.
-    #[default]
     Embedded,
     /// Opaque Secrets in `kubernetes.namespace`.
     Kubernetes,
@@ -88,19 +89,25 @@ pub enum BackendKind {
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddedConfig {
     pub data_dir: PathBuf,
+    /// Inside a cluster each pod would write to its own disk, and replicas
+    /// would each hold different secrets: the embedded backend is refused
+    /// there unless this says the data directory is a volume that is meant
+    /// for it.
+    pub allow_in_cluster: bool,
 }
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("data/secrets") }
+        Self { data_dir: PathBuf::from("data/secrets"), allow_in_cluster: false }
     }
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KubernetesConfig {
-    /// The namespace of the installation.
-    pub namespace: String,
+    /// The namespace of the installation. Unset: the pod's own namespace
+    /// (from its service account) inside a cluster, `default` elsewhere.
+    pub namespace: Option<String>,
     /// An explicit API server URL (for example `kubectl proxy`); unset means
     /// `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
     pub api_url: Option<String>,
@@ -110,23 +117,78 @@ pub struct KubernetesConfig {
 
 impl Default for KubernetesConfig {
     fn default() -> Self {
-        Self { namespace: "default".into(), api_url: None, timeout_ms: 5_000 }
+        Self { namespace: None, api_url: None, timeout_ms: 5_000 }
+    }
+}
+
+/// Where the service runs, as far as its defaults care.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// `KUBERNETES_SERVICE_HOST` is set: a pod in a cluster.
+    pub in_cluster: bool,
+    /// The pod's namespace, from its service-account mount.
+    pub pod_namespace: Option<String>,
+}
+
+/// Where Kubernetes mounts a pod's namespace.
+pub const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+impl Environment {
+    pub fn detect() -> Self {
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+        let pod_namespace =
+            std::fs::read_to_string(POD_NAMESPACE_FILE).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        Self { in_cluster, pod_namespace }
     }
 }
 
 impl Config {
+    /// The backend to use: the configured one, else `kubernetes` in a
+    /// cluster and `embedded` elsewhere. The embedded backend in a cluster
+    /// needs `embedded.allow_in_cluster`.
+    pub fn backend_kind(&self, env: &Environment) -> anyhow::Result<BackendKind> {
+        match (self.backend, env.in_cluster) {
+            (Some(BackendKind::Embedded), true) if !self.embedded.allow_in_cluster => anyhow::bail!(
+                "backend = \"embedded\" inside a Kubernetes cluster would keep secrets on this pod's own disk, \
+                 different for every replica and lost with the pod: use backend = \"kubernetes\" (the default in a \
+                 cluster), or set embedded.allow_in_cluster = true (SECRET_SERVICE_EMBEDDED__ALLOW_IN_CLUSTER=true) \
+                 when data_dir is a persistent volume that a single replica owns"
+            ),
+            (Some(kind), _) => Ok(kind),
+            (None, true) => Ok(BackendKind::Kubernetes),
+            (None, false) => Ok(BackendKind::Embedded),
+        }
+    }
+
+    /// The installation's namespace: the configured one, else the pod's,
+    /// else `default`.
+    pub fn namespace(&self, env: &Environment) -> String {
+        self.kubernetes
+            .namespace
+            .clone()
+            .or_else(|| env.pod_namespace.clone().filter(|_| env.in_cluster))
+            .unwrap_or_else(|| "default".into())
+    }
+
     /// Everything that can be checked without starting: for `check-config`.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_in(&Environment::detect())
+    }
+
+    pub fn validate_in(&self, env: &Environment) -> anyhow::Result<()> {
         self.internal_token()?;
         secrets_common::auth::internal_channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
-        match self.backend {
+        match self.backend_kind(env)? {
             BackendKind::Embedded => anyhow::ensure!(
                 !self.embedded.data_dir.as_os_str().is_empty(),
                 "embedded.data_dir must be set for the embedded backend"
             ),
             BackendKind::Kubernetes => {
-                anyhow::ensure!(!self.kubernetes.namespace.is_empty(), "kubernetes.namespace must be set");
+                anyhow::ensure!(
+                    self.kubernetes.namespace.as_ref().is_none_or(|n| !n.is_empty()),
+                    "kubernetes.namespace must not be empty (leave it unset for the pod's own namespace)"
+                );
                 if let Some(url) = &self.kubernetes.api_url {
                     url.parse::<http::Uri>().map_err(|e| anyhow::anyhow!("kubernetes.api_url {url:?}: {e}"))?;
                 }
@@ -142,15 +204,18 @@ impl Config {
     }
 }
 
-/// The backend the configuration names.
+/// The backend the configuration names, or the default for where the
+/// service runs.
 pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<dyn SecretBackend>> {
-    Ok(match config.backend {
+    let env = Environment::detect();
+    Ok(match config.backend_kind(&env)? {
         BackendKind::Embedded => Arc::new(EmbeddedBackend::open(&config.embedded.data_dir)?),
         BackendKind::Kubernetes => {
             let k = &config.kubernetes;
+            let namespace = config.namespace(&env);
             let timeout = Duration::from_millis(k.timeout_ms);
-            let client = KubernetesBackend::client(k.api_url.as_deref(), &k.namespace, timeout).await?;
-            Arc::new(KubernetesBackend::new(client, &k.namespace))
+            let client = KubernetesBackend::client(k.api_url.as_deref(), &namespace, timeout).await?;
+            Arc::new(KubernetesBackend::new(client, &namespace))
         }
     })
 }
@@ -209,5 +274,48 @@ impl Application {
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.served.run(shutdown).await.context("secret-service stopped with an error")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(namespace: Option<&str>) -> Environment {
+        Environment { in_cluster: true, pod_namespace: namespace.map(str::to_string) }
+    }
+
+    #[test]
+    fn in_a_cluster_the_default_is_kubernetes_in_the_pods_own_namespace() {
+        let config = Config::default();
+        assert_eq!(config.backend_kind(&cluster(Some("data-plane"))).unwrap(), BackendKind::Kubernetes);
+        assert_eq!(config.namespace(&cluster(Some("data-plane"))), "data-plane");
+        assert_eq!(config.namespace(&cluster(None)), "default");
+        let named = Config {
+            kubernetes: KubernetesConfig { namespace: Some("iomete".into()), ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(named.namespace(&cluster(Some("data-plane"))), "iomete", "configuration wins");
+    }
+
+    #[test]
+    fn outside_a_cluster_the_default_is_embedded() {
+        let local = Environment::default();
+        assert_eq!(Config::default().backend_kind(&local).unwrap(), BackendKind::Embedded);
+        assert_eq!(Config::default().namespace(&local), "default");
+    }
+
+    #[test]
+    fn embedded_in_a_cluster_needs_an_explicit_opt_in() {
+        let embedded = Config { backend: Some(BackendKind::Embedded), ..Default::default() };
+        let err = embedded.backend_kind(&cluster(Some("ns"))).unwrap_err().to_string();
+        assert!(err.contains("embedded.allow_in_cluster"), "{err}");
+        assert!(err.contains("own disk"), "{err}");
+        let allowed = Config {
+            backend: Some(BackendKind::Embedded),
+            embedded: EmbeddedConfig { allow_in_cluster: true, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(allowed.backend_kind(&cluster(Some("ns"))).unwrap(), BackendKind::Embedded);
     }
 }

@@ -126,3 +126,26 @@ fn health_checks_ports_and_dependencies_match_the_binaries() {
         assert!(services[peer]["healthcheck"]["test"].is_sequence(), "{peer} has a health check");
     }
 }
+
+#[test]
+fn in_a_cluster_the_embedded_backend_needs_an_explicit_opt_in() {
+    let check = |extra: &[(&str, &str)]| {
+        let output = Command::new(binary("secret-service"))
+            .arg("check-config")
+            .env_clear()
+            .env("SECRET_SERVICE_INTERNAL_TOKEN", "t")
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .envs(extra.iter().copied())
+            .output()
+            .unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, stderr) = check(&[("SECRET_SERVICE_BACKEND", "embedded")]);
+    assert!(!ok, "embedded in a cluster was accepted");
+    assert!(stderr.contains("SECRET_SERVICE_EMBEDDED__ALLOW_IN_CLUSTER=true"), "{stderr}");
+    let (ok, stderr) =
+        check(&[("SECRET_SERVICE_BACKEND", "embedded"), ("SECRET_SERVICE_EMBEDDED__ALLOW_IN_CLUSTER", "true")]);
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = check(&[]);
+    assert!(ok, "the in-cluster default (kubernetes) is valid: {stderr}");
+}
