@@ -205,9 +205,38 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     Some(Code::from_i32(v))
 }
 
-/// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
-fn split_path(path: &str) -> (&str, &str) {
-    path.trim_start_matches('/').split_once('/').unwrap_or((path, ""))
+/// The label every path that names no RPC of ours is counted under.
+pub const UNKNOWN: &str = "unknown";
+
+/// Every RPC path of the workspace's protos, `/pkg.Service/Method`.
+fn known_paths() -> &'static std::collections::HashSet<String> {
+    static KNOWN: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message;
+        [secrets_proto::FILE_DESCRIPTOR_SET, secrets_proto::INTERNAL_FILE_DESCRIPTOR_SET]
+            .iter()
+            .filter_map(|set| prost_types::FileDescriptorSet::decode(*set).ok())
+            .flat_map(|set| set.file)
+            .flat_map(|file| {
+                let package = file.package().to_string();
+                file.service.into_iter().flat_map(move |service| {
+                    let prefix = format!("/{package}.{}/", service.name());
+                    service.method.into_iter().map(move |m| format!("{prefix}{}", m.name()))
+                })
+            })
+            .collect()
+    })
+}
+
+/// `/pkg.Service/Method` → (`pkg.Service`, `Method`) for the RPCs this
+/// workspace defines, (`unknown`, `unknown`) for any other path: a caller
+/// sending random paths cannot create a metric series or span name each.
+pub fn rpc_of(path: &str) -> (&str, &str) {
+    if known_paths().contains(path) {
+        path.trim_start_matches('/').split_once('/').unwrap_or((UNKNOWN, UNKNOWN))
+    } else {
+        (UNKNOWN, UNKNOWN)
+    }
 }
 
 /// Health checks and reflection are not traced or counted: they would bury
@@ -374,7 +403,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let path = request.uri().path().to_string();
+        let path = request.uri().path();
+        let path =
+            if is_quiet(path) || known_paths().contains(path) { path.to_string() } else { "/unknown/unknown".into() };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         if is_quiet(&path) {
@@ -386,7 +417,7 @@ where
             let _entered = span.enter();
             inner.call(request)
         };
-        let (service, method) = split_path(&path);
+        let (service, method) = rpc_of(&path);
         let finish = Finish {
             span: span.clone(),
             start: Instant::now(),
@@ -424,7 +455,7 @@ impl Service<http::Request<tonic::body::Body>> for TracedChannel {
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let path = request.uri().path().to_string();
-        let (service, method) = split_path(&path);
+        let (service, method) = rpc_of(&path);
         let span = tracing::info_span!(
             "grpc.client",
             otel.name = %path.trim_start_matches('/'),
@@ -484,5 +515,20 @@ mod tests {
         ), "{text}");
         assert!(text.contains(r#"secrets_backend_errors_total{backend="kubernetes",operation="modify"} 1"#), "{text}");
         assert!(text.contains("secrets_backend_call_duration_seconds_bucket"), "{text}");
+    }
+
+    #[test]
+    fn only_the_workspaces_own_rpcs_get_their_own_labels() {
+        assert_eq!(
+            rpc_of("/iomete.secrets.v1.Gateway/ResolveSecrets"),
+            ("iomete.secrets.v1.Gateway", "ResolveSecrets")
+        );
+        assert_eq!(
+            rpc_of("/iomete.secrets.internal.v1.SecretReader/ReadSecrets"),
+            ("iomete.secrets.internal.v1.SecretReader", "ReadSecrets")
+        );
+        for path in ["/iomete.secrets.v1.Gateway/Nope", "/x.Y/Z", "/", "", "/iomete.secrets.v1.Gateway"] {
+            assert_eq!(rpc_of(path), (UNKNOWN, UNKNOWN), "{path}");
+        }
     }
 }

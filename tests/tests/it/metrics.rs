@@ -76,3 +76,27 @@ async fn health_checks_and_reflection_are_not_counted_and_other_paths_are_404() 
     let url = app.metrics_url("gateway").replace("/metrics", "/other");
     assert_eq!(http_get(&url).await.0, 404);
 }
+
+#[tokio::test]
+async fn a_thousand_random_paths_are_counted_under_one_unknown_series() {
+    let app = TestApp::spawn().await;
+    let mut grpc = tonic::client::Grpc::new(channel(&app.gateway_url));
+    for i in 0..1000 {
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::try_from(format!("/probe{i}.Service{i}/Method{i}")).unwrap();
+        let codec = tonic_prost::ProstCodec::<(), ()>::default();
+        let err = grpc.unary(tonic::Request::new(()), path, codec).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+    }
+    let (_, text) = http_get(&app.metrics_url("gateway")).await;
+    let series = text.lines().filter(|l| l.starts_with("secrets_grpc_server_requests_total{")).count();
+    assert!(series < 5, "random paths created series:\n{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"secrets_grpc_server_requests_total{rpc_service="unknown",rpc_method="unknown",grpc_code="UNIMPLEMENTED"}"#
+        ),
+        1000.0
+    );
+    assert!(!text.contains("probe1"), "{text}");
+}
