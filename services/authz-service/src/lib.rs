@@ -10,7 +10,7 @@ pub mod grpc;
 pub mod policy;
 pub mod rules;
 
-use std::{collections::BTreeSet, future::Future, net::SocketAddr};
+use std::{collections::BTreeSet, future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use secrecy::SecretString;
@@ -35,6 +35,10 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
     pub metrics_addr: Option<SocketAddr>,
+    /// After a shutdown signal: how long health checks answer NOT_SERVING
+    /// while calls are still accepted, so load balancers stop sending before
+    /// the listener closes. Set it to the load balancer's probe interval.
+    pub shutdown_drain_ms: u64,
     pub internal_token: Option<SecretString>,
     /// `sqlite://path?mode=rwc` (the default) or `postgres://...`;
     /// `DATABASE_URL` sets it too.
@@ -53,6 +57,7 @@ impl Default for Config {
         Self {
             listen_addr: ([127, 0, 0, 1], 50053).into(),
             metrics_addr: Some(([127, 0, 0, 1], 9103).into()),
+            shutdown_drain_ms: 0,
             internal_token: None,
             database_url: "sqlite://data/authz.db?mode=rwc".into(),
             bootstrap_admins: Vec::new(),
@@ -77,6 +82,10 @@ impl Config {
 }
 
 impl Config {
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+
     /// Everything that can be checked without starting: for `check-config`.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.internal_token.as_ref().context("internal_token is required")?;
@@ -113,15 +122,17 @@ impl Application {
             .map(|(i, s)| Principal::parse(&format!("bootstrap_admins[{i}]"), s))
             .collect::<Result<BTreeSet<_>, _>>()?;
         let metrics = Metrics::new();
-        let timeout = std::time::Duration::from_millis(config.database_timeout_ms);
+        let timeout = Duration::from_millis(config.database_timeout_ms);
         let db = db::connect(&config.database_url, timeout, Some(&metrics)).await?;
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
         let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins, timeout));
 
-        let router = server::router(&metrics, &[AUTHZ_SERVICE])
-            .await?
-            .add_service(AuthzServiceServer::with_interceptor(grpc, InternalAuth::new(token)));
-        Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })
+        let (router, health) = server::router(&metrics, &[AUTHZ_SERVICE]).await?;
+        let router = router.add_service(AuthzServiceServer::with_interceptor(grpc, InternalAuth::new(token)));
+        Ok(Self {
+            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?,
+        })
     }
 
     pub fn port(&self) -> u16 {

@@ -41,6 +41,10 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
     pub metrics_addr: Option<SocketAddr>,
+    /// After a shutdown signal: how long health checks answer NOT_SERVING
+    /// while calls are still accepted, so load balancers stop sending before
+    /// the listener closes. Set it to the load balancer's probe interval.
+    pub shutdown_drain_ms: u64,
     /// The credential the gateway presents to the internal services.
     pub internal_token: Option<SecretString>,
     pub secret_service_url: String,
@@ -57,6 +61,7 @@ impl Default for Config {
         Self {
             listen_addr: ([127, 0, 0, 1], 50051).into(),
             metrics_addr: Some(([127, 0, 0, 1], 9101).into()),
+            shutdown_drain_ms: 0,
             internal_token: None,
             secret_service_url: "http://127.0.0.1:50052".into(),
             authz_service_url: "http://127.0.0.1:50053".into(),
@@ -68,6 +73,10 @@ impl Default for Config {
 }
 
 impl Config {
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+
     /// Everything that can be checked without starting: for `check-config`.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.internal_token.as_ref().context("internal_token is required")?;
@@ -118,15 +127,18 @@ impl Application {
             authz: AuthzClient::new(authz_channel, token).map_err(anyhow::Error::msg)?,
         };
 
-        let router = server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE])
-            .await?
+        let (router, health) = server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE]).await?;
+        let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 GatewayServer::new(resolver).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
                 authenticator.clone(),
             ))
             .add_service(SecretServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
             .add_service(AuthzServiceServer::with_interceptor(forwarder, authenticator));
-        Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })
+        Ok(Self {
+            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?,
+        })
     }
 
     pub fn port(&self) -> u16 {

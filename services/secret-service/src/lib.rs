@@ -43,6 +43,10 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
     pub metrics_addr: Option<SocketAddr>,
+    /// After a shutdown signal: how long health checks answer NOT_SERVING
+    /// while calls are still accepted, so load balancers stop sending before
+    /// the listener closes. Set it to the load balancer's probe interval.
+    pub shutdown_drain_ms: u64,
     /// The credential the gateway and the services present to each other.
     pub internal_token: Option<SecretString>,
     /// The authz service, asked before every management call.
@@ -64,6 +68,7 @@ impl Default for Config {
         Self {
             listen_addr: ([127, 0, 0, 1], 50052).into(),
             metrics_addr: Some(([127, 0, 0, 1], 9102).into()),
+            shutdown_drain_ms: 0,
             internal_token: None,
             authz_url: "http://127.0.0.1:50053".into(),
             request_timeout_ms: 5_000,
@@ -143,6 +148,10 @@ impl Environment {
 }
 
 impl Config {
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+
     /// The backend to use: the configured one, else `kubernetes` in a
     /// cluster and `embedded` elsewhere. The embedded backend in a cluster
     /// needs `embedded.allow_in_cluster`.
@@ -257,11 +266,14 @@ impl Application {
         let grpc = grpc::SecretGrpc::new(store, authz);
         let auth = InternalAuth::new(token);
 
-        let router = server::router(&metrics, &[SECRET_SERVICE, SECRET_READER])
-            .await?
+        let (router, health) = server::router(&metrics, &[SECRET_SERVICE, SECRET_READER]).await?;
+        let router = router
             .add_service(SecretServiceServer::with_interceptor(grpc.clone(), auth.clone()))
             .add_service(SecretReaderServer::with_interceptor(grpc, auth));
-        Ok(Self { served: Served::new(listener, router, metrics, config.metrics_addr).await? })
+        Ok(Self {
+            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?,
+        })
     }
 
     pub fn port(&self) -> u16 {

@@ -4,10 +4,7 @@
 use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
-use tonic::{
-    server::NamedService,
-    transport::{Server, server::Router},
-};
+use tonic::transport::{Server, server::Router};
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
@@ -59,9 +56,26 @@ pub fn reflection(
     Ok((configure().build_v1()?, configure().build_v1alpha()?))
 }
 
-/// Health reporting with every named service marked serving.
-pub async fn health<S: NamedService>(reporter: &HealthReporter) {
-    reporter.set_serving::<S>().await;
+/// The health of a server's services: SERVING from the start, NOT_SERVING
+/// from the moment shutdown begins.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    services: Vec<String>,
+}
+
+impl Health {
+    /// Marks the named services and the server as a whole (`""`) with `status`.
+    async fn set(&self, status: tonic_health::ServingStatus) {
+        for name in self.services.iter().map(String::as_str).chain([""]) {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+
+    /// Tells health checkers to stop sending: the server is going away.
+    pub async fn not_serving(&self) {
+        self.set(tonic_health::ServingStatus::NotServing).await;
+    }
 }
 
 /// Binds `addr`; errors name the address.
@@ -128,28 +142,33 @@ pub async fn probe(listen_addr: SocketAddr) -> anyhow::Result<()> {
 /// How long open connections may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A service ready to run: its gRPC listener and router, and its metrics
-/// endpoint when one is configured.
+/// A service ready to run: its gRPC listener and router, its health, and
+/// its metrics endpoint when one is configured.
 pub struct Served {
     listener: TcpListener,
     router: ServiceRouter,
+    health: Health,
     metrics: Metrics,
     metrics_listener: Option<TcpListener>,
+    drain: std::time::Duration,
 }
 
 impl Served {
-    /// Binds the metrics endpoint (when `metrics_addr` is set).
+    /// Binds the metrics endpoint (when `metrics_addr` is set). `drain` is
+    /// how long the server keeps accepting calls after a shutdown signal
+    /// while health checks already answer NOT_SERVING.
     pub async fn new(
         listener: TcpListener,
-        router: ServiceRouter,
+        (router, health): (ServiceRouter, Health),
         metrics: Metrics,
         metrics_addr: Option<SocketAddr>,
+        drain: std::time::Duration,
     ) -> std::io::Result<Self> {
         let metrics_listener = match metrics_addr {
             Some(addr) => Some(crate::observe::bind_metrics(addr).await?),
             None => None,
         };
-        Ok(Self { listener, router, metrics, metrics_listener })
+        Ok(Self { listener, router, health, metrics, metrics_listener, drain })
     }
 
     pub fn port(&self) -> u16 {
@@ -161,11 +180,25 @@ impl Served {
         self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port())
     }
 
-    /// Serves gRPC and metrics until `shutdown` resolves, then lets open
-    /// calls finish for at most [`SHUTDOWN_GRACE`].
+    /// Serves gRPC and metrics until `shutdown` resolves. From then on
+    /// health checks answer NOT_SERVING, so load balancers stop sending;
+    /// after the drain period the listener closes and open calls get at
+    /// most [`SHUTDOWN_GRACE`] to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), tonic::transport::Error> {
         use futures::FutureExt;
-        let shutdown = shutdown.shared();
+        let (health, drain) = (self.health.clone(), self.drain);
+        let shutdown = async move {
+            shutdown.await;
+            health.not_serving().await;
+            if !drain.is_zero() {
+                tracing::info!(
+                    drain_ms = drain.as_millis() as u64,
+                    "not serving; draining before closing the listener"
+                );
+                tokio::time::sleep(drain).await;
+            }
+        }
+        .shared();
         let grpc = self.router.serve_with_incoming_shutdown(incoming(self.listener), shutdown.clone());
         let serve = async {
             match self.metrics_listener {
@@ -188,12 +221,14 @@ impl Served {
 }
 
 /// The router every service starts from: the observe layer, health with
-/// every named service SERVING, and reflection advertising the names.
-pub async fn router(metrics: &Metrics, services: &[&str]) -> anyhow::Result<ServiceRouter> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for name in services {
-        health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
-    }
+/// every named service SERVING, and reflection advertising the names; and
+/// the handle that turns health to NOT_SERVING at shutdown.
+pub async fn router(metrics: &Metrics, services: &[&str]) -> anyhow::Result<(ServiceRouter, Health)> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health { reporter, services: services.iter().map(|s| s.to_string()).collect() };
+    health.set(tonic_health::ServingStatus::Serving).await;
     let (reflection_v1, reflection_v1alpha) = reflection(services)?;
-    Ok(builder(metrics).add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha))
+    let router =
+        builder(metrics).add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    Ok((router, health))
 }

@@ -51,3 +51,41 @@ async fn a_stopped_secret_service_is_unavailable_by_name_and_recovers_without_re
         app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
     assert_eq!(out[0].result, Some(R::Value(b"v".to_vec())), "the gateway reconnected by itself");
 }
+
+#[tokio::test]
+async fn from_the_moment_shutdown_begins_health_says_not_serving_while_the_listener_stays_open() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let dir = tempfile::tempdir().unwrap();
+    let config = authz_service::Config {
+        internal_token: Some(secrecy::SecretString::from("t".to_string())),
+        database_url: format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display()),
+        metrics_addr: None,
+        shutdown_drain_ms: 1_500,
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = authz_service::Application::build_with_listener(config, listener).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let status = |service: &'static str| {
+        let url = url.clone();
+        async move {
+            // A new connection each time, as a load balancer's probe makes.
+            let mut client = HealthClient::new(channel(&url));
+            client.check(HealthCheckRequest { service: service.into() }).await.map(|r| r.into_inner().status())
+        }
+    };
+    assert_eq!(status("").await.unwrap(), ServingStatus::Serving);
+    assert_eq!(status("iomete.secrets.v1.AuthzService").await.unwrap(), ServingStatus::Serving);
+
+    stop.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(status("").await.unwrap(), ServingStatus::NotServing, "the listener is still open while draining");
+    assert_eq!(status("iomete.secrets.v1.AuthzService").await.unwrap(), ServingStatus::NotServing);
+
+    task.await.unwrap().unwrap();
+    assert!(status("").await.is_err(), "after the drain the listener is closed");
+}
