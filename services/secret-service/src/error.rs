@@ -21,6 +21,11 @@ pub enum Error {
     )]
     TooLarge { object: String, total: usize, limit: usize },
 
+    #[error(
+        "store object {object} would hold {keys} keys, whose timestamps take {bytes} bytes of annotations; Kubernetes allows {limit} bytes (256 KiB) of annotations per object: delete unused secrets or keep fewer keys in this domain"
+    )]
+    TooManyKeys { object: String, keys: usize, bytes: usize, limit: usize },
+
     #[error("{0}")]
     PermissionDenied(String),
 
@@ -48,7 +53,7 @@ impl From<Error> for Status {
             Error::InvalidArgument(v) => error::invalid_argument(v),
             Error::NotFound { .. } => Status::not_found(e.to_string()),
             Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-            Error::TooLarge { .. } => Status::failed_precondition(e.to_string()),
+            Error::TooLarge { .. } | Error::TooManyKeys { .. } => Status::failed_precondition(e.to_string()),
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::Unavailable { .. } => Status::unavailable(e.to_string()),
             Error::Rejected { .. } => Status::failed_precondition(e.to_string()),

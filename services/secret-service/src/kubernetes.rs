@@ -30,8 +30,10 @@ const NAME: &str = "kubernetes";
 /// Per-key creation and update times (Secret data has none of its own).
 pub const TIMESTAMPS_ANNOTATION: &str = "secrets.iomete.com/timestamps";
 pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "iomete-secrets");
-/// The API server's limit on all annotations of an object together.
-const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
+/// The API server's limit on all annotations of an object together; the
+/// key timestamps live there, so it caps the keys of one store object
+/// (about 4,000 keys of 30-character names).
+pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
 const MAX_WRITE_ATTEMPTS: usize = 64;
 
 pub struct KubernetesBackend {
@@ -172,8 +174,31 @@ impl SecretBackend for KubernetesBackend {
     }
 }
 
+/// A key's creation and update time, as Unix milliseconds: `[created, updated]`
+/// (compact, so an object holds thousands of keys within the annotation
+/// limit). RFC 3339 strings, as older versions wrote, are read too.
 #[derive(Serialize, Deserialize)]
-struct Times(DateTime<Utc>, DateTime<Utc>);
+struct Times(Stamp, Stamp);
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Stamp {
+    Millis(i64),
+    Rfc3339(DateTime<Utc>),
+}
+
+impl Stamp {
+    fn of(t: DateTime<Utc>) -> Self {
+        Stamp::Millis(t.timestamp_millis())
+    }
+
+    fn time(&self) -> DateTime<Utc> {
+        match self {
+            Stamp::Millis(ms) => DateTime::<Utc>::from_timestamp_millis(*ms).unwrap_or_default(),
+            Stamp::Rfc3339(t) => *t,
+        }
+    }
+}
 
 fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
     let meta = secret.metadata;
@@ -190,7 +215,7 @@ fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
         .map_or_else(Utc::now, |t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0).unwrap_or_else(Utc::now));
     let mut entries = Entries::new();
     for (key, ByteString(bytes)) in secret.data.unwrap_or_default() {
-        let (created_at, updated_at) = times.get(&key).map_or((fallback, fallback), |t| (t.0, t.1));
+        let (created_at, updated_at) = times.get(&key).map_or((fallback, fallback), |t| (t.0.time(), t.1.time()));
         entries.insert(key, Entry { value: SecretValue::new(bytes), created_at, updated_at });
     }
     Ok((entries, meta))
@@ -200,15 +225,16 @@ fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
 /// makes the write conditional), our label and timestamps, and the data.
 fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries) -> Result<Secret> {
     let times: BTreeMap<&str, Times> =
-        entries.iter().map(|(k, e)| (k.as_str(), Times(e.created_at, e.updated_at))).collect();
+        entries.iter().map(|(k, e)| (k.as_str(), Times(Stamp::of(e.created_at), Stamp::of(e.updated_at)))).collect();
     let times = serde_json::to_string(&times).map_err(|e| Error::Internal(format!("cannot encode timestamps: {e}")))?;
     let mut annotations = meta.annotations.take().unwrap_or_default();
     annotations.insert(TIMESTAMPS_ANNOTATION.to_string(), times);
     let annotation_bytes: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
     if annotation_bytes > MAX_ANNOTATION_BYTES {
-        return Err(Error::TooLarge {
+        return Err(Error::TooManyKeys {
             object: object.to_string(),
-            total: annotation_bytes,
+            keys: entries.len(),
+            bytes: annotation_bytes,
             limit: MAX_ANNOTATION_BYTES,
         });
     }
@@ -222,4 +248,52 @@ fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries) -> Result<Secre
         data: Some(entries.iter().map(|(k, e)| (k.clone(), ByteString(e.value.expose().to_vec()))).collect()),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: usize, key_len: usize) -> Entries {
+        let now = Utc::now();
+        (0..n)
+            .map(|i| {
+                let key = format!("{i:0key_len$}");
+                (key, Entry { value: SecretValue::new(vec![b'v']), created_at: now, updated_at: now })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn thousands_of_keys_fit_in_the_annotation_limit() {
+        let secret = encode("s", ObjectMeta::default(), &entries(4_000, 30)).expect("4,000 keys of 30 characters fit");
+        let (decoded, _) = decode("s", secret).unwrap();
+        assert_eq!(decoded.len(), 4_000);
+    }
+
+    #[test]
+    fn past_the_annotation_limit_the_error_names_that_limit_not_the_size_limit() {
+        let err = encode("s", ObjectMeta::default(), &entries(5_000, 40)).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, Error::TooManyKeys { keys: 5_000, .. }), "{err:?}");
+        assert!(message.contains("262144 bytes (256 KiB) of annotations"), "{message}");
+        assert!(!message.contains("1 MiB"), "{message}");
+    }
+
+    #[test]
+    fn timestamps_written_as_rfc3339_by_older_versions_are_still_read() {
+        let mut meta = ObjectMeta::default();
+        meta.annotations = Some(BTreeMap::from([(
+            TIMESTAMPS_ANNOTATION.to_string(),
+            r#"{"k":["2026-01-02T03:04:05Z",1767323045123]}"#.to_string(),
+        )]));
+        let secret = Secret {
+            metadata: meta,
+            data: Some(BTreeMap::from([("k".to_string(), ByteString(b"v".to_vec()))])),
+            ..Default::default()
+        };
+        let (entries, _) = decode("s", secret).unwrap();
+        assert_eq!(entries["k"].created_at.to_rfc3339(), "2026-01-02T03:04:05+00:00");
+        assert_eq!(entries["k"].updated_at.timestamp_millis(), 1767323045123);
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use secrets_common::{
     SecretValue,
     validate::{self, MAX_OBJECT_VALUE_BYTES},
@@ -108,7 +108,8 @@ impl SecretStore {
         let mut written = None;
         self.backend
             .modify(&object, &mut |entries: &mut Entries| {
-                let now = Utc::now();
+                // Milliseconds: what every backend stores and lists.
+                let now = Utc::now().trunc_subsecs(3);
                 let created_at = match (entries.get(key), mode) {
                     (Some(_), Mode::Create) => {
                         return Err(Error::AlreadyExists { key: key.to_string(), scope: scope.clone() });
