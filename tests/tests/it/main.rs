@@ -8,6 +8,7 @@ mod canary;
 mod deployment;
 mod embedded;
 mod grpcurl;
+mod internal;
 mod kubernetes;
 mod logs;
 mod metrics;
