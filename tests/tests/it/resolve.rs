@@ -3,6 +3,7 @@
 use integration_tests::{stores::CountingBackend, *};
 use secrets_proto::v1::{self as pb, resolved_item::Result as R};
 use tonic::Code;
+use tonic_types::StatusExt;
 
 fn text(r: &pb::ResolvedItem) -> &str {
     match &r.result {
@@ -222,4 +223,83 @@ async fn each_store_object_is_read_once_per_batch() {
     let reads = counting.reads();
     assert_eq!(reads.len(), 3, "finance, sales and global: {reads:?}");
     assert!(reads.values().all(|n| *n == 1), "12 items, each object read once: {reads:?}");
+}
+
+fn error_status(r: &pb::ResolvedItem) -> &tonic_types::pb::Status {
+    match &r.result {
+        Some(R::Error(e)) => e,
+        other => panic!("{}: expected an error, got {other:?}", r.id),
+    }
+}
+
+#[tokio::test]
+async fn item_errors_are_google_rpc_statuses_with_field_violations() {
+    let app = TestApp::spawn().await;
+    let out = app
+        .as_service(Some("user:admin"))
+        .resolve("finance", vec![object_item("envVars.DB", "finance", "a/b")])
+        .await
+        .unwrap();
+    let status = error_status(&out[0]);
+    assert_eq!(Code::from_i32(status.code), Code::InvalidArgument);
+    let details = tonic::Status::with_details(Code::InvalidArgument, "", prost::Message::encode_to_vec(status).into())
+        .get_error_details();
+    let violation = &details.bad_request().expect("BadRequest detail").field_violations[0];
+    assert_eq!(violation.field, "items[0].secret_object.key");
+    assert!(violation.description.contains("contains '/'"), "{}", violation.description);
+}
+
+#[tokio::test]
+async fn a_secret_object_naming_the_reserved_admin_domain_fails_only_its_own_item() {
+    let app = TestApp::spawn().await;
+    app.as_user(ADMIN).create("finance", "ok", "fine").await.unwrap();
+    let out = app
+        .as_service(Some("user:admin"))
+        .resolve("finance", vec![object_item("a", "admin", "ok"), object_item("b", "finance", "ok")])
+        .await
+        .unwrap();
+    let (code, message) = error(&out[0]);
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(message.contains("reserved"), "{message}");
+    assert!(!message.contains("lookups"), "no internal field names: {message}");
+    assert_eq!(out[1].result, Some(R::Value(b"fine".to_vec())));
+}
+
+#[tokio::test]
+async fn a_thousand_items_of_maximal_text_get_the_named_response_limit_not_a_failed_batch() {
+    use gateway::resolver::limits::*;
+    let app = TestApp::spawn().await;
+    let service = app.as_service(Some("user:admin"));
+    // Literal text: 1,000 x 4 KiB is more than one response may carry.
+    let items: Vec<_> = (0..MAX_ITEMS).map(|i| text_item(&format!("i{i}"), &"x".repeat(MAX_TEXT_BYTES))).collect();
+    let start = std::time::Instant::now();
+    let out = service.resolve("finance", items).await.expect("the batch is answered");
+    eprintln!("1,000 literal items of {MAX_TEXT_BYTES} bytes: answered in {:?}", start.elapsed());
+    let fitting = MAX_RESPONSE_VALUE_BYTES / MAX_TEXT_BYTES;
+    assert!(out[..fitting].iter().all(|r| matches!(r.result, Some(R::Text(_)))));
+    for r in &out[fitting..] {
+        let (code, message) = error(r);
+        assert_eq!(code, Code::ResourceExhausted);
+        assert!(message.contains("at most 3145728 bytes (3 MiB)"), "{message}");
+    }
+
+    // Placeholders multiply: 64 of a 16 KiB value is 1 MiB per item.
+    app.as_user(ADMIN).create("finance", "big", &"v".repeat(16 * 1024)).await.unwrap();
+    let text = "${secrets.big}".repeat(MAX_PLACEHOLDERS_PER_ITEM);
+    let items: Vec<_> = (0..MAX_ITEMS).map(|i| text_item(&format!("p{i}"), &text)).collect();
+    let start = std::time::Instant::now();
+    let out = service.resolve("finance", items).await.expect("the batch is answered");
+    eprintln!("1,000 items of {MAX_PLACEHOLDERS_PER_ITEM} placeholders: answered in {:?}", start.elapsed());
+    let resolved = out.iter().filter(|r| matches!(r.result, Some(R::Text(_)))).count();
+    assert_eq!(resolved, 3, "three 1 MiB items fit in 3 MiB");
+    assert_eq!(error(&out[3]).0, Code::ResourceExhausted);
+
+    // Past the per-item limits: refused on the item, naming the limit.
+    let too_long = text_item("long", &"x".repeat(MAX_TEXT_BYTES + 1));
+    let too_many = text_item("many", &"${secrets.big}".repeat(MAX_PLACEHOLDERS_PER_ITEM + 1));
+    let long_id = text_item(&"i".repeat(MAX_ITEM_ID_BYTES + 1), "x");
+    let out = service.resolve("finance", vec![too_long, too_many, long_id]).await.unwrap();
+    assert!(error(&out[0]).1.contains("at most 4096 bytes"), "{}", error(&out[0]).1);
+    assert!(error(&out[1]).1.contains("at most 64"), "{}", error(&out[1]).1);
+    assert!(error(&out[2]).1.contains("at most 256 bytes"), "{}", error(&out[2]).1);
 }
