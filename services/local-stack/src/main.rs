@@ -113,6 +113,11 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("SECRET_SERVICE_EMBEDDED__DATA_DIR").is_none() {
         secrets.embedded.data_dir = data_dir.join("secrets");
     }
+    if secrets.backend.is_none() {
+        // The local stack runs on embedded defaults wherever it is started.
+        secrets.backend = Some(secret_service::BackendKind::Embedded);
+        secrets.embedded.allow_in_cluster = true;
+    }
 
     let mut gw: gateway::Config = config::load(None, gateway::ENV_PREFIX).map_err(anyhow::Error::msg)?;
     gw.listen_addr = addr(args.gateway_port);

@@ -13,6 +13,7 @@ mod kubernetes;
 mod logs;
 mod metrics;
 mod permissions;
+mod readme;
 mod resilience;
 mod resolve;
 mod secrets;

@@ -1,0 +1,86 @@
+//! The README's examples, run as printed: the grpcurl walkthrough against the
+//! local stack on its default ports, and the token hashing command.
+
+use std::process::{Command, Stdio};
+
+use integration_tests::procs::binary;
+
+const README: &str = include_str!("../../../README.md");
+
+/// The first ```sh block after `heading`.
+fn sh_block(heading: &str) -> &'static str {
+    let from = README.find(heading).unwrap_or_else(|| panic!("README has no {heading:?}"));
+    let rest = &README[from..];
+    let start = rest.find("```sh\n").expect("a sh block") + "```sh\n".len();
+    let end = rest[start..].find("```").expect("closed block") + start;
+    &rest[start..end]
+}
+
+struct Stack(std::process::Child);
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    // The quick start's first command, from its own directory, default ports.
+    let mut stack = Stack(
+        Command::new(binary("local-stack"))
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start local-stack"),
+    );
+    let mut started = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect("127.0.0.1:50051").is_ok()
+            && dir.path().join(".local-stack/admin.token").exists()
+        {
+            started = true;
+            break;
+        }
+        if let Ok(Some(status)) = stack.0.try_wait() {
+            panic!("local-stack exited with {status}: are ports 50051-50053 and 9101-9103 free?");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(started, "local-stack did not start");
+
+    let script = sh_block("## Using it with grpcurl");
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir.path())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the README's grpcurl block failed:\n{stderr}\n{stdout}");
+    assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");
+    assert!(stdout.contains(r#""text": "jdbc:postgresql://etl:changed@db/warehouse""#), "resolved text: {stdout}");
+    assert!(stdout.contains(r#""value": "c210cC1wYXNz""#), "the global smtp_password through finance: {stdout}");
+    assert!(stdout.contains(r#""code": 5"#) && stdout.contains(r#"secret \"s3_secret\" does not exist"#), "{stdout}");
+    assert!(stdout.contains("user:alice does not hold MANAGE_SECRETS"), "alice may not manage secrets: {stdout}");
+}
+
+#[test]
+fn the_token_hash_example_prints_the_sha256_the_gateway_expects() {
+    let config = README.find("gateway hash-token").expect("README shows hash-token");
+    assert!(README[..config].contains("sha256 = "), "the example belongs to the token configuration");
+    let mut child =
+        Command::new(binary("gateway")).arg("hash-token").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"example-token").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        secrets_common::auth::TokenHash::of("example-token").to_hex()
+    );
+}
