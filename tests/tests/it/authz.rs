@@ -368,3 +368,13 @@ async fn a_database_that_stops_answering_is_unavailable_naming_it_at_once_and_re
     drop(app);
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn the_sqlite_database_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    let path = app.dir.path().join("authz.db");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", path.display());
+}
