@@ -29,7 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "iomete/secrets/v1/gateway.proto",
     ]
     .map(|f| proto_root.join(f));
-    let internal = ["iomete/secrets/internal/v1/secret_reader.proto"].map(|f| proto_root.join(f));
+    let internal = ["iomete/secrets/internal/v1/secret_reader.proto", "iomete/secrets/internal/v1/resources.proto"]
+        .map(|f| proto_root.join(f));
     let configure = || {
         tonic_prost_build::configure()
             // google.rpc.Status and friends come from tonic-types.
@@ -39,8 +40,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     configure()
         .file_descriptor_set_path(out.join("secrets_descriptor.bin"))
         .compile_protos(&public, std::slice::from_ref(&proto_root))?;
+    // Its own output directory: code generated for the imported public
+    // protos must not overwrite the public package's file.
+    let internal_out = out.join("internal");
+    std::fs::create_dir_all(&internal_out)?;
     configure()
         .extern_path(".iomete.secrets.v1", "crate::v1")
+        .out_dir(&internal_out)
         .file_descriptor_set_path(out.join("secrets_internal_descriptor.bin"))
         .compile_protos(&internal, std::slice::from_ref(&proto_root))?;
     println!("cargo:rerun-if-changed={}", proto_root.display());

@@ -34,3 +34,29 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Runs each named `async fn(TestApp)` as two tests: `sqlite` (the default
+/// database) and `postgres` (a fresh database on DATABASE_URL's server).
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use integration_tests::*;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(TestApp::spawn().await).await
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let Some(db) = integration_tests::postgres::fresh_database().await else { return };
+                    let app = TestApp::spawn_with(Options { database_url: Some(db.url.clone()), ..Default::default() }).await;
+                    super::$name(app).await;
+                    db.drop_database().await;
+                }
+            }
+        )*
+    };
+}

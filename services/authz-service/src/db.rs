@@ -67,6 +67,108 @@ pub mod domain_permission {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod group {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "groups")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        pub description: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod group_member {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "group_members")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub group_name: String,
+        /// `user:NAME`, `service:NAME` or `group:NAME`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub member: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod bundle {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bundles")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        pub description: String,
+        /// `user:NAME` or `group:NAME`.
+        pub owner: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod bundle_grant {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bundle_grants")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub bundle: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub subject: String,
+        /// `VIEW`, `UPDATE` or `USE`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub permission: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod bundle_resource {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bundle_resources")]
+    pub struct Model {
+        /// `VAULT_CONFIG`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub resource_type: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub resource_id: String,
+        pub bundle: String,
+        pub domain: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 #[derive(DeriveIden)]
 enum PlatformAdmins {
     Table,
@@ -222,11 +324,183 @@ impl MigrationTrait for PermissionsBelongToMembers {
     }
 }
 
+#[derive(DeriveIden)]
+enum Groups {
+    Table,
+    Name,
+    Description,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum GroupMembers {
+    Table,
+    GroupName,
+    Member,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum Bundles {
+    Table,
+    Name,
+    Description,
+    Owner,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum BundleGrants {
+    Table,
+    Bundle,
+    Subject,
+    Permission,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum BundleResources {
+    Table,
+    ResourceType,
+    ResourceId,
+    Bundle,
+    Domain,
+    CreatedAt,
+}
+
+/// Groups (nested), resource bundles, their grants and the resources they
+/// hold. A bundle with resources cannot be deleted (no cascade).
+struct GroupsAndBundles;
+
+impl MigrationName for GroupsAndBundles {
+    fn name(&self) -> &str {
+        "m20261129_000003_groups_and_bundles"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for GroupsAndBundles {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Groups::Table)
+                    .col(ColumnDef::new(Groups::Name).string_len(128).not_null().primary_key())
+                    .col(ColumnDef::new(Groups::Description).string_len(1024).not_null())
+                    .col(ColumnDef::new(Groups::CreatedAt).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(GroupMembers::Table)
+                    .col(ColumnDef::new(GroupMembers::GroupName).string_len(128).not_null())
+                    .col(ColumnDef::new(GroupMembers::Member).string_len(270).not_null())
+                    .col(ColumnDef::new(GroupMembers::CreatedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(Index::create().col(GroupMembers::GroupName).col(GroupMembers::Member))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_group_members_group")
+                            .from_tbl(GroupMembers::Table)
+                            .from_col(GroupMembers::GroupName)
+                            .to_tbl(Groups::Table)
+                            .to_col(Groups::Name)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // Memberships are followed from the member up.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_group_members_member")
+                    .table(GroupMembers::Table)
+                    .col(GroupMembers::Member)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Bundles::Table)
+                    .col(ColumnDef::new(Bundles::Name).string_len(128).not_null().primary_key())
+                    .col(ColumnDef::new(Bundles::Description).string_len(1024).not_null())
+                    .col(ColumnDef::new(Bundles::Owner).string_len(270).not_null())
+                    .col(ColumnDef::new(Bundles::CreatedAt).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(BundleGrants::Table)
+                    .col(ColumnDef::new(BundleGrants::Bundle).string_len(128).not_null())
+                    .col(ColumnDef::new(BundleGrants::Subject).string_len(270).not_null())
+                    .col(ColumnDef::new(BundleGrants::Permission).string_len(16).not_null())
+                    .col(ColumnDef::new(BundleGrants::CreatedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(
+                        Index::create()
+                            .col(BundleGrants::Bundle)
+                            .col(BundleGrants::Subject)
+                            .col(BundleGrants::Permission),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_bundle_grants_bundle")
+                            .from_tbl(BundleGrants::Table)
+                            .from_col(BundleGrants::Bundle)
+                            .to_tbl(Bundles::Table)
+                            .to_col(Bundles::Name)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(BundleResources::Table)
+                    .col(ColumnDef::new(BundleResources::ResourceType).string_len(32).not_null())
+                    .col(ColumnDef::new(BundleResources::ResourceId).string_len(128).not_null())
+                    .col(ColumnDef::new(BundleResources::Bundle).string_len(128).not_null())
+                    .col(ColumnDef::new(BundleResources::Domain).string_len(63).not_null())
+                    .col(ColumnDef::new(BundleResources::CreatedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(Index::create().col(BundleResources::ResourceType).col(BundleResources::ResourceId))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_bundle_resources_bundle")
+                            .from_tbl(BundleResources::Table)
+                            .from_col(BundleResources::Bundle)
+                            .to_tbl(Bundles::Table)
+                            .to_col(Bundles::Name)
+                            .on_delete(ForeignKeyAction::Restrict),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            BundleResources::Table.into_iden(),
+            BundleGrants::Table.into_iden(),
+            Bundles::Table.into_iden(),
+            GroupMembers::Table.into_iden(),
+            Groups::Table.into_iden(),
+        ] {
+            manager.drop_table(Table::drop().table(table).to_owned()).await?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateGrantTables), Box::new(PermissionsBelongToMembers)]
+        vec![Box::new(CreateGrantTables), Box::new(PermissionsBelongToMembers), Box::new(GroupsAndBundles)]
     }
 }
 
@@ -269,6 +543,8 @@ pub async fn connect(url: &str, timeout: Duration, metrics: Option<&Metrics>) ->
             let verb = info.statement.sql.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
             let operation = match verb.as_str() {
                 "select" | "insert" | "update" | "delete" => verb.as_str(),
+                // The decision query: a recursive common table expression, then a select.
+                "with" => "select",
                 _ => "other",
             };
             metrics.observe_backend(backend, operation, !info.failed, info.elapsed);

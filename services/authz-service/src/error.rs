@@ -10,6 +10,8 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
     PermissionDenied(String),
@@ -28,6 +30,7 @@ impl From<Error> for Status {
         match e {
             Error::InvalidArgument(v) => error::invalid_argument(v),
             Error::NotFound(m) => Status::not_found(m),
+            Error::AlreadyExists(m) => Status::already_exists(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::Db(ref db) => {

@@ -1,22 +1,32 @@
-//! The tonic adapter of the authz service.
+//! The tonic adapters of the authz service: the public `AuthzService` and
+//! the internal `ResourceRegistry`.
 
 use secrets_common::{
     Principal,
     auth::InternalCall,
     validate::{self, FieldViolation},
 };
-use secrets_proto::v1::{self as pb, authz_service_server::AuthzService};
+use secrets_proto::{
+    internal::v1::{self as internal, resource_registry_server::ResourceRegistry},
+    v1::{self as pb, authz_service_server::AuthzService},
+};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::{
     Error, Result,
-    policy::{Check, Member, Permission, Policy, Role},
+    policy::{Bundle, BundleChange, Check, Group, Member, Permission, Policy, ResourceType, Role, Target},
 };
 
 /// Checks in one `BatchCheck`: a resolve of the largest batch asks at most
 /// this many.
 pub const MAX_CHECKS: usize = 1_000;
+/// Group and bundle names.
+pub const MAX_NAME_LEN: usize = 128;
+/// Group and bundle descriptions.
+pub const MAX_DESCRIPTION_LEN: usize = 1_024;
+/// Groups a token may carry into one check.
+pub const MAX_TOKEN_GROUPS: usize = 256;
 
 #[derive(Clone)]
 pub struct AuthzGrpc {
@@ -28,22 +38,30 @@ impl AuthzGrpc {
         Self { policy }
     }
 
-    /// Management calls need the caller to own the domain or be an admin.
-    async fn require_domain_access(&self, caller: &Principal, domain: &str) -> Result<()> {
-        let d = self.policy.check(caller, Permission::ManageDomainAccess, Some(domain)).await?;
+    /// Ok when `caller` may do `permission` on `target`; otherwise
+    /// PERMISSION_DENIED saying what `action` needed and why.
+    async fn require(&self, caller: &Principal, permission: Permission, target: Target, action: &str) -> Result<()> {
+        let d = self.policy.check(caller, permission, target).await?;
         if d.allowed {
             Ok(())
         } else {
-            Err(Error::PermissionDenied(format!("{caller} may not manage access to domain {domain:?}: {}", d.reason)))
+            Err(Error::PermissionDenied(format!("{caller} may not {action}: {}", d.reason)))
         }
     }
 
-    async fn require_admin(&self, caller: &Principal) -> Result<()> {
-        if self.policy.is_platform_admin(caller).await? {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(format!("{caller} may not manage platform admins: it is not a platform admin")))
-        }
+    /// Management calls need the caller to own the domain or be an admin.
+    async fn require_domain_access(&self, caller: &Principal, domain: &str) -> Result<()> {
+        self.require(
+            caller,
+            Permission::ManageDomainAccess,
+            Target::Domain(domain.to_string()),
+            &format!("manage access to domain {domain:?}"),
+        )
+        .await
+    }
+
+    async fn require_admin(&self, caller: &Principal, action: &str) -> Result<()> {
+        self.require(caller, Permission::PlatformAdmin, Target::Platform, action).await
     }
 
     /// Answers checks from one database query. A forwarded call (one that
@@ -71,7 +89,40 @@ impl AuthzGrpc {
                 "{caller} may check its own permissions only; platform admins may check anyone's"
             )));
         }
+        // Token groups come from a verified token, which only the services
+        // see: a person asking through the gateway cannot claim groups.
+        if let Some(caller) = &call.principal
+            && parsed.iter().any(|c| !c.token_groups.is_empty())
+            && !caller_is_admin
+        {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} may not set groups: they come from a verified identity token, not from the caller"
+            )));
+        }
         Ok(decisions.into_iter().map(|d| pb::CheckResponse { allowed: d.allowed, reason: d.reason }).collect())
+    }
+
+    /// Whether `caller` holds any permission on each bundle: one query.
+    async fn visible_bundles(&self, caller: &Principal, names: Vec<String>) -> Result<Vec<String>> {
+        const ANY: [Permission; 4] = [Permission::View, Permission::Update, Permission::Use, Permission::ManageBundle];
+        let checks: Vec<Check> = names
+            .iter()
+            .flat_map(|b| {
+                ANY.iter().map(|p| Check {
+                    subject: caller.clone(),
+                    permission: *p,
+                    target: Target::Bundle(b.clone()),
+                    token_groups: Vec::new(),
+                })
+            })
+            .collect();
+        let (_, decisions) = self.policy.check_batch(Some(caller), &checks).await?;
+        Ok(names
+            .into_iter()
+            .zip(decisions.chunks(ANY.len()))
+            .filter(|(_, d)| d.iter().any(|d| d.allowed))
+            .map(|(b, _)| b)
+            .collect())
     }
 }
 
@@ -91,7 +142,7 @@ impl AuthzGrpc {
         change: Change,
     ) -> Result<Response<pb::DomainMember>, Status> {
         let d = domain("domain", domain_name)?;
-        let s = subject("subject", subject_name)?;
+        let s = any_subject("subject", subject_name)?;
         let p = grantable("permission", permission)?;
         self.require_domain_access(caller, &d).await?;
         let (m, what) = match change {
@@ -101,14 +152,63 @@ impl AuthzGrpc {
         tracing::info!(domain = %d, subject = %s, permission = p.name(), %caller, "{what}");
         Ok(Response::new(member_pb(m)))
     }
+
+    async fn change_bundle_grant(
+        &self,
+        caller: &Principal,
+        bundle: &str,
+        subject: &str,
+        permission: i32,
+        change: Change,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let b = name("bundle", bundle)?;
+        let s = any_subject("subject", subject)?;
+        let p = bundle_grantable("permission", permission)?;
+        self.require(caller, Permission::ManageBundle, Target::Bundle(b.clone()), &format!("manage bundle {b}"))
+            .await?;
+        let (bundle, what) = match change {
+            Change::Grant => (self.policy.grant_bundle(&b, &s, p).await?, "bundle permission granted"),
+            Change::Revoke => (self.policy.revoke_bundle(&b, &s, p).await?, "bundle permission revoked"),
+        };
+        tracing::info!(bundle = %b, subject = %s, permission = p.name(), %caller, "{what}");
+        Ok(Response::new(bundle_pb(bundle)))
+    }
 }
 
-fn subject(field: &str, text: &str) -> Result<Principal> {
+/// A principal that acts (user or service).
+fn actor(field: &str, text: &str) -> Result<Principal> {
     Ok(Principal::parse(field, text)?)
+}
+
+/// A subject a grant or membership may name (user, service or group).
+fn any_subject(field: &str, text: &str) -> Result<Principal> {
+    Ok(Principal::parse_subject(field, text)?)
 }
 
 fn domain(field: &str, text: &str) -> Result<String> {
     validate::domain(field, text)?;
+    Ok(text.to_string())
+}
+
+/// A group or bundle name: 1..128 of letters, digits, '.', '_' and '-'.
+fn name(field: &str, text: &str) -> Result<String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if text.is_empty() || text.len() > MAX_NAME_LEN || !text.chars().all(ok) {
+        return Err(FieldViolation::new(
+            field,
+            format!("{text:?} is not a name: 1 to {MAX_NAME_LEN} of letters, digits, '.', '_' and '-'"),
+        )
+        .into());
+    }
+    Ok(text.to_string())
+}
+
+fn description(field: &str, text: &str) -> Result<String> {
+    if text.len() > MAX_DESCRIPTION_LEN {
+        return Err(
+            FieldViolation::new(field, format!("is {} bytes; at most {MAX_DESCRIPTION_LEN}", text.len())).into()
+        );
+    }
     Ok(text.to_string())
 }
 
@@ -120,24 +220,92 @@ fn permission(field: &str, value: i32) -> Result<Permission> {
         Ok(P::UseSecrets) => Permission::UseSecrets,
         Ok(P::ManageDomainAccess) => Permission::ManageDomainAccess,
         Ok(P::PlatformAdmin) => Permission::PlatformAdmin,
+        Ok(P::View) => Permission::View,
+        Ok(P::Update) => Permission::Update,
+        Ok(P::Use) => Permission::Use,
+        Ok(P::ManageBundle) => Permission::ManageBundle,
         Ok(P::Unspecified) | Err(_) => {
             return Err(FieldViolation::new(
                 field,
-                "must be one of LIST_SECRETS, MANAGE_SECRETS, USE_SECRETS, MANAGE_DOMAIN_ACCESS, PLATFORM_ADMIN",
+                "must be one of LIST_SECRETS, MANAGE_SECRETS, USE_SECRETS, MANAGE_DOMAIN_ACCESS, PLATFORM_ADMIN, VIEW, UPDATE, USE, MANAGE_BUNDLE",
             )
             .into());
         }
     })
 }
 
-fn parse_check(c: &pb::CheckRequest, prefix: String) -> Result<Check> {
-    let subject = subject(&format!("{prefix}subject"), &c.subject)?;
-    let permission = permission(&format!("{prefix}permission"), c.permission)?;
-    let domain = match (permission, c.domain.as_str()) {
-        (Permission::PlatformAdmin, "") => None,
-        (_, d) => Some(domain(&format!("{prefix}domain"), d)?),
+fn permission_pb(p: Permission) -> i32 {
+    use pb::Permission as P;
+    (match p {
+        Permission::ListSecrets => P::ListSecrets,
+        Permission::ManageSecrets => P::ManageSecrets,
+        Permission::UseSecrets => P::UseSecrets,
+        Permission::ManageDomainAccess => P::ManageDomainAccess,
+        Permission::PlatformAdmin => P::PlatformAdmin,
+        Permission::View => P::View,
+        Permission::Update => P::Update,
+        Permission::Use => P::Use,
+        Permission::ManageBundle => P::ManageBundle,
+    }) as i32
+}
+
+fn resource(field: &str, r: Option<&pb::Resource>) -> Result<(ResourceType, String)> {
+    let r = r.ok_or_else(|| FieldViolation::new(field, "is required: {type: VAULT_CONFIG, id: <config id>}"))?;
+    let kind = match pb::ResourceType::try_from(r.r#type) {
+        Ok(pb::ResourceType::VaultConfig) => ResourceType::VaultConfig,
+        _ => return Err(FieldViolation::new(format!("{field}.type"), "must be VAULT_CONFIG").into()),
     };
-    Ok(Check { subject, permission, domain })
+    Ok((kind, name(&format!("{field}.id"), &r.id)?))
+}
+
+fn resource_pb(kind: ResourceType, id: String) -> pb::Resource {
+    let t = match kind {
+        ResourceType::VaultConfig => pb::ResourceType::VaultConfig,
+    };
+    pb::Resource { r#type: t as i32, id }
+}
+
+fn parse_check(c: &pb::CheckRequest, prefix: String) -> Result<Check> {
+    let field = |f: &str| format!("{prefix}{f}");
+    let subject = actor(&field("subject"), &c.subject)?;
+    let permission = permission(&field("permission"), c.permission)?;
+    let target = if permission == Permission::PlatformAdmin && c.domain.is_empty() {
+        Target::Platform
+    } else if permission == Permission::ManageBundle || (permission.is_bundle_permission() && c.resource.is_none()) {
+        if c.bundle.is_empty() {
+            return Err(FieldViolation::new(
+                field("bundle"),
+                format!("is required for {} (or set resource, for VIEW, UPDATE and USE)", permission.name()),
+            )
+            .into());
+        }
+        Target::Bundle(name(&field("bundle"), &c.bundle)?)
+    } else if permission.is_bundle_permission() {
+        let (kind, id) = resource(&field("resource"), c.resource.as_ref())?;
+        Target::Resource(kind, id)
+    } else {
+        Target::Domain(domain(&field("domain"), &c.domain)?)
+    };
+    if c.groups.len() > MAX_TOKEN_GROUPS {
+        return Err(FieldViolation::new(
+            field("groups"),
+            format!("has {} groups; at most {MAX_TOKEN_GROUPS}", c.groups.len()),
+        )
+        .into());
+    }
+    let token_groups = c
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let p = any_subject(&field(&format!("groups[{i}]")), g)?;
+            if !p.is_group() {
+                return Err(FieldViolation::new(field(&format!("groups[{i}]")), "must be \"group:NAME\"").into());
+            }
+            Ok(p.name)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Check { subject, permission, target, token_groups })
 }
 
 fn grantable(field: &str, value: i32) -> Result<Permission> {
@@ -152,8 +320,19 @@ fn grantable(field: &str, value: i32) -> Result<Permission> {
     Ok(p)
 }
 
+fn bundle_grantable(field: &str, value: i32) -> Result<Permission> {
+    let p = permission(field, value)?;
+    if !p.is_bundle_grantable() {
+        return Err(FieldViolation::new(
+            field,
+            format!("{} cannot be granted on a bundle; grant VIEW, UPDATE or USE", p.name()),
+        )
+        .into());
+    }
+    Ok(p)
+}
+
 fn member_pb(m: Member) -> pb::DomainMember {
-    use pb::Permission as P;
     pb::DomainMember {
         domain: m.domain,
         subject: m.subject.to_string(),
@@ -161,17 +340,25 @@ fn member_pb(m: Member) -> pb::DomainMember {
             Role::Owner => pb::DomainRole::Owner,
             Role::Member => pb::DomainRole::Member,
         } as i32,
-        permissions: m
-            .permissions
+        permissions: m.permissions.into_iter().map(permission_pb).collect(),
+    }
+}
+
+fn group_pb(g: Group) -> pb::Group {
+    pb::Group { name: g.name, description: g.description, members: g.members.iter().map(ToString::to_string).collect() }
+}
+
+fn bundle_pb(b: Bundle) -> pb::Bundle {
+    pb::Bundle {
+        name: b.name,
+        description: b.description,
+        owner: b.owner.to_string(),
+        grants: b
+            .grants
             .into_iter()
-            .map(|p| match p {
-                Permission::ListSecrets => P::ListSecrets,
-                Permission::ManageSecrets => P::ManageSecrets,
-                Permission::UseSecrets => P::UseSecrets,
-                Permission::ManageDomainAccess => P::ManageDomainAccess,
-                Permission::PlatformAdmin => P::PlatformAdmin,
-            } as i32)
+            .map(|(s, p)| pb::BundleGrant { subject: s.to_string(), permission: permission_pb(p) })
             .collect(),
+        resources: b.resources.into_iter().map(|(k, id)| resource_pb(k, id)).collect(),
     }
 }
 
@@ -184,7 +371,11 @@ impl AuthzService for AuthzGrpc {
     #[instrument(skip_all, fields(rpc = "Check", subject = %request.get_ref().subject, domain = %request.get_ref().domain, allowed))]
     async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
         let call = InternalCall::of(&request);
-        let answer = self.answer(&call, vec![request.into_inner()]).await?.remove(0);
+        let answer = self
+            .answer(&call, vec![request.into_inner()])
+            .await?
+            .pop()
+            .ok_or_else(|| Status::internal("internal error"))?;
         tracing::Span::current().record("allowed", answer.allowed);
         Ok(Response::new(answer))
     }
@@ -208,7 +399,7 @@ impl AuthzService for AuthzGrpc {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let d = domain("domain", &req.domain)?;
-        let s = subject("subject", &req.subject)?;
+        let s = any_subject("subject", &req.subject)?;
         let role = match pb::DomainRole::try_from(req.role) {
             Ok(pb::DomainRole::Owner) => Role::Owner,
             Ok(pb::DomainRole::Member) => Role::Member,
@@ -234,7 +425,7 @@ impl AuthzService for AuthzGrpc {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let d = domain("domain", &req.domain)?;
-        let s = subject("subject", &req.subject)?;
+        let s = any_subject("subject", &req.subject)?;
         self.require_domain_access(&caller, &d).await?;
         self.policy.remove_member(&d, &s).await?;
         tracing::info!(domain = %d, subject = %s, %caller, "domain member removed");
@@ -273,14 +464,181 @@ impl AuthzService for AuthzGrpc {
         Ok(Response::new(pb::ListDomainMembersResponse { members }))
     }
 
+    #[instrument(skip_all, fields(rpc = "CreateGroup", group = %request.get_ref().name))]
+    async fn create_group(&self, request: Request<pb::CreateGroupRequest>) -> Result<Response<pb::Group>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let n = name("name", &req.name)?;
+        let d = description("description", &req.description)?;
+        self.require_admin(&caller, "manage groups").await?;
+        let g = self.policy.create_group(&n, &d).await?;
+        tracing::info!(group = %n, %caller, "group created");
+        Ok(Response::new(group_pb(g)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "DeleteGroup", group = %request.get_ref().name))]
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let caller = caller(&request)?;
+        let n = name("name", &request.get_ref().name)?;
+        self.require_admin(&caller, "manage groups").await?;
+        self.policy.delete_group(&n).await?;
+        tracing::info!(group = %n, %caller, "group deleted");
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
+    #[instrument(skip_all, fields(rpc = "AddGroupMember", group = %request.get_ref().group, member = %request.get_ref().member))]
+    async fn add_group_member(
+        &self,
+        request: Request<pb::AddGroupMemberRequest>,
+    ) -> Result<Response<pb::Group>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let g = name("group", &req.group)?;
+        let m = any_subject("member", &req.member)?;
+        self.require_admin(&caller, "manage groups").await?;
+        let group = self.policy.add_group_member(&g, &m).await?;
+        tracing::info!(group = %g, member = %m, %caller, "group member added");
+        Ok(Response::new(group_pb(group)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "RemoveGroupMember", group = %request.get_ref().group, member = %request.get_ref().member))]
+    async fn remove_group_member(
+        &self,
+        request: Request<pb::RemoveGroupMemberRequest>,
+    ) -> Result<Response<pb::Group>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let g = name("group", &req.group)?;
+        let m = any_subject("member", &req.member)?;
+        self.require_admin(&caller, "manage groups").await?;
+        let group = self.policy.remove_group_member(&g, &m).await?;
+        tracing::info!(group = %g, member = %m, %caller, "group member removed");
+        Ok(Response::new(group_pb(group)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListGroups"))]
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let caller = caller(&request)?;
+        self.require_admin(&caller, "list groups").await?;
+        let groups = self.policy.groups().await?.into_iter().map(group_pb).collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "CreateBundle", bundle = %request.get_ref().name))]
+    async fn create_bundle(&self, request: Request<pb::CreateBundleRequest>) -> Result<Response<pb::Bundle>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let n = name("name", &req.name)?;
+        let d = description("description", &req.description)?;
+        let owner = bundle_owner("owner", &req.owner)?;
+        self.require_admin(&caller, "create bundles").await?;
+        let b = self.policy.create_bundle(&n, &d, &owner).await?;
+        tracing::info!(bundle = %n, %owner, %caller, "bundle created");
+        Ok(Response::new(bundle_pb(b)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetBundle", bundle = %request.get_ref().name))]
+    async fn get_bundle(&self, request: Request<pb::GetBundleRequest>) -> Result<Response<pb::Bundle>, Status> {
+        let caller = caller(&request)?;
+        let n = name("name", &request.get_ref().name)?;
+        if self.visible_bundles(&caller, vec![n.clone()]).await?.is_empty() {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} may not see bundle {n}: it holds no permission on it, directly or through a group"
+            ))
+            .into());
+        }
+        Ok(Response::new(bundle_pb(self.policy.bundle(&n).await?)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListBundles", count))]
+    async fn list_bundles(
+        &self,
+        request: Request<pb::ListBundlesRequest>,
+    ) -> Result<Response<pb::ListBundlesResponse>, Status> {
+        let caller = caller(&request)?;
+        let names = self.policy.bundle_names().await?;
+        let mut bundles = Vec::new();
+        for n in self.visible_bundles(&caller, names).await? {
+            bundles.push(bundle_pb(self.policy.bundle(&n).await?));
+        }
+        tracing::Span::current().record("count", bundles.len() as i64);
+        Ok(Response::new(pb::ListBundlesResponse { bundles }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "UpdateBundle", bundle = %request.get_ref().name))]
+    async fn update_bundle(&self, request: Request<pb::UpdateBundleRequest>) -> Result<Response<pb::Bundle>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let n = name("name", &req.name)?;
+        if let Some(new_name) = req.new_name.as_deref().filter(|new| *new != n) {
+            return Err(Error::FailedPrecondition(format!(
+                "bundle names never change (grants and resources refer to them): {n} cannot become {new_name:?}; create a new bundle instead"
+            ))
+            .into());
+        }
+        let change = BundleChange {
+            description: req.description.as_deref().map(|d| description("description", d)).transpose()?,
+            owner: req.owner.as_deref().map(|o| bundle_owner("owner", o)).transpose()?,
+        };
+        if change.owner.is_some() {
+            self.require_admin(&caller, &format!("change the owner of bundle {n}")).await?;
+        } else {
+            self.require(&caller, Permission::ManageBundle, Target::Bundle(n.clone()), &format!("manage bundle {n}"))
+                .await?;
+        }
+        let b = self.policy.update_bundle(&n, change).await?;
+        tracing::info!(bundle = %n, %caller, "bundle updated");
+        Ok(Response::new(bundle_pb(b)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "DeleteBundle", bundle = %request.get_ref().name))]
+    async fn delete_bundle(
+        &self,
+        request: Request<pb::DeleteBundleRequest>,
+    ) -> Result<Response<pb::DeleteBundleResponse>, Status> {
+        let caller = caller(&request)?;
+        let n = name("name", &request.get_ref().name)?;
+        self.require(&caller, Permission::ManageBundle, Target::Bundle(n.clone()), &format!("delete bundle {n}"))
+            .await?;
+        self.policy.delete_bundle(&n).await?;
+        tracing::info!(bundle = %n, %caller, "bundle deleted");
+        Ok(Response::new(pb::DeleteBundleResponse {}))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GrantBundlePermission", bundle = %request.get_ref().bundle, subject = %request.get_ref().subject))]
+    async fn grant_bundle_permission(
+        &self,
+        request: Request<pb::GrantBundlePermissionRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        self.change_bundle_grant(&caller, &req.bundle, &req.subject, req.permission, Change::Grant).await
+    }
+
+    #[instrument(skip_all, fields(rpc = "RevokeBundlePermission", bundle = %request.get_ref().bundle, subject = %request.get_ref().subject))]
+    async fn revoke_bundle_permission(
+        &self,
+        request: Request<pb::RevokeBundlePermissionRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        self.change_bundle_grant(&caller, &req.bundle, &req.subject, req.permission, Change::Revoke).await
+    }
+
     #[instrument(skip_all, fields(rpc = "GrantPlatformAdmin", subject = %request.get_ref().subject))]
     async fn grant_platform_admin(
         &self,
         request: Request<pb::GrantPlatformAdminRequest>,
     ) -> Result<Response<pb::GrantPlatformAdminResponse>, Status> {
         let caller = caller(&request)?;
-        let s = subject("subject", &request.get_ref().subject)?;
-        self.require_admin(&caller).await?;
+        let s = actor("subject", &request.get_ref().subject)?;
+        self.require_admin(&caller, "manage platform admins").await?;
         self.policy.grant_admin(&s).await?;
         tracing::info!(subject = %s, %caller, "platform admin granted");
         Ok(Response::new(pb::GrantPlatformAdminResponse {}))
@@ -292,8 +650,8 @@ impl AuthzService for AuthzGrpc {
         request: Request<pb::RevokePlatformAdminRequest>,
     ) -> Result<Response<pb::RevokePlatformAdminResponse>, Status> {
         let caller = caller(&request)?;
-        let s = subject("subject", &request.get_ref().subject)?;
-        self.require_admin(&caller).await?;
+        let s = actor("subject", &request.get_ref().subject)?;
+        self.require_admin(&caller, "manage platform admins").await?;
         self.policy.revoke_admin(&s).await?;
         tracing::info!(subject = %s, %caller, "platform admin revoked");
         Ok(Response::new(pb::RevokePlatformAdminResponse {}))
@@ -305,7 +663,7 @@ impl AuthzService for AuthzGrpc {
         request: Request<pb::ListPlatformAdminsRequest>,
     ) -> Result<Response<pb::ListPlatformAdminsResponse>, Status> {
         let caller = caller(&request)?;
-        self.require_admin(&caller).await?;
+        self.require_admin(&caller, "manage platform admins").await?;
         let admins = self
             .policy
             .admins()
@@ -314,5 +672,76 @@ impl AuthzService for AuthzGrpc {
             .map(|(p, from_configuration)| pb::PlatformAdmin { subject: p.to_string(), from_configuration })
             .collect();
         Ok(Response::new(pb::ListPlatformAdminsResponse { admins }))
+    }
+}
+
+/// A bundle owner: a user or a group.
+fn bundle_owner(field: &str, text: &str) -> Result<Principal> {
+    let owner = any_subject(field, text)?;
+    if owner.kind == secrets_common::principal::SubjectKind::Service {
+        return Err(FieldViolation::new(field, "a bundle is owned by a user or a group, not a service").into());
+    }
+    Ok(owner)
+}
+
+#[tonic::async_trait]
+impl ResourceRegistry for AuthzGrpc {
+    /// Only domain owners and platform admins create resources, and only in
+    /// a bundle they may place things in (its owner, or a platform admin).
+    #[instrument(skip_all, fields(rpc = "RegisterResource", bundle = %request.get_ref().bundle, domain = %request.get_ref().domain))]
+    async fn register_resource(
+        &self,
+        request: Request<internal::RegisterResourceRequest>,
+    ) -> Result<Response<internal::RegisterResourceResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let (kind, id) = resource("resource", req.resource.as_ref())?;
+        let b = name("bundle", &req.bundle)?;
+        let d = domain("domain", &req.domain)?;
+        let checks = [
+            Check {
+                subject: caller.clone(),
+                permission: Permission::ManageDomainAccess,
+                target: Target::Domain(d.clone()),
+                token_groups: Vec::new(),
+            },
+            Check {
+                subject: caller.clone(),
+                permission: Permission::ManageBundle,
+                target: Target::Bundle(b.clone()),
+                token_groups: Vec::new(),
+            },
+        ];
+        let (_, decisions) = self.policy.check_batch(Some(&caller), &checks).await?;
+        if let Some(denied) = decisions.iter().find(|d| !d.allowed) {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} may not create a {} in domain {d:?} and bundle {b}: {}",
+                kind.name(),
+                denied.reason
+            ))
+            .into());
+        }
+        self.policy.register_resource(kind, &id, &b, &d).await?;
+        tracing::info!(resource = %id, bundle = %b, domain = %d, %caller, "resource registered");
+        Ok(Response::new(internal::RegisterResourceResponse {}))
+    }
+
+    #[instrument(skip_all, fields(rpc = "UnregisterResource"))]
+    async fn unregister_resource(
+        &self,
+        request: Request<internal::UnregisterResourceRequest>,
+    ) -> Result<Response<internal::UnregisterResourceResponse>, Status> {
+        let caller = caller(&request)?;
+        let (kind, id) = resource("resource", request.get_ref().resource.as_ref())?;
+        self.require(
+            &caller,
+            Permission::Update,
+            Target::Resource(kind, id.clone()),
+            &format!("delete {} {id}", kind.name()),
+        )
+        .await?;
+        self.policy.unregister_resource(kind, &id).await?;
+        tracing::info!(resource = %id, %caller, "resource unregistered");
+        Ok(Response::new(internal::UnregisterResourceResponse {}))
     }
 }

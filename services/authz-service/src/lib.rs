@@ -21,7 +21,11 @@ use secrets_common::{
     server::{self, Served},
     telemetry::TelemetryConfig,
 };
-use secrets_proto::{service_names::AUTHZ_SERVICE, v1::authz_service_server::AuthzServiceServer};
+use secrets_proto::{
+    internal::v1::resource_registry_server::ResourceRegistryServer,
+    service_names::{AUTHZ_SERVICE, RESOURCE_REGISTRY},
+    v1::authz_service_server::AuthzServiceServer,
+};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -127,8 +131,11 @@ impl Application {
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
         let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins, timeout));
 
-        let (router, health) = server::router(&metrics, &[AUTHZ_SERVICE]).await?;
-        let router = router.add_service(AuthzServiceServer::with_interceptor(grpc, InternalAuth::new(token)));
+        let (router, health) = server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY]).await?;
+        let auth = InternalAuth::new(token);
+        let router = router
+            .add_service(AuthzServiceServer::with_interceptor(grpc.clone(), auth.clone()))
+            .add_service(ResourceRegistryServer::with_interceptor(grpc, auth));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
                 .await?,

@@ -10,17 +10,100 @@ use std::{collections::BTreeSet, future::Future, time::Duration};
 use chrono::Utc;
 use sea_orm::{
     ColumnTrait, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, Set, SqlErr, TransactionTrait,
-    sea_query::{Alias, Expr, OnConflict, Query, SelectStatement, UnionType},
+    QueryOrder, Set, SqlErr, Statement, TransactionTrait, sea_query::OnConflict,
 };
 use secrets_common::Principal;
 
-pub use crate::rules::{Check, Decision, Permission, Role};
+pub use crate::rules::{Check, Decision, Permission, ResourceType, Role, Target};
 use crate::{
     Error, Result,
-    db::{domain_member, domain_permission, platform_admin},
-    rules::{self, Facts},
+    db::{
+        bundle, bundle_grant, bundle_resource, domain_member, domain_permission, group, group_member, platform_admin,
+    },
+    rules::{self, Facts, Placement},
 };
+
+/// Nesting deeper than this is not followed (cycles are refused when they
+/// would form, so this only bounds a pathological hierarchy).
+const MAX_GROUP_DEPTH: u32 = 32;
+
+/// An arbitrary constant naming the lock that serializes changes to group
+/// nesting on PostgreSQL, so two concurrent additions cannot close a cycle
+/// that neither saw.
+const GROUP_EDGES_LOCK_ID: i64 = 0x1075_ec12_a07c;
+
+/// A raw statement with placeholders in the backend's style.
+struct Sql {
+    backend: DbBackend,
+    text: String,
+    values: Vec<sea_orm::Value>,
+}
+
+impl Sql {
+    fn new(backend: DbBackend) -> Self {
+        Self { backend, text: String::new(), values: Vec::new() }
+    }
+
+    fn push(&mut self, sql: &str) {
+        self.text.push_str(sql);
+    }
+
+    fn param(&mut self, value: String) {
+        self.values.push(value.into());
+        match self.backend {
+            DbBackend::Postgres => self.text.push_str(&format!("${}", self.values.len())),
+            _ => self.text.push('?'),
+        }
+    }
+
+    /// A parameter typed as text (PostgreSQL must know it in a CTE).
+    fn param_text(&mut self, value: String) {
+        self.push("CAST(");
+        self.param(value);
+        self.push(" AS TEXT)");
+    }
+
+    /// A comma-separated list of parameters; `NULL` for an empty list, which
+    /// matches nothing.
+    fn list(&mut self, values: &[String]) {
+        if values.is_empty() {
+            self.push("NULL");
+        }
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.param(v.clone());
+        }
+    }
+
+    fn statement(self) -> Statement {
+        Statement::from_sql_and_values(self.backend, self.text, self.values)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub description: String,
+    pub members: Vec<Principal>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bundle {
+    pub name: String,
+    pub description: String,
+    pub owner: Principal,
+    pub grants: Vec<(Principal, Permission)>,
+    pub resources: Vec<(ResourceType, String)>,
+}
+
+/// What an update of a bundle changes.
+#[derive(Clone, Debug, Default)]
+pub struct BundleChange {
+    pub description: Option<String>,
+    pub owner: Option<Principal>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
@@ -40,7 +123,7 @@ pub struct Policy {
 }
 
 fn parse_subject(text: &str) -> Result<Principal> {
-    Principal::parse("subject", text).map_err(|e| Error::Internal(format!("a stored subject is invalid: {e}")))
+    Principal::parse_subject("subject", text).map_err(|e| Error::Internal(format!("a stored subject is invalid: {e}")))
 }
 
 fn parse_role(text: &str) -> Result<Role> {
@@ -84,66 +167,166 @@ impl Policy {
         }
     }
 
-    /// Everything the database holds about `subjects` (their admin rows) and
-    /// about `subjects` in `domains` (roles, grants): one query.
-    async fn facts(&self, subjects: &BTreeSet<Principal>, domains: &BTreeSet<String>) -> Result<Facts> {
+    /// Everything the database holds that bears on `checks`, in one query:
+    /// the groups each subject belongs to (a recursive walk up nested
+    /// groups, with the path), admin rows, domain roles and permissions of
+    /// the subjects and their groups, and the bundles, owners, grants and
+    /// placements the checks name.
+    async fn facts(&self, subjects: &BTreeSet<Principal>, checks: &[Check]) -> Result<Facts> {
+        let backend = self.db.get_database_backend();
+        let mut q = Sql::new(backend);
         let names: Vec<String> = subjects.iter().map(ToString::to_string).collect();
-        let domains: Vec<String> = domains.iter().cloned().collect();
-        let part = |kind: &str, subject: Expr, domain: Expr, value: Expr| {
-            Query::select()
-                .expr_as(Expr::val(kind), Alias::new("kind"))
-                .expr_as(subject, Alias::new("subject"))
-                .expr_as(domain, Alias::new("domain"))
-                .expr_as(value, Alias::new("value"))
-                .to_owned()
-        };
-        let mut query: SelectStatement =
-            part("admin", Expr::col(platform_admin::Column::Subject), Expr::val(""), Expr::val(""))
-                .from(platform_admin::Entity)
-                .and_where(platform_admin::Column::Subject.is_in(names.clone()))
-                .to_owned();
-        if !domains.is_empty() {
-            let members = part(
-                "role",
-                Expr::col(domain_member::Column::Subject),
-                Expr::col(domain_member::Column::Domain),
-                Expr::col(domain_member::Column::Role),
-            )
-            .from(domain_member::Entity)
-            .and_where(domain_member::Column::Subject.is_in(names.clone()))
-            .and_where(domain_member::Column::Domain.is_in(domains.clone()))
-            .to_owned();
-            let grants = part(
-                "grant",
-                Expr::col(domain_permission::Column::Subject),
-                Expr::col(domain_permission::Column::Domain),
-                Expr::col(domain_permission::Column::Permission),
-            )
-            .from(domain_permission::Entity)
-            .and_where(domain_permission::Column::Subject.is_in(names))
-            .and_where(domain_permission::Column::Domain.is_in(domains))
-            .to_owned();
-            query.union(UnionType::All, members).union(UnionType::All, grants);
+        let mut domains = BTreeSet::new();
+        let mut bundles = BTreeSet::new();
+        let mut resource_ids = BTreeSet::new();
+        let mut token_groups = BTreeSet::new();
+        for c in checks {
+            match &c.target {
+                Target::Domain(d) => {
+                    domains.insert(d.clone());
+                }
+                Target::Bundle(b) => {
+                    bundles.insert(b.clone());
+                }
+                Target::Resource(_, id) => {
+                    resource_ids.insert(id.clone());
+                }
+                Target::Platform => {}
+            }
+            for g in &c.token_groups {
+                token_groups.insert((c.subject.to_string(), g.clone()));
+            }
         }
-        let rows = self.db.query_all(&query).await?;
+
+        let text = |x: &str| format!("CAST({x} AS TEXT)");
+        q.push("WITH RECURSIVE memberships(root, grp, path, depth) AS (");
+        q.push(&format!(
+            "SELECT {}, {}, {}, 1 FROM group_members gm WHERE gm.member IN (",
+            text("gm.member"),
+            text("gm.group_name"),
+            text("gm.member || ' ∈ group:' || gm.group_name")
+        ));
+        q.list(&names);
+        q.push(")");
+        for (root, group) in &token_groups {
+            q.push(" UNION ALL SELECT ");
+            q.param_text(root.clone());
+            q.push(", ");
+            q.param_text(group.clone());
+            q.push(", ");
+            q.param_text(format!("{root} ∈ group:{group} (token)"));
+            q.push(", 1");
+        }
+        q.push(&format!(
+            " UNION ALL SELECT m.root, {}, {}, m.depth + 1 FROM memberships m \
+             JOIN group_members gm ON gm.member = 'group:' || m.grp WHERE m.depth < {MAX_GROUP_DEPTH})",
+            text("gm.group_name"),
+            text("m.path || ' ∈ group:' || gm.group_name")
+        ));
+        q.push(" SELECT CAST('member' AS TEXT) AS kind, root AS a, grp AS b, path AS c, CAST('' AS TEXT) AS d FROM memberships");
+        q.push(&format!(
+            " UNION ALL SELECT 'admin', {}, '', '', '' FROM platform_admins WHERE subject IN (",
+            text("subject")
+        ));
+        q.list(&names);
+        q.push(")");
+        let holders = |q: &mut Sql| {
+            q.push(" AND (subject IN (");
+            q.list(&names);
+            q.push(") OR subject IN (SELECT 'group:' || grp FROM memberships))");
+        };
+        if !domains.is_empty() {
+            let domains: Vec<String> = domains.into_iter().collect();
+            for (kind, table, value) in
+                [("role", "domain_members", "role"), ("grant", "domain_permissions", "permission")]
+            {
+                q.push(&format!(
+                    " UNION ALL SELECT '{kind}', {}, {}, {}, '' FROM {table} WHERE domain IN (",
+                    text("subject"),
+                    text("domain"),
+                    text(value)
+                ));
+                q.list(&domains);
+                q.push(")");
+                holders(&mut q);
+            }
+        }
+        if !bundles.is_empty() || !resource_ids.is_empty() {
+            let bundles: Vec<String> = bundles.into_iter().collect();
+            let ids: Vec<String> = resource_ids.into_iter().collect();
+            // The bundles named, and the bundles of the resources named.
+            let in_scope = |q: &mut Sql, column: &str| {
+                q.push(&format!(" ({column} IN ("));
+                q.list(&bundles);
+                q.push(&format!(") OR {column} IN (SELECT bundle FROM bundle_resources WHERE resource_id IN ("));
+                q.list(&ids);
+                q.push(")))");
+            };
+            q.push(&format!(
+                " UNION ALL SELECT 'resource', {}, {}, {}, {} FROM bundle_resources WHERE resource_id IN (",
+                text("resource_type"),
+                text("resource_id"),
+                text("bundle"),
+                text("domain")
+            ));
+            q.list(&ids);
+            q.push(")");
+            q.push(&format!(
+                " UNION ALL SELECT 'bundle', {}, {}, '', '' FROM bundles WHERE",
+                text("name"),
+                text("owner")
+            ));
+            in_scope(&mut q, "name");
+            q.push(&format!(
+                " UNION ALL SELECT 'bundle_grant', {}, {}, {}, '' FROM bundle_grants WHERE",
+                text("subject"),
+                text("bundle"),
+                text("permission")
+            ));
+            in_scope(&mut q, "bundle");
+            holders(&mut q);
+        }
+
+        let rows = self.db.query_all_raw(q.statement()).await?;
         let mut facts = Facts { admins: self.bootstrap_admins.clone(), ..Facts::default() };
         for row in rows {
             let kind: String = row.try_get("", "kind")?;
-            let subject = parse_subject(&row.try_get::<String>("", "subject")?)?;
-            let domain: String = row.try_get("", "domain")?;
-            let value: String = row.try_get("", "value")?;
+            let [a, b, c, d]: [String; 4] =
+                [row.try_get("", "a")?, row.try_get("", "b")?, row.try_get("", "c")?, row.try_get("", "d")?];
             match kind.as_str() {
-                "admin" => {
-                    facts.admins.insert(subject);
-                }
-                "role" => {
-                    facts.roles.insert((domain, subject), parse_role(&value)?);
-                }
-                _ => {
-                    if let Some(p) = Permission::from_grant_name(&value) {
-                        facts.grants.insert((domain, subject, p));
+                "member" => {
+                    let root = parse_subject(&a)?;
+                    // The shortest path wins when a group is reached twice.
+                    let paths = facts.memberships.entry(root).or_default();
+                    if paths.get(&b).is_none_or(|p| p.len() > c.len()) {
+                        paths.insert(b, c);
                     }
                 }
+                "admin" => {
+                    facts.admins.insert(parse_subject(&a)?);
+                }
+                "role" => {
+                    facts.roles.insert((b, parse_subject(&a)?), parse_role(&c)?);
+                }
+                "grant" => {
+                    if let Some(p) = Permission::from_grant_name(&c) {
+                        facts.grants.insert((b, parse_subject(&a)?, p));
+                    }
+                }
+                "resource" => {
+                    if let Some(kind) = ResourceType::from_name(&a) {
+                        facts.resources.insert((kind, b), Placement { bundle: c, domain: d });
+                    }
+                }
+                "bundle" => {
+                    facts.bundles.insert(a, parse_subject(&b)?);
+                }
+                "bundle_grant" => {
+                    if let Some(p) = Permission::from_bundle_grant_name(&c) {
+                        facts.bundle_grants.insert((b, parse_subject(&a)?, p));
+                    }
+                }
+                other => return Err(Error::Internal(format!("the facts query returned a {other:?} row"))),
             }
         }
         Ok(facts)
@@ -154,20 +337,30 @@ impl Policy {
     pub async fn check_batch(&self, caller: Option<&Principal>, checks: &[Check]) -> Result<(bool, Vec<Decision>)> {
         let mut subjects: BTreeSet<Principal> = checks.iter().map(|c| c.subject.clone()).collect();
         subjects.extend(caller.cloned());
-        let domains: BTreeSet<String> = checks.iter().filter_map(|c| c.domain.clone()).collect();
-        let facts = self.bounded(self.facts(&subjects, &domains)).await?;
+        let facts = self.bounded(self.facts(&subjects, checks)).await?;
         let caller_is_admin = caller.is_some_and(|c| facts.is_admin(c));
         Ok((caller_is_admin, checks.iter().map(|c| rules::decide(&facts, c)).collect()))
     }
 
-    pub async fn check(&self, subject: &Principal, permission: Permission, domain: Option<&str>) -> Result<Decision> {
-        let check = Check { subject: subject.clone(), permission, domain: domain.map(str::to_string) };
+    pub async fn check(&self, subject: &Principal, permission: Permission, target: Target) -> Result<Decision> {
+        let check = Check { subject: subject.clone(), permission, target, token_groups: Vec::new() };
         let (_, mut decisions) = self.check_batch(None, std::slice::from_ref(&check)).await?;
         decisions.pop().ok_or_else(|| Error::Internal("a check went unanswered".into()))
     }
 
     pub async fn is_platform_admin(&self, subject: &Principal) -> Result<bool> {
         Ok(self.check_batch(Some(subject), &[]).await?.0)
+    }
+
+    /// Placement of a resource, if registered.
+    pub async fn placement(&self, kind: ResourceType, id: &str) -> Result<Option<Placement>> {
+        self.bounded(async {
+            Ok(crate::db::bundle_resource::Entity::find_by_id((kind.name().to_string(), id.to_string()))
+                .one(&self.db)
+                .await?
+                .map(|r| Placement { bundle: r.bundle, domain: r.domain }))
+        })
+        .await
     }
 
     async fn load_member(
@@ -374,5 +567,388 @@ impl Policy {
             }
         }
         Ok(all)
+    }
+
+    // Groups.
+
+    async fn load_group(&self, db: &impl ConnectionTrait, name: &str) -> Result<Option<Group>> {
+        let Some(row) = group::Entity::find_by_id(name.to_string()).one(db).await? else {
+            return Ok(None);
+        };
+        let members = group_member::Entity::find()
+            .filter(group_member::Column::GroupName.eq(name))
+            .order_by_asc(group_member::Column::Member)
+            .all(db)
+            .await?
+            .iter()
+            .map(|m| parse_subject(&m.member))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Group { name: row.name, description: row.description, members }))
+    }
+
+    pub async fn create_group(&self, name: &str, description: &str) -> Result<Group> {
+        self.bounded(async {
+            let row = group::ActiveModel {
+                name: Set(name.to_string()),
+                description: Set(description.to_string()),
+                created_at: Set(Utc::now()),
+            };
+            let inserted = group::Entity::insert(row)
+                .on_conflict(OnConflict::column(group::Column::Name).do_nothing().to_owned())
+                .exec_without_returning(&self.db)
+                .await?;
+            if inserted == 0 {
+                return Err(Error::AlreadyExists(format!("group:{name} exists already")));
+            }
+            Ok(Group { name: name.to_string(), description: description.to_string(), members: Vec::new() })
+        })
+        .await
+    }
+
+    /// Deletes a group, its memberships (as a group and as a member of other
+    /// groups) and every grant and domain role it held. A group that owns a
+    /// bundle is kept: give the bundle another owner first.
+    pub async fn delete_group(&self, name: &str) -> Result<()> {
+        let subject = Principal::group(name).to_string();
+        self.bounded(async {
+            let txn = self.db.begin().await?;
+            let owned: Vec<String> = bundle::Entity::find()
+                .filter(bundle::Column::Owner.eq(&subject))
+                .all(&txn)
+                .await?
+                .into_iter()
+                .map(|b| b.name)
+                .collect();
+            if !owned.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{subject} owns bundle(s) {}; give them another owner with UpdateBundle first",
+                    owned.join(", ")
+                )));
+            }
+            let removed = group::Entity::delete_by_id(name.to_string()).exec(&txn).await?;
+            if removed.rows_affected == 0 {
+                return Err(Error::NotFound(format!("{subject} does not exist")));
+            }
+            group_member::Entity::delete_many().filter(group_member::Column::Member.eq(&subject)).exec(&txn).await?;
+            bundle_grant::Entity::delete_many().filter(bundle_grant::Column::Subject.eq(&subject)).exec(&txn).await?;
+            domain_member::Entity::delete_many().filter(domain_member::Column::Subject.eq(&subject)).exec(&txn).await?;
+            txn.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Adds a member to a group; a group member that would close a cycle is
+    /// refused, naming it.
+    pub async fn add_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+        self.bounded(async {
+            let txn = self.db.begin().await?;
+            if self.db.get_database_backend() == DbBackend::Postgres {
+                txn.execute_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT pg_advisory_xact_lock({GROUP_EDGES_LOCK_ID})"),
+                ))
+                .await?;
+            }
+            if group::Entity::find_by_id(name.to_string()).one(&txn).await?.is_none() {
+                return Err(Error::NotFound(format!("group:{name} does not exist; create it with CreateGroup")));
+            }
+            if member.is_group() {
+                let mut edges: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+                for e in group_member::Entity::find()
+                    .filter(group_member::Column::Member.starts_with("group:"))
+                    .all(&txn)
+                    .await?
+                {
+                    if let Some(child) = e.member.strip_prefix("group:") {
+                        edges.entry(child.to_string()).or_default().insert(e.group_name);
+                    }
+                }
+                if let Some(path) = rules::cycle(&edges, name, &member.name) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "adding {member} to group:{name} would form a cycle: {path}"
+                    )));
+                }
+            }
+            let row = group_member::ActiveModel {
+                group_name: Set(name.to_string()),
+                member: Set(member.to_string()),
+                created_at: Set(Utc::now()),
+            };
+            group_member::Entity::insert(row)
+                .on_conflict(
+                    OnConflict::columns([group_member::Column::GroupName, group_member::Column::Member])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+            let group = self.load_group(&txn, name).await?.ok_or_else(|| Error::Internal("group vanished".into()))?;
+            txn.commit().await?;
+            Ok(group)
+        })
+        .await
+    }
+
+    pub async fn remove_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+        self.bounded(async {
+            let removed =
+                group_member::Entity::delete_by_id((name.to_string(), member.to_string())).exec(&self.db).await?;
+            if removed.rows_affected == 0 {
+                return Err(Error::NotFound(format!("{member} is not a member of group:{name}")));
+            }
+            self.load_group(&self.db, name)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("group:{name} does not exist")))
+        })
+        .await
+    }
+
+    pub async fn groups(&self) -> Result<Vec<Group>> {
+        self.bounded(async {
+            let rows = group::Entity::find().order_by_asc(group::Column::Name).all(&self.db).await?;
+            let members = group_member::Entity::find().order_by_asc(group_member::Column::Member).all(&self.db).await?;
+            rows.into_iter()
+                .map(|g| {
+                    let members = members
+                        .iter()
+                        .filter(|m| m.group_name == g.name)
+                        .map(|m| parse_subject(&m.member))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(Group { name: g.name, description: g.description, members })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    // Bundles.
+
+    async fn load_bundle(&self, db: &impl ConnectionTrait, name: &str) -> Result<Option<Bundle>> {
+        let Some(row) = bundle::Entity::find_by_id(name.to_string()).one(db).await? else {
+            return Ok(None);
+        };
+        let grants = bundle_grant::Entity::find()
+            .filter(bundle_grant::Column::Bundle.eq(name))
+            .order_by_asc(bundle_grant::Column::Subject)
+            .all(db)
+            .await?
+            .into_iter()
+            .filter_map(|g| Some((g.subject, Permission::from_bundle_grant_name(&g.permission)?)))
+            .map(|(s, p)| Ok((parse_subject(&s)?, p)))
+            .collect::<Result<Vec<_>>>()?;
+        let resources = bundle_resource::Entity::find()
+            .filter(bundle_resource::Column::Bundle.eq(name))
+            .order_by_asc(bundle_resource::Column::ResourceId)
+            .all(db)
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((ResourceType::from_name(&r.resource_type)?, r.resource_id)))
+            .collect();
+        Ok(Some(Bundle {
+            name: row.name,
+            description: row.description,
+            owner: parse_subject(&row.owner)?,
+            grants,
+            resources,
+        }))
+    }
+
+    pub async fn bundle(&self, name: &str) -> Result<Bundle> {
+        self.bounded(async {
+            self.load_bundle(&self.db, name)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
+        })
+        .await
+    }
+
+    pub async fn bundle_names(&self) -> Result<Vec<String>> {
+        self.bounded(async {
+            Ok(bundle::Entity::find()
+                .order_by_asc(bundle::Column::Name)
+                .all(&self.db)
+                .await?
+                .into_iter()
+                .map(|b| b.name)
+                .collect())
+        })
+        .await
+    }
+
+    pub async fn create_bundle(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
+        self.bounded(async {
+            let row = bundle::ActiveModel {
+                name: Set(name.to_string()),
+                description: Set(description.to_string()),
+                owner: Set(owner.to_string()),
+                created_at: Set(Utc::now()),
+            };
+            let inserted = bundle::Entity::insert(row)
+                .on_conflict(OnConflict::column(bundle::Column::Name).do_nothing().to_owned())
+                .exec_without_returning(&self.db)
+                .await?;
+            if inserted == 0 {
+                return Err(Error::AlreadyExists(format!("bundle {name} exists already")));
+            }
+            Ok(Bundle {
+                name: name.to_string(),
+                description: description.to_string(),
+                owner: owner.clone(),
+                grants: Vec::new(),
+                resources: Vec::new(),
+            })
+        })
+        .await
+    }
+
+    pub async fn update_bundle(&self, name: &str, change: BundleChange) -> Result<Bundle> {
+        self.bounded(async {
+            let Some(row) = bundle::Entity::find_by_id(name.to_string()).one(&self.db).await? else {
+                return Err(Error::NotFound(format!("bundle {name} does not exist")));
+            };
+            let mut active: bundle::ActiveModel = row.into();
+            if let Some(d) = change.description {
+                active.description = Set(d);
+            }
+            if let Some(o) = change.owner {
+                active.owner = Set(o.to_string());
+            }
+            bundle::Entity::update(active).exec(&self.db).await?;
+            self.load_bundle(&self.db, name)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
+        })
+        .await
+    }
+
+    /// Deletes a bundle and its grants; a bundle that still holds resources
+    /// is kept, and the refusal names them.
+    pub async fn delete_bundle(&self, name: &str) -> Result<()> {
+        self.bounded(async {
+            let txn = self.db.begin().await?;
+            let held: Vec<String> = bundle_resource::Entity::find()
+                .filter(bundle_resource::Column::Bundle.eq(name))
+                .order_by_asc(bundle_resource::Column::ResourceId)
+                .all(&txn)
+                .await?
+                .into_iter()
+                .map(|r| format!("{} {}", r.resource_type, r.resource_id))
+                .collect();
+            if !held.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "bundle {name} still holds {}; delete those resources first",
+                    held.join(", ")
+                )));
+            }
+            let removed = bundle::Entity::delete_by_id(name.to_string()).exec(&txn).await?;
+            if removed.rows_affected == 0 {
+                return Err(Error::NotFound(format!("bundle {name} does not exist")));
+            }
+            txn.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn grant_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+        self.bounded(async {
+            if bundle::Entity::find_by_id(name.to_string()).one(&self.db).await?.is_none() {
+                return Err(Error::NotFound(format!("bundle {name} does not exist")));
+            }
+            let row = bundle_grant::ActiveModel {
+                bundle: Set(name.to_string()),
+                subject: Set(subject.to_string()),
+                permission: Set(permission.name().to_string()),
+                created_at: Set(Utc::now()),
+            };
+            bundle_grant::Entity::insert(row)
+                .on_conflict(
+                    OnConflict::columns([
+                        bundle_grant::Column::Bundle,
+                        bundle_grant::Column::Subject,
+                        bundle_grant::Column::Permission,
+                    ])
+                    .do_nothing()
+                    .to_owned(),
+                )
+                .exec_without_returning(&self.db)
+                .await?;
+            self.load_bundle(&self.db, name)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
+        })
+        .await
+    }
+
+    pub async fn revoke_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+        self.bounded(async {
+            let removed = bundle_grant::Entity::delete_by_id((
+                name.to_string(),
+                subject.to_string(),
+                permission.name().to_string(),
+            ))
+            .exec(&self.db)
+            .await?;
+            if removed.rows_affected == 0 {
+                return Err(Error::NotFound(format!(
+                    "{subject} holds no {} grant on bundle {name}",
+                    permission.name()
+                )));
+            }
+            self.load_bundle(&self.db, name)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
+        })
+        .await
+    }
+
+    // Resources.
+
+    /// Records that a resource belongs to a bundle. Registering it again in
+    /// the same bundle is harmless; in another bundle it is refused:
+    /// resources never move.
+    pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
+        self.bounded(async {
+            let txn = self.db.begin().await?;
+            if let Some(existing) =
+                bundle_resource::Entity::find_by_id((kind.name().to_string(), id.to_string())).one(&txn).await?
+            {
+                if existing.bundle == bundle {
+                    return Ok(());
+                }
+                return Err(Error::FailedPrecondition(format!(
+                    "{} {id} belongs to bundle {}; a resource's bundle is fixed when it is created and never changes: create a new one in bundle {bundle}",
+                    kind.name(),
+                    existing.bundle
+                )));
+            }
+            if bundle::Entity::find_by_id(bundle.to_string()).one(&txn).await?.is_none() {
+                return Err(Error::NotFound(format!("bundle {bundle} does not exist")));
+            }
+            let row = bundle_resource::ActiveModel {
+                resource_type: Set(kind.name().to_string()),
+                resource_id: Set(id.to_string()),
+                bundle: Set(bundle.to_string()),
+                domain: Set(domain.to_string()),
+                created_at: Set(Utc::now()),
+            };
+            bundle_resource::Entity::insert(row).exec_without_returning(&txn).await?;
+            txn.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn unregister_resource(&self, kind: ResourceType, id: &str) -> Result<()> {
+        self.bounded(async {
+            let removed =
+                bundle_resource::Entity::delete_by_id((kind.name().to_string(), id.to_string())).exec(&self.db).await?;
+            if removed.rows_affected == 0 {
+                return Err(Error::NotFound(format!("{} {id} is in no bundle", kind.name())));
+            }
+            Ok(())
+        })
+        .await
     }
 }

@@ -67,6 +67,18 @@ forward!(AuthzService, authz, AUTHZ_SERVICE, {
     grant_domain_permission(GrantDomainPermissionRequest) -> DomainMember;
     revoke_domain_permission(RevokeDomainPermissionRequest) -> DomainMember;
     list_domain_members(ListDomainMembersRequest) -> ListDomainMembersResponse;
+    create_group(CreateGroupRequest) -> Group;
+    delete_group(DeleteGroupRequest) -> DeleteGroupResponse;
+    add_group_member(AddGroupMemberRequest) -> Group;
+    remove_group_member(RemoveGroupMemberRequest) -> Group;
+    list_groups(ListGroupsRequest) -> ListGroupsResponse;
+    create_bundle(CreateBundleRequest) -> Bundle;
+    get_bundle(GetBundleRequest) -> Bundle;
+    list_bundles(ListBundlesRequest) -> ListBundlesResponse;
+    update_bundle(UpdateBundleRequest) -> Bundle;
+    delete_bundle(DeleteBundleRequest) -> DeleteBundleResponse;
+    grant_bundle_permission(GrantBundlePermissionRequest) -> Bundle;
+    revoke_bundle_permission(RevokeBundlePermissionRequest) -> Bundle;
     grant_platform_admin(GrantPlatformAdminRequest) -> GrantPlatformAdminResponse;
     revoke_platform_admin(RevokePlatformAdminRequest) -> RevokePlatformAdminResponse;
     list_platform_admins(ListPlatformAdminsRequest) -> ListPlatformAdminsResponse;

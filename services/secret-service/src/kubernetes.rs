@@ -282,11 +282,13 @@ mod tests {
 
     #[test]
     fn timestamps_written_as_rfc3339_by_older_versions_are_still_read() {
-        let mut meta = ObjectMeta::default();
-        meta.annotations = Some(BTreeMap::from([(
-            TIMESTAMPS_ANNOTATION.to_string(),
-            r#"{"k":["2026-01-02T03:04:05Z",1767323045123]}"#.to_string(),
-        )]));
+        let meta = ObjectMeta {
+            annotations: Some(BTreeMap::from([(
+                TIMESTAMPS_ANNOTATION.to_string(),
+                r#"{"k":["2026-01-02T03:04:05Z",1767323045123]}"#.to_string(),
+            )])),
+            ..Default::default()
+        };
         let secret = Secret {
             metadata: meta,
             data: Some(BTreeMap::from([("k".to_string(), ByteString(b"v".to_vec()))])),

@@ -43,6 +43,7 @@ impl AuthzClient {
                 subject: q.subject.to_string(),
                 permission: q.permission as i32,
                 domain: q.domain.unwrap_or_default().to_string(),
+                ..Default::default()
             })
             .collect::<Vec<_>>();
         let n = checks.len();

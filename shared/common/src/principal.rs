@@ -1,4 +1,5 @@
-//! Who a call acts as: `user:NAME` or `service:NAME`.
+//! Who a call acts as (`user:NAME` or `service:NAME`), and the subjects
+//! grants name, which may be groups too (`group:NAME`).
 
 use std::{fmt, str::FromStr};
 
@@ -8,6 +9,8 @@ use crate::validate::FieldViolation;
 pub enum SubjectKind {
     User,
     Service,
+    /// Never acts: a name that grants, owners and memberships may use.
+    Group,
 }
 
 impl SubjectKind {
@@ -15,6 +18,7 @@ impl SubjectKind {
         match self {
             Self::User => "user",
             Self::Service => "service",
+            Self::Group => "group",
         }
     }
 }
@@ -36,18 +40,42 @@ impl Principal {
         Self { kind: SubjectKind::Service, name: name.into() }
     }
 
-    /// Parses a subject string, naming `field` in the error.
+    pub fn group(name: impl Into<String>) -> Self {
+        Self { kind: SubjectKind::Group, name: name.into() }
+    }
+
+    pub fn is_group(&self) -> bool {
+        self.kind == SubjectKind::Group
+    }
+
+    /// Parses who a call acts as: `user:NAME` or `service:NAME`, naming
+    /// `field` in the error. Groups never act.
     pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
-        let rule =
-            "subjects are 'user:NAME' or 'service:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_' and '-'";
+        Self::parse_kinds(
+            field,
+            text,
+            &[SubjectKind::User, SubjectKind::Service],
+            "subjects are 'user:NAME' or 'service:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_' and '-'",
+        )
+    }
+
+    /// Parses a subject a grant, an owner or a membership may name: a user,
+    /// a service or a group.
+    pub fn parse_subject(field: &str, text: &str) -> Result<Self, FieldViolation> {
+        Self::parse_kinds(
+            field,
+            text,
+            &[SubjectKind::User, SubjectKind::Service, SubjectKind::Group],
+            "subjects are 'user:NAME', 'service:NAME' or 'group:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_' and '-'",
+        )
+    }
+
+    fn parse_kinds(field: &str, text: &str, kinds: &[SubjectKind], rule: &str) -> Result<Self, FieldViolation> {
         let (kind, name) =
             text.split_once(':').ok_or_else(|| FieldViolation::new(field, format!("{text:?} has no kind; {rule}")))?;
-        let kind = match kind {
-            "user" => SubjectKind::User,
-            "service" => SubjectKind::Service,
-            other => {
-                return Err(FieldViolation::new(field, format!("unknown kind {other:?}; {rule}")));
-            }
+        let kind = match kinds.iter().find(|k| k.as_str() == kind) {
+            Some(k) => *k,
+            None => return Err(FieldViolation::new(field, format!("{kind:?} is not allowed here; {rule}"))),
         };
         let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | '-');
         if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(ok) {
@@ -80,6 +108,14 @@ mod tests {
         for s in ["user:alice", "service:spark-operator", "user:a.b@example.com"] {
             assert_eq!(Principal::parse("subject", s).unwrap().to_string(), s);
         }
+    }
+
+    #[test]
+    fn groups_are_subjects_but_never_act() {
+        assert_eq!(Principal::parse_subject("owner", "group:data-eng").unwrap(), Principal::group("data-eng"));
+        let e = Principal::parse("x-on-behalf-of", "group:data-eng").unwrap_err();
+        assert!(e.description.contains("\"group\" is not allowed here"), "{}", e.description);
+        assert!(Principal::parse_subject("owner", "team:x").is_err());
     }
 
     #[test]

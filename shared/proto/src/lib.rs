@@ -15,7 +15,7 @@ pub mod v1 {
 /// APIs between the services only: never routed or reflected by the gateway.
 pub mod internal {
     pub mod v1 {
-        tonic::include_proto!("iomete.secrets.internal.v1");
+        include!(concat!(env!("OUT_DIR"), "/internal/iomete.secrets.internal.v1.rs"));
     }
 }
 
@@ -30,6 +30,7 @@ pub const INTERNAL_FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_s
 pub mod service_names {
     pub const SECRET_SERVICE: &str = "iomete.secrets.v1.SecretService";
     pub const SECRET_READER: &str = "iomete.secrets.internal.v1.SecretReader";
+    pub const RESOURCE_REGISTRY: &str = "iomete.secrets.internal.v1.ResourceRegistry";
     pub const AUTHZ_SERVICE: &str = "iomete.secrets.v1.AuthzService";
     pub const GATEWAY: &str = "iomete.secrets.v1.Gateway";
 }

@@ -1,34 +1,9 @@
 //! The authz service's rules and persistence. Every test runs on SQLite and,
 //! when DATABASE_URL names a PostgreSQL server, on a fresh database there.
 
-use integration_tests::{postgres, *};
+use integration_tests::{on_both_databases, postgres, *};
 use secrets_proto::v1::{self as pb, DomainRole, Permission};
 use tonic::Code;
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use integration_tests::*;
-
-                #[tokio::test]
-                async fn sqlite() {
-                    super::$name(TestApp::spawn().await).await
-                }
-
-                #[tokio::test]
-                async fn postgres() {
-                    let Some(db) = integration_tests::postgres::fresh_database().await else {
-                        return;
-                    };
-                    let app = TestApp::spawn_with(Options { database_url: Some(db.url.clone()), ..Default::default() }).await;
-                    super::$name(app).await;
-                    db.drop_database().await;
-                }
-            }
-        )*
-    };
-}
 
 on_both_databases!(
     everything_is_denied_by_default,
@@ -48,7 +23,12 @@ async fn check(app: &TestApp, subject: &str, permission: Permission, domain: &st
     app.as_user(ADMIN)
         .authz
         .clone()
-        .check(pb::CheckRequest { subject: subject.into(), permission: permission as i32, domain: domain.into() })
+        .check(pb::CheckRequest {
+            subject: subject.into(),
+            permission: permission as i32,
+            domain: domain.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -102,6 +82,7 @@ async fn batch_check_answers_every_check_in_order(app: TestApp) {
             subject: s.into(),
             permission: Permission::ListSecrets as i32,
             domain: "finance".into(),
+            ..Default::default()
         })
         .to_vec();
     let results = app
@@ -182,12 +163,14 @@ async fn callers_may_check_only_their_own_permissions_unless_admin(app: TestApp)
         subject: "user:lisa".into(),
         permission: Permission::ListSecrets as i32,
         domain: "finance".into(),
+        ..Default::default()
     };
     assert!(lisa.check(own).await.unwrap().into_inner().allowed);
     let other = pb::CheckRequest {
         subject: "user:max".into(),
         permission: Permission::ManageSecrets as i32,
         domain: "finance".into(),
+        ..Default::default()
     };
     let err = lisa.check(other.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -282,6 +265,7 @@ async fn a_stored_role_that_is_not_understood_is_an_error_not_membership(app: Te
             subject: "user:zed".into(),
             permission: Permission::UseSecrets as i32,
             domain: "finance".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -296,6 +280,7 @@ async fn a_batch_of_checks_costs_one_query_and_is_capped(app: TestApp) {
             subject: ["user:lisa", "user:max", "user:nina", "user:eve", "user:admin"][i % 5].into(),
             permission: ALL[i % 4] as i32,
             domain: if i % 3 == 0 { "finance".into() } else { format!("domain-{}", i % 10) },
+            ..Default::default()
         })
         .collect();
     let backend = if app.database_url.starts_with("postgres") { "postgres" } else { "sqlite" };
@@ -336,6 +321,7 @@ async fn a_database_that_stops_answering_is_unavailable_naming_it_at_once_and_re
                 subject: "user:lisa".into(),
                 permission: Permission::ListSecrets as i32,
                 domain: "finance".into(),
+                ..Default::default()
             })
             .await
     };

@@ -129,15 +129,25 @@ async fn bad_authz_requests_name_the_field() {
     assert_eq!(field_of(&err), "permission");
     assert!(err.message().contains("cannot be granted"), "{}", err.message());
     let err = authz
-        .check(pb::CheckRequest { subject: "user:a".into(), permission: 99, domain: "finance".into() })
+        .check(pb::CheckRequest {
+            subject: "user:a".into(),
+            permission: 99,
+            domain: "finance".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(field_of(&err), "permission");
     let err = authz
         .batch_check(pb::BatchCheckRequest {
             checks: vec![
-                pb::CheckRequest { subject: "user:a".into(), permission: 1, domain: "finance".into() },
-                pb::CheckRequest { subject: "user:a".into(), permission: 1, domain: "".into() },
+                pb::CheckRequest {
+                    subject: "user:a".into(),
+                    permission: 1,
+                    domain: "finance".into(),
+                    ..Default::default()
+                },
+                pb::CheckRequest { subject: "user:a".into(), permission: 1, domain: "".into(), ..Default::default() },
             ],
         })
         .await

@@ -4,6 +4,7 @@
 
 mod authz;
 mod bad_input;
+mod bundles;
 mod canary;
 mod deployment;
 mod embedded;

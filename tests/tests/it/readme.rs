@@ -67,6 +67,10 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     assert!(stdout.contains(r#""value": "c210cC1wYXNz""#), "the global smtp_password through finance: {stdout}");
     assert!(stdout.contains(r#""code": 5"#) && stdout.contains(r#"secret \"s3_secret\" does not exist"#), "{stdout}");
     assert!(stdout.contains("user:alice does not hold MANAGE_SECRETS"), "alice may not manage secrets: {stdout}");
+    assert!(
+        stdout.contains("user:alice ∈ group:data-eng ∈ group:eng; group:eng holds USE on bundle finance-vault"),
+        "the bundle check names the path: {stdout}"
+    );
 }
 
 #[test]
