@@ -36,7 +36,7 @@ pub const OTHER_DOMAIN: &str = "other";
 
 #[derive(Default)]
 pub struct Options {
-    pub backend: Option<Arc<dyn SecretBackend>>,
+    pub backend: Option<Arc<SecretBackend>>,
     /// Defaults to a SQLite file in the test's directory.
     pub database_url: Option<String>,
     /// Skip the trace-level log capture (for benchmarks).
@@ -64,7 +64,7 @@ pub struct TestApp {
     secrets: Option<Running>,
     secret_port: u16,
     secret_config: secret_service::Config,
-    backend: Option<Arc<dyn SecretBackend>>,
+    backend: Option<Arc<SecretBackend>>,
     others: Vec<Running>,
 }
 

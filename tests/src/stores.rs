@@ -7,8 +7,8 @@ use std::{
 
 use async_trait::async_trait;
 use secret_service::{
-    Result,
-    backend::{Change, Entries, SecretBackend},
+    Error, Result,
+    backend::{Change, Entries, SecretBackend, StoreBackend},
     embedded::EmbeddedBackend,
     kubernetes::KubernetesBackend,
     store::SecretStore,
@@ -22,7 +22,7 @@ pub const PREFIX: &str = "iomete-secret-store";
 
 /// One backend under test and the storage behind it.
 pub struct Fixture {
-    pub backend: Arc<dyn SecretBackend>,
+    pub backend: Arc<SecretBackend>,
     pub kube: Option<FakeKube>,
     pub dir: TempDir,
 }
@@ -43,7 +43,7 @@ impl Fixture {
 
     /// Another backend over the same storage: a second replica, or the same
     /// service after a restart.
-    pub async fn another(&self) -> Arc<dyn SecretBackend> {
+    pub async fn another(&self) -> Arc<SecretBackend> {
         match &self.kube {
             Some(k) => Arc::new(KubernetesBackend::new(k.client(NAMESPACE).await, NAMESPACE)),
             None => Arc::new(EmbeddedBackend::open(self.dir.path()).expect("reopen embedded store")),
@@ -57,12 +57,12 @@ impl Fixture {
 
 /// Counts how often each store object is read.
 pub struct CountingBackend {
-    inner: Arc<dyn SecretBackend>,
+    inner: Arc<SecretBackend>,
     reads: Mutex<HashMap<String, usize>>,
 }
 
 impl CountingBackend {
-    pub fn new(inner: Arc<dyn SecretBackend>) -> Arc<Self> {
+    pub fn new(inner: Arc<SecretBackend>) -> Arc<Self> {
         Arc::new(Self { inner, reads: Mutex::default() })
     }
 
@@ -76,7 +76,7 @@ impl CountingBackend {
 }
 
 #[async_trait]
-impl SecretBackend for CountingBackend {
+impl StoreBackend<Error> for CountingBackend {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -86,7 +86,7 @@ impl SecretBackend for CountingBackend {
         self.inner.read(object).await
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()> {
+    async fn modify(&self, object: &str, change: &mut Change<'_, Error>) -> Result<()> {
         self.inner.modify(object, change).await
     }
 }

@@ -1,6 +1,8 @@
 use secrets_common::{error, validate::FieldViolation};
 use tonic::Status;
 
+use secrets_store::{BackendError, StoreError};
+
 use crate::store::Scope;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,24 +23,12 @@ pub enum Error {
     )]
     TooLarge { object: String, total: usize, limit: usize },
 
-    #[error(
-        "store object {object} would hold {keys} keys, whose timestamps take {bytes} bytes of annotations; Kubernetes allows {limit} bytes (256 KiB) of annotations per object: delete unused secrets or keep fewer keys in this domain"
-    )]
-    TooManyKeys { object: String, keys: usize, bytes: usize, limit: usize },
-
     #[error("{0}")]
     PermissionDenied(String),
 
-    #[error("{backend}: {message}")]
-    Unavailable { backend: &'static str, message: String },
-
-    /// The backend refused the object (a Kubernetes 422): the message says why.
-    #[error("{backend} rejected store object {object}: {message}")]
-    Rejected { backend: &'static str, object: String, message: String },
-
-    /// Local data the service cannot use as it is: tells the operator what to fix.
-    #[error("{0}")]
-    Corrupt(String),
+    /// The store backend failed (unavailable, rejected, corrupt data, ...).
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 
     #[error("{0}")]
     Internal(String),
@@ -53,12 +43,23 @@ impl From<Error> for Status {
             Error::InvalidArgument(v) => error::invalid_argument(v),
             Error::NotFound { .. } => Status::not_found(e.to_string()),
             Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-            Error::TooLarge { .. } | Error::TooManyKeys { .. } => Status::failed_precondition(e.to_string()),
+            Error::TooLarge { .. } => Status::failed_precondition(e.to_string()),
             Error::PermissionDenied(m) => Status::permission_denied(m),
-            Error::Unavailable { .. } => Status::unavailable(e.to_string()),
-            Error::Rejected { .. } => Status::failed_precondition(e.to_string()),
-            Error::Corrupt(_) | Error::Internal(_) => error::internal("secret store failure", &e),
+            Error::Backend(BackendError::Unavailable { .. }) => Status::unavailable(e.to_string()),
+            Error::Backend(BackendError::Rejected { .. } | BackendError::TooManyKeys { .. }) => {
+                Status::failed_precondition(e.to_string())
+            }
+            Error::Backend(BackendError::Misconfigured(v)) => error::internal("secret store misconfigured", &v),
+            Error::Backend(BackendError::Corrupt(_) | BackendError::Internal(_)) | Error::Internal(_) => {
+                error::internal("secret store failure", &e)
+            }
             Error::Upstream(status) => status,
         }
+    }
+}
+
+impl StoreError for Error {
+    fn is_backend_failure(&self) -> bool {
+        matches!(self, Error::Backend(_) | Error::Internal(_))
     }
 }

@@ -2,14 +2,23 @@
 //! values only to the gateway's resolver.
 //!
 //! Reading order: [`grpc`] (the tonic adapter) → [`store`] (the domain logic)
-//! → [`backend`] (the storage trait) → [`kubernetes`] and [`embedded`].
+//! → [`backend`] (the storage trait, from the shared `secrets-store` crate,
+//! with [`kubernetes`] and [`embedded`]).
 
-pub mod backend;
-pub mod embedded;
 mod error;
 pub mod grpc;
-pub mod kubernetes;
 pub mod store;
+
+/// The store backends, from the shared store library, with this service's
+/// error type.
+pub mod backend {
+    pub use secrets_store::{BackendError, Change, Entries, Entry, MeteredBackend, StoreBackend, StoreError};
+
+    /// A store backend as this service uses it.
+    pub type SecretBackend = dyn StoreBackend<crate::Error>;
+}
+
+pub use secrets_store::{embedded, kubernetes};
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -215,7 +224,7 @@ impl Config {
 
 /// The backend the configuration names, or the default for where the
 /// service runs.
-pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<dyn SecretBackend>> {
+pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<SecretBackend>> {
     let env = Environment::detect();
     Ok(match config.backend_kind(&env)? {
         BackendKind::Embedded => Arc::new(EmbeddedBackend::open(&config.embedded.data_dir)?),
@@ -252,7 +261,7 @@ impl Application {
     pub async fn build_with_backend(
         config: Config,
         listener: TcpListener,
-        backend: Arc<dyn SecretBackend>,
+        backend: Arc<SecretBackend>,
     ) -> anyhow::Result<Self> {
         let token = config.internal_token()?;
         let metrics = Metrics::new();
@@ -260,7 +269,7 @@ impl Application {
         let channel = internal_channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         let authz = AuthzClient::new(channel, token).map_err(anyhow::Error::msg)?;
-        let backend = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
+        let backend: Arc<SecretBackend> = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
         let store = SecretStore::new(backend, config.object_prefix.clone());
         tracing::info!(backend = store.backend_name(), "secret store ready");
         let grpc = grpc::SecretGrpc::new(store, authz);

@@ -69,12 +69,12 @@ pub struct Found {
 
 #[derive(Clone)]
 pub struct SecretStore {
-    backend: Arc<dyn SecretBackend>,
+    backend: Arc<SecretBackend>,
     prefix: String,
 }
 
 impl SecretStore {
-    pub fn new(backend: Arc<dyn SecretBackend>, prefix: impl Into<String>) -> Self {
+    pub fn new(backend: Arc<SecretBackend>, prefix: impl Into<String>) -> Self {
         Self { backend, prefix: prefix.into() }
     }
 

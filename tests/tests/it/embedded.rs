@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use integration_tests::stores::{Fixture, PREFIX};
 use secret_service::{
     Error,
+    backend::BackendError,
     embedded::EmbeddedBackend,
     store::{Scope, SecretStore},
 };
@@ -62,16 +63,16 @@ async fn a_tampered_or_swapped_file_is_an_error_not_a_panic_or_wrong_secrets() {
     // A file copied over another object's name does not decrypt.
     std::fs::copy(objects.join(format!("{PREFIX}.enc")), objects.join(format!("{PREFIX}-finance.enc"))).unwrap();
     let err = store.list(&finance()).await.unwrap_err();
-    assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+    assert!(matches!(err, Error::Backend(BackendError::Corrupt(_))), "{err:?}");
     // Flipped bits do not decrypt either.
     let path = objects.join(format!("{PREFIX}.enc"));
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    assert!(matches!(store.list(&Scope::Global).await.unwrap_err(), Error::Corrupt(_)));
+    assert!(matches!(store.list(&Scope::Global).await.unwrap_err(), Error::Backend(BackendError::Corrupt(_))));
     std::fs::write(&path, b"garbage").unwrap();
-    assert!(matches!(store.list(&Scope::Global).await.unwrap_err(), Error::Corrupt(_)));
+    assert!(matches!(store.list(&Scope::Global).await.unwrap_err(), Error::Backend(BackendError::Corrupt(_))));
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use integration_tests::stores::{Fixture, NAMESPACE, PREFIX};
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use secret_service::{
     Error,
+    backend::BackendError,
     backend::SecretBackend,
     kubernetes::{KubernetesBackend, MANAGED_BY_LABEL, TIMESTAMPS_ANNOTATION},
     store::{Scope, SecretStore},
@@ -88,10 +89,10 @@ async fn an_api_server_outage_is_unavailable_naming_kubernetes_and_recovers() {
     let store = f.store();
     kube.set_failing(Some(503));
     let err = store.create(&finance(), "k", SecretValue::from("v".to_string())).await.unwrap_err();
-    assert!(matches!(err, Error::Unavailable { backend: "kubernetes", .. }), "{err:?}");
+    assert!(matches!(err, Error::Backend(BackendError::Unavailable { backend: "kubernetes", .. })), "{err:?}");
     assert!(err.to_string().starts_with("kubernetes: "), "{err}");
     let err = store.list(&finance()).await.unwrap_err();
-    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(matches!(err, Error::Backend(BackendError::Unavailable { .. })), "{err:?}");
     kube.set_failing(None);
     store.create(&finance(), "k", SecretValue::from("v".to_string())).await.unwrap();
     assert_eq!(store.list(&finance()).await.unwrap().len(), 1);
@@ -106,7 +107,7 @@ async fn a_write_the_api_server_rejects_is_refused_with_its_reason_and_loses_not
     let reason = "ValidatingAdmissionPolicy 'secret-size' with binding 'prod' denied request: too many keys";
     kube.deny_writes(Some(reason));
     let err = store.create(&finance(), "new", SecretValue::from("v".to_string())).await.unwrap_err();
-    assert!(matches!(err, Error::Rejected { backend: "kubernetes", .. }), "{err:?}");
+    assert!(matches!(err, Error::Backend(BackendError::Rejected { backend: "kubernetes", .. })), "{err:?}");
     assert!(err.to_string().contains(reason), "the server's reason reaches the caller: {err}");
     assert!(err.to_string().contains(&format!("{PREFIX}-finance")), "names the object: {err}");
     let status = tonic::Status::from(err);
@@ -122,9 +123,9 @@ async fn an_unreachable_api_server_is_unavailable_not_a_panic() {
     let client = KubernetesBackend::client(Some("http://127.0.0.1:9"), NAMESPACE, std::time::Duration::from_secs(2))
         .await
         .unwrap();
-    let backend: Arc<dyn SecretBackend> = Arc::new(KubernetesBackend::new(client, NAMESPACE));
+    let backend: Arc<SecretBackend> = Arc::new(KubernetesBackend::new(client, NAMESPACE));
     let err = backend.read("anything").await.unwrap_err();
-    assert!(matches!(err, Error::Unavailable { backend: "kubernetes", .. }), "{err:?}");
+    assert!(matches!(err, Error::Backend(BackendError::Unavailable { backend: "kubernetes", .. })), "{err:?}");
     let err = KubernetesBackend::client(Some("not a url"), NAMESPACE, std::time::Duration::from_secs(2))
         .await
         .err()

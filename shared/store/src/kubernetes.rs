@@ -22,9 +22,11 @@ use secrets_common::SecretValue;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Error, Result,
-    backend::{Change, Entries, Entry, SecretBackend},
+    BackendError as Error,
+    backend::{Change, Entries, Entry, StoreBackend, StoreError},
 };
+
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 const NAME: &str = "kubernetes";
 /// Per-key creation and update times (Secret data has none of its own).
@@ -68,7 +70,7 @@ impl KubernetesBackend {
         let config = match api_url {
             Some(url) => {
                 let uri = url.parse().map_err(|e| {
-                    Error::InvalidArgument(secrets_common::validate::FieldViolation::new(
+                    Error::Misconfigured(secrets_common::validate::FieldViolation::new(
                         "kubernetes.api_url",
                         format!("{url:?} is not a URL: {e}"),
                     ))
@@ -118,17 +120,17 @@ fn is_conflict(e: &kube::Error) -> bool {
 }
 
 #[async_trait]
-impl SecretBackend for KubernetesBackend {
+impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    async fn read(&self, object: &str) -> Result<Option<Entries>> {
+    async fn read(&self, object: &str) -> Result<Option<Entries>, E> {
         let secret = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))?;
-        secret.map(|s| decode(object, s).map(|(entries, _)| entries)).transpose()
+        Ok(secret.map(|s| decode(object, s).map(|(entries, _)| entries)).transpose()?)
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()> {
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
         let lock = self.lock(object);
         let _guard = lock.lock().await;
         let mut delays = self.backoff.build();
@@ -164,11 +166,12 @@ impl SecretBackend for KubernetesBackend {
                                 message: format!(
                                     "secret {object} kept changing under {conflicts} concurrent writes; try again"
                                 ),
-                            });
+                            }
+                            .into());
                         }
                     }
                 }
-                Err(e) => return Err(self.api_error(object, e)),
+                Err(e) => return Err(self.api_error(object, e).into()),
             }
         }
     }

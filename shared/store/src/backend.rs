@@ -1,5 +1,10 @@
 //! The storage contract both backends implement: whole store objects, read
 //! once and changed by read-modify-write.
+//!
+//! The contract is generic over the caller's error type `E`, so a change
+//! can refuse a write with the caller's own error (a key that exists
+//! already, say) and get it back unchanged; the backends' own failures come
+//! as [`BackendError`], which `E` takes in.
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -7,9 +12,16 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use secrets_common::{SecretValue, observe::Metrics};
 
-use crate::Result;
+use crate::BackendError;
 
-/// One secret inside a store object.
+/// The error type of a store's caller.
+pub trait StoreError: From<BackendError> + std::error::Error + Send + Sync + 'static {
+    /// Whether the error is the backend failing, as opposed to a change
+    /// refusing the write (which is an answer, not a failure): for metrics.
+    fn is_backend_failure(&self) -> bool;
+}
+
+/// One key inside a store object.
 #[derive(Clone, Debug)]
 pub struct Entry {
     pub value: SecretValue,
@@ -22,59 +34,54 @@ pub type Entries = BTreeMap<String, Entry>;
 
 /// A change applied to an object's entries. It may run more than once when a
 /// concurrent writer got there first, so it must only depend on its input.
-pub type Change<'a> = dyn FnMut(&mut Entries) -> Result<()> + Send + 'a;
+pub type Change<'a, E> = dyn FnMut(&mut Entries) -> Result<(), E> + Send + 'a;
 
 #[async_trait]
-pub trait SecretBackend: Send + Sync + 'static {
+pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
     /// `kubernetes` or `embedded`: named in errors and logs.
     fn name(&self) -> &'static str;
 
     /// The entries of a store object; `None` when it does not exist yet.
-    async fn read(&self, object: &str) -> Result<Option<Entries>>;
+    async fn read(&self, object: &str) -> Result<Option<Entries>, E>;
 
     /// Reads the object (empty when it does not exist), applies `change` and
     /// writes the result back, so that concurrent writers never lose each
-    /// other's keys. Creates the object on first write.
-    async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()>;
+    /// other's keys. Creates the object on first write. An error from
+    /// `change` is returned as it is and nothing is written.
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E>;
 }
 
 /// Counts and times every call to the backend it wraps.
-pub struct MeteredBackend {
-    inner: Arc<dyn SecretBackend>,
+pub struct MeteredBackend<E: StoreError> {
+    inner: Arc<dyn StoreBackend<E>>,
     metrics: Metrics,
 }
 
-impl MeteredBackend {
-    pub fn new(inner: Arc<dyn SecretBackend>, metrics: Metrics) -> Self {
+impl<E: StoreError> MeteredBackend<E> {
+    pub fn new(inner: Arc<dyn StoreBackend<E>>, metrics: Metrics) -> Self {
         Self { inner, metrics }
     }
 }
 
 #[async_trait]
-impl SecretBackend for MeteredBackend {
+impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
 
-    async fn read(&self, object: &str) -> Result<Option<Entries>> {
+    async fn read(&self, object: &str) -> Result<Option<Entries>, E> {
         let start = Instant::now();
         let result = self.inner.read(object).await;
         self.metrics.observe_backend(self.name(), "read", result.is_ok(), start.elapsed());
         result
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()> {
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
         let start = Instant::now();
         let result = self.inner.modify(object, change).await;
-        // A change refused by the store's own rules (exists, missing, too
+        // A change refused by the caller's own rules (exists, missing, too
         // large) is an answer, not a backend failure.
-        let failed = matches!(
-            result,
-            Err(crate::Error::Unavailable { .. }
-                | crate::Error::Corrupt(_)
-                | crate::Error::Internal(_)
-                | crate::Error::Rejected { .. })
-        );
+        let failed = result.as_ref().is_err_and(StoreError::is_backend_failure);
         self.metrics.observe_backend(self.name(), "modify", !failed, start.elapsed());
         result
     }

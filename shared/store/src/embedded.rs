@@ -30,9 +30,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::{
-    Error, Result,
-    backend::{Change, Entries, Entry, SecretBackend},
+    BackendError as Error,
+    backend::{Change, Entries, Entry, StoreBackend, StoreError},
 };
+
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 const MAGIC: &[u8; 4] = b"ISS1";
 const NONCE_LEN: usize = 12;
@@ -162,16 +164,16 @@ impl EmbeddedBackend {
 }
 
 #[async_trait]
-impl SecretBackend for EmbeddedBackend {
+impl<E: StoreError> StoreBackend<E> for EmbeddedBackend {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    async fn read(&self, object: &str) -> Result<Option<Entries>> {
-        self.load(object).await
+    async fn read(&self, object: &str) -> Result<Option<Entries>, E> {
+        Ok(self.load(object).await?)
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_>) -> Result<()> {
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
         // Writers in this process queue here; other processes on the same
         // directory queue on the file lock. The object is read under both.
         let lock = self.lock(object);
@@ -179,7 +181,7 @@ impl SecretBackend for EmbeddedBackend {
         let _file_lock = self.lock_across_processes(object).await?;
         let mut entries = self.load(object).await?.unwrap_or_default();
         change(&mut entries)?;
-        self.store(object, &entries).await
+        Ok(self.store(object, &entries).await?)
     }
 }
 

@@ -1,0 +1,15 @@
+//! Store objects: named sets of keys, each with a value and its creation and
+//! update times, kept whole in a Kubernetes opaque Secret or in one file of
+//! an encrypted embedded store. The secret-service keeps secrets in them;
+//! the vault-config-service keeps Vault credentials.
+//!
+//! Reading order: [`backend`] (the contract, generic over the caller's error
+//! type) → [`kubernetes`] and [`embedded`].
+
+pub mod backend;
+pub mod embedded;
+mod error;
+pub mod kubernetes;
+
+pub use backend::{Change, Entries, Entry, MeteredBackend, StoreBackend, StoreError};
+pub use error::BackendError;
