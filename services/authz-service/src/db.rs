@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use sea_orm_migration::{MigratorTrait, prelude::*};
 use secrets_common::observe::Metrics;
 
@@ -507,77 +507,7 @@ impl MigratorTrait for Migrator {
 /// An arbitrary constant that names this service's migration lock.
 const MIGRATION_LOCK_ID: i64 = 0x1075_ec12_a07b;
 
-/// Connects and brings the schema up to date. On PostgreSQL, replicas that
-/// start together take turns through an advisory lock. With `metrics`,
-/// every statement is counted and timed as a backend call.
-///
-/// `timeout` bounds getting a connection from the pool and each statement
-/// (PostgreSQL `statement_timeout`, SQLite's busy wait). A SQLite file is
-/// created readable by its owner only.
+/// Connects and brings the schema up to date (see [`secrets_db::connect`]).
 pub async fn connect(url: &str, timeout: Duration, metrics: Option<&Metrics>) -> anyhow::Result<DatabaseConnection> {
-    if let Some(path) = sqlite_file(url) {
-        create_private_file(std::path::Path::new(path))
-            .map_err(|e| anyhow::anyhow!("cannot create the database file of {url}: {e}"))?;
-    }
-    let mut options = ConnectOptions::new(url.to_string());
-    options
-        .sqlx_logging(false)
-        .connect_timeout(Duration::from_secs(5).max(timeout))
-        .acquire_timeout(timeout)
-        .map_sqlx_postgres_opts(move |o| o.options([("statement_timeout", timeout.as_millis().to_string())]))
-        .map_sqlx_sqlite_opts(move |o| o.busy_timeout(timeout).foreign_keys(true));
-    if url.contains(":memory:") {
-        options.max_connections(1);
-    }
-    let mut db =
-        Database::connect(options).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
-    if let Some(metrics) = metrics {
-        let metrics = metrics.clone();
-        let backend = match db.get_database_backend() {
-            DbBackend::Postgres => "postgres",
-            DbBackend::Sqlite => "sqlite",
-            _ => "database",
-        };
-        db.set_metric_callback(move |info| {
-            // The statement's verb only: SQL text never reaches a label.
-            let verb = info.statement.sql.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
-            let operation = match verb.as_str() {
-                "select" | "insert" | "update" | "delete" => verb.as_str(),
-                // The decision query: a recursive common table expression, then a select.
-                "with" => "select",
-                _ => "other",
-            };
-            metrics.observe_backend(backend, operation, !info.failed, info.elapsed);
-        });
-    }
-    if db.get_database_backend() == DbBackend::Postgres {
-        let txn = db.begin().await?;
-        txn.execute_raw(Statement::from_string(
-            DbBackend::Postgres,
-            format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"),
-        ))
-        .await?;
-        Migrator::up(&db, None).await?;
-        txn.commit().await?;
-    } else {
-        Migrator::up(&db, None).await?;
-    }
-    Ok(db)
-}
-
-/// Creates the file (and its directory) with mode 0600 if it does not exist,
-/// and tightens an existing file to 0600.
-fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-}
-
-fn sqlite_file(url: &str) -> Option<&str> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
-    let path = rest.split('?').next()?;
-    (!path.is_empty() && !path.contains(":memory:")).then_some(path)
+    secrets_db::connect::<Migrator>(url, timeout, metrics, MIGRATION_LOCK_ID).await
 }

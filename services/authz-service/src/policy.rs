@@ -138,11 +138,7 @@ impl Policy {
     }
 
     fn backend(&self) -> &'static str {
-        match self.db.get_database_backend() {
-            DbBackend::Postgres => "postgres",
-            DbBackend::Sqlite => "sqlite",
-            _ => "database",
-        }
+        secrets_db::backend_name(&self.db)
     }
 
     /// Runs one database operation within the timeout; database failures

@@ -1,0 +1,106 @@
+//! The database connection every service with a database uses: SQLite by
+//! default, PostgreSQL in production, migrations at start-up, every
+//! operation bounded, every statement counted.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm_migration::MigratorTrait;
+use secrets_common::observe::Metrics;
+
+/// Connects and brings the schema up to date with `M`. On PostgreSQL,
+/// replicas that start together take turns through the advisory lock
+/// `lock_id`. With `metrics`, every statement is counted and timed as a
+/// backend call (by its verb: SQL text never reaches a label).
+///
+/// `timeout` bounds getting a connection from the pool and each statement
+/// (PostgreSQL `statement_timeout`, SQLite's busy wait). A SQLite file is
+/// created readable by its owner only.
+pub async fn connect<M: MigratorTrait>(
+    url: &str,
+    timeout: Duration,
+    metrics: Option<&Metrics>,
+    lock_id: i64,
+) -> anyhow::Result<DatabaseConnection> {
+    if let Some(path) = sqlite_file(url) {
+        create_private_file(std::path::Path::new(path))
+            .map_err(|e| anyhow::anyhow!("cannot create the database file of {url}: {e}"))?;
+    }
+    let mut options = ConnectOptions::new(url.to_string());
+    options
+        .sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(5).max(timeout))
+        .acquire_timeout(timeout)
+        .map_sqlx_postgres_opts(move |o| o.options([("statement_timeout", timeout.as_millis().to_string())]))
+        .map_sqlx_sqlite_opts(move |o| o.busy_timeout(timeout).foreign_keys(true));
+    if url.contains(":memory:") {
+        options.max_connections(1);
+    }
+    let mut db =
+        Database::connect(options).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+    if let Some(metrics) = metrics {
+        let metrics = metrics.clone();
+        let backend = backend_name(&db);
+        db.set_metric_callback(move |info| {
+            let verb = info.statement.sql.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let operation = match verb.as_str() {
+                "select" | "insert" | "update" | "delete" => verb.as_str(),
+                // A common table expression, then a select.
+                "with" => "select",
+                _ => "other",
+            };
+            metrics.observe_backend(backend, operation, !info.failed, info.elapsed);
+        });
+    }
+    if db.get_database_backend() == DbBackend::Postgres {
+        let txn = db.begin().await?;
+        txn.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!("SELECT pg_advisory_xact_lock({lock_id})"),
+        ))
+        .await?;
+        M::up(&db, None).await?;
+        txn.commit().await?;
+    } else {
+        M::up(&db, None).await?;
+    }
+    Ok(db)
+}
+
+/// `postgres` or `sqlite`: how errors and metrics name the database.
+pub fn backend_name(db: &DatabaseConnection) -> &'static str {
+    match db.get_database_backend() {
+        DbBackend::Postgres => "postgres",
+        DbBackend::Sqlite => "sqlite",
+        _ => "database",
+    }
+}
+
+/// Creates the file (and its directory) with mode 0600 if it does not exist,
+/// and tightens an existing file to 0600.
+fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && !path.contains(":memory:")).then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(sqlite_file("sqlite://data/a.db?mode=rwc"), Some("data/a.db"));
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://h/db"), None);
+    }
+}
