@@ -14,6 +14,11 @@ const REDACTED: &[&str] = &[
     ".iomete.secrets.v1.ResolvedItem",
     ".iomete.secrets.v1.ResolvedItem.result",
     ".iomete.secrets.internal.v1.SecretLookupResult",
+    ".iomete.secrets.internal.v1.VaultLookupResult",
+    ".iomete.secrets.internal.v1.VaultLookupResult.result",
+    ".iomete.secrets.v1.VaultCredentials",
+    ".iomete.secrets.v1.VaultCredentials.method",
+    ".iomete.secrets.v1.AppRoleCredentials",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,10 +32,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "iomete/secrets/v1/secret_service.proto",
         "iomete/secrets/v1/authz.proto",
         "iomete/secrets/v1/gateway.proto",
+        "iomete/secrets/v1/vault_config.proto",
     ]
     .map(|f| proto_root.join(f));
-    let internal = ["iomete/secrets/internal/v1/secret_reader.proto", "iomete/secrets/internal/v1/resources.proto"]
-        .map(|f| proto_root.join(f));
+    let internal = [
+        "iomete/secrets/internal/v1/secret_reader.proto",
+        "iomete/secrets/internal/v1/resources.proto",
+        "iomete/secrets/internal/v1/vault_reader.proto",
+    ]
+    .map(|f| proto_root.join(f));
     let configure = || {
         tonic_prost_build::configure()
             // google.rpc.Status and friends come from tonic-types.

@@ -18,9 +18,11 @@ pub mod backend {
     pub type SecretBackend = dyn StoreBackend<crate::Error>;
 }
 
-pub use secrets_store::{embedded, kubernetes};
+pub use secrets_store::{
+    BackendKind, EmbeddedConfig, Environment, KubernetesConfig, StoreSettings, embedded, kubernetes,
+};
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use secrecy::SecretString;
@@ -41,7 +43,7 @@ use tokio::net::TcpListener;
 
 pub use error::{Error, Result};
 
-use crate::{backend::SecretBackend, embedded::EmbeddedBackend, kubernetes::KubernetesBackend, store::SecretStore};
+use crate::{backend::SecretBackend, store::SecretStore};
 
 /// Environment variables that configure the service start with this.
 pub const ENV_PREFIX: &str = "SECRET_SERVICE_";
@@ -83,76 +85,10 @@ impl Default for Config {
             request_timeout_ms: 5_000,
             backend: None,
             object_prefix: "iomete-secret-store".into(),
-            embedded: EmbeddedConfig::default(),
+            embedded: EmbeddedConfig::at("data/secrets"),
             kubernetes: KubernetesConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// Encrypted files under `embedded.data_dir`: no cluster needed.
-    Embedded,
-    /// Opaque Secrets in `kubernetes.namespace`.
-    Kubernetes,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EmbeddedConfig {
-    pub data_dir: PathBuf,
-    /// Inside a cluster each pod would write to its own disk, and replicas
-    /// would each hold different secrets: the embedded backend is refused
-    /// there unless this says the data directory is a volume that is meant
-    /// for it.
-    pub allow_in_cluster: bool,
-}
-
-impl Default for EmbeddedConfig {
-    fn default() -> Self {
-        Self { data_dir: PathBuf::from("data/secrets"), allow_in_cluster: false }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KubernetesConfig {
-    /// The namespace of the installation. Unset: the pod's own namespace
-    /// (from its service account) inside a cluster, `default` elsewhere.
-    pub namespace: Option<String>,
-    /// An explicit API server URL (for example `kubectl proxy`); unset means
-    /// `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
-    pub api_url: Option<String>,
-    /// Bound on each call to the API server.
-    pub timeout_ms: u64,
-}
-
-impl Default for KubernetesConfig {
-    fn default() -> Self {
-        Self { namespace: None, api_url: None, timeout_ms: 5_000 }
-    }
-}
-
-/// Where the service runs, as far as its defaults care.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Environment {
-    /// `KUBERNETES_SERVICE_HOST` is set: a pod in a cluster.
-    pub in_cluster: bool,
-    /// The pod's namespace, from its service-account mount.
-    pub pod_namespace: Option<String>,
-}
-
-/// Where Kubernetes mounts a pod's namespace.
-pub const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
-
-impl Environment {
-    pub fn detect() -> Self {
-        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
-        let pod_namespace =
-            std::fs::read_to_string(POD_NAMESPACE_FILE).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-        Self { in_cluster, pod_namespace }
     }
 }
 
@@ -161,31 +97,14 @@ impl Config {
         Duration::from_millis(self.shutdown_drain_ms)
     }
 
-    /// The backend to use: the configured one, else `kubernetes` in a
-    /// cluster and `embedded` elsewhere. The embedded backend in a cluster
-    /// needs `embedded.allow_in_cluster`.
-    pub fn backend_kind(&self, env: &Environment) -> anyhow::Result<BackendKind> {
-        match (self.backend, env.in_cluster) {
-            (Some(BackendKind::Embedded), true) if !self.embedded.allow_in_cluster => anyhow::bail!(
-                "backend = \"embedded\" inside a Kubernetes cluster would keep secrets on this pod's own disk, \
-                 different for every replica and lost with the pod: use backend = \"kubernetes\" (the default in a \
-                 cluster), or set embedded.allow_in_cluster = true (SECRET_SERVICE_EMBEDDED__ALLOW_IN_CLUSTER=true) \
-                 when data_dir is a persistent volume that a single replica owns"
-            ),
-            (Some(kind), _) => Ok(kind),
-            (None, true) => Ok(BackendKind::Kubernetes),
-            (None, false) => Ok(BackendKind::Embedded),
+    /// Where the secrets' store objects live.
+    pub fn store(&self) -> StoreSettings<'_> {
+        StoreSettings {
+            backend: self.backend,
+            embedded: &self.embedded,
+            kubernetes: &self.kubernetes,
+            env_prefix: ENV_PREFIX,
         }
-    }
-
-    /// The installation's namespace: the configured one, else the pod's,
-    /// else `default`.
-    pub fn namespace(&self, env: &Environment) -> String {
-        self.kubernetes
-            .namespace
-            .clone()
-            .or_else(|| env.pod_namespace.clone().filter(|_| env.in_cluster))
-            .unwrap_or_else(|| "default".into())
     }
 
     /// Everything that can be checked without starting: for `check-config`.
@@ -197,22 +116,7 @@ impl Config {
         self.internal_token()?;
         secrets_common::auth::internal_channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
-        match self.backend_kind(env)? {
-            BackendKind::Embedded => anyhow::ensure!(
-                !self.embedded.data_dir.as_os_str().is_empty(),
-                "embedded.data_dir must be set for the embedded backend"
-            ),
-            BackendKind::Kubernetes => {
-                anyhow::ensure!(
-                    self.kubernetes.namespace.as_ref().is_none_or(|n| !n.is_empty()),
-                    "kubernetes.namespace must not be empty (leave it unset for the pod's own namespace)"
-                );
-                if let Some(url) = &self.kubernetes.api_url {
-                    url.parse::<http::Uri>().map_err(|e| anyhow::anyhow!("kubernetes.api_url {url:?}: {e}"))?;
-                }
-            }
-        }
-        Ok(())
+        self.store().validate(env)
     }
 
     pub fn internal_token(&self) -> anyhow::Result<&SecretString> {
@@ -225,17 +129,7 @@ impl Config {
 /// The backend the configuration names, or the default for where the
 /// service runs.
 pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<SecretBackend>> {
-    let env = Environment::detect();
-    Ok(match config.backend_kind(&env)? {
-        BackendKind::Embedded => Arc::new(EmbeddedBackend::open(&config.embedded.data_dir)?),
-        BackendKind::Kubernetes => {
-            let k = &config.kubernetes;
-            let namespace = config.namespace(&env);
-            let timeout = Duration::from_millis(k.timeout_ms);
-            let client = KubernetesBackend::client(k.api_url.as_deref(), &namespace, timeout).await?;
-            Arc::new(KubernetesBackend::new(client, &namespace))
-        }
-    })
+    config.store().open().await
 }
 
 /// A built server, bound and ready to run.
@@ -295,48 +189,5 @@ impl Application {
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.served.run(shutdown).await.context("secret-service stopped with an error")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cluster(namespace: Option<&str>) -> Environment {
-        Environment { in_cluster: true, pod_namespace: namespace.map(str::to_string) }
-    }
-
-    #[test]
-    fn in_a_cluster_the_default_is_kubernetes_in_the_pods_own_namespace() {
-        let config = Config::default();
-        assert_eq!(config.backend_kind(&cluster(Some("data-plane"))).unwrap(), BackendKind::Kubernetes);
-        assert_eq!(config.namespace(&cluster(Some("data-plane"))), "data-plane");
-        assert_eq!(config.namespace(&cluster(None)), "default");
-        let named = Config {
-            kubernetes: KubernetesConfig { namespace: Some("iomete".into()), ..Default::default() },
-            ..Default::default()
-        };
-        assert_eq!(named.namespace(&cluster(Some("data-plane"))), "iomete", "configuration wins");
-    }
-
-    #[test]
-    fn outside_a_cluster_the_default_is_embedded() {
-        let local = Environment::default();
-        assert_eq!(Config::default().backend_kind(&local).unwrap(), BackendKind::Embedded);
-        assert_eq!(Config::default().namespace(&local), "default");
-    }
-
-    #[test]
-    fn embedded_in_a_cluster_needs_an_explicit_opt_in() {
-        let embedded = Config { backend: Some(BackendKind::Embedded), ..Default::default() };
-        let err = embedded.backend_kind(&cluster(Some("ns"))).unwrap_err().to_string();
-        assert!(err.contains("embedded.allow_in_cluster"), "{err}");
-        assert!(err.contains("own disk"), "{err}");
-        let allowed = Config {
-            backend: Some(BackendKind::Embedded),
-            embedded: EmbeddedConfig { allow_in_cluster: true, ..Default::default() },
-            ..Default::default()
-        };
-        assert_eq!(allowed.backend_kind(&cluster(Some("ns"))).unwrap(), BackendKind::Embedded);
     }
 }

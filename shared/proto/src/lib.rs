@@ -33,6 +33,8 @@ pub mod service_names {
     pub const RESOURCE_REGISTRY: &str = "iomete.secrets.internal.v1.ResourceRegistry";
     pub const AUTHZ_SERVICE: &str = "iomete.secrets.v1.AuthzService";
     pub const GATEWAY: &str = "iomete.secrets.v1.Gateway";
+    pub const VAULT_CONFIG_SERVICE: &str = "iomete.secrets.v1.VaultConfigService";
+    pub const VAULT_READER: &str = "iomete.secrets.internal.v1.VaultReader";
 }
 
 const REDACTED: &str = "<redacted>";
@@ -59,6 +61,48 @@ impl fmt::Debug for internal::v1::SecretLookupResult {
             .field("found_in", &self.found_in())
             .field("value", &REDACTED)
             .field("withheld", &self.withheld)
+            .finish()
+    }
+}
+
+impl fmt::Debug for internal::v1::vault_lookup_result::Result {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Value(_) => write!(f, "Value({REDACTED})"),
+            Self::Error(e) => f.debug_tuple("Error").field(e).finish(),
+            Self::Withheld(w) => f.debug_tuple("Withheld").field(w).finish(),
+        }
+    }
+}
+
+impl fmt::Debug for internal::v1::VaultLookupResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VaultLookupResult").field("result", &self.result).finish()
+    }
+}
+
+impl fmt::Debug for v1::vault_credentials::Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Token(_) => write!(f, "Token({REDACTED})"),
+            Self::AppRole(a) => f.debug_tuple("AppRole").field(a).finish(),
+        }
+    }
+}
+
+impl fmt::Debug for v1::VaultCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VaultCredentials").field("method", &self.method).finish()
+    }
+}
+
+impl fmt::Debug for v1::AppRoleCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The role id names a role; the secret id is the credential.
+        f.debug_struct("AppRoleCredentials")
+            .field("role_id", &self.role_id)
+            .field("secret_id", &REDACTED)
+            .field("mount", &self.mount)
             .finish()
     }
 }
@@ -102,7 +146,21 @@ mod tests {
             id: "envVars.DB".into(),
             result: Some(resolved_item::Result::Text(format!("jdbc:pg://u:{CANARY}@h"))),
         };
-        let printed = format!("{create:?} {update:?} {lookup:?} {resolved:?} {create:#?}");
+        let token = VaultCredentials { method: Some(vault_credentials::Method::Token(CANARY.into())) };
+        let app_role = VaultCredentials {
+            method: Some(vault_credentials::Method::AppRole(AppRoleCredentials {
+                role_id: "etl-role".into(),
+                secret_id: CANARY.into(),
+                mount: String::new(),
+            })),
+        };
+        let spec = VaultConfigSpec { name: "prod".into(), credentials: Some(token.clone()), ..Default::default() };
+        let vault_value = super::internal::v1::VaultLookupResult {
+            result: Some(super::internal::v1::vault_lookup_result::Result::Value(CANARY.as_bytes().to_vec())),
+        };
+        let printed = format!(
+            "{create:?} {update:?} {lookup:?} {resolved:?} {create:#?} {token:?} {app_role:?} {spec:?} {vault_value:?}"
+        );
         assert!(!printed.contains(CANARY), "{printed}");
         assert!(printed.contains("db_password"), "keys stay visible: {printed}");
         assert!(printed.contains("envVars.DB"), "item ids stay visible: {printed}");
