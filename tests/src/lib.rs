@@ -4,6 +4,7 @@
 pub mod app;
 pub mod kube_server;
 pub mod logs;
+pub mod openbao;
 pub mod postgres;
 pub mod procs;
 pub mod proxy;

@@ -9,18 +9,21 @@ use secrets_common::{
 use secrets_proto::v1::{
     self as pb, authz_service_client::AuthzServiceClient, authz_service_server::AuthzService,
     secret_service_client::SecretServiceClient, secret_service_server::SecretService,
+    vault_config_service_client::VaultConfigServiceClient, vault_config_service_server::VaultConfigService,
 };
 use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 
 pub const SECRET_SERVICE: &str = "secret-service";
+pub const VAULT_CONFIG_SERVICE: &str = "vault-config-service";
 pub const AUTHZ_SERVICE: &str = secrets_common::authz::AUTHZ_SERVICE;
 
 #[derive(Clone)]
 pub struct Forwarder {
     pub secrets: SecretServiceClient<InternalChannel>,
     pub authz: AuthzServiceClient<InternalChannel>,
+    pub vault: VaultConfigServiceClient<InternalChannel>,
 }
 
 /// The request to send upstream: the same message, acting for the caller.
@@ -82,4 +85,14 @@ forward!(AuthzService, authz, AUTHZ_SERVICE, {
     grant_platform_admin(GrantPlatformAdminRequest) -> GrantPlatformAdminResponse;
     revoke_platform_admin(RevokePlatformAdminRequest) -> RevokePlatformAdminResponse;
     list_platform_admins(ListPlatformAdminsRequest) -> ListPlatformAdminsResponse;
+});
+
+forward!(VaultConfigService, vault, VAULT_CONFIG_SERVICE, {
+    create_vault_config(CreateVaultConfigRequest) -> VaultConfig;
+    get_vault_config(GetVaultConfigRequest) -> VaultConfig;
+    list_vault_configs(ListVaultConfigsRequest) -> ListVaultConfigsResponse;
+    update_vault_config(UpdateVaultConfigRequest) -> VaultConfig;
+    delete_vault_config(DeleteVaultConfigRequest) -> DeleteVaultConfigResponse;
+    test_vault_connection(TestVaultConnectionRequest) -> TestVaultConnectionResponse;
+    list_vault_keys(ListVaultKeysRequest) -> ListVaultKeysResponse;
 });

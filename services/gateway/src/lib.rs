@@ -20,12 +20,13 @@ use secrets_common::{
     telemetry::TelemetryConfig,
 };
 use secrets_proto::{
-    internal::v1::secret_reader_client::SecretReaderClient,
-    service_names::{AUTHZ_SERVICE, GATEWAY, SECRET_SERVICE},
+    internal::v1::{secret_reader_client::SecretReaderClient, vault_reader_client::VaultReaderClient},
+    service_names::{AUTHZ_SERVICE, GATEWAY, SECRET_SERVICE, VAULT_CONFIG_SERVICE},
     v1::{
         authz_service_client::AuthzServiceClient, authz_service_server::AuthzServiceServer,
         gateway_server::GatewayServer, secret_service_client::SecretServiceClient,
-        secret_service_server::SecretServiceServer,
+        secret_service_server::SecretServiceServer, vault_config_service_client::VaultConfigServiceClient,
+        vault_config_service_server::VaultConfigServiceServer,
     },
 };
 use serde::Deserialize;
@@ -49,6 +50,7 @@ pub struct Config {
     pub internal_token: Option<SecretString>,
     pub secret_service_url: String,
     pub authz_service_url: String,
+    pub vault_config_service_url: String,
     /// Bound on every call to an internal service.
     pub request_timeout_ms: u64,
     /// The tokens callers may present.
@@ -65,6 +67,7 @@ impl Default for Config {
             internal_token: None,
             secret_service_url: "http://127.0.0.1:50052".into(),
             authz_service_url: "http://127.0.0.1:50053".into(),
+            vault_config_service_url: "http://127.0.0.1:50054".into(),
             request_timeout_ms: 5_000,
             tokens: Vec::new(),
             telemetry: TelemetryConfig::default(),
@@ -87,6 +90,8 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
         internal_channel(&self.authz_service_url, t, authz::AUTHZ_SERVICE, &m)
             .map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
+        internal_channel(&self.vault_config_service_url, t, forward::VAULT_CONFIG_SERVICE, &m)
+            .map_err(|e| anyhow::anyhow!("vault_config_service_url: {e}"))?;
         Ok(())
     }
 }
@@ -118,23 +123,33 @@ impl Application {
         let authz_channel = internal_channel(&config.authz_service_url, timeout, authz::AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
 
+        let vault_channel =
+            internal_channel(&config.vault_config_service_url, timeout, forward::VAULT_CONFIG_SERVICE, &metrics)
+                .map_err(|e| anyhow::anyhow!("vault_config_service_url: {e}"))?;
+
         let forwarder = forward::Forwarder {
             secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), internal.clone()),
             authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), internal.clone()),
+            vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), internal.clone()),
         };
         let resolver = resolver::Resolver {
-            reader: SecretReaderClient::with_interceptor(secrets_channel, internal),
+            kubernetes: resolver::KubernetesSource {
+                reader: SecretReaderClient::with_interceptor(secrets_channel, internal.clone()),
+            },
+            vault: resolver::VaultSource { reader: VaultReaderClient::with_interceptor(vault_channel, internal) },
             authz: AuthzClient::new(authz_channel, token).map_err(anyhow::Error::msg)?,
         };
 
-        let (router, health) = server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE]).await?;
+        let (router, health) =
+            server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE, VAULT_CONFIG_SERVICE]).await?;
         let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 GatewayServer::new(resolver).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
                 authenticator.clone(),
             ))
             .add_service(SecretServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
-            .add_service(AuthzServiceServer::with_interceptor(forwarder, authenticator));
+            .add_service(AuthzServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
+            .add_service(VaultConfigServiceServer::with_interceptor(forwarder, authenticator));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
                 .await?,

@@ -7,8 +7,10 @@
 //! the rest still resolve. Every batch is bounded by [`limits`].
 //!
 //! Reading order: [`plan`] (rules: what each item needs, no I/O) →
-//! [`Resolver::resolve`] (the two round trips) → [`render`] (rules: values
-//! into items, within the response budget).
+//! [`Resolver::resolve`] (one permission round trip, then one read per
+//! secret source, concurrently) → [`render`] (rules: values into items,
+//! within the response budget). Each secret source ([`KubernetesSource`],
+//! [`VaultSource`]) says which permission a target needs and reads a batch.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,7 +23,9 @@ use secrets_common::{
     validate::{self, FieldViolation},
 };
 use secrets_proto::{
-    internal::v1::{self as internal, secret_reader_client::SecretReaderClient},
+    internal::v1::{
+        self as internal, secret_reader_client::SecretReaderClient, vault_reader_client::VaultReaderClient,
+    },
     v1::{self as pb, Permission, gateway_server::Gateway, resolve_item::Reference},
 };
 use tonic::{Code, Request, Response, Status};
@@ -30,7 +34,7 @@ use tracing::instrument;
 
 use crate::{
     auth::{Caller, TokenKind},
-    forward::SECRET_SERVICE,
+    forward::{SECRET_SERVICE, VAULT_CONFIG_SERVICE},
 };
 
 /// What one `ResolveSecrets` call may ask for. Each refusal names its limit.
@@ -54,23 +58,27 @@ use limits::*;
 
 #[derive(Clone)]
 pub struct Resolver {
-    pub reader: SecretReaderClient<InternalChannel>,
+    pub kubernetes: KubernetesSource,
+    pub vault: VaultSource,
     pub authz: AuthzClient,
 }
 
 /// Where one key is looked up.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Target {
+pub enum Target {
     /// A domain's secrets, then the global secrets.
     Domain(String),
     Admin,
+    /// A Vault config, by id.
+    Vault(String),
 }
 
 impl Target {
     fn question<'a>(&'a self, subject: &'a Principal) -> Question<'a> {
         match self {
-            Target::Domain(d) => Question { subject, permission: Permission::UseSecrets, domain: Some(d) },
-            Target::Admin => Question { subject, permission: Permission::PlatformAdmin, domain: None },
+            Target::Domain(d) => Question::domain(subject, Permission::UseSecrets, Some(d)),
+            Target::Admin => Question::domain(subject, Permission::PlatformAdmin, None),
+            Target::Vault(id) => Question::vault_config(subject, Permission::Use, id),
         }
     }
 
@@ -78,8 +86,28 @@ impl Target {
         match self {
             Target::Domain(d) => format!("domain {d:?} or the global secrets"),
             Target::Admin => "the admin secrets".into(),
+            Target::Vault(id) => format!("vault config {id}"),
         }
     }
+}
+
+/// A secret source: reads a batch of (target, key) lookups in one call.
+#[tonic::async_trait]
+pub trait Source: Send + Sync {
+    /// One answer per lookup, in order.
+    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Vec<Option<Read>>, Status>;
+}
+
+/// KUBERNETES objects, placeholders and admin keys: the secret service.
+#[derive(Clone)]
+pub struct KubernetesSource {
+    pub reader: SecretReaderClient<InternalChannel>,
+}
+
+/// VAULT objects: the vault-config-service.
+#[derive(Clone)]
+pub struct VaultSource {
+    pub reader: VaultReaderClient<InternalChannel>,
 }
 
 /// What one item needs, once parsed.
@@ -89,14 +117,19 @@ enum Plan<'a> {
     Failed(Status),
 }
 
-/// What the secret service answered for one (target, key).
-enum Read {
+/// What a source answered for one (target, key); `None` is not found.
+pub enum Read {
     Found(SecretValue),
     /// Found, but past the response budget.
     Withheld,
+    /// The source could not answer for this lookup (a Vault refusal, say).
+    Failed(Status),
 }
 
 type Values = BTreeMap<(Target, String), Read>;
+
+/// One key to read: where, and which.
+type Lookup<'a> = &'a (Target, String);
 
 /// `items[3] ("envVars.DB_PASSWORD")`: how errors name an item.
 fn item_name(index: usize, id: &str) -> String {
@@ -113,6 +146,12 @@ fn item_invalid(index: usize, id: &str, field: &str, why: &str) -> Status {
     let mut details = ErrorDetails::new();
     details.add_bad_request_violation(format!("items[{index}].{field}"), why);
     Status::with_error_details(Code::InvalidArgument, format!("{}: {field}: {why}", item_name(index, id)), details)
+}
+
+/// A Vault config id as the vault-config-service makes them (a UUID).
+fn vault_config_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    if ok { Ok(()) } else { Err(format!("{id:?} is not a vault config id; for VAULT sources the id is the config id")) }
 }
 
 /// The rules for one item: what it needs, or why it cannot be resolved.
@@ -136,10 +175,10 @@ fn plan(index: usize, item: &pb::ResolveItem) -> Plan<'_> {
                     Ok(()) => Plan::Value { target: Target::Domain(source.id.clone()), key: obj.key.clone() },
                     Err(v) => invalid("secret_object.source.id", &format!("must be a domain name; {}", v.description)),
                 },
-                Ok(pb::SourceType::Vault) => Plan::Failed(Status::failed_precondition(format!(
-                    "{}: VAULT sources are resolved by the vault-config-service, which this gateway is not connected to",
-                    item_name(index, id)
-                ))),
+                Ok(pb::SourceType::Vault) => match vault_config_id(&source.id) {
+                    Ok(()) => Plan::Value { target: Target::Vault(source.id.clone()), key: obj.key.clone() },
+                    Err(why) => invalid("secret_object.source.id", &why),
+                },
                 Ok(pb::SourceType::Unspecified) => {
                     invalid("secret_object.source.type", "is required: KUBERNETES or VAULT")
                 }
@@ -209,12 +248,14 @@ fn lookup<'v>(
         let what = match target {
             Target::Domain(d) => format!("use the secrets of domain {d:?}"),
             Target::Admin => "use the admin secrets".into(),
+            Target::Vault(id) => format!("use vault config {id}"),
         };
         return Err(Status::permission_denied(format!("{name}: {principal} may not {what}: {reason}")));
     }
     match values.get(&(target.clone(), key.to_string())) {
         Some(Read::Found(v)) => Ok(v),
         Some(Read::Withheld) => Err(over_budget(name)),
+        Some(Read::Failed(status)) => Err(Status::new(status.code(), format!("{name}: {}", status.message()))),
         None => Err(Status::not_found(format!("{name}: secret {key:?} does not exist in {}", target.describe()))),
     }
 }
@@ -314,9 +355,12 @@ impl Resolver {
         let denied: BTreeMap<&Target, String> =
             targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
 
-        // One secret-service round trip for every permitted key.
-        let lookups: Vec<&(Target, String)> = wanted.iter().filter(|(t, _)| !denied.contains_key(t)).collect();
-        let values = self.read(&lookups).await?;
+        // One round trip per source for every permitted key, concurrently.
+        let (vault, kubernetes): (Vec<Lookup>, Vec<Lookup>) =
+            wanted.iter().filter(|(t, _)| !denied.contains_key(t)).partition(|(t, _)| matches!(t, Target::Vault(_)));
+        let (from_kubernetes, from_vault) =
+            tokio::try_join!(read_from(&self.kubernetes, &kubernetes), read_from(&self.vault, &vault))?;
+        let values: Values = from_kubernetes.into_iter().chain(from_vault).collect();
 
         let mut counts = Counts::default();
         let mut budget = Budget { left: MAX_RESPONSE_VALUE_BYTES };
@@ -343,11 +387,27 @@ impl Resolver {
         span.record("over_limit", counts.over_limit as i64);
         Ok(pb::ResolveSecretsResponse { items })
     }
+}
 
-    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Values, Status> {
-        if lookups.is_empty() {
-            return Ok(BTreeMap::new());
-        }
+/// Reads `lookups` from `source` (nothing when there are none).
+async fn read_from(source: &dyn Source, lookups: &[&(Target, String)]) -> Result<Values, Status> {
+    if lookups.is_empty() {
+        return Ok(Values::new());
+    }
+    let answers = source.read(lookups).await?;
+    if answers.len() != lookups.len() {
+        return Err(Status::unavailable(format!(
+            "a secret source answered {} of {} lookups",
+            answers.len(),
+            lookups.len()
+        )));
+    }
+    Ok(lookups.iter().zip(answers).filter_map(|(l, a)| a.map(|a| ((*l).clone(), a))).collect())
+}
+
+#[tonic::async_trait]
+impl Source for KubernetesSource {
+    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Vec<Option<Read>>, Status> {
         let request = internal::ReadSecretsRequest {
             lookups: lookups
                 .iter()
@@ -358,7 +418,7 @@ impl Resolver {
                         key: key.clone(),
                         global_fallback: true,
                     },
-                    Target::Admin => internal::SecretLookup {
+                    Target::Admin | Target::Vault(_) => internal::SecretLookup {
                         scope: pb::Scope::Admin as i32,
                         domain: String::new(),
                         key: key.clone(),
@@ -373,33 +433,62 @@ impl Resolver {
             .clone()
             .read_secrets(request)
             .await
-            .map_err(|s| match s.code() {
-                // The lookups are built here from validated items: a refusal
-                // is this service's bug, and its internal field names mean
-                // nothing to the caller.
-                Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
-                    error::internal("secret-service refused the resolver's lookups", &s.message())
-                }
-                _ => from_upstream(SECRET_SERVICE, s),
-            })?
+            .map_err(|s| internal_refusal(SECRET_SERVICE, s))?
             .into_inner()
             .results;
-        if results.len() != lookups.len() {
-            return Err(Status::unavailable(format!(
-                "{SECRET_SERVICE}: answered {} of {} lookups",
-                results.len(),
-                lookups.len()
-            )));
-        }
-        Ok(lookups
-            .iter()
-            .zip(results)
-            .filter(|(_, r)| r.found)
-            .map(|(l, r)| {
-                let read = if r.withheld { Read::Withheld } else { Read::Found(SecretValue::new(r.value)) };
-                ((*l).clone(), read)
+        Ok(results
+            .into_iter()
+            .map(|r| r.found.then(|| if r.withheld { Read::Withheld } else { Read::Found(SecretValue::new(r.value)) }))
+            .collect())
+    }
+}
+
+#[tonic::async_trait]
+impl Source for VaultSource {
+    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Vec<Option<Read>>, Status> {
+        use internal::vault_lookup_result::Result as R;
+        let request = internal::ReadVaultSecretsRequest {
+            lookups: lookups
+                .iter()
+                .map(|(t, key)| internal::VaultLookup {
+                    config_id: match t {
+                        Target::Vault(id) => id.clone(),
+                        _ => String::new(),
+                    },
+                    key: key.clone(),
+                })
+                .collect(),
+            max_value_bytes: MAX_RESPONSE_VALUE_BYTES as u64,
+        };
+        let results = self
+            .reader
+            .clone()
+            .read_vault_secrets(request)
+            .await
+            .map_err(|s| internal_refusal(VAULT_CONFIG_SERVICE, s))?
+            .into_inner()
+            .results;
+        Ok(results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(R::Value(v)) => Some(Read::Found(SecretValue::new(v))),
+                Some(R::Withheld(_)) => Some(Read::Withheld),
+                Some(R::Error(e)) => Some(Read::Failed(Status::new(Code::from_i32(e.code), e.message))),
+                None => Some(Read::Failed(Status::unavailable("vault-config-service: an empty answer"))),
             })
             .collect())
+    }
+}
+
+/// A refusal of lookups built here from validated items is this service's
+/// bug, and the internal field names mean nothing to the caller; anything
+/// else is the peer failing.
+fn internal_refusal(peer: &str, s: Status) -> Status {
+    match s.code() {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
+            error::internal(&format!("{peer} refused the resolver's lookups"), &s.message())
+        }
+        _ => from_upstream(peer, s),
     }
 }
 

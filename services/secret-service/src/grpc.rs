@@ -45,7 +45,7 @@ impl SecretGrpc {
             Op::List => format!("list {scope}"),
             Op::Write => format!("change {scope}"),
         };
-        self.authz.require(Question { subject: principal, permission, domain }, &action).await
+        self.authz.require(Question::domain(principal, permission, domain), &action).await
     }
 }
 

@@ -28,6 +28,20 @@ pub struct Question<'a> {
     pub subject: &'a Principal,
     pub permission: Permission,
     pub domain: Option<&'a str>,
+    /// For VIEW, UPDATE and USE: the Vault config asked about.
+    pub vault_config: Option<&'a str>,
+}
+
+impl<'a> Question<'a> {
+    /// A domain permission (or PLATFORM_ADMIN, with no domain).
+    pub fn domain(subject: &'a Principal, permission: Permission, domain: Option<&'a str>) -> Self {
+        Self { subject, permission, domain, vault_config: None }
+    }
+
+    /// VIEW, UPDATE or USE on a Vault config.
+    pub fn vault_config(subject: &'a Principal, permission: Permission, id: &'a str) -> Self {
+        Self { subject, permission, domain: None, vault_config: Some(id) }
+    }
 }
 
 impl AuthzClient {
@@ -43,6 +57,10 @@ impl AuthzClient {
                 subject: q.subject.to_string(),
                 permission: q.permission as i32,
                 domain: q.domain.unwrap_or_default().to_string(),
+                resource: q.vault_config.map(|id| secrets_proto::v1::Resource {
+                    r#type: secrets_proto::v1::ResourceType::VaultConfig as i32,
+                    id: id.to_string(),
+                }),
                 ..Default::default()
             })
             .collect::<Vec<_>>();

@@ -35,7 +35,8 @@ async fn grpcurl_lists_and_describes_the_gateway_and_creates_and_resolves_a_secr
             "grpc.health.v1.Health",
             "iomete.secrets.v1.AuthzService",
             "iomete.secrets.v1.Gateway",
-            "iomete.secrets.v1.SecretService"
+            "iomete.secrets.v1.SecretService",
+            "iomete.secrets.v1.VaultConfigService"
         ],
         "the internal SecretReader is not exposed"
     );

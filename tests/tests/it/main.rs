@@ -20,3 +20,4 @@ mod resolve;
 mod secrets;
 mod store_suite;
 mod traces;
+mod vault;

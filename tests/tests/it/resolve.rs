@@ -82,7 +82,7 @@ async fn problems_with_one_item_are_reported_on_that_item_and_the_rest_resolve()
         ("unterminated", Code::InvalidArgument, "text: malformed placeholder at byte 2"),
         ("bad-key", Code::InvalidArgument, "contains ' '"),
         ("unknown-type", Code::InvalidArgument, "secret_object.source.type: unknown value 9"),
-        ("vault", Code::FailedPrecondition, "vault-config-service"),
+        ("vault", Code::InvalidArgument, "is not a vault config id"),
         ("bad-domain", Code::InvalidArgument, "secret_object.source.id"),
         ("bad-object-key", Code::InvalidArgument, "secret_object.key"),
         ("empty", Code::InvalidArgument, "set one of secret_object, text or admin_key"),

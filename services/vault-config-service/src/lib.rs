@@ -1,0 +1,214 @@
+//! The vault-config-service: read-only HashiCorp Vault (or OpenBao) KV v2
+//! integrations of a domain, their credentials, their keys, and their values
+//! for the gateway's resolver.
+//!
+//! Reading order: [`grpc`] (the tonic adapters) → [`configs`] (the domain
+//! logic: authorization, where each part is kept, caches) → [`spec`] (the
+//! rules of a config, no I/O) and [`vault`] (talking to Vault) → [`db`].
+
+pub mod configs;
+pub mod db;
+mod error;
+pub mod grpc;
+pub mod spec;
+pub mod vault;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use secrecy::SecretString;
+use secrets_common::{
+    auth::{InternalAuth, InternalClient, internal_channel},
+    authz::{AUTHZ_SERVICE, AuthzClient},
+    observe::Metrics,
+    server::{self, Served},
+    telemetry::TelemetryConfig,
+};
+use secrets_proto::{
+    internal::v1::{resource_registry_client::ResourceRegistryClient, vault_reader_server::VaultReaderServer},
+    service_names::{VAULT_CONFIG_SERVICE, VAULT_READER},
+    v1::vault_config_service_server::VaultConfigServiceServer,
+};
+use secrets_store::{BackendKind, EmbeddedConfig, Environment, KubernetesConfig, MeteredBackend, StoreSettings};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+pub use error::{Error, Result};
+
+pub const ENV_PREFIX: &str = "VAULT_CONFIG_SERVICE_";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// After a shutdown signal: how long health checks answer NOT_SERVING
+    /// while calls are still accepted.
+    pub shutdown_drain_ms: u64,
+    /// The credential the gateway and the services present to each other.
+    pub internal_token: Option<SecretString>,
+    /// The authz service: permission checks and bundle placement.
+    pub authz_url: String,
+    /// Bound on every call to another service.
+    pub request_timeout_ms: u64,
+    /// `sqlite://path?mode=rwc` (the default) or `postgres://...`;
+    /// `DATABASE_URL` sets it too.
+    pub database_url: String,
+    /// Bound on getting a connection and on each database operation.
+    pub database_timeout_ms: u64,
+    /// Where credentials live; unset: `kubernetes` in a cluster, else `embedded`.
+    pub backend: Option<BackendKind>,
+    /// Credential store objects: `{prefix}-{domain}`.
+    pub object_prefix: String,
+    pub embedded: EmbeddedConfig,
+    pub kubernetes: KubernetesConfig,
+    pub vault: VaultSettings,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VaultSettings {
+    /// Bound on each request to a Vault server.
+    pub timeout_ms: u64,
+    /// How long values read from Vault are kept in memory (never on disk).
+    pub cache_ttl_ms: u64,
+    /// Configs whose values and connections are kept at once.
+    pub cache_max_entries: u64,
+}
+
+impl Default for VaultSettings {
+    fn default() -> Self {
+        Self { timeout_ms: 5_000, cache_ttl_ms: 30_000, cache_max_entries: 10_000 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_addr: ([127, 0, 0, 1], 50054).into(),
+            metrics_addr: Some(([127, 0, 0, 1], 9104).into()),
+            shutdown_drain_ms: 0,
+            internal_token: None,
+            authz_url: "http://127.0.0.1:50053".into(),
+            request_timeout_ms: 5_000,
+            database_url: "sqlite://data/vault-configs.db?mode=rwc".into(),
+            database_timeout_ms: 1_500,
+            backend: None,
+            object_prefix: "iomete-vault-credentials".into(),
+            embedded: EmbeddedConfig::at("data/vault-credentials"),
+            kubernetes: KubernetesConfig::default(),
+            vault: VaultSettings::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads file and `VAULT_CONFIG_SERVICE_*` variables; a `DATABASE_URL`
+    /// in the environment is used unless the prefixed one is set too.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut config: Self = secrets_common::config::load(file, ENV_PREFIX).map_err(anyhow::Error::msg)?;
+        if std::env::var_os("VAULT_CONFIG_SERVICE_DATABASE_URL").is_none()
+            && let Ok(url) = std::env::var("DATABASE_URL")
+        {
+            config.database_url = url;
+        }
+        Ok(config)
+    }
+
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    /// Where the credentials' store objects live.
+    pub fn store(&self) -> StoreSettings<'_> {
+        StoreSettings {
+            backend: self.backend,
+            embedded: &self.embedded,
+            kubernetes: &self.kubernetes,
+            env_prefix: ENV_PREFIX,
+        }
+    }
+
+    pub fn internal_token(&self) -> anyhow::Result<&SecretString> {
+        self.internal_token.as_ref().context(
+            "internal_token is required (set VAULT_CONFIG_SERVICE_INTERNAL_TOKEN or internal_token in the config file)",
+        )
+    }
+
+    /// Everything that can be checked without starting: for `check-config`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.internal_token()?;
+        internal_channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
+            .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
+        anyhow::ensure!(
+            ["sqlite:", "postgres://", "postgresql://"].iter().any(|p| self.database_url.starts_with(p)),
+            "database_url must start with sqlite:, postgres:// or postgresql://"
+        );
+        anyhow::ensure!(self.database_timeout_ms > 0, "database_timeout_ms must be above 0");
+        anyhow::ensure!(self.vault.timeout_ms > 0, "vault.timeout_ms must be above 0");
+        self.store().validate(&Environment::detect())
+    }
+}
+
+pub struct Application {
+    served: Served,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = server::bind(config.listen_addr).await?;
+        Self::build_with_listener(config, listener).await
+    }
+
+    pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        let token = config.internal_token()?;
+        let metrics = Metrics::new();
+        let timeout = Duration::from_millis(config.request_timeout_ms);
+        let channel = internal_channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
+            .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
+        let authz = AuthzClient::new(channel.clone(), token).map_err(anyhow::Error::msg)?;
+        let registry =
+            ResourceRegistryClient::with_interceptor(channel, InternalClient::new(token).map_err(anyhow::Error::msg)?);
+        let database_timeout = Duration::from_millis(config.database_timeout_ms);
+        let db = db::connect(&config.database_url, database_timeout, Some(&metrics)).await?;
+        let store = config.store().open::<Error>().await?;
+        let store = Arc::new(MeteredBackend::new(store, metrics.clone()));
+        tracing::info!(database = secrets_db::backend_name(&db), store = store_name(&*store), "vault configs ready");
+        let limits = configs::Limits {
+            vault_timeout: Duration::from_millis(config.vault.timeout_ms),
+            cache_ttl: Duration::from_millis(config.vault.cache_ttl_ms),
+            cache_max_entries: config.vault.cache_max_entries,
+            database_timeout,
+        };
+        let configs = configs::Configs::new(db, store, config.object_prefix.clone(), authz, registry, limits);
+        let grpc = grpc::VaultGrpc::new(configs);
+        let auth = InternalAuth::new(token);
+        let (router, health) = server::router(&metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;
+        let router = router
+            .add_service(VaultConfigServiceServer::with_interceptor(grpc.clone(), auth.clone()))
+            .add_service(VaultReaderServer::with_interceptor(grpc, auth));
+        Ok(Self {
+            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.served.port()
+    }
+
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.served.metrics_port()
+    }
+
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.served.run(shutdown).await.context("vault-config-service stopped with an error")
+    }
+}
+
+fn store_name(store: &dyn secrets_store::StoreBackend<Error>) -> &'static str {
+    store.name()
+}

@@ -1,0 +1,436 @@
+//! Talking to one Vault (or OpenBao) KV v2 secret: read-only, through
+//! vaultrs, with one client and one token per config.
+//!
+//! AppRole logs in once and keeps the token: it is renewed when two thirds
+//! of its lifetime have passed, and a fresh login happens when renewal is
+//! refused, the token is near its maximum lifetime, or Vault answers 403 (at
+//! most one re-login per request). Logins and renewals are serialized, so
+//! concurrent requests never log in twice. Every call is bounded by the
+//! configured timeout. Failures are classified ([`FailureKind`]) with
+//! Vault's own message and never carry a credential.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use secrets_common::SecretValue;
+use secrets_proto::v1 as pb;
+use tokio::sync::Mutex;
+use tonic::Status;
+use vaultrs::{
+    api::EndpointMiddleware,
+    client::{VaultClient, VaultClientSettingsBuilder},
+    error::ClientError,
+};
+
+use crate::spec::{Credentials, Target};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    InvalidCredentials,
+    NoAccessToPath,
+    NotKvV2,
+    SecretNotFound,
+    NamespaceNotFound,
+    Unreachable,
+    TimedOut,
+    Tls,
+    Sealed,
+    /// Anything else Vault answered (a 5xx, an unexpected body).
+    Other,
+}
+
+/// Why Vault could not be used, with what Vault said.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct VaultFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl VaultFailure {
+    fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+
+    /// The same failure with `context` (the config) in front.
+    pub fn context(self, context: &str) -> Self {
+        Self { kind: self.kind, message: format!("{context}: {}", self.message) }
+    }
+
+    /// The gRPC status a caller gets for it.
+    pub fn status(&self) -> Status {
+        match self.kind {
+            FailureKind::Unreachable | FailureKind::TimedOut | FailureKind::Sealed | FailureKind::Other => {
+                Status::unavailable(&self.message)
+            }
+            FailureKind::SecretNotFound => Status::not_found(&self.message),
+            FailureKind::InvalidCredentials
+            | FailureKind::NoAccessToPath
+            | FailureKind::NotKvV2
+            | FailureKind::NamespaceNotFound
+            | FailureKind::Tls => Status::failed_precondition(&self.message),
+        }
+    }
+
+    pub fn outcome(&self) -> pb::VaultConnectionOutcome {
+        use pb::VaultConnectionOutcome as O;
+        match self.kind {
+            FailureKind::InvalidCredentials => O::InvalidCredentials,
+            FailureKind::NoAccessToPath => O::NoAccessToPath,
+            FailureKind::NotKvV2 => O::NotKvV2,
+            FailureKind::SecretNotFound => O::SecretNotFound,
+            FailureKind::NamespaceNotFound => O::NamespaceNotFound,
+            FailureKind::Unreachable | FailureKind::Other => O::Unreachable,
+            FailureKind::TimedOut => O::TimedOut,
+            FailureKind::Tls => O::TlsFailure,
+            FailureKind::Sealed => O::Sealed,
+        }
+    }
+}
+
+/// The fields of one KV v2 secret.
+pub type Fields = BTreeMap<String, SecretValue>;
+
+struct Lease {
+    token: SecretString,
+    /// Renew (or log in again) from here on.
+    refresh_at: Option<Instant>,
+    expires_at: Option<Instant>,
+    renewable: bool,
+    /// The lifetime the login gave: a renewal granting much less means the
+    /// token is near its maximum lifetime.
+    login_ttl: Duration,
+}
+
+impl Lease {
+    fn from_auth(token: String, lease_duration: u64, renewable: bool, login_ttl: Option<Duration>) -> Self {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(lease_duration);
+        let (refresh_at, expires_at) =
+            if lease_duration == 0 { (None, None) } else { (Some(now + ttl * 2 / 3), Some(now + ttl)) };
+        Self {
+            token: SecretString::from(token),
+            refresh_at,
+            expires_at,
+            renewable,
+            login_ttl: login_ttl.unwrap_or(ttl),
+        }
+    }
+
+    fn fresh(&self, now: Instant) -> bool {
+        self.refresh_at.is_none_or(|r| now < r)
+    }
+
+    fn alive(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|e| now < e)
+    }
+}
+
+/// Which request failed, for classifying a 403.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Login,
+    Read,
+}
+
+/// One config's connection to Vault.
+pub struct Connection {
+    target: Target,
+    credentials: Credentials,
+    http: reqwest::Client,
+    lease: Mutex<Option<Lease>>,
+}
+
+impl Connection {
+    /// Builds the HTTP client (bounded by `timeout`, trusting the config's
+    /// CA certificate as well). Fails only on an unusable CA certificate.
+    pub fn new(target: Target, credentials: Credentials, timeout: Duration) -> Result<Self, VaultFailure> {
+        let mut http = reqwest::ClientBuilder::new()
+            .tls_backend_rustls()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(3)));
+        if target.host.starts_with("http://") {
+            // Plain HTTP: no certificates to load.
+            http = http.tls_certs_only(Vec::new());
+        } else if let Some(pem) = &target.ca_certificate {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| VaultFailure::new(FailureKind::Tls, format!("ca_certificate is not usable PEM: {e}")))?;
+            http = http.tls_certs_merge(certs);
+        }
+        let http = http
+            .build()
+            .map_err(|e| VaultFailure::new(FailureKind::Tls, format!("cannot build an HTTPS client: {}", chain(&e))))?;
+        Ok(Self { target, credentials, http, lease: Mutex::new(None) })
+    }
+
+    fn describe(&self) -> String {
+        let kv = &self.target.kv;
+        match &self.target.namespace {
+            Some(ns) => format!("{} (namespace {ns}, {}/data/{})", self.target.host, kv.mount, kv.secret),
+            None => format!("{} ({}/data/{})", self.target.host, kv.mount, kv.secret),
+        }
+    }
+
+    fn client(&self, token: &str) -> Result<VaultClient, VaultFailure> {
+        // Every field is set: unset ones would fall back to VAULT_*
+        // environment variables.
+        let settings = VaultClientSettingsBuilder::default()
+            .address(&self.target.host)
+            .token(token)
+            .ca_certs(Vec::new())
+            .identity(None)
+            .verify(true)
+            .version(1)
+            .wrapping(false)
+            .timeout(None)
+            .namespace(self.target.namespace.clone())
+            .build()
+            .map_err(|e| VaultFailure::new(FailureKind::Other, format!("cannot configure the Vault client: {e}")))?;
+        let middle = EndpointMiddleware {
+            token: token.to_string(),
+            version: "v1".into(),
+            wrap: None,
+            namespace: self.target.namespace.clone(),
+        };
+        let http = rustify::clients::reqwest::Client::new(&self.target.host, self.http.clone());
+        Ok(VaultClient { http, middle, settings })
+    }
+
+    /// A usable token: the configured one, or the AppRole lease (renewed or
+    /// replaced when due; `relogin` forces a fresh login).
+    async fn token(&self, relogin: bool) -> Result<SecretString, VaultFailure> {
+        let (role_id, secret_id, mount) = match &self.credentials {
+            Credentials::Token { token } => return Ok(token.clone()),
+            Credentials::AppRole { role_id, secret_id, mount } => (role_id, secret_id, mount),
+        };
+        let mut lease = self.lease.lock().await;
+        let now = Instant::now();
+        if !relogin && let Some(current) = lease.as_ref() {
+            if current.fresh(now) {
+                return Ok(current.token.clone());
+            }
+            if current.renewable && current.alive(now) {
+                match self.renew(current).await {
+                    Ok(renewed) if renewed.expires_at.is_some_and(|e| e > now + current.login_ttl / 3) => {
+                        let token = renewed.token.clone();
+                        *lease = Some(renewed);
+                        tracing::debug!(host = %self.target.host, "vault token renewed");
+                        return Ok(token);
+                    }
+                    Ok(_) => tracing::debug!(host = %self.target.host, "vault token near its maximum lifetime"),
+                    Err(e) => tracing::info!(host = %self.target.host, error = %e, "vault token renewal refused"),
+                }
+            }
+        }
+        let client = self.client("")?;
+        let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
+            .await
+            .map_err(|e| self.classify_now(e, Stage::Login))?;
+        tracing::info!(host = %self.target.host, ttl_s = auth.lease_duration, "logged in to vault with approle");
+        let fresh = Lease::from_auth(auth.client_token, auth.lease_duration, auth.renewable, None);
+        let token = fresh.token.clone();
+        *lease = Some(fresh);
+        Ok(token)
+    }
+
+    async fn renew(&self, current: &Lease) -> Result<Lease, VaultFailure> {
+        let client = self.client(current.token.expose_secret())?;
+        let auth = vaultrs::token::renew_self(&client, None).await.map_err(|e| self.classify_now(e, Stage::Login))?;
+        Ok(Lease::from_auth(auth.client_token, auth.lease_duration, auth.renewable, Some(current.login_ttl)))
+    }
+
+    /// Checks the credentials, then reads the secret: for test connection.
+    pub async fn test(&self) -> Result<usize, VaultFailure> {
+        match &self.credentials {
+            Credentials::Token { token } => {
+                let client = self.client(token.expose_secret())?;
+                vaultrs::token::lookup_self(&client).await.map_err(|e| self.classify_now(e, Stage::Login))?;
+            }
+            Credentials::AppRole { .. } => {
+                self.token(true).await?;
+            }
+        }
+        Ok(self.read().await?.len())
+    }
+
+    /// The fields of the secret. A 403 gets one fresh login (AppRole) and
+    /// one retry.
+    pub async fn read(&self) -> Result<Fields, VaultFailure> {
+        let token = self.token(false).await?;
+        match self.read_with(&token).await {
+            Err(f)
+                if f.kind == FailureKind::InvalidCredentials
+                    && matches!(self.credentials, Credentials::AppRole { .. }) =>
+            {
+                let token = self.token(true).await?;
+                self.read_with(&token).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_with(&self, token: &SecretString) -> Result<Fields, VaultFailure> {
+        let client = self.client(token.expose_secret())?;
+        let kv = &self.target.kv;
+        let data: BTreeMap<String, serde_json::Value> = match vaultrs::kv2::read(&client, &kv.mount, &kv.secret).await {
+            Ok(data) => data,
+            Err(e) => return Err(self.classify(e, Stage::Read, token).await),
+        };
+        Ok(data
+            .into_iter()
+            .map(|(k, v)| {
+                let bytes = match v {
+                    serde_json::Value::String(s) => s.into_bytes(),
+                    other => other.to_string().into_bytes(),
+                };
+                (k, SecretValue::new(bytes))
+            })
+            .collect())
+    }
+
+    /// Classifies a failure that needs no further question to Vault.
+    fn classify_now(&self, e: ClientError, stage: Stage) -> VaultFailure {
+        let at = self.describe();
+        match e {
+            ClientError::APIError { code, errors } => {
+                let said = said(&errors);
+                match code {
+                    503 => VaultFailure::new(
+                        FailureKind::Sealed,
+                        format!("vault at {at} is sealed or unavailable: {said}"),
+                    ),
+                    _ if said.contains("sealed") => {
+                        VaultFailure::new(FailureKind::Sealed, format!("vault at {at} is sealed: {said}"))
+                    }
+                    404 if said.contains("namespace not found") => VaultFailure::new(
+                        FailureKind::NamespaceNotFound,
+                        format!("vault at {at}: the namespace does not exist: {said}"),
+                    ),
+                    400 | 403 if stage == Stage::Login => VaultFailure::new(
+                        FailureKind::InvalidCredentials,
+                        format!("vault at {at} refused the credentials: {said}"),
+                    ),
+                    403 => VaultFailure::new(
+                        FailureKind::NoAccessToPath,
+                        format!("vault at {at}: no access to the path: {said}"),
+                    ),
+                    404 => VaultFailure::new(
+                        FailureKind::SecretNotFound,
+                        format!("vault at {at}: the secret does not exist: {said}"),
+                    ),
+                    code => VaultFailure::new(FailureKind::Other, format!("vault at {at} answered {code}: {said}")),
+                }
+            }
+            ClientError::RestClientError { source } => transport(&at, &source),
+            other => VaultFailure::new(FailureKind::Other, format!("vault at {at}: {}", chain(&other))),
+        }
+    }
+
+    /// Classifies a failure, asking Vault what a 403 or 404 means: a 403 on
+    /// a read is a bad token when the token cannot look itself up, and a
+    /// 404 is a missing secret only on a KV v2 mount.
+    async fn classify(&self, e: ClientError, stage: Stage, token: &SecretString) -> VaultFailure {
+        let failure = self.classify_now(e, stage);
+        match failure.kind {
+            FailureKind::NoAccessToPath => {
+                let Ok(client) = self.client(token.expose_secret()) else { return failure };
+                if vaultrs::token::lookup_self(&client).await.is_err() {
+                    return VaultFailure::new(
+                        FailureKind::InvalidCredentials,
+                        format!(
+                            "vault at {} refused the credentials: the token is invalid, expired or revoked",
+                            self.describe()
+                        ),
+                    );
+                }
+                failure
+            }
+            FailureKind::SecretNotFound => match self.mount_version(token).await {
+                Some(2) => failure,
+                Some(v) => VaultFailure::new(
+                    FailureKind::NotKvV2,
+                    format!(
+                        "vault at {}: mount {} is KV version {v}; only KV v2 is supported",
+                        self.describe(),
+                        self.target.kv.mount
+                    ),
+                ),
+                None => VaultFailure::new(
+                    FailureKind::NotKvV2,
+                    format!("vault at {}: there is no KV v2 mount at {}", self.describe(), self.target.kv.mount),
+                ),
+            },
+            _ => failure,
+        }
+    }
+
+    /// The KV version of the config's mount, as the Vault CLI finds it
+    /// (`sys/internal/ui/mounts`); `None` when there is no KV mount.
+    async fn mount_version(&self, token: &SecretString) -> Option<u8> {
+        let url = format!("{}/v1/sys/internal/ui/mounts/{}", self.target.host, self.target.kv.mount);
+        let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
+        if let Some(ns) = &self.target.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        let response = request.send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
+        let data = body.get("data")?;
+        if data.get("type").and_then(|t| t.as_str()) != Some("kv") {
+            return None;
+        }
+        match data.get("options").and_then(|o| o.get("version")).and_then(|v| v.as_str()) {
+            Some("2") => Some(2),
+            _ => Some(1),
+        }
+    }
+}
+
+fn said(errors: &[String]) -> String {
+    if errors.is_empty() { "(no message)".into() } else { format!("\"{}\"", errors.join("; ")) }
+}
+
+/// Every message of an error chain, joined.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// A request that got no answer: refused, timed out, or a TLS failure.
+fn transport(at: &str, e: &rustify::errors::ClientError) -> VaultFailure {
+    let text = chain(e);
+    let reqwest = find_reqwest(e);
+    let lower = text.to_lowercase();
+    if reqwest.is_some_and(reqwest::Error::is_timeout) || lower.contains("timed out") {
+        return VaultFailure::new(FailureKind::TimedOut, format!("vault at {at} did not answer in time: {text}"));
+    }
+    if ["certificate", "tls", "handshake", "unknownissuer", "invalid peer"].iter().any(|w| lower.contains(w)) {
+        return VaultFailure::new(FailureKind::Tls, format!("vault at {at}: TLS failure: {text}"));
+    }
+    VaultFailure::new(FailureKind::Unreachable, format!("vault at {at} is unreachable: {text}"))
+}
+
+fn find_reqwest<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a reqwest::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(r) = err.downcast_ref::<reqwest::Error>() {
+            return Some(r);
+        }
+        current = err.source();
+    }
+    None
+}
