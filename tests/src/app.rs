@@ -43,6 +43,10 @@ pub struct Options {
     pub no_log_capture: bool,
     /// The vault-config-service's Vault settings (timeouts, cache).
     pub vault: Option<vault_config_service::VaultSettings>,
+    /// Bound on calls between the services (default 2 s).
+    pub request_timeout_ms: Option<u64>,
+    /// Bound on each database operation (default: the services' 1.5 s).
+    pub database_timeout_ms: Option<u64>,
 }
 
 struct Running {
@@ -62,6 +66,7 @@ pub struct TestApp {
     pub dir: TempDir,
     pub internal_token: SecretString,
     pub database_url: String,
+    database_timeout_ms: u64,
     tokens: HashMap<String, String>,
     authz: Option<Running>,
     secrets: Option<Running>,
@@ -85,6 +90,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: Options) -> Self {
+        let request_timeout_ms = options.request_timeout_ms.unwrap_or(2_000);
         if !options.no_log_capture {
             crate::logs::init();
         }
@@ -119,6 +125,7 @@ impl TestApp {
         }
 
         let mut app = TestApp {
+            database_timeout_ms: options.database_timeout_ms.unwrap_or(1_500),
             gateway_url,
             secret_service_url: secret_service_url.clone(),
             authz_service_url: authz_service_url.clone(),
@@ -142,7 +149,7 @@ impl TestApp {
             internal_token: Some(internal_token.clone()),
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             authz_url: authz_service_url.clone(),
-            request_timeout_ms: 2_000,
+            request_timeout_ms,
             backend: Some(secret_service::BackendKind::Embedded),
             embedded: secret_service::EmbeddedConfig {
                 data_dir: app.dir.path().join("secrets"),
@@ -162,8 +169,9 @@ impl TestApp {
             internal_token: Some(internal_token.clone()),
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             authz_url: authz_service_url.clone(),
-            request_timeout_ms: 2_000,
+            request_timeout_ms,
             database_url: app.database_url.clone(),
+            database_timeout_ms: app.database_timeout_ms,
             backend: Some(secret_service::BackendKind::Embedded),
             embedded: secret_service::EmbeddedConfig {
                 data_dir: app.dir.path().join("vault-credentials"),
@@ -188,7 +196,7 @@ impl TestApp {
             secret_service_url,
             authz_service_url,
             vault_config_service_url,
-            request_timeout_ms: 2_000,
+            request_timeout_ms,
             tokens: token_configs,
             ..Default::default()
         };
@@ -235,6 +243,7 @@ impl TestApp {
             database_url: self.database_url.clone(),
             bootstrap_admins: vec![format!("user:{ADMIN}")],
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
+            database_timeout_ms: self.database_timeout_ms,
             ..Default::default()
         };
         let authz = authz_service::Application::build_with_listener(config, listener).await.expect("authz-service");

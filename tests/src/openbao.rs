@@ -113,11 +113,13 @@ impl OpenBao {
         self.try_bao(args).unwrap_or_else(|e| panic!("bao {args:?} failed: {e}"))
     }
 
-    /// `bao ... -field=F`: one field of a CLI answer.
+    /// `bao <command words> -field=F <arguments>`: one field of a CLI
+    /// answer (flags must come before the first argument).
     pub fn field(&self, args: &[&str], field: &str) -> String {
         let mut all = args.to_vec();
         let flag = format!("-field={field}");
-        all.insert(all.len().min(2), &flag);
+        let at = args.iter().position(|a| !a.chars().all(|c| c.is_ascii_lowercase())).unwrap_or(args.len());
+        all.insert(at, &flag);
         self.bao(&all).trim().to_string()
     }
 

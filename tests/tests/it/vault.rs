@@ -356,3 +356,223 @@ async fn bad_configs_are_refused_naming_the_field_and_the_rule() {
         assert!(err.message().contains(field) && err.message().contains(rule), "{field}: {}", err.message());
     }
 }
+
+/// An AppRole whose tokens live `ttl` (at most `max_ttl`) and may read
+/// secret/*: (role id, secret id).
+fn app_role(bao: &OpenBao, ttl: &str, max_ttl: &str) -> (String, String) {
+    bao.bao(&["auth", "enable", "approle"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("read.hcl");
+    std::fs::write(&file, "path \"secret/data/*\" { capabilities = [\"read\"] }\n").unwrap();
+    bao.bao(&["policy", "write", "read-secrets", file.to_str().unwrap()]);
+    bao.bao(&[
+        "write",
+        "auth/approle/role/etl",
+        "token_policies=read-secrets",
+        &format!("token_ttl={ttl}"),
+        &format!("token_max_ttl={max_ttl}"),
+    ]);
+    let role_id = bao.field(&["read", "auth/approle/role/etl/role-id"], "role_id");
+    let secret_id = bao.field(&["write", "-f", "auth/approle/role/etl/secret-id"], "secret_id");
+    (role_id, secret_id)
+}
+
+fn app_role_creds(role_id: &str, secret_id: &str) -> pb::VaultCredentials {
+    pb::VaultCredentials {
+        method: Some(pb::vault_credentials::Method::AppRole(pb::AppRoleCredentials {
+            role_id: role_id.into(),
+            secret_id: secret_id.into(),
+            mount: String::new(),
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_cold_resolves_make_one_vault_read_and_one_login() {
+    let bao = OpenBao::start();
+    // 1,000 calls at once on a debug build, beside the rest of the suite:
+    // room for all of them, however slow.
+    let app = TestApp::spawn_with(Options {
+        request_timeout_ms: Some(30_000),
+        database_timeout_ms: Some(30_000),
+        ..Default::default()
+    })
+    .await;
+    setup(&app, &bao).await;
+    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
+    let config =
+        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
+            .await
+            .unwrap();
+    let before = bao.requested_paths();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let resolves = (0..1000).map(|i| {
+        let service = service.gateway.clone();
+        let item = vault_item(&format!("r{i}"), &config.id, "db_password");
+        tokio::spawn(async move {
+            let mut service = service;
+            service
+                .resolve_secrets(pb::ResolveSecretsRequest { domain: "finance".into(), items: vec![item] })
+                .await
+                .map(|r| r.into_inner().items)
+        })
+    });
+    for r in futures::future::join_all(resolves).await {
+        let items = r.unwrap().expect("resolved");
+        assert_eq!(value(&items[0]), b"pw-from-vault");
+    }
+    let paths: Vec<String> = bao.requested_paths().into_iter().skip(before.len()).collect();
+    let reads = paths.iter().filter(|p| *p == "secret/data/production").count();
+    let logins = paths.iter().filter(|p| *p == "auth/approle/login").count();
+    assert_eq!(reads, 1, "OpenBao's audit log: {paths:?}");
+    assert_eq!(logins, 1, "OpenBao's audit log: {paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_approle_tokens_are_renewed_and_replaced_while_resolving_for_a_minute() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn_with(Options {
+        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
+        ..Default::default()
+    })
+    .await;
+    setup(&app, &bao).await;
+    let (role_id, secret_id) = app_role(&bao, "5s", "15s");
+    let config =
+        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
+            .await
+            .unwrap();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let start = std::time::Instant::now();
+    let mut resolved = 0;
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+        assert_eq!(value(&out[0]), b"pw-from-vault", "after {:?}", start.elapsed());
+        resolved += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let paths = bao.requested_paths();
+    let logins = paths.iter().filter(|p| *p == "auth/approle/login").count();
+    let renewals = paths.iter().filter(|p| *p == "auth/token/renew-self").count();
+    eprintln!("{resolved} resolves in 60 s: {logins} logins, {renewals} renewals");
+    assert!(renewals >= 1, "tokens were renewed: {logins} logins, {renewals} renewals");
+    assert!(logins >= 4, "a token lives at most 15 s, so 60 s need fresh logins: {logins}");
+    assert!(logins <= 8, "but not one per request: {logins}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vault_is_unavailable_per_item_naming_the_config_and_recovers_without_restarts() {
+    let mut bao = OpenBao::start();
+    let app = TestApp::spawn_with(Options {
+        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
+        ..Default::default()
+    })
+    .await;
+    setup(&app, &bao).await;
+    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
+        .await
+        .unwrap();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let items = || vec![vault_item("v", &config.id, "db_password"), text_item("t", "plain")];
+    assert_eq!(value(&service.resolve("finance", items()).await.unwrap()[0]), b"pw-from-vault");
+
+    bao.stop();
+    let out = service.resolve("finance", items()).await.expect("the batch is answered");
+    let (code, message) = item_error(&out[0]);
+    assert_eq!(code, Code::Unavailable);
+    assert!(message.contains("vault config \"prod\""), "{message}");
+    assert!(message.contains(&bao.addr), "names the host: {message}");
+    assert!(matches!(&out[1].result, Some(R::Text(t)) if t == "plain"), "the other items still resolve");
+
+    bao.restart();
+    bao.bao(&["kv", "put", "secret/production", "db_password=pw-after-restart"]);
+    let out = service.resolve("finance", items()).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-after-restart", "recovered without restarting any service");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_in_a_namespace_reads_that_namespace() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    bao.bao(&["namespace", "create", "team-a"]);
+    bao.bao(&["secrets", "enable", "-namespace=team-a", "-path=secret", "kv-v2"]);
+    bao.bao(&["kv", "put", "-namespace=team-a", "secret/production", "db_password=pw-of-team-a"]);
+    let s = pb::VaultConfigSpec {
+        namespace: "team-a".into(),
+        ..spec("team-a", &bao, "/v1/secret/data/production", token_creds(&bao.root_token))
+    };
+    let config = create(&app, OWNER, s).await.unwrap();
+    assert_eq!(config.namespace, "team-a");
+    let out = app
+        .as_service(Some(&format!("user:{MEMBER}")))
+        .resolve("finance", vec![vault_item("v", &config.id, "db_password")])
+        .await
+        .unwrap();
+    assert_eq!(value(&out[0]), b"pw-of-team-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_credentials_and_values_never_reach_answers_logs_files_or_metrics() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let canary_value = format!("canary-vault-value-{}", uuid::Uuid::new_v4().simple());
+    bao.bao(&["kv", "put", "secret/canary", &format!("password={canary_value}")]);
+    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
+    let token_config =
+        create(&app, OWNER, spec("tok", &bao, "/v1/secret/data/canary", token_creds(&bao.root_token))).await.unwrap();
+    let role_config =
+        create(&app, OWNER, spec("role", &bao, "/v1/secret/data/canary", app_role_creds(&role_id, &secret_id)))
+            .await
+            .unwrap();
+    let planted = [bao.root_token.clone(), secret_id.clone(), canary_value.clone()];
+
+    let mut answers = format!("{token_config:?} {role_config:?}");
+    for id in [&token_config.id, &role_config.id] {
+        let got = app.as_user(OWNER).vault.clone().get_vault_config(pb::GetVaultConfigRequest { id: id.clone() }).await;
+        answers.push_str(&format!("{got:?}"));
+        let keys = app.as_user(MEMBER).vault.clone().list_vault_keys(pb::ListVaultKeysRequest { id: id.clone() }).await;
+        answers.push_str(&format!("{keys:?}"));
+        let out = app
+            .as_service(Some(&format!("user:{MEMBER}")))
+            .resolve("finance", vec![vault_item("v", id, "password"), vault_item("w", id, "missing")])
+            .await
+            .unwrap();
+        assert_eq!(value(&out[0]), canary_value.as_bytes(), "the value does reach the platform service");
+        answers.push_str(&item_error(&out[1]).1);
+    }
+    let failed = create(&app, OWNER, spec("bad", &bao, "/v1/secret/canary", token_creds(&bao.root_token))).await;
+    answers.push_str(&format!("{failed:?}"));
+    let wrong =
+        create(&app, OWNER, spec("wrong", &bao, "/v1/secret/data/canary", app_role_creds(&role_id, "wrong-secret-id")))
+            .await
+            .unwrap();
+    let out = app
+        .as_service(Some(&format!("user:{MEMBER}")))
+        .resolve("finance", vec![vault_item("v", &wrong.id, "password")])
+        .await
+        .unwrap();
+    answers.push_str(&item_error(&out[0]).1);
+
+    let logs = logs::captured();
+    let mut metrics = String::new();
+    for service in ["gateway", "vault-config-service", "authz-service"] {
+        metrics.push_str(&http_get(&app.metrics_url(service)).await.1);
+    }
+    for c in &planted {
+        assert!(!answers.contains(c.as_str()), "an answer leaks {c}: {answers}");
+        assert!(!logs.contains(c.as_str()), "logs leak {c}");
+        assert!(!metrics.contains(c.as_str()), "metrics leak {c}");
+    }
+    for path in app.written_files() {
+        let bytes = std::fs::read(&path).unwrap();
+        for c in &planted {
+            assert!(!bytes.windows(c.len()).any(|w| w == c.as_bytes()), "{} holds {c} in clear", path.display());
+        }
+    }
+    assert!(
+        app.written_files().iter().any(|p| p.to_string_lossy().contains("vault-credentials")),
+        "credentials were stored"
+    );
+}
