@@ -2,7 +2,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin secret-service --bin authz-service --bin gateway
+RUN cargo build --release --locked --bin secret-service --bin authz-service --bin vault-config-service --bin gateway
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -10,6 +10,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /data secrets \
  && mkdir -p /data && chown secrets /data
-COPY --from=build /src/target/release/secret-service /src/target/release/authz-service /src/target/release/gateway /usr/local/bin/
+COPY --from=build /src/target/release/secret-service /src/target/release/authz-service \
+     /src/target/release/vault-config-service /src/target/release/gateway /usr/local/bin/
 USER secrets
 WORKDIR /data

@@ -33,6 +33,8 @@ struct Args {
     secret_service_port: u16,
     #[arg(long, env = "LOCAL_STACK_AUTHZ_SERVICE_PORT", default_value_t = 50053)]
     authz_service_port: u16,
+    #[arg(long, env = "LOCAL_STACK_VAULT_CONFIG_SERVICE_PORT", default_value_t = 50054)]
+    vault_config_service_port: u16,
     /// Export traces over OTLP/gRPC, e.g. http://127.0.0.1:4317.
     #[arg(long, env = "LOCAL_STACK_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -119,11 +121,27 @@ async fn main() -> anyhow::Result<()> {
         secrets.embedded.allow_in_cluster = true;
     }
 
+    let mut vault = vault_config_service::Config::load(None)?;
+    vault.listen_addr = addr(args.vault_config_service_port);
+    vault.internal_token = Some(internal.clone());
+    vault.authz_url = url(args.authz_service_port);
+    if std::env::var_os("VAULT_CONFIG_SERVICE_DATABASE_URL").is_none() && std::env::var_os("DATABASE_URL").is_none() {
+        vault.database_url = format!("sqlite://{}?mode=rwc", data_dir.join("vault-configs.db").display());
+    }
+    if std::env::var_os("VAULT_CONFIG_SERVICE_EMBEDDED__DATA_DIR").is_none() {
+        vault.embedded.data_dir = data_dir.join("vault-credentials");
+    }
+    if vault.backend.is_none() {
+        vault.backend = Some(secret_service::BackendKind::Embedded);
+        vault.embedded.allow_in_cluster = true;
+    }
+
     let mut gw: gateway::Config = config::load(None, gateway::ENV_PREFIX).map_err(anyhow::Error::msg)?;
     gw.listen_addr = addr(args.gateway_port);
     gw.internal_token = Some(internal);
     gw.secret_service_url = url(args.secret_service_port);
     gw.authz_service_url = url(args.authz_service_port);
+    gw.vault_config_service_url = url(args.vault_config_service_port);
     gw.tokens.push(gateway::TokenConfig {
         name: "admin".into(),
         kind: gateway::TokenKind::User,
@@ -139,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
 
     let authz = authz_service::Application::build(authz).await.context("authz-service")?;
     let secrets = secret_service::Application::build(secrets).await.context("secret-service")?;
+    let vault = vault_config_service::Application::build(vault).await.context("vault-config-service")?;
     let gw = gateway::Application::build(gw).await.context("gateway")?;
 
     let shown = args.data_dir.display();
@@ -146,7 +165,8 @@ async fn main() -> anyhow::Result<()> {
         "\nsecrets control plane is running; data in {shown} (kept across restarts)\n\n  \
          gateway         {gateway_addr}   <- call this one\n  \
          secret-service  {secret_addr}   (internal: accepts only the gateway)\n  \
-         authz-service   {authz_addr}   (internal: accepts only the gateway)\n\n\
+         authz-service   {authz_addr}   (internal: accepts only the gateway)\n  \
+         vault-config    {vault_addr}   (internal: accepts only the gateway)\n\n\
          metrics: {metrics}\n\n\
          tokens (created on first start):\n  \
          export ADMIN_TOKEN=$(cat {shown}/admin.token)              # user:admin, a platform admin\n  \
@@ -156,10 +176,12 @@ async fn main() -> anyhow::Result<()> {
         gateway_addr = addr(gw.port()),
         secret_addr = addr(secrets.port()),
         authz_addr = addr(authz.port()),
+        vault_addr = addr(vault.port()),
         metrics = [
             ("gateway", gw.metrics_port()),
             ("secret-service", secrets.metrics_port()),
-            ("authz-service", authz.metrics_port())
+            ("authz-service", authz.metrics_port()),
+            ("vault-config-service", vault.metrics_port())
         ]
         .iter()
         .filter_map(|(n, p)| p.map(|p| format!("{n} http://127.0.0.1:{p}/metrics")))
@@ -176,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::try_join!(
             authz.run_until_stopped(stopped(rx.clone())),
             secrets.run_until_stopped(stopped(rx.clone())),
+            vault.run_until_stopped(stopped(rx.clone())),
             gw.run_until_stopped(stopped(rx)),
         )
     });

@@ -11,7 +11,7 @@ use serde_yaml::Value;
 
 const COMPOSE: &str = include_str!("../../../docker-compose.yml");
 const DOCKERFILE: &str = include_str!("../../../Dockerfile");
-const OURS: [&str; 3] = ["authz-service", "secret-service", "gateway"];
+const OURS: [&str; 4] = ["authz-service", "secret-service", "vault-config-service", "gateway"];
 
 /// Replaces `${VAR}`, `${VAR:?msg}` and `${VAR:-default}` as compose does,
 /// with a plausible value for each variable.

@@ -71,6 +71,34 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
         stdout.contains("user:alice ∈ group:data-eng ∈ group:eng; group:eng holds USE on bundle finance-vault"),
         "the bundle check names the path: {stdout}"
     );
+
+    // The Vault walkthrough, in the same stack, with the variables the
+    // first block exported.
+    let vault = sh_block("### Vault integrations with grpcurl");
+    // The block stops its OpenBao itself; this stops it if the block fails first.
+    struct StopBao;
+    impl Drop for StopBao {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill").args(["-f", "dev-root-token-id=dev-only-root-token"]).status();
+        }
+    }
+    let _stop_bao = StopBao;
+    let script = format!(
+        "export ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{vault}"
+    );
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the README's Vault block failed:\n{stderr}\n{stdout}");
+    assert!(stdout.contains(r#""outcome": "CONNECTION_OK""#), "tested: {stdout}");
+    assert!(stdout.contains(r#""api_key""#) && stdout.contains(r#""db_password""#), "keys: {stdout}");
+    assert!(stdout.contains(r#""credentialsSet": true"#), "get: {stdout}");
+    assert!(!stdout.contains("dev-only-root-token"), "no answer shows the token: {stdout}");
+    assert!(stdout.contains(r#""value": "dmF1bHQtcHc=""#), "resolved vault-pw for alice: {stdout}");
 }
 
 #[test]
