@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod forward;
 pub mod resolver;
+pub mod selector;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -127,6 +128,7 @@ impl Application {
             internal_channel(&config.vault_config_service_url, timeout, forward::VAULT_CONFIG_SERVICE, &metrics)
                 .map_err(|e| anyhow::anyhow!("vault_config_service_url: {e}"))?;
 
+        let secrets_channel_for_selector = secrets_channel.clone();
         let forwarder = forward::Forwarder {
             secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), internal.clone()),
             authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), internal.clone()),
@@ -136,8 +138,15 @@ impl Application {
             kubernetes: resolver::KubernetesSource {
                 reader: SecretReaderClient::with_interceptor(secrets_channel, internal.clone()),
             },
-            vault: resolver::VaultSource { reader: VaultReaderClient::with_interceptor(vault_channel, internal) },
-            authz: AuthzClient::new(authz_channel, token).map_err(anyhow::Error::msg)?,
+            vault: resolver::VaultSource {
+                reader: VaultReaderClient::with_interceptor(vault_channel.clone(), internal.clone()),
+            },
+            authz: AuthzClient::new(authz_channel.clone(), token).map_err(anyhow::Error::msg)?,
+            selector: selector::Selector {
+                secrets: SecretServiceClient::with_interceptor(secrets_channel_for_selector, internal.clone()),
+                vault: VaultReaderClient::with_interceptor(vault_channel, internal),
+                authz: AuthzClient::new(authz_channel, token).map_err(anyhow::Error::msg)?,
+            },
         };
 
         let (router, health) =

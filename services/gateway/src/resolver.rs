@@ -61,6 +61,7 @@ pub struct Resolver {
     pub kubernetes: KubernetesSource,
     pub vault: VaultSource,
     pub authz: AuthzClient,
+    pub selector: crate::selector::Selector,
 }
 
 /// Where one key is looked up.
@@ -529,6 +530,18 @@ impl Gateway for Resolver {
         let response = self.resolve(&caller, request.into_inner()).await?;
         tracing::info!("resolved");
         Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListSelectableSecrets", caller, principal, domain = %request.get_ref().domain, count))]
+    async fn list_selectable_secrets(
+        &self,
+        request: Request<pb::ListSelectableSecretsRequest>,
+    ) -> Result<Response<pb::ListSelectableSecretsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let span = tracing::Span::current();
+        span.record("caller", caller.name.as_str());
+        span.record("principal", tracing::field::display(&caller.principal));
+        Ok(Response::new(self.selector.select(&caller.principal, &request.get_ref().domain).await?))
     }
 }
 

@@ -504,6 +504,42 @@ impl Configs {
     }
 }
 
+impl Configs {
+    /// The configs of a domain, id and name (the caller checks permissions).
+    pub async fn of_domain(&self, domain: &str) -> Result<Vec<(String, String)>> {
+        validate::domain("domain", domain)?;
+        let rows = self
+            .db(vault_config::Entity::find()
+                .filter(vault_config::Column::Domain.eq(domain))
+                .order_by_asc(vault_config::Column::Name)
+                .all(&self.db))
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.id, r.name)).collect())
+    }
+
+    /// The keys of each config (the caller has checked USE), read
+    /// concurrently: per config its keys or why they could not be read.
+    pub async fn keys_of(&self, ids: &[String]) -> Vec<internal::ConfigKeys> {
+        let reads = ids.iter().map(|id| async move {
+            let result = async {
+                let row = self.row(id).await?;
+                let fields = self.fields(&row).await.map_err(|f| Error::Vault(f.context(&label(&row))))?;
+                Ok::<_, Error>(fields.keys().cloned().collect::<Vec<_>>())
+            }
+            .await;
+            match result {
+                Ok(keys) => internal::ConfigKeys { config_id: id.clone(), keys, error: None },
+                Err(e) => internal::ConfigKeys {
+                    config_id: id.clone(),
+                    keys: Vec::new(),
+                    error: Some(secrets_common::error::to_rpc_status(&tonic::Status::from(e))),
+                },
+            }
+        });
+        futures::future::join_all(reads).await
+    }
+}
+
 fn method_name(c: &Credentials) -> &'static str {
     match c {
         Credentials::Token { .. } => "TOKEN",

@@ -156,4 +156,28 @@ impl VaultReader for VaultGrpc {
         let results = self.configs.read(&req.lookups, req.max_value_bytes).await?;
         Ok(Response::new(internal::ReadVaultSecretsResponse { results }))
     }
+
+    #[instrument(skip_all, fields(rpc = "ListDomainVaultConfigs", domain = %request.get_ref().domain))]
+    async fn list_domain_vault_configs(
+        &self,
+        request: Request<internal::ListDomainVaultConfigsRequest>,
+    ) -> Result<Response<internal::ListDomainVaultConfigsResponse>, Status> {
+        let configs = self
+            .configs
+            .of_domain(&request.get_ref().domain)
+            .await?
+            .into_iter()
+            .map(|(id, name)| internal::DomainVaultConfig { id, name })
+            .collect();
+        Ok(Response::new(internal::ListDomainVaultConfigsResponse { configs }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListKeysOfConfigs", configs = request.get_ref().config_ids.len() as i64))]
+    async fn list_keys_of_configs(
+        &self,
+        request: Request<internal::ListKeysOfConfigsRequest>,
+    ) -> Result<Response<internal::ListKeysOfConfigsResponse>, Status> {
+        let configs = self.configs.keys_of(&request.get_ref().config_ids).await;
+        Ok(Response::new(internal::ListKeysOfConfigsResponse { configs }))
+    }
 }

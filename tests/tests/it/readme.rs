@@ -99,6 +99,12 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     assert!(stdout.contains(r#""credentialsSet": true"#), "get: {stdout}");
     assert!(!stdout.contains("dev-only-root-token"), "no answer shows the token: {stdout}");
     assert!(stdout.contains(r#""value": "dmF1bHQtcHc=""#), "resolved vault-pw for alice: {stdout}");
+    assert_eq!(
+        stdout.matches(r#""label": "prod""#).count(),
+        2,
+        "the selector lists the config's two keys for alice and none for bob: {stdout}"
+    );
+    assert!(stdout.matches(r#""label": "global""#).count() >= 2, "both see the global keys: {stdout}");
 }
 
 #[test]

@@ -576,3 +576,91 @@ async fn vault_credentials_and_values_never_reach_answers_logs_files_or_metrics(
         "credentials were stored"
     );
 }
+
+async fn selectable(app: &TestApp, who: &str) -> Result<pb::ListSelectableSecretsResponse, tonic::Status> {
+    app.as_service(Some(&format!("user:{who}")))
+        .gateway
+        .clone()
+        .list_selectable_secrets(pb::ListSelectableSecretsRequest { domain: "finance".into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn entries(r: &pb::ListSelectableSecretsResponse) -> Vec<(String, String, i32)> {
+    r.secrets
+        .iter()
+        .map(|s| {
+            let o = s.secret_object.as_ref().unwrap();
+            (s.label.clone(), o.key.clone(), o.source.as_ref().unwrap().r#type)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_selector_lists_what_the_principal_may_pick_with_vault_keys_only_where_it_holds_use() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let admin = app.as_user(ADMIN);
+    admin.create("finance", "db_password", "domain-pw").await.unwrap();
+    admin.create_in(pb::Scope::Global, "", "db_password", "shadowed").await.unwrap();
+    admin.create_in(pb::Scope::Global, "", "smtp_password", "global-pw").await.unwrap();
+    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
+        .await
+        .unwrap();
+    let (k, v) = (pb::SourceType::Kubernetes as i32, pb::SourceType::Vault as i32);
+    let base = vec![
+        ("finance".to_string(), "db_password".to_string(), k),
+        ("global".to_string(), "smtp_password".to_string(), k),
+    ];
+    let with_vault = {
+        let mut all = base.clone();
+        all.push(("prod".into(), "api_key".into(), v));
+        all.push(("prod".into(), "db_password".into(), v));
+        all
+    };
+
+    // The owner of the domain and the bundle.
+    let owner = selectable(&app, OWNER).await.unwrap();
+    assert_eq!(entries(&owner), with_vault);
+    let vault_entry = owner.secrets.iter().find(|s| s.label == "prod").unwrap();
+    assert_eq!(vault_entry.secret_object.as_ref().unwrap().source.as_ref().unwrap().id, config.id, "ready to paste");
+    // lisa lists finance but holds no USE: no Vault keys.
+    assert_eq!(entries(&selectable(&app, LISTER).await.unwrap()), base);
+    // Once in a group that holds USE, she sees them.
+    let mut authz = admin.authz.clone();
+    authz.create_group(pb::CreateGroupRequest { name: "pickers".into(), description: String::new() }).await.unwrap();
+    authz
+        .add_group_member(pb::AddGroupMemberRequest { group: "pickers".into(), member: format!("user:{LISTER}") })
+        .await
+        .unwrap();
+    authz
+        .grant_bundle_permission(pb::GrantBundlePermissionRequest {
+            bundle: BUNDLE.into(),
+            subject: "group:pickers".into(),
+            permission: Permission::Use as i32,
+        })
+        .await
+        .unwrap();
+    assert_eq!(entries(&selectable(&app, LISTER).await.unwrap()), with_vault);
+    // nina holds USE but may not list the domain's secrets.
+    let err = selectable(&app, MEMBER).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("LIST_SECRETS"), "{}", err.message());
+
+    // An unreachable Vault is that source's error; the rest still returns.
+    let closed = format!("http://127.0.0.1:{}", procs::free_port());
+    let down = pb::VaultConfigSpec {
+        host: closed,
+        ..spec("down", &bao, "/v1/secret/data/production", token_creds(&bao.root_token))
+    };
+    create(&app, OWNER, down).await.unwrap();
+    let answer = selectable(&app, OWNER).await.unwrap();
+    assert_eq!(entries(&answer), with_vault);
+    assert_eq!(answer.errors.len(), 1);
+    assert_eq!(answer.errors[0].label, "down");
+    let error = answer.errors[0].error.as_ref().unwrap();
+    assert_eq!(Code::from_i32(error.code), Code::Unavailable);
+    assert!(error.message.contains("unreachable"), "{}", error.message);
+    assert!(!format!("{answer:?}").contains("pw"), "never a value");
+}

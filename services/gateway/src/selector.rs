@@ -1,0 +1,141 @@
+//! `ListSelectableSecrets`, the secret selector: what a principal may pick
+//! for a workload in a domain, each entry ready to paste as a secret
+//! object. Needs LIST_SECRETS in the domain; Vault configs appear only
+//! where the principal holds USE. Keys only, never values.
+
+use std::collections::BTreeSet;
+
+use secrets_common::{
+    Principal,
+    auth::{InternalChannel, act_as},
+    authz::{AuthzClient, Question},
+    error::{from_upstream, invalid_argument, to_rpc_status},
+    validate,
+};
+use secrets_proto::{
+    internal::v1::{self as internal, vault_reader_client::VaultReaderClient},
+    v1::{self as pb, Permission, secret_service_client::SecretServiceClient},
+};
+use tonic::{Request, Status};
+
+use crate::forward::{SECRET_SERVICE, VAULT_CONFIG_SERVICE};
+
+#[derive(Clone)]
+pub struct Selector {
+    pub secrets: SecretServiceClient<InternalChannel>,
+    pub vault: VaultReaderClient<InternalChannel>,
+    pub authz: AuthzClient,
+}
+
+fn object(key: String, kind: pb::SourceType, id: &str) -> pb::SecretObject {
+    pb::SecretObject { key, source: Some(pb::SecretSource { r#type: kind as i32, id: id.to_string() }) }
+}
+
+impl Selector {
+    async fn list_keys(&self, principal: &Principal, scope: pb::Scope, domain: &str) -> Result<Vec<String>, Status> {
+        let mut request = Request::new(pb::ListSecretsRequest { scope: scope as i32, domain: domain.to_string() });
+        act_as(&mut request, principal, None);
+        let listed = self.secrets.clone().list_secrets(request).await.map_err(|s| from_upstream(SECRET_SERVICE, s))?;
+        Ok(listed.into_inner().secrets.into_iter().map(|s| s.key).collect())
+    }
+
+    pub async fn select(
+        &self,
+        principal: &Principal,
+        domain: &str,
+    ) -> Result<pb::ListSelectableSecretsResponse, Status> {
+        validate::domain("domain", domain).map_err(invalid_argument)?;
+        let mut errors = Vec::new();
+        let vault_error = |label: &str, status: &Status| pb::SelectableSourceError {
+            source: Some(pb::SecretSource { r#type: pb::SourceType::Vault as i32, id: String::new() }),
+            label: label.to_string(),
+            error: Some(to_rpc_status(status)),
+        };
+        let configs = match self
+            .vault
+            .clone()
+            .list_domain_vault_configs(internal::ListDomainVaultConfigsRequest { domain: domain.to_string() })
+            .await
+        {
+            Ok(r) => r.into_inner().configs,
+            Err(s) => {
+                errors.push(vault_error(VAULT_CONFIG_SERVICE, &from_upstream(VAULT_CONFIG_SERVICE, s)));
+                Vec::new()
+            }
+        };
+        // One authz round trip: LIST_SECRETS in the domain, USE on each config.
+        let mut questions = vec![Question::domain(principal, Permission::ListSecrets, Some(domain))];
+        questions.extend(configs.iter().map(|c| Question::vault_config(principal, Permission::Use, &c.id)));
+        let answers = self.authz.batch_check(&questions).await?;
+        if !answers[0].allowed {
+            return Err(Status::permission_denied(format!(
+                "{principal} may not list the secrets of domain {domain:?}: {}",
+                answers[0].reason
+            )));
+        }
+        let usable: Vec<&internal::DomainVaultConfig> =
+            configs.iter().zip(&answers[1..]).filter(|(_, a)| a.allowed).map(|(c, _)| c).collect();
+
+        let vault_keys = async {
+            if usable.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ids = usable.iter().map(|c| c.id.clone()).collect();
+            self.vault
+                .clone()
+                .list_keys_of_configs(internal::ListKeysOfConfigsRequest { config_ids: ids })
+                .await
+                .map(|r| r.into_inner().configs)
+                .map_err(|s| from_upstream(VAULT_CONFIG_SERVICE, s))
+        };
+        let (domain_keys, global_keys, vault_keys) = tokio::join!(
+            self.list_keys(principal, pb::Scope::Domain, domain),
+            self.list_keys(principal, pb::Scope::Global, domain),
+            vault_keys
+        );
+        let domain_keys = domain_keys?;
+        let global_keys = global_keys?;
+        let shadowed: BTreeSet<&String> = domain_keys.iter().collect();
+        let mut secrets: Vec<pb::SelectableSecret> = Vec::new();
+        for key in global_keys.iter().filter(|k| !shadowed.contains(k)) {
+            secrets.push(pb::SelectableSecret {
+                secret_object: Some(object(key.clone(), pb::SourceType::Kubernetes, domain)),
+                label: "global".into(),
+            });
+        }
+        for key in &domain_keys {
+            secrets.push(pb::SelectableSecret {
+                secret_object: Some(object(key.clone(), pb::SourceType::Kubernetes, domain)),
+                label: domain.to_string(),
+            });
+        }
+        match vault_keys {
+            Err(s) => errors.push(vault_error(VAULT_CONFIG_SERVICE, &s)),
+            Ok(per_config) => {
+                for (config, keys) in usable.iter().zip(per_config) {
+                    match keys.error {
+                        Some(e) => errors.push(pb::SelectableSourceError {
+                            source: Some(pb::SecretSource {
+                                r#type: pb::SourceType::Vault as i32,
+                                id: config.id.clone(),
+                            }),
+                            label: config.name.clone(),
+                            error: Some(e),
+                        }),
+                        None => secrets.extend(keys.keys.into_iter().map(|key| pb::SelectableSecret {
+                            secret_object: Some(object(key, pb::SourceType::Vault, &config.id)),
+                            label: config.name.clone(),
+                        })),
+                    }
+                }
+            }
+        }
+        secrets.sort_by(|a, b| (a.label.as_str(), key_of(a)).cmp(&(b.label.as_str(), key_of(b))));
+        tracing::Span::current().record("count", secrets.len() as i64);
+        Ok(pb::ListSelectableSecretsResponse { secrets, errors })
+    }
+}
+
+fn key_of(s: &pb::SelectableSecret) -> &str {
+    s.secret_object.as_ref().map_or("", |o| o.key.as_str())
+}
