@@ -177,7 +177,8 @@ impl TestApp {
                 data_dir: app.dir.path().join("vault-credentials"),
                 allow_in_cluster: true,
             },
-            vault: vault_config_service::VaultSettings { timeout_ms: 2_000, ..options.vault.unwrap_or_default() },
+            // Under the 2 s bound between the services.
+            vault: vault_config_service::VaultSettings { timeout_ms: 1_000, ..options.vault.unwrap_or_default() },
             ..Default::default()
         };
         let vault = vault_config_service::Application::build_with_listener(vault_config, vault_l)

@@ -70,7 +70,10 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VaultSettings {
-    /// Bound on each request to a Vault server.
+    /// Bound on each request to a Vault server: keep it under the gateway's
+    /// `request_timeout_ms`, so a Vault that does not answer is reported as
+    /// such (TIMED_OUT, or UNAVAILABLE naming the config) rather than as the
+    /// gateway giving up on this service.
     pub timeout_ms: u64,
     /// How long values read from Vault are kept in memory (never on disk).
     pub cache_ttl_ms: u64,
@@ -80,7 +83,7 @@ pub struct VaultSettings {
 
 impl Default for VaultSettings {
     fn default() -> Self {
-        Self { timeout_ms: 5_000, cache_ttl_ms: 30_000, cache_max_entries: 10_000 }
+        Self { timeout_ms: 3_000, cache_ttl_ms: 30_000, cache_max_entries: 10_000 }
     }
 }
 

@@ -21,3 +21,4 @@ mod secrets;
 mod store_suite;
 mod traces;
 mod vault;
+mod vault_matrix;

@@ -664,3 +664,34 @@ async fn the_selector_lists_what_the_principal_may_pick_with_vault_keys_only_whe
     assert!(error.message.contains("unreachable"), "{}", error.message);
     assert!(!format!("{answer:?}").contains("pw"), "never a value");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_that_stops_answering_times_out_within_the_bound() {
+    let bao = OpenBao::start();
+    let proxy =
+        integration_tests::proxy::FreezableProxy::start(bao.addr.trim_start_matches("http://").to_string()).await;
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let through_proxy = pb::VaultConfigSpec {
+        host: format!("http://127.0.0.1:{}", proxy.port),
+        ..spec("slow", &bao, "/v1/secret/data/production", token_creds(&bao.root_token))
+    };
+    let config = create(&app, OWNER, through_proxy).await.unwrap();
+    let test = || {
+        let mut c = app.as_user(OWNER).vault.clone();
+        let id = config.id.clone();
+        async move {
+            c.test_vault_connection(pb::TestVaultConnectionRequest {
+                target: Some(pb::test_vault_connection_request::Target::Id(id)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    assert_eq!(test().await.outcome(), Outcome::ConnectionOk);
+    proxy.freeze();
+    let answer = test().await;
+    assert_eq!(answer.outcome(), Outcome::TimedOut, "{}", answer.message);
+    assert!(answer.message.contains("did not answer in time"), "{}", answer.message);
+}

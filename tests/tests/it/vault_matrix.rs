@@ -1,0 +1,217 @@
+//! Who may do what with a Vault config, through the gateway: every Vault
+//! config RPC, resolution of a VAULT object and the selector, for each
+//! persona, acting through a platform-service token; on SQLite and
+//! PostgreSQL, against a real OpenBao.
+
+use integration_tests::{on_both_databases, openbao::OpenBao, *};
+use secrets_proto::v1::{self as pb, Permission};
+use tonic::Code;
+
+on_both_databases!(every_vault_rpc_is_allowed_exactly_for_the_personas_that_hold_its_permission);
+
+const BUNDLE: &str = "finance-vault";
+
+/// (persona, what it holds on finance-vault).
+const PERSONAS: [&str; 10] = [
+    "admin",  // platform admin
+    "olivia", // owns domain finance, nothing on the bundle
+    "bgroup", // owns the bundle through group:owners
+    "gv",     // VIEW, granted to the user
+    "gu",     // UPDATE, through group:updaters
+    "nested", // USE, through group:inner ∈ group:users
+    "bowner", // owns another bundle
+    "lisa",   // LIST_SECRETS in finance
+    "nina",   // finance member, no permission
+    "eve",    // nothing at all
+];
+
+fn allowed(op: &str) -> &'static [&'static str] {
+    match op {
+        "create" => &["admin"],
+        "get" | "list" => &["admin", "bgroup", "gv"],
+        "update" | "test" | "delete" => &["admin", "bgroup", "gu"],
+        "keys" | "resolve" => &["admin", "bgroup", "nested"],
+        // LIST_SECRETS in finance and USE on the bundle.
+        "selector" => &["admin"],
+        _ => unreachable!("unknown operation {op}"),
+    }
+}
+
+fn token(t: &str) -> pb::VaultCredentials {
+    pb::VaultCredentials { method: Some(pb::vault_credentials::Method::Token(t.into())) }
+}
+
+async fn setup(app: &TestApp, bao: &OpenBao) -> String {
+    app.setup_domain("finance").await;
+    bao.bao(&["kv", "put", "secret/production", "db_password=pw"]);
+    let mut authz = app.as_user(ADMIN).authz.clone();
+    for (group, member) in
+        [("owners", "user:bgroup"), ("updaters", "user:gu"), ("inner", "user:nested"), ("users", "group:inner")]
+    {
+        let _ = authz.create_group(pb::CreateGroupRequest { name: group.into(), description: String::new() }).await;
+        authz.add_group_member(pb::AddGroupMemberRequest { group: group.into(), member: member.into() }).await.unwrap();
+    }
+    for (name, owner) in [(BUNDLE, "group:owners"), ("other-vault", "user:bowner")] {
+        authz
+            .create_bundle(pb::CreateBundleRequest {
+                name: name.into(),
+                description: String::new(),
+                owner: owner.into(),
+            })
+            .await
+            .unwrap();
+    }
+    for (subject, permission) in
+        [("user:gv", Permission::View), ("group:updaters", Permission::Update), ("group:users", Permission::Use)]
+    {
+        authz
+            .grant_bundle_permission(pb::GrantBundlePermissionRequest {
+                bundle: BUNDLE.into(),
+                subject: subject.into(),
+                permission: permission as i32,
+            })
+            .await
+            .unwrap();
+    }
+    create_config(app, bao, ADMIN, "prod").await.unwrap().id
+}
+
+fn spec(bao: &OpenBao, name: &str) -> pb::VaultConfigSpec {
+    pb::VaultConfigSpec {
+        name: name.into(),
+        host: bao.addr.clone(),
+        path: "/v1/secret/data/production".into(),
+        credentials: Some(token(&bao.root_token)),
+        ..Default::default()
+    }
+}
+
+async fn create_config(app: &TestApp, bao: &OpenBao, who: &str, name: &str) -> Result<pb::VaultConfig, tonic::Status> {
+    app.as_service(Some(&format!("user:{who}")))
+        .vault
+        .clone()
+        .create_vault_config(pb::CreateVaultConfigRequest {
+            domain: "finance".into(),
+            bundle: BUNDLE.into(),
+            spec: Some(spec(bao, name)),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Runs `op` as `c`; Ok(()) when allowed, the refusal otherwise.
+async fn attempt(
+    app: &TestApp,
+    bao: &OpenBao,
+    c: &Clients,
+    op: &str,
+    id: &str,
+    who: &str,
+) -> Result<(), tonic::Status> {
+    let mut vault = c.vault.clone();
+    let mut gateway = c.gateway.clone();
+    match op {
+        "create" => {
+            let request = pb::CreateVaultConfigRequest {
+                domain: "finance".into(),
+                bundle: BUNDLE.into(),
+                spec: Some(spec(bao, &format!("by-{who}"))),
+            };
+            vault.create_vault_config(request).await.map(drop)
+        }
+        "get" => vault.get_vault_config(pb::GetVaultConfigRequest { id: id.into() }).await.map(drop),
+        "list" => {
+            let listed = vault
+                .list_vault_configs(pb::ListVaultConfigsRequest { domain: "finance".into() })
+                .await?
+                .into_inner()
+                .configs;
+            if listed.iter().any(|c| c.id == id) { Ok(()) } else { Err(tonic::Status::permission_denied("not listed")) }
+        }
+        "update" => vault
+            .update_vault_config(pb::UpdateVaultConfigRequest {
+                id: id.into(),
+                namespace: Some(String::new()),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "test" => vault
+            .test_vault_connection(pb::TestVaultConnectionRequest {
+                target: Some(pb::test_vault_connection_request::Target::Id(id.into())),
+            })
+            .await
+            .map(drop),
+        "delete" => {
+            // Each allowed persona deletes a config of its own.
+            let own = create_config(app, bao, ADMIN, &format!("doomed-{who}")).await.unwrap();
+            let result = vault.delete_vault_config(pb::DeleteVaultConfigRequest { id: own.id.clone() }).await.map(drop);
+            if result.is_err() {
+                let mut admin = app.as_user(ADMIN).vault.clone();
+                admin.delete_vault_config(pb::DeleteVaultConfigRequest { id: own.id }).await.unwrap();
+            }
+            result
+        }
+        "keys" => vault.list_vault_keys(pb::ListVaultKeysRequest { id: id.into() }).await.map(drop),
+        "resolve" => {
+            let out = gateway
+                .resolve_secrets(pb::ResolveSecretsRequest {
+                    domain: "finance".into(),
+                    items: vec![vault_item("x", id, "db_password")],
+                })
+                .await?
+                .into_inner()
+                .items;
+            match &out[0].result {
+                Some(pb::resolved_item::Result::Value(v)) if v == b"pw" => Ok(()),
+                Some(pb::resolved_item::Result::Error(e)) => {
+                    Err(tonic::Status::new(Code::from_i32(e.code), e.message.clone()))
+                }
+                other => panic!("{who} resolve: {other:?}"),
+            }
+        }
+        "selector" => {
+            let listed = gateway
+                .list_selectable_secrets(pb::ListSelectableSecretsRequest { domain: "finance".into() })
+                .await?
+                .into_inner();
+            if listed.secrets.iter().any(|s| s.label == "prod") {
+                Ok(())
+            } else {
+                Err(tonic::Status::permission_denied("no vault keys listed"))
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+const OPS: [&str; 10] = ["create", "get", "list", "update", "test", "delete", "keys", "resolve", "selector", "list"];
+
+async fn every_vault_rpc_is_allowed_exactly_for_the_personas_that_hold_its_permission(app: TestApp) {
+    let bao = OpenBao::start();
+    let id = setup(&app, &bao).await;
+    let mut checked = 0;
+    for op in OPS {
+        for who in PERSONAS {
+            let clients = app.as_service(Some(&format!("user:{who}")));
+            let result = attempt(&app, &bao, &clients, op, &id, who).await;
+            let expected = allowed(op).contains(&who);
+            match (&result, expected) {
+                (Ok(()), true) => {}
+                (Err(e), false) => assert!(
+                    matches!(e.code(), Code::PermissionDenied),
+                    "{who} {op}: refused with the wrong code: {e:?}"
+                ),
+                (Ok(()), false) => panic!("{who} may {op}, but should not"),
+                (Err(e), true) => panic!("{who} should be allowed to {op}: {e:?}"),
+            }
+            checked += 1;
+        }
+        let anonymous = app.anonymous();
+        let err = attempt(&app, &bao, &anonymous, op, &id, "anonymous").await;
+        if op != "delete" {
+            assert_eq!(err.unwrap_err().code(), Code::Unauthenticated, "anonymous {op}");
+        }
+    }
+    assert_eq!(checked, OPS.len() * PERSONAS.len());
+}
