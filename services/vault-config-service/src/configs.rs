@@ -73,6 +73,7 @@ pub struct Configs {
     limits: Limits,
     connections: Cache<Version, Arc<Connection>>,
     values: Cache<Version, Arc<Fields>>,
+    metrics: secrets_common::observe::Metrics,
 }
 
 fn version(row: &vault_config::Model) -> Version {
@@ -91,10 +92,11 @@ impl Configs {
         authz: AuthzClient,
         registry: ResourceRegistryClient<InternalChannel>,
         limits: Limits,
+        metrics: secrets_common::observe::Metrics,
     ) -> Self {
         let values = Cache::builder().max_capacity(limits.cache_max_entries).time_to_live(limits.cache_ttl).build();
         let connections = Cache::builder().max_capacity(limits.cache_max_entries).build();
-        Self { db, store, prefix, authz, registry, limits, connections, values }
+        Self { db, store, prefix, authz, registry, limits, connections, values, metrics }
     }
 
     /// The store object holding a domain's Vault credentials.
@@ -441,8 +443,15 @@ impl Configs {
             Error::Vault(f) => f,
             other => VaultFailure { kind: crate::vault::FailureKind::Other, message: other.to_string() },
         })?;
+        let metrics = self.metrics.clone();
         self.values
-            .try_get_with(version(row), async move { connection.read().await.map(Arc::new) })
+            .try_get_with(version(row), async move {
+                // Counted as a backend call of "vault": what reached Vault.
+                let start = std::time::Instant::now();
+                let read = connection.read().await;
+                metrics.observe_backend("vault", "read", read.is_ok(), start.elapsed());
+                read.map(Arc::new)
+            })
             .await
             .map_err(|e| (*e).clone())
     }

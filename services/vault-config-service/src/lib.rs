@@ -186,7 +186,8 @@ impl Application {
             cache_max_entries: config.vault.cache_max_entries,
             database_timeout,
         };
-        let configs = configs::Configs::new(db, store, config.object_prefix.clone(), authz, registry, limits);
+        let configs =
+            configs::Configs::new(db, store, config.object_prefix.clone(), authz, registry, limits, metrics.clone());
         let grpc = grpc::VaultGrpc::new(configs);
         let auth = InternalAuth::new(token);
         let (router, health) = server::router(&metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;

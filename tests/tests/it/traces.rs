@@ -1,4 +1,4 @@
-//! One resolve is one trace: the three services run as their real binaries,
+//! One resolve is one trace: the four services run as their real binaries,
 //! each exporting over OTLP to a receiver in this test, and the span tree
 //! they send is checked hop by hop. The caller's traceparent is continued,
 //! and no value or token appears in any span or log line.
@@ -19,7 +19,10 @@ use opentelemetry_proto::tonic::{
     trace::v1::{Span, span::SpanKind},
 };
 use secrets_common::auth::{TokenHash, generate_token};
-use secrets_proto::v1::{self as pb, gateway_client::GatewayClient, secret_service_client::SecretServiceClient};
+use secrets_proto::v1::{
+    self as pb, authz_service_client::AuthzServiceClient, gateway_client::GatewayClient,
+    secret_service_client::SecretServiceClient, vault_config_service_client::VaultConfigServiceClient,
+};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 #[derive(Clone, Default)]
@@ -85,7 +88,10 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     // The services, as separate processes.
     let dir = tempfile::tempdir().unwrap();
     let (internal, admin, spark) = (generate_token(), generate_token(), generate_token());
-    let (gw, ss, az) = (free_port(), free_port(), free_port());
+    let (gw, ss, az, vc) = (free_port(), free_port(), free_port(), free_port());
+    let bao = integration_tests::openbao::OpenBao::start();
+    let vault_canary = format!("canary-vault-trace-{}", uuid::Uuid::new_v4().simple());
+    bao.bao(&["kv", "put", "secret/production", &format!("api_key={vault_canary}")]);
     let common = |prefix: &str| {
         vec![
             (format!("{prefix}INTERNAL_TOKEN"), internal.clone()),
@@ -121,6 +127,22 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
             ],
         ),
     );
+    let vault = Service::start(
+        "vault-config-service",
+        &with(
+            "VAULT_CONFIG_SERVICE_",
+            &[
+                ("VAULT_CONFIG_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{vc}")),
+                ("VAULT_CONFIG_SERVICE_AUTHZ_URL", format!("http://127.0.0.1:{az}")),
+                (
+                    "VAULT_CONFIG_SERVICE_DATABASE_URL",
+                    format!("sqlite://{}?mode=rwc", dir.path().join("vault.db").display()),
+                ),
+                ("VAULT_CONFIG_SERVICE_BACKEND", "embedded".to_string()),
+                ("VAULT_CONFIG_SERVICE_EMBEDDED__DATA_DIR", dir.path().join("vault-credentials").display().to_string()),
+            ],
+        ),
+    );
     let tokens = format!(
         r#"[{{name="admin",kind="user",subject="admin",sha256="{}"}},{{name="spark",kind="service",subject="spark",sha256="{}"}}]"#,
         TokenHash::of(&admin).to_hex(),
@@ -134,6 +156,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
                 ("GATEWAY_LISTEN_ADDR", format!("127.0.0.1:{gw}")),
                 ("GATEWAY_SECRET_SERVICE_URL", format!("http://127.0.0.1:{ss}")),
                 ("GATEWAY_AUTHZ_SERVICE_URL", format!("http://127.0.0.1:{az}")),
+                ("GATEWAY_VAULT_CONFIG_SERVICE_URL", format!("http://127.0.0.1:{vc}")),
                 ("GATEWAY_TOKENS", tokens),
             ],
         ),
@@ -146,6 +169,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         if secrets_common::server::probe(([127, 0, 0, 1], gw).into()).await.is_ok()
             && secrets_common::server::probe(([127, 0, 0, 1], ss).into()).await.is_ok()
             && secrets_common::server::probe(([127, 0, 0, 1], az).into()).await.is_ok()
+            && secrets_common::server::probe(([127, 0, 0, 1], vc).into()).await.is_ok()
         {
             ready = true;
             break;
@@ -164,6 +188,29 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     });
     create.metadata_mut().insert("authorization", format!("Bearer {admin}").parse().unwrap());
     SecretServiceClient::new(channel.clone()).create_secret(create).await.unwrap();
+    let mut bundle = Request::new(pb::CreateBundleRequest {
+        name: "traced".into(),
+        description: String::new(),
+        owner: "user:admin".into(),
+    });
+    bundle.metadata_mut().insert("authorization", format!("Bearer {admin}").parse().unwrap());
+    AuthzServiceClient::new(channel.clone()).create_bundle(bundle).await.unwrap();
+    let mut config = Request::new(pb::CreateVaultConfigRequest {
+        domain: "finance".into(),
+        bundle: "traced".into(),
+        spec: Some(pb::VaultConfigSpec {
+            name: "prod".into(),
+            host: bao.addr.clone(),
+            path: "/v1/secret/data/production".into(),
+            credentials: Some(pb::VaultCredentials {
+                method: Some(pb::vault_credentials::Method::Token(bao.root_token.clone())),
+            }),
+            ..Default::default()
+        }),
+    });
+    config.metadata_mut().insert("authorization", format!("Bearer {admin}").parse().unwrap());
+    let config_id =
+        VaultConfigServiceClient::new(channel.clone()).create_vault_config(config).await.unwrap().into_inner().id;
 
     // The caller's own trace.
     let trace_hex = format!("{:032x}", rand_u128());
@@ -173,6 +220,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         items: vec![
             integration_tests::text_item("envVars.DB", "pw=${secrets.db_password}"),
             integration_tests::object_item("envVars.OBJ", "finance", "db_password"),
+            integration_tests::vault_item("envVars.API_KEY", &config_id, "api_key"),
         ],
     });
     let md = resolve.metadata_mut();
@@ -181,9 +229,10 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     md.insert("traceparent", format!("00-{trace_hex}-{caller_span_hex}-01").parse().unwrap());
     let out = GatewayClient::new(channel).resolve_secrets(resolve).await.unwrap().into_inner();
     assert!(matches!(&out.items[0].result, Some(pb::resolved_item::Result::Text(t)) if t.contains(&canary)));
+    assert_eq!(out.items[2].result, Some(pb::resolved_item::Result::Value(vault_canary.clone().into_bytes())));
 
     // Stopping flushes every exporter.
-    let logs: Vec<(&str, String)> = [gateway, secrets, authz].into_iter().map(|s| (s.name, s.stop())).collect();
+    let logs: Vec<(&str, String)> = [gateway, secrets, authz, vault].into_iter().map(|s| (s.name, s.stop())).collect();
 
     let received = receiver.spans.lock().unwrap().clone();
     for (service, version) in receiver.resources.lock().unwrap().iter() {
@@ -228,6 +277,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     for (client_name, server_service) in [
         ("iomete.secrets.v1.AuthzService/BatchCheck", "authz-service"),
         ("iomete.secrets.internal.v1.SecretReader/ReadSecrets", "secret-service"),
+        ("iomete.secrets.internal.v1.VaultReader/ReadVaultSecrets", "vault-config-service"),
     ] {
         let client = one(client_name, SpanKind::Client);
         assert_eq!(client.0, "gateway");
@@ -243,7 +293,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         );
     }
     let server_spans = trace.iter().filter(|(_, s)| s.kind == SpanKind::Server as i32).count();
-    assert_eq!(server_spans, 3, "one server span per hop");
+    assert_eq!(server_spans, 4, "one server span per hop");
     for (service, span) in &trace {
         assert!(
             span.parent_span_id == caller_span || by_id.contains_key(span.parent_span_id.as_slice()),
@@ -256,16 +306,18 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         .find(|(_, s)| attr(s, "rpc") == Some(&AnyValue::StringValue("ResolveSecrets".into())))
         .expect("resolve handler span");
     assert_eq!(attr(&handler.1, "domain"), Some(&AnyValue::StringValue("finance".into())));
-    assert_eq!(attr(&handler.1, "items"), Some(&AnyValue::IntValue(2)));
+    assert_eq!(attr(&handler.1, "items"), Some(&AnyValue::IntValue(3)));
 
     // Nothing secret in any span received, from any trace.
     let everything = format!("{received:?}");
-    for needle in [&canary, &internal, &admin, &spark] {
+    for needle in [&canary, &vault_canary, &bao.root_token, &internal, &admin, &spark] {
         assert!(!everything.contains(needle.as_str()), "a span carries a value or token");
     }
     // Log lines are JSON; the gateway's lines for the resolve carry its trace id.
     for (service, text) in &logs {
         assert!(!text.contains(&canary), "{service} logged a value");
+        assert!(!text.contains(&vault_canary), "{service} logged a Vault value");
+        assert!(!text.contains(&bao.root_token), "{service} logged a Vault token");
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             serde_json::from_str::<serde_json::Value>(line)
                 .unwrap_or_else(|e| panic!("{service}: not JSON ({e}): {line}"));

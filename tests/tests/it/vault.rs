@@ -560,6 +560,10 @@ async fn vault_credentials_and_values_never_reach_answers_logs_files_or_metrics(
     for service in ["gateway", "vault-config-service", "authz-service"] {
         metrics.push_str(&http_get(&app.metrics_url(service)).await.1);
     }
+    assert!(
+        metrics.contains(r#"secrets_backend_calls_total{backend="vault",operation="read"}"#),
+        "Vault reads are counted: {metrics}"
+    );
     for c in &planted {
         assert!(!answers.contains(c.as_str()), "an answer leaks {c}: {answers}");
         assert!(!logs.contains(c.as_str()), "logs leak {c}");
