@@ -1,4 +1,7 @@
-//! Code shared by the services of the secrets control plane.
+//! The server runtime shared by the services of the secrets control plane:
+//! internal authentication, the authz client, configuration, error
+//! conventions, observability, telemetry and the server wiring. The rules
+//! and types without I/O live in `secrets-types`, re-exported here.
 
 pub mod auth;
 pub mod authz;
@@ -6,12 +9,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod observe;
-pub mod placeholder;
-pub mod principal;
 pub mod server;
 pub mod telemetry;
-pub mod validate;
-pub mod value;
 
-pub use principal::Principal;
-pub use value::SecretValue;
+// The rules and types without I/O, re-exported so services name one crate.
+pub use secrets_types::{Principal, SecretValue, placeholder, principal, validate, value};
