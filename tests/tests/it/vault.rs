@@ -53,6 +53,16 @@ async fn create(app: &TestApp, who: &str, spec: pb::VaultConfigSpec) -> Result<p
     app.as_user(who).vault.clone().create_vault_config(request).await.map(|r| r.into_inner())
 }
 
+/// Tests an unsaved config of finance as its owner.
+async fn test_unsaved(app: &TestApp, spec: pb::VaultConfigSpec) -> pb::TestVaultConnectionResponse {
+    let target = pb::test_vault_connection_request::Target::Unsaved(pb::UnsavedVaultConfig {
+        domain: "finance".into(),
+        spec: Some(spec),
+    });
+    let request = pb::TestVaultConnectionRequest { target: Some(target) };
+    app.as_user(OWNER).vault.clone().test_vault_connection(request).await.unwrap().into_inner()
+}
+
 fn value(item: &pb::ResolvedItem) -> &[u8] {
     match &item.result {
         Some(R::Value(v)) => v,
@@ -233,20 +243,7 @@ async fn test_connection_classifies_each_failure_with_vaults_message() {
     bao.bao(&["namespace", "create", "team-a"]);
     let weak = bao.field(&["token", "create", "-policy=default"], "token");
     let closed = format!("http://127.0.0.1:{}", procs::free_port());
-    let test = |s: pb::VaultConfigSpec| {
-        let mut c = app.as_user(OWNER).vault.clone();
-        async move {
-            c.test_vault_connection(pb::TestVaultConnectionRequest {
-                target: Some(pb::test_vault_connection_request::Target::Unsaved(pb::UnsavedVaultConfig {
-                    domain: "finance".into(),
-                    spec: Some(s),
-                })),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        }
-    };
+    let test = |s: pb::VaultConfigSpec| test_unsaved(&app, s);
     let root = || token_creds(&bao.root_token);
     let cases = vec![
         ("ok", spec("a", &bao, "/v1/secret/data/production", root()), Outcome::ConnectionOk, "2 keys"),
@@ -307,20 +304,7 @@ async fn a_private_ca_is_trusted_only_when_given_and_a_sealed_vault_says_sealed(
     setup(&app, &bao).await;
     let with_ca = spec("tls", &bao, "/v1/secret/data/production", token_creds(&bao.root_token));
     let without_ca = pb::VaultConfigSpec { ca_certificate: String::new(), ..with_ca.clone() };
-    let test = |s: pb::VaultConfigSpec| {
-        let mut c = app.as_user(OWNER).vault.clone();
-        async move {
-            c.test_vault_connection(pb::TestVaultConnectionRequest {
-                target: Some(pb::test_vault_connection_request::Target::Unsaved(pb::UnsavedVaultConfig {
-                    domain: "finance".into(),
-                    spec: Some(s),
-                })),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        }
-    };
+    let test = |s: pb::VaultConfigSpec| test_unsaved(&app, s);
     let ok = test(with_ca.clone()).await;
     assert_eq!(ok.outcome(), Outcome::ConnectionOk, "{}", ok.message);
     let untrusted = test(without_ca).await;
