@@ -111,6 +111,10 @@ impl Configs {
                 backend,
                 message: format!("did not answer within {} ms", self.limits.database_timeout.as_millis()),
             }),
+            // Two writers raced for one name: the unique index decided.
+            Ok(Err(e)) if matches!(e.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_))) => {
+                Err(Error::AlreadyExists("the domain has a vault config with that name already".into()))
+            }
             Ok(Err(e)) => {
                 tracing::error!(backend, error = %e, "database call failed");
                 Err(Error::Database { backend, message: "a query failed".into() })

@@ -683,3 +683,92 @@ async fn a_vault_that_stops_answering_times_out_within_the_bound() {
     assert_eq!(answer.outcome(), Outcome::TimedOut, "{}", answer.message);
     assert!(answer.message.contains("did not answer in time"), "{}", answer.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_name_leave_one_config_and_nothing_behind() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let creates = (0..5).map(|_| {
+        let s = spec("dup", &bao, "/v1/secret/data/production", token_creds(&bao.root_token));
+        let mut client = app.as_user(OWNER).vault.clone();
+        async move {
+            client
+                .create_vault_config(pb::CreateVaultConfigRequest {
+                    domain: "finance".into(),
+                    bundle: BUNDLE.into(),
+                    spec: Some(s),
+                })
+                .await
+        }
+    });
+    let results = futures::future::join_all(creates).await;
+    let created: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(created.len(), 1, "{results:?}");
+    for err in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    }
+    let bundle = app
+        .as_user(ADMIN)
+        .authz
+        .clone()
+        .get_bundle(pb::GetBundleRequest { name: BUNDLE.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bundle.resources.len(), 1, "the losers' placements were removed: {:?}", bundle.resources);
+    assert_eq!(bundle.resources[0].id, created[0].get_ref().id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolution_classifies_each_vault_failure_on_its_item() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn_with(Options {
+        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
+        ..Default::default()
+    })
+    .await;
+    setup(&app, &bao).await;
+    bao.bao(&["secrets", "enable", "-version=1", "-path=kv1", "kv"]);
+    bao.bao(&["kv", "put", "kv1/app", "db_password=v1"]);
+    let root = || token_creds(&bao.root_token);
+    let specs = [
+        ("bad-token", spec("bad-token", &bao, "/v1/secret/data/production", token_creds("not-a-token"))),
+        ("kv-v1", spec("kv-v1", &bao, "/v1/kv1/data/app", root())),
+        ("missing", spec("missing", &bao, "/v1/secret/data/nothing-here", root())),
+        (
+            "namespace",
+            pb::VaultConfigSpec {
+                namespace: "no-such-team".into(),
+                ..spec("namespace", &bao, "/v1/secret/data/production", root())
+            },
+        ),
+        ("sealed", spec("sealed", &bao, "/v1/secret/data/production", root())),
+    ];
+    let mut ids = Vec::new();
+    for (name, s) in specs {
+        ids.push((name, create(&app, OWNER, s).await.unwrap().id));
+    }
+    let items = || ids.iter().map(|(name, id)| vault_item(name, id, "db_password")).collect::<Vec<_>>();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let out = service.resolve("finance", items()).await.unwrap();
+    let expected = [
+        ("bad-token", Code::FailedPrecondition, "refused the credentials"),
+        ("kv-v1", Code::FailedPrecondition, "KV version 1"),
+        ("missing", Code::NotFound, "does not exist"),
+        ("namespace", Code::FailedPrecondition, "namespace does not exist"),
+    ];
+    for (item, (name, code, said)) in out.iter().zip(expected) {
+        let (got, message) = item_error(item);
+        assert_eq!(got, code, "{name}: {message}");
+        assert!(message.contains(said), "{name}: {message}");
+        assert!(message.contains(&format!("vault config \"{name}\"")), "names the config: {message}");
+    }
+    assert_eq!(value(&out[4]), b"pw-from-vault");
+
+    bao.bao(&["operator", "seal"]);
+    let out = service.resolve("finance", items()).await.unwrap();
+    let (code, message) = item_error(&out[4]);
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(message.contains("sealed"), "sealed says sealed: {message}");
+}

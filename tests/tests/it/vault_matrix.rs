@@ -11,30 +11,45 @@ on_both_databases!(every_vault_rpc_is_allowed_exactly_for_the_personas_that_hold
 
 const BUNDLE: &str = "finance-vault";
 
-/// (persona, what it holds on finance-vault).
-const PERSONAS: [&str; 10] = [
+/// The personas and what they hold on finance-vault. `view-direct` holds
+/// VIEW granted to the user, `view-group` through group:view-holders,
+/// `view-nested` through group:view-inner ∈ group:view-holders-outer; the
+/// same for UPDATE and USE.
+const PERSONAS: [&str; 16] = [
     "admin",  // platform admin
     "olivia", // owns domain finance, nothing on the bundle
     "bgroup", // owns the bundle through group:owners
-    "gv",     // VIEW, granted to the user
-    "gu",     // UPDATE, through group:updaters
-    "nested", // USE, through group:inner ∈ group:users
+    "view-direct",
+    "view-group",
+    "view-nested",
+    "update-direct",
+    "update-group",
+    "update-nested",
+    "use-direct",
+    "use-group",
+    "use-nested",
     "bowner", // owns another bundle
     "lisa",   // LIST_SECRETS in finance
     "nina",   // finance member, no permission
     "eve",    // nothing at all
 ];
 
-fn allowed(op: &str) -> &'static [&'static str] {
+fn holders(permission: &str) -> [String; 3] {
+    ["direct", "group", "nested"].map(|how| format!("{permission}-{how}"))
+}
+
+fn allowed(op: &str) -> Vec<String> {
+    let mut who: Vec<String> = vec!["admin".into(), "bgroup".into()];
     match op {
-        "create" => &["admin"],
-        "get" | "list" => &["admin", "bgroup", "gv"],
-        "update" | "test" | "delete" => &["admin", "bgroup", "gu"],
-        "keys" | "resolve" => &["admin", "bgroup", "nested"],
+        "create" => return vec!["admin".into()],
+        "get" | "list" => who.extend(holders("view")),
+        "update" | "test" | "delete" => who.extend(holders("update")),
+        "keys" | "resolve" => who.extend(holders("use")),
         // LIST_SECRETS in finance and USE on the bundle.
-        "selector" => &["admin"],
+        "selector" => return vec!["admin".into()],
         _ => unreachable!("unknown operation {op}"),
     }
+    who
 }
 
 fn token(t: &str) -> pb::VaultCredentials {
@@ -45,11 +60,15 @@ async fn setup(app: &TestApp, bao: &OpenBao) -> String {
     app.setup_domain("finance").await;
     bao.bao(&["kv", "put", "secret/production", "db_password=pw"]);
     let mut authz = app.as_user(ADMIN).authz.clone();
-    for (group, member) in
-        [("owners", "user:bgroup"), ("updaters", "user:gu"), ("inner", "user:nested"), ("users", "group:inner")]
-    {
-        let _ = authz.create_group(pb::CreateGroupRequest { name: group.into(), description: String::new() }).await;
-        authz.add_group_member(pb::AddGroupMemberRequest { group: group.into(), member: member.into() }).await.unwrap();
+    let mut memberships = vec![("owners".to_string(), "user:bgroup".to_string())];
+    for p in ["view", "update", "use"] {
+        memberships.push((format!("{p}-holders"), format!("user:{p}-group")));
+        memberships.push((format!("{p}-inner"), format!("user:{p}-nested")));
+        memberships.push((format!("{p}-holders-outer"), format!("group:{p}-inner")));
+    }
+    for (group, member) in memberships {
+        let _ = authz.create_group(pb::CreateGroupRequest { name: group.clone(), description: String::new() }).await;
+        authz.add_group_member(pb::AddGroupMemberRequest { group, member }).await.unwrap();
     }
     for (name, owner) in [(BUNDLE, "group:owners"), ("other-vault", "user:bowner")] {
         authz
@@ -61,17 +80,17 @@ async fn setup(app: &TestApp, bao: &OpenBao) -> String {
             .await
             .unwrap();
     }
-    for (subject, permission) in
-        [("user:gv", Permission::View), ("group:updaters", Permission::Update), ("group:users", Permission::Use)]
-    {
-        authz
-            .grant_bundle_permission(pb::GrantBundlePermissionRequest {
-                bundle: BUNDLE.into(),
-                subject: subject.into(),
-                permission: permission as i32,
-            })
-            .await
-            .unwrap();
+    for (p, permission) in [("view", Permission::View), ("update", Permission::Update), ("use", Permission::Use)] {
+        for subject in [format!("user:{p}-direct"), format!("group:{p}-holders"), format!("group:{p}-holders-outer")] {
+            authz
+                .grant_bundle_permission(pb::GrantBundlePermissionRequest {
+                    bundle: BUNDLE.into(),
+                    subject,
+                    permission: permission as i32,
+                })
+                .await
+                .unwrap();
+        }
     }
     create_config(app, bao, ADMIN, "prod").await.unwrap().id
 }
@@ -195,7 +214,7 @@ async fn every_vault_rpc_is_allowed_exactly_for_the_personas_that_hold_its_permi
         for who in PERSONAS {
             let clients = app.as_service(Some(&format!("user:{who}")));
             let result = attempt(&app, &bao, &clients, op, &id, who).await;
-            let expected = allowed(op).contains(&who);
+            let expected = allowed(op).iter().any(|a| a == who);
             match (&result, expected) {
                 (Ok(()), true) => {}
                 (Err(e), false) => assert!(
