@@ -85,7 +85,7 @@ async fn main() {
     let mut l = latencies.lock().unwrap().clone();
     l.sort();
 
-    println!("stack start-up (3 services, SQLite migrations, store key): {:.1} ms", startup.as_secs_f64() * 1000.0);
+    println!("stack start-up (4 services, SQLite migrations, store keys): {:.1} ms", startup.as_secs_f64() * 1000.0);
     println!("ResolveSecrets: {calls} calls x {items} items, {concurrency} concurrent callers");
     println!(
         "  throughput: {:.0} calls/s ({:.0} items/s)",
