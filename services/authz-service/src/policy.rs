@@ -906,22 +906,11 @@ impl Policy {
     /// resources never move.
     pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
         self.bounded(async {
-            let txn = self.db.begin().await?;
-            if let Some(existing) =
-                bundle_resource::Entity::find_by_id((kind.name().to_string(), id.to_string())).one(&txn).await?
-            {
-                if existing.bundle == bundle {
-                    return Ok(());
-                }
-                return Err(Error::FailedPrecondition(format!(
-                    "{} {id} belongs to bundle {}; a resource's bundle is fixed when it is created and never changes: create a new one in bundle {bundle}",
-                    kind.name(),
-                    existing.bundle
-                )));
-            }
-            if bundle::Entity::find_by_id(bundle.to_string()).one(&txn).await?.is_none() {
+            if bundle::Entity::find_by_id(bundle.to_string()).one(&self.db).await?.is_none() {
                 return Err(Error::NotFound(format!("bundle {bundle} does not exist")));
             }
+            // One statement decides, however many registrations race (no
+            // read-then-write transaction for SQLite to refuse as busy).
             let row = bundle_resource::ActiveModel {
                 resource_type: Set(kind.name().to_string()),
                 resource_id: Set(id.to_string()),
@@ -929,8 +918,31 @@ impl Policy {
                 domain: Set(domain.to_string()),
                 created_at: Set(Utc::now()),
             };
-            bundle_resource::Entity::insert(row).exec_without_returning(&txn).await?;
-            txn.commit().await?;
+            let inserted = bundle_resource::Entity::insert(row)
+                .on_conflict(
+                    OnConflict::columns([bundle_resource::Column::ResourceType, bundle_resource::Column::ResourceId])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&self.db)
+                .await;
+            match inserted {
+                Err(e) if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) => {
+                    return Err(Error::NotFound(format!("bundle {bundle} does not exist")));
+                }
+                other => other?,
+            };
+            let existing = bundle_resource::Entity::find_by_id((kind.name().to_string(), id.to_string()))
+                .one(&self.db)
+                .await?
+                .ok_or_else(|| Error::Internal("a registered resource vanished".into()))?;
+            if existing.bundle != bundle {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} {id} belongs to bundle {}; a resource's bundle is fixed when it is created and never changes: create a new one in bundle {bundle}",
+                    kind.name(),
+                    existing.bundle
+                )));
+            }
             Ok(())
         })
         .await

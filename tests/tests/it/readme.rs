@@ -28,26 +28,37 @@ impl Drop for Stack {
 #[test]
 fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     let dir = tempfile::tempdir().unwrap();
-    // The quick start's first command, from its own directory, default ports.
-    let mut stack = Stack(
-        Command::new(binary("local-stack"))
-            .current_dir(dir.path())
-            .env_remove("DATABASE_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start local-stack"),
-    );
+    // The quick start's first command, from its own directory, default
+    // ports. Those ports lie in the kernel's ephemeral range, so another
+    // test's connection may hold one for a moment: start again if so.
+    let start = || {
+        Stack(
+            Command::new(binary("local-stack"))
+                .current_dir(dir.path())
+                .env_remove("DATABASE_URL")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("local-stack.log")).expect("log file"))
+                .spawn()
+                .expect("start local-stack"),
+        )
+    };
+    let mut stack = start();
     let mut started = false;
-    for _ in 0..100 {
+    let mut attempts = 1;
+    for _ in 0..200 {
         if std::net::TcpStream::connect("127.0.0.1:50051").is_ok()
+            && std::net::TcpStream::connect("127.0.0.1:50054").is_ok()
             && dir.path().join(".local-stack/admin.token").exists()
         {
             started = true;
             break;
         }
         if let Ok(Some(status)) = stack.0.try_wait() {
-            panic!("local-stack exited with {status}: are ports 50051-50053 and 9101-9103 free?");
+            let why = std::fs::read_to_string(dir.path().join("local-stack.log")).unwrap_or_default();
+            assert!(attempts < 10, "local-stack exited with {status} {attempts} times: {why}");
+            attempts += 1;
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            stack = start();
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
