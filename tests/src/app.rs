@@ -29,8 +29,11 @@ pub const MEMBER: &str = "nina"; // member with no permission
 pub const OUTSIDER: &str = "oscar"; // member of another domain with both permissions
 pub const STRANGER: &str = "eve"; // no grants at all
 pub const USERS: [&str; 7] = [ADMIN, OWNER, LISTER, MANAGER, MEMBER, OUTSIDER, STRANGER];
-/// A platform service's token name.
+/// A platform service's token name: allowed every RPC group, for anyone.
 pub const SPARK: &str = "spark";
+/// A platform service's token with the defaults: resolve and workloads,
+/// acting for users that are not platform admins.
+pub const JUPYTER: &str = "jupyter";
 /// The domain `OUTSIDER` belongs to.
 pub const OTHER_DOMAIN: &str = "other";
 
@@ -111,15 +114,26 @@ impl TestApp {
 
         let mut tokens = HashMap::new();
         let mut token_configs = Vec::new();
-        for (name, kind) in
-            USERS.iter().map(|u| (*u, gateway::TokenKind::User)).chain([(SPARK, gateway::TokenKind::Service)])
+        for (name, kind) in USERS
+            .iter()
+            .map(|u| (*u, gateway::TokenKind::User))
+            .chain([(SPARK, gateway::TokenKind::Service), (JUPYTER, gateway::TokenKind::Service)])
         {
             let token = generate_token();
+            // SPARK may do everything for anyone (the tests act for every
+            // persona through it); JUPYTER has a service token's defaults.
+            let everything = name == SPARK;
             token_configs.push(gateway::TokenConfig {
                 name: name.into(),
                 kind,
                 subject: name.into(),
                 sha256: TokenHash::of(&token).to_hex(),
+                allow: everything.then(|| {
+                    use gateway::RpcGroup::*;
+                    vec![Resolve, Workloads, ManageSecrets, ManageAccess, Admin]
+                }),
+                act_for: everything.then(|| vec!["*".to_string()]),
+                act_for_admins: everything,
             });
             tokens.insert(name.to_string(), token);
         }

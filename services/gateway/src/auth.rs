@@ -23,6 +23,78 @@ pub struct TokenConfig {
     pub subject: String,
     /// Hex SHA-256 of the token (`gateway hash-token` prints it).
     pub sha256: String,
+    /// Service tokens: the RPC groups it may call. Unset: `resolve` and
+    /// `workloads` only. (User tokens call anything; their own permissions
+    /// decide.)
+    #[serde(default)]
+    pub allow: Option<Vec<RpcGroup>>,
+    /// Service tokens: whom it may act for (`x-on-behalf-of`): subjects or
+    /// `user:*` / `service:*` / `*`. Unset: `user:*`. Acting as itself is
+    /// always allowed.
+    #[serde(default)]
+    pub act_for: Option<Vec<String>>,
+    /// Service tokens: whether it may act for a platform admin. Unset: no.
+    #[serde(default)]
+    pub act_for_admins: bool,
+}
+
+/// What a service token may call, by group of RPCs.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum RpcGroup {
+    /// `ResolveSecrets`.
+    Resolve,
+    /// Reading what a workload may use: the secret selector, `Check`, `BatchCheck`.
+    Workloads,
+    /// `SecretService` and `VaultConfigService`.
+    ManageSecrets,
+    /// Domain members and permissions, groups, bundles and their grants.
+    ManageAccess,
+    /// Platform admins.
+    Admin,
+}
+
+impl RpcGroup {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Resolve => "resolve",
+            Self::Workloads => "workloads",
+            Self::ManageSecrets => "manage_secrets",
+            Self::ManageAccess => "manage_access",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// A subject pattern of `act_for`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pattern {
+    Any,
+    Kind(String),
+    Exact(Principal),
+}
+
+impl Pattern {
+    fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
+        match text {
+            "*" => Ok(Self::Any),
+            "user:*" | "service:*" => Ok(Self::Kind(text.trim_end_matches(":*").to_string())),
+            _ => Principal::parse(field, text).map(Self::Exact).map_err(|_| {
+                FieldViolation::new(
+                    field,
+                    format!("{text:?} is not a pattern: use user:NAME, service:NAME, user:*, service:* or *"),
+                )
+            }),
+        }
+    }
+
+    fn matches(&self, p: &Principal) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Kind(kind) => p.kind.as_str() == kind,
+            Self::Exact(e) => e == p,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -43,6 +115,11 @@ pub struct Caller {
     pub kind: TokenKind,
     /// Whom the call acts for.
     pub principal: Principal,
+    /// The RPC groups the token may call; `None`: all (user tokens).
+    pub groups: Option<Arc<BTreeSet<RpcGroup>>>,
+    /// A service token acting for someone else that may not act for a
+    /// platform admin: the gateway checks the principal is none.
+    pub must_not_be_admin: bool,
 }
 
 impl Caller {
@@ -53,6 +130,27 @@ impl Caller {
             .cloned()
             .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
     }
+
+    /// PERMISSION_DENIED unless the token may call `group`'s RPCs.
+    pub fn require(&self, group: RpcGroup, rpc: &str) -> Result<(), Status> {
+        match &self.groups {
+            Some(groups) if !groups.contains(&group) => Err(Status::permission_denied(format!(
+                "token {:?} may not call {rpc}: it is in group {} and the token allows {}",
+                self.name,
+                group.name(),
+                groups.iter().map(|g| g.name()).collect::<Vec<_>>().join(", ")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The refusal for a principal that turned out to be a platform admin.
+    pub fn admin_refusal(&self) -> Status {
+        Status::permission_denied(format!(
+            "token {:?} may not act for {}, a platform admin (set act_for_admins for this token to allow it)",
+            self.name, self.principal
+        ))
+    }
 }
 
 struct Entry {
@@ -60,6 +158,9 @@ struct Entry {
     kind: TokenKind,
     subject: String,
     hash: TokenHash,
+    groups: Option<Arc<BTreeSet<RpcGroup>>>,
+    act_for: Vec<Pattern>,
+    act_for_admins: bool,
 }
 
 #[derive(Clone)]
@@ -83,7 +184,28 @@ impl Authenticator {
             };
             Principal::parse(&field("subject"), &principal.to_string())?;
             let hash = TokenHash::from_hex(&t.sha256).map_err(|e| FieldViolation::new(field("sha256"), e))?;
-            entries.push(Entry { name: t.name.clone(), kind: t.kind, subject: t.subject.clone(), hash });
+            let (groups, act_for) = match t.kind {
+                TokenKind::User => (None, Vec::new()),
+                TokenKind::Service => {
+                    let groups = t.allow.clone().unwrap_or_else(|| vec![RpcGroup::Resolve, RpcGroup::Workloads]);
+                    let patterns = t.act_for.clone().unwrap_or_else(|| vec!["user:*".to_string()]);
+                    let act_for = patterns
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| Pattern::parse(&field(&format!("act_for[{j}]")), p))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    (Some(Arc::new(groups.into_iter().collect())), act_for)
+                }
+            };
+            entries.push(Entry {
+                name: t.name.clone(),
+                kind: t.kind,
+                subject: t.subject.clone(),
+                hash,
+                groups,
+                act_for,
+                act_for_admins: t.act_for_admins,
+            });
         }
         Ok(Self { entries: Arc::new(entries) })
     }
@@ -114,18 +236,34 @@ impl Interceptor for Authenticator {
                 Some(Principal::parse(ON_BEHALF_OF, text).map_err(invalid_argument)?)
             }
         };
+        let own = match entry.kind {
+            TokenKind::User => Principal::user(&entry.subject),
+            TokenKind::Service => Principal::service(&entry.subject),
+        };
         let principal = match (entry.kind, on_behalf_of) {
-            (TokenKind::User, None) => Principal::user(&entry.subject),
+            (_, None) => own.clone(),
             (TokenKind::User, Some(_)) => {
                 return Err(Status::permission_denied(format!(
                     "token {:?} is a user token; only platform-service tokens may act on behalf of another principal ({ON_BEHALF_OF})",
                     entry.name
                 )));
             }
-            (TokenKind::Service, Some(p)) => p,
-            (TokenKind::Service, None) => Principal::service(&entry.subject),
+            (TokenKind::Service, Some(p)) if p == own || entry.act_for.iter().any(|pattern| pattern.matches(&p)) => p,
+            (TokenKind::Service, Some(p)) => {
+                return Err(Status::permission_denied(format!(
+                    "token {:?} may not act for {p}: its act_for does not allow it",
+                    entry.name
+                )));
+            }
         };
-        request.extensions_mut().insert(Caller { name: entry.name.clone(), kind: entry.kind, principal });
+        let must_not_be_admin = entry.kind == TokenKind::Service && principal != own && !entry.act_for_admins;
+        request.extensions_mut().insert(Caller {
+            name: entry.name.clone(),
+            kind: entry.kind,
+            principal,
+            groups: entry.groups.clone(),
+            must_not_be_admin,
+        });
         Ok(request)
     }
 }
@@ -142,12 +280,18 @@ mod tests {
                 kind: TokenKind::User,
                 subject: "alice".into(),
                 sha256: TokenHash::of("t-alice").to_hex(),
+                allow: None,
+                act_for: None,
+                act_for_admins: false,
             },
             TokenConfig {
                 name: "spark".into(),
                 kind: TokenKind::Service,
                 subject: "spark".into(),
                 sha256: TokenHash::of("t-spark").to_hex(),
+                allow: None,
+                act_for: None,
+                act_for_admins: false,
             },
         ])
         .unwrap()
@@ -179,6 +323,38 @@ mod tests {
     }
 
     #[test]
+    fn service_tokens_act_for_users_only_and_call_resolve_and_workloads_by_default() {
+        let c = call(Some("t-spark"), Some("user:bob")).unwrap();
+        assert!(c.must_not_be_admin, "acting for someone else: never as a platform admin unless allowed");
+        assert!(c.require(RpcGroup::Resolve, "ResolveSecrets").is_ok());
+        assert!(c.require(RpcGroup::Workloads, "Check").is_ok());
+        let err = c.require(RpcGroup::Admin, "GrantPlatformAdmin").unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("allows resolve, workloads"), "{}", err.message());
+        let err = call(Some("t-spark"), Some("service:other")).unwrap_err();
+        assert!(err.message().contains("may not act for service:other"), "{}", err.message());
+        assert!(!call(Some("t-spark"), None).unwrap().must_not_be_admin, "acting as itself");
+        let user = call(Some("t-alice"), None).unwrap();
+        assert!(user.require(RpcGroup::Admin, "GrantPlatformAdmin").is_ok(), "users: their permissions decide");
+    }
+
+    #[test]
+    fn act_for_patterns_are_checked_at_start_up() {
+        let e = Authenticator::new(&[TokenConfig {
+            name: "x".into(),
+            kind: TokenKind::Service,
+            subject: "x".into(),
+            sha256: TokenHash::of("t").to_hex(),
+            allow: None,
+            act_for: Some(vec!["user:*".into(), "team:*".into()]),
+            act_for_admins: false,
+        }])
+        .err()
+        .unwrap();
+        assert_eq!(e.field, "tokens[0].act_for[1]");
+    }
+
+    #[test]
     fn bad_credentials_and_metadata_are_refused() {
         assert_eq!(call(None, None).unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(call(Some("wrong"), None).unwrap_err().code(), Code::Unauthenticated);
@@ -195,6 +371,9 @@ mod tests {
             kind: TokenKind::User,
             subject: "x".into(),
             sha256: "zz".into(),
+            allow: None,
+            act_for: None,
+            act_for_admins: false,
         }])
         .err()
         .unwrap();

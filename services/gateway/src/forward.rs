@@ -13,7 +13,7 @@ use secrets_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, RpcGroup};
 
 pub const SECRET_SERVICE: &str = "secret-service";
 pub const VAULT_CONFIG_SERVICE: &str = "vault-config-service";
@@ -24,6 +24,26 @@ pub struct Forwarder {
     pub secrets: SecretServiceClient<InternalChannel>,
     pub authz: AuthzServiceClient<InternalChannel>,
     pub vault: VaultConfigServiceClient<InternalChannel>,
+    /// Asks whether a delegated principal is a platform admin.
+    pub checks: secrets_common::authz::AuthzClient,
+}
+
+impl Forwarder {
+    /// The request to send upstream: the same message, acting for the
+    /// caller, once the token may call `rpc` and, acting for someone else
+    /// without `act_for_admins`, the principal is no platform admin.
+    async fn upstream<T>(&self, request: Request<T>, group: RpcGroup, rpc: &str) -> Result<Request<T>, Status> {
+        let caller = Caller::of(&request)?;
+        caller.require(group, rpc)?;
+        if caller.must_not_be_admin {
+            let question =
+                secrets_common::authz::Question::domain(&caller.principal, pb::Permission::PlatformAdmin, None);
+            if self.checks.batch_check(&[question]).await?.first().is_some_and(|a| a.allowed) {
+                return Err(caller.admin_refusal());
+            }
+        }
+        upstream(request)
+    }
 }
 
 /// The request to send upstream: the same message, acting for the caller.
@@ -37,13 +57,13 @@ fn upstream<T>(request: Request<T>) -> Result<Request<T>, Status> {
 
 /// Implements a service trait by forwarding every listed RPC to `client`.
 macro_rules! forward {
-    ($trait:ident, $client:ident, $service:expr, { $($method:ident($req:ident) -> $resp:ident;)* }) => {
+    ($trait:ident, $client:ident, $service:expr, { $($method:ident($req:ident) -> $resp:ident [$group:ident];)* }) => {
         #[tonic::async_trait]
         impl $trait for Forwarder {
             $(
                 #[tracing::instrument(skip_all, fields(rpc = stringify!($method), upstream = $service, principal))]
                 async fn $method(&self, request: Request<pb::$req>) -> Result<Response<pb::$resp>, Status> {
-                    let request = upstream(request)?;
+                    let request = self.upstream(request, RpcGroup::$group, stringify!($method)).await?;
                     let response = self.$client.clone().$method(request).await.map_err(|s| {
                         tracing::debug!(code = ?s.code(), "upstream refused the call");
                         from_upstream($service, s)
@@ -56,43 +76,43 @@ macro_rules! forward {
 }
 
 forward!(SecretService, secrets, SECRET_SERVICE, {
-    create_secret(CreateSecretRequest) -> SecretMetadata;
-    update_secret(UpdateSecretRequest) -> SecretMetadata;
-    delete_secret(DeleteSecretRequest) -> DeleteSecretResponse;
-    list_secrets(ListSecretsRequest) -> ListSecretsResponse;
+    create_secret(CreateSecretRequest) -> SecretMetadata [ManageSecrets];
+    update_secret(UpdateSecretRequest) -> SecretMetadata [ManageSecrets];
+    delete_secret(DeleteSecretRequest) -> DeleteSecretResponse [ManageSecrets];
+    list_secrets(ListSecretsRequest) -> ListSecretsResponse [ManageSecrets];
 });
 
 forward!(AuthzService, authz, AUTHZ_SERVICE, {
-    check(CheckRequest) -> CheckResponse;
-    batch_check(BatchCheckRequest) -> BatchCheckResponse;
-    add_domain_member(AddDomainMemberRequest) -> DomainMember;
-    remove_domain_member(RemoveDomainMemberRequest) -> RemoveDomainMemberResponse;
-    grant_domain_permission(GrantDomainPermissionRequest) -> DomainMember;
-    revoke_domain_permission(RevokeDomainPermissionRequest) -> DomainMember;
-    list_domain_members(ListDomainMembersRequest) -> ListDomainMembersResponse;
-    create_group(CreateGroupRequest) -> Group;
-    delete_group(DeleteGroupRequest) -> DeleteGroupResponse;
-    add_group_member(AddGroupMemberRequest) -> Group;
-    remove_group_member(RemoveGroupMemberRequest) -> Group;
-    list_groups(ListGroupsRequest) -> ListGroupsResponse;
-    create_bundle(CreateBundleRequest) -> Bundle;
-    get_bundle(GetBundleRequest) -> Bundle;
-    list_bundles(ListBundlesRequest) -> ListBundlesResponse;
-    update_bundle(UpdateBundleRequest) -> Bundle;
-    delete_bundle(DeleteBundleRequest) -> DeleteBundleResponse;
-    grant_bundle_permission(GrantBundlePermissionRequest) -> Bundle;
-    revoke_bundle_permission(RevokeBundlePermissionRequest) -> Bundle;
-    grant_platform_admin(GrantPlatformAdminRequest) -> GrantPlatformAdminResponse;
-    revoke_platform_admin(RevokePlatformAdminRequest) -> RevokePlatformAdminResponse;
-    list_platform_admins(ListPlatformAdminsRequest) -> ListPlatformAdminsResponse;
+    check(CheckRequest) -> CheckResponse [Workloads];
+    batch_check(BatchCheckRequest) -> BatchCheckResponse [Workloads];
+    add_domain_member(AddDomainMemberRequest) -> DomainMember [ManageAccess];
+    remove_domain_member(RemoveDomainMemberRequest) -> RemoveDomainMemberResponse [ManageAccess];
+    grant_domain_permission(GrantDomainPermissionRequest) -> DomainMember [ManageAccess];
+    revoke_domain_permission(RevokeDomainPermissionRequest) -> DomainMember [ManageAccess];
+    list_domain_members(ListDomainMembersRequest) -> ListDomainMembersResponse [ManageAccess];
+    create_group(CreateGroupRequest) -> Group [ManageAccess];
+    delete_group(DeleteGroupRequest) -> DeleteGroupResponse [ManageAccess];
+    add_group_member(AddGroupMemberRequest) -> Group [ManageAccess];
+    remove_group_member(RemoveGroupMemberRequest) -> Group [ManageAccess];
+    list_groups(ListGroupsRequest) -> ListGroupsResponse [ManageAccess];
+    create_bundle(CreateBundleRequest) -> Bundle [ManageAccess];
+    get_bundle(GetBundleRequest) -> Bundle [ManageAccess];
+    list_bundles(ListBundlesRequest) -> ListBundlesResponse [ManageAccess];
+    update_bundle(UpdateBundleRequest) -> Bundle [ManageAccess];
+    delete_bundle(DeleteBundleRequest) -> DeleteBundleResponse [ManageAccess];
+    grant_bundle_permission(GrantBundlePermissionRequest) -> Bundle [ManageAccess];
+    revoke_bundle_permission(RevokeBundlePermissionRequest) -> Bundle [ManageAccess];
+    grant_platform_admin(GrantPlatformAdminRequest) -> GrantPlatformAdminResponse [Admin];
+    revoke_platform_admin(RevokePlatformAdminRequest) -> RevokePlatformAdminResponse [Admin];
+    list_platform_admins(ListPlatformAdminsRequest) -> ListPlatformAdminsResponse [Admin];
 });
 
 forward!(VaultConfigService, vault, VAULT_CONFIG_SERVICE, {
-    create_vault_config(CreateVaultConfigRequest) -> VaultConfig;
-    get_vault_config(GetVaultConfigRequest) -> VaultConfig;
-    list_vault_configs(ListVaultConfigsRequest) -> ListVaultConfigsResponse;
-    update_vault_config(UpdateVaultConfigRequest) -> VaultConfig;
-    delete_vault_config(DeleteVaultConfigRequest) -> DeleteVaultConfigResponse;
-    test_vault_connection(TestVaultConnectionRequest) -> TestVaultConnectionResponse;
-    list_vault_keys(ListVaultKeysRequest) -> ListVaultKeysResponse;
+    create_vault_config(CreateVaultConfigRequest) -> VaultConfig [ManageSecrets];
+    get_vault_config(GetVaultConfigRequest) -> VaultConfig [ManageSecrets];
+    list_vault_configs(ListVaultConfigsRequest) -> ListVaultConfigsResponse [ManageSecrets];
+    update_vault_config(UpdateVaultConfigRequest) -> VaultConfig [ManageSecrets];
+    delete_vault_config(DeleteVaultConfigRequest) -> DeleteVaultConfigResponse [ManageSecrets];
+    test_vault_connection(TestVaultConnectionRequest) -> TestVaultConnectionResponse [ManageSecrets];
+    list_vault_keys(ListVaultKeysRequest) -> ListVaultKeysResponse [ManageSecrets];
 });

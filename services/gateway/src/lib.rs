@@ -33,7 +33,7 @@ use secrets_proto::{
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-pub use auth::{TokenConfig, TokenKind};
+pub use auth::{RpcGroup, TokenConfig, TokenKind};
 
 pub const ENV_PREFIX: &str = "GATEWAY_";
 
@@ -133,6 +133,7 @@ impl Application {
             secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), internal.clone()),
             authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), internal.clone()),
             vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), internal.clone()),
+            checks: AuthzClient::new(authz_channel.clone(), token).map_err(anyhow::Error::msg)?,
         };
         let resolver = resolver::Resolver {
             kubernetes: resolver::KubernetesSource {

@@ -33,7 +33,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tracing::instrument;
 
 use crate::{
-    auth::{Caller, TokenKind},
+    auth::{Caller, RpcGroup, TokenKind},
     forward::{SECRET_SERVICE, VAULT_CONFIG_SERVICE},
 };
 
@@ -317,6 +317,7 @@ impl Resolver {
         caller: &Caller,
         request: pb::ResolveSecretsRequest,
     ) -> Result<pb::ResolveSecretsResponse, Status> {
+        caller.require(RpcGroup::Resolve, "ResolveSecrets")?;
         if caller.kind != TokenKind::Service {
             return Err(Status::permission_denied(format!(
                 "token {:?} is a user token; secret values are returned only to platform-service tokens",
@@ -351,8 +352,15 @@ impl Resolver {
 
         // One authz round trip for every distinct target.
         let targets: Vec<Target> = wanted.iter().map(|(t, _)| t.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        let questions: Vec<Question> = targets.iter().map(|t| t.question(&caller.principal)).collect();
-        let answers = if questions.is_empty() { Vec::new() } else { self.authz.batch_check(&questions).await? };
+        let mut questions: Vec<Question> = targets.iter().map(|t| t.question(&caller.principal)).collect();
+        if caller.must_not_be_admin {
+            // In the same round trip: a delegating token may not act for an admin.
+            questions.push(Question::domain(&caller.principal, Permission::PlatformAdmin, None));
+        }
+        let mut answers = if questions.is_empty() { Vec::new() } else { self.authz.batch_check(&questions).await? };
+        if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
+            return Err(caller.admin_refusal());
+        }
         let denied: BTreeMap<&Target, String> =
             targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
 
@@ -541,7 +549,8 @@ impl Gateway for Resolver {
         let span = tracing::Span::current();
         span.record("caller", caller.name.as_str());
         span.record("principal", tracing::field::display(&caller.principal));
-        Ok(Response::new(self.selector.select(&caller.principal, &request.get_ref().domain).await?))
+        caller.require(RpcGroup::Workloads, "ListSelectableSecrets")?;
+        Ok(Response::new(self.selector.select(&caller, &request.get_ref().domain).await?))
     }
 }
 

@@ -18,7 +18,10 @@ use secrets_proto::{
 };
 use tonic::{Request, Status};
 
-use crate::forward::{SECRET_SERVICE, VAULT_CONFIG_SERVICE};
+use crate::{
+    auth::Caller,
+    forward::{SECRET_SERVICE, VAULT_CONFIG_SERVICE},
+};
 
 #[derive(Clone)]
 pub struct Selector {
@@ -39,11 +42,8 @@ impl Selector {
         Ok(listed.into_inner().secrets.into_iter().map(|s| s.key).collect())
     }
 
-    pub async fn select(
-        &self,
-        principal: &Principal,
-        domain: &str,
-    ) -> Result<pb::ListSelectableSecretsResponse, Status> {
+    pub async fn select(&self, caller: &Caller, domain: &str) -> Result<pb::ListSelectableSecretsResponse, Status> {
+        let principal = &caller.principal;
         validate::domain("domain", domain).map_err(invalid_argument)?;
         let mut errors = Vec::new();
         let vault_error = |label: &str, status: &Status| pb::SelectableSourceError {
@@ -66,7 +66,13 @@ impl Selector {
         // One authz round trip: LIST_SECRETS in the domain, USE on each config.
         let mut questions = vec![Question::domain(principal, Permission::ListSecrets, Some(domain))];
         questions.extend(configs.iter().map(|c| Question::vault_config(principal, Permission::Use, &c.id)));
-        let answers = self.authz.batch_check(&questions).await?;
+        if caller.must_not_be_admin {
+            questions.push(Question::domain(principal, Permission::PlatformAdmin, None));
+        }
+        let mut answers = self.authz.batch_check(&questions).await?;
+        if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
+            return Err(caller.admin_refusal());
+        }
         if !answers[0].allowed {
             return Err(Status::permission_denied(format!(
                 "{principal} may not list the secrets of domain {domain:?}: {}",

@@ -147,12 +147,20 @@ async fn main() -> anyhow::Result<()> {
         kind: gateway::TokenKind::User,
         subject: "admin".into(),
         sha256: TokenHash::of(&admin).to_hex(),
+        allow: None,
+        act_for: None,
+        act_for_admins: false,
     });
     gw.tokens.push(gateway::TokenConfig {
         name: "platform".into(),
         kind: gateway::TokenKind::Service,
         subject: "platform".into(),
         sha256: TokenHash::of(&service).to_hex(),
+        // A service token's defaults: resolve and workloads, for users
+        // that are not platform admins.
+        allow: None,
+        act_for: None,
+        act_for_admins: false,
     });
 
     let authz = authz_service::Application::build(authz).await.context("authz-service")?;

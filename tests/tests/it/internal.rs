@@ -94,6 +94,9 @@ async fn a_gateway_with_the_wrong_internal_token_is_unavailable_naming_the_hop_n
             kind: gateway::TokenKind::Service,
             subject: "ops".into(),
             sha256: secrets_common::auth::TokenHash::of(&token).to_hex(),
+            allow: Some(vec![gateway::RpcGroup::Resolve, gateway::RpcGroup::ManageSecrets]),
+            act_for: None,
+            act_for_admins: true,
         }],
         ..Default::default()
     };

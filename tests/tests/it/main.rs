@@ -11,6 +11,7 @@ mod embedded;
 mod grpcurl;
 mod internal;
 mod kubernetes;
+mod least_privilege;
 mod logs;
 mod metrics;
 mod permissions;

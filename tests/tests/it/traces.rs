@@ -144,7 +144,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         ),
     );
     let tokens = format!(
-        r#"[{{name="admin",kind="user",subject="admin",sha256="{}"}},{{name="spark",kind="service",subject="spark",sha256="{}"}}]"#,
+        r#"[{{name="admin",kind="user",subject="admin",sha256="{}"}},{{name="spark",kind="service",subject="spark",sha256="{}",act_for_admins=true}}]"#,
         TokenHash::of(&admin).to_hex(),
         TokenHash::of(&spark).to_hex()
     );
