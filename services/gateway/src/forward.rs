@@ -51,7 +51,9 @@ fn upstream<T>(request: Request<T>) -> Result<Request<T>, Status> {
     let caller = Caller::of(&request)?;
     let mut out = Request::new(request.into_inner());
     act_as(&mut out, &caller.principal, Some(&caller.name));
-    tracing::Span::current().record("principal", tracing::field::display(&caller.principal));
+    let span = tracing::Span::current();
+    span.record("principal", tracing::field::display(&caller.principal));
+    span.record("caller", caller.name.as_str());
     Ok(out)
 }
 
@@ -61,7 +63,7 @@ macro_rules! forward {
         #[tonic::async_trait]
         impl $trait for Forwarder {
             $(
-                #[tracing::instrument(skip_all, fields(rpc = stringify!($method), upstream = $service, principal))]
+                #[tracing::instrument(skip_all, fields(rpc = stringify!($method), upstream = $service, caller, principal))]
                 async fn $method(&self, request: Request<pb::$req>) -> Result<Response<pb::$resp>, Status> {
                     let request = self.upstream(request, RpcGroup::$group, stringify!($method)).await?;
                     let response = self.$client.clone().$method(request).await.map_err(|s| {
