@@ -125,6 +125,13 @@ fn health_checks_ports_and_dependencies_match_the_binaries() {
     for peer in ["postgres", "openbao", "jaeger"] {
         assert!(services[peer]["healthcheck"]["test"].is_sequence(), "{peer} has a health check");
     }
+    // Nothing is published beyond this machine.
+    for (name, service) in &services {
+        for p in service["ports"].as_sequence().into_iter().flatten() {
+            let published = p.as_str().unwrap();
+            assert!(published.starts_with("127.0.0.1:"), "{name:?} publishes {published} on every interface");
+        }
+    }
 }
 
 #[test]
