@@ -17,6 +17,7 @@ on_both_databases!(
     a_grant_racing_a_removal_never_leaves_a_permission_behind,
     a_stored_role_that_is_not_understood_is_an_error_not_membership,
     a_batch_of_checks_costs_one_query_and_is_capped,
+    many_concurrent_grants_all_land,
 );
 
 async fn check(app: &TestApp, subject: &str, permission: Permission, domain: &str) -> pb::CheckResponse {
@@ -363,4 +364,37 @@ async fn the_sqlite_database_file_is_readable_by_its_owner_only() {
     let path = app.dir.path().join("authz.db");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{}", path.display());
+}
+
+async fn many_concurrent_grants_all_land(app: TestApp) {
+    let authz = app.as_user(ADMIN).authz.clone();
+    for i in 0..30 {
+        authz
+            .clone()
+            .add_domain_member(pb::AddDomainMemberRequest {
+                domain: "finance".into(),
+                subject: format!("user:m{i}"),
+                role: DomainRole::Member as i32,
+            })
+            .await
+            .unwrap();
+    }
+    let grants = (0..30).map(|i| {
+        let mut authz = authz.clone();
+        async move {
+            authz
+                .grant_domain_permission(pb::GrantDomainPermissionRequest {
+                    domain: "finance".into(),
+                    subject: format!("user:m{i}"),
+                    permission: Permission::ListSecrets as i32,
+                })
+                .await
+        }
+    });
+    for (i, result) in futures::future::join_all(grants).await.into_iter().enumerate() {
+        result.unwrap_or_else(|e| panic!("grant {i}: {e:?}"));
+    }
+    for i in 0..30 {
+        assert!(check(&app, &format!("user:m{i}"), Permission::ListSecrets, "finance").await.allowed);
+    }
 }
