@@ -50,6 +50,53 @@ pub struct Options {
     pub request_timeout_ms: Option<u64>,
     /// Bound on each database operation (default: the services' 1.5 s).
     pub database_timeout_ms: Option<u64>,
+    /// TLS on the gateway and mutual TLS between the services, with
+    /// certificates made for the test and no internal token.
+    pub tls: bool,
+    /// The gateway's trusted JWT issuers and service accounts.
+    pub jwt_issuers: Vec<gateway::jwt::IssuerConfig>,
+    pub service_accounts: Vec<gateway::ServiceAccountConfig>,
+}
+
+/// The certificates of a TLS test stack.
+pub struct TestPki {
+    /// Signs the services' certificates for mutual TLS.
+    pub internal: crate::pki::Pki,
+    /// Signs the gateway's public certificate.
+    pub public: crate::pki::Pki,
+    pub gateway_public: crate::pki::Issued,
+    /// Each service's certificate, by service name.
+    pub services: HashMap<&'static str, crate::pki::Issued>,
+}
+
+/// The DNS names the test certificates carry.
+pub fn service_dns_name(service: &str) -> String {
+    format!("{service}.secrets.test")
+}
+
+impl TestPki {
+    fn new(dir: &std::path::Path) -> Self {
+        let internal = crate::pki::Pki::new(dir, "internal");
+        let public = crate::pki::Pki::new(dir, "public");
+        let gateway_public = public.issue("gateway-public", "gateway.example.test");
+        let services = ["gateway", "secret-service", "authz-service", "vault-config-service"]
+            .into_iter()
+            .map(|s| (s, internal.issue(s, &service_dns_name(s))))
+            .collect();
+        Self { internal, public, gateway_public, services }
+    }
+
+    /// Mutual TLS for `service`, accepting calls from `clients`.
+    pub fn internal_tls(&self, service: &str, clients: &[&str]) -> secrets_common::tls::InternalTlsConfig {
+        let issued = &self.services[service];
+        secrets_common::tls::InternalTlsConfig {
+            ca_file: self.internal.ca_file(),
+            cert_file: issued.cert_file.clone(),
+            key_file: issued.key_file.clone(),
+            allowed_clients: clients.iter().map(|c| service_dns_name(c)).collect(),
+            reload_interval_ms: 100,
+        }
+    }
 }
 
 struct Running {
@@ -68,6 +115,8 @@ pub struct TestApp {
     pub metrics_urls: std::sync::Mutex<HashMap<&'static str, String>>,
     pub dir: TempDir,
     pub internal_token: SecretString,
+    /// Set when the stack runs with TLS (`Options::tls`).
+    pub pki: Option<TestPki>,
     pub database_url: String,
     database_timeout_ms: u64,
     tokens: HashMap<String, String>,
@@ -103,11 +152,14 @@ impl TestApp {
         let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
         let (authz_l, secret_l, gateway_l, vault_l) = (bind().await, bind().await, bind().await, bind().await);
         let port = |l: &TcpListener| l.local_addr().unwrap().port();
+        let pki = options.tls.then(|| TestPki::new(&dir.path().join("pki")));
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let authz_port = port(&authz_l);
-        let authz_service_url = format!("http://127.0.0.1:{authz_port}");
-        let secret_service_url = format!("http://127.0.0.1:{}", port(&secret_l));
-        let gateway_url = format!("http://127.0.0.1:{}", port(&gateway_l));
-        let vault_config_service_url = format!("http://127.0.0.1:{}", port(&vault_l));
+        let authz_service_url = format!("{scheme}://127.0.0.1:{authz_port}");
+        let secret_service_url = format!("{scheme}://127.0.0.1:{}", port(&secret_l));
+        let gateway_url = format!("{scheme}://127.0.0.1:{}", port(&gateway_l));
+        let vault_config_service_url = format!("{scheme}://127.0.0.1:{}", port(&vault_l));
+        let token_unless_tls = |t: &SecretString| if options.tls { None } else { Some(t.clone()) };
         let database_url = options
             .database_url
             .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display()));
@@ -147,6 +199,7 @@ impl TestApp {
             authz_port,
             metrics_urls: Default::default(),
             internal_token: internal_token.clone(),
+            pki,
             database_url,
             tokens,
             authz: None,
@@ -160,7 +213,8 @@ impl TestApp {
         app.start_authz_on(authz_l).await;
 
         let secret_config = secret_service::Config {
-            internal_token: Some(internal_token.clone()),
+            internal_token: token_unless_tls(&internal_token),
+            internal_tls: app.pki.as_ref().map(|p| p.internal_tls("secret-service", &["gateway"])),
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             authz_url: authz_service_url.clone(),
             request_timeout_ms,
@@ -180,7 +234,8 @@ impl TestApp {
         app.start_secret_service_on(secret_l).await;
 
         let vault_config = vault_config_service::Config {
-            internal_token: Some(internal_token.clone()),
+            internal_token: token_unless_tls(&internal_token),
+            internal_tls: app.pki.as_ref().map(|p| p.internal_tls("vault-config-service", &["gateway"])),
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             authz_url: authz_service_url.clone(),
             request_timeout_ms,
@@ -206,13 +261,21 @@ impl TestApp {
         }));
 
         let gateway_config = gateway::Config {
-            internal_token: Some(internal_token),
+            internal_token: token_unless_tls(&internal_token),
+            internal_tls: app.pki.as_ref().map(|p| p.internal_tls("gateway", &[])),
+            tls: app.pki.as_ref().map(|p| secrets_common::tls::TlsConfig {
+                cert_file: p.gateway_public.cert_file.clone(),
+                key_file: p.gateway_public.key_file.clone(),
+                reload_interval_ms: 100,
+            }),
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
             secret_service_url,
             authz_service_url,
             vault_config_service_url,
             request_timeout_ms,
             tokens: token_configs,
+            jwt_issuers: options.jwt_issuers,
+            service_accounts: options.service_accounts,
             ..Default::default()
         };
         let gw = gateway::Application::build_with_listener(gateway_config, gateway_l).await.expect("gateway");
@@ -254,7 +317,11 @@ impl TestApp {
 
     async fn start_authz_on(&mut self, listener: TcpListener) {
         let config = authz_service::Config {
-            internal_token: Some(self.internal_token.clone()),
+            internal_token: if self.pki.is_some() { None } else { Some(self.internal_token.clone()) },
+            internal_tls: self
+                .pki
+                .as_ref()
+                .map(|p| p.internal_tls("authz-service", &["gateway", "secret-service", "vault-config-service"])),
             database_url: self.database_url.clone(),
             bootstrap_admins: vec![format!("user:{ADMIN}")],
             metrics_addr: Some(([127, 0, 0, 1], 0).into()),
@@ -298,20 +365,29 @@ impl TestApp {
         &self.tokens[name]
     }
 
+    /// A channel to the gateway (over TLS trusting the test's public CA
+    /// when the stack runs with TLS).
+    pub fn gateway_channel(&self) -> Channel {
+        match &self.pki {
+            Some(pki) => tls_channel(&self.gateway_url, &pki.public.ca_pem(), None),
+            None => channel(&self.gateway_url),
+        }
+    }
+
     /// Clients that call the gateway with `name`'s token.
     pub fn as_user(&self, name: &str) -> Clients {
-        Clients::new(&self.gateway_url, Some(self.token(name)), None)
+        Clients::over(self.gateway_channel(), Some(self.token(name)), None)
     }
 
     /// Clients that call the gateway as the platform service, optionally on
     /// behalf of a principal such as `user:lisa`.
     pub fn as_service(&self, on_behalf_of: Option<&str>) -> Clients {
-        Clients::new(&self.gateway_url, Some(self.token(SPARK)), on_behalf_of)
+        Clients::over(self.gateway_channel(), Some(self.token(SPARK)), on_behalf_of)
     }
 
     /// Clients that send no credentials.
     pub fn anonymous(&self) -> Clients {
-        Clients::new(&self.gateway_url, None, None)
+        Clients::over(self.gateway_channel(), None, None)
     }
 
     /// Gives every persona its grants in `domain` (and OUTSIDER its grants in
@@ -396,13 +472,32 @@ pub fn channel(url: &str) -> Channel {
     Endpoint::from_shared(url.to_string()).expect("url").timeout(Duration::from_secs(10)).connect_lazy()
 }
 
+/// A TLS channel trusting `ca_pem`, presenting `identity` (cert, key PEM)
+/// when given.
+pub fn tls_channel(url: &str, ca_pem: &str, identity: Option<(String, String)>) -> Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls config")
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
 impl Clients {
     pub fn new(url: &str, token: Option<&str>, on_behalf_of: Option<&str>) -> Self {
+        Self::over(channel(url), token, on_behalf_of)
+    }
+
+    pub fn over(ch: Channel, token: Option<&str>, on_behalf_of: Option<&str>) -> Self {
         let bearer = Bearer {
             authorization: token.map(|t| format!("Bearer {t}").parse().expect("token header")),
             on_behalf_of: on_behalf_of.map(|p| p.parse().expect("principal header")),
         };
-        let ch = channel(url);
         Self {
             secrets: SecretServiceClient::with_interceptor(ch.clone(), bearer.clone()),
             authz: AuthzServiceClient::with_interceptor(ch.clone(), bearer.clone()),

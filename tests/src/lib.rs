@@ -4,7 +4,9 @@
 pub mod app;
 pub mod kube_server;
 pub mod logs;
+pub mod oidc;
 pub mod openbao;
+pub mod pki;
 pub mod postgres;
 pub mod procs;
 pub mod proxy;

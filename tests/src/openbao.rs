@@ -78,10 +78,12 @@ impl OpenBao {
         let scheme = if self.tls { "https" } else { "http" };
         self.addr = format!("{scheme}://127.0.0.1:{}", self.port);
         for _ in 0..200 {
-            if self.tls && self.ca_pem.is_none() {
-                self.ca_pem = std::fs::read_to_string(self.dir.path().join("tls/vault-ca.pem")).ok();
-            }
-            if (!self.tls || self.ca_pem.is_some()) && self.try_bao(&["status"]).is_ok() {
+            // The CA file is read only once the CLI has verified the server
+            // with it: read earlier, it can be half written.
+            if self.try_bao(&["status"]).is_ok() {
+                if self.tls && self.ca_pem.is_none() {
+                    self.ca_pem = std::fs::read_to_string(self.dir.path().join("tls/vault-ca.pem")).ok();
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -16,10 +16,11 @@ use anyhow::Context;
 use secrecy::SecretString;
 use secrets_common::{
     Principal,
-    auth::InternalAuth,
+    auth::Internal,
     observe::Metrics,
     server::{self, Served},
     telemetry::TelemetryConfig,
+    tls::InternalTlsConfig,
 };
 use secrets_proto::{
     internal::v1::resource_registry_server::ResourceRegistryServer,
@@ -43,7 +44,13 @@ pub struct Config {
     /// while calls are still accepted, so load balancers stop sending before
     /// the listener closes. Set it to the load balancer's probe interval.
     pub shutdown_drain_ms: u64,
+    /// Plaintext gRPC health checks only, for Kubernetes probes when the
+    /// listener speaks TLS; unset: none.
+    pub health_addr: Option<SocketAddr>,
     pub internal_token: Option<SecretString>,
+    /// Mutual TLS on internal hops; with it the internal token is optional.
+    pub internal_tls: Option<InternalTlsConfig>,
+
     /// `sqlite://path?mode=rwc` (the default) or `postgres://...`;
     /// `DATABASE_URL` sets it too.
     pub database_url: String,
@@ -62,7 +69,9 @@ impl Default for Config {
             listen_addr: ([127, 0, 0, 1], 50053).into(),
             metrics_addr: Some(([127, 0, 0, 1], 9103).into()),
             shutdown_drain_ms: 0,
+            health_addr: None,
             internal_token: None,
+            internal_tls: None,
             database_url: "sqlite://data/authz.db?mode=rwc".into(),
             bootstrap_admins: Vec::new(),
             database_timeout_ms: 1_500,
@@ -86,13 +95,18 @@ impl Config {
 }
 
 impl Config {
+    /// The internal credential and mutual TLS, as configured.
+    pub fn internal(&self) -> anyhow::Result<Internal> {
+        Internal::new(self.internal_token.as_ref(), self.internal_tls.as_ref(), ENV_PREFIX).map_err(anyhow::Error::msg)
+    }
+
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
     }
 
     /// Everything that can be checked without starting: for `check-config`.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.internal_token.as_ref().context("internal_token is required")?;
+        self.internal()?;
         for (i, s) in self.bootstrap_admins.iter().enumerate() {
             Principal::parse(&format!("bootstrap_admins[{i}]"), s)?;
         }
@@ -116,9 +130,7 @@ impl Application {
     }
 
     pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
-        let token = config.internal_token.as_ref().context(
-            "internal_token is required (set AUTHZ_SERVICE_INTERNAL_TOKEN or internal_token in the config file)",
-        )?;
+        let internal = config.internal()?;
         let admins = config
             .bootstrap_admins
             .iter()
@@ -132,12 +144,15 @@ impl Application {
         let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins, timeout));
 
         let (router, health) = server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY]).await?;
-        let auth = InternalAuth::new(token);
+        let auth = internal.auth();
         let router = router
             .add_service(AuthzServiceServer::with_interceptor(grpc.clone(), auth.clone()))
             .add_service(ResourceRegistryServer::with_interceptor(grpc, auth));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?
+                .with_tls(internal.server_tls())
+                .with_health_addr(config.health_addr)
                 .await?,
         })
     }
@@ -148,6 +163,10 @@ impl Application {
 
     pub fn metrics_port(&self) -> Option<u16> {
         self.served.metrics_port()
+    }
+
+    pub fn health_port(&self) -> Option<u16> {
+        self.served.health_port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {

@@ -1,16 +1,18 @@
-//! Authenticates every call to the gateway with a bearer token from the
-//! configuration (stored as SHA-256 hashes, compared in constant time).
+//! Authenticates every call to the gateway: a bearer token from the
+//! configuration (stored as SHA-256 hashes, compared in constant time), or a
+//! JWT from a trusted issuer ([`crate::jwt`]): users from the identity
+//! provider, platform services by their Kubernetes service account.
 
 use std::{collections::BTreeSet, sync::Arc};
 
 use secrets_common::{
     Principal,
-    auth::{ON_BEHALF_OF, TokenHash, bearer},
+    auth::{ON_BEHALF_OF, TokenHash},
     error::invalid_argument,
     validate::FieldViolation,
 };
 use serde::Deserialize;
-use tonic::{Request, Status, service::Interceptor};
+use tonic::{Request, Status};
 
 /// One accepted token, as written in the configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -34,6 +36,24 @@ pub struct TokenConfig {
     #[serde(default)]
     pub act_for: Option<Vec<String>>,
     /// Service tokens: whether it may act for a platform admin. Unset: no.
+    #[serde(default)]
+    pub act_for_admins: bool,
+}
+
+/// A Kubernetes service account that may call as a platform service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccountConfig {
+    /// `system:serviceaccount:NAMESPACE:NAME`, the token's `sub`.
+    pub service_account: String,
+    /// The platform service's name: it acts as `service:SUBJECT`.
+    pub subject: String,
+    /// As for service tokens: unset, `resolve` and `workloads` only.
+    #[serde(default)]
+    pub allow: Option<Vec<RpcGroup>>,
+    /// As for service tokens: unset, `user:*`.
+    #[serde(default)]
+    pub act_for: Option<Vec<String>>,
     #[serde(default)]
     pub act_for_admins: bool,
 }
@@ -115,6 +135,9 @@ pub struct Caller {
     pub kind: TokenKind,
     /// Whom the call acts for.
     pub principal: Principal,
+    /// The groups the identity provider puts the principal in (a user
+    /// token's groups claim); they count like recorded memberships.
+    pub member_of: Vec<Principal>,
     /// The RPC groups the token may call; `None`: all (user tokens).
     pub groups: Option<Arc<BTreeSet<RpcGroup>>>,
     /// A service token acting for someone else that may not act for a
@@ -153,24 +176,67 @@ impl Caller {
     }
 }
 
-struct Entry {
-    name: String,
-    kind: TokenKind,
-    subject: String,
-    hash: TokenHash,
-    groups: Option<Arc<BTreeSet<RpcGroup>>>,
+/// What a platform-service identity may do.
+struct Policy {
+    groups: Arc<BTreeSet<RpcGroup>>,
     act_for: Vec<Pattern>,
     act_for_admins: bool,
+}
+
+impl Policy {
+    fn new(
+        allow: &Option<Vec<RpcGroup>>,
+        act_for: &Option<Vec<String>>,
+        act_for_admins: bool,
+        field: impl Fn(&str) -> String,
+    ) -> Result<Self, FieldViolation> {
+        let groups = allow.clone().unwrap_or_else(|| vec![RpcGroup::Resolve, RpcGroup::Workloads]);
+        let patterns = act_for.clone().unwrap_or_else(|| vec!["user:*".to_string()]);
+        let act_for = patterns
+            .iter()
+            .enumerate()
+            .map(|(j, p)| Pattern::parse(&field(&format!("act_for[{j}]")), p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { groups: Arc::new(groups.into_iter().collect()), act_for, act_for_admins })
+    }
+}
+
+/// One identity a call can prove: whom it acts as, and for services, what
+/// it may do.
+struct Identity {
+    /// Names the caller in logs and audit.
+    name: String,
+    kind: TokenKind,
+    own: Principal,
+    policy: Option<Policy>,
+}
+
+struct Entry {
+    identity: Identity,
+    hash: TokenHash,
 }
 
 #[derive(Clone)]
 pub struct Authenticator {
     entries: Arc<Vec<Entry>>,
+    /// By `system:serviceaccount:NS:NAME`.
+    service_accounts: Arc<std::collections::HashMap<String, Identity>>,
+    jwt: crate::jwt::Verifier,
 }
 
 impl Authenticator {
-    /// Checks the configured tokens; errors name the entry and the field.
+    /// Static tokens only (tests and local runs).
     pub fn new(tokens: &[TokenConfig]) -> Result<Self, FieldViolation> {
+        Self::with_jwt(tokens, &[], &[])
+    }
+
+    /// Checks the configured tokens, service accounts and issuers; errors
+    /// name the entry and the field.
+    pub fn with_jwt(
+        tokens: &[TokenConfig],
+        service_accounts: &[ServiceAccountConfig],
+        issuers: &[crate::jwt::IssuerConfig],
+    ) -> Result<Self, FieldViolation> {
         let mut names = BTreeSet::new();
         let mut entries = Vec::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
@@ -184,33 +250,42 @@ impl Authenticator {
             };
             Principal::parse(&field("subject"), &principal.to_string())?;
             let hash = TokenHash::from_hex(&t.sha256).map_err(|e| FieldViolation::new(field("sha256"), e))?;
-            let (groups, act_for) = match t.kind {
-                TokenKind::User => (None, Vec::new()),
-                TokenKind::Service => {
-                    let groups = t.allow.clone().unwrap_or_else(|| vec![RpcGroup::Resolve, RpcGroup::Workloads]);
-                    let patterns = t.act_for.clone().unwrap_or_else(|| vec!["user:*".to_string()]);
-                    let act_for = patterns
-                        .iter()
-                        .enumerate()
-                        .map(|(j, p)| Pattern::parse(&field(&format!("act_for[{j}]")), p))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    (Some(Arc::new(groups.into_iter().collect())), act_for)
-                }
+            let policy = match t.kind {
+                TokenKind::User => None,
+                TokenKind::Service => Some(Policy::new(&t.allow, &t.act_for, t.act_for_admins, field)?),
             };
             entries.push(Entry {
-                name: t.name.clone(),
-                kind: t.kind,
-                subject: t.subject.clone(),
+                identity: Identity { name: t.name.clone(), kind: t.kind, own: principal, policy },
                 hash,
-                groups,
-                act_for,
-                act_for_admins: t.act_for_admins,
             });
         }
-        Ok(Self { entries: Arc::new(entries) })
+        let mut accounts = std::collections::HashMap::new();
+        for (i, a) in service_accounts.iter().enumerate() {
+            let field = |f: &str| format!("service_accounts[{i}].{f}");
+            let parts: Vec<&str> = a.service_account.split(':').collect();
+            if parts.len() != 4
+                || parts[..2] != ["system", "serviceaccount"]
+                || parts[2].is_empty()
+                || parts[3].is_empty()
+            {
+                return Err(FieldViolation::new(
+                    field("service_account"),
+                    "must be system:serviceaccount:NAMESPACE:NAME",
+                ));
+            }
+            let own = Principal::parse(&field("subject"), &Principal::service(&a.subject).to_string())?;
+            let policy = Policy::new(&a.allow, &a.act_for, a.act_for_admins, field)?;
+            let identity =
+                Identity { name: a.service_account.clone(), kind: TokenKind::Service, own, policy: Some(policy) };
+            if accounts.insert(a.service_account.clone(), identity).is_some() {
+                return Err(FieldViolation::new(field("service_account"), "is listed twice"));
+            }
+        }
+        let jwt = crate::jwt::Verifier::new(issuers).map_err(|e| FieldViolation::new("jwt_issuers", e))?;
+        Ok(Self { entries: Arc::new(entries), service_accounts: Arc::new(accounts), jwt })
     }
 
-    fn find(&self, token: &str) -> Option<&Entry> {
+    fn find(&self, token: &str) -> Option<&Identity> {
         let presented = TokenHash::of(token);
         // Compare against every entry so timing does not tell which matched.
         let mut found = None;
@@ -219,16 +294,14 @@ impl Authenticator {
                 found = Some(e);
             }
         }
-        found
+        found.map(|e| &e.identity)
     }
-}
 
-impl Interceptor for Authenticator {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let token = bearer(request.metadata())
+    /// Establishes who is calling from the call's headers.
+    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, Status> {
+        let token = header_bearer(headers)
             .ok_or_else(|| Status::unauthenticated("missing credentials: send `authorization: Bearer <token>`"))?;
-        let entry = self.find(token).ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
-        let on_behalf_of = match request.metadata().get(ON_BEHALF_OF) {
+        let on_behalf_of = match headers.get(ON_BEHALF_OF) {
             None => None,
             Some(v) => {
                 let text =
@@ -236,35 +309,137 @@ impl Interceptor for Authenticator {
                 Some(Principal::parse(ON_BEHALF_OF, text).map_err(invalid_argument)?)
             }
         };
-        let own = match entry.kind {
-            TokenKind::User => Principal::user(&entry.subject),
-            TokenKind::Service => Principal::service(&entry.subject),
-        };
-        let principal = match (entry.kind, on_behalf_of) {
-            (_, None) => own.clone(),
-            (TokenKind::User, Some(_)) => {
-                return Err(Status::permission_denied(format!(
-                    "token {:?} is a user token; only platform-service tokens may act on behalf of another principal ({ON_BEHALF_OF})",
-                    entry.name
-                )));
+        if !self.jwt.is_empty() && crate::jwt::looks_like_jwt(token) {
+            let verified = self
+                .jwt
+                .verify(token)
+                .await
+                .map_err(|reason| Status::unauthenticated(format!("token refused: {reason}")))?;
+            return match verified.kind {
+                crate::jwt::IssuerKind::Users => {
+                    let own = Principal::parse("token user claim", &Principal::user(&verified.subject).to_string())
+                        .map_err(|v| {
+                            Status::unauthenticated(format!(
+                                "token refused: issuer {}: the user name {}",
+                                verified.issuer, v.description
+                            ))
+                        })?;
+                    let member_of = verified
+                        .groups
+                        .iter()
+                        .filter_map(|g| Principal::parse_subject("groups", &format!("group:{g}")).ok())
+                        .collect();
+                    let identity = Identity {
+                        name: format!("{}/{}", verified.issuer, verified.subject),
+                        kind: TokenKind::User,
+                        own,
+                        policy: None,
+                    };
+                    caller(&identity, on_behalf_of, member_of)
+                }
+                crate::jwt::IssuerKind::ServiceAccounts => {
+                    let identity = self.service_accounts.get(&verified.subject).ok_or_else(|| {
+                        Status::permission_denied(format!(
+                            "service account {} is not a platform service here (not in service_accounts)",
+                            verified.subject
+                        ))
+                    })?;
+                    caller(identity, on_behalf_of, Vec::new())
+                }
+            };
+        }
+        let identity = self.find(token).ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+        caller(identity, on_behalf_of, Vec::new())
+    }
+}
+
+/// The token of an `authorization: Bearer ...` header, if any.
+fn header_bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// The caller `identity` acting for `on_behalf_of` (or as itself).
+fn caller(identity: &Identity, on_behalf_of: Option<Principal>, member_of: Vec<Principal>) -> Result<Caller, Status> {
+    let own = &identity.own;
+    let principal = match (&identity.policy, on_behalf_of) {
+        (_, None) => own.clone(),
+        (None, Some(_)) => {
+            return Err(Status::permission_denied(format!(
+                "{:?} is a user; only platform services may act on behalf of another principal ({ON_BEHALF_OF})",
+                identity.name
+            )));
+        }
+        (Some(policy), Some(p)) if p == *own || policy.act_for.iter().any(|pattern| pattern.matches(&p)) => p,
+        (Some(_), Some(p)) => {
+            return Err(Status::permission_denied(format!(
+                "token {:?} may not act for {p}: its act_for does not allow it",
+                identity.name
+            )));
+        }
+    };
+    let acting_for_other = principal != *own;
+    let must_not_be_admin = identity.policy.as_ref().is_some_and(|p| acting_for_other && !p.act_for_admins);
+    // Groups from a user's own token do not travel to whom it acts for.
+    let member_of = if acting_for_other { Vec::new() } else { member_of };
+    Ok(Caller {
+        name: identity.name.clone(),
+        kind: identity.kind,
+        principal,
+        member_of,
+        groups: identity.policy.as_ref().map(|p| p.groups.clone()),
+        must_not_be_admin,
+    })
+}
+
+/// Wraps a gRPC service so every call is authenticated first: the
+/// [`Caller`] goes into the request's extensions, a refusal is answered
+/// without reaching the service.
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    inner: S,
+    auth: Authenticator,
+}
+
+impl<S> Authenticated<S> {
+    pub fn new(inner: S, auth: Authenticator) -> Self {
+        Self { inner, auth }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Authenticated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The ready service answers this call; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            match auth.authenticate(request.headers()).await {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
             }
-            (TokenKind::Service, Some(p)) if p == own || entry.act_for.iter().any(|pattern| pattern.matches(&p)) => p,
-            (TokenKind::Service, Some(p)) => {
-                return Err(Status::permission_denied(format!(
-                    "token {:?} may not act for {p}: its act_for does not allow it",
-                    entry.name
-                )));
-            }
-        };
-        let must_not_be_admin = entry.kind == TokenKind::Service && principal != own && !entry.act_for_admins;
-        request.extensions_mut().insert(Caller {
-            name: entry.name.clone(),
-            kind: entry.kind,
-            principal,
-            groups: entry.groups.clone(),
-            must_not_be_admin,
-        });
-        Ok(request)
+        })
     }
 }
 
@@ -298,15 +473,15 @@ mod tests {
     }
 
     fn call(token: Option<&str>, on_behalf_of: Option<&str>) -> Result<Caller, Status> {
-        let mut r = Request::new(());
+        let mut headers = http::HeaderMap::new();
         if let Some(t) = token {
-            r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            headers.insert("authorization", format!("Bearer {t}").parse().unwrap());
         }
         if let Some(p) = on_behalf_of {
-            r.metadata_mut().insert(ON_BEHALF_OF, p.parse().unwrap());
+            headers.insert(ON_BEHALF_OF, p.parse().unwrap());
         }
-        let r = authenticator().call(r)?;
-        Caller::of(&r)
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(authenticator().authenticate(&headers))
     }
 
     #[test]

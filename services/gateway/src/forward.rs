@@ -37,7 +37,8 @@ impl Forwarder {
         caller.require(group, rpc)?;
         if caller.must_not_be_admin {
             let question =
-                secrets_common::authz::Question::domain(&caller.principal, pb::Permission::PlatformAdmin, None);
+                secrets_common::authz::Question::domain(&caller.principal, pb::Permission::PlatformAdmin, None)
+                    .with_groups(&caller.member_of);
             if self.checks.batch_check(&[question]).await?.first().is_some_and(|a| a.allowed) {
                 return Err(caller.admin_refusal());
             }
@@ -50,7 +51,7 @@ impl Forwarder {
 fn upstream<T>(request: Request<T>) -> Result<Request<T>, Status> {
     let caller = Caller::of(&request)?;
     let mut out = Request::new(request.into_inner());
-    act_as(&mut out, &caller.principal, Some(&caller.name));
+    act_as(&mut out, &caller.principal, Some(&caller.name), &caller.member_of);
     let span = tracing::Span::current();
     span.record("principal", tracing::field::display(&caller.principal));
     span.record("caller", caller.name.as_str());

@@ -6,19 +6,21 @@
 
 pub mod auth;
 pub mod forward;
+pub mod jwt;
 pub mod resolver;
 pub mod selector;
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use secrecy::SecretString;
 use secrets_common::{
-    auth::{InternalClient, internal_channel},
+    auth::Internal,
     authz::{self, AuthzClient},
-    observe::Metrics,
+    observe::{Metrics, TracedChannel},
     server::{self, Served},
     telemetry::TelemetryConfig,
+    tls::{self, InternalTlsConfig, TlsConfig},
 };
 use secrets_proto::{
     internal::v1::{secret_reader_client::SecretReaderClient, vault_reader_client::VaultReaderClient},
@@ -33,7 +35,9 @@ use secrets_proto::{
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-pub use auth::{RpcGroup, TokenConfig, TokenKind};
+use crate::auth::Authenticated;
+
+pub use auth::{RpcGroup, ServiceAccountConfig, TokenConfig, TokenKind};
 
 pub const ENV_PREFIX: &str = "GATEWAY_";
 
@@ -47,15 +51,27 @@ pub struct Config {
     /// while calls are still accepted, so load balancers stop sending before
     /// the listener closes. Set it to the load balancer's probe interval.
     pub shutdown_drain_ms: u64,
+    /// Plaintext gRPC health checks only, for Kubernetes probes when the
+    /// listener speaks TLS; unset: none.
+    pub health_addr: Option<SocketAddr>,
+    /// TLS on the listener; when set, plaintext is refused.
+    pub tls: Option<TlsConfig>,
     /// The credential the gateway presents to the internal services.
     pub internal_token: Option<SecretString>,
+    /// Mutual TLS to the internal services (their URLs are then `https://`).
+    pub internal_tls: Option<InternalTlsConfig>,
     pub secret_service_url: String,
     pub authz_service_url: String,
     pub vault_config_service_url: String,
     /// Bound on every call to an internal service.
     pub request_timeout_ms: u64,
-    /// The tokens callers may present.
+    /// The static tokens callers may present.
     pub tokens: Vec<TokenConfig>,
+    /// Trusted JWT issuers: the identity provider (users) and the cluster
+    /// (service accounts).
+    pub jwt_issuers: Vec<jwt::IssuerConfig>,
+    /// Service accounts that call as platform services, and what each may do.
+    pub service_accounts: Vec<ServiceAccountConfig>,
     pub telemetry: TelemetryConfig,
 }
 
@@ -65,12 +81,17 @@ impl Default for Config {
             listen_addr: ([127, 0, 0, 1], 50051).into(),
             metrics_addr: Some(([127, 0, 0, 1], 9101).into()),
             shutdown_drain_ms: 0,
+            health_addr: None,
+            tls: None,
             internal_token: None,
+            internal_tls: None,
             secret_service_url: "http://127.0.0.1:50052".into(),
             authz_service_url: "http://127.0.0.1:50053".into(),
             vault_config_service_url: "http://127.0.0.1:50054".into(),
             request_timeout_ms: 5_000,
             tokens: Vec::new(),
+            jwt_issuers: Vec::new(),
+            service_accounts: Vec::new(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -81,18 +102,50 @@ impl Config {
         Duration::from_millis(self.shutdown_drain_ms)
     }
 
+    /// The internal credential and mutual TLS, as configured.
+    pub fn internal(&self) -> anyhow::Result<Internal> {
+        anyhow::ensure!(
+            self.internal_tls.as_ref().is_none_or(|t| t.allowed_clients.is_empty()),
+            "internal_tls.allowed_clients: the gateway has no internal listener; list the gateway's name in the \
+             services' allowed_clients instead"
+        );
+        Internal::new(self.internal_token.as_ref(), self.internal_tls.as_ref(), ENV_PREFIX).map_err(anyhow::Error::msg)
+    }
+
+    /// Static tokens, service accounts and JWT issuers, checked.
+    pub fn authenticator(&self) -> anyhow::Result<auth::Authenticator> {
+        auth::Authenticator::with_jwt(&self.tokens, &self.service_accounts, &self.jwt_issuers)
+            .map_err(|v| anyhow::anyhow!("{v}"))
+    }
+
+    /// The TLS of the listener, when configured.
+    pub fn server_tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        self.tls.as_ref().map(tls::server_config).transpose().map_err(|e| anyhow::anyhow!("tls: {e}"))
+    }
+
+    /// Channels to the three internal services, named by their URL fields.
+    fn channels(
+        &self,
+        internal: &Internal,
+        timeout: Duration,
+        metrics: &Metrics,
+    ) -> anyhow::Result<[TracedChannel; 3]> {
+        let open = |field: &str, url: &str, peer: &'static str| {
+            internal.channel(url, timeout, peer, metrics).map_err(|e| anyhow::anyhow!("{field}: {e}"))
+        };
+        Ok([
+            open("secret_service_url", &self.secret_service_url, forward::SECRET_SERVICE)?,
+            open("authz_service_url", &self.authz_service_url, authz::AUTHZ_SERVICE)?,
+            open("vault_config_service_url", &self.vault_config_service_url, forward::VAULT_CONFIG_SERVICE)?,
+        ])
+    }
+
     /// Everything that can be checked without starting: for `check-config`.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.internal_token.as_ref().context("internal_token is required")?;
-        auth::Authenticator::new(&self.tokens).map_err(|v| anyhow::anyhow!("{v}"))?;
-        let m = Metrics::new();
-        let t = Duration::from_secs(1);
-        internal_channel(&self.secret_service_url, t, forward::SECRET_SERVICE, &m)
-            .map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
-        internal_channel(&self.authz_service_url, t, authz::AUTHZ_SERVICE, &m)
-            .map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
-        internal_channel(&self.vault_config_service_url, t, forward::VAULT_CONFIG_SERVICE, &m)
-            .map_err(|e| anyhow::anyhow!("vault_config_service_url: {e}"))?;
+        let internal = self.internal()?;
+        self.authenticator()?;
+        self.server_tls()?;
+        self.channels(&internal, Duration::from_secs(1), &Metrics::new())?;
         Ok(())
     }
 }
@@ -108,60 +161,54 @@ impl Application {
     }
 
     pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
-        let token = config
-            .internal_token
-            .as_ref()
-            .context("internal_token is required (set GATEWAY_INTERNAL_TOKEN or internal_token in the config file)")?;
-        let authenticator = auth::Authenticator::new(&config.tokens).map_err(|v| anyhow::anyhow!("{v}"))?;
-        if config.tokens.is_empty() {
+        let internal = config.internal()?;
+        let server_tls = config.server_tls()?;
+        let authenticator = config.authenticator()?;
+        if config.tokens.is_empty() && config.jwt_issuers.is_empty() {
             tracing::warn!("no tokens are configured: every call will be refused as unauthenticated");
         }
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let metrics = Metrics::new();
-        let internal = InternalClient::new(token).map_err(anyhow::Error::msg)?;
-        let secrets_channel = internal_channel(&config.secret_service_url, timeout, forward::SECRET_SERVICE, &metrics)
-            .map_err(|e| anyhow::anyhow!("secret_service_url: {e}"))?;
-        let authz_channel = internal_channel(&config.authz_service_url, timeout, authz::AUTHZ_SERVICE, &metrics)
-            .map_err(|e| anyhow::anyhow!("authz_service_url: {e}"))?;
-
-        let vault_channel =
-            internal_channel(&config.vault_config_service_url, timeout, forward::VAULT_CONFIG_SERVICE, &metrics)
-                .map_err(|e| anyhow::anyhow!("vault_config_service_url: {e}"))?;
+        let [secrets_channel, authz_channel, vault_channel] = config.channels(&internal, timeout, &metrics)?;
+        let client = internal.client();
 
         let secrets_channel_for_selector = secrets_channel.clone();
         let forwarder = forward::Forwarder {
-            secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), internal.clone()),
-            authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), internal.clone()),
-            vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), internal.clone()),
-            checks: AuthzClient::new(authz_channel.clone(), token).map_err(anyhow::Error::msg)?,
+            secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), client.clone()),
+            authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), client.clone()),
+            vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), client.clone()),
+            checks: AuthzClient::new(authz_channel.clone(), client.clone()),
         };
         let resolver = resolver::Resolver {
             kubernetes: resolver::KubernetesSource {
-                reader: SecretReaderClient::with_interceptor(secrets_channel, internal.clone()),
+                reader: SecretReaderClient::with_interceptor(secrets_channel, client.clone()),
             },
             vault: resolver::VaultSource {
-                reader: VaultReaderClient::with_interceptor(vault_channel.clone(), internal.clone()),
+                reader: VaultReaderClient::with_interceptor(vault_channel.clone(), client.clone()),
             },
-            authz: AuthzClient::new(authz_channel.clone(), token).map_err(anyhow::Error::msg)?,
+            authz: AuthzClient::new(authz_channel.clone(), client.clone()),
             selector: selector::Selector {
-                secrets: SecretServiceClient::with_interceptor(secrets_channel_for_selector, internal.clone()),
-                vault: VaultReaderClient::with_interceptor(vault_channel, internal),
-                authz: AuthzClient::new(authz_channel, token).map_err(anyhow::Error::msg)?,
+                secrets: SecretServiceClient::with_interceptor(secrets_channel_for_selector, client.clone()),
+                vault: VaultReaderClient::with_interceptor(vault_channel, client.clone()),
+                authz: AuthzClient::new(authz_channel, client.clone()),
             },
         };
 
         let (router, health) =
             server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE, VAULT_CONFIG_SERVICE]).await?;
         let router = router
-            .add_service(tonic::service::interceptor::InterceptedService::new(
+            .add_service(Authenticated::new(
                 GatewayServer::new(resolver).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
                 authenticator.clone(),
             ))
-            .add_service(SecretServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
-            .add_service(AuthzServiceServer::with_interceptor(forwarder.clone(), authenticator.clone()))
-            .add_service(VaultConfigServiceServer::with_interceptor(forwarder, authenticator));
+            .add_service(Authenticated::new(SecretServiceServer::new(forwarder.clone()), authenticator.clone()))
+            .add_service(Authenticated::new(AuthzServiceServer::new(forwarder.clone()), authenticator.clone()))
+            .add_service(Authenticated::new(VaultConfigServiceServer::new(forwarder), authenticator));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?
+                .with_tls(server_tls)
+                .with_health_addr(config.health_addr)
                 .await?,
         })
     }
@@ -172,6 +219,10 @@ impl Application {
 
     pub fn metrics_port(&self) -> Option<u16> {
         self.served.metrics_port()
+    }
+
+    pub fn health_port(&self) -> Option<u16> {
+        self.served.health_port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {

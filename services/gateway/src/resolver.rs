@@ -75,12 +75,13 @@ pub enum Target {
 }
 
 impl Target {
-    fn question<'a>(&'a self, subject: &'a Principal) -> Question<'a> {
+    fn question<'a>(&'a self, subject: &'a Principal, groups: &'a [Principal]) -> Question<'a> {
         match self {
             Target::Domain(d) => Question::domain(subject, Permission::UseSecrets, Some(d)),
             Target::Admin => Question::domain(subject, Permission::PlatformAdmin, None),
             Target::Vault(id) => Question::vault_config(subject, Permission::Use, id),
         }
+        .with_groups(groups)
     }
 
     fn describe(&self) -> String {
@@ -352,10 +353,13 @@ impl Resolver {
 
         // One authz round trip for every distinct target.
         let targets: Vec<Target> = wanted.iter().map(|(t, _)| t.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        let mut questions: Vec<Question> = targets.iter().map(|t| t.question(&caller.principal)).collect();
+        let mut questions: Vec<Question> =
+            targets.iter().map(|t| t.question(&caller.principal, &caller.member_of)).collect();
         if caller.must_not_be_admin {
             // In the same round trip: a delegating token may not act for an admin.
-            questions.push(Question::domain(&caller.principal, Permission::PlatformAdmin, None));
+            questions.push(
+                Question::domain(&caller.principal, Permission::PlatformAdmin, None).with_groups(&caller.member_of),
+            );
         }
         let mut answers = if questions.is_empty() { Vec::new() } else { self.authz.batch_check(&questions).await? };
         if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {

@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 
 use secrets_common::{
-    Principal,
     auth::{InternalChannel, act_as},
     authz::{AuthzClient, Question},
     error::{from_upstream, invalid_argument, to_rpc_status},
@@ -35,9 +34,9 @@ fn object(key: String, kind: pb::SourceType, id: &str) -> pb::SecretObject {
 }
 
 impl Selector {
-    async fn list_keys(&self, principal: &Principal, scope: pb::Scope, domain: &str) -> Result<Vec<String>, Status> {
+    async fn list_keys(&self, caller: &Caller, scope: pb::Scope, domain: &str) -> Result<Vec<String>, Status> {
         let mut request = Request::new(pb::ListSecretsRequest { scope: scope as i32, domain: domain.to_string() });
-        act_as(&mut request, principal, None);
+        act_as(&mut request, &caller.principal, Some(&caller.name), &caller.member_of);
         let listed = self.secrets.clone().list_secrets(request).await.map_err(|s| from_upstream(SECRET_SERVICE, s))?;
         Ok(listed.into_inner().secrets.into_iter().map(|s| s.key).collect())
     }
@@ -64,10 +63,14 @@ impl Selector {
             }
         };
         // One authz round trip: LIST_SECRETS in the domain, USE on each config.
-        let mut questions = vec![Question::domain(principal, Permission::ListSecrets, Some(domain))];
-        questions.extend(configs.iter().map(|c| Question::vault_config(principal, Permission::Use, &c.id)));
+        let groups = &caller.member_of;
+        let mut questions =
+            vec![Question::domain(principal, Permission::ListSecrets, Some(domain)).with_groups(groups)];
+        questions.extend(
+            configs.iter().map(|c| Question::vault_config(principal, Permission::Use, &c.id).with_groups(groups)),
+        );
         if caller.must_not_be_admin {
-            questions.push(Question::domain(principal, Permission::PlatformAdmin, None));
+            questions.push(Question::domain(principal, Permission::PlatformAdmin, None).with_groups(groups));
         }
         let mut answers = self.authz.batch_check(&questions).await?;
         if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
@@ -95,8 +98,8 @@ impl Selector {
                 .map_err(|s| from_upstream(VAULT_CONFIG_SERVICE, s))
         };
         let (domain_keys, global_keys, vault_keys) = tokio::join!(
-            self.list_keys(principal, pb::Scope::Domain, domain),
-            self.list_keys(principal, pb::Scope::Global, domain),
+            self.list_keys(caller, pb::Scope::Domain, domain),
+            self.list_keys(caller, pb::Scope::Global, domain),
             vault_keys
         );
         let domain_keys = domain_keys?;

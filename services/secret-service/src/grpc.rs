@@ -2,8 +2,8 @@
 
 use prost_types::Timestamp;
 use secrets_common::{
-    Principal, SecretValue,
-    auth::InternalCall,
+    SecretValue,
+    auth::{Acting, InternalCall},
     authz::{AuthzClient, Question},
     error::invalid_argument,
     validate::FieldViolation,
@@ -30,7 +30,7 @@ impl SecretGrpc {
 
     async fn authorize(
         &self,
-        principal: &Principal,
+        principal: &Acting,
         scope: &Scope,
         op: Op,
         view_domain: Option<&str>,
@@ -45,7 +45,9 @@ impl SecretGrpc {
             Op::List => format!("list {scope}"),
             Op::Write => format!("change {scope}"),
         };
-        self.authz.require(Question::domain(principal, permission, domain), &action).await
+        self.authz
+            .require(Question::domain(principal, permission, domain).with_groups(&principal.groups), &action)
+            .await
     }
 }
 
@@ -71,7 +73,7 @@ enum Op {
 
 impl SecretGrpc {
     async fn put(&self, call: &InternalCall, w: Write, mode: Mode) -> Result<Response<pb::SecretMetadata>, Status> {
-        let principal = call.require_principal()?;
+        let principal = &call.require_acting()?;
         record(&principal.to_string(), &w.domain, &w.key, w.scope);
         let scope = scope_of(w.scope, &w.domain, false)?;
         let value = value_of(w.value)?;
@@ -175,7 +177,7 @@ impl SecretService for SecretGrpc {
         request: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
         let call = InternalCall::of(&request);
-        let principal = call.require_principal()?;
+        let principal = &call.require_acting()?;
         let req = request.into_inner();
         record(&principal.to_string(), &req.domain, &req.key, req.scope);
         let scope = scope_of(req.scope, &req.domain, false)?;
@@ -191,7 +193,7 @@ impl SecretService for SecretGrpc {
         request: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
         let call = InternalCall::of(&request);
-        let principal = call.require_principal()?;
+        let principal = &call.require_acting()?;
         let req = request.into_inner();
         record(&principal.to_string(), &req.domain, "", req.scope);
         let scope = scope_of(req.scope, &req.domain, true)?;

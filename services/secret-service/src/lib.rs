@@ -27,11 +27,12 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use secrecy::SecretString;
 use secrets_common::{
-    auth::{InternalAuth, internal_channel},
+    auth::Internal,
     authz::{AUTHZ_SERVICE, AuthzClient},
     observe::Metrics,
     server::{self, Served},
     telemetry::TelemetryConfig,
+    tls::InternalTlsConfig,
 };
 use secrets_proto::{
     internal::v1::secret_reader_server::SecretReaderServer,
@@ -58,8 +59,13 @@ pub struct Config {
     /// while calls are still accepted, so load balancers stop sending before
     /// the listener closes. Set it to the load balancer's probe interval.
     pub shutdown_drain_ms: u64,
+    /// Plaintext gRPC health checks only, for Kubernetes probes when the
+    /// listener speaks TLS; unset: none.
+    pub health_addr: Option<SocketAddr>,
     /// The credential the gateway and the services present to each other.
     pub internal_token: Option<SecretString>,
+    /// Mutual TLS on internal hops; with it the internal token is optional.
+    pub internal_tls: Option<InternalTlsConfig>,
     /// The authz service, asked before every management call.
     pub authz_url: String,
     /// Bound on every call to another service.
@@ -80,7 +86,9 @@ impl Default for Config {
             listen_addr: ([127, 0, 0, 1], 50052).into(),
             metrics_addr: Some(([127, 0, 0, 1], 9102).into()),
             shutdown_drain_ms: 0,
+            health_addr: None,
             internal_token: None,
+            internal_tls: None,
             authz_url: "http://127.0.0.1:50053".into(),
             request_timeout_ms: 5_000,
             backend: None,
@@ -113,16 +121,15 @@ impl Config {
     }
 
     pub fn validate_in(&self, env: &Environment) -> anyhow::Result<()> {
-        self.internal_token()?;
-        secrets_common::auth::internal_channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
+        self.internal()?
+            .channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         self.store().validate(env)
     }
 
-    pub fn internal_token(&self) -> anyhow::Result<&SecretString> {
-        self.internal_token.as_ref().context(
-            "internal_token is required (set SECRET_SERVICE_INTERNAL_TOKEN or internal_token in the config file)",
-        )
+    /// The internal credential and mutual TLS, as configured.
+    pub fn internal(&self) -> anyhow::Result<Internal> {
+        Internal::new(self.internal_token.as_ref(), self.internal_tls.as_ref(), ENV_PREFIX).map_err(anyhow::Error::msg)
     }
 }
 
@@ -157,17 +164,18 @@ impl Application {
         listener: TcpListener,
         backend: Arc<SecretBackend>,
     ) -> anyhow::Result<Self> {
-        let token = config.internal_token()?;
+        let internal = config.internal()?;
         let metrics = Metrics::new();
         let timeout = Duration::from_millis(config.request_timeout_ms);
-        let channel = internal_channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
+        let channel = internal
+            .channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
-        let authz = AuthzClient::new(channel, token).map_err(anyhow::Error::msg)?;
+        let authz = AuthzClient::new(channel, internal.client());
         let backend: Arc<SecretBackend> = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
         let store = SecretStore::new(backend, config.object_prefix.clone());
         tracing::info!(backend = store.backend_name(), "secret store ready");
         let grpc = grpc::SecretGrpc::new(store, authz);
-        let auth = InternalAuth::new(token);
+        let auth = internal.auth();
 
         let (router, health) = server::router(&metrics, &[SECRET_SERVICE, SECRET_READER]).await?;
         let router = router
@@ -175,6 +183,9 @@ impl Application {
             .add_service(SecretReaderServer::with_interceptor(grpc, auth));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?
+                .with_tls(internal.server_tls())
+                .with_health_addr(config.health_addr)
                 .await?,
         })
     }
@@ -185,6 +196,10 @@ impl Application {
 
     pub fn metrics_port(&self) -> Option<u16> {
         self.served.metrics_port()
+    }
+
+    pub fn health_port(&self) -> Option<u16> {
+        self.served.health_port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {

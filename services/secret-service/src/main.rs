@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let config: Config =
         secrets_common::config::load(args.config.as_deref(), ENV_PREFIX).map_err(anyhow::Error::msg)?;
     if let Some(command) = args.command {
-        return command.run(config.listen_addr, || config.validate()).await;
+        return command.run(config.health_addr.unwrap_or(config.listen_addr), || config.validate()).await;
     }
     let _telemetry = secrets_common::telemetry::init("secret-service", &config.telemetry)?;
     let app = Application::build(config).await?;

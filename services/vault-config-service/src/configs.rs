@@ -9,8 +9,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use moka::future::Cache;
 use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set};
 use secrets_common::{
-    Principal, SecretValue,
-    auth::{InternalChannel, act_as},
+    SecretValue,
+    auth::{Acting, InternalChannel, act_as},
     authz::{AuthzClient, Question},
     error::from_upstream,
     validate::{self, FieldViolation},
@@ -123,8 +123,11 @@ impl Configs {
         }
     }
 
-    async fn require(&self, principal: &Principal, permission: Permission, id: &str, action: &str) -> Result<()> {
-        Ok(self.authz.require(Question::vault_config(principal, permission, id), action).await?)
+    async fn require(&self, principal: &Acting, permission: Permission, id: &str, action: &str) -> Result<()> {
+        Ok(self
+            .authz
+            .require(Question::vault_config(principal, permission, id).with_groups(&principal.groups), action)
+            .await?)
     }
 
     async fn row(&self, id: &str) -> Result<vault_config::Model> {
@@ -181,9 +184,9 @@ impl Configs {
             .await
     }
 
-    fn registry_request<T>(principal: &Principal, message: T) -> Request<T> {
+    fn registry_request<T>(principal: &Acting, message: T) -> Request<T> {
         let mut request = Request::new(message);
-        act_as(&mut request, principal, None);
+        act_as(&mut request, principal, None, &principal.groups);
         request
     }
 
@@ -197,7 +200,7 @@ impl Configs {
     /// object, its row to the database.
     pub async fn create(
         &self,
-        principal: &Principal,
+        principal: &Acting,
         domain: &str,
         bundle: &str,
         spec: &pb::VaultConfigSpec,
@@ -268,7 +271,7 @@ impl Configs {
         Ok(Config { row, credentials_set: true })
     }
 
-    pub async fn get(&self, principal: &Principal, id: &str) -> Result<Config> {
+    pub async fn get(&self, principal: &Acting, id: &str) -> Result<Config> {
         let row = self.row(id).await?;
         self.require(principal, Permission::View, id, &format!("see {}", label(&row))).await?;
         let credentials_set = self.credentials_of(&row).await?.is_some();
@@ -276,7 +279,7 @@ impl Configs {
     }
 
     /// The domain's configs the principal may VIEW (the rest are left out).
-    pub async fn list(&self, principal: &Principal, domain: &str) -> Result<Vec<Config>> {
+    pub async fn list(&self, principal: &Acting, domain: &str) -> Result<Vec<Config>> {
         validate::domain("domain", domain)?;
         let rows = self
             .db(vault_config::Entity::find()
@@ -287,8 +290,10 @@ impl Configs {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let questions: Vec<Question> =
-            rows.iter().map(|r| Question::vault_config(principal, Permission::View, &r.id)).collect();
+        let questions: Vec<Question> = rows
+            .iter()
+            .map(|r| Question::vault_config(principal, Permission::View, &r.id).with_groups(&principal.groups))
+            .collect();
         let answers = self.authz.batch_check(&questions).await?;
         let stored = self.store.read(&self.credentials_object(domain)).await?.unwrap_or_default();
         Ok(rows
@@ -299,7 +304,7 @@ impl Configs {
             .collect())
     }
 
-    pub async fn update(&self, principal: &Principal, id: &str, change: Change) -> Result<Config> {
+    pub async fn update(&self, principal: &Acting, id: &str, change: Change) -> Result<Config> {
         let row = self.row(id).await?;
         self.require(principal, Permission::Update, id, &format!("change {}", label(&row))).await?;
         if let Some(bundle) = change.bundle.as_deref().filter(|b| *b != row.bundle) {
@@ -357,7 +362,7 @@ impl Configs {
     }
 
     /// Removes the integration (row, credentials, placement); never data in Vault.
-    pub async fn delete(&self, principal: &Principal, id: &str) -> Result<()> {
+    pub async fn delete(&self, principal: &Acting, id: &str) -> Result<()> {
         let row = self.row(id).await?;
         self.require(principal, Permission::Update, id, &format!("delete {}", label(&row))).await?;
         self.db(vault_config::Entity::delete_by_id(id.to_string()).exec(&self.db)).await?;
@@ -378,7 +383,7 @@ impl Configs {
 
     /// Tests a saved config (UPDATE) or an unsaved one (domain owner or
     /// platform admin); saves nothing.
-    pub async fn test_saved(&self, principal: &Principal, id: &str) -> Result<pb::TestVaultConnectionResponse> {
+    pub async fn test_saved(&self, principal: &Acting, id: &str) -> Result<pb::TestVaultConnectionResponse> {
         let row = self.row(id).await?;
         self.require(principal, Permission::Update, id, &format!("test {}", label(&row))).await?;
         let connection = self.connection(&row).await?;
@@ -387,7 +392,7 @@ impl Configs {
 
     pub async fn test_unsaved(
         &self,
-        principal: &Principal,
+        principal: &Acting,
         domain: &str,
         spec: &pb::VaultConfigSpec,
     ) -> Result<pb::TestVaultConnectionResponse> {
@@ -396,7 +401,8 @@ impl Configs {
         let credentials = spec::credentials("unsaved.spec.credentials", spec.credentials.as_ref())?;
         self.authz
             .require(
-                Question::domain(principal, Permission::ManageDomainAccess, Some(domain)),
+                Question::domain(principal, Permission::ManageDomainAccess, Some(domain))
+                    .with_groups(&principal.groups),
                 &format!("test vault configs of domain {domain:?} (domain owners and platform admins)"),
             )
             .await?;
@@ -405,7 +411,7 @@ impl Configs {
     }
 
     /// The keys (field names) the config's secret offers: needs USE.
-    pub async fn keys(&self, principal: &Principal, id: &str) -> Result<Vec<String>> {
+    pub async fn keys(&self, principal: &Acting, id: &str) -> Result<Vec<String>> {
         let row = self.row(id).await?;
         self.require(principal, Permission::Use, id, &format!("list the keys of {}", label(&row))).await?;
         let fields = self.fields(&row).await.map_err(|f| Error::Vault(f.context(&label(&row))))?;

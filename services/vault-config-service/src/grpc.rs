@@ -1,7 +1,7 @@
 //! The tonic adapters: the public `VaultConfigService` and the internal
 //! `VaultReader`.
 
-use secrets_common::{Principal, auth::InternalCall};
+use secrets_common::auth::{Acting, InternalCall};
 use secrets_proto::{
     internal::v1::{self as internal, vault_reader_server::VaultReader},
     v1::{self as pb, vault_config_service_server::VaultConfigService},
@@ -22,8 +22,8 @@ impl VaultGrpc {
     }
 }
 
-fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
-    InternalCall::of(request).require_principal().cloned()
+fn principal<T>(request: &Request<T>) -> Result<Acting, Status> {
+    InternalCall::of(request).require_acting()
 }
 
 fn config_pb(c: Config) -> pb::VaultConfig {

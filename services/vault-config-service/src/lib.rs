@@ -18,11 +18,12 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use secrecy::SecretString;
 use secrets_common::{
-    auth::{InternalAuth, InternalClient, internal_channel},
+    auth::Internal,
     authz::{AUTHZ_SERVICE, AuthzClient},
     observe::Metrics,
     server::{self, Served},
     telemetry::TelemetryConfig,
+    tls::InternalTlsConfig,
 };
 use secrets_proto::{
     internal::v1::{resource_registry_client::ResourceRegistryClient, vault_reader_server::VaultReaderServer},
@@ -46,8 +47,13 @@ pub struct Config {
     /// After a shutdown signal: how long health checks answer NOT_SERVING
     /// while calls are still accepted.
     pub shutdown_drain_ms: u64,
+    /// Plaintext gRPC health checks only, for Kubernetes probes when the
+    /// listener speaks TLS; unset: none.
+    pub health_addr: Option<SocketAddr>,
     /// The credential the gateway and the services present to each other.
     pub internal_token: Option<SecretString>,
+    /// Mutual TLS on internal hops; with it the internal token is optional.
+    pub internal_tls: Option<InternalTlsConfig>,
     /// The authz service: permission checks and bundle placement.
     pub authz_url: String,
     /// Bound on every call to another service.
@@ -93,7 +99,9 @@ impl Default for Config {
             listen_addr: ([127, 0, 0, 1], 50054).into(),
             metrics_addr: Some(([127, 0, 0, 1], 9104).into()),
             shutdown_drain_ms: 0,
+            health_addr: None,
             internal_token: None,
+            internal_tls: None,
             authz_url: "http://127.0.0.1:50053".into(),
             request_timeout_ms: 5_000,
             database_url: "sqlite://data/vault-configs.db?mode=rwc".into(),
@@ -135,16 +143,15 @@ impl Config {
         }
     }
 
-    pub fn internal_token(&self) -> anyhow::Result<&SecretString> {
-        self.internal_token.as_ref().context(
-            "internal_token is required (set VAULT_CONFIG_SERVICE_INTERNAL_TOKEN or internal_token in the config file)",
-        )
+    /// The internal credential and mutual TLS, as configured.
+    pub fn internal(&self) -> anyhow::Result<Internal> {
+        Internal::new(self.internal_token.as_ref(), self.internal_tls.as_ref(), ENV_PREFIX).map_err(anyhow::Error::msg)
     }
 
     /// Everything that can be checked without starting: for `check-config`.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.internal_token()?;
-        internal_channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
+        self.internal()?
+            .channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         anyhow::ensure!(
             ["sqlite:", "postgres://", "postgresql://"].iter().any(|p| self.database_url.starts_with(p)),
@@ -167,14 +174,14 @@ impl Application {
     }
 
     pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
-        let token = config.internal_token()?;
+        let internal = config.internal()?;
         let metrics = Metrics::new();
         let timeout = Duration::from_millis(config.request_timeout_ms);
-        let channel = internal_channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
+        let channel = internal
+            .channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
-        let authz = AuthzClient::new(channel.clone(), token).map_err(anyhow::Error::msg)?;
-        let registry =
-            ResourceRegistryClient::with_interceptor(channel, InternalClient::new(token).map_err(anyhow::Error::msg)?);
+        let authz = AuthzClient::new(channel.clone(), internal.client());
+        let registry = ResourceRegistryClient::with_interceptor(channel, internal.client());
         let database_timeout = Duration::from_millis(config.database_timeout_ms);
         let db = db::connect(&config.database_url, database_timeout, Some(&metrics)).await?;
         let store = config.store().open::<Error>().await?;
@@ -189,13 +196,16 @@ impl Application {
         let configs =
             configs::Configs::new(db, store, config.object_prefix.clone(), authz, registry, limits, metrics.clone());
         let grpc = grpc::VaultGrpc::new(configs);
-        let auth = InternalAuth::new(token);
+        let auth = internal.auth();
         let (router, health) = server::router(&metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;
         let router = router
             .add_service(VaultConfigServiceServer::with_interceptor(grpc.clone(), auth.clone()))
             .add_service(VaultReaderServer::with_interceptor(grpc, auth));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
+                .await?
+                .with_tls(internal.server_tls())
+                .with_health_addr(config.health_addr)
                 .await?,
         })
     }
@@ -206,6 +216,10 @@ impl Application {
 
     pub fn metrics_port(&self) -> Option<u16> {
         self.served.metrics_port()
+    }
+
+    pub fn health_port(&self) -> Option<u16> {
+        self.served.health_port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {

@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::load(args.config.as_deref())?;
     if let Some(command) = args.command {
-        return command.run(config.listen_addr, || config.validate()).await;
+        return command.run(config.health_addr.unwrap_or(config.listen_addr), || config.validate()).await;
     }
     let _telemetry = secrets_common::telemetry::init("vault-config-service", &config.telemetry)?;
     let app = Application::build(config).await?;

@@ -1,7 +1,7 @@
 //! Bearer tokens, the internal credential between services, and the call
 //! metadata that carries the acting principal across hops.
 
-use std::{fmt, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -17,6 +17,7 @@ use crate::{
     Principal,
     error::invalid_argument,
     observe::{Metrics, TracedChannel},
+    tls::{InternalTls, InternalTlsConfig},
 };
 
 /// `authorization: Bearer <token>`.
@@ -27,6 +28,9 @@ pub const ON_BEHALF_OF: &str = "x-on-behalf-of";
 pub const PRINCIPAL: &str = "x-iomete-principal";
 /// Set by the gateway on internal hops: the authenticated caller (token name).
 pub const CALLER: &str = "x-iomete-caller";
+/// Set by the gateway on internal hops: the groups the identity provider
+/// says the principal belongs to (`group:a,group:b`).
+pub const GROUPS: &str = "x-iomete-groups";
 
 /// SHA-256 of a bearer token. Tokens are random and long, so a plain hash is
 /// enough; comparison is constant-time.
@@ -82,12 +86,20 @@ pub struct InternalCall {
     pub principal: Option<Principal>,
     /// The authenticated caller at the gateway, for logs and audit.
     pub caller: Option<String>,
+    /// Groups of the principal from its token's groups claim.
+    pub groups: Vec<Principal>,
 }
 
 impl InternalCall {
     /// The call's context, set by [`InternalAuth`].
     pub fn of<T>(request: &Request<T>) -> Self {
         request.extensions().get::<InternalCall>().cloned().unwrap_or_default()
+    }
+
+    /// The acting principal and its groups, or `UNAUTHENTICATED` when the
+    /// call carries no principal.
+    pub fn require_acting(&self) -> Result<Acting, Status> {
+        Ok(Acting { principal: self.require_principal()?.clone(), groups: self.groups.clone() })
     }
 
     /// The acting principal, or `UNAUTHENTICATED` when the call carries none.
@@ -98,28 +110,60 @@ impl InternalCall {
     }
 }
 
-/// Server-side check of the internal credential: the internal services accept
-/// calls only from the gateway (and from each other), never directly.
+/// The principal a call acts for, with the groups its identity provider
+/// says it belongs to (they count like recorded memberships).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acting {
+    pub principal: Principal,
+    pub groups: Vec<Principal>,
+}
+
+impl std::ops::Deref for Acting {
+    type Target = Principal;
+
+    fn deref(&self) -> &Principal {
+        &self.principal
+    }
+}
+
+impl fmt::Display for Acting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.principal.fmt(f)
+    }
+}
+
+/// Server-side check of internal calls: the internal services accept calls
+/// only from the gateway (and from each other), never directly. The caller
+/// proves itself with the shared internal token, a client certificate from
+/// the internal CA (mutual TLS), or both when both are configured.
 #[derive(Clone)]
 pub struct InternalAuth {
-    expected: TokenHash,
+    expected: Option<TokenHash>,
+    mtls: bool,
 }
 
 impl InternalAuth {
     pub fn new(token: &SecretString) -> Self {
-        Self { expected: TokenHash::of(token.expose_secret()) }
+        Self { expected: Some(TokenHash::of(token.expose_secret())), mtls: false }
     }
 }
 
 impl Interceptor for InternalAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = bearer(request.metadata()).ok_or_else(|| {
-            Status::unauthenticated("missing internal credential: this service accepts calls only from the gateway")
-        })?;
-        if !self.expected.matches(&TokenHash::of(presented)) {
+        if self.mtls && !crate::tls::has_client_certificate(&request) {
             return Err(Status::unauthenticated(
-                "wrong internal credential: this service accepts calls only from the gateway",
+                "no client certificate: this service accepts only mutual-TLS calls from the gateway",
             ));
+        }
+        if let Some(expected) = &self.expected {
+            let presented = bearer(request.metadata()).ok_or_else(|| {
+                Status::unauthenticated("missing internal credential: this service accepts calls only from the gateway")
+            })?;
+            if !expected.matches(&TokenHash::of(presented)) {
+                return Err(Status::unauthenticated(
+                    "wrong internal credential: this service accepts calls only from the gateway",
+                ));
+            }
         }
         let principal = match request.metadata().get(PRINCIPAL) {
             None => None,
@@ -131,16 +175,34 @@ impl Interceptor for InternalAuth {
             }
         };
         let caller = request.metadata().get(CALLER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        request.extensions_mut().insert(InternalCall { principal, caller });
+        let groups = match request.metadata().get(GROUPS) {
+            None => Vec::new(),
+            Some(v) => parse_groups(v.to_str().unwrap_or_default())?,
+        };
+        request.extensions_mut().insert(InternalCall { principal, caller, groups });
         Ok(request)
     }
 }
 
-/// Client-side interceptor for internal hops: adds the internal credential.
-/// (The trace context is added by the [`TracedChannel`] underneath.)
+/// The groups of [`GROUPS`]: `group:NAME` separated by commas.
+fn parse_groups(text: &str) -> Result<Vec<Principal>, Status> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(|g| match Principal::parse_subject(GROUPS, g) {
+            Ok(p) if p.kind == crate::principal::SubjectKind::Group => Ok(p),
+            Ok(_) => Err(invalid_argument(crate::validate::FieldViolation::new(GROUPS, "lists groups only"))),
+            Err(v) => Err(invalid_argument(v)),
+        })
+        .collect()
+}
+
+/// Client-side interceptor for internal hops: adds the internal credential
+/// when one is configured. (The trace context is added by the
+/// [`TracedChannel`] underneath.)
 #[derive(Clone)]
 pub struct InternalClient {
-    authorization: AsciiMetadataValue,
+    authorization: Option<AsciiMetadataValue>,
 }
 
 impl InternalClient {
@@ -149,19 +211,87 @@ impl InternalClient {
             .parse()
             .map_err(|_| "the internal token must be printable ASCII".to_string())?;
         authorization.set_sensitive(true);
-        Ok(Self { authorization })
+        Ok(Self { authorization: Some(authorization) })
     }
 }
 
 impl Interceptor for InternalClient {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert(AUTHORIZATION, self.authorization.clone());
+        if let Some(authorization) = &self.authorization {
+            request.metadata_mut().insert(AUTHORIZATION, authorization.clone());
+        }
         Ok(request)
     }
 }
 
-/// Marks a request to an internal service as acting for `principal`.
-pub fn act_as<T>(request: &mut Request<T>, principal: &Principal, caller: Option<&str>) {
+/// How a service proves itself on internal hops and checks its callers: the
+/// shared internal token (local runs), mutual TLS with the internal CA, or
+/// both. Built once from the service's configuration.
+#[derive(Clone)]
+pub struct Internal {
+    client: InternalClient,
+    auth: InternalAuth,
+    tls: Option<InternalTls>,
+}
+
+impl Internal {
+    /// `env_prefix` names the environment variable in the error when
+    /// neither is configured.
+    pub fn new(
+        token: Option<&SecretString>,
+        tls: Option<&InternalTlsConfig>,
+        env_prefix: &str,
+    ) -> Result<Self, String> {
+        if token.is_none() && tls.is_none() {
+            return Err(format!(
+                "internal_token or internal_tls is required (set {env_prefix}INTERNAL_TOKEN, or \
+                 internal_tls.ca_file, cert_file and key_file in the config file)"
+            ));
+        }
+        let tls = tls.map(InternalTls::new).transpose().map_err(|e| format!("internal_tls: {e}"))?;
+        let client = match token {
+            Some(t) => InternalClient::new(t)?,
+            None => InternalClient { authorization: None },
+        };
+        let auth = InternalAuth { expected: token.map(|t| TokenHash::of(t.expose_secret())), mtls: tls.is_some() };
+        Ok(Self { client, auth, tls })
+    }
+
+    pub fn client(&self) -> InternalClient {
+        self.client.clone()
+    }
+
+    pub fn auth(&self) -> InternalAuth {
+        self.auth.clone()
+    }
+
+    /// The TLS of an internal listener, when mutual TLS is configured.
+    pub fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.as_ref().map(|t| t.server.clone())
+    }
+
+    /// A channel to another service, as [`internal_channel`]. With mutual
+    /// TLS configured the URL must be `https://`, without it `http://`.
+    pub fn channel(
+        &self,
+        url: &str,
+        request_timeout: Duration,
+        peer: &'static str,
+        metrics: &Metrics,
+    ) -> Result<TracedChannel, String> {
+        channel(url, request_timeout, peer, metrics, self.tls.as_ref().map(|t| t.client.clone()))
+    }
+}
+
+/// Marks a request to an internal service as acting for `principal`, who
+/// belongs to `groups` by its identity provider's word.
+pub fn act_as<T>(request: &mut Request<T>, principal: &Principal, caller: Option<&str>, groups: &[Principal]) {
+    if !groups.is_empty() {
+        let list = groups.iter().map(Principal::to_string).collect::<Vec<_>>().join(",");
+        if let Ok(v) = list.parse() {
+            request.metadata_mut().insert(GROUPS, v);
+        }
+    }
     if let Ok(v) = principal.to_string().parse() {
         request.metadata_mut().insert(PRINCIPAL, v);
     }
@@ -170,22 +300,55 @@ pub fn act_as<T>(request: &mut Request<T>, principal: &Principal, caller: Option
     }
 }
 
-/// A channel to another service that connects on first use and reconnects
-/// by itself, so services start in any order and recover when a peer returns.
-/// Every call is bounded by `request_timeout`, traced, and counted as a
-/// backend call of `peer`.
+/// A plaintext channel to another service that connects on first use and
+/// reconnects by itself, so services start in any order and recover when a
+/// peer returns. Every call is bounded by `request_timeout`, traced, and
+/// counted as a backend call of `peer`.
 pub fn internal_channel(
     url: &str,
     request_timeout: Duration,
     peer: &'static str,
     metrics: &Metrics,
 ) -> Result<TracedChannel, String> {
+    channel(url, request_timeout, peer, metrics, None)
+}
+
+fn channel(
+    url: &str,
+    request_timeout: Duration,
+    peer: &'static str,
+    metrics: &Metrics,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<TracedChannel, String> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
-    let channel: Channel = endpoint
+    let https = endpoint.uri().scheme_str() == Some("https");
+    if endpoint.uri().host().is_none() {
+        return Err(format!("{url:?} names no host"));
+    }
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(2).min(request_timeout))
         .timeout(request_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    let channel: Channel = match (tls, https) {
+        // tonic's own TLS cannot reload a client certificate, so the
+        // connector does TLS itself; tonic is handed the plain scheme.
+        (Some(tls), true) => {
+            let plain = format!("http://{}", endpoint.uri().authority().map(|a| a.as_str()).unwrap_or_default());
+            Endpoint::from_shared(plain)
+                .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?
+                .connect_timeout(Duration::from_secs(2).min(request_timeout))
+                .timeout(request_timeout)
+                .tcp_nodelay(true)
+                .connect_with_connector_lazy(crate::tls::TlsConnector::new(tls))
+        }
+        (None, false) => endpoint.connect_lazy(),
+        (Some(_), false) => {
+            return Err(format!("{url:?} must start with https:// when internal_tls is configured"));
+        }
+        (None, true) => {
+            return Err(format!("{url:?} is https://: configure internal_tls (ca_file, cert_file, key_file) for it"));
+        }
+    };
     Ok(TracedChannel::new(channel, peer, metrics.clone()))
 }
 
@@ -220,11 +383,12 @@ mod tests {
 
         let mut client = InternalClient::new(&token).unwrap();
         let mut ok = client.call(Request::new(())).unwrap();
-        act_as(&mut ok, &Principal::user("alice"), Some("spark"));
+        act_as(&mut ok, &Principal::user("alice"), Some("spark"), &[Principal::group("eng")]);
         let ok = auth.call(ok).unwrap();
         let call = InternalCall::of(&ok);
         assert_eq!(call.principal, Some(Principal::user("alice")));
         assert_eq!(call.caller.as_deref(), Some("spark"));
+        assert_eq!(call.groups, vec![Principal::group("eng")]);
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! the authz service cannot answer, the caller gets `UNAVAILABLE` and nothing
 //! is allowed.
 
-use secrecy::SecretString;
 use secrets_proto::v1::{
     BatchCheckRequest, CheckRequest, CheckResponse, Permission, authz_service_client::AuthzServiceClient,
 };
@@ -30,23 +29,33 @@ pub struct Question<'a> {
     pub domain: Option<&'a str>,
     /// For VIEW, UPDATE and USE: the Vault config asked about.
     pub vault_config: Option<&'a str>,
+    /// Groups of the subject from its identity provider.
+    pub groups: &'a [Principal],
 }
 
 impl<'a> Question<'a> {
     /// A domain permission (or PLATFORM_ADMIN, with no domain).
     pub fn domain(subject: &'a Principal, permission: Permission, domain: Option<&'a str>) -> Self {
-        Self { subject, permission, domain, vault_config: None }
+        Self { subject, permission, domain, vault_config: None, groups: &[] }
     }
 
     /// VIEW, UPDATE or USE on a Vault config.
     pub fn vault_config(subject: &'a Principal, permission: Permission, id: &'a str) -> Self {
-        Self { subject, permission, domain: None, vault_config: Some(id) }
+        Self { subject, permission, domain: None, vault_config: Some(id), groups: &[] }
+    }
+}
+
+impl<'a> Question<'a> {
+    /// The same question, counting `groups` as memberships of the subject.
+    pub fn with_groups(mut self, groups: &'a [Principal]) -> Self {
+        self.groups = groups;
+        self
     }
 }
 
 impl AuthzClient {
-    pub fn new(channel: TracedChannel, internal_token: &SecretString) -> Result<Self, String> {
-        Ok(Self { inner: AuthzServiceClient::with_interceptor(channel, InternalClient::new(internal_token)?) })
+    pub fn new(channel: TracedChannel, client: InternalClient) -> Self {
+        Self { inner: AuthzServiceClient::with_interceptor(channel, client) }
     }
 
     /// Asks several questions in one round trip; answers in order.
@@ -61,6 +70,7 @@ impl AuthzClient {
                     r#type: secrets_proto::v1::ResourceType::VaultConfig as i32,
                     id: id.to_string(),
                 }),
+                groups: q.groups.iter().map(Principal::to_string).collect(),
                 ..Default::default()
             })
             .collect::<Vec<_>>();

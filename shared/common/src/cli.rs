@@ -7,14 +7,15 @@ pub enum Maintenance {
     /// Loads and checks the configuration (file and environment), prints
     /// what is wrong, and exits; starts nothing.
     CheckConfig,
-    /// Exits 0 when the service on the configured listen_addr is serving.
+    /// Exits 0 when the service is serving (asked on health_addr when set,
+    /// else on listen_addr).
     HealthCheck,
 }
 
 impl Maintenance {
     pub async fn run(
         self,
-        listen_addr: SocketAddr,
+        probe_addr: SocketAddr,
         validate: impl FnOnce() -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         match self {
@@ -23,7 +24,7 @@ impl Maintenance {
                 println!("configuration ok");
                 Ok(())
             }
-            Self::HealthCheck => crate::server::probe(listen_addr).await,
+            Self::HealthCheck => crate::server::probe(probe_addr).await,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod observe;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 // The rules and types without I/O, re-exported so services name one crate.
 pub use secrets_types::{Principal, SecretValue, placeholder, principal, validate, value};

@@ -151,6 +151,8 @@ pub struct Served {
     metrics: Metrics,
     metrics_listener: Option<TcpListener>,
     drain: std::time::Duration,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    health_listener: Option<TcpListener>,
 }
 
 impl Served {
@@ -168,7 +170,27 @@ impl Served {
             Some(addr) => Some(crate::observe::bind_metrics(addr).await?),
             None => None,
         };
-        Ok(Self { listener, router, health, metrics, metrics_listener, drain })
+        Ok(Self { listener, router, health, metrics, metrics_listener, drain, tls: None, health_listener: None })
+    }
+
+    /// Serves TLS (and only TLS) on the listener when `tls` is set.
+    pub fn with_tls(mut self, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Also answers gRPC health checks in plaintext on `addr` (and nothing
+    /// else there): for Kubernetes gRPC probes, which cannot speak TLS.
+    pub async fn with_health_addr(mut self, addr: Option<SocketAddr>) -> std::io::Result<Self> {
+        if let Some(addr) = addr {
+            self.health_listener = Some(bind(addr).await?);
+        }
+        Ok(self)
+    }
+
+    /// The plaintext health port, when there is one.
+    pub fn health_port(&self) -> Option<u16> {
+        self.health_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port())
     }
 
     pub fn port(&self) -> u16 {
@@ -199,12 +221,31 @@ impl Served {
             }
         }
         .shared();
-        let grpc = self.router.serve_with_incoming_shutdown(incoming(self.listener), shutdown.clone());
-        let serve = async {
-            match self.metrics_listener {
-                Some(l) => tokio::join!(grpc, self.metrics.serve(l, shutdown.clone())).0,
-                None => grpc.await,
+        use futures::future::Either;
+        let grpc = match self.tls {
+            Some(tls) => Either::Left(
+                self.router.serve_with_incoming_shutdown(crate::tls::incoming(self.listener, tls), shutdown.clone()),
+            ),
+            None => Either::Right(self.router.serve_with_incoming_shutdown(incoming(self.listener), shutdown.clone())),
+        };
+        let health = match self.health_listener {
+            Some(l) => {
+                let service = tonic_health::pb::health_server::HealthServer::new(
+                    tonic_health::server::HealthService::from_health_reporter(self.health.reporter.clone()),
+                );
+                Either::Left(
+                    Server::builder().add_service(service).serve_with_incoming_shutdown(incoming(l), shutdown.clone()),
+                )
             }
+            None => Either::Right(futures::future::ready(Ok(()))),
+        };
+        let metrics = match self.metrics_listener {
+            Some(l) => Either::Left(self.metrics.serve(l, shutdown.clone())),
+            None => Either::Right(futures::future::ready(())),
+        };
+        let serve = async {
+            let (grpc, health, ()) = tokio::join!(grpc, health, metrics);
+            grpc.and(health)
         };
         let deadline = async {
             shutdown.clone().await;

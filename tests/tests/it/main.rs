@@ -20,6 +20,7 @@ mod resilience;
 mod resolve;
 mod secrets;
 mod store_suite;
+mod tls;
 mod traces;
 mod vault;
 mod vault_matrix;
