@@ -10,6 +10,7 @@ mod deployment;
 mod embedded;
 mod grpcurl;
 mod internal;
+mod jwt;
 mod kubernetes;
 mod least_privilege;
 mod logs;

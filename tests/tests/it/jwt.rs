@@ -1,0 +1,273 @@
+//! Identity tokens at the gateway: users with JWTs from an OpenID Connect
+//! provider (discovery document + JWKS over HTTP, made in the test), and
+//! platform services with Kubernetes service-account tokens. Every refusal
+//! is UNAUTHENTICATED with a reason naming what failed, never the token.
+
+use std::time::Duration;
+
+use gateway::jwt::{IssuerConfig, IssuerKind};
+use integration_tests::{
+    oidc::{FakeOidc, SigningKey},
+    *,
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use secrets_proto::v1 as pb;
+use serde_json::json;
+use tonic::Code;
+
+const DOMAIN: &str = "finance";
+const AUDIENCE: &str = "secrets-gateway";
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:compute:compute-manager";
+
+fn issuer(oidc: &FakeOidc, name: &str, kind: IssuerKind) -> IssuerConfig {
+    IssuerConfig {
+        name: name.into(),
+        kind,
+        issuer: oidc.issuer.clone(),
+        audiences: vec![AUDIENCE.into()],
+        discovery_url: None,
+        ca_file: None,
+        bearer_token_file: None,
+        user_claim: "preferred_username".into(),
+        groups_claim: Some("groups".into()),
+        leeway_s: 30,
+        jwks_min_refresh_ms: 400,
+        jwks_max_age_ms: 600_000,
+        fetch_timeout_ms: 2_000,
+    }
+}
+
+fn user_claims(oidc: &FakeOidc, user: &str, groups: &[&str]) -> serde_json::Value {
+    let mut claims = oidc.claims(AUDIENCE, &format!("uuid-of-{user}"));
+    claims["preferred_username"] = json!(user);
+    claims["groups"] = json!(groups);
+    claims
+}
+
+async fn spawn(keycloak: &FakeOidc, cluster: Option<&FakeOidc>) -> TestApp {
+    spawn_with_max_age(keycloak, cluster, 600_000).await
+}
+
+/// `max_age_ms`: how old the cached keys may get before a use refreshes them.
+async fn spawn_with_max_age(keycloak: &FakeOidc, cluster: Option<&FakeOidc>, max_age_ms: u64) -> TestApp {
+    let mut issuers =
+        vec![IssuerConfig { jwks_max_age_ms: max_age_ms, ..issuer(keycloak, "keycloak", IssuerKind::Users) }];
+    if let Some(c) = cluster {
+        issuers.push(issuer(c, "cluster", IssuerKind::ServiceAccounts));
+    }
+    TestApp::spawn_with(Options {
+        jwt_issuers: issuers,
+        service_accounts: vec![gateway::ServiceAccountConfig {
+            service_account: SERVICE_ACCOUNT.into(),
+            subject: "compute".into(),
+            allow: None,
+            act_for: None,
+            act_for_admins: false,
+        }],
+        ..Default::default()
+    })
+    .await
+}
+
+fn with_jwt(app: &TestApp, token: &str, on_behalf_of: Option<&str>) -> Clients {
+    Clients::over(app.gateway_channel(), Some(token), on_behalf_of)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_with_provider_tokens_act_as_themselves_and_their_token_groups_count() {
+    let key = SigningKey::generate("k1");
+    let keycloak = FakeOidc::start(&[&key]).await;
+    let app = spawn(&keycloak, None).await;
+    app.setup_domain(DOMAIN).await;
+    app.as_user(OWNER).create(DOMAIN, "db-password", "v").await.expect("create");
+
+    let owner = with_jwt(&app, &key.sign(&user_claims(&keycloak, OWNER, &[])), None);
+    assert_eq!(owner.list(DOMAIN).await.expect("the owner by JWT"), ["db-password"]);
+
+    // A stranger sees nothing... until the provider puts them in a group
+    // that is a member of the domain with LIST_SECRETS.
+    let stranger = with_jwt(&app, &key.sign(&user_claims(&keycloak, STRANGER, &[])), None);
+    assert_eq!(stranger.list(DOMAIN).await.unwrap_err().code(), Code::PermissionDenied);
+    let admin = app.as_user(ADMIN);
+    admin
+        .authz
+        .clone()
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: DOMAIN.into(),
+            subject: "group:data-eng".into(),
+            role: pb::DomainRole::Member as i32,
+        })
+        .await
+        .expect("group member");
+    admin
+        .authz
+        .clone()
+        .grant_domain_permission(pb::GrantDomainPermissionRequest {
+            domain: DOMAIN.into(),
+            subject: "group:data-eng".into(),
+            permission: pb::Permission::ListSecrets as i32,
+        })
+        .await
+        .expect("grant to the group");
+    // Keycloak writes group paths.
+    let in_group = with_jwt(&app, &key.sign(&user_claims(&keycloak, STRANGER, &["/data-eng"])), None);
+    assert_eq!(in_group.list(DOMAIN).await.expect("a member by the groups claim"), ["db-password"]);
+    assert_eq!(stranger.list(DOMAIN).await.unwrap_err().code(), Code::PermissionDenied, "not without the claim");
+
+    // A user token never acts for someone else.
+    let other = with_jwt(&app, &key.sign(&user_claims(&keycloak, OWNER, &[])), Some("user:admin"));
+    let e = other.list(DOMAIN).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("only platform services may act on behalf"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_token_is_unauthenticated_with_the_reason_and_never_the_token() {
+    let key = SigningKey::generate("k1");
+    let keycloak = FakeOidc::start(&[&key]).await;
+    let elsewhere_key = SigningKey::generate("k1");
+    let elsewhere = FakeOidc::start(&[&elsewhere_key]).await;
+    let app = spawn(&keycloak, None).await;
+    app.setup_domain(DOMAIN).await;
+    let good = user_claims(&keycloak, OWNER, &[]);
+    let now = chrono::Utc::now().timestamp();
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+
+    let mut wrong_aud = good.clone();
+    wrong_aud["aud"] = json!("another-app");
+    let mut expired = good.clone();
+    expired["exp"] = json!(now - 120);
+    let mut early = good.clone();
+    early["nbf"] = json!(now + 3600);
+    let mut no_exp = good.clone();
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let hs256 = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(&header, &good, &EncodingKey::from_secret(&key.public_bytes()).unwrap()).unwrap()
+    };
+    let unsigned = format!("{}.{}.", b64(r#"{"alg":"none","kid":"k1"}"#), b64(&good.to_string()));
+    let unknown_kid = SigningKey::generate("k-unpublished").sign(&good);
+    let tampered = {
+        let token = key.sign(&good);
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut claims = good.clone();
+        claims["preferred_username"] = json!(ADMIN);
+        format!("{}.{}.{}", parts[0], b64(&claims.to_string()), parts[2])
+    };
+    let mut foreign_claims = good.clone();
+    foreign_claims["iss"] = json!(elsewhere.issuer);
+
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("alg none", unsigned, "alg none is refused"),
+        ("HS256 signed with the public key", hs256, "alg \"HS256\" is refused"),
+        ("wrong issuer", elsewhere_key.sign(&foreign_claims), "is not trusted"),
+        ("wrong audience", key.sign(&wrong_aud), "wrong audience"),
+        ("expired", key.sign(&expired), "expired"),
+        ("not yet valid", key.sign(&early), "not valid yet"),
+        ("no exp", key.sign(&no_exp), "no exp claim"),
+        ("unknown key", unknown_kid, "unknown signing key kid \"k-unpublished\""),
+        ("tampered payload", tampered, "bad signature"),
+    ];
+    for (name, token, reason) in cases {
+        let e = with_jwt(&app, &token, None).list(DOMAIN).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{name}: {e:?}");
+        assert!(e.message().contains(reason), "{name}: {}", e.message());
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(signature.is_empty() || !e.message().contains(signature), "{name}: the token is echoed");
+        assert!(!logs::captured().contains(&token), "{name}: the token reached the logs");
+    }
+    // And the good one passes.
+    with_jwt(&app, &key.sign(&good), None).list(DOMAIN).await.expect("a valid token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_keys_are_fetched_once_within_the_bound_and_cached_keys_outlive_a_provider_outage() {
+    let k1 = SigningKey::generate("k1");
+    let keycloak = FakeOidc::start(&[&k1]).await;
+    let app = spawn_with_max_age(&keycloak, None, 1_500).await;
+    app.setup_domain(DOMAIN).await;
+    let claims = user_claims(&keycloak, OWNER, &[]);
+    with_jwt(&app, &k1.sign(&claims), None).list(DOMAIN).await.expect("k1");
+    assert_eq!(keycloak.fetches(), 1, "keys are fetched on first use, then cached");
+    for _ in 0..5 {
+        with_jwt(&app, &k1.sign(&claims), None).list(DOMAIN).await.expect("k1 again");
+    }
+    assert_eq!(keycloak.fetches(), 1, "known keys need no fetch");
+
+    // A flood of unknown key ids costs at most one fetch per bound (400 ms).
+    for i in 0..30 {
+        let e = with_jwt(&app, &SigningKey::generate(&format!("junk-{i}")).sign(&claims), None)
+            .list(DOMAIN)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    assert!(keycloak.fetches() <= 2, "unknown kids fetched the key set {} times", keycloak.fetches());
+
+    // The provider rotates to k2: accepted once the bound has passed.
+    let k2 = SigningKey::generate("k2");
+    keycloak.publish(&[&k1, &k2]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    with_jwt(&app, &k2.sign(&claims), None).list(DOMAIN).await.expect("the new key after a refresh");
+
+    // The provider goes down: known keys keep working past their maximum
+    // age (each use tries a refresh, bounded, and keeps them), new ones
+    // cannot be learned.
+    keycloak.set_down(true);
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    with_jwt(&app, &k1.sign(&claims), None).list(DOMAIN).await.expect("k1 during the outage");
+    with_jwt(&app, &k2.sign(&claims), None).list(DOMAIN).await.expect("k2 during the outage");
+    let k3 = SigningKey::generate("k3");
+    let e = with_jwt(&app, &k3.sign(&claims), None).list(DOMAIN).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("unknown signing key"), "{}", e.message());
+    assert!(logs::captured().contains("cannot refresh the signing keys; keeping the cached ones"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_are_platform_services_with_least_privilege() {
+    let user_key = SigningKey::generate("u1");
+    let keycloak = FakeOidc::start(&[&user_key]).await;
+    let cluster_key = SigningKey::generate("sa1");
+    let cluster = FakeOidc::start(&[&cluster_key]).await;
+    let app = spawn(&keycloak, Some(&cluster)).await;
+    app.setup_domain(DOMAIN).await;
+    app.as_user(OWNER).create(DOMAIN, "api-key", "k-value").await.expect("create");
+    let sa_token = cluster_key.sign(&cluster.claims(AUDIENCE, SERVICE_ACCOUNT));
+
+    // Resolves for a user, and receives the value: it is a platform service.
+    let compute = with_jwt(&app, &sa_token, Some(&format!("user:{OWNER}")));
+    let resolved = compute
+        .resolve(DOMAIN, vec![text_item("key", "${secrets.api-key}")])
+        .await
+        .expect("a service account resolves for a user");
+    assert!(matches!(&resolved[0].result, Some(pb::resolved_item::Result::Text(t)) if t == "k-value"));
+
+    // Only what its defaults allow: no management, no acting for an admin.
+    let e = compute.create(DOMAIN, "x", "y").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains(SERVICE_ACCOUNT) && e.message().contains("may not call"), "{}", e.message());
+    let as_admin = with_jwt(&app, &sa_token, Some(&format!("user:{ADMIN}")));
+    let e = as_admin.resolve(DOMAIN, vec![text_item("key", "${secrets.api-key}")]).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("a platform admin"), "{}", e.message());
+    let e = with_jwt(&app, &sa_token, Some("service:spark")).list(DOMAIN).await.unwrap_err();
+    assert!(e.message().contains("may not act for service:spark"), "{}", e.message());
+
+    // A service account the gateway does not list, and a user token from the
+    // cluster issuer, are refused.
+    let stranger = cluster_key.sign(&cluster.claims(AUDIENCE, "system:serviceaccount:default:default"));
+    let e = with_jwt(&app, &stranger, None).list(DOMAIN).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("not a platform service here"), "{}", e.message());
+    let not_sa = cluster_key.sign(&cluster.claims(AUDIENCE, "alice"));
+    let e = with_jwt(&app, &not_sa, None).list(DOMAIN).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("is not a service account"), "{}", e.message());
+    // The calling identity is in the logs beside the acting principal.
+    assert!(logs::captured().contains(SERVICE_ACCOUNT), "the calling service account is logged");
+}
