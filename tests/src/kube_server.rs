@@ -31,6 +31,9 @@ pub struct Counters {
     /// blindly, overwriting concurrent writers.
     pub unconditional_puts: usize,
     pub invalid: usize,
+    /// The RBAC verbs of every request received (get, list, watch, create,
+    /// update, patch, delete), for checking a Role against real use.
+    pub verbs: std::collections::BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -169,6 +172,7 @@ fn validate(name: &str, secret: &mut Secret) -> Result<(), String> {
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_owned);
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (namespace, name) = match parts.as_slice() {
@@ -183,6 +187,18 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         }
     };
     let mut s = state.lock().unwrap();
+    let watching = query.as_deref().is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let verb = match (&method, &name) {
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "other",
+    };
+    s.counters.verbs.insert(verb.to_string());
     if let Some(code) = s.failing {
         let code = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         return Ok(status(code, "ServiceUnavailable", "the API server is shutting down".into()));

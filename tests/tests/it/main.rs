@@ -14,6 +14,7 @@ mod jwt;
 mod kubernetes;
 mod least_privilege;
 mod logs;
+mod manifests;
 mod metrics;
 mod permissions;
 mod readme;
