@@ -97,7 +97,7 @@ async fn bad_metadata_is_refused_with_the_header_named() {
     let user_on_behalf = Clients::new(&app.gateway_url, Some(app.token(LISTER)), Some("user:admin"));
     let err = user_on_behalf.list("finance").await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("only platform-service tokens may act on behalf"), "{}", err.message());
+    assert!(err.message().contains("only platform services may act on behalf"), "{}", err.message());
 }
 
 #[tokio::test]
