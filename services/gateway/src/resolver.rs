@@ -361,18 +361,29 @@ impl Resolver {
                 Question::domain(&caller.principal, Permission::PlatformAdmin, None).with_groups(&caller.member_of),
             );
         }
-        let mut answers = if questions.is_empty() { Vec::new() } else { self.authz.batch_check(&questions).await? };
+        // The check and the store read run at once; what is denied is
+        // discarded. Vault reads wait for the answer: they reach an outside
+        // system, per config, only for configs the principal may USE.
+        let (kubernetes, vault): (Vec<Lookup>, Vec<Lookup>) =
+            wanted.iter().partition(|(t, _)| !matches!(t, Target::Vault(_)));
+        let check =
+            async { if questions.is_empty() { Ok(Vec::new()) } else { self.authz.batch_check(&questions).await } };
+        let (answers, from_kubernetes) = tokio::join!(check, read_from(&self.kubernetes, &kubernetes));
+        let mut answers = answers?;
         if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
             return Err(caller.admin_refusal());
         }
         let denied: BTreeMap<&Target, String> =
             targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
-
-        // One round trip per source for every permitted key, concurrently.
-        let (vault, kubernetes): (Vec<Lookup>, Vec<Lookup>) =
-            wanted.iter().filter(|(t, _)| !denied.contains_key(t)).partition(|(t, _)| matches!(t, Target::Vault(_)));
-        let (from_kubernetes, from_vault) =
-            tokio::try_join!(read_from(&self.kubernetes, &kubernetes), read_from(&self.vault, &vault))?;
+        // A store that failed matters only if something read from it was allowed.
+        let from_kubernetes = match from_kubernetes {
+            Ok(values) => values,
+            Err(_) if kubernetes.iter().all(|(t, _)| denied.contains_key(t)) => Values::new(),
+            Err(e) => return Err(e),
+        };
+        let vault: Vec<Lookup> = vault.into_iter().filter(|(t, _)| !denied.contains_key(t)).collect();
+        let from_vault = read_from(&self.vault, &vault).await?;
+        let from_kubernetes = from_kubernetes.into_iter().filter(|((t, _), _)| !denied.contains_key(t));
         let values: Values = from_kubernetes.into_iter().chain(from_vault).collect();
 
         let mut counts = Counts::default();

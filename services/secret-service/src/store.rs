@@ -168,10 +168,12 @@ impl SecretStore {
         for (i, l) in lookups.iter().enumerate() {
             validate::secret_key(&format!("lookups[{i}].key"), &l.key)?;
         }
-        let mut objects: BTreeMap<Scope, Entries> = BTreeMap::new();
-        let load = async |scope: &Scope, objects: &mut BTreeMap<Scope, Entries>| -> Result<()> {
+        // Shared copies: looking up a key costs the same whatever the
+        // object's size.
+        let mut objects: BTreeMap<Scope, Arc<Entries>> = BTreeMap::new();
+        let load = async |scope: &Scope, objects: &mut BTreeMap<Scope, Arc<Entries>>| -> Result<()> {
             if !objects.contains_key(scope) {
-                let entries = self.backend.read(&self.object_name(scope)).await?.unwrap_or_default();
+                let entries = self.backend.read_shared(&self.object_name(scope)).await?.unwrap_or_default();
                 objects.insert(scope.clone(), entries);
             }
             Ok(())

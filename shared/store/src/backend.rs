@@ -44,6 +44,13 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
     /// The entries of a store object; `None` when it does not exist yet.
     async fn read(&self, object: &str) -> Result<Option<Entries>, E>;
 
+    /// The same, shared: a backend that keeps objects in memory hands out
+    /// its copy, so looking up one key does not copy the whole object. Never
+    /// older than the last write this process made or saw acknowledged.
+    async fn read_shared(&self, object: &str) -> Result<Option<Arc<Entries>>, E> {
+        Ok(self.read(object).await?.map(Arc::new))
+    }
+
     /// Reads the object (empty when it does not exist), applies `change` and
     /// writes the result back, so that concurrent writers never lose each
     /// other's keys. Creates the object on first write. An error from
@@ -72,6 +79,13 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
     async fn read(&self, object: &str) -> Result<Option<Entries>, E> {
         let start = Instant::now();
         let result = self.inner.read(object).await;
+        self.metrics.observe_backend(self.name(), "read", result.is_ok(), start.elapsed());
+        result
+    }
+
+    async fn read_shared(&self, object: &str) -> Result<Option<Arc<Entries>>, E> {
+        let start = Instant::now();
+        let result = self.inner.read_shared(object).await;
         self.metrics.observe_backend(self.name(), "read", result.is_ok(), start.elapsed());
         result
     }

@@ -9,6 +9,12 @@
 //! holds an OS lock (`flock`) on the object's `.lock` file and re-reads the
 //! object under it, and the key file is published with a hard link, so the
 //! first process to start creates it and the others read that one.
+//!
+//! Objects are kept decrypted in memory. Every write draws a new random
+//! nonce, so the nonce in a file's header names its version: a read checks
+//! the header (one small read of the page cache, no decryption) and uses the
+//! copy in memory when it is the same. Writes by this process and by others
+//! on the same directory are therefore seen by the next read.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -46,6 +52,17 @@ pub struct EmbeddedBackend {
     cipher: Aes256Gcm,
     /// One writer at a time per object inside this process.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Decrypted objects by name, with the nonce of the file they came from
+    /// (`None`: the file did not exist).
+    cache: std::sync::RwLock<HashMap<String, (Option<[u8; NONCE_LEN]>, Option<Arc<Entries>>)>>,
+}
+
+/// What the header of an object's file says about its version.
+enum Header {
+    Missing,
+    Nonce([u8; NONCE_LEN]),
+    /// Too short or not ours: let a full read report it.
+    Unreadable,
 }
 
 impl EmbeddedBackend {
@@ -59,7 +76,7 @@ impl EmbeddedBackend {
         let key = load_or_create_key(&data_dir.join(KEY_FILE))?;
         let cipher = Aes256Gcm::new_from_slice(&key[..])
             .map_err(|_| Error::Internal("AES-256-GCM key has the wrong length".into()))?;
-        Ok(Self { objects_dir, cipher, locks: Mutex::default() })
+        Ok(Self { objects_dir, cipher, locks: Mutex::default(), cache: Default::default() })
     }
 
     fn path(&self, object: &str) -> PathBuf {
@@ -89,6 +106,47 @@ impl EmbeddedBackend {
         .await
         .map_err(|e| Error::Internal(format!("store lock task failed: {e}")))?
         .map_err(|e| unavailable(format!("cannot lock store object {object}: {e}")))
+    }
+
+    /// The version of the object's file, from its first 16 bytes.
+    fn header(&self, object: &str) -> Result<Header> {
+        use std::io::Read;
+        let path = self.path(object);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Header::Missing),
+            Err(e) => return Err(unavailable(format!("cannot read {}: {e}", path.display()))),
+        };
+        let mut head = [0u8; MAGIC.len() + NONCE_LEN];
+        match file.read_exact(&mut head) {
+            Ok(()) if &head[..MAGIC.len()] == MAGIC => {
+                Ok(Header::Nonce(head[MAGIC.len()..].try_into().expect("nonce length")))
+            }
+            Ok(()) => Ok(Header::Unreadable),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(Header::Unreadable),
+            Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    /// The object from memory when its file has not changed, else from the
+    /// file (and remembered).
+    async fn load_shared(&self, object: &str) -> Result<Option<Arc<Entries>>> {
+        let version = match self.header(object)? {
+            Header::Missing => None,
+            Header::Nonce(n) => Some(n),
+            Header::Unreadable => return Ok(self.load(object).await?.map(Arc::new)),
+        };
+        if let Some((v, entries)) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(object)
+            && *v == version
+        {
+            return Ok(entries.clone());
+        }
+        // Read after the header: if the file changes in between, what is
+        // remembered is newer than its version says, and the next read
+        // reloads it. Never older.
+        let entries = self.load(object).await?.map(Arc::new);
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(object.to_string(), (version, entries.clone()));
+        Ok(entries)
     }
 
     async fn load(&self, object: &str) -> Result<Option<Entries>> {
@@ -170,7 +228,11 @@ impl<E: StoreError> StoreBackend<E> for EmbeddedBackend {
     }
 
     async fn read(&self, object: &str) -> Result<Option<Entries>, E> {
-        Ok(self.load(object).await?)
+        Ok(self.load_shared(object).await?.map(|e| (*e).clone()))
+    }
+
+    async fn read_shared(&self, object: &str) -> Result<Option<Arc<Entries>>, E> {
+        Ok(self.load_shared(object).await?)
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
@@ -181,6 +243,9 @@ impl<E: StoreError> StoreBackend<E> for EmbeddedBackend {
         let _file_lock = self.lock_across_processes(object).await?;
         let mut entries = self.load(object).await?.unwrap_or_default();
         change(&mut entries)?;
+        // Forget the copy before writing: whatever happens to the write, the
+        // next read goes to the file.
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(object);
         Ok(self.store(object, &entries).await?)
     }
 }

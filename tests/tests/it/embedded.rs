@@ -177,3 +177,42 @@ async fn store_and_lock_files_are_private() {
     let dir_mode = std::fs::metadata(f.dir.path().join("objects")).unwrap().permissions().mode() & 0o777;
     assert_eq!(dir_mode, 0o700);
 }
+
+/// The value `store` resolves for `key` in finance, as the resolver reads it.
+async fn resolved(store: &SecretStore, key: &str) -> Option<Vec<u8>> {
+    let lookup = secret_service::store::Lookup { scope: finance(), key: key.into(), global_fallback: false };
+    store.read_values(&[lookup]).await.unwrap().remove(0).map(|f| f.value.expose().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_kept_in_memory_show_every_write_of_this_and_other_processes_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores_on_one_directory(dir.path());
+    a.create(&finance(), "k", SecretValue::from("v-000".to_string())).await.unwrap();
+    assert_eq!(resolved(&a, "k").await.as_deref(), Some(&b"v-000"[..]));
+    assert_eq!(resolved(&b, "k").await.as_deref(), Some(&b"v-000"[..]));
+    // Same-length values, back to back: whatever the file's size and times
+    // say, each read sees the last acknowledged write, from either side.
+    for i in 1..=200 {
+        let (writer, reader) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let value = format!("v-{i:03}");
+        writer.update(&finance(), "k", SecretValue::from(value.clone())).await.unwrap();
+        assert_eq!(resolved(reader, "k").await.as_deref(), Some(value.as_bytes()), "the other process, write {i}");
+        assert_eq!(resolved(writer, "k").await.as_deref(), Some(value.as_bytes()), "the writer, write {i}");
+    }
+    // A deleted key is gone for both at once.
+    b.delete(&finance(), "k").await.unwrap();
+    assert_eq!(resolved(&a, "k").await, None, "a deleted key is never served from memory");
+    assert_eq!(resolved(&b, "k").await, None);
+    // An object whose file disappears (restored from an older backup, say)
+    // is not served from memory either.
+    a.create(&finance(), "x", SecretValue::from("1".to_string())).await.unwrap();
+    assert!(resolved(&b, "x").await.is_some());
+    for f in std::fs::read_dir(dir.path().join("objects")).unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_some_and(|e| e == "enc") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    assert_eq!(resolved(&b, "x").await, None);
+}

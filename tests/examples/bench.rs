@@ -1,0 +1,432 @@
+//! The benchmark: the four services as separate processes (release builds),
+//! their store objects on the Kubernetes API-server emulator, OpenBao as the
+//! Vault, and two references measured in the same run, interleaved with our
+//! calls: a no-op tonic server (another process) and a direct OpenBao KV v2
+//! read over a keep-alive HTTP client.
+//!
+//!   cargo build --release --workspace --bins --examples
+//!   cargo run --release -p integration-tests --example bench -- [rounds] [calls-per-step]
+//!
+//! Prints one table (requests/s, p50, p99 and the ratios to the two
+//! references at 1, 16 and 64 requests in flight), then for 10,000 one-item
+//! resolves: the CPU seconds and peak RSS of each service, and the
+//! API-server requests and database queries per resolve.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::Path,
+    pin::Pin,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{kube_server::FakeKube, openbao::OpenBao, *};
+use secrets_common::auth::{TokenHash, generate_token};
+use secrets_proto::v1::{self as pb, resolved_item::Result as R};
+
+type Call = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+const INFLIGHT: [usize; 3] = [1, 16, 64];
+
+fn arg(n: usize, default: usize) -> usize {
+    std::env::args().nth(n).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+/// A child process of one of our binaries (or of this one), killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// utime + stime, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        ticks / 100.0
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    }
+}
+
+fn start(dir: &Path, name: &str, config: &str) -> Proc {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(procs::binary(name))
+        .arg("--config")
+        .arg(&path)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    Proc { name: name.into(), child }
+}
+
+async fn wait_serving(port: u16) {
+    for _ in 0..200 {
+        if secrets_common::server::probe(([127, 0, 0, 1], port).into()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing serving on {port}");
+}
+
+/// The no-op reference: a tonic server answering health checks, nothing else.
+async fn noop_server(port: u16) {
+    let (_reporter, service) = tonic_health::server::health_reporter();
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve(([127, 0, 0, 1], port).into())
+        .await
+        .unwrap();
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[derive(Default)]
+struct Sample {
+    latencies: Vec<Duration>,
+    busy: Duration,
+    calls: usize,
+}
+
+impl Sample {
+    fn rps(&self) -> f64 {
+        self.calls as f64 / self.busy.as_secs_f64()
+    }
+    fn p50(&mut self) -> f64 {
+        self.latencies.sort();
+        percentile(&self.latencies, 0.5)
+    }
+    fn p99(&mut self) -> f64 {
+        self.latencies.sort();
+        percentile(&self.latencies, 0.99)
+    }
+}
+
+/// `calls` calls of `call`, `inflight` at a time.
+async fn step(call: &Call, inflight: usize, calls: usize, into: &mut Sample) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..inflight)
+        .map(|_| {
+            let (call, next) = (call.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < calls {
+                    let t = Instant::now();
+                    call().await;
+                    out.push(t.elapsed());
+                }
+                out
+            })
+        })
+        .collect();
+    for w in workers {
+        into.latencies.extend(w.await.unwrap());
+    }
+    into.busy += started.elapsed();
+    into.calls += calls;
+}
+
+async fn scrape(port: u16) -> String {
+    http_get(&format!("http://127.0.0.1:{port}/metrics")).await.1
+}
+
+/// The sum of `backend_calls_total` samples whose labels contain `filter`.
+fn backend_calls(text: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("backend_calls_total{") && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("noop-server") {
+        noop_server(arg(2, 0) as u16).await;
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (rounds, per_step) = (arg(1, 3), arg(2, 600));
+    let dir = tempfile::tempdir().unwrap();
+    let kube = FakeKube::start().await;
+    let bao = OpenBao::start();
+    bao.bao(&["kv", "put", "secret/bench", "api_key=key-from-vault"]);
+
+    let port = procs::free_port;
+    let (authz, secrets, vault, gateway, noop) = (port(), port(), port(), port(), port());
+    let (m_authz, m_secrets, m_vault, m_gateway) = (port(), port(), port(), port());
+    let internal = generate_token();
+    let (admin_token, service_token) = (generate_token(), generate_token());
+    let d = dir.path().display();
+    let common = |listen: u16, metrics: u16| {
+        format!(
+            "listen_addr = \"127.0.0.1:{listen}\"\nmetrics_addr = \"127.0.0.1:{metrics}\"\ninternal_token = \"{internal}\"\n"
+        )
+    };
+    let procs = vec![
+        start(
+            dir.path(),
+            "authz-service",
+            &format!(
+                "{}database_url = \"sqlite://{d}/authz.db?mode=rwc\"\nbootstrap_admins = [\"user:admin\"]\n",
+                common(authz, m_authz)
+            ),
+        ),
+        start(
+            dir.path(),
+            "secret-service",
+            &format!(
+                "{}authz_url = \"http://127.0.0.1:{authz}\"\nbackend = \"kubernetes\"\n[kubernetes]\napi_url = \"{}\"\nnamespace = \"bench\"\n",
+                common(secrets, m_secrets),
+                kube.url
+            ),
+        ),
+        start(
+            dir.path(),
+            "vault-config-service",
+            &format!(
+                "{}authz_url = \"http://127.0.0.1:{authz}\"\ndatabase_url = \"sqlite://{d}/vault.db?mode=rwc\"\nbackend = \"embedded\"\n[embedded]\ndata_dir = \"{d}/vault-credentials\"\n",
+                common(vault, m_vault)
+            ),
+        ),
+        start(
+            dir.path(),
+            "gateway",
+            &format!(
+                "{}secret_service_url = \"http://127.0.0.1:{secrets}\"\nauthz_service_url = \"http://127.0.0.1:{authz}\"\nvault_config_service_url = \"http://127.0.0.1:{vault}\"\n\
+                 [[tokens]]\nname = \"admin\"\nkind = \"user\"\nsubject = \"admin\"\nsha256 = \"{}\"\n\
+                 [[tokens]]\nname = \"spark\"\nkind = \"service\"\nsubject = \"spark\"\nsha256 = \"{}\"\n",
+                common(gateway, m_gateway),
+                TokenHash::of(&admin_token).to_hex(),
+                TokenHash::of(&service_token).to_hex()
+            ),
+        ),
+    ];
+    let noop_proc = Proc {
+        name: "no-op tonic".into(),
+        child: Command::new(std::env::current_exe().unwrap())
+            .args(["noop-server", &noop.to_string()])
+            .spawn()
+            .unwrap(),
+    };
+    for p in [authz, secrets, vault, gateway, noop] {
+        wait_serving(p).await;
+    }
+    let url = format!("http://127.0.0.1:{gateway}");
+    let admin = Clients::new(&url, Some(&admin_token), None);
+    let service = Clients::new(&url, Some(&service_token), Some("user:nina"));
+
+    // Domains with 10, 100 and 1,000 keys; nina may use each.
+    let mut authz_client = admin.authz.clone();
+    for (domain, keys) in [("small", 10), ("wide", 100), ("big", 1000)] {
+        authz_client
+            .add_domain_member(pb::AddDomainMemberRequest {
+                domain: domain.into(),
+                subject: "user:nina".into(),
+                role: pb::DomainRole::Member as i32,
+            })
+            .await
+            .unwrap();
+        authz_client
+            .grant_domain_permission(pb::GrantDomainPermissionRequest {
+                domain: domain.into(),
+                subject: "user:nina".into(),
+                permission: pb::Permission::UseSecrets as i32,
+            })
+            .await
+            .unwrap();
+        for i in 0..keys {
+            admin.create(domain, &format!("key-{i}"), &format!("value-{i}-{}", "x".repeat(24))).await.unwrap();
+        }
+    }
+    authz_client
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: "small".into(),
+            subject: "user:lisa".into(),
+            role: pb::DomainRole::Member as i32,
+        })
+        .await
+        .unwrap();
+    authz_client
+        .create_bundle(pb::CreateBundleRequest { name: "vault".into(), description: String::new(), owner: "user:admin".into() })
+        .await
+        .unwrap();
+    authz_client
+        .grant_bundle_permission(pb::GrantBundlePermissionRequest {
+            bundle: "vault".into(),
+            subject: "user:nina".into(),
+            permission: pb::Permission::Use as i32,
+        })
+        .await
+        .unwrap();
+    let config = admin
+        .vault
+        .clone()
+        .create_vault_config(pb::CreateVaultConfigRequest {
+            domain: "small".into(),
+            bundle: "vault".into(),
+            spec: Some(pb::VaultConfigSpec {
+                name: "bench".into(),
+                host: bao.addr.clone(),
+                path: "/v1/secret/data/bench".into(),
+                credentials: Some(pb::VaultCredentials {
+                    method: Some(pb::vault_credentials::Method::Token(bao.root_token.clone())),
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The calls.
+    let resolve = |domain: &'static str, items: Vec<pb::ResolveItem>| -> Call {
+        let (service, items) = (service.clone(), Arc::new(items));
+        Arc::new(move || {
+            let (service, items) = (service.clone(), items.clone());
+            Box::pin(async move {
+                let out = service.resolve(domain, (*items).clone()).await.expect("resolve");
+                assert!(out.iter().all(|r| !matches!(r.result, Some(R::Error(_)))), "{out:?}");
+            })
+        })
+    };
+    let objects = |n: usize| (0..n).map(|i| object_item(&format!("i{i}"), "wide", &format!("key-{i}"))).collect();
+    let noop_call: Call = {
+        let channel = channel(&format!("http://127.0.0.1:{noop}"));
+        Arc::new(move || {
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            Box::pin(async move {
+                client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("no-op");
+            })
+        })
+    };
+    let bao_call: Call = {
+        let http = reqwest::Client::builder().build().unwrap();
+        let (url, token) = (format!("{}/v1/secret/data/bench", bao.addr), bao.root_token.clone());
+        Arc::new(move || {
+            let (http, url, token) = (http.clone(), url.clone(), token.clone());
+            Box::pin(async move {
+                let r = http.get(&url).header("X-Vault-Token", &token).send().await.expect("openbao");
+                assert!(r.status().is_success());
+                r.bytes().await.unwrap();
+            })
+        })
+    };
+    let list_call: Call = {
+        let admin = admin.clone();
+        Arc::new(move || {
+            let admin = admin.clone();
+            Box::pin(async move {
+                admin.list("small").await.expect("list");
+            })
+        })
+    };
+    let cases: Vec<(&str, Call)> = vec![
+        ("no-op tonic server (reference)", noop_call),
+        ("direct OpenBao KV v2 read (reference)", bao_call),
+        ("resolve 1 item, object of 10 keys", resolve("small", vec![object_item("a", "small", "key-1")])),
+        ("resolve 1 item, object of 1,000 keys", resolve("big", vec![object_item("a", "big", "key-1")])),
+        ("resolve 20 items, one object", resolve("wide", objects(20))),
+        ("resolve 100 items, one object", resolve("wide", objects(100))),
+        ("resolve 1 VAULT item (cached)", resolve("small", vec![vault_item("v", &config.id, "api_key")])),
+        ("ListSecrets, 10 keys", list_call),
+    ];
+    // Warm up every path and connection.
+    for (_, call) in &cases {
+        for _ in 0..20 {
+            call().await;
+        }
+    }
+
+    let mut samples: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
+    for _ in 0..rounds {
+        for &inflight in &INFLIGHT {
+            for (i, (_, call)) in cases.iter().enumerate() {
+                step(call, inflight, per_step, samples.entry((inflight, i)).or_default()).await;
+            }
+        }
+    }
+
+    println!("| call | in flight | requests/s | p50 ms | p99 ms | rps / no-op | p50 / OpenBao |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &inflight in &INFLIGHT {
+        let noop_rps = samples[&(inflight, 0)].rps();
+        let bao_p50 = samples.get_mut(&(inflight, 1)).unwrap().p50();
+        for (i, (name, _)) in cases.iter().enumerate() {
+            let s = samples.get_mut(&(inflight, i)).unwrap();
+            let (rps, p50, p99) = (s.rps(), s.p50(), s.p99());
+            println!(
+                "| {name} | {inflight} | {rps:.0} | {p50:.2} | {p99:.2} | {:.0}% | {:.2}x |",
+                100.0 * rps / noop_rps,
+                p50 / bao_p50
+            );
+        }
+    }
+
+    // 10,000 one-item resolves at 16 in flight: the cost per service.
+    let metrics_before: Vec<String> =
+        futures::future::join_all([m_authz, m_secrets].map(scrape)).await;
+    let cpu_before: Vec<f64> = procs.iter().map(Proc::cpu_seconds).collect();
+    let kube_before = kube.counters();
+    let one = resolve("small", vec![object_item("a", "small", "key-1")]);
+    let mut sample = Sample::default();
+    step(&one, 16, 10_000, &mut sample).await;
+    let cpu_after: Vec<f64> = procs.iter().map(Proc::cpu_seconds).collect();
+    let metrics_after: Vec<String> = futures::future::join_all([m_authz, m_secrets].map(scrape)).await;
+    let noop_cpu_before = noop_proc.cpu_seconds();
+    let mut noop_sample = Sample::default();
+    step(&cases[0].1, 16, 10_000, &mut noop_sample).await;
+    let noop_cpu = noop_proc.cpu_seconds() - noop_cpu_before;
+    let kube_after = kube.counters();
+
+    println!();
+    println!("10,000 one-item resolves at 16 in flight ({:.0}/s):", sample.rps());
+    println!("| process | CPU s per 10,000 calls | peak RSS MiB |");
+    println!("| --- | ---: | ---: |");
+    for (i, p) in procs.iter().enumerate() {
+        println!("| {} | {:.2} | {:.1} |", p.name, cpu_after[i] - cpu_before[i], p.peak_rss_mib());
+    }
+    println!("| {} (10,000 health checks) | {noop_cpu:.2} | {:.1} |", noop_proc.name, noop_proc.peak_rss_mib());
+    let per = |after: f64, before: f64| (after - before) / 10_000.0;
+    let api = (kube_after.gets + kube_after.creates + kube_after.replaces)
+        - (kube_before.gets + kube_before.creates + kube_before.replaces);
+    println!();
+    println!("per resolve: {:.2} API-server requests, {:.2} database queries (authz-service), {:.2} store reads (secret-service)",
+        api as f64 / 10_000.0,
+        per(backend_calls(&metrics_after[0], "backend=\"sqlite\""), backend_calls(&metrics_before[0], "backend=\"sqlite\"")),
+        per(backend_calls(&metrics_after[1], "operation=\"read\""), backend_calls(&metrics_before[1], "operation=\"read\"")),
+    );
+}
