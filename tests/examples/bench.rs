@@ -99,11 +99,7 @@ async fn wait_serving(port: u16) {
 /// The no-op reference: a tonic server answering health checks, nothing else.
 async fn noop_server(port: u16) {
     let (_reporter, service) = tonic_health::server::health_reporter();
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .serve(([127, 0, 0, 1], port).into())
-        .await
-        .unwrap();
+    tonic::transport::Server::builder().add_service(service).serve(([127, 0, 0, 1], port).into()).await.unwrap();
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -164,10 +160,10 @@ async fn scrape(port: u16) -> String {
     http_get(&format!("http://127.0.0.1:{port}/metrics")).await.1
 }
 
-/// The sum of `backend_calls_total` samples whose labels contain `filter`.
+/// The sum of `secrets_backend_calls_total` samples whose labels contain `filter`.
 fn backend_calls(text: &str, filter: &str) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with("backend_calls_total{") && l.contains(filter))
+        .filter(|l| l.starts_with("secrets_backend_calls_total{") && l.contains(filter))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }
@@ -237,10 +233,7 @@ async fn main() {
     ];
     let noop_proc = Proc {
         name: "no-op tonic".into(),
-        child: Command::new(std::env::current_exe().unwrap())
-            .args(["noop-server", &noop.to_string()])
-            .spawn()
-            .unwrap(),
+        child: Command::new(std::env::current_exe().unwrap()).args(["noop-server", &noop.to_string()]).spawn().unwrap(),
     };
     for p in [authz, secrets, vault, gateway, noop] {
         wait_serving(p).await;
@@ -249,7 +242,7 @@ async fn main() {
     let admin = Clients::new(&url, Some(&admin_token), None);
     let service = Clients::new(&url, Some(&service_token), Some("user:nina"));
 
-    // Domains with 10, 100 and 1,000 keys; nina may use each.
+    // Domains with 10, 100 and 1,000 keys; nina, a member, may use each.
     let mut authz_client = admin.authz.clone();
     for (domain, keys) in [("small", 10), ("wide", 100), ("big", 1000)] {
         authz_client
@@ -257,14 +250,6 @@ async fn main() {
                 domain: domain.into(),
                 subject: "user:nina".into(),
                 role: pb::DomainRole::Member as i32,
-            })
-            .await
-            .unwrap();
-        authz_client
-            .grant_domain_permission(pb::GrantDomainPermissionRequest {
-                domain: domain.into(),
-                subject: "user:nina".into(),
-                permission: pb::Permission::UseSecrets as i32,
             })
             .await
             .unwrap();
@@ -281,7 +266,11 @@ async fn main() {
         .await
         .unwrap();
     authz_client
-        .create_bundle(pb::CreateBundleRequest { name: "vault".into(), description: String::new(), owner: "user:admin".into() })
+        .create_bundle(pb::CreateBundleRequest {
+            name: "vault".into(),
+            description: String::new(),
+            owner: "user:admin".into(),
+        })
         .await
         .unwrap();
     authz_client
@@ -397,8 +386,7 @@ async fn main() {
     }
 
     // 10,000 one-item resolves at 16 in flight: the cost per service.
-    let metrics_before: Vec<String> =
-        futures::future::join_all([m_authz, m_secrets].map(scrape)).await;
+    let metrics_before: Vec<String> = futures::future::join_all([m_authz, m_secrets].map(scrape)).await;
     let cpu_before: Vec<f64> = procs.iter().map(Proc::cpu_seconds).collect();
     let kube_before = kube.counters();
     let one = resolve("small", vec![object_item("a", "small", "key-1")]);
@@ -424,9 +412,16 @@ async fn main() {
     let api = (kube_after.gets + kube_after.creates + kube_after.replaces)
         - (kube_before.gets + kube_before.creates + kube_before.replaces);
     println!();
-    println!("per resolve: {:.2} API-server requests, {:.2} database queries (authz-service), {:.2} store reads (secret-service)",
+    println!(
+        "per resolve: {:.2} API-server requests, {:.2} database queries (authz-service), {:.2} store reads (secret-service)",
         api as f64 / 10_000.0,
-        per(backend_calls(&metrics_after[0], "backend=\"sqlite\""), backend_calls(&metrics_before[0], "backend=\"sqlite\"")),
-        per(backend_calls(&metrics_after[1], "operation=\"read\""), backend_calls(&metrics_before[1], "operation=\"read\"")),
+        per(
+            backend_calls(&metrics_after[0], "backend=\"sqlite\""),
+            backend_calls(&metrics_before[0], "backend=\"sqlite\"")
+        ),
+        per(
+            backend_calls(&metrics_after[1], "operation=\"read\""),
+            backend_calls(&metrics_before[1], "operation=\"read\"")
+        ),
     );
 }

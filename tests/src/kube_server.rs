@@ -3,7 +3,11 @@
 //! on every object, a PUT with a stale version refused with 409 Conflict, a
 //! PUT without one applied unconditionally, POST of an existing name refused
 //! with 409 AlreadyExists, 404 NotFound, and 422 Invalid for keys and sizes
-//! the real server rejects, all as `Status` bodies.
+//! the real server rejects, all as `Status` bodies. Lists (with label
+//! selectors) and watches (`?watch=true`, a stream of JSON event lines from a
+//! resourceVersion, `410 Gone` for one compacted away, ended by
+//! `timeoutSeconds` or by [`FakeKube::drop_watches`]) serve the store
+//! objects' watchers.
 
 use std::{
     collections::BTreeMap,
@@ -12,8 +16,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
@@ -34,6 +39,28 @@ pub struct Counters {
     /// The RBAC verbs of every request received (get, list, watch, create,
     /// update, patch, delete), for checking a Role against real use.
     pub verbs: std::collections::BTreeSet<String>,
+    pub lists: usize,
+    /// Watch requests (each one a new watch connection).
+    pub watches: usize,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// One change, as a watch reports it.
+#[derive(Clone)]
+struct Change {
+    version: u64,
+    kind: &'static str,
+    namespace: String,
+    secret: Secret,
+}
+
+/// An open watch: where its events go, and what it selects.
+struct Watcher {
+    id: u64,
+    namespace: String,
+    selector: Vec<(String, String)>,
+    sender: tokio::sync::mpsc::UnboundedSender<Bytes>,
 }
 
 #[derive(Default)]
@@ -46,6 +73,13 @@ struct State {
     /// While set, writes are denied with 422 Invalid and this message, as a
     /// validating admission policy does.
     denying_writes: Option<String>,
+    /// Every change since the last compaction.
+    changes: Vec<Change>,
+    /// Watches from versions below this get 410 Gone.
+    compacted_below: u64,
+    watchers: Vec<Watcher>,
+    /// While set, open watches are sent nothing (a lagging watch).
+    holding: bool,
 }
 
 #[derive(Clone)]
@@ -91,7 +125,40 @@ impl FakeKube {
         secret.metadata.resource_version = Some(s.next_version.to_string());
         secret.metadata.namespace = Some(namespace.into());
         let name = secret.metadata.name.clone().expect("name");
-        s.objects.insert((namespace.into(), name), secret);
+        let kind = if s.objects.contains_key(&(namespace.into(), name.clone())) { "MODIFIED" } else { "ADDED" };
+        s.objects.insert((namespace.into(), name), secret.clone());
+        record(&mut s, kind, namespace, secret);
+    }
+
+    /// Changes a Secret as `kubectl edit` would: a new resourceVersion, and
+    /// a MODIFIED event for the watches.
+    pub fn edit(&self, namespace: &str, name: &str, edit: impl FnOnce(&mut Secret)) {
+        let mut s = self.state.lock().unwrap();
+        let key = (namespace.to_string(), name.to_string());
+        let mut secret = s.objects.get(&key).cloned().expect("the Secret exists");
+        edit(&mut secret);
+        s.next_version += 1;
+        secret.metadata.resource_version = Some(s.next_version.to_string());
+        s.objects.insert(key, secret.clone());
+        record(&mut s, "MODIFIED", namespace, secret);
+    }
+
+    /// Ends every open watch, as an API server restart or a load balancer
+    /// cutting long connections does.
+    pub fn drop_watches(&self) {
+        self.state.lock().unwrap().watchers.clear();
+    }
+
+    /// While `hold`, open watches receive no events (they lag behind).
+    pub fn hold_events(&self, hold: bool) {
+        self.state.lock().unwrap().holding = hold;
+    }
+
+    /// Forgets the history: a watch from any earlier version gets 410 Gone.
+    pub fn compact(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.compacted_below = s.next_version + 1;
+        s.changes.clear();
     }
 
     pub fn set_failing(&self, status: Option<u16>) {
@@ -113,7 +180,47 @@ impl FakeKube {
     }
 }
 
-fn status(code: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
+/// Whether `secret` carries every `key=value` of `selector`.
+fn selected(secret: &Secret, selector: &[(String, String)]) -> bool {
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn event_line(kind: &str, secret: &Secret) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": secret})).unwrap();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Keeps `change` for later watches and sends it to the open ones.
+fn record(s: &mut State, kind: &'static str, namespace: &str, secret: Secret) {
+    let version = s.next_version;
+    let holding = s.holding;
+    s.watchers.retain(|w| {
+        if holding {
+            return true;
+        }
+        if w.namespace != namespace || !selected(&secret, &w.selector) {
+            return !w.sender.is_closed();
+        }
+        w.sender.send(event_line(kind, &secret)).is_ok()
+    });
+    s.changes.push(Change { version, kind, namespace: namespace.to_string(), secret });
+}
+
+fn parse_selector(query: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    query
+        .get("labelSelector")
+        .map(|sel| {
+            sel.split(',')
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.trim_end_matches('=').to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
     let body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
@@ -121,15 +228,15 @@ fn status(code: StatusCode, reason: &str, message: String) -> Response<Full<Byte
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
         .unwrap()
 }
 
-fn object(code: StatusCode, secret: &Secret) -> Response<Full<Bytes>> {
+fn object(code: StatusCode, secret: &Secret) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec(secret).unwrap())))
+        .body(Full::new(Bytes::from(serde_json::to_vec(secret).unwrap())).boxed())
         .unwrap()
 }
 
@@ -169,7 +276,7 @@ fn validate(name: &str, secret: &mut Secret) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_owned);
@@ -210,7 +317,69 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         return Ok(status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", m));
     }
     let parse = |body: &Bytes| serde_json::from_slice::<Secret>(body);
+    let params: BTreeMap<String, String> = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| {
+            let decode = |t: &str| percent_decode(t);
+            (decode(k), decode(v))
+        })
+        .collect();
     Ok(match (method, name) {
+        (Method::GET, None) if watching => {
+            s.counters.watches += 1;
+            let selector = parse_selector(&params);
+            let from: u64 = params.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+            if from != 0 && from + 1 < s.compacted_below {
+                let gone = json!({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("too old resource version: {from}"), "reason": "Expired", "code": 410}});
+                let _ = sender.send(Bytes::from(format!("{gone}\n")));
+                drop(sender);
+            } else {
+                for c in s.changes.iter().filter(|c| c.version > from && c.namespace == namespace) {
+                    if selected(&c.secret, &selector) {
+                        let _ = sender.send(event_line(c.kind, &c.secret));
+                    }
+                }
+                let timeout: u64 = params.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(300);
+                // Only the list holds the sender: removing it ends the stream.
+                let id = s.counters.watches as u64;
+                s.watchers.push(Watcher { id, namespace, selector, sender });
+                let state = state.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(timeout)).await;
+                    state.lock().unwrap().watchers.retain(|w| w.id != id);
+                });
+            }
+            let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)
+                .map(|b| Ok::<_, Infallible>(hyper::body::Frame::data(b)));
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap()
+        }
+        (Method::GET, None) => {
+            s.counters.lists += 1;
+            let selector = parse_selector(&params);
+            let items: Vec<&Secret> = s
+                .objects
+                .iter()
+                .filter(|((ns, _), secret)| *ns == namespace && selected(secret, &selector))
+                .map(|(_, secret)| secret)
+                .collect();
+            let list = json!({"kind": "SecretList", "apiVersion": "v1",
+                              "metadata": {"resourceVersion": s.next_version.to_string()}, "items": items});
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(list.to_string())).boxed())
+                .unwrap()
+        }
         (Method::GET, Some(name)) => {
             s.counters.gets += 1;
             match s.objects.get(&(namespace, name.clone())) {
@@ -238,7 +407,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
             secret.metadata.namespace = Some(namespace);
             secret.metadata.uid = Some(format!("uid-{}", s.next_version));
             secret.metadata.creation_timestamp = Some(Time(jiff_now()));
-            s.objects.insert(key, secret.clone());
+            s.objects.insert(key.clone(), secret.clone());
+            record(&mut s, "ADDED", &key.0, secret.clone());
             object(StatusCode::CREATED, &secret)
         }
         (Method::PUT, Some(name)) => {
@@ -273,15 +443,41 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
             secret.metadata.uid = current.metadata.uid.clone();
             secret.metadata.creation_timestamp = current.metadata.creation_timestamp.clone();
             secret.metadata.namespace = current.metadata.namespace.clone();
-            s.objects.insert(key, secret.clone());
+            s.objects.insert(key.clone(), secret.clone());
+            record(&mut s, "MODIFIED", &key.0, secret.clone());
             object(StatusCode::OK, &secret)
         }
-        (Method::DELETE, Some(name)) => match s.objects.remove(&(namespace, name.clone())) {
-            Some(_) => status(StatusCode::OK, "", String::new()),
+        (Method::DELETE, Some(name)) => match s.objects.remove(&(namespace.clone(), name.clone())) {
+            Some(mut gone) => {
+                s.next_version += 1;
+                gone.metadata.resource_version = Some(s.next_version.to_string());
+                record(&mut s, "DELETED", &namespace, gone);
+                status(StatusCode::OK, "", String::new())
+            }
             None => status(StatusCode::NOT_FOUND, "NotFound", format!("secrets {name:?} not found")),
         },
         (m, _) => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", format!("{m} is not supported here")),
     })
+}
+
+/// `%XX` escapes, as label selectors arrive in a query string.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {

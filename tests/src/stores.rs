@@ -41,6 +41,19 @@ impl Fixture {
         Self { backend, kube: Some(kube), dir: tempfile::tempdir().expect("tempdir") }
     }
 
+    /// The Kubernetes backend as production runs it: store objects kept in
+    /// memory by a list and watch.
+    pub async fn kubernetes_watching() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kube = FakeKube::start().await;
+        let backend = KubernetesBackend::new(kube.client(NAMESPACE).await, NAMESPACE);
+        let watch = KubernetesBackend::watch_client(Some(&kube.url), NAMESPACE, std::time::Duration::from_secs(5))
+            .await
+            .expect("watch client");
+        let backend = Arc::new(backend.watching(watch));
+        Self { backend, kube: Some(kube), dir: tempfile::tempdir().expect("tempdir") }
+    }
+
     /// Another backend over the same storage: a second replica, or the same
     /// service after a restart.
     pub async fn another(&self) -> Arc<SecretBackend> {

@@ -496,11 +496,83 @@ impl MigrationTrait for GroupsAndBundles {
     }
 }
 
+/// A counter every change to the grant tables bumps, in the same
+/// transaction (database triggers, so no writer can forget it): the
+/// in-memory copy of the grants is used only while it is current, which one
+/// indexed read tells, on every replica.
+pub struct ChangeCounter;
+
+/// The tables whose rows decide permissions.
+pub const GRANT_TABLES: [&str; 8] = [
+    "platform_admins",
+    "domain_members",
+    "domain_permissions",
+    "groups",
+    "group_members",
+    "bundles",
+    "bundle_grants",
+    "bundle_resources",
+];
+
+impl MigrationName for ChangeCounter {
+    fn name(&self) -> &str {
+        "m20261129_000004_change_counter"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ChangeCounter {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        let backend = manager.get_database_backend();
+        db.execute_unprepared("CREATE TABLE authz_changes (id INTEGER PRIMARY KEY, version BIGINT NOT NULL)").await?;
+        db.execute_unprepared("INSERT INTO authz_changes (id, version) VALUES (1, 1)").await?;
+        if backend == sea_orm::DbBackend::Postgres {
+            db.execute_unprepared(
+                "CREATE FUNCTION authz_bump_version() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN UPDATE authz_changes SET version = version + 1 WHERE id = 1; RETURN NULL; END $$",
+            )
+            .await?;
+        }
+        for table in GRANT_TABLES {
+            match backend {
+                sea_orm::DbBackend::Postgres => {
+                    db.execute_unprepared(&format!(
+                        "CREATE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE ON {table} \
+                         FOR EACH STATEMENT EXECUTE FUNCTION authz_bump_version()"
+                    ))
+                    .await?;
+                }
+                _ => {
+                    for event in ["INSERT", "UPDATE", "DELETE"] {
+                        db.execute_unprepared(&format!(
+                            "CREATE TRIGGER {table}_{}_changed AFTER {event} ON {table} \
+                             BEGIN UPDATE authz_changes SET version = version + 1 WHERE id = 1; END",
+                            event.to_ascii_lowercase()
+                        ))
+                        .await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn down(&self, _manager: &SchemaManager) -> Result<(), DbErr> {
+        Err(DbErr::Migration("the change counter is not removed by a down migration".into()))
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateGrantTables), Box::new(PermissionsBelongToMembers), Box::new(GroupsAndBundles)]
+        vec![
+            Box::new(CreateGrantTables),
+            Box::new(PermissionsBelongToMembers),
+            Box::new(GroupsAndBundles),
+            Box::new(ChangeCounter),
+        ]
     }
 }
 

@@ -64,7 +64,8 @@ impl AuthzGrpc {
         self.require(caller, Permission::PlatformAdmin, Target::Platform, action).await
     }
 
-    /// Answers checks from one database query. A forwarded call (one that
+    /// Answers checks from the grants in memory (one read of the change
+    /// counter). A forwarded call (one that
     /// names a principal) may ask about its own principal only, unless that
     /// principal is an admin.
     async fn answer(&self, call: &InternalCall, checks: Vec<pb::CheckRequest>) -> Result<Vec<pb::CheckResponse>> {

@@ -1,11 +1,19 @@
 //! The grants in the database, and the queries behind every decision. The
 //! rules themselves are in [`crate::rules`].
 //!
-//! A batch of checks costs one query, however many checks it holds. Every
-//! database call is bounded by the configured timeout, so a database that
-//! stops answering turns into `UNAVAILABLE` naming the database at once.
+//! Decisions come from an in-memory copy of the grant tables, used only
+//! while it is current: a batch of checks costs one indexed read of the
+//! change counter (bumped by triggers in the same transaction as every
+//! change, on any replica), and a reload after a change. So no decision is
+//! served from before a change that has returned. Every database call is
+//! bounded by the configured timeout, so a database that stops answering
+//! turns into `UNAVAILABLE` naming the database at once.
 
-use std::{collections::BTreeSet, future::Future, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    time::Duration,
+};
 
 use chrono::Utc;
 use sea_orm::{
@@ -31,56 +39,6 @@ const MAX_GROUP_DEPTH: u32 = 32;
 /// nesting on PostgreSQL, so two concurrent additions cannot close a cycle
 /// that neither saw.
 const GROUP_EDGES_LOCK_ID: i64 = 0x1075_ec12_a07c;
-
-/// A raw statement with placeholders in the backend's style.
-struct Sql {
-    backend: DbBackend,
-    text: String,
-    values: Vec<sea_orm::Value>,
-}
-
-impl Sql {
-    fn new(backend: DbBackend) -> Self {
-        Self { backend, text: String::new(), values: Vec::new() }
-    }
-
-    fn push(&mut self, sql: &str) {
-        self.text.push_str(sql);
-    }
-
-    fn param(&mut self, value: String) {
-        self.values.push(value.into());
-        match self.backend {
-            DbBackend::Postgres => self.text.push_str(&format!("${}", self.values.len())),
-            _ => self.text.push('?'),
-        }
-    }
-
-    /// A parameter typed as text (PostgreSQL must know it in a CTE).
-    fn param_text(&mut self, value: String) {
-        self.push("CAST(");
-        self.param(value);
-        self.push(" AS TEXT)");
-    }
-
-    /// A comma-separated list of parameters; `NULL` for an empty list, which
-    /// matches nothing.
-    fn list(&mut self, values: &[String]) {
-        if values.is_empty() {
-            self.push("NULL");
-        }
-        for (i, v) in values.iter().enumerate() {
-            if i > 0 {
-                self.push(", ");
-            }
-            self.param(v.clone());
-        }
-    }
-
-    fn statement(self) -> Statement {
-        Statement::from_sql_and_values(self.backend, self.text, self.values)
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
@@ -120,6 +78,107 @@ pub struct Policy {
     bootstrap_admins: BTreeSet<Principal>,
     /// Bound on each database operation.
     timeout: Duration,
+    /// The grant tables as of a version of the change counter.
+    grants: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Grants>>>>,
+    /// One reload at a time.
+    reloading: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Every row that bears on a decision, indexed the way decisions look.
+#[derive(Default)]
+struct Grants {
+    version: i64,
+    admins: BTreeSet<Principal>,
+    /// Member (`user:x`, `group:y`) → the groups it is directly in.
+    parents: HashMap<String, Vec<String>>,
+    /// Domain → (subject, role).
+    roles: HashMap<String, Vec<(Principal, Role)>>,
+    /// Domain → (subject, permission).
+    permissions: HashMap<String, Vec<(Principal, Permission)>>,
+    /// Bundle → owner.
+    bundles: HashMap<String, Principal>,
+    /// Bundle → (subject, permission).
+    bundle_grants: HashMap<String, Vec<(Principal, Permission)>>,
+    /// Resource id → (type, placement).
+    resources: HashMap<String, Vec<(ResourceType, Placement)>>,
+}
+
+impl Grants {
+    /// The facts `checks` need about `subjects`, as [`rules::decide`] reads them.
+    fn facts(&self, bootstrap_admins: &BTreeSet<Principal>, subjects: &BTreeSet<Principal>, checks: &[Check]) -> Facts {
+        let mut facts = Facts { admins: bootstrap_admins.clone(), ..Facts::default() };
+        facts.admins.extend(subjects.iter().filter(|s| self.admins.contains(*s)).cloned());
+        // Groups of each subject: a walk up nested groups, the shortest path
+        // winning when a group is reached twice; token groups count at the
+        // first level.
+        for subject in subjects {
+            let root = subject.to_string();
+            let mut paths: BTreeMap<String, String> = BTreeMap::new();
+            let mut frontier: Vec<(String, String)> = self
+                .parents
+                .get(&root)
+                .into_iter()
+                .flatten()
+                .map(|g| (g.clone(), format!("{root} ∈ group:{g}")))
+                .collect();
+            for c in checks.iter().filter(|c| &c.subject == subject) {
+                frontier.extend(c.token_groups.iter().map(|g| (g.clone(), format!("{root} ∈ group:{g} (token)"))));
+            }
+            for _ in 0..MAX_GROUP_DEPTH {
+                let mut next = Vec::new();
+                for (group, path) in frontier {
+                    if paths.get(&group).is_some_and(|p| p.len() <= path.len()) {
+                        continue;
+                    }
+                    for parent in self.parents.get(&format!("group:{group}")).into_iter().flatten() {
+                        next.push((parent.clone(), format!("{path} ∈ group:{parent}")));
+                    }
+                    paths.insert(group, path);
+                }
+                if next.is_empty() {
+                    break;
+                }
+                frontier = next;
+            }
+            if !paths.is_empty() {
+                facts.memberships.insert(subject.clone(), paths);
+            }
+        }
+        let mut holders: BTreeSet<Principal> = subjects.clone();
+        holders.extend(facts.memberships.values().flat_map(|m| m.keys()).map(|g| Principal::group(g)));
+        let mut bundles: BTreeSet<&str> = BTreeSet::new();
+        for c in checks {
+            match &c.target {
+                Target::Domain(d) => {
+                    for (who, role) in self.roles.get(d).into_iter().flatten().filter(|(w, _)| holders.contains(w)) {
+                        facts.roles.insert((d.clone(), who.clone()), *role);
+                    }
+                    for (who, p) in self.permissions.get(d).into_iter().flatten().filter(|(w, _)| holders.contains(w)) {
+                        facts.grants.insert((d.clone(), who.clone(), *p));
+                    }
+                }
+                Target::Bundle(b) => {
+                    bundles.insert(b);
+                }
+                Target::Resource(_, id) => {
+                    for (kind, placement) in self.resources.get(id).into_iter().flatten() {
+                        facts.resources.insert((*kind, id.clone()), placement.clone());
+                        bundles.insert(&placement.bundle);
+                    }
+                }
+                Target::Platform => {}
+            }
+        }
+        for b in bundles {
+            if let Some(owner) = self.bundles.get(b) {
+                facts.bundles.insert(b.to_string(), owner.clone());
+            }
+            for (who, p) in self.bundle_grants.get(b).into_iter().flatten().filter(|(w, _)| holders.contains(w)) {
+                facts.bundle_grants.insert((b.to_string(), who.clone(), *p));
+            }
+        }
+        facts
+    }
 }
 
 fn parse_subject(text: &str) -> Result<Principal> {
@@ -134,7 +193,100 @@ fn parse_role(text: &str) -> Result<Role> {
 
 impl Policy {
     pub fn new(db: DatabaseConnection, bootstrap_admins: BTreeSet<Principal>, timeout: Duration) -> Self {
-        Self { db, bootstrap_admins, timeout }
+        Self { db, bootstrap_admins, timeout, grants: Default::default(), reloading: Default::default() }
+    }
+
+    /// The change counter: one indexed read.
+    async fn version(&self) -> Result<i64> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT version FROM authz_changes WHERE id = 1",
+            ))
+            .await?
+            .ok_or_else(|| Error::Internal("the authz_changes row is missing".into()))?;
+        Ok(row.try_get("", "version")?)
+    }
+
+    /// Every grant table, and the counter they belong to, from one
+    /// consistent snapshot of the database.
+    async fn load_grants(&self) -> Result<Grants> {
+        // SQLite's transactions read one snapshot already; PostgreSQL's
+        // default (read committed) would give each statement its own.
+        let txn = match self.db.get_database_backend() {
+            DbBackend::Postgres => {
+                self.db
+                    .begin_with_config(
+                        Some(sea_orm::IsolationLevel::RepeatableRead),
+                        Some(sea_orm::AccessMode::ReadOnly),
+                    )
+                    .await?
+            }
+            _ => self.db.begin().await?,
+        };
+        let row = txn
+            .query_one_raw(Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT version FROM authz_changes WHERE id = 1",
+            ))
+            .await?
+            .ok_or_else(|| Error::Internal("the authz_changes row is missing".into()))?;
+        let mut g = Grants { version: row.try_get("", "version")?, ..Grants::default() };
+        for a in platform_admin::Entity::find().all(&txn).await? {
+            g.admins.insert(parse_subject(&a.subject)?);
+        }
+        for m in group_member::Entity::find().all(&txn).await? {
+            g.parents.entry(m.member).or_default().push(m.group_name);
+        }
+        for m in domain_member::Entity::find().all(&txn).await? {
+            let subject = parse_subject(&m.subject)?;
+            g.roles.entry(m.domain).or_default().push((subject, parse_role(&m.role)?));
+        }
+        for p in domain_permission::Entity::find().all(&txn).await? {
+            if let Some(permission) = Permission::from_grant_name(&p.permission) {
+                g.permissions.entry(p.domain).or_default().push((parse_subject(&p.subject)?, permission));
+            }
+        }
+        for b in bundle::Entity::find().all(&txn).await? {
+            g.bundles.insert(b.name, parse_subject(&b.owner)?);
+        }
+        for b in bundle_grant::Entity::find().all(&txn).await? {
+            if let Some(permission) = Permission::from_bundle_grant_name(&b.permission) {
+                g.bundle_grants.entry(b.bundle).or_default().push((parse_subject(&b.subject)?, permission));
+            }
+        }
+        for r in bundle_resource::Entity::find().all(&txn).await? {
+            if let Some(kind) = ResourceType::from_name(&r.resource_type) {
+                g.resources
+                    .entry(r.resource_id)
+                    .or_default()
+                    .push((kind, Placement { bundle: r.bundle, domain: r.domain }));
+            }
+        }
+        txn.commit().await?;
+        Ok(g)
+    }
+
+    /// The grants as of `version` or later: the copy in memory when it is
+    /// that current, else reloaded.
+    async fn current_grants(&self) -> Result<std::sync::Arc<Grants>> {
+        let version = self.version().await?;
+        let fresh = |slot: &Option<std::sync::Arc<Grants>>| slot.as_ref().filter(|g| g.version >= version).cloned();
+        if let Some(g) = fresh(&self.grants.read().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(g);
+        }
+        let _one = self.reloading.lock().await;
+        if let Some(g) = fresh(&self.grants.read().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(g);
+        }
+        let loaded = std::sync::Arc::new(self.load_grants().await?);
+        tracing::debug!(version = loaded.version, "loaded the grants");
+        let mut slot = self.grants.write().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_none_or(|g| g.version < loaded.version) {
+            *slot = Some(loaded.clone());
+        }
+        Ok(loaded)
     }
 
     fn backend(&self) -> &'static str {
@@ -163,177 +315,14 @@ impl Policy {
         }
     }
 
-    /// Everything the database holds that bears on `checks`, in one query:
-    /// the groups each subject belongs to (a recursive walk up nested
-    /// groups, with the path), admin rows, domain roles and permissions of
-    /// the subjects and their groups, and the bundles, owners, grants and
-    /// placements the checks name.
-    async fn facts(&self, subjects: &BTreeSet<Principal>, checks: &[Check]) -> Result<Facts> {
-        let backend = self.db.get_database_backend();
-        let mut q = Sql::new(backend);
-        let names: Vec<String> = subjects.iter().map(ToString::to_string).collect();
-        let mut domains = BTreeSet::new();
-        let mut bundles = BTreeSet::new();
-        let mut resource_ids = BTreeSet::new();
-        let mut token_groups = BTreeSet::new();
-        for c in checks {
-            match &c.target {
-                Target::Domain(d) => {
-                    domains.insert(d.clone());
-                }
-                Target::Bundle(b) => {
-                    bundles.insert(b.clone());
-                }
-                Target::Resource(_, id) => {
-                    resource_ids.insert(id.clone());
-                }
-                Target::Platform => {}
-            }
-            for g in &c.token_groups {
-                token_groups.insert((c.subject.to_string(), g.clone()));
-            }
-        }
-
-        let text = |x: &str| format!("CAST({x} AS TEXT)");
-        q.push("WITH RECURSIVE memberships(root, grp, path, depth) AS (");
-        q.push(&format!(
-            "SELECT {}, {}, {}, 1 FROM group_members gm WHERE gm.member IN (",
-            text("gm.member"),
-            text("gm.group_name"),
-            text("gm.member || ' ∈ group:' || gm.group_name")
-        ));
-        q.list(&names);
-        q.push(")");
-        for (root, group) in &token_groups {
-            q.push(" UNION ALL SELECT ");
-            q.param_text(root.clone());
-            q.push(", ");
-            q.param_text(group.clone());
-            q.push(", ");
-            q.param_text(format!("{root} ∈ group:{group} (token)"));
-            q.push(", 1");
-        }
-        q.push(&format!(
-            " UNION ALL SELECT m.root, {}, {}, m.depth + 1 FROM memberships m \
-             JOIN group_members gm ON gm.member = 'group:' || m.grp WHERE m.depth < {MAX_GROUP_DEPTH})",
-            text("gm.group_name"),
-            text("m.path || ' ∈ group:' || gm.group_name")
-        ));
-        q.push(" SELECT CAST('member' AS TEXT) AS kind, root AS a, grp AS b, path AS c, CAST('' AS TEXT) AS d FROM memberships");
-        q.push(&format!(
-            " UNION ALL SELECT 'admin', {}, '', '', '' FROM platform_admins WHERE subject IN (",
-            text("subject")
-        ));
-        q.list(&names);
-        q.push(")");
-        let holders = |q: &mut Sql| {
-            q.push(" AND (subject IN (");
-            q.list(&names);
-            q.push(") OR subject IN (SELECT 'group:' || grp FROM memberships))");
-        };
-        if !domains.is_empty() {
-            let domains: Vec<String> = domains.into_iter().collect();
-            for (kind, table, value) in
-                [("role", "domain_members", "role"), ("grant", "domain_permissions", "permission")]
-            {
-                q.push(&format!(
-                    " UNION ALL SELECT '{kind}', {}, {}, {}, '' FROM {table} WHERE domain IN (",
-                    text("subject"),
-                    text("domain"),
-                    text(value)
-                ));
-                q.list(&domains);
-                q.push(")");
-                holders(&mut q);
-            }
-        }
-        if !bundles.is_empty() || !resource_ids.is_empty() {
-            let bundles: Vec<String> = bundles.into_iter().collect();
-            let ids: Vec<String> = resource_ids.into_iter().collect();
-            // The bundles named, and the bundles of the resources named.
-            let in_scope = |q: &mut Sql, column: &str| {
-                q.push(&format!(" ({column} IN ("));
-                q.list(&bundles);
-                q.push(&format!(") OR {column} IN (SELECT bundle FROM bundle_resources WHERE resource_id IN ("));
-                q.list(&ids);
-                q.push(")))");
-            };
-            q.push(&format!(
-                " UNION ALL SELECT 'resource', {}, {}, {}, {} FROM bundle_resources WHERE resource_id IN (",
-                text("resource_type"),
-                text("resource_id"),
-                text("bundle"),
-                text("domain")
-            ));
-            q.list(&ids);
-            q.push(")");
-            q.push(&format!(
-                " UNION ALL SELECT 'bundle', {}, {}, '', '' FROM bundles WHERE",
-                text("name"),
-                text("owner")
-            ));
-            in_scope(&mut q, "name");
-            q.push(&format!(
-                " UNION ALL SELECT 'bundle_grant', {}, {}, {}, '' FROM bundle_grants WHERE",
-                text("subject"),
-                text("bundle"),
-                text("permission")
-            ));
-            in_scope(&mut q, "bundle");
-            holders(&mut q);
-        }
-
-        let rows = self.db.query_all_raw(q.statement()).await?;
-        let mut facts = Facts { admins: self.bootstrap_admins.clone(), ..Facts::default() };
-        for row in rows {
-            let kind: String = row.try_get("", "kind")?;
-            let [a, b, c, d]: [String; 4] =
-                [row.try_get("", "a")?, row.try_get("", "b")?, row.try_get("", "c")?, row.try_get("", "d")?];
-            match kind.as_str() {
-                "member" => {
-                    let root = parse_subject(&a)?;
-                    // The shortest path wins when a group is reached twice.
-                    let paths = facts.memberships.entry(root).or_default();
-                    if paths.get(&b).is_none_or(|p| p.len() > c.len()) {
-                        paths.insert(b, c);
-                    }
-                }
-                "admin" => {
-                    facts.admins.insert(parse_subject(&a)?);
-                }
-                "role" => {
-                    facts.roles.insert((b, parse_subject(&a)?), parse_role(&c)?);
-                }
-                "grant" => {
-                    if let Some(p) = Permission::from_grant_name(&c) {
-                        facts.grants.insert((b, parse_subject(&a)?, p));
-                    }
-                }
-                "resource" => {
-                    if let Some(kind) = ResourceType::from_name(&a) {
-                        facts.resources.insert((kind, b), Placement { bundle: c, domain: d });
-                    }
-                }
-                "bundle" => {
-                    facts.bundles.insert(a, parse_subject(&b)?);
-                }
-                "bundle_grant" => {
-                    if let Some(p) = Permission::from_bundle_grant_name(&c) {
-                        facts.bundle_grants.insert((b, parse_subject(&a)?, p));
-                    }
-                }
-                other => return Err(Error::Internal(format!("the facts query returned a {other:?} row"))),
-            }
-        }
-        Ok(facts)
-    }
-
     /// Answers every check, and whether `caller` (if given) is a platform
-    /// admin, from one database query.
+    /// admin, from the grants in memory (current as of one read of the
+    /// change counter).
     pub async fn check_batch(&self, caller: Option<&Principal>, checks: &[Check]) -> Result<(bool, Vec<Decision>)> {
         let mut subjects: BTreeSet<Principal> = checks.iter().map(|c| c.subject.clone()).collect();
         subjects.extend(caller.cloned());
-        let facts = self.bounded(self.facts(&subjects, checks)).await?;
+        let grants = self.bounded(self.current_grants()).await?;
+        let facts = grants.facts(&self.bootstrap_admins, &subjects, checks);
         let caller_is_admin = caller.is_some_and(|c| facts.is_admin(c));
         Ok((caller_is_admin, checks.iter().map(|c| rules::decide(&facts, c)).collect()))
     }

@@ -51,11 +51,15 @@ pub struct KubernetesConfig {
     pub api_url: Option<String>,
     /// Bound on each call to the API server.
     pub timeout_ms: u64,
+    /// Keep the store objects in memory by listing and watching them
+    /// (needs the `list` and `watch` verbs on Secrets); off: every read is a
+    /// GET.
+    pub watch: bool,
 }
 
 impl Default for KubernetesConfig {
     fn default() -> Self {
-        Self { namespace: None, api_url: None, timeout_ms: 5_000 }
+        Self { namespace: None, api_url: None, timeout_ms: 5_000, watch: true }
     }
 }
 
@@ -150,7 +154,13 @@ impl StoreSettings<'_> {
                 let namespace = self.namespace(&env);
                 let timeout = Duration::from_millis(k.timeout_ms);
                 let client = KubernetesBackend::client(k.api_url.as_deref(), &namespace, timeout).await?;
-                Arc::new(KubernetesBackend::new(client, &namespace))
+                let backend = KubernetesBackend::new(client, &namespace);
+                if k.watch {
+                    let watch = KubernetesBackend::watch_client(k.api_url.as_deref(), &namespace, timeout).await?;
+                    Arc::new(backend.watching(watch))
+                } else {
+                    Arc::new(backend)
+                }
             }
         })
     }

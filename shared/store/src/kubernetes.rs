@@ -6,18 +6,29 @@
 //! first; the change is then re-applied to the fresh object, with jittered
 //! exponential backoff. Writers inside one replica also queue on a local lock
 //! so they do not race each other for nothing.
+//!
+//! With [`KubernetesBackend::watching`], the store objects are kept decoded
+//! in memory by a list and watch of the Secrets carrying our label: a read
+//! sends nothing to the API server. A write updates the copy at once (read
+//! your own writes); edits made with kubectl arrive as watch events. A watch
+//! that fails is replaced by a new list (so nothing is missed, `410 Gone`
+//! included), and until then reads go to the API server. A watch is
+//! renewed every [`WATCH_WINDOW`]; one that has gone silent past
+//! [`WATCH_WINDOW`] + [`WATCH_GRACE`] is no longer trusted: that is the
+//! bound on serving a copy behind a silently broken connection.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-    time::Duration,
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, RwLock, Weak},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use secrets_common::SecretValue;
 use serde::{Deserialize, Serialize};
 
@@ -37,12 +48,195 @@ pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "iom
 /// (about 4,000 keys of 30-character names).
 pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
 const MAX_WRITE_ATTEMPTS: usize = 64;
+/// How long one watch request lasts before it is renewed.
+pub const WATCH_WINDOW: Duration = Duration::from_secs(15);
+/// How long past its window a silent watch is still trusted.
+pub const WATCH_GRACE: Duration = Duration::from_secs(5);
 
 pub struct KubernetesBackend {
     api: Api<Secret>,
     namespace: String,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     backoff: ExponentialBuilder,
+    mirror: Option<Arc<Mirror>>,
+}
+
+/// The store objects as the watch last reported them.
+#[derive(Default)]
+struct Mirror {
+    state: RwLock<MirrorState>,
+}
+
+#[derive(Default)]
+struct MirrorState {
+    /// A list has been loaded, and no watch failed since.
+    synced: bool,
+    /// When the watch last proved alive (accepted, an event, a clean end).
+    alive: Option<Instant>,
+    /// Name → (resourceVersion, entries).
+    objects: HashMap<String, (u64, Arc<Entries>)>,
+    /// Objects that did not decode: read from the API server, which reports why.
+    undecodable: HashSet<String>,
+}
+
+fn version_of(secret: &Secret) -> u64 {
+    secret.metadata.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+impl Mirror {
+    fn with<T>(&self, f: impl FnOnce(&mut MirrorState) -> T) -> T {
+        f(&mut self.state.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The object from memory: `None` when memory cannot answer.
+    fn get(&self, object: &str) -> Option<Option<Arc<Entries>>> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let trusted = s.synced && s.alive.is_some_and(|t| t.elapsed() < WATCH_WINDOW + WATCH_GRACE);
+        if !trusted || s.undecodable.contains(object) {
+            return None;
+        }
+        Some(s.objects.get(object).map(|(_, e)| e.clone()))
+    }
+
+    /// Keeps `secret` unless memory holds a newer version already.
+    fn apply(&self, secret: Secret) {
+        let Some(name) = secret.metadata.name.clone() else { return };
+        let version = version_of(&secret);
+        let decoded = decode(&name, secret);
+        self.with(|s| {
+            if s.objects.get(&name).is_some_and(|(v, _)| *v > version) {
+                return;
+            }
+            match decoded {
+                Ok((entries, _)) => {
+                    s.undecodable.remove(&name);
+                    s.objects.insert(name, (version, Arc::new(entries)));
+                }
+                Err(e) => {
+                    tracing::warn!(object = %name, error = %e, "a store object does not decode; reading it from the API server");
+                    s.objects.remove(&name);
+                    s.undecodable.insert(name);
+                }
+            }
+        });
+    }
+
+    fn delete(&self, secret: &Secret) {
+        let Some(name) = secret.metadata.name.as_deref() else { return };
+        let version = version_of(secret);
+        self.with(|s| {
+            if s.objects.get(name).is_none_or(|(v, _)| *v <= version) {
+                s.objects.remove(name);
+            }
+            s.undecodable.remove(name);
+        });
+    }
+
+    fn alive(&self) {
+        self.with(|s| s.alive = Some(Instant::now()));
+    }
+}
+
+/// Lists and watches the labelled Secrets into `mirror` for as long as the
+/// backend exists.
+async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>) {
+    let selector = format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1);
+    let mut failures = 0u32;
+    let pause = |failures: u32| Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+    'list: loop {
+        let listed = api.list(&ListParams::default().labels(&selector)).await;
+        let Some(m) = mirror.upgrade() else { return };
+        let list = match listed {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the store objects; reading from the API server meanwhile");
+                m.with(|s| s.synced = false);
+                drop(m);
+                failures += 1;
+                tokio::time::sleep(pause(failures)).await;
+                continue 'list;
+            }
+        };
+        let mut version = list.metadata.resource_version.clone().unwrap_or_default();
+        m.with(|s| {
+            s.objects.clear();
+            s.undecodable.clear();
+        });
+        for secret in list.items {
+            m.apply(secret);
+        }
+        m.with(|s| {
+            s.synced = true;
+            s.alive = Some(Instant::now());
+        });
+        drop(m);
+        loop {
+            let params = WatchParams::default().labels(&selector).timeout(WATCH_WINDOW.as_secs() as u32);
+            let stream = match api.watch(&params, &version).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the store objects; listing again");
+                    if let Some(m) = mirror.upgrade() {
+                        m.with(|s| s.synced = false);
+                    }
+                    failures += 1;
+                    tokio::time::sleep(pause(failures)).await;
+                    continue 'list;
+                }
+            };
+            let mut stream = std::pin::pin!(stream);
+            match mirror.upgrade() {
+                Some(m) => m.alive(),
+                None => return,
+            }
+            loop {
+                let next = tokio::time::timeout(WATCH_WINDOW + WATCH_GRACE, stream.next()).await;
+                let Some(m) = mirror.upgrade() else { return };
+                match next {
+                    // Silent past its window: renew it (memory is no longer
+                    // trusted meanwhile, see `Mirror::get`).
+                    Err(_) => break,
+                    // The window ended: watch on from the last version.
+                    Ok(None) => {
+                        m.alive();
+                        failures = 0;
+                        break;
+                    }
+                    Ok(Some(Ok(WatchEvent::Added(secret) | WatchEvent::Modified(secret)))) => {
+                        version = secret.metadata.resource_version.clone().unwrap_or(version);
+                        m.apply(secret);
+                        m.alive();
+                    }
+                    Ok(Some(Ok(WatchEvent::Deleted(secret)))) => {
+                        version = secret.metadata.resource_version.clone().unwrap_or(version);
+                        m.delete(&secret);
+                        m.alive();
+                    }
+                    Ok(Some(Ok(WatchEvent::Bookmark(b)))) => {
+                        version = b.metadata.resource_version;
+                        m.alive();
+                    }
+                    Ok(Some(Ok(WatchEvent::Error(e)))) => {
+                        if e.code == 410 {
+                            tracing::info!("the watch's version was compacted away; listing again");
+                        } else {
+                            tracing::warn!(code = e.code, message = %e.message, "the watch failed; listing again");
+                        }
+                        m.with(|s| s.synced = false);
+                        continue 'list;
+                    }
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "the watch broke; listing again");
+                        m.with(|s| s.synced = false);
+                        drop(m);
+                        failures += 1;
+                        tokio::time::sleep(pause(failures)).await;
+                        continue 'list;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl KubernetesBackend {
@@ -56,7 +250,25 @@ impl KubernetesBackend {
                 .with_max_delay(Duration::from_millis(250))
                 .with_jitter()
                 .with_max_times(MAX_WRITE_ATTEMPTS),
+            mirror: None,
         }
+    }
+
+    /// Keeps the store objects in memory, listed and watched through
+    /// `watch_client` (a client whose read timeout outlasts a watch window:
+    /// see [`Self::watch_client`]). Needs the `list` and `watch` verbs.
+    pub fn watching(mut self, watch_client: kube::Client) -> Self {
+        let mirror = Arc::new(Mirror::default());
+        let api = Api::namespaced(watch_client, &self.namespace);
+        tokio::spawn(mirror_loop(Arc::downgrade(&mirror), api));
+        self.mirror = Some(mirror);
+        self
+    }
+
+    /// A client for [`Self::watching`]: as [`Self::client`], with a read
+    /// timeout past a watch window.
+    pub async fn watch_client(api_url: Option<&str>, namespace: &str, timeout: Duration) -> Result<kube::Client> {
+        Self::client_with(api_url, namespace, timeout, WATCH_WINDOW + WATCH_GRACE).await
     }
 
     /// A client from an explicit API URL (for example `kubectl proxy`'s
@@ -67,6 +279,15 @@ impl KubernetesBackend {
     /// turned off: it retries 503s for minutes, and a caller waiting on a
     /// secret is better told at once that the API server is unavailable.
     pub async fn client(api_url: Option<&str>, namespace: &str, timeout: Duration) -> Result<kube::Client> {
+        Self::client_with(api_url, namespace, timeout, timeout).await
+    }
+
+    async fn client_with(
+        api_url: Option<&str>,
+        namespace: &str,
+        timeout: Duration,
+        read_timeout: Duration,
+    ) -> Result<kube::Client> {
         let config = match api_url {
             Some(url) => {
                 let uri = url.parse().map_err(|e| {
@@ -87,7 +308,7 @@ impl KubernetesBackend {
         let mut config = config;
         config.default_retry = false;
         config.connect_timeout = Some(timeout.min(Duration::from_secs(5)));
-        config.read_timeout = Some(timeout);
+        config.read_timeout = Some(read_timeout);
         config.write_timeout = Some(timeout);
         kube::Client::try_from(config)
             .map_err(|e| Error::Unavailable { backend: NAME, message: format!("cannot build a client: {e}") })
@@ -126,8 +347,15 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
     }
 
     async fn read(&self, object: &str) -> Result<Option<Entries>, E> {
+        Ok(StoreBackend::<E>::read_shared(self, object).await?.map(|e| (*e).clone()))
+    }
+
+    async fn read_shared(&self, object: &str) -> Result<Option<Arc<Entries>>, E> {
+        if let Some(found) = self.mirror.as_ref().and_then(|m| m.get(object)) {
+            return Ok(found);
+        }
         let secret = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))?;
-        Ok(secret.map(|s| decode(object, s).map(|(entries, _)| entries)).transpose()?)
+        Ok(secret.map(|s| decode(object, s).map(|(entries, _)| Arc::new(entries))).transpose()?)
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
@@ -150,7 +378,11 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
                 self.api.create(&PostParams::default(), &secret).await
             };
             match written {
-                Ok(_) => {
+                Ok(stored) => {
+                    // Read your own writes: memory has it before the event.
+                    if let Some(m) = &self.mirror {
+                        m.apply(stored);
+                    }
                     if conflicts > 0 {
                         tracing::debug!(object, conflicts, "write succeeded after conflicts");
                     }

@@ -163,3 +163,111 @@ async fn real_cluster_round_trip_when_kubeconfig_is_set() {
     let api: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
     api.delete(&format!("{prefix}-finance"), &Default::default()).await.expect("clean up");
 }
+
+/// The value resolved for `key` in finance.
+async fn resolved(store: &SecretStore, key: &str) -> Option<Vec<u8>> {
+    let lookup = secret_service::store::Lookup { scope: finance(), key: key.into(), global_fallback: false };
+    store.read_values(&[lookup]).await.unwrap().remove(0).map(|f| f.value.expose().to_vec())
+}
+
+/// Waits (up to 5 s) until `key` resolves to `want`.
+async fn eventually(store: &SecretStore, key: &str, want: Option<&[u8]>) {
+    for _ in 0..500 {
+        if resolved(store, key).await.as_deref() == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{key} never resolved to {want:?}");
+}
+
+/// An out-of-band edit, as `kubectl edit secret` makes it.
+fn kubectl_set(kube: &integration_tests::kube_server::FakeKube, key: &str, value: &str) {
+    kube.edit(NAMESPACE, &format!("{PREFIX}-finance"), |s| {
+        s.data.get_or_insert_with(BTreeMap::new).insert(key.into(), ByteString(value.as_bytes().to_vec()));
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_objects_resolve_from_memory_and_see_every_write_and_edit() {
+    let f = Fixture::kubernetes_watching().await;
+    let kube = f.kube.clone().unwrap();
+    let store = f.store();
+    store.create(&finance(), "k", SecretValue::from("v1".to_string())).await.unwrap();
+    // Read your own writes: the next call sees it, before any watch event.
+    for i in 2..50 {
+        let value = format!("v{i}");
+        store.update(&finance(), "k", SecretValue::from(value.clone())).await.unwrap();
+        assert_eq!(resolved(&store, "k").await.as_deref(), Some(value.as_bytes()), "write {i}");
+    }
+    eventually(&store, "k", Some(b"v49")).await;
+
+    // Steady state: resolves send nothing to the API server.
+    let before = kube.counters();
+    for _ in 0..200 {
+        assert_eq!(resolved(&store, "k").await.as_deref(), Some(&b"v49"[..]));
+    }
+    let after = kube.counters();
+    assert_eq!((after.gets, after.lists, after.watches), (before.gets, before.lists, before.watches), "200 resolves");
+
+    // Edited with kubectl: resolved new once the watch event arrives.
+    kubectl_set(&kube, "k", "from-kubectl");
+    eventually(&store, "k", Some(b"from-kubectl")).await;
+    // A deleted key is never served from memory.
+    store.delete(&finance(), "k").await.unwrap();
+    assert_eq!(resolved(&store, "k").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_drops_or_expires_misses_no_change() {
+    integration_tests::logs::init();
+    let f = Fixture::kubernetes_watching().await;
+    let kube = f.kube.clone().unwrap();
+    let store = f.store();
+    store.create(&finance(), "k", SecretValue::from("v1".to_string())).await.unwrap();
+    eventually(&store, "k", Some(b"v1")).await;
+
+    // The connection drops: the next watch resumes from the last version.
+    let watches = kube.counters().watches;
+    kube.drop_watches();
+    kubectl_set(&kube, "k", "after-drop");
+    eventually(&store, "k", Some(b"after-drop")).await;
+    assert!(kube.counters().watches > watches, "a new watch was opened");
+
+    // The API server is unreachable while the object changes and its
+    // history is compacted: the resumed watch gets 410 Gone, and a new list
+    // brings the change.
+    kube.set_failing(Some(503));
+    kube.drop_watches();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    kubectl_set(&kube, "k", "while-away");
+    kube.compact();
+    let lists = kube.counters().lists;
+    kube.set_failing(None);
+    eventually(&store, "k", Some(b"while-away")).await;
+    for _ in 0..500 {
+        if kube.counters().lists > lists {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(kube.counters().lists > lists, "the store objects were listed again");
+    // ...and memory answers again (while it could not, reads went to the API server).
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let gets = kube.counters().gets;
+    assert_eq!(resolved(&store, "k").await.as_deref(), Some(&b"while-away"[..]));
+    assert_eq!(kube.counters().gets, gets, "served from memory after the relist");
+
+    // A watch that lagged behind a compaction resumes from a version that
+    // is gone: 410, and a new list brings what it missed.
+    kube.hold_events(true);
+    kubectl_set(&kube, "k", "after-410");
+    kube.compact();
+    kube.drop_watches();
+    kube.hold_events(false);
+    eventually(&store, "k", Some(b"after-410")).await;
+    assert!(
+        integration_tests::logs::captured().contains("the watch's version was compacted away; listing again"),
+        "the 410 and the relist are logged"
+    );
+}

@@ -383,9 +383,10 @@ async fn the_role_grants_exactly_the_verbs_the_kubernetes_store_uses() {
         binding["subjects"].as_sequence().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(bound, BTreeSet::from(["secret-service", "vault-config-service"]), "only the services that store");
 
-    // Every operation the secret service offers, against the API-server
-    // emulator, which records the verb of each request.
-    let fixture = stores::Fixture::kubernetes().await;
+    // Every operation the secret service offers, with the store objects
+    // watched as in production, against the API-server emulator, which
+    // records the verb of each request.
+    let fixture = stores::Fixture::kubernetes_watching().await;
     let app = TestApp::spawn_with(Options { backend: Some(fixture.backend.clone()), ..Default::default() }).await;
     app.setup_domain("finance").await;
     let owner = app.as_user(OWNER);
