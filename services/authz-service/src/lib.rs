@@ -121,6 +121,8 @@ impl Config {
 
 pub struct Application {
     served: Served,
+    /// Held while the service runs (see [`db::lock_sqlite`]).
+    _sqlite_lock: Option<std::fs::File>,
 }
 
 impl Application {
@@ -139,6 +141,7 @@ impl Application {
             .collect::<Result<BTreeSet<_>, _>>()?;
         let metrics = Metrics::new();
         let timeout = Duration::from_millis(config.database_timeout_ms);
+        let sqlite_lock = db::lock_sqlite(&config.database_url)?;
         let db = db::connect(&config.database_url, timeout, Some(&metrics)).await?;
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
         let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins, timeout));
@@ -154,6 +157,7 @@ impl Application {
                 .with_tls(internal.server_tls())
                 .with_health_addr(config.health_addr)
                 .await?,
+            _sqlite_lock: sqlite_lock,
         })
     }
 
@@ -170,6 +174,8 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.served.run(shutdown).await.context("authz-service stopped with an error")
+        let result = self.served.run(shutdown).await.context("authz-service stopped with an error");
+        drop(self._sqlite_lock);
+        result
     }
 }

@@ -2,9 +2,11 @@
 //! rules themselves are in [`crate::rules`].
 //!
 //! Decisions come from an in-memory copy of the grant tables, used only
-//! while it is current: a batch of checks costs one indexed read of the
-//! change counter (bumped by triggers in the same transaction as every
-//! change, on any replica), and a reload after a change. So no decision is
+//! while it is current. On PostgreSQL, where replicas share the grants, a
+//! batch of checks costs one indexed read of the change counter (bumped by
+//! triggers in the same transaction as every change); on SQLite, which one
+//! process owns, no query at all: this process's changes mark the copy old.
+//! A reload follows a change. So no decision is
 //! served from before a change that has returned. Every database call is
 //! bounded by the configured timeout, so a database that stops answering
 //! turns into `UNAVAILABLE` naming the database at once.
@@ -82,6 +84,10 @@ pub struct Policy {
     grants: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Grants>>>>,
     /// One reload at a time.
     reloading: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Bumped after every change this process makes. On SQLite, which one
+    /// process owns (see [`crate::db::lock_sqlite`]), it is the version of
+    /// the grants, and a decision costs no query at all.
+    local: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Every row that bears on a decision, indexed the way decisions look.
@@ -101,11 +107,19 @@ struct Grants {
     bundle_grants: HashMap<String, Vec<(Principal, Permission)>>,
     /// Resource id → (type, placement).
     resources: HashMap<String, Vec<(ResourceType, Placement)>>,
+    /// Domain → (stored subject, what is wrong) for rows that do not parse:
+    /// a decision that needs one is an error, the others are unaffected.
+    broken: HashMap<String, Vec<(String, String)>>,
 }
 
 impl Grants {
     /// The facts `checks` need about `subjects`, as [`rules::decide`] reads them.
-    fn facts(&self, bootstrap_admins: &BTreeSet<Principal>, subjects: &BTreeSet<Principal>, checks: &[Check]) -> Facts {
+    fn facts(
+        &self,
+        bootstrap_admins: &BTreeSet<Principal>,
+        subjects: &BTreeSet<Principal>,
+        checks: &[Check],
+    ) -> Result<Facts> {
         let mut facts = Facts { admins: bootstrap_admins.clone(), ..Facts::default() };
         facts.admins.extend(subjects.iter().filter(|s| self.admins.contains(*s)).cloned());
         // Groups of each subject: a walk up nested groups, the shortest path
@@ -150,6 +164,15 @@ impl Grants {
         for c in checks {
             match &c.target {
                 Target::Domain(d) => {
+                    if let Some((_, why)) = self
+                        .broken
+                        .get(d)
+                        .into_iter()
+                        .flatten()
+                        .find(|(who, _)| holders.iter().any(|h| h.to_string() == *who))
+                    {
+                        return Err(Error::Internal(why.clone()));
+                    }
                     for (who, role) in self.roles.get(d).into_iter().flatten().filter(|(w, _)| holders.contains(w)) {
                         facts.roles.insert((d.clone(), who.clone()), *role);
                     }
@@ -177,7 +200,7 @@ impl Grants {
                 facts.bundle_grants.insert((b.to_string(), who.clone(), *p));
             }
         }
-        facts
+        Ok(facts)
     }
 }
 
@@ -193,7 +216,29 @@ fn parse_role(text: &str) -> Result<Role> {
 
 impl Policy {
     pub fn new(db: DatabaseConnection, bootstrap_admins: BTreeSet<Principal>, timeout: Duration) -> Self {
-        Self { db, bootstrap_admins, timeout, grants: Default::default(), reloading: Default::default() }
+        Self {
+            db,
+            bootstrap_admins,
+            timeout,
+            grants: Default::default(),
+            reloading: Default::default(),
+            local: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        }
+    }
+
+    /// Marks the grants in memory as old: called after every change.
+    fn changed(&self) {
+        self.local.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether other processes may change the grants (PostgreSQL): then the
+    /// change counter in the database decides what is current.
+    fn shared(&self) -> bool {
+        self.db.get_database_backend() == DbBackend::Postgres
+    }
+
+    fn local_version(&self) -> i64 {
+        self.local.load(std::sync::atomic::Ordering::SeqCst) as i64
     }
 
     /// The change counter: one indexed read.
@@ -240,12 +285,19 @@ impl Policy {
             g.parents.entry(m.member).or_default().push(m.group_name);
         }
         for m in domain_member::Entity::find().all(&txn).await? {
-            let subject = parse_subject(&m.subject)?;
-            g.roles.entry(m.domain).or_default().push((subject, parse_role(&m.role)?));
+            match parse_subject(&m.subject).and_then(|s| Ok((s, parse_role(&m.role)?))) {
+                Ok(row) => g.roles.entry(m.domain).or_default().push(row),
+                Err(e) => g.broken.entry(m.domain).or_default().push((m.subject, e.to_string())),
+            }
         }
         for p in domain_permission::Entity::find().all(&txn).await? {
-            if let Some(permission) = Permission::from_grant_name(&p.permission) {
-                g.permissions.entry(p.domain).or_default().push((parse_subject(&p.subject)?, permission));
+            match parse_subject(&p.subject) {
+                Ok(subject) => {
+                    if let Some(permission) = Permission::from_grant_name(&p.permission) {
+                        g.permissions.entry(p.domain).or_default().push((subject, permission));
+                    }
+                }
+                Err(e) => g.broken.entry(p.domain).or_default().push((p.subject, e.to_string())),
             }
         }
         for b in bundle::Entity::find().all(&txn).await? {
@@ -271,7 +323,7 @@ impl Policy {
     /// The grants as of `version` or later: the copy in memory when it is
     /// that current, else reloaded.
     async fn current_grants(&self) -> Result<std::sync::Arc<Grants>> {
-        let version = self.version().await?;
+        let version = if self.shared() { self.version().await? } else { self.local_version() };
         let fresh = |slot: &Option<std::sync::Arc<Grants>>| slot.as_ref().filter(|g| g.version >= version).cloned();
         if let Some(g) = fresh(&self.grants.read().unwrap_or_else(|e| e.into_inner())) {
             return Ok(g);
@@ -280,7 +332,13 @@ impl Policy {
         if let Some(g) = fresh(&self.grants.read().unwrap_or_else(|e| e.into_inner())) {
             return Ok(g);
         }
-        let loaded = std::sync::Arc::new(self.load_grants().await?);
+        // Taken before loading: a change made meanwhile makes this copy old.
+        let local = self.local_version();
+        let mut loaded = self.load_grants().await?;
+        if !self.shared() {
+            loaded.version = local;
+        }
+        let loaded = std::sync::Arc::new(loaded);
         tracing::debug!(version = loaded.version, "loaded the grants");
         let mut slot = self.grants.write().unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_none_or(|g| g.version < loaded.version) {
@@ -322,7 +380,7 @@ impl Policy {
         let mut subjects: BTreeSet<Principal> = checks.iter().map(|c| c.subject.clone()).collect();
         subjects.extend(caller.cloned());
         let grants = self.bounded(self.current_grants()).await?;
-        let facts = grants.facts(&self.bootstrap_admins, &subjects, checks);
+        let facts = grants.facts(&self.bootstrap_admins, &subjects, checks)?;
         let caller_is_admin = caller.is_some_and(|c| facts.is_admin(c));
         Ok((caller_is_admin, checks.iter().map(|c| rules::decide(&facts, c)).collect()))
     }
@@ -373,8 +431,7 @@ impl Policy {
         self.bounded(self.load_member(&self.db, domain, subject)).await
     }
 
-    /// Adds a member or changes its role; idempotent.
-    pub async fn add_member(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
+    async fn add_member_now(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
         self.bounded(async {
             let row = domain_member::ActiveModel {
                 domain: Set(domain.to_string()),
@@ -397,9 +454,7 @@ impl Policy {
         .await
     }
 
-    /// Removes a member; its permissions in the domain go with it (the
-    /// database cascades the delete).
-    pub async fn remove_member(&self, domain: &str, subject: &Principal) -> Result<()> {
+    async fn remove_member_now(&self, domain: &str, subject: &Principal) -> Result<()> {
         self.bounded(async {
             let removed =
                 domain_member::Entity::delete_by_id((domain.to_string(), subject.to_string())).exec(&self.db).await?;
@@ -411,10 +466,7 @@ impl Policy {
         .await
     }
 
-    /// Grants a permission to a member, in one transaction. The foreign key
-    /// to the member row means a member removed at the same moment cannot
-    /// leave the permission behind.
-    pub async fn grant(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
+    async fn grant_now(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
         let not_member = || {
             Error::FailedPrecondition(format!(
                 "{subject} is not a member of domain {domain:?}; add it with AddDomainMember first"
@@ -456,7 +508,7 @@ impl Policy {
         .await
     }
 
-    pub async fn revoke(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
+    async fn revoke_now(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
         self.bounded(async {
             let txn = self.db.begin().await?;
             if self.load_member(&txn, domain, subject).await?.is_none() {
@@ -509,7 +561,7 @@ impl Policy {
         .await
     }
 
-    pub async fn grant_admin(&self, subject: &Principal) -> Result<()> {
+    async fn grant_admin_now(&self, subject: &Principal) -> Result<()> {
         self.bounded(async {
             let row = platform_admin::ActiveModel { subject: Set(subject.to_string()), created_at: Set(Utc::now()) };
             platform_admin::Entity::insert(row)
@@ -521,7 +573,7 @@ impl Policy {
         .await
     }
 
-    pub async fn revoke_admin(&self, subject: &Principal) -> Result<()> {
+    async fn revoke_admin_now(&self, subject: &Principal) -> Result<()> {
         if self.bootstrap_admins.contains(subject) {
             return Err(Error::FailedPrecondition(format!(
                 "{subject} is a platform admin by configuration (bootstrap_admins); remove it there"
@@ -571,7 +623,7 @@ impl Policy {
         Ok(Some(Group { name: row.name, description: row.description, members }))
     }
 
-    pub async fn create_group(&self, name: &str, description: &str) -> Result<Group> {
+    async fn create_group_now(&self, name: &str, description: &str) -> Result<Group> {
         self.bounded(async {
             let row = group::ActiveModel {
                 name: Set(name.to_string()),
@@ -590,10 +642,7 @@ impl Policy {
         .await
     }
 
-    /// Deletes a group, its memberships (as a group and as a member of other
-    /// groups) and every grant and domain role it held. A group that owns a
-    /// bundle is kept: give the bundle another owner first.
-    pub async fn delete_group(&self, name: &str) -> Result<()> {
+    async fn delete_group_now(&self, name: &str) -> Result<()> {
         let subject = Principal::group(name).to_string();
         self.bounded(async {
             let txn = self.db.begin().await?;
@@ -623,9 +672,7 @@ impl Policy {
         .await
     }
 
-    /// Adds a member to a group; a group member that would close a cycle is
-    /// refused, naming it.
-    pub async fn add_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+    async fn add_group_member_now(&self, name: &str, member: &Principal) -> Result<Group> {
         self.bounded(async {
             let txn = self.db.begin().await?;
             if self.db.get_database_backend() == DbBackend::Postgres {
@@ -675,7 +722,7 @@ impl Policy {
         .await
     }
 
-    pub async fn remove_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+    async fn remove_group_member_now(&self, name: &str, member: &Principal) -> Result<Group> {
         self.bounded(async {
             let removed =
                 group_member::Entity::delete_by_id((name.to_string(), member.to_string())).exec(&self.db).await?;
@@ -761,7 +808,7 @@ impl Policy {
         .await
     }
 
-    pub async fn create_bundle(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
+    async fn create_bundle_now(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
         self.bounded(async {
             let row = bundle::ActiveModel {
                 name: Set(name.to_string()),
@@ -787,7 +834,7 @@ impl Policy {
         .await
     }
 
-    pub async fn update_bundle(&self, name: &str, change: BundleChange) -> Result<Bundle> {
+    async fn update_bundle_now(&self, name: &str, change: BundleChange) -> Result<Bundle> {
         self.bounded(async {
             let Some(row) = bundle::Entity::find_by_id(name.to_string()).one(&self.db).await? else {
                 return Err(Error::NotFound(format!("bundle {name} does not exist")));
@@ -807,9 +854,7 @@ impl Policy {
         .await
     }
 
-    /// Deletes a bundle and its grants; a bundle that still holds resources
-    /// is kept, and the refusal names them.
-    pub async fn delete_bundle(&self, name: &str) -> Result<()> {
+    async fn delete_bundle_now(&self, name: &str) -> Result<()> {
         self.bounded(async {
             let txn = self.db.begin().await?;
             let held: Vec<String> = bundle_resource::Entity::find()
@@ -836,7 +881,7 @@ impl Policy {
         .await
     }
 
-    pub async fn grant_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+    async fn grant_bundle_now(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
         self.bounded(async {
             if bundle::Entity::find_by_id(name.to_string()).one(&self.db).await?.is_none() {
                 return Err(Error::NotFound(format!("bundle {name} does not exist")));
@@ -866,7 +911,7 @@ impl Policy {
         .await
     }
 
-    pub async fn revoke_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+    async fn revoke_bundle_now(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
         self.bounded(async {
             let removed = bundle_grant::Entity::delete_by_id((
                 name.to_string(),
@@ -890,10 +935,7 @@ impl Policy {
 
     // Resources.
 
-    /// Records that a resource belongs to a bundle. Registering it again in
-    /// the same bundle is harmless; in another bundle it is refused:
-    /// resources never move.
-    pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
+    async fn register_resource_now(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
         self.bounded(async {
             if bundle::Entity::find_by_id(bundle.to_string()).one(&self.db).await?.is_none() {
                 return Err(Error::NotFound(format!("bundle {bundle} does not exist")));
@@ -937,7 +979,7 @@ impl Policy {
         .await
     }
 
-    pub async fn unregister_resource(&self, kind: ResourceType, id: &str) -> Result<()> {
+    async fn unregister_resource_now(&self, kind: ResourceType, id: &str) -> Result<()> {
         self.bounded(async {
             let removed =
                 bundle_resource::Entity::delete_by_id((kind.name().to_string(), id.to_string())).exec(&self.db).await?;
@@ -947,5 +989,127 @@ impl Policy {
             Ok(())
         })
         .await
+    }
+}
+
+/// Every change to the grants, each followed by [`Policy::changed`] (also
+/// when it failed: part of it may have been written).
+impl Policy {
+    /// Adds a member or changes its role; idempotent.
+    pub async fn add_member(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
+        let result = self.add_member_now(domain, subject, role).await;
+        self.changed();
+        result
+    }
+
+    /// Removes a member; its permissions in the domain go with it (the
+    /// database cascades the delete).
+    pub async fn remove_member(&self, domain: &str, subject: &Principal) -> Result<()> {
+        let result = self.remove_member_now(domain, subject).await;
+        self.changed();
+        result
+    }
+
+    /// Grants a permission to a member, in one transaction. The foreign key
+    /// to the member row means a member removed at the same moment cannot
+    /// leave the permission behind.
+    pub async fn grant(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
+        let result = self.grant_now(domain, subject, permission).await;
+        self.changed();
+        result
+    }
+
+    pub async fn revoke(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
+        let result = self.revoke_now(domain, subject, permission).await;
+        self.changed();
+        result
+    }
+
+    pub async fn grant_admin(&self, subject: &Principal) -> Result<()> {
+        let result = self.grant_admin_now(subject).await;
+        self.changed();
+        result
+    }
+
+    pub async fn revoke_admin(&self, subject: &Principal) -> Result<()> {
+        let result = self.revoke_admin_now(subject).await;
+        self.changed();
+        result
+    }
+
+    pub async fn create_group(&self, name: &str, description: &str) -> Result<Group> {
+        let result = self.create_group_now(name, description).await;
+        self.changed();
+        result
+    }
+
+    /// Deletes a group, its memberships (as a group and as a member of other
+    /// groups) and every grant and domain role it held. A group that owns a
+    /// bundle is kept: give the bundle another owner first.
+    pub async fn delete_group(&self, name: &str) -> Result<()> {
+        let result = self.delete_group_now(name).await;
+        self.changed();
+        result
+    }
+
+    /// Adds a member to a group; a group member that would close a cycle is
+    /// refused, naming it.
+    pub async fn add_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+        let result = self.add_group_member_now(name, member).await;
+        self.changed();
+        result
+    }
+
+    pub async fn remove_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+        let result = self.remove_group_member_now(name, member).await;
+        self.changed();
+        result
+    }
+
+    pub async fn create_bundle(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
+        let result = self.create_bundle_now(name, description, owner).await;
+        self.changed();
+        result
+    }
+
+    pub async fn update_bundle(&self, name: &str, change: BundleChange) -> Result<Bundle> {
+        let result = self.update_bundle_now(name, change).await;
+        self.changed();
+        result
+    }
+
+    /// Deletes a bundle and its grants; a bundle that still holds resources
+    /// is kept, and the refusal names them.
+    pub async fn delete_bundle(&self, name: &str) -> Result<()> {
+        let result = self.delete_bundle_now(name).await;
+        self.changed();
+        result
+    }
+
+    pub async fn grant_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+        let result = self.grant_bundle_now(name, subject, permission).await;
+        self.changed();
+        result
+    }
+
+    pub async fn revoke_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+        let result = self.revoke_bundle_now(name, subject, permission).await;
+        self.changed();
+        result
+    }
+
+    /// Records that a resource belongs to a bundle. Registering it again in
+    /// the same bundle is harmless; in another bundle it is refused:
+    /// resources never move.
+    pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
+        let result = self.register_resource_now(kind, id, bundle, domain).await;
+        self.changed();
+        result
+    }
+
+    pub async fn unregister_resource(&self, kind: ResourceType, id: &str) -> Result<()> {
+        let result = self.unregister_resource_now(kind, id).await;
+        self.changed();
+        result
     }
 }

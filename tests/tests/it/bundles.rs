@@ -248,7 +248,8 @@ async fn checks_through_nested_groups_cost_one_query_per_batch(app: TestApp) {
     let before = sample(&http_get(&app.metrics_url("authz-service")).await.1, &selects);
     let results = authz.batch_check(pb::BatchCheckRequest { checks }).await.unwrap().into_inner().results;
     let after = sample(&http_get(&app.metrics_url("authz-service")).await.1, &selects);
-    assert_eq!(after - before, 1.0, "13 checks through five levels of groups: one read of the change counter");
+    let expected = if backend == "postgres" { 1.0 } else { 0.0 };
+    assert_eq!(after - before, expected, "13 checks through five levels of groups: no query but the change counter");
     let update = &results[1];
     assert!(update.allowed, "{}", update.reason);
     assert_eq!(

