@@ -10,7 +10,8 @@
 //! Prints one table (requests/s, p50, p99 and the ratios to the two
 //! references at 1, 16 and 64 requests in flight), then for 10,000 one-item
 //! resolves: the CPU seconds and peak RSS of each service, and the
-//! API-server requests and database queries per resolve.
+//! API-server requests and database queries per resolve. The services log at
+//! `warn`; `BENCH_SERVICE_LOG=info` measures what per-call logging costs.
 
 use std::{
     collections::BTreeMap,
@@ -71,6 +72,12 @@ impl Proc {
     }
 }
 
+/// The services' log level: `BENCH_SERVICE_LOG` (default `warn`); `info`
+/// shows what per-call logging costs.
+fn service_log() -> String {
+    std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 fn start(dir: &Path, name: &str, config: &str) -> Proc {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
@@ -78,9 +85,9 @@ fn start(dir: &Path, name: &str, config: &str) -> Proc {
         .arg("--config")
         .arg(&path)
         .env_clear()
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", service_log())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(if service_log() == "warn" { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
     Proc { name: name.into(), child }
@@ -412,8 +419,9 @@ async fn main() {
     let api = (kube_after.gets + kube_after.creates + kube_after.replaces)
         - (kube_before.gets + kube_before.creates + kube_before.replaces);
     println!();
+    println!("services logging at {}", service_log());
     println!(
-        "per resolve: {:.2} API-server requests, {:.2} database queries (authz-service), {:.2} store reads (secret-service)",
+        "per resolve: {:.2} API-server requests, {:.2} database queries (authz-service), {:.2} store-object reads from memory (secret-service)",
         api as f64 / 10_000.0,
         per(
             backend_calls(&metrics_after[0], "backend=\"sqlite\""),

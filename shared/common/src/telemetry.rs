@@ -45,6 +45,8 @@ pub enum LogFormat {
 #[must_use = "dropping the guard shuts the trace exporter down"]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    /// Writes the queued log lines out when dropped.
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Drop for TelemetryGuard {
@@ -68,15 +70,19 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
     }
     .map_err(|e| anyhow::anyhow!("log_level: {e}"))?;
 
+    // Lines are written by a thread of their own: a call only queues its
+    // line (and waits when the queue is full, never dropping one).
+    let (writer, log_writer) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
     let fmt = match config.log_format {
-        LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
         // The span list carries the ids recorded on the grpc.server and
         // grpc.client spans: every line can be tied to its trace.
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed(),
     };
 
@@ -114,7 +120,7 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
         .with(otel)
         .try_init()
         .map_err(|e| anyhow::anyhow!("a tracing subscriber is already installed: {e}"))?;
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, _log_writer: log_writer })
 }
 
 struct HeaderInjector<'a>(&'a mut http::HeaderMap);
