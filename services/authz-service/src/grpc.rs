@@ -3,7 +3,7 @@
 
 use secrets_common::{
     Principal,
-    auth::InternalCall,
+    auth::{Acting, InternalCall},
     validate::{self, FieldViolation},
 };
 use secrets_proto::{
@@ -40,8 +40,8 @@ impl AuthzGrpc {
 
     /// Ok when `caller` may do `permission` on `target`; otherwise
     /// PERMISSION_DENIED saying what `action` needed and why.
-    async fn require(&self, caller: &Principal, permission: Permission, target: Target, action: &str) -> Result<()> {
-        let d = self.policy.check(caller, permission, target).await?;
+    async fn require(&self, caller: &Acting, permission: Permission, target: Target, action: &str) -> Result<()> {
+        let d = self.policy.check_with_groups(caller, token_groups(caller), permission, target).await?;
         if d.allowed {
             Ok(())
         } else {
@@ -50,7 +50,7 @@ impl AuthzGrpc {
     }
 
     /// Management calls need the caller to own the domain or be an admin.
-    async fn require_domain_access(&self, caller: &Principal, domain: &str) -> Result<()> {
+    async fn require_domain_access(&self, caller: &Acting, domain: &str) -> Result<()> {
         self.require(
             caller,
             Permission::ManageDomainAccess,
@@ -60,7 +60,7 @@ impl AuthzGrpc {
         .await
     }
 
-    async fn require_admin(&self, caller: &Principal, action: &str) -> Result<()> {
+    async fn require_admin(&self, caller: &Acting, action: &str) -> Result<()> {
         self.require(caller, Permission::PlatformAdmin, Target::Platform, action).await
     }
 
@@ -104,20 +104,20 @@ impl AuthzGrpc {
     }
 
     /// Whether `caller` holds any permission on each bundle: one query.
-    async fn visible_bundles(&self, caller: &Principal, names: Vec<String>) -> Result<Vec<String>> {
+    async fn visible_bundles(&self, caller: &Acting, names: Vec<String>) -> Result<Vec<String>> {
         const ANY: [Permission; 4] = [Permission::View, Permission::Update, Permission::Use, Permission::ManageBundle];
         let checks: Vec<Check> = names
             .iter()
             .flat_map(|b| {
                 ANY.iter().map(|p| Check {
-                    subject: caller.clone(),
+                    subject: caller.principal.clone(),
                     permission: *p,
                     target: Target::Bundle(b.clone()),
-                    token_groups: Vec::new(),
+                    token_groups: token_groups(caller),
                 })
             })
             .collect();
-        let (_, decisions) = self.policy.check_batch(Some(caller), &checks).await?;
+        let (_, decisions) = self.policy.check_batch(Some(&caller.principal), &checks).await?;
         Ok(names
             .into_iter()
             .zip(decisions.chunks(ANY.len()))
@@ -136,7 +136,7 @@ enum Change {
 impl AuthzGrpc {
     async fn change_permission(
         &self,
-        caller: &Principal,
+        caller: &Acting,
         domain_name: &str,
         subject_name: &str,
         permission: i32,
@@ -156,7 +156,7 @@ impl AuthzGrpc {
 
     async fn change_bundle_grant(
         &self,
-        caller: &Principal,
+        caller: &Acting,
         bundle: &str,
         subject: &str,
         permission: i32,
@@ -363,8 +363,14 @@ fn bundle_pb(b: Bundle) -> pb::Bundle {
     }
 }
 
-fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
-    InternalCall::of(request).require_principal().cloned()
+/// The acting principal and the groups its identity token names.
+fn caller<T>(request: &Request<T>) -> Result<Acting, Status> {
+    InternalCall::of(request).require_acting()
+}
+
+/// The names of `caller`'s token groups, as checks carry them.
+fn token_groups(caller: &Acting) -> Vec<String> {
+    caller.groups.iter().map(|g| g.name.clone()).collect()
 }
 
 #[tonic::async_trait]
@@ -701,19 +707,19 @@ impl ResourceRegistry for AuthzGrpc {
         let d = domain("domain", &req.domain)?;
         let checks = [
             Check {
-                subject: caller.clone(),
+                subject: caller.principal.clone(),
                 permission: Permission::ManageDomainAccess,
                 target: Target::Domain(d.clone()),
-                token_groups: Vec::new(),
+                token_groups: token_groups(&caller),
             },
             Check {
-                subject: caller.clone(),
+                subject: caller.principal.clone(),
                 permission: Permission::ManageBundle,
                 target: Target::Bundle(b.clone()),
-                token_groups: Vec::new(),
+                token_groups: token_groups(&caller),
             },
         ];
-        let (_, decisions) = self.policy.check_batch(Some(&caller), &checks).await?;
+        let (_, decisions) = self.policy.check_batch(Some(&caller.principal), &checks).await?;
         if let Some(denied) = decisions.iter().find(|d| !d.allowed) {
             return Err(Error::PermissionDenied(format!(
                 "{caller} may not create a {} in domain {d:?} and bundle {b}: {}",

@@ -386,7 +386,19 @@ impl Policy {
     }
 
     pub async fn check(&self, subject: &Principal, permission: Permission, target: Target) -> Result<Decision> {
-        let check = Check { subject: subject.clone(), permission, target, token_groups: Vec::new() };
+        self.check_with_groups(subject, Vec::new(), permission, target).await
+    }
+
+    /// As [`Self::check`], counting `token_groups` (group names from the
+    /// subject's identity token) as memberships.
+    pub async fn check_with_groups(
+        &self,
+        subject: &Principal,
+        token_groups: Vec<String>,
+        permission: Permission,
+        target: Target,
+    ) -> Result<Decision> {
+        let check = Check { subject: subject.clone(), permission, target, token_groups };
         let (_, mut decisions) = self.check_batch(None, std::slice::from_ref(&check)).await?;
         decisions.pop().ok_or_else(|| Error::Internal("a check went unanswered".into()))
     }

@@ -114,6 +114,29 @@ async fn users_with_provider_tokens_act_as_themselves_and_their_token_groups_cou
     assert_eq!(in_group.list(DOMAIN).await.expect("a member by the groups claim"), ["db-password"]);
     assert_eq!(stranger.list(DOMAIN).await.unwrap_err().code(), Code::PermissionDenied, "not without the claim");
 
+    // The authz service's own decisions count token groups too: a bundle
+    // owned by a group is managed by a member by token.
+    admin
+        .authz
+        .clone()
+        .create_bundle(pb::CreateBundleRequest {
+            name: "team-vault".into(),
+            description: String::new(),
+            owner: "group:vault-admins".into(),
+        })
+        .await
+        .expect("bundle");
+    let grant = pb::GrantBundlePermissionRequest {
+        bundle: "team-vault".into(),
+        subject: "user:zoe".into(),
+        permission: pb::Permission::View as i32,
+    };
+    let outsider = with_jwt(&app, &key.sign(&user_claims(&keycloak, "zed", &[])), None);
+    let e = outsider.authz.clone().grant_bundle_permission(grant.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let owner_by_token = with_jwt(&app, &key.sign(&user_claims(&keycloak, "zed", &["vault-admins"])), None);
+    owner_by_token.authz.clone().grant_bundle_permission(grant).await.expect("an owner through the groups claim");
+
     // A user token never acts for someone else.
     let other = with_jwt(&app, &key.sign(&user_claims(&keycloak, OWNER, &[])), Some("user:admin"));
     let e = other.list(DOMAIN).await.unwrap_err();
