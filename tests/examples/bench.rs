@@ -79,7 +79,12 @@ fn service_log() -> String {
 }
 
 fn start(dir: &Path, name: &str, config: &str) -> Proc {
-    let path = dir.join(format!("{name}.toml"));
+    start_as(dir, name, name, config)
+}
+
+/// `binary` with `config`, written to `dir/FILE.toml`.
+fn start_as(dir: &Path, file: &str, name: &str, config: &str) -> Proc {
+    let path = dir.join(format!("{file}.toml"));
     std::fs::write(&path, config).unwrap();
     let child = Command::new(procs::binary(name))
         .arg("--config")
@@ -90,7 +95,7 @@ fn start(dir: &Path, name: &str, config: &str) -> Proc {
         .stderr(if service_log() == "warn" { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
-    Proc { name: name.into(), child }
+    Proc { name: file.into(), child }
 }
 
 async fn wait_serving(port: u16) {
@@ -199,6 +204,24 @@ async fn main() {
             "listen_addr = \"127.0.0.1:{listen}\"\nmetrics_addr = \"127.0.0.1:{metrics}\"\ninternal_token = \"{internal}\"\n"
         )
     };
+    // A vault-config-service keeping values for `ttl_ms` (None: the default).
+    let vault_config = |port: u16, metrics: u16, ttl_ms: Option<u64>| {
+        format!(
+            "{}authz_url = \"http://127.0.0.1:{authz}\"\ndatabase_url = \"sqlite://{d}/vault.db?mode=rwc\"\nbackend = \"embedded\"\n[embedded]\ndata_dir = \"{d}/vault-credentials\"\n{}",
+            common(port, metrics),
+            ttl_ms.map(|t| format!("[vault]\ncache_ttl_ms = {t}\n")).unwrap_or_default()
+        )
+    };
+    let gateway_config = |port: u16, metrics: u16, vault: u16| {
+        format!(
+            "{}secret_service_url = \"http://127.0.0.1:{secrets}\"\nauthz_service_url = \"http://127.0.0.1:{authz}\"\nvault_config_service_url = \"http://127.0.0.1:{vault}\"\n\
+             [[tokens]]\nname = \"admin\"\nkind = \"user\"\nsubject = \"admin\"\nsha256 = \"{}\"\n\
+             [[tokens]]\nname = \"spark\"\nkind = \"service\"\nsubject = \"spark\"\nsha256 = \"{}\"\n",
+            common(port, metrics),
+            TokenHash::of(&admin_token).to_hex(),
+            TokenHash::of(&service_token).to_hex()
+        )
+    };
     let procs = vec![
         start(
             dir.path(),
@@ -217,26 +240,8 @@ async fn main() {
                 kube.url
             ),
         ),
-        start(
-            dir.path(),
-            "vault-config-service",
-            &format!(
-                "{}authz_url = \"http://127.0.0.1:{authz}\"\ndatabase_url = \"sqlite://{d}/vault.db?mode=rwc\"\nbackend = \"embedded\"\n[embedded]\ndata_dir = \"{d}/vault-credentials\"\n",
-                common(vault, m_vault)
-            ),
-        ),
-        start(
-            dir.path(),
-            "gateway",
-            &format!(
-                "{}secret_service_url = \"http://127.0.0.1:{secrets}\"\nauthz_service_url = \"http://127.0.0.1:{authz}\"\nvault_config_service_url = \"http://127.0.0.1:{vault}\"\n\
-                 [[tokens]]\nname = \"admin\"\nkind = \"user\"\nsubject = \"admin\"\nsha256 = \"{}\"\n\
-                 [[tokens]]\nname = \"spark\"\nkind = \"service\"\nsubject = \"spark\"\nsha256 = \"{}\"\n",
-                common(gateway, m_gateway),
-                TokenHash::of(&admin_token).to_hex(),
-                TokenHash::of(&service_token).to_hex()
-            ),
-        ),
+        start(dir.path(), "vault-config-service", &vault_config(vault, m_vault, None)),
+        start(dir.path(), "gateway", &gateway_config(gateway, m_gateway, vault)),
     ];
     let noop_proc = Proc {
         name: "no-op tonic".into(),
@@ -308,8 +313,26 @@ async fn main() {
         .unwrap()
         .into_inner();
 
+    // The same gateway and services, but a vault-config-service that keeps
+    // no value past 1 ms: every VAULT read through it goes to OpenBao.
+    let (vault_cold, gateway_cold) = (port(), port());
+    let _cold = [
+        start_as(
+            dir.path(),
+            "vault-config-service-cold",
+            "vault-config-service",
+            &vault_config(vault_cold, port(), Some(1)),
+        ),
+        start_as(dir.path(), "gateway-cold", "gateway", &gateway_config(gateway_cold, port(), vault_cold)),
+    ];
+    for p in [vault_cold, gateway_cold] {
+        wait_serving(p).await;
+    }
+    let cold_service =
+        Clients::new(&format!("http://127.0.0.1:{gateway_cold}"), Some(&service_token), Some("user:nina"));
+
     // The calls.
-    let resolve = |domain: &'static str, items: Vec<pb::ResolveItem>| -> Call {
+    let resolve_via = |service: &Clients, domain: &'static str, items: Vec<pb::ResolveItem>| -> Call {
         let (service, items) = (service.clone(), Arc::new(items));
         Arc::new(move || {
             let (service, items) = (service.clone(), items.clone());
@@ -319,6 +342,7 @@ async fn main() {
             })
         })
     };
+    let resolve = |domain: &'static str, items: Vec<pb::ResolveItem>| resolve_via(&service, domain, items);
     let objects = |n: usize| (0..n).map(|i| object_item(&format!("i{i}"), "wide", &format!("key-{i}"))).collect();
     let noop_call: Call = {
         let channel = channel(&format!("http://127.0.0.1:{noop}"));
@@ -358,6 +382,10 @@ async fn main() {
         ("resolve 20 items, one object", resolve("wide", objects(20))),
         ("resolve 100 items, one object", resolve("wide", objects(100))),
         ("resolve 1 VAULT item (cached)", resolve("small", vec![vault_item("v", &config.id, "api_key")])),
+        (
+            "resolve 1 VAULT item (cold)",
+            resolve_via(&cold_service, "small", vec![vault_item("v", &config.id, "api_key")]),
+        ),
         ("ListSecrets, 10 keys", list_call),
     ];
     // Warm up every path and connection.
