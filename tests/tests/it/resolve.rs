@@ -1,6 +1,6 @@
 //! `ResolveSecrets`: what a platform component gets when it launches a workload.
 
-use integration_tests::{stores::CountingBackend, *};
+use integration_tests::{on_both_databases, stores::CountingBackend, *};
 use secrets_proto::v1::{self as pb, resolved_item::Result as R};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -302,4 +302,39 @@ async fn a_thousand_items_of_maximal_text_get_the_named_response_limit_not_a_fai
     assert!(error(&out[0]).1.contains("at most 4096 bytes"), "{}", error(&out[0]).1);
     assert!(error(&out[1]).1.contains("at most 64"), "{}", error(&out[1]).1);
     assert!(error(&out[2]).1.contains("at most 256 bytes"), "{}", error(&out[2]).1);
+}
+
+on_both_databases!(a_removed_membership_denies_the_next_resolve_at_once);
+
+/// Decisions come from memory: a change that returned must count on the
+/// very next resolve, every time.
+async fn a_removed_membership_denies_the_next_resolve_at_once(app: TestApp) {
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let admin = app.as_user(ADMIN).authz.clone();
+    let nina = app.as_service(Some(&format!("user:{MEMBER}")));
+    let item = || vec![object_item("pw", "finance", "db-password")];
+    for round in 0..15 {
+        let out = nina.resolve("finance", item()).await.unwrap();
+        assert!(matches!(out[0].result, Some(R::Value(_))), "round {round}: a member uses the secret");
+        admin
+            .clone()
+            .remove_domain_member(pb::RemoveDomainMemberRequest {
+                domain: "finance".into(),
+                subject: format!("user:{MEMBER}"),
+            })
+            .await
+            .unwrap();
+        let out = nina.resolve("finance", item()).await.unwrap();
+        assert_eq!(error(&out[0]).0, Code::PermissionDenied, "round {round}: resolved after the removal returned");
+        admin
+            .clone()
+            .add_domain_member(pb::AddDomainMemberRequest {
+                domain: "finance".into(),
+                subject: format!("user:{MEMBER}"),
+                role: pb::DomainRole::Member as i32,
+            })
+            .await
+            .unwrap();
+    }
 }
