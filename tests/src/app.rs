@@ -56,6 +56,8 @@ pub struct Options {
     /// The gateway's trusted JWT issuers and service accounts.
     pub jwt_issuers: Vec<gateway::jwt::IssuerConfig>,
     pub service_accounts: Vec<gateway::ServiceAccountConfig>,
+    /// Turns `features.secretsV2.enabled` off at the gateway.
+    pub secrets_v2_off: bool,
 }
 
 /// The certificates of a TLS test stack.
@@ -276,6 +278,7 @@ impl TestApp {
             tokens: token_configs,
             jwt_issuers: options.jwt_issuers,
             service_accounts: options.service_accounts,
+            features: gateway::Features { secrets_v2: gateway::Flag { enabled: !options.secrets_v2_off } },
             ..Default::default()
         };
         let gw = gateway::Application::build_with_listener(gateway_config, gateway_l).await.expect("gateway");

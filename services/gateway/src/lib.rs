@@ -72,7 +72,28 @@ pub struct Config {
     pub jwt_issuers: Vec<jwt::IssuerConfig>,
     /// Service accounts that call as platform services, and what each may do.
     pub service_accounts: Vec<ServiceAccountConfig>,
+    pub features: Features,
     pub telemetry: TelemetryConfig,
+}
+
+/// Feature flags, named as in the platform's Helm values.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Features {
+    #[serde(rename = "secretsV2", alias = "secretsv2")]
+    pub secrets_v2: Flag,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self { secrets_v2: Flag { enabled: true } }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flag {
+    pub enabled: bool,
 }
 
 impl Default for Config {
@@ -92,6 +113,7 @@ impl Default for Config {
             tokens: Vec::new(),
             jwt_issuers: Vec::new(),
             service_accounts: Vec::new(),
+            features: Features::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -179,7 +201,11 @@ impl Application {
             vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), client.clone()),
             checks: AuthzClient::new(authz_channel.clone(), client.clone()),
         };
+        if !config.features.secrets_v2.enabled {
+            tracing::info!("features.secretsV2.enabled is false: secret objects are refused, placeholders resolve");
+        }
         let resolver = resolver::Resolver {
+            secrets_v2: config.features.secrets_v2.enabled,
             kubernetes: resolver::KubernetesSource {
                 reader: SecretReaderClient::with_interceptor(secrets_channel, client.clone()),
             },

@@ -58,6 +58,9 @@ use limits::*;
 
 #[derive(Clone)]
 pub struct Resolver {
+    /// `features.secretsV2.enabled`: secret objects (and Vault sources) are
+    /// resolved; off, only legacy `${secrets.KEY}` placeholders and admin keys.
+    pub secrets_v2: bool,
     pub kubernetes: KubernetesSource,
     pub vault: VaultSource,
     pub authz: AuthzClient,
@@ -156,8 +159,27 @@ fn vault_config_id(id: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("{id:?} is not a vault config id; for VAULT sources the id is the config id")) }
 }
 
+/// The refusal of a secret object while `features.secretsV2.enabled` is off.
+fn secrets_v2_off(index: usize, id: &str) -> Status {
+    let mut details = ErrorDetails::new();
+    details.add_precondition_failure_violation(
+        "FEATURE_DISABLED",
+        "features.secretsV2.enabled",
+        "secret objects and Vault sources need features.secretsV2.enabled = true in the gateway configuration",
+    );
+    Status::with_error_details(
+        Code::FailedPrecondition,
+        format!(
+            "{}: secret_object: secret objects are turned off (features.secretsV2.enabled is false in the gateway \
+             configuration); use a ${{secrets.KEY}} placeholder, or turn the flag on",
+            item_name(index, id)
+        ),
+        details,
+    )
+}
+
 /// The rules for one item: what it needs, or why it cannot be resolved.
-fn plan(index: usize, item: &pb::ResolveItem) -> Plan<'_> {
+fn plan(index: usize, item: &pb::ResolveItem, secrets_v2: bool) -> Plan<'_> {
     let id = item.id.as_str();
     let invalid = |field: &str, why: &str| Plan::Failed(item_invalid(index, id, field, why));
     if id.len() > MAX_ITEM_ID_BYTES {
@@ -165,6 +187,7 @@ fn plan(index: usize, item: &pb::ResolveItem) -> Plan<'_> {
     }
     match &item.reference {
         None => invalid("reference", "set one of secret_object, text or admin_key"),
+        Some(Reference::SecretObject(_)) if !secrets_v2 => Plan::Failed(secrets_v2_off(index, id)),
         Some(Reference::SecretObject(obj)) => {
             if let Err(v) = validate::secret_key("key", &obj.key) {
                 return invalid("secret_object.key", &v.description);
@@ -333,7 +356,8 @@ impl Resolver {
             )));
         }
         let text_target = Target::Domain(request.domain.clone());
-        let plans: Vec<Plan> = request.items.iter().enumerate().map(|(i, item)| plan(i, item)).collect();
+        let plans: Vec<Plan> =
+            request.items.iter().enumerate().map(|(i, item)| plan(i, item, self.secrets_v2)).collect();
 
         // Every (target, key) the batch needs, once.
         let mut wanted: BTreeSet<(Target, String)> = BTreeSet::new();

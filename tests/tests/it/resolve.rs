@@ -338,3 +338,38 @@ async fn a_removed_membership_denies_the_next_resolve_at_once(app: TestApp) {
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_secrets_v2_off_secret_objects_are_refused_naming_the_flag_and_placeholders_resolve() {
+    let app = TestApp::spawn_with(Options { secrets_v2_off: true, ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "pw-v1").await.unwrap();
+    let out = app
+        .as_service(Some(&format!("user:{OWNER}")))
+        .resolve(
+            "finance",
+            vec![
+                text_item("envVars.DB_URL", "jdbc:pg://db?password=${secrets.db-password}"),
+                object_item("envVars.DB_PASSWORD", "finance", "db-password"),
+                vault_item("sparkConf.key", "0b5e1f5c-7d1e-4c55-9a57-3f1f6a0d2f4e", "api_key"),
+            ],
+        )
+        .await
+        .expect("the batch is answered item by item");
+    assert_eq!(text(&out[0]), "jdbc:pg://db?password=pw-v1", "legacy placeholders keep working");
+    for item in &out[1..] {
+        let (code, message) = error(item);
+        assert_eq!(code, Code::FailedPrecondition, "{message}");
+        assert!(message.contains("features.secretsV2.enabled"), "{message}");
+        assert!(message.contains(&item.id), "the item is named: {message}");
+    }
+    // The same configuration through the environment, as Helm-style values.
+    let output = std::process::Command::new(procs::binary("gateway"))
+        .arg("check-config")
+        .env_clear()
+        .env("GATEWAY_INTERNAL_TOKEN", "t")
+        .env("GATEWAY_FEATURES__SECRETSV2__ENABLED", "false")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
