@@ -9,6 +9,7 @@ pub mod forward;
 pub mod jwt;
 pub mod resolver;
 pub mod selector;
+pub mod workload;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -338,10 +338,11 @@ fn render(
 impl Resolver {
     pub async fn resolve(
         &self,
+        rpc: &str,
         caller: &Caller,
         request: pb::ResolveSecretsRequest,
     ) -> Result<pb::ResolveSecretsResponse, Status> {
-        caller.require(RpcGroup::Resolve, "ResolveSecrets")?;
+        caller.require(RpcGroup::Resolve, rpc)?;
         if caller.kind != TokenKind::Service {
             return Err(Status::permission_denied(format!(
                 "token {:?} is a user token; secret values are returned only to platform-service tokens",
@@ -574,9 +575,30 @@ impl Gateway for Resolver {
         let span = tracing::Span::current();
         span.record("caller", caller.name.as_str());
         span.record("principal", tracing::field::display(&caller.principal));
-        let response = self.resolve(&caller, request.into_inner()).await?;
+        let response = self.resolve("ResolveSecrets", &caller, request.into_inner()).await?;
         tracing::info!("resolved");
         Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ResolveWorkload", caller, principal, domain = %request.get_ref().domain, keys, denied, not_found, invalid, over_limit))]
+    async fn resolve_workload(
+        &self,
+        request: Request<pb::ResolveWorkloadRequest>,
+    ) -> Result<Response<pb::ResolveWorkloadResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let span = tracing::Span::current();
+        span.record("caller", caller.name.as_str());
+        span.record("principal", tracing::field::display(&caller.principal));
+        let request = request.into_inner();
+        let payload = request
+            .payload
+            .ok_or_else(|| invalid_argument(FieldViolation::new("payload", "is required: the workload's payload")))?;
+        let items = crate::workload::items(&payload)?;
+        let resolved = self
+            .resolve("ResolveWorkload", &caller, pb::ResolveSecretsRequest { domain: request.domain, items })
+            .await?;
+        tracing::info!("resolved");
+        Ok(Response::new(crate::workload::fill(payload, resolved.items)))
     }
 
     #[instrument(skip_all, fields(rpc = "ListSelectableSecrets", caller, principal, domain = %request.get_ref().domain, count))]
@@ -611,21 +633,24 @@ mod tests {
     #[test]
     fn items_past_their_limits_are_refused_naming_the_limit_and_the_field() {
         let long_text = text("x", &"a".repeat(MAX_TEXT_BYTES + 1));
-        let s = failed(plan(0, &long_text));
+        let s = failed(plan(0, &long_text, true));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("at most 4096 bytes"), "{}", s.message());
         assert_eq!(s.get_error_details().bad_request().unwrap().field_violations[0].field, "items[0].text");
 
         let many = text("y", &"${secrets.k}".repeat(MAX_PLACEHOLDERS_PER_ITEM + 1));
-        let s = failed(plan(3, &many));
+        let s = failed(plan(3, &many, true));
         assert!(s.message().contains("at most 64"), "{}", s.message());
         assert!(s.message().starts_with("items[3] (\"y\"): text:"), "{}", s.message());
 
         let long_id = text(&"i".repeat(MAX_ITEM_ID_BYTES + 1), "plain");
-        let s = failed(plan(1, &long_id));
+        let s = failed(plan(1, &long_id, true));
         assert!(s.message().starts_with("items[1]: id: is 257 bytes"), "{}", s.message());
 
-        assert!(matches!(plan(0, &text("ok", &"${secrets.k}".repeat(MAX_PLACEHOLDERS_PER_ITEM))), Plan::Text { .. }));
+        assert!(matches!(
+            plan(0, &text("ok", &"${secrets.k}".repeat(MAX_PLACEHOLDERS_PER_ITEM)), true),
+            Plan::Text { .. }
+        ));
     }
 
     #[test]
@@ -637,7 +662,7 @@ mod tests {
                 source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: "admin".into() }),
             })),
         };
-        let s = failed(plan(0, &item));
+        let s = failed(plan(0, &item, true));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("reserved"), "{}", s.message());
     }
@@ -652,7 +677,7 @@ mod tests {
         let mut budget = Budget { left: 2500 };
         let run = |t: &str, budget: &mut Budget| {
             let item = text("t", t);
-            render(plan(0, &item), "items[0]", &target, &values, &denied, &principal, budget)
+            render(plan(0, &item, true), "items[0]", &target, &values, &denied, &principal, budget)
         };
         assert!(run("${secrets.big}${secrets.big}", &mut budget).is_ok());
         assert_eq!(budget.left, 500);

@@ -26,3 +26,4 @@ mod tls;
 mod traces;
 mod vault;
 mod vault_matrix;
+mod workloads;
