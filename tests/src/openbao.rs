@@ -4,8 +4,8 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
+    process::{Child, Command},
+    time::{Duration, Instant},
 };
 
 use tempfile::TempDir;
@@ -59,6 +59,8 @@ impl OpenBao {
             format!("audit \"file\" \"to-file\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n", audit.display()),
         )
         .expect("write dev.hcl");
+        // stdout too: the dev server reports some start-up failures there.
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
         let mut cmd = Command::new(bao_binary());
         cmd.arg("server")
             .arg("-dev")
@@ -67,8 +69,8 @@ impl OpenBao {
             .arg(format!("-config={}", config.display()))
             .env_remove("BAO_ADDR")
             .env_remove("VAULT_ADDR")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("server.log")).expect("server log"));
+            .stdout(log.try_clone().expect("server log"))
+            .stderr(log);
         if self.tls {
             let certs = self.dir.path().join("tls");
             std::fs::create_dir_all(&certs).expect("tls dir");
@@ -77,7 +79,10 @@ impl OpenBao {
         self.child = Some(cmd.spawn().expect("start bao server"));
         let scheme = if self.tls { "https" } else { "http" };
         self.addr = format!("{scheme}://127.0.0.1:{}", self.port);
-        for _ in 0..200 {
+        // A deadline, not a number of tries: on a loaded machine each
+        // `bao status` is itself a process start of a large binary.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
             // The CA file is read only once the CLI has verified the server
             // with it: read earlier, it can be half written.
             if self.try_bao(&["status"]).is_ok() {
@@ -86,10 +91,15 @@ impl OpenBao {
                 }
                 return;
             }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+                panic!("bao server on port {} exited with {status}:\n{log}", self.port);
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        panic!("bao server did not start on port {}:\n{log}", self.port);
+        let last = self.try_bao(&["status"]).err().unwrap_or_default();
+        panic!("bao server did not answer on port {} within 60 s (last `bao status`: {last}):\n{log}", self.port);
     }
 
     fn command(&self, args: &[&str]) -> Command {
