@@ -540,8 +540,12 @@ impl Clients {
     }
 
     pub async fn delete(&self, domain: &str, key: &str) -> Result<(), Status> {
-        let request =
-            pb::DeleteSecretRequest { scope: pb::Scope::Domain as i32, domain: domain.into(), key: key.into() };
+        let request = pb::DeleteSecretRequest {
+            scope: pb::Scope::Domain as i32,
+            domain: domain.into(),
+            key: key.into(),
+            force: false,
+        };
         self.secrets.clone().delete_secret(request).await.map(|_| ())
     }
 

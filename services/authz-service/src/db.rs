@@ -1,5 +1,6 @@
-//! Tables and migrations. The database stores grants only: subjects,
-//! domains, roles and permission names, never a secret.
+//! Tables and migrations. The database stores grants (subjects, domains,
+//! roles and permission names) and the usage index (which workload field
+//! references which key), never a secret value.
 
 use std::time::Duration;
 
@@ -161,6 +162,64 @@ pub mod bundle_resource {
         pub bundle: String,
         pub domain: String,
         pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod workload {
+    use sea_orm::entity::prelude::*;
+
+    /// A saved workload in the usage index.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "workloads")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub domain: String,
+        /// `SPARK_JOB`, `COMPUTE`, ...
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub kind: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub name: String,
+        pub saved_by: String,
+        pub saved_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod workload_reference {
+    use sea_orm::entity::prelude::*;
+
+    /// One reference of a saved workload: where it points, never a value.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "workload_references")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub domain: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub kind: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub workload_id: String,
+        /// The field's path in the payload.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub field: String,
+        /// `KUBERNETES` or `VAULT`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub source_type: String,
+        /// The domain looked in first, or the Vault config id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub source_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub placeholder: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -563,6 +622,125 @@ impl MigrationTrait for ChangeCounter {
     }
 }
 
+#[derive(DeriveIden)]
+enum Workloads {
+    Table,
+    Domain,
+    Kind,
+    Id,
+    Name,
+    SavedBy,
+    SavedAt,
+}
+
+#[derive(DeriveIden)]
+enum WorkloadReferences {
+    Table,
+    Domain,
+    Kind,
+    WorkloadId,
+    Field,
+    SourceType,
+    SourceId,
+    Key,
+    Placeholder,
+}
+
+/// The usage index: saved workloads and their references (no values), so a
+/// delete can tell who still uses a secret.
+pub struct UsageIndex;
+
+impl MigrationName for UsageIndex {
+    fn name(&self) -> &str {
+        "m20261129_000005_usage_index"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for UsageIndex {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Workloads::Table)
+                    .col(ColumnDef::new(Workloads::Domain).string_len(63).not_null())
+                    .col(ColumnDef::new(Workloads::Kind).string_len(32).not_null())
+                    .col(ColumnDef::new(Workloads::Id).string_len(128).not_null())
+                    .col(ColumnDef::new(Workloads::Name).string_len(256).not_null())
+                    .col(ColumnDef::new(Workloads::SavedBy).string_len(270).not_null())
+                    .col(ColumnDef::new(Workloads::SavedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(Index::create().col(Workloads::Domain).col(Workloads::Kind).col(Workloads::Id))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(WorkloadReferences::Table)
+                    .col(ColumnDef::new(WorkloadReferences::Domain).string_len(63).not_null())
+                    .col(ColumnDef::new(WorkloadReferences::Kind).string_len(32).not_null())
+                    .col(ColumnDef::new(WorkloadReferences::WorkloadId).string_len(128).not_null())
+                    .col(ColumnDef::new(WorkloadReferences::Field).string_len(1024).not_null())
+                    .col(ColumnDef::new(WorkloadReferences::SourceType).string_len(16).not_null())
+                    .col(ColumnDef::new(WorkloadReferences::SourceId).string_len(64).not_null())
+                    .col(ColumnDef::new(WorkloadReferences::Key).string_len(256).not_null())
+                    .col(ColumnDef::new(WorkloadReferences::Placeholder).boolean().not_null())
+                    .primary_key(
+                        Index::create()
+                            .col(WorkloadReferences::Domain)
+                            .col(WorkloadReferences::Kind)
+                            .col(WorkloadReferences::WorkloadId)
+                            .col(WorkloadReferences::Field)
+                            .col(WorkloadReferences::SourceType)
+                            .col(WorkloadReferences::SourceId)
+                            .col(WorkloadReferences::Key),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_workload_references_workload")
+                            .from_tbl(WorkloadReferences::Table)
+                            .from_col(WorkloadReferences::Domain)
+                            .from_col(WorkloadReferences::Kind)
+                            .from_col(WorkloadReferences::WorkloadId)
+                            .to_tbl(Workloads::Table)
+                            .to_col(Workloads::Domain)
+                            .to_col(Workloads::Kind)
+                            .to_col(Workloads::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // Who uses this secret: by source and key.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_workload_references_target")
+                    .table(WorkloadReferences::Table)
+                    .col(WorkloadReferences::SourceType)
+                    .col(WorkloadReferences::Key)
+                    .col(WorkloadReferences::SourceId)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_workload_references_source")
+                    .table(WorkloadReferences::Table)
+                    .col(WorkloadReferences::SourceType)
+                    .col(WorkloadReferences::SourceId)
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.drop_table(Table::drop().table(WorkloadReferences::Table).to_owned()).await?;
+        manager.drop_table(Table::drop().table(Workloads::Table).to_owned()).await
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
@@ -572,6 +750,7 @@ impl MigratorTrait for Migrator {
             Box::new(PermissionsBelongToMembers),
             Box::new(GroupsAndBundles),
             Box::new(ChangeCounter),
+            Box::new(UsageIndex),
         ]
     }
 }

@@ -1,5 +1,6 @@
 //! The authz service (the RAS): platform admins, domain owners and members
-//! with explicit permissions. Deny by default.
+//! with explicit permissions. Deny by default. It also keeps the usage
+//! index ([`usage`]) in its database.
 //!
 //! Reading order: [`grpc`] → [`policy`] (queries) and [`rules`] (decisions,
 //! no I/O) → [`db`].
@@ -9,6 +10,7 @@ mod error;
 pub mod grpc;
 pub mod policy;
 pub mod rules;
+pub mod usage;
 
 use std::{collections::BTreeSet, future::Future, net::SocketAddr, time::Duration};
 
@@ -23,8 +25,8 @@ use secrets_common::{
     tls::InternalTlsConfig,
 };
 use secrets_proto::{
-    internal::v1::resource_registry_server::ResourceRegistryServer,
-    service_names::{AUTHZ_SERVICE, RESOURCE_REGISTRY},
+    internal::v1::{resource_registry_server::ResourceRegistryServer, usage_index_server::UsageIndexServer},
+    service_names::{AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX},
     v1::authz_service_server::AuthzServiceServer,
 };
 use serde::Deserialize;
@@ -144,13 +146,16 @@ impl Application {
         let sqlite_lock = db::lock_sqlite(&config.database_url)?;
         let db = db::connect(&config.database_url, timeout, Some(&metrics)).await?;
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
-        let grpc = grpc::AuthzGrpc::new(policy::Policy::new(db, admins, timeout));
+        let policy = policy::Policy::new(db, admins, timeout);
+        let usage = usage::UsageIndex::new(policy.clone());
+        let grpc = grpc::AuthzGrpc::new(policy);
 
-        let (router, health) = server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY]).await?;
+        let (router, health) = server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX]).await?;
         let auth = internal.auth();
         let router = router
             .add_service(AuthzServiceServer::with_interceptor(grpc.clone(), auth.clone()))
-            .add_service(ResourceRegistryServer::with_interceptor(grpc, auth));
+            .add_service(ResourceRegistryServer::with_interceptor(grpc, auth.clone()))
+            .add_service(UsageIndexServer::with_interceptor(usage, auth));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
                 .await?

@@ -351,9 +351,14 @@ impl Policy {
         secrets_db::backend_name(&self.db)
     }
 
+    /// The database, for the usage index that shares it.
+    pub(crate) fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
     /// Runs one database operation within the timeout; database failures
     /// become [`Error::Database`] naming the database.
-    async fn bounded<T>(&self, operation: impl Future<Output = Result<T>>) -> Result<T> {
+    pub(crate) async fn bounded<T>(&self, operation: impl Future<Output = Result<T>>) -> Result<T> {
         let backend = self.backend();
         let too_slow = || format!("did not answer within {} ms", self.timeout.as_millis());
         match tokio::time::timeout(self.timeout, operation).await {

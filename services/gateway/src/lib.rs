@@ -9,6 +9,7 @@ pub mod forward;
 pub mod jwt;
 pub mod resolver;
 pub mod selector;
+pub mod usages;
 pub mod workload;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -214,7 +215,9 @@ impl Application {
                 reader: VaultReaderClient::with_interceptor(vault_channel.clone(), client.clone()),
             },
             authz: AuthzClient::new(authz_channel.clone(), client.clone()),
+            usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
             selector: selector::Selector {
+                secrets_v2: config.features.secrets_v2.enabled,
                 secrets: SecretServiceClient::with_interceptor(secrets_channel_for_selector, client.clone()),
                 vault: VaultReaderClient::with_interceptor(vault_channel, client.clone()),
                 authz: AuthzClient::new(authz_channel, client.clone()),

@@ -64,6 +64,8 @@ pub struct Resolver {
     pub kubernetes: KubernetesSource,
     pub vault: VaultSource,
     pub authz: AuthzClient,
+    /// The usage index, for saved workloads.
+    pub usage: secrets_common::usage::UsageClient,
     pub selector: crate::selector::Selector,
 }
 
@@ -99,8 +101,9 @@ impl Target {
 /// A secret source: reads a batch of (target, key) lookups in one call.
 #[tonic::async_trait]
 pub trait Source: Send + Sync {
-    /// One answer per lookup, in order.
-    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Vec<Option<Read>>, Status>;
+    /// One answer per lookup, in order; with `presence_only`, every found
+    /// key is [`Read::Withheld`] and no value leaves its service.
+    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status>;
 }
 
 /// KUBERNETES objects, placeholders and admin keys: the secret service.
@@ -125,7 +128,7 @@ enum Plan<'a> {
 /// What a source answered for one (target, key); `None` is not found.
 pub enum Read {
     Found(SecretValue),
-    /// Found, but past the response budget.
+    /// Found, but past the response budget (or, checking presence, not read).
     Withheld,
     /// The source could not answer for this lookup (a Vault refusal, say).
     Failed(Status),
@@ -137,7 +140,7 @@ type Values = BTreeMap<(Target, String), Read>;
 type Lookup<'a> = &'a (Target, String);
 
 /// `items[3] ("envVars.DB_PASSWORD")`: how errors name an item.
-fn item_name(index: usize, id: &str) -> String {
+pub(crate) fn item_name(index: usize, id: &str) -> String {
     if id.is_empty() || id.len() > MAX_ITEM_ID_BYTES {
         format!("items[{index}]")
     } else {
@@ -239,6 +242,40 @@ fn plan(index: usize, item: &pb::ResolveItem, secrets_v2: bool) -> Plan<'_> {
     }
 }
 
+/// What each item references, for the usage index: the field (the item's
+/// id), where the key is looked up, and whether through a placeholder
+/// (looked up in `domain`, then the global secrets). Items that do not
+/// parse reference nothing.
+pub fn references(domain: &str, items: &[pb::ResolveItem]) -> Vec<internal::IndexedReference> {
+    let reference = |field: &str, target: &Target, key: &str, placeholder: bool| {
+        let (source_type, source_id) = match target {
+            Target::Domain(d) => (pb::SourceType::Kubernetes, d.as_str()),
+            Target::Vault(id) => (pb::SourceType::Vault, id.as_str()),
+            Target::Admin => return None,
+        };
+        Some(internal::IndexedReference {
+            field: field.to_string(),
+            source_type: source_type as i32,
+            source_id: source_id.to_string(),
+            key: key.to_string(),
+            placeholder,
+        })
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match plan(i, item, true) {
+            Plan::Value { target, key } => out.extend(reference(&item.id, &target, &key, false)),
+            Plan::Text { segments } => {
+                let target = Target::Domain(domain.to_string());
+                let keys = placeholder::keys(&segments);
+                out.extend(keys.into_iter().filter_map(|k| reference(&item.id, &target, k, true)));
+            }
+            Plan::Failed(_) => {}
+        }
+    }
+    out
+}
+
 /// The response budget left for values and texts.
 struct Budget {
     left: usize,
@@ -260,15 +297,24 @@ fn over_budget(name: &str) -> Status {
     ))
 }
 
-/// Why an item's (target, key) cannot be used, if it cannot.
+/// What resolving needs to know besides the values.
+struct Answers<'a> {
+    values: &'a Values,
+    denied: &'a BTreeMap<&'a Target, String>,
+    principal: &'a Principal,
+    /// Checking presence: a withheld key exists, and nothing is rendered.
+    presence_only: bool,
+}
+
+/// Why an item's (target, key) cannot be used, if it cannot; `None` when it
+/// exists but was not read (presence only).
 fn lookup<'v>(
-    values: &'v Values,
-    denied: &BTreeMap<&Target, String>,
-    principal: &Principal,
+    answers: &Answers<'v>,
     name: &str,
     target: &Target,
     key: &str,
-) -> Result<&'v SecretValue, Status> {
+) -> Result<Option<&'v SecretValue>, Status> {
+    let Answers { values, denied, principal, presence_only } = answers;
     if let Some(reason) = denied.get(target) {
         let what = match target {
             Target::Domain(d) => format!("use the secrets of domain {d:?}"),
@@ -278,7 +324,8 @@ fn lookup<'v>(
         return Err(Status::permission_denied(format!("{name}: {principal} may not {what}: {reason}")));
     }
     match values.get(&(target.clone(), key.to_string())) {
-        Some(Read::Found(v)) => Ok(v),
+        Some(Read::Found(v)) => Ok(Some(v)),
+        Some(Read::Withheld) if *presence_only => Ok(None),
         Some(Read::Withheld) => Err(over_budget(name)),
         Some(Read::Failed(status)) => Err(Status::new(status.code(), format!("{name}: {}", status.message()))),
         None => Err(Status::not_found(format!("{name}: secret {key:?} does not exist in {}", target.describe()))),
@@ -290,15 +337,15 @@ fn render(
     plan: Plan<'_>,
     name: &str,
     text_target: &Target,
-    values: &Values,
-    denied: &BTreeMap<&Target, String>,
-    principal: &Principal,
+    answers: &Answers<'_>,
     budget: &mut Budget,
 ) -> Result<pb::resolved_item::Result, Status> {
     match plan {
         Plan::Failed(e) => Err(e),
         Plan::Value { target, key } => {
-            let value = lookup(values, denied, principal, name, &target, &key)?;
+            let Some(value) = lookup(answers, name, &target, &key)? else {
+                return Ok(pb::resolved_item::Result::Value(Vec::new()));
+            };
             budget.take(name, value.len())?;
             Ok(pb::resolved_item::Result::Value(value.expose().to_vec()))
         }
@@ -314,7 +361,7 @@ fn render(
             let result = segments.iter().try_for_each(|s| match s {
                 Segment::Literal(l) => push(l, budget),
                 Segment::Placeholder(key) => {
-                    let value = lookup(values, denied, principal, name, text_target, key)?;
+                    let Some(value) = lookup(answers, name, text_target, key)? else { return Ok(()) };
                     let text = std::str::from_utf8(value.expose()).map_err(|_| {
                         Status::failed_precondition(format!(
                             "{name}: secret {key:?} holds binary data and cannot be placed into text; reference it as a secret object"
@@ -349,6 +396,26 @@ impl Resolver {
                 caller.name
             )));
         }
+        self.answer(caller, request, false).await
+    }
+
+    /// Whether each item would resolve, without reading a value: per item,
+    /// an empty result or the error resolving would give. A store or Vault
+    /// that does not answer fails the items that need it, not the call.
+    pub async fn check(
+        &self,
+        caller: &Caller,
+        request: pb::ResolveSecretsRequest,
+    ) -> Result<pb::ResolveSecretsResponse, Status> {
+        self.answer(caller, request, true).await
+    }
+
+    async fn answer(
+        &self,
+        caller: &Caller,
+        request: pb::ResolveSecretsRequest,
+        presence_only: bool,
+    ) -> Result<pb::ResolveSecretsResponse, Status> {
         validate::domain("domain", &request.domain).map_err(invalid_argument)?;
         if request.items.len() > MAX_ITEMS {
             return Err(invalid_argument(FieldViolation::new(
@@ -393,7 +460,7 @@ impl Resolver {
             wanted.iter().partition(|(t, _)| !matches!(t, Target::Vault(_)));
         let check =
             async { if questions.is_empty() { Ok(Vec::new()) } else { self.authz.batch_check(&questions).await } };
-        let (answers, from_kubernetes) = tokio::join!(check, read_from(&self.kubernetes, &kubernetes));
+        let (answers, from_kubernetes) = tokio::join!(check, read_from(&self.kubernetes, &kubernetes, presence_only));
         let mut answers = answers?;
         if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
             return Err(caller.admin_refusal());
@@ -404,15 +471,21 @@ impl Resolver {
         let from_kubernetes = match from_kubernetes {
             Ok(values) => values,
             Err(_) if kubernetes.iter().all(|(t, _)| denied.contains_key(t)) => Values::new(),
+            Err(e) if presence_only => failed(&kubernetes, &e),
             Err(e) => return Err(e),
         };
         let vault: Vec<Lookup> = vault.into_iter().filter(|(t, _)| !denied.contains_key(t)).collect();
-        let from_vault = read_from(&self.vault, &vault).await?;
+        let from_vault = match read_from(&self.vault, &vault, presence_only).await {
+            Ok(values) => values,
+            Err(e) if presence_only => failed(&vault, &e),
+            Err(e) => return Err(e),
+        };
         let from_kubernetes = from_kubernetes.into_iter().filter(|((t, _), _)| !denied.contains_key(t));
         let values: Values = from_kubernetes.into_iter().chain(from_vault).collect();
 
         let mut counts = Counts::default();
         let mut budget = Budget { left: MAX_RESPONSE_VALUE_BYTES };
+        let answers = Answers { values: &values, denied: &denied, principal: &caller.principal, presence_only };
         let items = request
             .items
             .iter()
@@ -420,11 +493,10 @@ impl Resolver {
             .enumerate()
             .map(|(i, (item, p))| {
                 let name = item_name(i, &item.id);
-                let result = render(p, &name, &text_target, &values, &denied, &caller.principal, &mut budget)
-                    .unwrap_or_else(|e| {
-                        counts.count(e.code());
-                        pb::resolved_item::Result::Error(error::to_rpc_status(&e))
-                    });
+                let result = render(p, &name, &text_target, &answers, &mut budget).unwrap_or_else(|e| {
+                    counts.count(e.code());
+                    pb::resolved_item::Result::Error(error::to_rpc_status(&e))
+                });
                 pb::ResolvedItem { id: item.id.clone(), result: Some(result) }
             })
             .collect::<Vec<_>>();
@@ -438,12 +510,17 @@ impl Resolver {
     }
 }
 
+/// Every lookup failed with `status` (its source did not answer).
+fn failed(lookups: &[Lookup], status: &Status) -> Values {
+    lookups.iter().map(|l| ((*l).clone(), Read::Failed(Status::new(status.code(), status.message())))).collect()
+}
+
 /// Reads `lookups` from `source` (nothing when there are none).
-async fn read_from(source: &dyn Source, lookups: &[&(Target, String)]) -> Result<Values, Status> {
+async fn read_from(source: &dyn Source, lookups: &[&(Target, String)], presence_only: bool) -> Result<Values, Status> {
     if lookups.is_empty() {
         return Ok(Values::new());
     }
-    let answers = source.read(lookups).await?;
+    let answers = source.read(lookups, presence_only).await?;
     if answers.len() != lookups.len() {
         return Err(Status::unavailable(format!(
             "a secret source answered {} of {} lookups",
@@ -456,7 +533,7 @@ async fn read_from(source: &dyn Source, lookups: &[&(Target, String)]) -> Result
 
 #[tonic::async_trait]
 impl Source for KubernetesSource {
-    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Vec<Option<Read>>, Status> {
+    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
         let request = internal::ReadSecretsRequest {
             lookups: lookups
                 .iter()
@@ -476,6 +553,7 @@ impl Source for KubernetesSource {
                 })
                 .collect(),
             max_value_bytes: MAX_RESPONSE_VALUE_BYTES as u64,
+            presence_only,
         };
         let results = self
             .reader
@@ -494,7 +572,7 @@ impl Source for KubernetesSource {
 
 #[tonic::async_trait]
 impl Source for VaultSource {
-    async fn read(&self, lookups: &[&(Target, String)]) -> Result<Vec<Option<Read>>, Status> {
+    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
         use internal::vault_lookup_result::Result as R;
         let request = internal::ReadVaultSecretsRequest {
             lookups: lookups
@@ -508,6 +586,7 @@ impl Source for VaultSource {
                 })
                 .collect(),
             max_value_bytes: MAX_RESPONSE_VALUE_BYTES as u64,
+            presence_only,
         };
         let results = self
             .reader
@@ -539,6 +618,15 @@ fn internal_refusal(peer: &str, s: Status) -> Status {
         }
         _ => from_upstream(peer, s),
     }
+}
+
+/// The authenticated caller, recorded on the current span.
+fn traced_caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    let caller = Caller::of(request)?;
+    let span = tracing::Span::current();
+    span.record("caller", caller.name.as_str());
+    span.record("principal", tracing::field::display(&caller.principal));
+    Ok(caller)
 }
 
 #[derive(Default)]
@@ -599,6 +687,44 @@ impl Gateway for Resolver {
             .await?;
         tracing::info!("resolved");
         Ok(Response::new(crate::workload::fill(payload, resolved.items)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "SaveWorkload", caller, principal, domain = %request.get_ref().domain,
+                                  id = %request.get_ref().id, validate_only = request.get_ref().validate_only,
+                                  references, problems))]
+    async fn save_workload(
+        &self,
+        request: Request<pb::SaveWorkloadRequest>,
+    ) -> Result<Response<pb::SaveWorkloadResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        Ok(Response::new(self.save_workload(&caller, request.into_inner()).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "DeleteWorkload", caller, principal, domain = %request.get_ref().domain, id = %request.get_ref().id))]
+    async fn delete_workload(
+        &self,
+        request: Request<pb::DeleteWorkloadRequest>,
+    ) -> Result<Response<pb::DeleteWorkloadResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        Ok(Response::new(self.delete_workload(&caller, request.into_inner()).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetWorkloadReferences", caller, principal, domain = %request.get_ref().domain, id = %request.get_ref().id))]
+    async fn get_workload_references(
+        &self,
+        request: Request<pb::GetWorkloadReferencesRequest>,
+    ) -> Result<Response<pb::GetWorkloadReferencesResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        Ok(Response::new(self.workload_references(&caller, request.into_inner()).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListSecretUsages", caller, principal))]
+    async fn list_secret_usages(
+        &self,
+        request: Request<pb::ListSecretUsagesRequest>,
+    ) -> Result<Response<pb::ListSecretUsagesResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        Ok(Response::new(self.secret_usages(&caller, request.into_inner()).await?))
     }
 
     #[instrument(skip_all, fields(rpc = "ListSelectableSecrets", caller, principal, domain = %request.get_ref().domain, count))]
@@ -675,9 +801,10 @@ mod tests {
         let principal = Principal::user("u");
         let denied = BTreeMap::new();
         let mut budget = Budget { left: 2500 };
+        let answers = Answers { values: &values, denied: &denied, principal: &principal, presence_only: false };
         let run = |t: &str, budget: &mut Budget| {
             let item = text("t", t);
-            render(plan(0, &item, true), "items[0]", &target, &values, &denied, &principal, budget)
+            render(plan(0, &item, true), "items[0]", &target, &answers, budget)
         };
         assert!(run("${secrets.big}${secrets.big}", &mut budget).is_ok());
         assert_eq!(budget.left, 500);

@@ -24,6 +24,9 @@ use crate::{
 
 #[derive(Clone)]
 pub struct Selector {
+    /// `features.secretsV2.enabled`: off, the selector offers placeholders
+    /// only (no secret objects, no Vault keys).
+    pub secrets_v2: bool,
     pub secrets: SecretServiceClient<InternalChannel>,
     pub vault: VaultReaderClient<InternalChannel>,
     pub authz: AuthzClient,
@@ -31,6 +34,16 @@ pub struct Selector {
 
 fn object(key: String, kind: pb::SourceType, id: &str) -> pb::SecretObject {
     pb::SecretObject { key, source: Some(pb::SecretSource { r#type: kind as i32, id: id.to_string() }) }
+}
+
+/// A domain or global key as the selector offers it: the legacy
+/// placeholder always, the secret object while secretsV2 is on.
+fn store_key(key: &str, domain: &str, label: &str, secrets_v2: bool) -> pb::SelectableSecret {
+    pb::SelectableSecret {
+        secret_object: secrets_v2.then(|| object(key.to_string(), pb::SourceType::Kubernetes, domain)),
+        label: label.to_string(),
+        placeholder: format!("${{secrets.{key}}}"),
+    }
 }
 
 impl Selector {
@@ -50,13 +63,18 @@ impl Selector {
             label: label.to_string(),
             error: Some(to_rpc_status(status)),
         };
-        let configs = match self
-            .vault
-            .clone()
-            .list_domain_vault_configs(internal::ListDomainVaultConfigsRequest { domain: domain.to_string() })
-            .await
-        {
-            Ok(r) => r.into_inner().configs,
+        let listed = if self.secrets_v2 {
+            self.vault
+                .clone()
+                .list_domain_vault_configs(internal::ListDomainVaultConfigsRequest { domain: domain.to_string() })
+                .await
+                .map(|r| r.into_inner().configs)
+        } else {
+            // Vault keys can be referenced only by secret objects.
+            Ok(Vec::new())
+        };
+        let configs = match listed {
+            Ok(configs) => configs,
             Err(s) => {
                 errors.push(vault_error(VAULT_CONFIG_SERVICE, &from_upstream(VAULT_CONFIG_SERVICE, s)));
                 Vec::new()
@@ -107,16 +125,10 @@ impl Selector {
         let shadowed: BTreeSet<&String> = domain_keys.iter().collect();
         let mut secrets: Vec<pb::SelectableSecret> = Vec::new();
         for key in global_keys.iter().filter(|k| !shadowed.contains(k)) {
-            secrets.push(pb::SelectableSecret {
-                secret_object: Some(object(key.clone(), pb::SourceType::Kubernetes, domain)),
-                label: "global".into(),
-            });
+            secrets.push(store_key(key, domain, "global", self.secrets_v2));
         }
         for key in &domain_keys {
-            secrets.push(pb::SelectableSecret {
-                secret_object: Some(object(key.clone(), pb::SourceType::Kubernetes, domain)),
-                label: domain.to_string(),
-            });
+            secrets.push(store_key(key, domain, domain, self.secrets_v2));
         }
         match vault_keys {
             Err(s) => errors.push(vault_error(VAULT_CONFIG_SERVICE, &s)),
@@ -134,6 +146,7 @@ impl Selector {
                         None => secrets.extend(keys.keys.into_iter().map(|key| pb::SelectableSecret {
                             secret_object: Some(object(key, pb::SourceType::Vault, &config.id)),
                             label: config.name.clone(),
+                            placeholder: String::new(),
                         })),
                     }
                 }
@@ -146,5 +159,5 @@ impl Selector {
 }
 
 fn key_of(s: &pb::SelectableSecret) -> &str {
-    s.secret_object.as_ref().map_or("", |o| o.key.as_str())
+    s.secret_object.as_ref().map_or(s.placeholder.as_str(), |o| o.key.as_str())
 }

@@ -77,6 +77,31 @@ fn slots(payload: &pb::WorkloadPayload) -> Vec<Slot> {
     slots
 }
 
+/// The kind of workload `payload` configures.
+pub fn kind(payload: &pb::WorkloadPayload) -> pb::WorkloadKind {
+    match &payload.kind {
+        Some(Kind::Compute(_)) => pb::WorkloadKind::Compute,
+        Some(Kind::SparkJob(_)) => pb::WorkloadKind::SparkJob,
+        Some(Kind::StreamingJob(_)) => pb::WorkloadKind::StreamingJob,
+        Some(Kind::SdkSparkJob(_)) => pb::WorkloadKind::SdkSparkJob,
+        Some(Kind::JupyterContainer(_)) => pb::WorkloadKind::JupyterContainer,
+        Some(Kind::StorageConfig(_)) => pb::WorkloadKind::StorageConfig,
+        Some(Kind::EmailSettings(_)) => pb::WorkloadKind::EmailSettings,
+        Some(Kind::LdapIntegration(_)) => pb::WorkloadKind::LdapIntegration,
+        None => pb::WorkloadKind::Unspecified,
+    }
+}
+
+/// An item's error as a field's: the message names the field's path
+/// rather than the internal item it was resolved as.
+pub fn field_status(index: usize, field: &str, status: tonic_types::pb::Status) -> tonic_types::pb::Status {
+    let prefix = format!("{}: ", crate::resolver::item_name(index, field));
+    match status.message.strip_prefix(&prefix) {
+        Some(rest) => tonic_types::pb::Status { message: format!("{field}: {rest}"), ..status },
+        None => status,
+    }
+}
+
 /// The resolve request for `payload`: one item per reference, its id the
 /// field's path.
 pub fn items(payload: &pb::WorkloadPayload) -> Result<Vec<pb::ResolveItem>, Status> {
@@ -94,7 +119,7 @@ pub fn items(payload: &pb::WorkloadPayload) -> Result<Vec<pb::ResolveItem>, Stat
 pub fn fill(mut payload: pb::WorkloadPayload, answers: Vec<pb::ResolvedItem>) -> pb::ResolveWorkloadResponse {
     let mut texts: HashMap<String, String> = HashMap::new();
     let mut errors = Vec::new();
-    for a in answers {
+    for (i, a) in answers.into_iter().enumerate() {
         match a.result {
             Some(R::Text(t)) => {
                 texts.insert(a.id, t);
@@ -111,7 +136,7 @@ pub fn fill(mut payload: pb::WorkloadPayload, answers: Vec<pb::ResolvedItem>) ->
                     field: a.id,
                 }),
             },
-            Some(R::Error(e)) => errors.push(pb::FieldError { field: a.id, error: Some(e) }),
+            Some(R::Error(e)) => errors.push(pb::FieldError { error: Some(field_status(i, &a.id, e)), field: a.id }),
             None => {}
         }
     }

@@ -6,6 +6,7 @@ use secrets_common::{
     auth::{Acting, InternalCall},
     authz::{AuthzClient, Question},
     error::invalid_argument,
+    usage::UsageClient,
     validate::FieldViolation,
 };
 use secrets_proto::{
@@ -21,11 +22,60 @@ use crate::store::{Lookup, Scope, SecretInfo, SecretStore};
 pub struct SecretGrpc {
     store: SecretStore,
     authz: AuthzClient,
+    usage: UsageClient,
 }
 
 impl SecretGrpc {
-    pub fn new(store: SecretStore, authz: AuthzClient) -> Self {
-        Self { store, authz }
+    pub fn new(store: SecretStore, authz: AuthzClient, usage: UsageClient) -> Self {
+        Self { store, authz, usage }
+    }
+
+    /// Delete protection: the saved workloads that would break if `key` of
+    /// `scope` went, refused unless `force` (see [`UsageClient::guard_delete`]).
+    /// A global key breaks the workloads that look it up in a domain without
+    /// a key of that name (they fall back to the global one).
+    async fn guard_delete(&self, scope: &Scope, key: &str, force: bool) -> Result<Option<pb::BrokenWorkloads>, Status> {
+        let lookup = |scope: Scope| Lookup { scope, key: key.to_string(), global_fallback: false };
+        if self.store.read_values(&[lookup(scope.clone())]).await?[0].is_none() {
+            // Nothing to protect: the delete reports NOT_FOUND.
+            return Ok(None);
+        }
+        let query = |source_id: &str, source_ids: Vec<String>| internal::FindUsagesRequest {
+            source_type: pb::SourceType::Kubernetes as i32,
+            source_id: source_id.to_string(),
+            key: key.to_string(),
+            source_ids,
+            limit: 0,
+        };
+        match scope {
+            Scope::Admin => Ok(None),
+            Scope::Domain(d) => {
+                let what = format!("secret {key:?} of domain {d:?}");
+                self.usage.guard_delete(&what, query(d, Vec::new()), force).await
+            }
+            Scope::Global => {
+                let what = format!("global secret {key:?}");
+                let candidates = self.usage.find_before_delete(&what, query("", Vec::new())).await?.source_ids;
+                let lookups = candidates
+                    .iter()
+                    .filter_map(|d| Scope::domain("source_id", d).ok().map(lookup))
+                    .collect::<Vec<_>>();
+                let own = self.store.read_values(&lookups).await?;
+                let falling_back: Vec<String> = lookups
+                    .into_iter()
+                    .zip(own)
+                    .filter(|(_, found)| found.is_none())
+                    .filter_map(|(l, _)| match l.scope {
+                        Scope::Domain(d) => Some(d),
+                        _ => None,
+                    })
+                    .collect();
+                if falling_back.is_empty() {
+                    return Ok(None);
+                }
+                self.usage.guard_delete(&what, query("", falling_back), force).await
+            }
+        }
     }
 
     async fn authorize(
@@ -181,10 +231,17 @@ impl SecretService for SecretGrpc {
         let req = request.into_inner();
         record(&principal.to_string(), &req.domain, &req.key, req.scope);
         let scope = scope_of(req.scope, &req.domain, false)?;
+        secrets_common::validate::secret_key("key", &req.key).map_err(invalid_argument)?;
         self.authorize(principal, &scope, Op::Write, None).await?;
+        let broken = self.guard_delete(&scope, &req.key, req.force).await?;
         self.store.delete(&scope, &req.key).await?;
-        tracing::info!(%scope, key = %req.key, %principal, "secret deleted");
-        Ok(Response::new(pb::DeleteSecretResponse {}))
+        match &broken {
+            Some(b) => {
+                tracing::warn!(%scope, key = %req.key, %principal, broken = b.total, "secret deleted by force while workloads reference it")
+            }
+            None => tracing::info!(%scope, key = %req.key, %principal, "secret deleted"),
+        }
+        Ok(Response::new(pb::DeleteSecretResponse { broken }))
     }
 
     #[instrument(skip_all, fields(rpc = "ListSecrets", scope, domain, principal, count))]
@@ -248,7 +305,7 @@ impl SecretReader for SecretGrpc {
                         Scope::Admin => pb::Scope::Admin,
                     } as i32;
                     let len = f.value.len() as u64;
-                    if sent.saturating_add(len) > budget {
+                    if req.presence_only || sent.saturating_add(len) > budget {
                         n_withheld += 1;
                         return internal::SecretLookupResult {
                             found: true,

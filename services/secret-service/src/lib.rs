@@ -170,11 +170,12 @@ impl Application {
         let channel = internal
             .channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
-        let authz = AuthzClient::new(channel, internal.client());
+        let authz = AuthzClient::new(channel.clone(), internal.client());
+        let usage = secrets_common::usage::UsageClient::new(channel, internal.client());
         let backend: Arc<SecretBackend> = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
         let store = SecretStore::new(backend, config.object_prefix.clone());
         tracing::info!(backend = store.backend_name(), "secret store ready");
-        let grpc = grpc::SecretGrpc::new(store, authz);
+        let grpc = grpc::SecretGrpc::new(store, authz, usage);
         let auth = internal.auth();
 
         let (router, health) = server::router(&metrics, &[SECRET_SERVICE, SECRET_READER]).await?;

@@ -63,6 +63,13 @@ pub struct Limits {
 /// connection or values from before a change they did not see.
 type Version = (String, i64);
 
+/// The services a config's life goes through, all served by the authz-service.
+pub struct Peers {
+    pub authz: AuthzClient,
+    pub registry: ResourceRegistryClient<InternalChannel>,
+    pub usage: secrets_common::usage::UsageClient,
+}
+
 #[derive(Clone)]
 pub struct Configs {
     db: DatabaseConnection,
@@ -70,6 +77,7 @@ pub struct Configs {
     prefix: String,
     authz: AuthzClient,
     registry: ResourceRegistryClient<InternalChannel>,
+    usage: secrets_common::usage::UsageClient,
     limits: Limits,
     connections: Cache<Version, Arc<Connection>>,
     values: Cache<Version, Arc<Fields>>,
@@ -89,14 +97,14 @@ impl Configs {
         db: DatabaseConnection,
         store: Arc<dyn StoreBackend<Error>>,
         prefix: String,
-        authz: AuthzClient,
-        registry: ResourceRegistryClient<InternalChannel>,
+        peers: Peers,
         limits: Limits,
         metrics: secrets_common::observe::Metrics,
     ) -> Self {
+        let Peers { authz, registry, usage } = peers;
         let values = Cache::builder().max_capacity(limits.cache_max_entries).time_to_live(limits.cache_ttl).build();
         let connections = Cache::builder().max_capacity(limits.cache_max_entries).build();
-        Self { db, store, prefix, authz, registry, limits, connections, values, metrics }
+        Self { db, store, prefix, authz, registry, usage, limits, connections, values, metrics }
     }
 
     /// The store object holding a domain's Vault credentials.
@@ -362,9 +370,18 @@ impl Configs {
     }
 
     /// Removes the integration (row, credentials, placement); never data in Vault.
-    pub async fn delete(&self, principal: &Acting, id: &str) -> Result<()> {
+    /// Deletes the integration (never data in Vault). Refused while saved
+    /// workloads reference the config, unless `force`; then the answer names
+    /// the workloads now broken.
+    pub async fn delete(&self, principal: &Acting, id: &str, force: bool) -> Result<Option<pb::BrokenWorkloads>> {
         let row = self.row(id).await?;
         self.require(principal, Permission::Update, id, &format!("delete {}", label(&row))).await?;
+        let usages = internal::FindUsagesRequest {
+            source_type: pb::SourceType::Vault as i32,
+            source_id: id.to_string(),
+            ..Default::default()
+        };
+        let broken = self.usage.guard_delete(&label(&row), usages, force).await?;
         self.db(vault_config::Entity::delete_by_id(id.to_string()).exec(&self.db)).await?;
         self.remove_credentials(&row.domain, id).await?;
         self.forget(&row).await;
@@ -372,8 +389,13 @@ impl Configs {
         if let Err(e) = self.registry.clone().unregister_resource(Self::registry_request(principal, unregister)).await {
             tracing::warn!(id = %id, error = %e.message(), "vault config deleted but its bundle placement remains");
         }
-        tracing::info!(id = %id, %principal, "vault config deleted");
-        Ok(())
+        match &broken {
+            Some(b) => {
+                tracing::warn!(id = %id, %principal, broken = b.total, "vault config deleted by force while workloads reference it")
+            }
+            None => tracing::info!(id = %id, %principal, "vault config deleted"),
+        }
+        Ok(broken)
     }
 
     async fn forget(&self, row: &vault_config::Model) {
@@ -467,11 +489,13 @@ impl Configs {
     }
 
     /// Values for the resolver (which has checked USE): per lookup a value,
-    /// an error, or withheld past `max_bytes`. One Vault read per config.
+    /// an error, or withheld past `max_bytes` (every value, with
+    /// `presence_only`). One Vault read per config.
     pub async fn read(
         &self,
         lookups: &[internal::VaultLookup],
         max_bytes: u64,
+        presence_only: bool,
     ) -> Result<Vec<internal::VaultLookupResult>> {
         use internal::vault_lookup_result::Result as R;
         let mut rows: BTreeMap<String, Option<vault_config::Model>> = BTreeMap::new();
@@ -510,7 +534,7 @@ impl Configs {
                             l.key,
                             row.path
                         ))),
-                        Some(v) if sent.saturating_add(v.len() as u64) > budget => R::Withheld(true),
+                        Some(v) if presence_only || sent.saturating_add(v.len() as u64) > budget => R::Withheld(true),
                         Some(v) => {
                             sent += v.len() as u64;
                             R::Value(v.expose().to_vec())

@@ -105,8 +105,9 @@ impl VaultConfigService for VaultGrpc {
         request: Request<pb::DeleteVaultConfigRequest>,
     ) -> Result<Response<pb::DeleteVaultConfigResponse>, Status> {
         let principal = principal(&request)?;
-        self.configs.delete(&principal, &request.get_ref().id).await?;
-        Ok(Response::new(pb::DeleteVaultConfigResponse {}))
+        let request = request.into_inner();
+        let broken = self.configs.delete(&principal, &request.id, request.force).await?;
+        Ok(Response::new(pb::DeleteVaultConfigResponse { broken }))
     }
 
     #[instrument(skip_all, fields(rpc = "TestVaultConnection", outcome))]
@@ -153,7 +154,7 @@ impl VaultReader for VaultGrpc {
         request: Request<internal::ReadVaultSecretsRequest>,
     ) -> Result<Response<internal::ReadVaultSecretsResponse>, Status> {
         let req = request.into_inner();
-        let results = self.configs.read(&req.lookups, req.max_value_bytes).await?;
+        let results = self.configs.read(&req.lookups, req.max_value_bytes, req.presence_only).await?;
         Ok(Response::new(internal::ReadVaultSecretsResponse { results }))
     }
 

@@ -181,7 +181,11 @@ impl Application {
             .channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         let authz = AuthzClient::new(channel.clone(), internal.client());
-        let registry = ResourceRegistryClient::with_interceptor(channel, internal.client());
+        let peers = configs::Peers {
+            authz,
+            registry: ResourceRegistryClient::with_interceptor(channel.clone(), internal.client()),
+            usage: secrets_common::usage::UsageClient::new(channel, internal.client()),
+        };
         let database_timeout = Duration::from_millis(config.database_timeout_ms);
         let db = db::connect(&config.database_url, database_timeout, Some(&metrics)).await?;
         let store = config.store().open::<Error>().await?;
@@ -193,8 +197,7 @@ impl Application {
             cache_max_entries: config.vault.cache_max_entries,
             database_timeout,
         };
-        let configs =
-            configs::Configs::new(db, store, config.object_prefix.clone(), authz, registry, limits, metrics.clone());
+        let configs = configs::Configs::new(db, store, config.object_prefix.clone(), peers, limits, metrics.clone());
         let grpc = grpc::VaultGrpc::new(configs);
         let auth = internal.auth();
         let (router, health) = server::router(&metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;

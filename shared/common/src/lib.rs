@@ -12,6 +12,7 @@ pub mod observe;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod usage;
 
 // The rules and types without I/O, re-exported so services name one crate.
 pub use secrets_types::{Principal, SecretValue, placeholder, principal, validate, value};

@@ -35,6 +35,7 @@ pub mod service_names {
     pub const GATEWAY: &str = "iomete.secrets.v1.Gateway";
     pub const VAULT_CONFIG_SERVICE: &str = "iomete.secrets.v1.VaultConfigService";
     pub const VAULT_READER: &str = "iomete.secrets.internal.v1.VaultReader";
+    pub const USAGE_INDEX: &str = "iomete.secrets.internal.v1.UsageIndex";
 }
 
 const REDACTED: &str = "<redacted>";

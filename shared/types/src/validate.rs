@@ -6,6 +6,10 @@ use std::fmt;
 pub const MAX_KEY_LEN: usize = 253;
 /// A DNS label.
 pub const MAX_DOMAIN_LEN: usize = 63;
+/// A workload's id, as the platform names it.
+pub const MAX_WORKLOAD_ID_LEN: usize = 128;
+/// A workload's name, for people.
+pub const MAX_WORKLOAD_NAME_LEN: usize = 256;
 /// Decoded values of one store object, in total: the Kubernetes Secret limit.
 pub const MAX_OBJECT_VALUE_BYTES: usize = 1024 * 1024;
 
@@ -45,6 +49,29 @@ pub fn secret_key(field: &str, key: &str) -> Result<(), FieldViolation> {
     }
     if key == "." || key == ".." || key.starts_with("..") {
         return Err(FieldViolation::new(field, "must not be '.' or '..' or start with '..'"));
+    }
+    Ok(())
+}
+
+/// A workload id: 1..128 characters, no control characters (platform ids
+/// are UUIDs or names).
+pub fn workload_id(field: &str, id: &str) -> Result<(), FieldViolation> {
+    if id.is_empty() || id.chars().count() > MAX_WORKLOAD_ID_LEN || id.chars().any(char::is_control) {
+        return Err(FieldViolation::new(
+            field,
+            format!("must be 1 to {MAX_WORKLOAD_ID_LEN} characters without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A workload name: at most 256 characters, no control characters.
+pub fn workload_name(field: &str, name: &str) -> Result<(), FieldViolation> {
+    if name.chars().count() > MAX_WORKLOAD_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(FieldViolation::new(
+            field,
+            format!("must be at most {MAX_WORKLOAD_NAME_LEN} characters without control characters"),
+        ));
     }
     Ok(())
 }

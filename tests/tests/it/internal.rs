@@ -17,6 +17,7 @@ fn read_request() -> internal::ReadSecretsRequest {
             global_fallback: false,
         }],
         max_value_bytes: 0,
+        presence_only: false,
     }
 }
 

@@ -24,6 +24,7 @@ mod secrets;
 mod store_suite;
 mod tls;
 mod traces;
+mod usage;
 mod vault;
 mod vault_matrix;
 mod workloads;

@@ -118,6 +118,7 @@ async fn internal_services_accept_only_certificates_of_the_internal_ca_with_an_a
                     global_fallback: false,
                 }],
                 max_value_bytes: 1 << 20,
+                presence_only: false,
             });
             secrets_common::auth::act_as(&mut request, &secrets_common::Principal::user(OWNER), None, &[]);
             SecretReaderClient::new(ch).read_secrets(request).await

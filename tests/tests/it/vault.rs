@@ -165,7 +165,7 @@ async fn only_domain_owners_create_configs_and_only_viewers_see_them() {
         .as_user(MEMBER)
         .vault
         .clone()
-        .delete_vault_config(pb::DeleteVaultConfigRequest { id: config.id.clone() })
+        .delete_vault_config(pb::DeleteVaultConfigRequest { id: config.id.clone(), force: false })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "deleting needs UPDATE");
@@ -212,7 +212,7 @@ async fn the_bundle_is_fixed_credentials_can_be_replaced_and_delete_leaves_vault
         .into_inner();
     assert_eq!(test.outcome(), Outcome::NoAccessToPath, "{}", test.message);
 
-    olivia.delete_vault_config(pb::DeleteVaultConfigRequest { id: config.id.clone() }).await.unwrap();
+    olivia.delete_vault_config(pb::DeleteVaultConfigRequest { id: config.id.clone(), force: false }).await.unwrap();
     let err = olivia.get_vault_config(pb::GetVaultConfigRequest { id: config.id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(
@@ -771,4 +771,96 @@ async fn resolution_classifies_each_vault_failure_on_its_item() {
     let (code, message) = item_error(&out[4]);
     assert_eq!(code, Code::Unavailable, "{message}");
     assert!(message.contains("sealed"), "sealed says sealed: {message}");
+}
+
+/// A workload referencing Vault keys: checked at save time against the real
+/// server (a missing key, Vault down), found by config in the usage index,
+/// and protecting the config from deletion unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_workloads_with_vault_references_are_checked_indexed_and_protect_their_config() {
+    use pb::{ProblemType, config_value::Value as CV, workload_payload::Kind};
+    let mut bao = OpenBao::start();
+    // Values kept for 1 ms: the check after Vault stops asks Vault.
+    let app = TestApp::spawn_with(Options {
+        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
+        ..Default::default()
+    })
+    .await;
+    setup(&app, &bao).await;
+    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
+        .await
+        .unwrap();
+    let vault = |key: &str| pb::ConfigValue {
+        value: Some(CV::SecretObject(pb::SecretObject {
+            key: key.into(),
+            source: Some(pb::SecretSource { r#type: pb::SourceType::Vault as i32, id: config.id.clone() }),
+        })),
+    };
+    let payload = |keys: &[&str]| pb::WorkloadPayload {
+        kind: Some(Kind::Compute(pb::ComputePayload {
+            env_vars: keys.iter().map(|k| (k.to_uppercase(), vault(k))).collect(),
+            ..Default::default()
+        })),
+    };
+    let save = |p: pb::WorkloadPayload| {
+        let mut gateway = app.as_service(Some(&format!("user:{OWNER}"))).gateway.clone();
+        async move {
+            let request = pb::SaveWorkloadRequest {
+                domain: "finance".into(),
+                id: "analytics".into(),
+                name: String::new(),
+                payload: Some(p),
+                validate_only: false,
+            };
+            gateway.save_workload(request).await.unwrap().into_inner()
+        }
+    };
+    let out = save(payload(&["db_password", "no_such_key"])).await;
+    assert!(!out.saved);
+    assert_eq!(out.problems.len(), 1, "{out:?}");
+    assert_eq!(out.problems[0].field, r#"envVars["NO_SUCH_KEY"]"#);
+    assert_eq!(out.problems[0].r#type, ProblemType::ProblemNotFound as i32, "{}", out.problems[0].message);
+    let out = save(payload(&["db_password", "api_key"])).await;
+    assert!(out.saved, "{out:?}");
+    assert!(!format!("{out:?}").contains("pw-from-vault"), "a save reads no value out");
+
+    let found = app
+        .as_user(OWNER)
+        .gateway
+        .clone()
+        .list_secret_usages(pb::ListSecretUsagesRequest {
+            secret: Some(pb::list_secret_usages_request::Secret::VaultSecret(pb::VaultSecret {
+                config_id: config.id.clone(),
+                key: "api_key".into(),
+            })),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.total, 1);
+    assert_eq!(found.usages[0].references.len(), 1, "only the matching key's field");
+    assert_eq!(found.usages[0].references[0].field, r#"envVars["API_KEY"]"#);
+
+    let mut olivia = app.as_user(OWNER).vault.clone();
+    let delete = |force| pb::DeleteVaultConfigRequest { id: config.id.clone(), force };
+    let e = olivia.delete_vault_config(delete(false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("vault config \"prod\"") && e.message().contains("finance/COMPUTE/analytics"),
+        "{}",
+        e.message()
+    );
+    assert!(olivia.get_vault_config(pb::GetVaultConfigRequest { id: config.id.clone() }).await.is_ok());
+
+    // Vault down: the save names the backend, per field.
+    bao.stop();
+    let out = save(payload(&["db_password"])).await;
+    assert!(!out.saved);
+    assert_eq!(out.problems[0].r#type, ProblemType::ProblemBackendUnavailable as i32, "{:?}", out.problems);
+    bao.restart();
+
+    let deleted = olivia.delete_vault_config(delete(true)).await.unwrap().into_inner();
+    let broken = deleted.broken.unwrap();
+    assert_eq!((broken.total, broken.workloads[0].id.as_str()), (1, "analytics"));
 }

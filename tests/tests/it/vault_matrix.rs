@@ -164,10 +164,13 @@ async fn attempt(
         "delete" => {
             // Each allowed persona deletes a config of its own.
             let own = create_config(app, bao, ADMIN, &format!("doomed-{who}")).await.unwrap();
-            let result = vault.delete_vault_config(pb::DeleteVaultConfigRequest { id: own.id.clone() }).await.map(drop);
+            let result = vault
+                .delete_vault_config(pb::DeleteVaultConfigRequest { id: own.id.clone(), force: false })
+                .await
+                .map(drop);
             if result.is_err() {
                 let mut admin = app.as_user(ADMIN).vault.clone();
-                admin.delete_vault_config(pb::DeleteVaultConfigRequest { id: own.id }).await.unwrap();
+                admin.delete_vault_config(pb::DeleteVaultConfigRequest { id: own.id, force: false }).await.unwrap();
             }
             result
         }

@@ -1,0 +1,350 @@
+//! The usage index: which saved workload references which secret, in the
+//! authz database (references only, never a value). The gateway records a
+//! workload when it is saved; the secret-service and the
+//! vault-config-service ask before a delete. Callers authorize; this
+//! service checks only the shape of what it stores.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::Utc;
+use sea_orm::{
+    ColumnTrait, Condition, DbBackend, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+    sea_query::OnConflict,
+};
+use secrets_common::validate::{self, FieldViolation};
+use secrets_proto::{
+    internal::v1::{self as internal, usage_index_server},
+    v1::{self as pb, SourceType, WorkloadKind},
+};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::{
+    Error, Result,
+    db::{workload, workload_reference},
+    policy::Policy,
+};
+
+/// References one workload may record (a payload resolves at most 1,000
+/// items, each with at most 64 placeholders).
+pub const MAX_REFERENCES: usize = 64_000;
+/// Workloads one `FindUsages` returns.
+pub const MAX_LIMIT: u32 = 1_000;
+pub const MAX_FIELD_LEN: usize = 1_024;
+
+#[derive(Clone)]
+pub struct UsageIndex {
+    policy: Policy,
+    /// SQLite takes one writer at a time: writers queue here rather than
+    /// spin on the database's busy wait.
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A workload's identity in the index.
+struct Key {
+    domain: String,
+    kind: &'static str,
+    id: String,
+}
+
+fn kind_name(kind: i32) -> Result<&'static str> {
+    match WorkloadKind::try_from(kind) {
+        Ok(WorkloadKind::Unspecified) | Err(_) => Err(Error::InvalidArgument(FieldViolation::new(
+            "kind",
+            format!("{kind} is not a workload kind; use WORKLOAD_KIND_SPARK_JOB, WORKLOAD_KIND_COMPUTE, ..."),
+        ))),
+        Ok(k) => Ok(k.as_str_name().trim_start_matches("WORKLOAD_KIND_")),
+    }
+}
+
+fn kind_of(name: &str) -> i32 {
+    WorkloadKind::from_str_name(&format!("WORKLOAD_KIND_{name}")).unwrap_or_default() as i32
+}
+
+fn source_name(source: i32, field: &str) -> Result<&'static str> {
+    match SourceType::try_from(source) {
+        Ok(SourceType::Kubernetes) => Ok("KUBERNETES"),
+        Ok(SourceType::Vault) => Ok("VAULT"),
+        _ => Err(Error::InvalidArgument(FieldViolation::new(field, "must be KUBERNETES or VAULT"))),
+    }
+}
+
+fn source_of(name: &str) -> i32 {
+    SourceType::from_str_name(name).unwrap_or_default() as i32
+}
+
+fn key_of(domain: &str, kind: i32, id: &str) -> Result<Key> {
+    validate::domain("domain", domain)?;
+    validate::workload_id("id", id)?;
+    Ok(Key { domain: domain.to_string(), kind: kind_name(kind)?, id: id.to_string() })
+}
+
+fn reference_row(key: &Key, i: usize, r: &internal::IndexedReference) -> Result<workload_reference::ActiveModel> {
+    let at = |f: &str| format!("references[{i}].{f}");
+    if r.field.is_empty() || r.field.len() > MAX_FIELD_LEN {
+        return Err(Error::InvalidArgument(FieldViolation::new(
+            at("field"),
+            format!("must be 1 to {MAX_FIELD_LEN} bytes"),
+        )));
+    }
+    let source_type = source_name(r.source_type, &at("source_type"))?;
+    if source_type == "KUBERNETES" {
+        validate::domain(&at("source_id"), &r.source_id)?;
+    } else if r.source_id.is_empty() || r.source_id.len() > 64 {
+        return Err(Error::InvalidArgument(FieldViolation::new(at("source_id"), "must be a Vault config id")));
+    }
+    validate::secret_key(&at("key"), &r.key)?;
+    Ok(workload_reference::ActiveModel {
+        domain: Set(key.domain.clone()),
+        kind: Set(key.kind.to_string()),
+        workload_id: Set(key.id.clone()),
+        field: Set(r.field.clone()),
+        source_type: Set(source_type.to_string()),
+        source_id: Set(r.source_id.clone()),
+        key: Set(r.key.clone()),
+        placeholder: Set(r.placeholder),
+    })
+}
+
+fn to_reference(row: workload_reference::Model) -> internal::IndexedReference {
+    internal::IndexedReference {
+        field: row.field,
+        source_type: source_of(&row.source_type),
+        source_id: row.source_id,
+        key: row.key,
+        placeholder: row.placeholder,
+    }
+}
+
+fn to_ref(row: &workload::Model) -> pb::WorkloadRef {
+    pb::WorkloadRef { domain: row.domain.clone(), kind: kind_of(&row.kind), id: row.id.clone(), name: row.name.clone() }
+}
+
+impl UsageIndex {
+    pub fn new(policy: Policy) -> Self {
+        Self { policy, writer: Default::default() }
+    }
+
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.policy.db().get_database_backend() {
+            DbBackend::Sqlite => Some(self.writer.lock().await),
+            _ => None,
+        }
+    }
+
+    /// Replaces the workload's references; true when it was indexed before.
+    pub async fn record(&self, request: internal::RecordWorkloadRequest) -> Result<bool> {
+        let w =
+            request.workload.ok_or_else(|| Error::InvalidArgument(FieldViolation::new("workload", "is required")))?;
+        let key = key_of(&w.domain, w.kind, &w.id)?;
+        validate::workload_name("workload.name", &w.name)?;
+        if request.references.len() > MAX_REFERENCES {
+            return Err(Error::InvalidArgument(FieldViolation::new(
+                "references",
+                format!("at most {MAX_REFERENCES} per workload"),
+            )));
+        }
+        // One row per (field, source, key): a field naming a key twice
+        // references it once.
+        let mut rows = Vec::with_capacity(request.references.len());
+        let mut seen = BTreeSet::new();
+        for (i, r) in request.references.iter().enumerate() {
+            let row = reference_row(&key, i, r)?;
+            if seen.insert((r.field.clone(), r.source_type, r.source_id.clone(), r.key.clone())) {
+                rows.push(row);
+            }
+        }
+        let name = if w.name.is_empty() { w.id.clone() } else { w.name.clone() };
+        let _turn = self.write_turn().await;
+        self.policy
+            .bounded(async {
+                let db = self.policy.db();
+                let txn = db.begin().await?;
+                let existed = workload::Entity::find_by_id((key.domain.clone(), key.kind.to_string(), key.id.clone()))
+                    .one(&txn)
+                    .await?
+                    .is_some();
+                // The workload row first: on PostgreSQL its lock orders
+                // concurrent saves of one workload, so the last one's
+                // references are the ones left.
+                workload::Entity::insert(workload::ActiveModel {
+                    domain: Set(key.domain.clone()),
+                    kind: Set(key.kind.to_string()),
+                    id: Set(key.id.clone()),
+                    name: Set(name),
+                    saved_by: Set(request.saved_by.clone()),
+                    saved_at: Set(Utc::now()),
+                })
+                .on_conflict(
+                    OnConflict::columns([workload::Column::Domain, workload::Column::Kind, workload::Column::Id])
+                        .update_columns([workload::Column::Name, workload::Column::SavedBy, workload::Column::SavedAt])
+                        .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+                workload_reference::Entity::delete_many()
+                    .filter(workload_reference::Column::Domain.eq(&key.domain))
+                    .filter(workload_reference::Column::Kind.eq(key.kind))
+                    .filter(workload_reference::Column::WorkloadId.eq(&key.id))
+                    .exec(&txn)
+                    .await?;
+                for chunk in rows.chunks(500) {
+                    workload_reference::Entity::insert_many(chunk.to_vec()).exec_without_returning(&txn).await?;
+                }
+                txn.commit().await?;
+                Ok(existed)
+            })
+            .await
+    }
+
+    /// True when the workload was indexed.
+    pub async fn forget(&self, domain: &str, kind: i32, id: &str) -> Result<bool> {
+        let key = key_of(domain, kind, id)?;
+        let _turn = self.write_turn().await;
+        self.policy
+            .bounded(async {
+                let removed = workload::Entity::delete_by_id((key.domain, key.kind.to_string(), key.id))
+                    .exec(self.policy.db())
+                    .await?;
+                Ok(removed.rows_affected > 0)
+            })
+            .await
+    }
+
+    pub async fn get(&self, domain: &str, kind: i32, id: &str) -> Result<internal::GetWorkloadResponse> {
+        let key = key_of(domain, kind, id)?;
+        self.policy
+            .bounded(async {
+                let db = self.policy.db();
+                let Some(row) =
+                    workload::Entity::find_by_id((key.domain.clone(), key.kind.to_string(), key.id.clone()))
+                        .one(db)
+                        .await?
+                else {
+                    return Ok(internal::GetWorkloadResponse::default());
+                };
+                let references = workload_reference::Entity::find()
+                    .filter(workload_reference::Column::Domain.eq(&key.domain))
+                    .filter(workload_reference::Column::Kind.eq(key.kind))
+                    .filter(workload_reference::Column::WorkloadId.eq(&key.id))
+                    .order_by_asc(workload_reference::Column::Field)
+                    .order_by_asc(workload_reference::Column::Key)
+                    .all(db)
+                    .await?;
+                Ok(internal::GetWorkloadResponse {
+                    found: true,
+                    workload: Some(to_ref(&row)),
+                    references: references.into_iter().map(to_reference).collect(),
+                    saved_by: row.saved_by,
+                })
+            })
+            .await
+    }
+
+    pub async fn find(&self, request: &internal::FindUsagesRequest) -> Result<internal::FindUsagesResponse> {
+        let source_type = source_name(request.source_type, "source_type")?;
+        if request.limit > MAX_LIMIT {
+            return Err(Error::InvalidArgument(FieldViolation::new("limit", format!("is at most {MAX_LIMIT}"))));
+        }
+        let mut query = workload_reference::Entity::find()
+            .filter(workload_reference::Column::SourceType.eq(source_type))
+            .order_by_asc(workload_reference::Column::Domain)
+            .order_by_asc(workload_reference::Column::Kind)
+            .order_by_asc(workload_reference::Column::WorkloadId)
+            .order_by_asc(workload_reference::Column::Field);
+        if !request.source_id.is_empty() {
+            query = query.filter(workload_reference::Column::SourceId.eq(&request.source_id));
+        }
+        if !request.key.is_empty() {
+            query = query.filter(workload_reference::Column::Key.eq(&request.key));
+        }
+        if !request.source_ids.is_empty() {
+            query = query.filter(workload_reference::Column::SourceId.is_in(request.source_ids.iter().cloned()));
+        }
+        self.policy
+            .bounded(async {
+                let db = self.policy.db();
+                let rows = query.all(db).await?;
+                let source_ids: BTreeSet<String> = rows.iter().map(|r| r.source_id.clone()).collect();
+                let mut by_workload: BTreeMap<(String, String, String), Vec<internal::IndexedReference>> =
+                    BTreeMap::new();
+                for row in rows {
+                    by_workload
+                        .entry((row.domain.clone(), row.kind.clone(), row.workload_id.clone()))
+                        .or_default()
+                        .push(to_reference(row));
+                }
+                let total = by_workload.len() as u32;
+                let first: Vec<_> = by_workload.into_iter().take(request.limit as usize).collect();
+                let mut names = BTreeMap::new();
+                if !first.is_empty() {
+                    let wanted = first.iter().fold(Condition::any(), |c, ((d, k, i), _)| {
+                        c.add(
+                            Condition::all()
+                                .add(workload::Column::Domain.eq(d))
+                                .add(workload::Column::Kind.eq(k))
+                                .add(workload::Column::Id.eq(i)),
+                        )
+                    });
+                    for row in workload::Entity::find().filter(wanted).all(db).await? {
+                        names.insert((row.domain.clone(), row.kind.clone(), row.id.clone()), to_ref(&row));
+                    }
+                }
+                let usages = first
+                    .into_iter()
+                    .map(|(k, references)| internal::WorkloadUsage {
+                        workload: Some(names.remove(&k).unwrap_or_else(|| pb::WorkloadRef {
+                            domain: k.0.clone(),
+                            kind: kind_of(&k.1),
+                            name: k.2.clone(),
+                            id: k.2,
+                        })),
+                        references,
+                    })
+                    .collect();
+                Ok(internal::FindUsagesResponse { usages, total, source_ids: source_ids.into_iter().collect() })
+            })
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl usage_index_server::UsageIndex for UsageIndex {
+    #[instrument(skip_all, fields(rpc = "RecordWorkload", references = request.get_ref().references.len() as i64))]
+    async fn record_workload(
+        &self,
+        request: Request<internal::RecordWorkloadRequest>,
+    ) -> Result<Response<internal::RecordWorkloadResponse>, Status> {
+        let replaced = self.record(request.into_inner()).await?;
+        Ok(Response::new(internal::RecordWorkloadResponse { replaced }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ForgetWorkload"))]
+    async fn forget_workload(
+        &self,
+        request: Request<internal::ForgetWorkloadRequest>,
+    ) -> Result<Response<internal::ForgetWorkloadResponse>, Status> {
+        let r = request.into_inner();
+        let removed = self.forget(&r.domain, r.kind, &r.id).await?;
+        Ok(Response::new(internal::ForgetWorkloadResponse { removed }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetWorkload"))]
+    async fn get_workload(
+        &self,
+        request: Request<internal::GetWorkloadRequest>,
+    ) -> Result<Response<internal::GetWorkloadResponse>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.get(&r.domain, r.kind, &r.id).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "FindUsages", total))]
+    async fn find_usages(
+        &self,
+        request: Request<internal::FindUsagesRequest>,
+    ) -> Result<Response<internal::FindUsagesResponse>, Status> {
+        let found = self.find(request.get_ref()).await?;
+        tracing::Span::current().record("total", found.total as i64);
+        Ok(Response::new(found))
+    }
+}

@@ -1,0 +1,345 @@
+//! Saved workloads and the usage index: `SaveWorkload` checks every
+//! reference of a payload (without reading a value) and records the
+//! workload's references in the index the authz-service keeps;
+//! `DeleteWorkload`, `GetWorkloadReferences` and `ListSecretUsages` read and
+//! change it. Delete protection itself is in the services that delete.
+
+use secrets_common::{
+    authz::Question,
+    error::invalid_argument,
+    usage::describe,
+    validate::{self, FieldViolation},
+};
+use secrets_proto::{
+    internal::v1 as internal,
+    v1::{self as pb, Permission, list_secret_usages_request::Secret},
+};
+use tonic::{Code, Status};
+
+use crate::{
+    auth::{Caller, RpcGroup},
+    forward::SECRET_SERVICE,
+    resolver::Resolver,
+    workload,
+};
+
+/// Workloads `ListSecretUsages` returns unless asked otherwise.
+pub const DEFAULT_USAGES: u32 = 100;
+/// Workloads one `ListSecretUsages` returns at most.
+pub const MAX_USAGES: u32 = 1_000;
+
+/// The type of a reference's problem, from the error resolving it would give.
+fn problem_type(status: &tonic_types::pb::Status) -> pb::ProblemType {
+    match Code::from_i32(status.code) {
+        Code::NotFound => pb::ProblemType::ProblemNotFound,
+        Code::PermissionDenied => pb::ProblemType::ProblemPermissionDenied,
+        Code::InvalidArgument => pb::ProblemType::ProblemMalformed,
+        Code::FailedPrecondition if is_feature_disabled(status) => pb::ProblemType::ProblemFeatureDisabled,
+        // Unavailable, timed out, or a Vault that refuses the credentials or
+        // is not KV v2: the backend, not the reference.
+        _ => pb::ProblemType::ProblemBackendUnavailable,
+    }
+}
+
+/// Whether the error is the secretsV2 flag's refusal.
+fn is_feature_disabled(status: &tonic_types::pb::Status) -> bool {
+    use prost::Message;
+    status.details.iter().any(|any| {
+        any.type_url.ends_with("google.rpc.PreconditionFailure")
+            && tonic_types::pb::PreconditionFailure::decode(any.value.as_slice())
+                .is_ok_and(|p| p.violations.iter().any(|v| v.r#type == "FEATURE_DISABLED"))
+    })
+}
+
+fn public_reference(r: internal::IndexedReference) -> pb::WorkloadReference {
+    pb::WorkloadReference {
+        field: r.field,
+        secret_object: Some(pb::SecretObject {
+            key: r.key,
+            source: Some(pb::SecretSource { r#type: r.source_type, id: r.source_id }),
+        }),
+        placeholder: r.placeholder,
+    }
+}
+
+fn workload_kind(field: &str, kind: i32) -> Result<(), Status> {
+    match pb::WorkloadKind::try_from(kind) {
+        Ok(pb::WorkloadKind::Unspecified) | Err(_) => Err(invalid_argument(FieldViolation::new(
+            field,
+            "is required: WORKLOAD_KIND_COMPUTE, WORKLOAD_KIND_SPARK_JOB, WORKLOAD_KIND_STREAMING_JOB, \
+             WORKLOAD_KIND_SDK_SPARK_JOB, WORKLOAD_KIND_JUPYTER_CONTAINER, WORKLOAD_KIND_STORAGE_CONFIG, \
+             WORKLOAD_KIND_EMAIL_SETTINGS or WORKLOAD_KIND_LDAP_INTEGRATION",
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
+impl Resolver {
+    /// Ok when the caller's principal may do `question`, in one round trip
+    /// with the check that a delegating token does not act for an admin.
+    async fn require(&self, caller: &Caller, question: Question<'_>, action: &str) -> Result<(), Status> {
+        let mut questions = vec![question.with_groups(&caller.member_of)];
+        if caller.must_not_be_admin {
+            questions.push(
+                Question::domain(&caller.principal, Permission::PlatformAdmin, None).with_groups(&caller.member_of),
+            );
+        }
+        let mut answers = self.authz.batch_check(&questions).await?;
+        if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
+            return Err(caller.admin_refusal());
+        }
+        let answer = answers.remove(0);
+        if answer.allowed {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!("{} may not {action}: {}", caller.principal, answer.reason)))
+        }
+    }
+
+    /// USE_SECRETS in `domain`: what saving and reading a workload's
+    /// references there needs.
+    async fn require_workloads_of(&self, caller: &Caller, domain: &str, action: &str) -> Result<(), Status> {
+        validate::domain("domain", domain).map_err(invalid_argument)?;
+        let question = Question::domain(&caller.principal, Permission::UseSecrets, Some(domain));
+        self.require(caller, question, &format!("{action} in domain {domain:?}")).await
+    }
+
+    pub async fn save_workload(
+        &self,
+        caller: &Caller,
+        request: pb::SaveWorkloadRequest,
+    ) -> Result<pb::SaveWorkloadResponse, Status> {
+        caller.require(RpcGroup::Workloads, "SaveWorkload")?;
+        validate::domain("domain", &request.domain).map_err(invalid_argument)?;
+        validate::workload_id("id", &request.id).map_err(invalid_argument)?;
+        validate::workload_name("name", &request.name).map_err(invalid_argument)?;
+        let payload = request
+            .payload
+            .ok_or_else(|| invalid_argument(FieldViolation::new("payload", "is required: the workload's payload")))?;
+        let items = workload::items(&payload)?;
+        if items.len() > crate::resolver::limits::MAX_ITEMS {
+            return Err(invalid_argument(FieldViolation::new(
+                "payload",
+                format!("has {} references; at most {} per workload", items.len(), crate::resolver::limits::MAX_ITEMS),
+            )));
+        }
+        self.require_workloads_of(caller, &request.domain, "save workloads").await?;
+        let references = crate::resolver::references(&request.domain, &items);
+        let checked = self.check(caller, pb::ResolveSecretsRequest { domain: request.domain.clone(), items }).await?;
+        let problems: Vec<pb::ReferenceProblem> = checked
+            .items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| match item.result {
+                Some(pb::resolved_item::Result::Error(e)) => {
+                    let e = workload::field_status(i, &item.id, e);
+                    Some(pb::ReferenceProblem { r#type: problem_type(&e) as i32, message: e.message, field: item.id })
+                }
+                _ => None,
+            })
+            .collect();
+        let saved = problems.is_empty() && !request.validate_only;
+        let span = tracing::Span::current();
+        span.record("problems", problems.len() as i64);
+        span.record("references", references.len() as i64);
+        if saved {
+            let workload = pb::WorkloadRef {
+                domain: request.domain,
+                kind: workload::kind(&payload) as i32,
+                id: request.id,
+                name: request.name,
+            };
+            tracing::info!(workload = %describe(&workload), "workload saved");
+            self.usage
+                .record(internal::RecordWorkloadRequest {
+                    workload: Some(workload),
+                    references: references.clone(),
+                    saved_by: caller.principal.to_string(),
+                })
+                .await?;
+        }
+        Ok(pb::SaveWorkloadResponse {
+            saved,
+            problems,
+            references: references.into_iter().map(public_reference).collect(),
+        })
+    }
+
+    pub async fn delete_workload(
+        &self,
+        caller: &Caller,
+        request: pb::DeleteWorkloadRequest,
+    ) -> Result<pb::DeleteWorkloadResponse, Status> {
+        caller.require(RpcGroup::Workloads, "DeleteWorkload")?;
+        workload_kind("kind", request.kind)?;
+        validate::workload_id("id", &request.id).map_err(invalid_argument)?;
+        self.require_workloads_of(caller, &request.domain, "delete workloads").await?;
+        let removed = self
+            .usage
+            .forget(internal::ForgetWorkloadRequest { domain: request.domain, kind: request.kind, id: request.id })
+            .await?;
+        Ok(pb::DeleteWorkloadResponse { removed })
+    }
+
+    pub async fn workload_references(
+        &self,
+        caller: &Caller,
+        request: pb::GetWorkloadReferencesRequest,
+    ) -> Result<pb::GetWorkloadReferencesResponse, Status> {
+        caller.require(RpcGroup::Workloads, "GetWorkloadReferences")?;
+        workload_kind("kind", request.kind)?;
+        validate::workload_id("id", &request.id).map_err(invalid_argument)?;
+        self.require_workloads_of(caller, &request.domain, "read workloads").await?;
+        let wanted = pb::WorkloadRef {
+            domain: request.domain.clone(),
+            kind: request.kind,
+            id: request.id.clone(),
+            name: String::new(),
+        };
+        let found = self
+            .usage
+            .get(internal::GetWorkloadRequest { domain: request.domain, kind: request.kind, id: request.id })
+            .await?;
+        if !found.found {
+            return Err(Status::not_found(format!(
+                "workload {} is not in the usage index: it was never saved with SaveWorkload, or it was deleted",
+                describe(&wanted)
+            )));
+        }
+        Ok(pb::GetWorkloadReferencesResponse {
+            workload: found.workload,
+            references: found.references.into_iter().map(public_reference).collect(),
+            saved_by: found.saved_by,
+        })
+    }
+
+    pub async fn secret_usages(
+        &self,
+        caller: &Caller,
+        request: pb::ListSecretUsagesRequest,
+    ) -> Result<pb::ListSecretUsagesResponse, Status> {
+        caller.require(RpcGroup::Workloads, "ListSecretUsages")?;
+        let limit = match request.limit {
+            0 => DEFAULT_USAGES,
+            n if n > MAX_USAGES => {
+                return Err(invalid_argument(FieldViolation::new("limit", format!("is at most {MAX_USAGES}"))));
+            }
+            n => n,
+        };
+        let principal = &caller.principal;
+        let query = |source_type: pb::SourceType, source_id: &str, key: &str| internal::FindUsagesRequest {
+            source_type: source_type as i32,
+            source_id: source_id.to_string(),
+            key: key.to_string(),
+            source_ids: Vec::new(),
+            limit,
+        };
+        let found = match request.secret {
+            None => {
+                return Err(invalid_argument(FieldViolation::new(
+                    "secret",
+                    "is required: storeSecret {scope, domain, key} or vaultSecret {configId, key}",
+                )));
+            }
+            Some(Secret::StoreSecret(s)) => {
+                validate::secret_key("store_secret.key", &s.key).map_err(invalid_argument)?;
+                match pb::Scope::try_from(s.scope) {
+                    Ok(pb::Scope::Domain) => {
+                        validate::domain("store_secret.domain", &s.domain).map_err(invalid_argument)?;
+                        let question = Question::domain(principal, Permission::ListSecrets, Some(&s.domain));
+                        self.require(caller, question, &format!("list the secrets of domain {:?}", s.domain)).await?;
+                        self.usage.find(query(pb::SourceType::Kubernetes, &s.domain, &s.key)).await?
+                    }
+                    Ok(pb::Scope::Global) => {
+                        if request.domain.is_empty() {
+                            let question = Question::domain(principal, Permission::PlatformAdmin, None);
+                            self.require(
+                                caller,
+                                question,
+                                "see every domain's use of a global secret (set domain to see one domain's)",
+                            )
+                            .await?;
+                        } else {
+                            validate::domain("domain", &request.domain).map_err(invalid_argument)?;
+                            let question = Question::domain(principal, Permission::ListSecrets, Some(&request.domain));
+                            self.require(caller, question, &format!("list the secrets of domain {:?}", request.domain))
+                                .await?;
+                        }
+                        self.global_usages(&s.key, &request.domain, limit).await?
+                    }
+                    _ => {
+                        return Err(invalid_argument(FieldViolation::new(
+                            "store_secret.scope",
+                            "must be SCOPE_DOMAIN or SCOPE_GLOBAL: workloads reference no admin secret",
+                        )));
+                    }
+                }
+            }
+            Some(Secret::VaultSecret(v)) => {
+                if v.config_id.is_empty() || v.config_id.len() > 64 {
+                    return Err(invalid_argument(FieldViolation::new(
+                        "vault_secret.config_id",
+                        "is required: the Vault config's id",
+                    )));
+                }
+                if !v.key.is_empty() {
+                    validate::secret_key("vault_secret.key", &v.key).map_err(invalid_argument)?;
+                }
+                let question = Question::vault_config(principal, Permission::View, &v.config_id);
+                self.require(caller, question, &format!("view vault config {}", v.config_id)).await?;
+                self.usage.find(query(pb::SourceType::Vault, &v.config_id, &v.key)).await?
+            }
+        };
+        Ok(pb::ListSecretUsagesResponse {
+            usages: found
+                .usages
+                .into_iter()
+                .map(|u| pb::SecretUsage {
+                    workload: u.workload,
+                    references: u.references.into_iter().map(public_reference).collect(),
+                })
+                .collect(),
+            total: found.total,
+        })
+    }
+
+    /// The workloads that use global `key`: those that look it up in a
+    /// domain without a key of that name (only `domain`, when set).
+    async fn global_usages(&self, key: &str, domain: &str, limit: u32) -> Result<internal::FindUsagesResponse, Status> {
+        let query = |source_ids: Vec<String>, limit: u32| internal::FindUsagesRequest {
+            source_type: pb::SourceType::Kubernetes as i32,
+            source_id: domain.to_string(),
+            key: key.to_string(),
+            source_ids,
+            limit,
+        };
+        let candidates = self.usage.find(query(Vec::new(), 0)).await?.source_ids;
+        if candidates.is_empty() {
+            return Ok(internal::FindUsagesResponse::default());
+        }
+        let lookups = candidates
+            .iter()
+            .map(|d| internal::SecretLookup {
+                scope: pb::Scope::Domain as i32,
+                domain: d.clone(),
+                key: key.to_string(),
+                global_fallback: false,
+            })
+            .collect();
+        let own = self
+            .kubernetes
+            .reader
+            .clone()
+            .read_secrets(internal::ReadSecretsRequest { lookups, max_value_bytes: 0, presence_only: true })
+            .await
+            .map_err(|s| secrets_common::error::from_upstream(SECRET_SERVICE, s))?
+            .into_inner()
+            .results;
+        let falling_back: Vec<String> =
+            candidates.into_iter().zip(own).filter(|(_, r)| !r.found).map(|(d, _)| d).collect();
+        if falling_back.is_empty() {
+            return Ok(internal::FindUsagesResponse::default());
+        }
+        self.usage.find(query(falling_back, limit)).await
+    }
+}
