@@ -62,9 +62,11 @@ pub struct ServiceAccountConfig {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum RpcGroup {
-    /// `ResolveSecrets`.
+    /// `ResolveSecrets` and `ResolveWorkload`: values.
     Resolve,
-    /// Reading what a workload may use: the secret selector, `Check`, `BatchCheck`.
+    /// Workloads without values: the secret selector, `Check`, `BatchCheck`,
+    /// `SaveWorkload` (validation and the usage index), `DeleteWorkload`,
+    /// `GetWorkloadReferences`, `ListSecretUsages`.
     Workloads,
     /// `SecretService` and `VaultConfigService`.
     ManageSecrets,

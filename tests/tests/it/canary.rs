@@ -97,6 +97,33 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
         )
         .await
         .unwrap();
+    // Saved as a workload: the usage index (in authz.db, checked below)
+    // holds the references, and the answer no value.
+    let payload = pb::WorkloadPayload {
+        kind: Some(pb::workload_payload::Kind::Compute(pb::ComputePayload {
+            env_vars: [(
+                "T".to_string(),
+                pb::ConfigValue { value: Some(pb::config_value::Value::Text("${secrets.domain}".into())) },
+            )]
+            .into(),
+            ..Default::default()
+        })),
+    };
+    let saved = app
+        .as_service(Some("user:admin"))
+        .gateway
+        .clone()
+        .save_workload(pb::SaveWorkloadRequest {
+            domain: "finance".into(),
+            id: "canary".into(),
+            payload: Some(payload),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(saved.saved, "{saved:?}");
+    assert!(!planted.iter().any(|c| format!("{saved:?}").contains(c)), "a save answers no value");
     let resolved_text = format!("{out:?}");
     assert!(matches!(&out[1].result, Some(pb::resolved_item::Result::Text(t)) if t.contains(&canary("updated"))));
     for item in &out {

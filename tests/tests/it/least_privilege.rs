@@ -83,6 +83,20 @@ async fn a_default_service_token_calls_only_resolve_and_workload_rpcs() {
         .list_selectable_secrets(pb::ListSelectableSecretsRequest { domain: "finance".into() })
         .await;
     assert!(listed.is_ok(), "{listed:?}");
+    // So is validating and saving a workload (the usage index).
+    let saved = jupyter(&app, &format!("user:{LISTER}"))
+        .gateway
+        .clone()
+        .save_workload(pb::SaveWorkloadRequest {
+            domain: "finance".into(),
+            id: "notebook".into(),
+            payload: Some(pb::WorkloadPayload {
+                kind: Some(pb::workload_payload::Kind::JupyterContainer(Default::default())),
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert!(saved.is_ok_and(|s| s.into_inner().saved));
     // Acting as itself, with its own (absent) permissions, is allowed.
     let own = Clients::new(&app.gateway_url, Some(app.token(JUPYTER)), None);
     let out = own.resolve("finance", vec![text_item("t", "plain")]).await.unwrap();

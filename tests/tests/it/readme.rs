@@ -116,6 +116,36 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
         "the selector lists the config's two keys for alice and none for bob: {stdout}"
     );
     assert!(stdout.matches(r#""label": "global""#).count() >= 2, "both see the global keys: {stdout}");
+
+    // The saved-workload walkthrough, in the same stack.
+    let workloads = sh_block("### Saved workloads with grpcurl");
+    let script = format!(
+        "export ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{workloads}"
+    );
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the README's workload block failed:\n{stderr}\n{stdout}");
+    assert!(
+        stdout.contains(r#""field": "template.envVars[\"TOKEN\"]""#)
+            && stdout.contains(r#""type": "PROBLEM_NOT_FOUND""#),
+        "the draft's missing key is a typed problem on its field: {stdout}"
+    );
+    assert_eq!(stdout.matches(r#""saved": true"#).count(), 1, "the draft is not saved, the job is: {stdout}");
+    for value in ["wh-pass", "smtp-pass", "AKIA-finance"] {
+        assert!(stdout.contains(&format!(r#""text": "{value}""#)), "resolved {value}: {stdout}");
+    }
+    assert!(stdout.contains(r#""id": "nightly-etl""#) && stdout.contains(r#""total": 1"#), "usages: {stdout}");
+    assert!(stdout.contains("refused: nightly-etl uses it"), "{stdout}");
+    assert!(
+        stderr.contains("secret \"warehouse_password\" of domain \"finance\" is referenced by 1 saved workload: finance/SPARK_JOB/nightly-etl"),
+        "the refusal names the job: {stderr}"
+    );
+    assert!(stdout.contains(r#""removed": true"#), "{stdout}");
 }
 
 #[test]
@@ -132,4 +162,43 @@ fn the_token_hash_example_prints_the_sha256_the_gateway_expects() {
         String::from_utf8_lossy(&output.stdout).trim(),
         secrets_common::auth::TokenHash::of("example-token").to_hex()
     );
+}
+
+/// The README's workload payloads are the proto's JSON: grpcurl sends each
+/// one as printed to SaveWorkload (validate only), and the gateway reads the
+/// kind and every reference the document holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workload_payloads_in_the_readme_are_accepted_as_printed() {
+    use integration_tests::{procs::grpcurl, *};
+    let heading = README.find("### Workload payloads").expect("README shows the payloads");
+    let rest = &README[heading..];
+    let start = rest.find("```json\n").expect("a json block") + "```json\n".len();
+    let block = &rest[start..start + rest[start..].find("```").unwrap()];
+    let docs: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_str(block).into_iter().collect::<Result<_, _>>().expect("valid JSON");
+    assert_eq!(docs.len(), 8, "one payload per kind");
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    let addr = app.gateway_url.trim_start_matches("http://").to_string();
+    for doc in docs {
+        let kind = doc.as_object().unwrap().keys().next().unwrap().clone();
+        let references = doc.to_string().matches("secretObject").count()
+            + doc.to_string().matches("${secrets.").count()
+            + usize::from(kind == "storageConfig");
+        let body = serde_json::json!({"domain": "finance", "id": "readme", "validateOnly": true, "payload": doc});
+        let output = tokio::task::block_in_place(|| {
+            Command::new(grpcurl())
+                .args(["-plaintext", "-H", &format!("authorization: Bearer {}", app.token(SPARK))])
+                .args(["-H", &format!("x-on-behalf-of: user:{OWNER}"), "-d", &body.to_string(), &addr])
+                .arg("iomete.secrets.v1.Gateway/SaveWorkload")
+                .output()
+                .unwrap()
+        });
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{kind}: {}{stdout}", String::from_utf8_lossy(&output.stderr));
+        let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        // storageSecret wins: the plaintext secretKey is no reference.
+        let expected = if kind == "storageConfig" { 1 } else { references };
+        assert_eq!(answer["references"].as_array().map_or(0, Vec::len), expected, "{kind}: {stdout}");
+    }
 }

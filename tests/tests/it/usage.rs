@@ -282,17 +282,16 @@ async fn the_usage_index_follows_saves_updates_and_deletes(app: TestApp) {
     assert_eq!(usages(&admin, pb::Scope::Global, "", "api_key").await.total, 0);
 }
 
-async fn every_workload_kind_is_indexed_under_its_kind(app: TestApp) {
-    setup(&app).await;
-    let spark = spark(&app);
-    let db = || object("finance", "db_password");
+/// One payload of each kind with `value` in one field, and that field's path.
+fn one_of_each(value: pb::ConfigValue, object: pb::SecretObject) -> Vec<(WorkloadKind, Kind, &'static str)> {
+    let v = || value.clone();
     let job = || pb::SparkJobPayload {
-        template: Some(pb::EnvAndConf { env_vars: map(&[("DB", db())]), ..Default::default() }),
+        template: Some(pb::EnvAndConf { env_vars: map(&[("DB", v())]), ..Default::default() }),
     };
-    let payloads = [
+    vec![
         (
             WorkloadKind::Compute,
-            Kind::Compute(pb::ComputePayload { spark_conf: map(&[("k", db())]), ..Default::default() }),
+            Kind::Compute(pb::ComputePayload { spark_conf: map(&[("k", v())]), ..Default::default() }),
             r#"sparkConf["k"]"#,
         ),
         (WorkloadKind::SparkJob, Kind::SparkJob(job()), r#"template.envVars["DB"]"#),
@@ -301,7 +300,7 @@ async fn every_workload_kind_is_indexed_under_its_kind(app: TestApp) {
         (
             WorkloadKind::JupyterContainer,
             Kind::JupyterContainer(pb::JupyterContainerPayload {
-                config: Some(pb::JupyterConfig { env_vars: map(&[("DB", text("${secrets.db_password}"))]) }),
+                config: Some(pb::JupyterConfig { env_vars: map(&[("DB", v())]) }),
             }),
             r#"config.envVars["DB"]"#,
         ),
@@ -309,21 +308,53 @@ async fn every_workload_kind_is_indexed_under_its_kind(app: TestApp) {
             WorkloadKind::StorageConfig,
             Kind::StorageConfig(pb::StorageConfigPayload {
                 secret_key: "${secrets.s3_access_key}".into(),
-                storage_secret: Some(secret_object("finance", "db_password")),
+                storage_secret: Some(object),
             }),
             "storageSecret",
         ),
         (
             WorkloadKind::EmailSettings,
-            Kind::EmailSettings(pb::EmailSettingsPayload { smtp_password: Some(db()) }),
+            Kind::EmailSettings(pb::EmailSettingsPayload { smtp_password: Some(v()) }),
             "smtpPassword",
         ),
         (
             WorkloadKind::LdapIntegration,
-            Kind::LdapIntegration(pb::LdapIntegrationPayload { bind_password: Some(db()) }),
+            Kind::LdapIntegration(pb::LdapIntegrationPayload { bind_password: Some(v()) }),
             "bindPassword",
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workload_kind_reports_a_bad_reference_on_its_field_at_save_and_at_resolve() {
+    let app = TestApp::spawn().await;
+    setup(&app).await;
+    let spark = spark(&app);
+    for (kind, payload, field) in one_of_each(object("finance", "missing"), secret_object("finance", "missing")) {
+        let payload = pb::WorkloadPayload { kind: Some(payload) };
+        let out = save(&spark, "w1", payload.clone()).await.unwrap();
+        assert!(!out.saved, "{kind:?}");
+        assert_eq!(out.problems.len(), 1, "{kind:?}: {out:?}");
+        assert_eq!(out.problems[0].field, field, "{kind:?}");
+        assert_eq!(out.problems[0].r#type, ProblemType::ProblemNotFound as i32, "{kind:?}");
+        let resolved = spark
+            .gateway
+            .clone()
+            .resolve_workload(pb::ResolveWorkloadRequest { domain: "finance".into(), payload: Some(payload) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resolved.errors.len(), 1, "{kind:?}");
+        assert_eq!(resolved.errors[0].field, field, "{kind:?}");
+        let message = &resolved.errors[0].error.as_ref().unwrap().message;
+        assert!(message.starts_with(&format!("{field}: secret \"missing\" does not exist")), "{kind:?}: {message}");
+    }
+}
+
+async fn every_workload_kind_is_indexed_under_its_kind(app: TestApp) {
+    setup(&app).await;
+    let spark = spark(&app);
+    let payloads = one_of_each(object("finance", "db_password"), secret_object("finance", "db_password"));
     for (_, kind, _) in &payloads {
         let out = save(&spark, "w1", pb::WorkloadPayload { kind: Some(kind.clone()) }).await.unwrap();
         assert!(out.saved, "{out:?}");
@@ -424,17 +455,19 @@ async fn deleting_a_referenced_domain_secret_is_refused_naming_the_workloads_unl
 async fn deleting_a_global_secret_is_refused_while_a_domain_falls_back_to_it() {
     let app = TestApp::spawn().await;
     setup(&app).await;
-    let spark = spark(&app);
-    let payload = spark_job(&[("API", text("key=${secrets.api_key}"))], &[]);
-    assert!(save(&spark, "etl", payload).await.unwrap().saved);
     let admin = app.as_user(ADMIN);
-    let delete = |force: bool| pb::DeleteSecretRequest {
+    admin.create_in(pb::Scope::Global, "", "smtp_password", "smtp-global").await.unwrap();
+    let spark = spark(&app);
+    let payload =
+        spark_job(&[("API", text("key=${secrets.api_key}")), ("SMTP", text("${secrets.smtp_password}"))], &[]);
+    assert!(save(&spark, "etl", payload).await.unwrap().saved);
+    let delete = |key: &str, force: bool| pb::DeleteSecretRequest {
         scope: pb::Scope::Global as i32,
         domain: String::new(),
-        key: "api_key".into(),
+        key: key.into(),
         force,
     };
-    let e = admin.secrets.clone().delete_secret(delete(false)).await.unwrap_err();
+    let e = admin.secrets.clone().delete_secret(delete("api_key", false)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
         e.message().starts_with("global secret \"api_key\" is referenced by 1 saved workload: finance/SPARK_JOB/etl"),
@@ -442,10 +475,16 @@ async fn deleting_a_global_secret_is_refused_while_a_domain_falls_back_to_it() {
         e.message()
     );
 
+    // Forced, the delete goes through and names the broken workload.
+    let deleted = admin.secrets.clone().delete_secret(delete("smtp_password", true)).await.unwrap().into_inner();
+    let broken = deleted.broken.expect("broken workloads");
+    assert_eq!((broken.total, broken.workloads[0].id.as_str()), (1, "etl"));
+    assert!(!admin.list_in(pb::Scope::Global, "").await.unwrap().contains(&"smtp_password".to_string()));
+
     // Once finance has its own api_key, the workload uses that one: the
     // global key is free to go.
     app.as_user(OWNER).create("finance", "api_key", "api-finance").await.unwrap();
-    let deleted = admin.secrets.clone().delete_secret(delete(false)).await.unwrap().into_inner();
+    let deleted = admin.secrets.clone().delete_secret(delete("api_key", false)).await.unwrap().into_inner();
     assert!(deleted.broken.is_none());
 }
 
