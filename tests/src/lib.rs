@@ -6,6 +6,7 @@ pub mod kube_server;
 pub mod logs;
 pub mod oidc;
 pub mod openbao;
+pub mod payloads;
 pub mod pki;
 pub mod postgres;
 pub mod procs;

@@ -16,6 +16,20 @@ fn sh_block(heading: &str) -> &'static str {
     &rest[start..end]
 }
 
+/// Runs a README block with bash (`-euo pipefail`) in `dir`, after the
+/// first block's variables; its stdout and stderr, once it succeeded.
+fn run_block(dir: &std::path::Path, name: &str, block: &str) -> (String, String) {
+    let script = format!(
+        "export ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{block}"
+    );
+    let output =
+        Command::new("bash").args(["-euo", "pipefail", "-c", &script]).current_dir(dir).output().expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "the README's {name} block failed:\n{stderr}\n{stdout}");
+    (stdout, stderr)
+}
+
 struct Stack(std::process::Child);
 
 impl Drop for Stack {
@@ -64,15 +78,7 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     }
     assert!(started, "local-stack did not start");
 
-    let script = sh_block("## Using it with grpcurl");
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .current_dir(dir.path())
-        .output()
-        .expect("run bash");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the README's grpcurl block failed:\n{stderr}\n{stdout}");
+    let (stdout, _) = run_block(dir.path(), "grpcurl", sh_block("## Using it with grpcurl"));
     assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");
     assert!(stdout.contains(r#""text": "jdbc:postgresql://etl:changed@db/warehouse""#), "resolved text: {stdout}");
     assert!(stdout.contains(r#""value": "c210cC1wYXNz""#), "the global smtp_password through finance: {stdout}");
@@ -94,17 +100,7 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
         }
     }
     let _stop_bao = StopBao;
-    let script = format!(
-        "export ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{vault}"
-    );
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
-        .current_dir(dir.path())
-        .output()
-        .expect("run bash");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the README's Vault block failed:\n{stderr}\n{stdout}");
+    let (stdout, _) = run_block(dir.path(), "Vault", vault);
     assert!(stdout.contains(r#""outcome": "CONNECTION_OK""#), "tested: {stdout}");
     assert!(stdout.contains(r#""api_key""#) && stdout.contains(r#""db_password""#), "keys: {stdout}");
     assert!(stdout.contains(r#""credentialsSet": true"#), "get: {stdout}");
@@ -118,18 +114,7 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     assert!(stdout.matches(r#""label": "global""#).count() >= 2, "both see the global keys: {stdout}");
 
     // The saved-workload walkthrough, in the same stack.
-    let workloads = sh_block("### Saved workloads with grpcurl");
-    let script = format!(
-        "export ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{workloads}"
-    );
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
-        .current_dir(dir.path())
-        .output()
-        .expect("run bash");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the README's workload block failed:\n{stderr}\n{stdout}");
+    let (stdout, stderr) = run_block(dir.path(), "workload", sh_block("### Saved workloads with grpcurl"));
     assert!(
         stdout.contains(r#""field": "template.envVars[\"TOKEN\"]""#)
             && stdout.contains(r#""type": "PROBLEM_NOT_FOUND""#),

@@ -5,10 +5,14 @@
 
 use std::collections::HashMap;
 
-use integration_tests::{on_both_databases, procs::grpcurl, *};
+use integration_tests::{
+    on_both_databases,
+    payloads::{map, object, secret_object, text},
+    procs::grpcurl,
+    *,
+};
 use secrets_proto::v1::{
-    self as pb, ProblemType, WorkloadKind, config_value::Value as CV, list_secret_usages_request::Secret,
-    workload_payload::Kind,
+    self as pb, ProblemType, WorkloadKind, list_secret_usages_request::Secret, workload_payload::Kind,
 };
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -19,25 +23,6 @@ on_both_databases!(
     two_hundred_concurrent_saves_lose_no_index_entry,
     deleting_a_referenced_domain_secret_is_refused_naming_the_workloads_unless_forced,
 );
-
-fn text(t: &str) -> pb::ConfigValue {
-    pb::ConfigValue { value: Some(CV::Text(t.into())) }
-}
-
-fn object(domain: &str, key: &str) -> pb::ConfigValue {
-    pb::ConfigValue { value: Some(CV::SecretObject(secret_object(domain, key))) }
-}
-
-fn secret_object(domain: &str, key: &str) -> pb::SecretObject {
-    pb::SecretObject {
-        key: key.into(),
-        source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: domain.into() }),
-    }
-}
-
-fn map(entries: &[(&str, pb::ConfigValue)]) -> HashMap<String, pb::ConfigValue> {
-    entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-}
 
 fn spark_job(env: &[(&str, pb::ConfigValue)], conf: &[(&str, pb::ConfigValue)]) -> pb::WorkloadPayload {
     pb::WorkloadPayload {

@@ -4,28 +4,13 @@
 
 use std::collections::HashMap;
 
-use integration_tests::{procs::grpcurl, *};
+use integration_tests::{
+    payloads::{map, object, secret_object, text},
+    procs::grpcurl,
+    *,
+};
 use secrets_proto::v1::{self as pb, config_value::Value as CV, workload_payload::Kind};
 use tonic::Code;
-
-fn text(t: &str) -> pb::ConfigValue {
-    pb::ConfigValue { value: Some(CV::Text(t.into())) }
-}
-
-fn object(domain: &str, key: &str) -> pb::ConfigValue {
-    pb::ConfigValue { value: Some(CV::SecretObject(secret_object(domain, key))) }
-}
-
-fn secret_object(domain: &str, key: &str) -> pb::SecretObject {
-    pb::SecretObject {
-        key: key.into(),
-        source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: domain.into() }),
-    }
-}
-
-fn map(entries: &[(&str, pb::ConfigValue)]) -> HashMap<String, pb::ConfigValue> {
-    entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-}
 
 fn texts(map: &HashMap<String, pb::ConfigValue>) -> HashMap<String, String> {
     map.iter()
