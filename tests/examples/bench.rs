@@ -31,6 +31,16 @@ type Call = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sy
 
 const INFLIGHT: [usize; 3] = [1, 16, 64];
 
+/// The in-flight levels to run: `BENCH_INFLIGHT=1` (comma-separated) for a
+/// quick look at one level, all three by default.
+fn inflight_levels() -> Vec<usize> {
+    std::env::var("BENCH_INFLIGHT")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect::<Vec<usize>>())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| INFLIGHT.to_vec())
+}
+
 fn arg(n: usize, default: usize) -> usize {
     std::env::args().nth(n).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
@@ -396,8 +406,9 @@ async fn main() {
     }
 
     let mut samples: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
+    let levels = inflight_levels();
     for _ in 0..rounds {
-        for &inflight in &INFLIGHT {
+        for &inflight in &levels {
             for (i, (_, call)) in cases.iter().enumerate() {
                 step(call, inflight, per_step, samples.entry((inflight, i)).or_default()).await;
             }
@@ -406,7 +417,7 @@ async fn main() {
 
     println!("| call | in flight | requests/s | p50 ms | p99 ms | rps / no-op | p50 / OpenBao |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for &inflight in &INFLIGHT {
+    for &inflight in &levels {
         let noop_rps = samples[&(inflight, 0)].rps();
         let bao_p50 = samples.get_mut(&(inflight, 1)).unwrap().p50();
         for (i, (name, _)) in cases.iter().enumerate() {
