@@ -118,3 +118,32 @@ async fn a_gateway_with_the_wrong_internal_token_is_unavailable_naming_the_hop_n
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().starts_with("authz-service refused this service's internal credential"), "{}", err.message());
 }
+
+/// The usage index decides what may be deleted: nobody without the
+/// internal credential may record or forget a workload in it, and the
+/// gateway does not route it.
+#[tokio::test]
+async fn the_usage_index_answers_only_the_internal_credential() {
+    use secrets_proto::internal::v1::usage_index_client::UsageIndexClient;
+    let app = TestApp::spawn().await;
+    let forget = || internal::ForgetWorkloadRequest {
+        domain: "finance".into(),
+        kind: secrets_proto::v1::WorkloadKind::SparkJob as i32,
+        id: "etl".into(),
+    };
+    let mut index = UsageIndexClient::new(channel(&app.authz_service_url));
+    let missing = index.forget_workload(forget()).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated, "{missing:?}");
+    let mut request = Request::new(forget());
+    request.metadata_mut().insert("authorization", format!("Bearer {}", app.token(SPARK)).parse().unwrap());
+    assert_eq!(index.forget_workload(request).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut request = Request::new(forget());
+    let bearer = format!("Bearer {}", app.internal_token.expose_secret());
+    request.metadata_mut().insert("authorization", bearer.parse().unwrap());
+    assert!(!index.forget_workload(request).await.unwrap().into_inner().removed);
+
+    let mut through_gateway = UsageIndexClient::new(channel(&app.gateway_url));
+    let mut request = Request::new(forget());
+    request.metadata_mut().insert("authorization", format!("Bearer {}", app.token(SPARK)).parse().unwrap());
+    assert_eq!(through_gateway.forget_workload(request).await.unwrap_err().code(), Code::Unimplemented);
+}
