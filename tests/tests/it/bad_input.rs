@@ -190,6 +190,43 @@ async fn arbitrary_strings_never_crash_a_service() {
         if let Err(e) = r {
             assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         }
+        // Saved workloads and the usage index.
+        let payload = pb::WorkloadPayload {
+            kind: Some(pb::workload_payload::Kind::Compute(pb::ComputePayload {
+                env_vars: [
+                    (s.clone(), integration_tests::payloads::text(&s)),
+                    (format!("{s}2"), integration_tests::payloads::object(&s, &s)),
+                ]
+                .into(),
+                ..Default::default()
+            })),
+        };
+        let save = pb::SaveWorkloadRequest {
+            domain: domain.clone(),
+            id: s.clone(),
+            name: s.clone(),
+            payload: Some(payload),
+            validate_only: next(2) == 0,
+        };
+        if let Err(e) = service.gateway.clone().save_workload(save).await {
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        }
+        let delete = pb::DeleteWorkloadRequest { domain: domain.clone(), kind: next(12) as i32, id: s.clone() };
+        if let Err(e) = service.gateway.clone().delete_workload(delete).await {
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        }
+        let usages = pb::ListSecretUsagesRequest {
+            secret: Some(pb::list_secret_usages_request::Secret::StoreSecret(pb::StoreSecret {
+                scope,
+                domain: domain.clone(),
+                key: s.clone(),
+            })),
+            domain: String::new(),
+            limit: next(2000) as u32,
+        };
+        if let Err(e) = service.gateway.clone().list_secret_usages(usages).await {
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        }
     }
     assert!(admin.list("finance").await.is_ok(), "still serving");
 }
