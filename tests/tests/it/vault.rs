@@ -63,6 +63,15 @@ async fn test_unsaved(app: &TestApp, spec: pb::VaultConfigSpec) -> pb::TestVault
     app.as_user(OWNER).vault.clone().test_vault_connection(request).await.unwrap().into_inner()
 }
 
+/// The stack with Vault values kept for 1 ms: every read asks Vault.
+async fn spawn_uncached() -> TestApp {
+    TestApp::spawn_with(Options {
+        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
+        ..Default::default()
+    })
+    .await
+}
+
 fn value(item: &pb::ResolvedItem) -> &[u8] {
     match &item.result {
         Some(R::Value(v)) => v,
@@ -415,11 +424,7 @@ async fn a_thousand_concurrent_cold_resolves_make_one_vault_read_and_one_login()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_approle_tokens_are_renewed_and_replaced_while_resolving_for_a_minute() {
     let bao = OpenBao::start();
-    let app = TestApp::spawn_with(Options {
-        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_uncached().await;
     setup(&app, &bao).await;
     let (role_id, secret_id) = app_role(&bao, "5s", "15s");
     let config =
@@ -447,11 +452,7 @@ async fn short_lived_approle_tokens_are_renewed_and_replaced_while_resolving_for
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_vault_is_unavailable_per_item_naming_the_config_and_recovers_without_restarts() {
     let mut bao = OpenBao::start();
-    let app = TestApp::spawn_with(Options {
-        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_uncached().await;
     setup(&app, &bao).await;
     let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
         .await
@@ -723,11 +724,7 @@ async fn concurrent_creates_of_one_name_leave_one_config_and_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolution_classifies_each_vault_failure_on_its_item() {
     let bao = OpenBao::start();
-    let app = TestApp::spawn_with(Options {
-        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_uncached().await;
     setup(&app, &bao).await;
     bao.bao(&["secrets", "enable", "-version=1", "-path=kv1", "kv"]);
     bao.bao(&["kv", "put", "kv1/app", "db_password=v1"]);
@@ -780,12 +777,8 @@ async fn resolution_classifies_each_vault_failure_on_its_item() {
 async fn saved_workloads_with_vault_references_are_checked_indexed_and_protect_their_config() {
     use pb::{ProblemType, config_value::Value as CV, workload_payload::Kind};
     let mut bao = OpenBao::start();
-    // Values kept for 1 ms: the check after Vault stops asks Vault.
-    let app = TestApp::spawn_with(Options {
-        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, ..Default::default() }),
-        ..Default::default()
-    })
-    .await;
+    // The check after Vault stops asks Vault.
+    let app = spawn_uncached().await;
     setup(&app, &bao).await;
     let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
         .await
