@@ -384,6 +384,49 @@ async fn main() {
             })
         })
     };
+    // The two hops behind a one-item resolve, called directly with the
+    // internal credential: where a resolve's time goes.
+    let internal_client =
+        secrets_common::auth::InternalClient::new(&secrecy::SecretString::from(internal.clone())).unwrap();
+    let read_call: Call = {
+        use secrets_proto::internal::v1 as int;
+        let client = int::secret_reader_client::SecretReaderClient::with_interceptor(
+            channel(&format!("http://127.0.0.1:{secrets}")),
+            internal_client.clone(),
+        );
+        Arc::new(move || {
+            let mut client = client.clone();
+            Box::pin(async move {
+                let lookup = int::SecretLookup {
+                    scope: pb::Scope::Domain as i32,
+                    domain: "small".into(),
+                    key: "key-1".into(),
+                    global_fallback: true,
+                };
+                let request = int::ReadSecretsRequest { lookups: vec![lookup], ..Default::default() };
+                assert!(client.read_secrets(request).await.expect("read").into_inner().results[0].found);
+            })
+        })
+    };
+    let check_call: Call = {
+        let client = pb::authz_service_client::AuthzServiceClient::with_interceptor(
+            channel(&format!("http://127.0.0.1:{authz}")),
+            internal_client,
+        );
+        Arc::new(move || {
+            let mut client = client.clone();
+            Box::pin(async move {
+                let check = pb::CheckRequest {
+                    subject: "user:nina".into(),
+                    permission: pb::Permission::UseSecrets as i32,
+                    domain: "small".into(),
+                    ..Default::default()
+                };
+                let request = pb::BatchCheckRequest { checks: vec![check] };
+                assert!(client.batch_check(request).await.expect("check").into_inner().results[0].allowed);
+            })
+        })
+    };
     let cases: Vec<(&str, Call)> = vec![
         ("no-op tonic server (reference)", noop_call),
         ("direct OpenBao KV v2 read (reference)", bao_call),
@@ -397,6 +440,8 @@ async fn main() {
             resolve_via(&cold_service, "small", vec![vault_item("v", &config.id, "api_key")]),
         ),
         ("ListSecrets, 10 keys", list_call),
+        ("hop: secret-service ReadSecrets, 1 key", read_call),
+        ("hop: authz-service BatchCheck, 1 check", check_call),
     ];
     // Warm up every path and connection.
     for (_, call) in &cases {
