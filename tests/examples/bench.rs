@@ -82,6 +82,14 @@ impl Proc {
     }
 }
 
+/// Tokio worker threads of each service (`BENCH_SERVICE_THREADS`, default
+/// 1): the machine's cores are shared by four services, OpenBao, the
+/// emulator and the load generator, so one worker each is how they would be
+/// deployed on it (tokio's own default is one per core, in every process).
+fn service_threads() -> String {
+    std::env::var("BENCH_SERVICE_THREADS").unwrap_or_else(|_| "1".into())
+}
+
 /// The services' log level: `BENCH_SERVICE_LOG` (default `warn`); `info`
 /// shows what per-call logging costs.
 fn service_log() -> String {
@@ -96,11 +104,10 @@ fn start(dir: &Path, name: &str, config: &str) -> Proc {
 fn start_as(dir: &Path, file: &str, name: &str, config: &str) -> Proc {
     let path = dir.join(format!("{file}.toml"));
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(procs::binary(name))
-        .arg("--config")
-        .arg(&path)
-        .env_clear()
-        .env("RUST_LOG", service_log())
+    let mut command = Command::new(procs::binary(name));
+    command.arg("--config").arg(&path).env_clear().env("RUST_LOG", service_log());
+    command.env("TOKIO_WORKER_THREADS", service_threads());
+    let child = command
         .stdout(Stdio::null())
         .stderr(if service_log() == "warn" { Stdio::inherit() } else { Stdio::null() })
         .spawn()
@@ -255,7 +262,11 @@ async fn main() {
     ];
     let noop_proc = Proc {
         name: "no-op tonic".into(),
-        child: Command::new(std::env::current_exe().unwrap()).args(["noop-server", &noop.to_string()]).spawn().unwrap(),
+        child: Command::new(std::env::current_exe().unwrap())
+            .args(["noop-server", &noop.to_string()])
+            .env("TOKIO_WORKER_THREADS", service_threads())
+            .spawn()
+            .unwrap(),
     };
     for p in [authz, secrets, vault, gateway, noop] {
         wait_serving(p).await;
@@ -503,7 +514,7 @@ async fn main() {
     let api = (kube_after.gets + kube_after.creates + kube_after.replaces)
         - (kube_before.gets + kube_before.creates + kube_before.replaces);
     println!();
-    println!("services logging at {}", service_log());
+    println!("services logging at {}, {} tokio worker thread(s) each", service_log(), service_threads());
     println!(
         "per resolve: {:.2} API-server requests, {:.2} database queries (authz-service), {:.2} store-object reads from memory (secret-service)",
         api as f64 / 10_000.0,
