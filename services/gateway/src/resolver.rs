@@ -118,6 +118,13 @@ pub struct VaultSource {
     pub reader: VaultReaderClient<InternalChannel>,
 }
 
+/// Resolving values, or checking references for `action` (a save).
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    Resolve,
+    Check { action: &'a str },
+}
+
 /// What one item needs, once parsed.
 enum Plan<'a> {
     Value { target: Target, key: String },
@@ -396,26 +403,30 @@ impl Resolver {
                 caller.name
             )));
         }
-        self.answer(caller, request, false).await
+        self.answer(caller, request, Mode::Resolve).await
     }
 
     /// Whether each item would resolve, without reading a value: per item,
     /// an empty result or the error resolving would give. A store or Vault
     /// that does not answer fails the items that need it, not the call.
+    /// `action` in the request's domain needs USE_SECRETS there, asked in
+    /// the same round trip as the items' permissions.
     pub async fn check(
         &self,
         caller: &Caller,
         request: pb::ResolveSecretsRequest,
+        action: &str,
     ) -> Result<pb::ResolveSecretsResponse, Status> {
-        self.answer(caller, request, true).await
+        self.answer(caller, request, Mode::Check { action }).await
     }
 
     async fn answer(
         &self,
         caller: &Caller,
         request: pb::ResolveSecretsRequest,
-        presence_only: bool,
+        mode: Mode<'_>,
     ) -> Result<pb::ResolveSecretsResponse, Status> {
+        let presence_only = matches!(mode, Mode::Check { .. });
         validate::domain("domain", &request.domain).map_err(invalid_argument)?;
         if request.items.len() > MAX_ITEMS {
             return Err(invalid_argument(FieldViolation::new(
@@ -444,7 +455,11 @@ impl Resolver {
         }
 
         // One authz round trip for every distinct target.
-        let targets: Vec<Target> = wanted.iter().map(|(t, _)| t.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let mut targets: BTreeSet<Target> = wanted.iter().map(|(t, _)| t.clone()).collect();
+        if presence_only {
+            targets.insert(text_target.clone());
+        }
+        let targets: Vec<Target> = targets.into_iter().collect();
         let mut questions: Vec<Question> =
             targets.iter().map(|t| t.question(&caller.principal, &caller.member_of)).collect();
         if caller.must_not_be_admin {
@@ -467,6 +482,12 @@ impl Resolver {
         }
         let denied: BTreeMap<&Target, String> =
             targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
+        if let (Mode::Check { action }, Some(reason)) = (mode, denied.get(&text_target)) {
+            return Err(Status::permission_denied(format!(
+                "{} may not {action} in domain {:?}: {reason}",
+                caller.principal, request.domain
+            )));
+        }
         // A store that failed matters only if something read from it was allowed.
         let from_kubernetes = match from_kubernetes {
             Ok(values) => values,

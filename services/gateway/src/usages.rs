@@ -123,9 +123,10 @@ impl Resolver {
                 format!("has {} references; at most {} per workload", items.len(), crate::resolver::limits::MAX_ITEMS),
             )));
         }
-        self.require_workloads_of(caller, &request.domain, "save workloads").await?;
         let references = crate::resolver::references(&request.domain, &items);
-        let checked = self.check(caller, pb::ResolveSecretsRequest { domain: request.domain.clone(), items }).await?;
+        // One authz round trip: USE_SECRETS in the domain and every reference.
+        let request_items = pb::ResolveSecretsRequest { domain: request.domain.clone(), items };
+        let checked = self.check(caller, request_items, "save workloads").await?;
         let problems: Vec<pb::ReferenceProblem> = checked
             .items
             .into_iter()
