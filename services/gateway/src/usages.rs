@@ -96,8 +96,8 @@ impl Resolver {
         }
     }
 
-    /// USE_SECRETS in `domain`: what saving and reading a workload's
-    /// references there needs.
+    /// USE_SECRETS in `domain`: what deleting a workload there, or reading
+    /// its references, needs (a save asks it along with its references).
     async fn require_workloads_of(&self, caller: &Caller, domain: &str, action: &str) -> Result<(), Status> {
         validate::domain("domain", domain).map_err(invalid_argument)?;
         let question = Question::domain(&caller.principal, Permission::UseSecrets, Some(domain));
