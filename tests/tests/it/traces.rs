@@ -307,6 +307,9 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         .expect("resolve handler span");
     assert_eq!(attr(&handler.1, "domain"), Some(&AnyValue::StringValue("finance".into())));
     assert_eq!(attr(&handler.1, "items"), Some(&AnyValue::IntValue(3)));
+    // The calling identity (the token's name), beside the principal it acts for.
+    assert_eq!(attr(&handler.1, "caller"), Some(&AnyValue::StringValue("spark".into())));
+    assert_eq!(attr(&handler.1, "principal"), Some(&AnyValue::StringValue("user:admin".into())));
 
     // Nothing secret in any span received, from any trace.
     let everything = format!("{received:?}");
