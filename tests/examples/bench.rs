@@ -488,14 +488,14 @@ async fn main() {
     }
 
     // 10,000 one-item resolves at 16 in flight: the cost per service.
-    let metrics_before: Vec<String> = futures::future::join_all([m_authz, m_secrets].map(scrape)).await;
+    let metrics_before: Vec<String> = futures::future::join_all([m_authz, m_secrets, m_gateway].map(scrape)).await;
     let cpu_before: Vec<f64> = procs.iter().map(Proc::cpu_seconds).collect();
     let kube_before = kube.counters();
     let one = resolve("small", vec![object_item("a", "small", "key-1")]);
     let mut sample = Sample::default();
     step(&one, 16, 10_000, &mut sample).await;
     let cpu_after: Vec<f64> = procs.iter().map(Proc::cpu_seconds).collect();
-    let metrics_after: Vec<String> = futures::future::join_all([m_authz, m_secrets].map(scrape)).await;
+    let metrics_after: Vec<String> = futures::future::join_all([m_authz, m_secrets, m_gateway].map(scrape)).await;
     let noop_cpu_before = noop_proc.cpu_seconds();
     let mut noop_sample = Sample::default();
     step(&cases[0].1, 16, 10_000, &mut noop_sample).await;
@@ -516,8 +516,12 @@ async fn main() {
     println!();
     println!("services logging at {}, {} tokio worker thread(s) each", service_log(), service_threads());
     println!(
-        "per resolve: {:.2} API-server requests, {:.2} database queries (authz-service), {:.2} store-object reads from memory (secret-service)",
+        "per resolve: {:.2} API-server requests, {:.2} authz round trips (gateway), {:.2} database queries (authz-service), {:.2} store-object reads from memory (secret-service)",
         api as f64 / 10_000.0,
+        per(
+            backend_calls(&metrics_after[2], "operation=\"BatchCheck\""),
+            backend_calls(&metrics_before[2], "operation=\"BatchCheck\"")
+        ),
         per(
             backend_calls(&metrics_after[0], "backend=\"sqlite\""),
             backend_calls(&metrics_before[0], "backend=\"sqlite\"")

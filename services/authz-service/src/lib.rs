@@ -8,6 +8,7 @@
 pub mod db;
 mod error;
 pub mod grpc;
+pub mod leases;
 pub mod policy;
 pub mod rules;
 pub mod usage;
@@ -25,8 +26,11 @@ use secrets_common::{
     tls::InternalTlsConfig,
 };
 use secrets_proto::{
-    internal::v1::{resource_registry_server::ResourceRegistryServer, usage_index_server::UsageIndexServer},
-    service_names::{AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX},
+    internal::v1::{
+        decision_leases_server::DecisionLeasesServer, resource_registry_server::ResourceRegistryServer,
+        usage_index_server::UsageIndexServer,
+    },
+    service_names::{AUTHZ_SERVICE, DECISION_LEASES, RESOURCE_REGISTRY, USAGE_INDEX},
     v1::authz_service_server::AuthzServiceServer,
 };
 use serde::Deserialize;
@@ -125,6 +129,7 @@ pub struct Application {
     served: Served,
     /// Held while the service runs (see [`db::lock_sqlite`]).
     _sqlite_lock: Option<std::fs::File>,
+    leases: leases::Leases,
 }
 
 impl Application {
@@ -148,14 +153,17 @@ impl Application {
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
         let policy = policy::Policy::new(db, admins, timeout);
         let usage = usage::UsageIndex::new(policy.clone());
+        let leases = policy.leases();
         let grpc = grpc::AuthzGrpc::new(policy);
 
-        let (router, health) = server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX]).await?;
+        let (router, health) =
+            server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX, DECISION_LEASES]).await?;
         let auth = internal.auth();
         let router = router
             .add_service(AuthzServiceServer::with_interceptor(grpc.clone(), auth.clone()))
             .add_service(ResourceRegistryServer::with_interceptor(grpc, auth.clone()))
-            .add_service(UsageIndexServer::with_interceptor(usage, auth));
+            .add_service(UsageIndexServer::with_interceptor(usage, auth.clone()))
+            .add_service(DecisionLeasesServer::with_interceptor(leases.clone(), auth));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
                 .await?
@@ -163,6 +171,7 @@ impl Application {
                 .with_health_addr(config.health_addr)
                 .await?,
             _sqlite_lock: sqlite_lock,
+            leases,
         })
     }
 
@@ -179,6 +188,12 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let leases = self.leases.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Lease holders go back to asking while the server drains.
+            leases.stop();
+        };
         let result = self.served.run(shutdown).await.context("authz-service stopped with an error");
         drop(self._sqlite_lock);
         result

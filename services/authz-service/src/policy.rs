@@ -88,6 +88,8 @@ pub struct Policy {
     /// process owns (see [`crate::db::lock_sqlite`]), it is the version of
     /// the grants, and a decision costs no query at all.
     local: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The gateways' decision leases, which every change waits on.
+    leases: crate::leases::Leases,
 }
 
 /// Every row that bears on a decision, indexed the way decisions look.
@@ -216,7 +218,9 @@ fn parse_role(text: &str) -> Result<Role> {
 
 impl Policy {
     pub fn new(db: DatabaseConnection, bootstrap_admins: BTreeSet<Principal>, timeout: Duration) -> Self {
+        let leases = crate::leases::Leases::new(db.get_database_backend() != DbBackend::Postgres);
         Self {
+            leases,
             db,
             bootstrap_admins,
             timeout,
@@ -226,9 +230,16 @@ impl Policy {
         }
     }
 
-    /// Marks the grants in memory as old: called after every change.
-    fn changed(&self) {
+    /// Marks the grants in memory as old, and returns once no gateway can
+    /// answer from before the change: called after every change.
+    async fn changed(&self) {
         self.local.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.leases.publish().await;
+    }
+
+    /// The decision leases served to gateways.
+    pub fn leases(&self) -> crate::leases::Leases {
+        self.leases.clone()
     }
 
     /// Whether other processes may change the grants (PostgreSQL): then the
@@ -1015,7 +1026,7 @@ impl Policy {
     /// Adds a member or changes its role; idempotent.
     pub async fn add_member(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
         let result = self.add_member_now(domain, subject, role).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
@@ -1023,7 +1034,7 @@ impl Policy {
     /// database cascades the delete).
     pub async fn remove_member(&self, domain: &str, subject: &Principal) -> Result<()> {
         let result = self.remove_member_now(domain, subject).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
@@ -1032,31 +1043,31 @@ impl Policy {
     /// leave the permission behind.
     pub async fn grant(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
         let result = self.grant_now(domain, subject, permission).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn revoke(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
         let result = self.revoke_now(domain, subject, permission).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn grant_admin(&self, subject: &Principal) -> Result<()> {
         let result = self.grant_admin_now(subject).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn revoke_admin(&self, subject: &Principal) -> Result<()> {
         let result = self.revoke_admin_now(subject).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn create_group(&self, name: &str, description: &str) -> Result<Group> {
         let result = self.create_group_now(name, description).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
@@ -1065,7 +1076,7 @@ impl Policy {
     /// bundle is kept: give the bundle another owner first.
     pub async fn delete_group(&self, name: &str) -> Result<()> {
         let result = self.delete_group_now(name).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
@@ -1073,25 +1084,25 @@ impl Policy {
     /// refused, naming it.
     pub async fn add_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
         let result = self.add_group_member_now(name, member).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn remove_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
         let result = self.remove_group_member_now(name, member).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn create_bundle(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
         let result = self.create_bundle_now(name, description, owner).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn update_bundle(&self, name: &str, change: BundleChange) -> Result<Bundle> {
         let result = self.update_bundle_now(name, change).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
@@ -1099,19 +1110,19 @@ impl Policy {
     /// is kept, and the refusal names them.
     pub async fn delete_bundle(&self, name: &str) -> Result<()> {
         let result = self.delete_bundle_now(name).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn grant_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
         let result = self.grant_bundle_now(name, subject, permission).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn revoke_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
         let result = self.revoke_bundle_now(name, subject, permission).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
@@ -1120,13 +1131,13 @@ impl Policy {
     /// resources never move.
     pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
         let result = self.register_resource_now(kind, id, bundle, domain).await;
-        self.changed();
+        self.changed().await;
         result
     }
 
     pub async fn unregister_resource(&self, kind: ResourceType, id: &str) -> Result<()> {
         let result = self.unregister_resource_now(kind, id).await;
-        self.changed();
+        self.changed().await;
         result
     }
 }

@@ -67,6 +67,10 @@ pub struct Config {
     pub vault_config_service_url: String,
     /// Bound on every call to an internal service.
     pub request_timeout_ms: u64,
+    /// Answer permission questions from memory while holding a decision
+    /// lease from the authz-service (offered with its SQLite database; with
+    /// PostgreSQL every question is asked). Off: every question is asked.
+    pub decision_leases: bool,
     /// The static tokens callers may present.
     pub tokens: Vec<TokenConfig>,
     /// Trusted JWT issuers: the identity provider (users) and the cluster
@@ -112,6 +116,7 @@ impl Default for Config {
             authz_service_url: "http://127.0.0.1:50053".into(),
             vault_config_service_url: "http://127.0.0.1:50054".into(),
             request_timeout_ms: 5_000,
+            decision_leases: true,
             tokens: Vec::new(),
             jwt_issuers: Vec::new(),
             service_accounts: Vec::new(),
@@ -176,6 +181,17 @@ impl Config {
 
 pub struct Application {
     served: Served,
+    /// Holds the decision lease while the gateway runs.
+    _lease_holder: Option<AbortOnDrop>,
+}
+
+/// Stops a background task when the gateway goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Application {
@@ -197,11 +213,19 @@ impl Application {
         let client = internal.client();
 
         let secrets_channel_for_selector = secrets_channel.clone();
+        // One decision cache for every permission question the gateway asks.
+        let mut checks = AuthzClient::new(authz_channel.clone(), client.clone());
+        let mut lease_holder = None;
+        if config.decision_leases {
+            let cache = secrets_common::authz::DecisionCache::default();
+            lease_holder = Some(AbortOnDrop(cache.watch(authz_channel.clone(), client.clone())));
+            checks = checks.with_cache(cache);
+        }
         let forwarder = forward::Forwarder {
             secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), client.clone()),
             authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), client.clone()),
             vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), client.clone()),
-            checks: AuthzClient::new(authz_channel.clone(), client.clone()),
+            checks: checks.clone(),
         };
         if !config.features.secrets_v2.enabled {
             tracing::info!("features.secretsV2.enabled is false: secret objects are refused, placeholders resolve");
@@ -214,13 +238,13 @@ impl Application {
             vault: resolver::VaultSource {
                 reader: VaultReaderClient::with_interceptor(vault_channel.clone(), client.clone()),
             },
-            authz: AuthzClient::new(authz_channel.clone(), client.clone()),
+            authz: checks.clone(),
             usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
             selector: selector::Selector {
                 secrets_v2: config.features.secrets_v2.enabled,
                 secrets: SecretServiceClient::with_interceptor(secrets_channel_for_selector, client.clone()),
                 vault: VaultReaderClient::with_interceptor(vault_channel, client.clone()),
-                authz: AuthzClient::new(authz_channel, client.clone()),
+                authz: checks,
             },
         };
 
@@ -240,6 +264,7 @@ impl Application {
                 .with_tls(server_tls)
                 .with_health_addr(config.health_addr)
                 .await?,
+            _lease_holder: lease_holder,
         })
     }
 

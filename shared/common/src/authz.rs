@@ -2,10 +2,17 @@
 //! the authz service cannot answer, the caller gets `UNAVAILABLE` and nothing
 //! is allowed.
 
-use secrets_proto::v1::{
-    BatchCheckRequest, CheckRequest, CheckResponse, Permission, authz_service_client::AuthzServiceClient,
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
-use tonic::Status;
+
+use secrets_proto::{
+    internal::v1::{WatchDecisionsRequest, decision_leases_client::DecisionLeasesClient},
+    v1::{BatchCheckRequest, CheckRequest, CheckResponse, Permission, authz_service_client::AuthzServiceClient},
+};
+use tonic::{Code, Status};
 
 use crate::{
     Principal,
@@ -19,6 +26,8 @@ pub const AUTHZ_SERVICE: &str = "authz-service";
 #[derive(Clone)]
 pub struct AuthzClient {
     inner: AuthzServiceClient<InternalChannel>,
+    /// Decisions remembered under a lease (see [`DecisionCache`]).
+    cache: Option<DecisionCache>,
 }
 
 /// One question for the authz service.
@@ -55,7 +64,14 @@ impl<'a> Question<'a> {
 
 impl AuthzClient {
     pub fn new(channel: TracedChannel, client: InternalClient) -> Self {
-        Self { inner: AuthzServiceClient::with_interceptor(channel, client) }
+        Self { inner: AuthzServiceClient::with_interceptor(channel, client), cache: None }
+    }
+
+    /// Answers from `cache` while it holds a lease, asking the authz service
+    /// only for what it does not remember.
+    pub fn with_cache(mut self, cache: DecisionCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Asks several questions in one round trip; answers in order.
@@ -74,6 +90,18 @@ impl AuthzClient {
                 ..Default::default()
             })
             .collect::<Vec<_>>();
+        let Some(cache) = &self.cache else { return self.ask(checks).await };
+        let keys: Vec<String> = checks.iter().map(cache_key).collect();
+        let epoch = match cache.lookup(&keys) {
+            Lookup::All(answers) => return Ok(answers),
+            Lookup::Missing(epoch) => epoch,
+        };
+        let results = self.ask(checks).await?;
+        cache.remember(epoch, keys.into_iter().zip(results.iter().cloned()));
+        Ok(results)
+    }
+
+    async fn ask(&self, checks: Vec<CheckRequest>) -> Result<Vec<CheckResponse>, Status> {
         let n = checks.len();
         let results = self
             .inner
@@ -97,6 +125,281 @@ impl AuthzClient {
             Ok(())
         } else {
             Err(Status::permission_denied(format!("{} may not {action}: {}", question.subject, answer.reason)))
+        }
+    }
+}
+
+/// A question as the cache knows it: every field that bears on the answer.
+fn cache_key(c: &CheckRequest) -> String {
+    let (kind, id) = c.resource.as_ref().map(|r| (r.r#type, r.id.as_str())).unwrap_or((0, ""));
+    let mut groups = c.groups.clone();
+    groups.sort();
+    format!(
+        "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{kind}\u{0}{id}\u{0}{}",
+        c.subject,
+        c.permission,
+        c.domain,
+        c.bundle,
+        groups.join(",")
+    )
+}
+
+/// Entries one cache holds at most; past it, it starts again empty.
+const MAX_DECISIONS: usize = 100_000;
+
+/// Decisions of the authz service, remembered while a lease from it holds
+/// (`DecisionLeases` in `decisions.proto`). The authz service returns from a
+/// grant change only once this cache has forgotten everything from before
+/// it (or its lease has run out), so nothing is answered from before a
+/// change that has returned. Without a lease (none yet, the stream lost, or
+/// an authz service on PostgreSQL that offers none) every question is asked.
+#[derive(Clone, Default)]
+pub struct DecisionCache {
+    state: Arc<Mutex<CacheState>>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    /// The newest authz generation applied.
+    generation: u64,
+    /// Bumped whenever the entries are dropped: an answer asked for before
+    /// that is not remembered.
+    epoch: u64,
+    /// The lease: answers are served from memory only before this.
+    valid_until: Option<Instant>,
+    entries: HashMap<String, CheckResponse>,
+}
+
+enum Lookup {
+    All(Vec<CheckResponse>),
+    Missing(u64),
+}
+
+impl CacheState {
+    fn leased(&self) -> bool {
+        self.valid_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn forget(&mut self) {
+        self.entries.clear();
+        self.epoch += 1;
+    }
+}
+
+impl DecisionCache {
+    fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lookup(&self, keys: &[String]) -> Lookup {
+        let state = self.state();
+        if state.leased() {
+            let found: Option<Vec<CheckResponse>> = keys.iter().map(|k| state.entries.get(k).cloned()).collect();
+            if let Some(answers) = found {
+                return Lookup::All(answers);
+            }
+        }
+        Lookup::Missing(state.epoch)
+    }
+
+    fn remember(&self, epoch: u64, answers: impl Iterator<Item = (String, CheckResponse)>) {
+        let mut state = self.state();
+        if state.epoch != epoch || !state.leased() {
+            return;
+        }
+        if state.entries.len() >= MAX_DECISIONS {
+            state.forget();
+            return;
+        }
+        state.entries.extend(answers);
+    }
+
+    /// Whether answers are served from memory now.
+    pub fn leased(&self) -> bool {
+        self.state().leased()
+    }
+
+    /// Holds a lease from the authz service at `channel` for as long as the
+    /// returned task runs, reconnecting when the stream is lost.
+    pub fn watch(&self, channel: TracedChannel, client: InternalClient) -> tokio::task::JoinHandle<()> {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let client = DecisionLeasesClient::with_interceptor(channel, client);
+            let mut had_lease = false;
+            loop {
+                let outcome = cache.hold(client.clone(), &mut had_lease).await;
+                {
+                    let mut state = cache.state();
+                    state.valid_until = None;
+                    state.forget();
+                }
+                let pause = match outcome {
+                    Err(s) if s.code() == Code::FailedPrecondition => {
+                        tracing::info!("{AUTHZ_SERVICE} offers no decision leases: {}", s.message());
+                        Duration::from_secs(60)
+                    }
+                    Err(s) => {
+                        if had_lease {
+                            tracing::warn!("decision lease lost; asking {AUTHZ_SERVICE} every time: {}", s.message());
+                        }
+                        Duration::from_secs(1)
+                    }
+                    Ok(()) => Duration::from_millis(200),
+                };
+                had_lease = false;
+                tokio::time::sleep(pause).await;
+            }
+        })
+    }
+
+    /// One stream: answers extend the lease, changes drop every entry and
+    /// are acknowledged at once. Returns when the stream ends.
+    async fn hold(
+        &self,
+        mut client: DecisionLeasesClient<InternalChannel>,
+        had_lease: &mut bool,
+    ) -> Result<(), Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<WatchDecisionsRequest>(16);
+        let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut seq = 0u64;
+        let mut send = |applied: u64, sent: &mut VecDeque<(u64, Instant)>| {
+            seq += 1;
+            sent.push_back((seq, Instant::now()));
+            if sent.len() > 64 {
+                sent.pop_front();
+            }
+            tx.try_send(WatchDecisionsRequest { seq, applied_generation: applied }).is_ok()
+        };
+        let applied = self.state().generation;
+        send(applied, &mut sent);
+        let mut inbound = client
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| from_upstream(AUTHZ_SERVICE, s))?
+            .into_inner();
+        let mut renew = tokio::time::interval(Duration::from_millis(500));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                _ = renew.tick() => {
+                    let applied = self.state().generation;
+                    if !send(applied, &mut sent) {
+                        return Ok(());
+                    }
+                }
+                message = inbound.message() => {
+                    let Some(answer) = message.map_err(|s| from_upstream(AUTHZ_SERVICE, s))? else { return Ok(()) };
+                    let changed = {
+                        let mut state = self.state();
+                        let changed = answer.generation > state.generation;
+                        if changed {
+                            state.forget();
+                            state.generation = answer.generation;
+                        }
+                        if answer.seq != 0
+                            && let Some(&(_, at)) = sent.iter().find(|(s, _)| *s == answer.seq)
+                        {
+                            let until = at + Duration::from_millis(u64::from(answer.lease_ms));
+                            state.valid_until = Some(state.valid_until.map_or(until, |t| t.max(until)));
+                        }
+                        changed
+                    };
+                    if changed && !send(answer.generation, &mut sent) {
+                        return Ok(());
+                    }
+                    if answer.renew_ms > 0 && renew.period() != Duration::from_millis(u64::from(answer.renew_ms)) {
+                        renew = tokio::time::interval(Duration::from_millis(u64::from(answer.renew_ms)));
+                        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        renew.tick().await;
+                    }
+                    if !*had_lease && self.leased() {
+                        *had_lease = true;
+                        tracing::debug!("decision lease held from {AUTHZ_SERVICE}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(allowed: bool) -> CheckResponse {
+        CheckResponse { allowed, reason: String::new() }
+    }
+
+    fn leased_cache(for_ms: u64) -> DecisionCache {
+        let cache = DecisionCache::default();
+        cache.state().valid_until = Some(Instant::now() + Duration::from_millis(for_ms));
+        cache
+    }
+
+    fn hit(cache: &DecisionCache, key: &str) -> Option<bool> {
+        match cache.lookup(&[key.to_string()]) {
+            Lookup::All(a) => Some(a[0].allowed),
+            Lookup::Missing(_) => None,
+        }
+    }
+
+    #[test]
+    fn answers_are_served_from_memory_only_under_a_lease() {
+        let cache = DecisionCache::default();
+        let Lookup::Missing(epoch) = cache.lookup(&["q".into()]) else { panic!() };
+        cache.remember(epoch, std::iter::once(("q".to_string(), answer(true))));
+        assert_eq!(hit(&cache, "q"), None, "no lease: nothing is remembered");
+
+        let cache = leased_cache(60_000);
+        let Lookup::Missing(epoch) = cache.lookup(&["q".into()]) else { panic!() };
+        cache.remember(epoch, std::iter::once(("q".to_string(), answer(true))));
+        assert_eq!(hit(&cache, "q"), Some(true));
+        cache.state().valid_until = Some(Instant::now());
+        assert_eq!(hit(&cache, "q"), None, "an expired lease serves nothing");
+    }
+
+    #[test]
+    fn an_answer_asked_for_before_a_change_is_not_remembered() {
+        let cache = leased_cache(60_000);
+        let Lookup::Missing(epoch) = cache.lookup(&["q".into()]) else { panic!() };
+        // A change is applied while the question is on its way.
+        cache.state().forget();
+        cache.remember(epoch, std::iter::once(("q".to_string(), answer(true))));
+        assert_eq!(hit(&cache, "q"), None);
+    }
+
+    #[test]
+    fn a_batch_is_served_from_memory_only_when_every_answer_is_there() {
+        let cache = leased_cache(60_000);
+        let Lookup::Missing(epoch) = cache.lookup(&["a".into()]) else { panic!() };
+        cache.remember(epoch, std::iter::once(("a".to_string(), answer(false))));
+        assert!(matches!(cache.lookup(&["a".into(), "b".into()]), Lookup::Missing(_)));
+        assert!(matches!(cache.lookup(&["a".into()]), Lookup::All(a) if !a[0].allowed));
+    }
+
+    #[test]
+    fn every_field_of_a_question_is_part_of_its_key() {
+        let base = CheckRequest {
+            subject: "user:a".into(),
+            permission: 1,
+            domain: "d".into(),
+            groups: vec!["group:x".into(), "group:y".into()],
+            ..Default::default()
+        };
+        let mut reordered = base.clone();
+        reordered.groups.reverse();
+        assert_eq!(cache_key(&base), cache_key(&reordered), "group order does not matter");
+        let variants = [
+            CheckRequest { subject: "user:b".into(), ..base.clone() },
+            CheckRequest { permission: 2, ..base.clone() },
+            CheckRequest { domain: "e".into(), ..base.clone() },
+            CheckRequest { bundle: "b".into(), ..base.clone() },
+            CheckRequest { groups: vec!["group:x".into()], ..base.clone() },
+            CheckRequest { resource: Some(secrets_proto::v1::Resource { r#type: 1, id: "r".into() }), ..base.clone() },
+        ];
+        for v in &variants {
+            assert_ne!(cache_key(&base), cache_key(v), "{v:?}");
         }
     }
 }

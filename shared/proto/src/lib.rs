@@ -36,6 +36,7 @@ pub mod service_names {
     pub const VAULT_CONFIG_SERVICE: &str = "iomete.secrets.v1.VaultConfigService";
     pub const VAULT_READER: &str = "iomete.secrets.internal.v1.VaultReader";
     pub const USAGE_INDEX: &str = "iomete.secrets.internal.v1.UsageIndex";
+    pub const DECISION_LEASES: &str = "iomete.secrets.internal.v1.DecisionLeases";
 }
 
 const REDACTED: &str = "<redacted>";

@@ -6,6 +6,7 @@ mod authz;
 mod bad_input;
 mod bundles;
 mod canary;
+mod decisions;
 mod deployment;
 mod embedded;
 mod grpcurl;

@@ -1,0 +1,206 @@
+//! Decision leases: while the authz-service (on SQLite) grants the gateway a
+//! lease, the gateway answers permission questions from memory, and every
+//! grant change returns only once the gateway has forgotten them, or once
+//! a holder that stopped answering has surely lost its lease. On
+//! PostgreSQL no lease is offered and every question is asked.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::*;
+use secrets_proto::{
+    internal::v1::{WatchDecisionsRequest, decision_leases_client::DecisionLeasesClient},
+    v1::{self as pb, resolved_item::Result as R},
+};
+use tonic::Code;
+
+const TO_AUTHZ: &str = r#"secrets_backend_calls_total{backend="authz-service",operation="BatchCheck"}"#;
+
+/// BatchCheck calls the gateway has made so far.
+async fn asked(app: &TestApp) -> f64 {
+    let (_, text) = http_get(&app.metrics_url("gateway")).await;
+    text.lines()
+        .find(|l| l.starts_with(TO_AUTHZ))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn item() -> Vec<pb::ResolveItem> {
+    vec![object_item("pw", "finance", "db-password")]
+}
+
+async fn resolves(nina: &Clients) -> bool {
+    let out = nina.resolve("finance", item()).await.unwrap();
+    match &out[0].result {
+        Some(R::Value(_)) => true,
+        Some(R::Error(e)) if e.code == Code::PermissionDenied as i32 => false,
+        other => panic!("neither a value nor a refusal: {other:?}"),
+    }
+}
+
+/// Resolves until one resolve asks the authz-service nothing (the lease is
+/// held and the decision remembered); panics after 5 s.
+async fn until_answered_from_memory(app: &TestApp, nina: &Clients) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let before = asked(app).await;
+        assert!(resolves(nina).await);
+        if asked(app).await == before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway never answered from memory");
+}
+
+async fn remove_nina(app: &TestApp) {
+    app.as_user(ADMIN)
+        .authz
+        .clone()
+        .remove_domain_member(pb::RemoveDomainMemberRequest { domain: "finance".into(), subject: "user:nina".into() })
+        .await
+        .unwrap();
+}
+
+async fn add_nina(app: &TestApp) {
+    app.as_user(ADMIN)
+        .authz
+        .clone()
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: "finance".into(),
+            subject: "user:nina".into(),
+            role: pb::DomainRole::Member as i32,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn with_a_lease_resolves_ask_nothing_and_every_change_counts_on_the_next_resolve() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+    until_answered_from_memory(&app, &nina).await;
+
+    let before = asked(&app).await;
+    for _ in 0..20 {
+        assert!(resolves(&nina).await);
+    }
+    assert_eq!(asked(&app).await, before, "20 resolves under a lease ask the authz-service nothing");
+
+    for round in 0..5 {
+        remove_nina(&app).await;
+        assert!(!resolves(&nina).await, "round {round}: allowed from memory after the removal returned");
+        add_nina(&app).await;
+        assert!(resolves(&nina).await, "round {round}: refused from memory after the membership returned");
+    }
+    // A group grant reaches the gateway's memory the same way.
+    remove_nina(&app).await;
+    assert!(!resolves(&nina).await);
+    let admin = app.as_user(ADMIN).authz.clone();
+    admin
+        .clone()
+        .create_group(pb::CreateGroupRequest { name: "eng".into(), description: String::new() })
+        .await
+        .unwrap();
+    admin
+        .clone()
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: "finance".into(),
+            subject: "group:eng".into(),
+            role: pb::DomainRole::Member as i32,
+        })
+        .await
+        .unwrap();
+    assert!(!resolves(&nina).await, "nina is not in eng yet");
+    admin
+        .clone()
+        .add_group_member(pb::AddGroupMemberRequest { group: "eng".into(), member: "user:nina".into() })
+        .await
+        .unwrap();
+    assert!(resolves(&nina).await, "in eng, which is a member of finance");
+    admin
+        .clone()
+        .remove_group_member(pb::RemoveGroupMemberRequest { group: "eng".into(), member: "user:nina".into() })
+        .await
+        .unwrap();
+    assert!(!resolves(&nina).await, "allowed from memory after leaving the group");
+}
+
+/// A holder that stops answering (a hung or cut-off gateway) cannot keep a
+/// change from returning, nor make it unsafe: the change waits for it, then
+/// cuts it off and waits out its lease.
+#[tokio::test]
+async fn a_lease_holder_that_stops_answering_delays_a_change_and_is_cut_off() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+    until_answered_from_memory(&app, &nina).await;
+
+    let client = secrets_common::auth::InternalClient::new(&app.internal_token).unwrap();
+    let mut hung = DecisionLeasesClient::with_interceptor(channel(&app.authz_service_url), client);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchDecisionsRequest { seq: 1, applied_generation: 0 }).await.unwrap();
+    let mut answers = hung.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let first = answers.message().await.unwrap().expect("a lease");
+    assert_eq!(first.seq, 1);
+    assert_eq!((first.lease_ms, first.renew_ms), (2_000, 500));
+
+    let started = Instant::now();
+    remove_nina(&app).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1_000), "the change did not wait for the silent holder ({took:?})");
+    assert!(!resolves(&nina).await, "the real gateway applied the change");
+    // The silent holder was told of the change, then cut off.
+    let change = answers.message().await.unwrap().expect("the change");
+    assert_eq!(change.seq, 0);
+    assert!(change.generation > first.generation);
+    let end = tokio::time::timeout(Duration::from_secs(5), answers.message()).await.expect("the stream ends");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    drop(tx);
+}
+
+#[tokio::test]
+async fn leases_take_only_the_internal_credential() {
+    let app = TestApp::spawn().await;
+    let mut anyone = DecisionLeasesClient::new(channel(&app.authz_service_url));
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(WatchDecisionsRequest { seq: 1, applied_generation: 0 }).await.unwrap();
+    let err = anyone.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // Nor does the gateway route it.
+    let mut via_gateway = DecisionLeasesClient::new(channel(&app.gateway_url));
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(WatchDecisionsRequest { seq: 1, applied_generation: 0 }).await.unwrap();
+    let err = via_gateway.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+}
+
+#[tokio::test]
+async fn on_postgresql_no_lease_is_offered_and_every_resolve_asks() {
+    let Some(db) = postgres::fresh_database().await else { return };
+    let app = TestApp::spawn_with(Options { database_url: Some(db.url.clone()), ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+
+    let client = secrets_common::auth::InternalClient::new(&app.internal_token).unwrap();
+    let mut holder = DecisionLeasesClient::with_interceptor(channel(&app.authz_service_url), client);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(WatchDecisionsRequest { seq: 1, applied_generation: 0 }).await.unwrap();
+    let err = holder.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("PostgreSQL"), "{}", err.message());
+
+    assert!(resolves(&nina).await);
+    let before = asked(&app).await;
+    for _ in 0..10 {
+        assert!(resolves(&nina).await);
+    }
+    assert_eq!(asked(&app).await - before, 10.0, "one BatchCheck per resolve");
+    remove_nina(&app).await;
+    assert!(!resolves(&nina).await);
+    db.drop_database().await;
+}
