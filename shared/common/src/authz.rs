@@ -225,7 +225,7 @@ impl DecisionCache {
         let cache = self.clone();
         tokio::spawn(async move {
             let client = DecisionLeasesClient::with_interceptor(channel, client);
-            let mut had_lease = false;
+            let (mut had_lease, mut told_none) = (false, false);
             loop {
                 let outcome = cache.hold(client.clone(), &mut had_lease).await;
                 {
@@ -235,7 +235,9 @@ impl DecisionCache {
                 }
                 let pause = match outcome {
                     Err(s) if s.code() == Code::FailedPrecondition => {
-                        tracing::info!("{AUTHZ_SERVICE} offers no decision leases: {}", s.message());
+                        if !std::mem::replace(&mut told_none, true) {
+                            tracing::info!("{AUTHZ_SERVICE} offers no decision leases: {}", s.message());
+                        }
                         Duration::from_secs(60)
                     }
                     Err(s) => {
