@@ -229,8 +229,11 @@ impl DecisionCache {
             loop {
                 let outcome = cache.hold(client.clone(), &mut had_lease).await;
                 {
+                    // Generations count per authz-service process: the next
+                    // stream (perhaps to a restarted one) starts from zero.
                     let mut state = cache.state();
                     state.valid_until = None;
+                    state.generation = 0;
                     state.forget();
                 }
                 let pause = match outcome {

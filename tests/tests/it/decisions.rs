@@ -204,3 +204,28 @@ async fn on_postgresql_no_lease_is_offered_and_every_resolve_asks() {
     assert!(!resolves(&nina).await);
     db.drop_database().await;
 }
+
+/// Generations count per authz-service process: after a restart the
+/// gateway's lease starts over, and the restarted service's first changes
+/// count at once.
+#[tokio::test]
+async fn after_an_authz_restart_the_new_lease_sees_every_change() {
+    let mut app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+    // Many changes before the restart: the old process's generation is high.
+    for _ in 0..5 {
+        remove_nina(&app).await;
+        add_nina(&app).await;
+    }
+    until_answered_from_memory(&app, &nina).await;
+
+    app.stop_authz().await;
+    app.start_authz().await;
+    until_answered_from_memory(&app, &nina).await;
+    remove_nina(&app).await;
+    assert!(!resolves(&nina).await, "allowed from memory after the restarted service's first change");
+    add_nina(&app).await;
+    assert!(resolves(&nina).await);
+}
