@@ -61,7 +61,13 @@ start_postgres() {
   fi
   chmod 700 "$pg_tmp/data"
   local port
-  port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # A free port, never one of the local stack's (50051-50054), which the
+  # README test needs while this server runs.
+  port=$("$venv/bin/python" -c '
+import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if not 50051 <= p <= 50054: print(p); break')
   "${run[@]}" "$pginstall/bin/initdb" -D "$pg_tmp/data" -U postgres --auth=trust -E UTF8 >"$pg_tmp/initdb.log" 2>&1 || { cat "$pg_tmp/initdb.log"; return 1; }
   "${run[@]}" "$pginstall/bin/pg_ctl" -D "$pg_tmp/data" -l "$pg_tmp/run/server.log" -w -t 60 \
     -o "-p $port -k $pg_tmp/run -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off" start >/dev/null \

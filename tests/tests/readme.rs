@@ -1,0 +1,154 @@
+//! The README's examples, run as printed: the grpcurl walkthrough against the
+//! local stack on its default ports, and the token hashing command.
+//!
+//! A test binary of its own: cargo runs test binaries one after another, so
+//! no other test's listener or connection can hold one of the default ports
+//! (which lie in the kernel's ephemeral range) while the stack starts.
+
+use std::process::{Command, Stdio};
+
+use integration_tests::procs::binary;
+
+const README: &str = include_str!("../../README.md");
+
+/// The first ```sh block after `heading`.
+fn sh_block(heading: &str) -> &'static str {
+    let from = README.find(heading).unwrap_or_else(|| panic!("README has no {heading:?}"));
+    let rest = &README[from..];
+    let start = rest.find("```sh\n").expect("a sh block") + "```sh\n".len();
+    let end = rest[start..].find("```").expect("closed block") + start;
+    &rest[start..end]
+}
+
+/// Runs a README block with bash (`-euo pipefail`) in `dir`, after the
+/// first block's variables; its stdout and stderr, once it succeeded.
+fn run_block(dir: &std::path::Path, name: &str, block: &str) -> (String, String) {
+    let script = format!(
+        "export ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{block}"
+    );
+    let output =
+        Command::new("bash").args(["-euo", "pipefail", "-c", &script]).current_dir(dir).output().expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "the README's {name} block failed:\n{stderr}\n{stdout}");
+    (stdout, stderr)
+}
+
+struct Stack(std::process::Child);
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    // The quick start's first command, from its own directory, default
+    // ports. Those ports lie in the kernel's ephemeral range, so another
+    // process's connection may hold one for a moment: start again if so.
+    let start = || {
+        Stack(
+            Command::new(binary("local-stack"))
+                .current_dir(dir.path())
+                .env_remove("DATABASE_URL")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("local-stack.log")).expect("log file"))
+                .spawn()
+                .expect("start local-stack"),
+        )
+    };
+    let mut stack = start();
+    let mut started = false;
+    let mut attempts = 1;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect("127.0.0.1:50051").is_ok()
+            && std::net::TcpStream::connect("127.0.0.1:50054").is_ok()
+            && dir.path().join(".local-stack/admin.token").exists()
+        {
+            started = true;
+            break;
+        }
+        if let Ok(Some(status)) = stack.0.try_wait() {
+            let why = std::fs::read_to_string(dir.path().join("local-stack.log")).unwrap_or_default();
+            assert!(attempts < 10, "local-stack exited with {status} {attempts} times: {why}");
+            attempts += 1;
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            stack = start();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(started, "local-stack did not start");
+
+    let (stdout, _) = run_block(dir.path(), "grpcurl", sh_block("## Using it with grpcurl"));
+    assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");
+    assert!(stdout.contains(r#""text": "jdbc:postgresql://etl:changed@db/warehouse""#), "resolved text: {stdout}");
+    assert!(stdout.contains(r#""value": "c210cC1wYXNz""#), "the global smtp_password through finance: {stdout}");
+    assert!(stdout.contains(r#""code": 5"#) && stdout.contains(r#"secret \"s3_secret\" does not exist"#), "{stdout}");
+    assert!(stdout.contains("user:alice does not hold MANAGE_SECRETS"), "alice may not manage secrets: {stdout}");
+    assert!(
+        stdout.contains("user:alice ∈ group:data-eng ∈ group:eng; group:eng holds USE on bundle finance-vault"),
+        "the bundle check names the path: {stdout}"
+    );
+
+    // The Vault walkthrough, in the same stack, with the variables the
+    // first block exported.
+    let vault = sh_block("### Vault integrations with grpcurl");
+    // The block stops its OpenBao itself; this stops it if the block fails first.
+    struct StopBao;
+    impl Drop for StopBao {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill").args(["-f", "dev-root-token-id=dev-only-root-token"]).status();
+        }
+    }
+    let _stop_bao = StopBao;
+    let (stdout, _) = run_block(dir.path(), "Vault", vault);
+    assert!(stdout.contains(r#""outcome": "CONNECTION_OK""#), "tested: {stdout}");
+    assert!(stdout.contains(r#""api_key""#) && stdout.contains(r#""db_password""#), "keys: {stdout}");
+    assert!(stdout.contains(r#""credentialsSet": true"#), "get: {stdout}");
+    assert!(!stdout.contains("dev-only-root-token"), "no answer shows the token: {stdout}");
+    assert!(stdout.contains(r#""value": "dmF1bHQtcHc=""#), "resolved vault-pw for alice: {stdout}");
+    assert_eq!(
+        stdout.matches(r#""label": "prod""#).count(),
+        2,
+        "the selector lists the config's two keys for alice and none for bob: {stdout}"
+    );
+    assert!(stdout.matches(r#""label": "global""#).count() >= 2, "both see the global keys: {stdout}");
+
+    // The saved-workload walkthrough, in the same stack.
+    let (stdout, stderr) = run_block(dir.path(), "workload", sh_block("### Saved workloads with grpcurl"));
+    assert!(
+        stdout.contains(r#""field": "template.envVars[\"TOKEN\"]""#)
+            && stdout.contains(r#""type": "PROBLEM_NOT_FOUND""#),
+        "the draft's missing key is a typed problem on its field: {stdout}"
+    );
+    assert_eq!(stdout.matches(r#""saved": true"#).count(), 1, "the draft is not saved, the job is: {stdout}");
+    for value in ["wh-pass", "smtp-pass", "AKIA-finance"] {
+        assert!(stdout.contains(&format!(r#""text": "{value}""#)), "resolved {value}: {stdout}");
+    }
+    assert!(stdout.contains(r#""id": "nightly-etl""#) && stdout.contains(r#""total": 1"#), "usages: {stdout}");
+    assert!(stdout.contains("refused: nightly-etl uses it"), "{stdout}");
+    assert!(
+        stderr.contains("secret \"warehouse_password\" of domain \"finance\" is referenced by 1 saved workload: finance/SPARK_JOB/nightly-etl"),
+        "the refusal names the job: {stderr}"
+    );
+    assert!(stdout.contains(r#""removed": true"#), "{stdout}");
+}
+
+#[test]
+fn the_token_hash_example_prints_the_sha256_the_gateway_expects() {
+    let config = README.find("gateway hash-token").expect("README shows hash-token");
+    assert!(README[..config].contains("sha256 = "), "the example belongs to the token configuration");
+    let mut child =
+        Command::new(binary("gateway")).arg("hash-token").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"example-token").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        secrets_common::auth::TokenHash::of("example-token").to_hex()
+    );
+}
