@@ -20,7 +20,9 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>, env_prefix: &str) -> Resul
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(Env::prefixed(env_prefix).split("__"));
+    let links = std::sync::Arc::new(service_links(env_prefix));
+    let env = Env::prefixed(env_prefix).filter(move |k| !links.contains(&k.as_str().to_ascii_lowercase()));
+    figment = figment.merge(env.split("__"));
     figment.extract().map_err(|e| {
         let mut msg = String::from("invalid configuration");
         for err in e {
@@ -28,6 +30,57 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>, env_prefix: &str) -> Resul
         }
         msg
     })
+}
+
+/// Whether a prefixed variable (prefix removed) is one of the service links
+/// Kubernetes injects into every pod for every Service of the namespace:
+/// `<NAME>_SERVICE_HOST=<ip>`, `<NAME>_SERVICE_PORT[_<PORT NAME>]=<port>`,
+/// `<NAME>_PORT=tcp://<ip>:<port>` and `<NAME>_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]`.
+/// A Service named like a service's prefix (`secret-service` →
+/// `SECRET_SERVICE_...`) would otherwise turn them into unknown
+/// configuration keys and stop the pod. Name and value must both have the
+/// link's shape, so a mistyped key (`LISTEN_PORT=1`) is still refused.
+pub fn is_service_link(key: &str, value: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if key.contains("__") {
+        return false;
+    }
+    let words: Vec<&str> = key.split('_').collect();
+    let proto = |w: &str| matches!(w, "tcp" | "udp" | "sctp");
+    let number = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit());
+    let port = |v: &str| v.parse::<u16>().is_ok();
+    let ip = |v: &str| v.parse::<std::net::IpAddr>().is_ok();
+    let url = |v: &str| {
+        v.split_once("://").is_some_and(|(scheme, addr)| {
+            proto(scheme) && addr.parse::<std::net::SocketAddr>().is_ok()
+        })
+    };
+    (0..words.len()).any(|start| {
+        let named = words[..start].iter().all(|w| !w.is_empty());
+        named
+            && match &words[start..] {
+                ["service", "host"] => ip(value),
+                ["service", "port", name @ ..] => name.iter().all(|w| !w.is_empty()) && port(value),
+                ["port"] => url(value),
+                ["port", n, t] => number(n) && proto(t) && url(value),
+                ["port", n, t, "proto"] => number(n) && proto(t) && proto(value),
+                ["port", n, t, "port"] => number(n) && proto(t) && port(value),
+                ["port", n, t, "addr"] => number(n) && proto(t) && ip(value),
+                _ => false,
+            }
+    })
+}
+
+/// The environment variables with `prefix` that are Kubernetes service
+/// links, as figment sees them (prefix removed, lower case).
+fn service_links(prefix: &str) -> std::collections::BTreeSet<String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter_map(|(k, v)| {
+            let key = k.get(..prefix.len()).filter(|p| p.eq_ignore_ascii_case(prefix)).map(|_| &k[prefix.len()..])?;
+            is_service_link(key, &v).then(|| key.to_ascii_lowercase())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -89,6 +142,55 @@ mod tests {
             let cfg: WithList = load(None, "LISTCFG_").unwrap();
             assert_eq!(cfg.tokens.len(), 2);
             assert_eq!(cfg.tokens[1], Entry { name: "spark".into(), kind: "service".into() });
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_ignored_and_everything_else_is_checked() {
+        for (link, value) in [
+            ("service_host", "10.96.0.7"),
+            ("service_host", "fd00::7"),
+            ("service_port", "50052"),
+            ("service_port_grpc", "50052"),
+            ("service_port_health_check", "8086"),
+            ("port", "tcp://10.96.0.7:50052"),
+            ("port", "tcp://[fd00::7]:50052"),
+            ("port_50052_tcp", "tcp://10.96.0.7:50052"),
+            ("port_50052_tcp_proto", "tcp"),
+            ("port_50052_tcp_port", "50052"),
+            ("port_50052_tcp_addr", "10.96.0.7"),
+            ("port_9102_udp", "udp://10.96.0.7:9102"),
+            ("metrics_service_host", "10.96.0.8"),
+            ("METRICS_PORT_9102_TCP_ADDR", "10.96.0.8"),
+        ] {
+            assert!(is_service_link(link, value), "{link}={value} is a service link");
+        }
+        for (key, value) in [
+            ("listen_addr", "0.0.0.0:9"),
+            ("listen_port", "1"),
+            ("port", "50052"),
+            ("service_host", "gateway"),
+            ("service_port", "grpc"),
+            ("port_50052", "tcp://10.96.0.7:50052"),
+            ("port_x_tcp", "tcp://10.96.0.7:50052"),
+            ("port_1_http", "http://10.96.0.7:1"),
+            ("server__port", "tcp://10.96.0.7:1"),
+            ("secret_service_url", "https://secret-service:50052"),
+        ] {
+            assert!(!is_service_link(key, value), "{key}={value} is configuration");
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DEMOCFG_SERVICE_HOST", "10.96.0.7");
+            jail.set_env("DEMOCFG_PORT", "tcp://10.96.0.7:50052");
+            jail.set_env("DEMOCFG_PORT_50052_TCP_ADDR", "10.96.0.7");
+            jail.set_env("DEMOCFG_SERVICE_PORT_GRPC", "50052");
+            jail.set_env("DEMOCFG_LISTEN_ADDR", "0.0.0.0:9");
+            let demo: Demo = load(None, "DEMOCFG_").unwrap();
+            assert_eq!(demo.listen_addr, "0.0.0.0:9");
+            jail.set_env("DEMOCFG_LISTEN_PORT", "1");
+            let err = load::<Demo>(None, "DEMOCFG_").unwrap_err();
+            assert!(err.contains("listen_port"), "{err}");
             Ok(())
         });
     }
