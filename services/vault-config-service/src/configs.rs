@@ -331,6 +331,16 @@ impl Configs {
             credentials: None,
         };
         let target = spec::target(&spec, "").map_err(Error::InvalidArgument)?;
+        let moved = destination_changes(&row, &target);
+        if !moved.is_empty() && change.credentials.is_none() {
+            // The stored credential is bound to where it was given for: an
+            // UPDATE holder must not send the owner's token somewhere new.
+            return Err(Error::FailedPrecondition(format!(
+                "changing the {} of {} changes where its credentials are sent: give the credentials again in the same request (credentials)",
+                moved.join(" and "),
+                label(&row)
+            )));
+        }
         let credentials = match &change.credentials {
             Some(c) => Some(spec::credentials("credentials", Some(c))?),
             None => None,
@@ -581,6 +591,24 @@ impl Configs {
         });
         futures::future::join_all(reads).await
     }
+}
+
+/// The fields of `target` that send a config's credentials somewhere other
+/// than the stored row does: the server, the namespace, or the CA that
+/// decides which server is trusted. (The AppRole mount is part of the
+/// credentials and changes only with them.)
+fn destination_changes(row: &vault_config::Model, target: &Target) -> Vec<&'static str> {
+    let mut moved = Vec::new();
+    if target.host != row.host {
+        moved.push("host");
+    }
+    if target.namespace.as_deref().unwrap_or_default() != row.namespace {
+        moved.push("namespace");
+    }
+    if target.ca_certificate.as_deref().unwrap_or_default() != row.ca_certificate {
+        moved.push("ca_certificate");
+    }
+    moved
 }
 
 fn method_name(c: &Credentials) -> &'static str {

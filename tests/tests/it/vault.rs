@@ -857,3 +857,136 @@ async fn saved_workloads_with_vault_references_are_checked_indexed_and_protect_t
     let broken = deleted.broken.unwrap();
     assert_eq!((broken.total, broken.workloads[0].id.as_str()), (1, "analytics"));
 }
+
+/// Accepts connections on 127.0.0.1 and keeps every byte it receives.
+struct Recorder {
+    addr: String,
+    bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Recorder {
+    async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = bytes.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    // What a client sends first (its request) and then the close.
+                    while let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_millis(500), stream.read(&mut buf)).await {
+                        if n == 0 {
+                            break;
+                        }
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        Self { addr, bytes }
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        let bytes = self.bytes.lock().unwrap();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.lock().unwrap().len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_holder_can_never_send_the_stored_credentials_to_another_server() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let owner_token = bao.field(&["token", "create", "-policy=root"], "token");
+    let config =
+        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&owner_token))).await.unwrap();
+    // max may UPDATE the config: the bundle's owner granted it.
+    app.as_user(OWNER)
+        .authz
+        .clone()
+        .grant_bundle_permission(pb::GrantBundlePermissionRequest {
+            bundle: BUNDLE.into(),
+            subject: format!("user:{MANAGER}"),
+            permission: Permission::Update as i32,
+        })
+        .await
+        .unwrap();
+    let recorder = Recorder::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let other_ca = integration_tests::pki::Pki::new(tmp.path(), "attacker").ca_pem();
+    let mut max = app.as_user(MANAGER).vault.clone();
+    let test_saved = |mut client: pb::vault_config_service_client::VaultConfigServiceClient<_>, id: String| async move {
+        client
+            .test_vault_connection(pb::TestVaultConnectionRequest {
+                target: Some(pb::test_vault_connection_request::Target::Id(id)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+
+    let attempts = [
+        ("host", pb::UpdateVaultConfigRequest { host: Some(recorder.addr.clone()), ..Default::default() }),
+        ("namespace", pb::UpdateVaultConfigRequest { namespace: Some("team-x".into()), ..Default::default() }),
+        ("ca_certificate", pb::UpdateVaultConfigRequest { ca_certificate: Some(other_ca), ..Default::default() }),
+        (
+            "host and namespace",
+            pb::UpdateVaultConfigRequest {
+                host: Some(recorder.addr.clone()),
+                namespace: Some("team-x".into()),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (moved, mut request) in attempts {
+        request.id = config.id.clone();
+        let err = max.update_vault_config(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{moved}: {}", err.message());
+        assert!(
+            err.message().contains(&format!("changing the {moved} of vault config \"prod\""))
+                && err.message().contains("give the credentials again in the same request"),
+            "{moved}: {}",
+            err.message()
+        );
+        // Nothing changed: the config still reaches its own Vault.
+        let test = test_saved(max.clone(), config.id.clone()).await;
+        assert_eq!(test.outcome(), Outcome::ConnectionOk, "{moved}: {}", test.message);
+    }
+    // A path on the same server keeps the credentials.
+    max.update_vault_config(pb::UpdateVaultConfigRequest {
+        id: config.id.clone(),
+        path: Some("/v1/secret/data/production/".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // With credentials of its own, max may point the config elsewhere:
+    // those, and only those, go there.
+    max.update_vault_config(pb::UpdateVaultConfigRequest {
+        id: config.id.clone(),
+        host: Some(recorder.addr.clone()),
+        credentials: Some(token_creds("max-own-token-for-elsewhere")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let test = test_saved(max.clone(), config.id.clone()).await;
+    assert_ne!(test.outcome(), Outcome::ConnectionOk, "{}", test.message);
+    let resolved = app
+        .as_service(Some(&format!("user:{MEMBER}")))
+        .resolve("finance", vec![vault_item("x", &config.id, "db_password")])
+        .await
+        .unwrap();
+    assert!(matches!(resolved[0].result, Some(R::Error(_))), "{resolved:?}");
+    assert!(recorder.len() > 0, "the recorder saw the test connection");
+    assert!(recorder.contains("max-own-token-for-elsewhere"), "the recorder records what reaches it");
+    assert!(!recorder.contains(&owner_token), "the owner's token reached the other server");
+}
