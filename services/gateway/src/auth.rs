@@ -143,8 +143,11 @@ pub struct Caller {
     /// The RPC groups the token may call; `None`: all (user tokens).
     pub groups: Option<Arc<BTreeSet<RpcGroup>>>,
     /// A service token acting for someone else that may not act for a
-    /// platform admin: the gateway checks the principal is none.
+    /// platform admin, or a user of an issuer sharing the plain namespace:
+    /// the gateway checks the principal is no platform admin.
     pub must_not_be_admin: bool,
+    /// The issuer whose shared-namespace user this is.
+    pub shared_issuer: Option<String>,
 }
 
 impl Caller {
@@ -171,6 +174,12 @@ impl Caller {
 
     /// The refusal for a principal that turned out to be a platform admin.
     pub fn admin_refusal(&self) -> Status {
+        if let Some(issuer) = &self.shared_issuer {
+            return Status::permission_denied(format!(
+                "{} comes from issuer {issuer}, which shares the plain namespace, and may not act as a platform admin; name identity-provider admins user:{issuer}/NAME (an issuer without shared_namespace)",
+                self.principal
+            ));
+        }
         Status::permission_denied(format!(
             "token {:?} may not act for {}, a platform admin (set act_for_admins for this token to allow it)",
             self.name, self.principal
@@ -224,6 +233,8 @@ pub struct Authenticator {
     /// By `system:serviceaccount:NS:NAME`.
     service_accounts: Arc<std::collections::HashMap<String, Identity>>,
     jwt: crate::jwt::Verifier,
+    /// Whom static tokens act as: no JWT user may become one.
+    static_principals: Arc<BTreeSet<Principal>>,
 }
 
 impl Authenticator {
@@ -251,6 +262,7 @@ impl Authenticator {
                 TokenKind::Service => Principal::service(&t.subject),
             };
             Principal::parse(&field("subject"), &principal.to_string())?;
+            reserved_namespace(&field("subject"), &t.subject)?;
             let hash = TokenHash::from_hex(&t.sha256).map_err(|e| FieldViolation::new(field("sha256"), e))?;
             let policy = match t.kind {
                 TokenKind::User => None,
@@ -276,6 +288,7 @@ impl Authenticator {
                 ));
             }
             let own = Principal::parse(&field("subject"), &Principal::service(&a.subject).to_string())?;
+            reserved_namespace(&field("subject"), &a.subject)?;
             let policy = Policy::new(&a.allow, &a.act_for, a.act_for_admins, field)?;
             let identity =
                 Identity { name: a.service_account.clone(), kind: TokenKind::Service, own, policy: Some(policy) };
@@ -284,7 +297,13 @@ impl Authenticator {
             }
         }
         let jwt = crate::jwt::Verifier::new(issuers).map_err(|e| FieldViolation::new("jwt_issuers", e))?;
-        Ok(Self { entries: Arc::new(entries), service_accounts: Arc::new(accounts), jwt })
+        let static_principals = entries.iter().map(|e| e.identity.own.clone()).collect();
+        Ok(Self {
+            entries: Arc::new(entries),
+            service_accounts: Arc::new(accounts),
+            jwt,
+            static_principals: Arc::new(static_principals),
+        })
     }
 
     fn find(&self, token: &str) -> Option<&Identity> {
@@ -312,20 +331,19 @@ impl Authenticator {
             }
         };
         if !self.jwt.is_empty() && crate::jwt::looks_like_jwt(token) {
-            let verified = self
-                .jwt
-                .verify(token)
-                .await
-                .map_err(|reason| Status::unauthenticated(format!("token refused: {reason}")))?;
+            let verified = self.jwt.verify(token).await.map_err(refused)?;
             return match verified.kind {
                 crate::jwt::IssuerKind::Users => {
                     let own = Principal::parse("token user claim", &Principal::user(&verified.subject).to_string())
                         .map_err(|v| {
-                            Status::unauthenticated(format!(
-                                "token refused: issuer {}: the user name {}",
-                                verified.issuer, v.description
-                            ))
+                            refused(format!("issuer {}: the user name {}", verified.issuer, v.description))
                         })?;
+                    if self.static_principals.contains(&own) {
+                        return Err(refused(format!(
+                            "issuer {}: {own} is the principal of a static token, which no identity-provider user may become",
+                            verified.issuer
+                        )));
+                    }
                     let member_of = verified
                         .groups
                         .iter()
@@ -337,7 +355,12 @@ impl Authenticator {
                         own,
                         policy: None,
                     };
-                    caller(&identity, on_behalf_of, member_of)
+                    let mut caller = caller(&identity, on_behalf_of, member_of)?;
+                    if verified.shared {
+                        caller.must_not_be_admin = true;
+                        caller.shared_issuer = Some(verified.issuer.clone());
+                    }
+                    Ok(caller)
                 }
                 crate::jwt::IssuerKind::ServiceAccounts => {
                     let identity = self.service_accounts.get(&verified.subject).ok_or_else(|| {
@@ -353,6 +376,25 @@ impl Authenticator {
         let identity = self.find(token).ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
         caller(identity, on_behalf_of, Vec::new())
     }
+}
+
+/// `/` separates an issuer's namespace from its users' names
+/// (`user:keycloak/...`): configured identities never contain one.
+fn reserved_namespace(field: &str, subject: &str) -> Result<(), FieldViolation> {
+    if subject.contains('/') {
+        return Err(FieldViolation::new(
+            field,
+            format!("{subject:?} contains '/', which is reserved for the namespaces of identity-provider users"),
+        ));
+    }
+    Ok(())
+}
+
+/// UNAUTHENTICATED for a refused token, logged so operators see attacks:
+/// the reason names the issuer and what failed, never the token.
+fn refused(reason: String) -> Status {
+    tracing::warn!(%reason, "token refused");
+    Status::unauthenticated(format!("token refused: {reason}"))
 }
 
 /// The token of an `authorization: Bearer ...` header, if any.
@@ -392,6 +434,7 @@ fn caller(identity: &Identity, on_behalf_of: Option<Principal>, member_of: Vec<P
         member_of,
         groups: identity.policy.as_ref().map(|p| p.groups.clone()),
         must_not_be_admin,
+        shared_issuer: None,
     })
 }
 

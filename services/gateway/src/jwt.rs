@@ -25,7 +25,8 @@ use serde::Deserialize;
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum IssuerKind {
-    /// People: `user:` + the `user_claim`, groups from the `groups_claim`.
+    /// People: `user:ISSUER/` + the `user_claim`, groups from the
+    /// `groups_claim` as `group:ISSUER/GROUP` (see `shared_namespace`).
     Users,
     /// Kubernetes service accounts (`sub` = `system:serviceaccount:NS:NAME`),
     /// mapped to platform services by the gateway's `service_accounts`.
@@ -70,12 +71,29 @@ pub struct IssuerConfig {
     /// keys (a cluster that does not publish them anonymously).
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
-    /// Users: the claim holding the user name (Keycloak: `preferred_username`).
+    /// Users: the claim naming the user: a stable one (`sub`, the default);
+    /// a name the user can choose (`preferred_username`, `email`) only with
+    /// an identity provider that never reassigns it.
     #[serde(default = "default_user_claim")]
     pub user_claim: String,
     /// Users: the claim listing the user's groups; unset: none are taken.
     #[serde(default)]
     pub groups_claim: Option<String>,
+    /// Users: identity-provider groups (as the claim writes them; Keycloak's
+    /// leading `/` optional) that are internal groups of another name:
+    /// `{ "/platform-admins" = "vault-admins" }` makes members of that
+    /// provider group members of `group:vault-admins`. Unmapped groups are
+    /// `group:ISSUER/PATH`.
+    #[serde(default)]
+    pub group_map: std::collections::BTreeMap<String, String>,
+    /// Users: `false` (the default) names users `user:ISSUER/CLAIM` and
+    /// groups `group:ISSUER/PATH`, so no provider user can become a
+    /// principal a static token or a configured admin holds. `true` names
+    /// them `user:CLAIM` and `group:PATH`, sharing the plain namespace; such
+    /// users are still refused as the principal of a static token, and
+    /// never act as platform admins.
+    #[serde(default)]
+    pub shared_namespace: bool,
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(default = "default_leeway_s")]
     pub leeway_s: u64,
@@ -95,10 +113,13 @@ pub struct Verified {
     /// The issuer's configured name.
     pub issuer: String,
     pub kind: IssuerKind,
-    /// The user name, or the full service-account name.
+    /// The user's principal name (`ISSUER/CLAIM`, or `CLAIM` in a shared
+    /// namespace), or the full service-account name.
     pub subject: String,
-    /// Group names from the groups claim.
+    /// Internal group names from the groups claim (namespaced or mapped).
     pub groups: Vec<String>,
+    /// Users of an issuer sharing the plain namespace.
+    pub shared: bool,
 }
 
 /// Asymmetric algorithms only: an HMAC secret shared with every verifier
@@ -281,6 +302,25 @@ impl Issuer {
         }
     }
 
+    /// A name under this issuer's namespace (or the plain one, shared).
+    fn namespaced(&self, name: &str) -> String {
+        if self.config.shared_namespace { name.to_string() } else { format!("{}/{name}", self.config.name) }
+    }
+
+    /// The internal group a provider group stands for: mapped, or under
+    /// the issuer's namespace. Keycloak writes group paths (`/a/b`).
+    fn group(&self, claimed: &str) -> Option<String> {
+        let path = claimed.trim_start_matches('/');
+        let mapped = self.config.group_map.get(claimed).or_else(|| {
+            self.config.group_map.iter().find(|(k, _)| k.trim_start_matches('/') == path).map(|(_, v)| v)
+        });
+        match mapped {
+            Some(internal) => Some(internal.clone()),
+            None if path.is_empty() => None,
+            None => Some(self.namespaced(path)),
+        }
+    }
+
     async fn verify(&self, token: &str, alg: Algorithm, kid: &str) -> Result<Verified, String> {
         let (key, key_alg) = self.key(kid).await?;
         if let Some(key_alg) = key_alg
@@ -310,23 +350,24 @@ impl Issuer {
         let string_claim = |name: &str| claims.get(name).and_then(|v| v.as_str()).map(str::to_owned);
         match self.config.kind {
             IssuerKind::Users => {
-                let subject = string_claim(&self.config.user_claim)
+                let claim = string_claim(&self.config.user_claim)
                     .ok_or_else(|| format!("the token has no string {} claim", self.config.user_claim))?;
+                let subject = self.namespaced(&claim);
                 let groups = match &self.config.groups_claim {
                     None => Vec::new(),
                     Some(claim) => claims
                         .get(claim)
                         .and_then(|v| v.as_array())
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|g| g.as_str())
-                                // Keycloak writes group paths: "/data-eng".
-                                .map(|g| g.trim_start_matches('/').to_string())
-                                .collect()
-                        })
+                        .map(|a| a.iter().filter_map(|g| g.as_str()).filter_map(|g| self.group(g)).collect())
                         .unwrap_or_default(),
                 };
-                Ok(Verified { issuer: self.config.name.clone(), kind: IssuerKind::Users, subject, groups })
+                Ok(Verified {
+                    issuer: self.config.name.clone(),
+                    kind: IssuerKind::Users,
+                    subject,
+                    groups,
+                    shared: self.config.shared_namespace,
+                })
             }
             IssuerKind::ServiceAccounts => {
                 let subject = string_claim("sub").ok_or("the token has no sub claim")?;
@@ -338,6 +379,7 @@ impl Issuer {
                     kind: IssuerKind::ServiceAccounts,
                     subject,
                     groups: Vec::new(),
+                    shared: false,
                 })
             }
         }
@@ -358,6 +400,25 @@ impl Verifier {
             let field = format!("jwt_issuers[{i}]");
             if c.name.is_empty() || configs[..i].iter().any(|o| o.name == c.name || o.issuer == c.issuer) {
                 return Err(format!("{field}: name and issuer must be non-empty and unique"));
+            }
+            // The name is the namespace of the issuer's principals.
+            let segment = |t: &str| {
+                !t.is_empty() && t.len() <= 64 && t.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+            };
+            if !segment(&c.name) {
+                return Err(format!(
+                    "{field}.name: {} is not an issuer name: 1 to 64 of letters, digits, '.', '_' and '-' (it prefixes the principals of its users)",
+                    shown(&c.name)
+                ));
+            }
+            for (from, to) in &c.group_map {
+                if from.trim_start_matches('/').is_empty() || !segment(to) {
+                    return Err(format!(
+                        "{field}.group_map: {} = {}: map a provider group to an internal group name (letters, digits, '.', '_' and '-')",
+                        shown(from),
+                        shown(to)
+                    ));
+                }
             }
             issuers.push(Issuer::new(c.clone(), &field)?);
         }

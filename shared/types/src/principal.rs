@@ -55,7 +55,7 @@ impl Principal {
             field,
             text,
             &[SubjectKind::User, SubjectKind::Service],
-            "subjects are 'user:NAME' or 'service:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_' and '-'",
+            "subjects are 'user:NAME' or 'service:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_', '-' and '/' (between non-empty parts)",
         )
     }
 
@@ -66,7 +66,7 @@ impl Principal {
             field,
             text,
             &[SubjectKind::User, SubjectKind::Service, SubjectKind::Group],
-            "subjects are 'user:NAME', 'service:NAME' or 'group:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_' and '-'",
+            "subjects are 'user:NAME', 'service:NAME' or 'group:NAME', NAME 1 to 253 of letters, digits, '@', '.', '_', '-' and '/' (between non-empty parts)",
         )
     }
 
@@ -77,8 +77,10 @@ impl Principal {
             Some(k) => *k,
             None => return Err(FieldViolation::new(field, format!("{kind:?} is not allowed here; {rule}"))),
         };
-        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | '-');
-        if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(ok) {
+        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | '-' | '/');
+        // '/' separates an identity provider's namespace: `keycloak/alice`.
+        let segments_ok = name.split('/').all(|s| !s.is_empty());
+        if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(ok) || !segments_ok {
             return Err(FieldViolation::new(field, format!("bad name {name:?}; {rule}")));
         }
         Ok(Self { kind, name: name.to_string() })
@@ -105,7 +107,7 @@ mod tests {
 
     #[test]
     fn round_trips_users_and_services() {
-        for s in ["user:alice", "service:spark-operator", "user:a.b@example.com"] {
+        for s in ["user:alice", "service:spark-operator", "user:a.b@example.com", "user:keycloak/3f2a-41"] {
             assert_eq!(Principal::parse("subject", s).unwrap().to_string(), s);
         }
     }
@@ -120,7 +122,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_kinds_and_bad_names() {
-        for s in ["alice", "group:x", "user:", "user:a b", "user:a:b"] {
+        for s in ["alice", "group:x", "user:", "user:a b", "user:a:b", "user:/a", "user:a/", "user:a//b"] {
             let e = Principal::parse("subject", s).unwrap_err();
             assert_eq!(e.field, "subject");
         }

@@ -28,13 +28,35 @@ fn issuer(oidc: &FakeOidc, name: &str, kind: IssuerKind) -> IssuerConfig {
         discovery_url: None,
         ca_file: None,
         bearer_token_file: None,
-        user_claim: "preferred_username".into(),
+        user_claim: "sub".into(),
         groups_claim: Some("groups".into()),
+        group_map: [("/finance-readers".to_string(), "data-eng".to_string())].into(),
+        shared_namespace: false,
         leeway_s: 30,
         jwks_min_refresh_ms: 400,
         jwks_max_age_ms: 600_000,
         fetch_timeout_ms: 2_000,
     }
+}
+
+/// The principal the keycloak issuer's token for `user` (whose `sub` is
+/// `uuid-of-USER`) acts as.
+fn by_jwt(user: &str) -> String {
+    format!("user:keycloak/uuid-of-{user}")
+}
+
+/// Makes the keycloak user `user` an owner of the domain.
+async fn own_by_jwt(app: &TestApp, user: &str) {
+    app.as_user(ADMIN)
+        .authz
+        .clone()
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: DOMAIN.into(),
+            subject: by_jwt(user),
+            role: pb::DomainRole::Owner as i32,
+        })
+        .await
+        .expect("owner by JWT");
 }
 
 fn user_claims(oidc: &FakeOidc, user: &str, groups: &[&str]) -> serde_json::Value {
@@ -81,7 +103,13 @@ async fn users_with_provider_tokens_act_as_themselves_and_their_token_groups_cou
     app.setup_domain(DOMAIN).await;
     app.as_user(OWNER).create(DOMAIN, "db-password", "v").await.expect("create");
 
+    // A provider user is user:keycloak/<sub>: not the static user of the
+    // same name, until that principal is given the domain.
     let owner = with_jwt(&app, &key.sign(&user_claims(&keycloak, OWNER, &[])), None);
+    let e = owner.list(DOMAIN).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains(&by_jwt(OWNER)), "{}", e.message());
+    own_by_jwt(&app, OWNER).await;
     assert_eq!(owner.list(DOMAIN).await.expect("the owner by JWT"), ["db-password"]);
 
     // A stranger sees nothing... until the provider puts them in a group
@@ -94,7 +122,7 @@ async fn users_with_provider_tokens_act_as_themselves_and_their_token_groups_cou
         .clone()
         .add_domain_member(pb::AddDomainMemberRequest {
             domain: DOMAIN.into(),
-            subject: "group:data-eng".into(),
+            subject: "group:keycloak/data-eng".into(),
             role: pb::DomainRole::Member as i32,
         })
         .await
@@ -104,12 +132,12 @@ async fn users_with_provider_tokens_act_as_themselves_and_their_token_groups_cou
         .clone()
         .grant_domain_permission(pb::GrantDomainPermissionRequest {
             domain: DOMAIN.into(),
-            subject: "group:data-eng".into(),
+            subject: "group:keycloak/data-eng".into(),
             permission: pb::Permission::ListSecrets as i32,
         })
         .await
         .expect("grant to the group");
-    // Keycloak writes group paths.
+    // Keycloak writes group paths; they count under the issuer's namespace.
     let in_group = with_jwt(&app, &key.sign(&user_claims(&keycloak, STRANGER, &["/data-eng"])), None);
     assert_eq!(in_group.list(DOMAIN).await.expect("a member by the groups claim"), ["db-password"]);
     assert_eq!(stranger.list(DOMAIN).await.unwrap_err().code(), Code::PermissionDenied, "not without the claim");
@@ -122,7 +150,7 @@ async fn users_with_provider_tokens_act_as_themselves_and_their_token_groups_cou
         .create_bundle(pb::CreateBundleRequest {
             name: "team-vault".into(),
             description: String::new(),
-            owner: "group:vault-admins".into(),
+            owner: "group:keycloak/vault-admins".into(),
         })
         .await
         .expect("bundle");
@@ -152,6 +180,7 @@ async fn every_bad_token_is_unauthenticated_with_the_reason_and_never_the_token(
     let elsewhere = FakeOidc::start(&[&elsewhere_key]).await;
     let app = spawn(&keycloak, None).await;
     app.setup_domain(DOMAIN).await;
+    own_by_jwt(&app, OWNER).await;
     let good = user_claims(&keycloak, OWNER, &[]);
     let now = chrono::Utc::now().timestamp();
     let b64 = |s: &str| {
@@ -202,6 +231,11 @@ async fn every_bad_token_is_unauthenticated_with_the_reason_and_never_the_token(
         let signature = token.rsplit('.').next().unwrap();
         assert!(signature.is_empty() || !e.message().contains(signature), "{name}: the token is echoed");
         assert!(!logs::captured().contains(&token), "{name}: the token reached the logs");
+        // Operators see refusals: the reason is logged, never the token.
+        assert!(
+            logs::captured().lines().any(|l| l.contains("token refused") && l.contains(reason)),
+            "{name}: no log line says the token was refused"
+        );
     }
     // And the good one passes.
     with_jwt(&app, &key.sign(&good), None).list(DOMAIN).await.expect("a valid token");
@@ -213,6 +247,7 @@ async fn rotated_keys_are_fetched_once_within_the_bound_and_cached_keys_outlive_
     let keycloak = FakeOidc::start(&[&k1]).await;
     let app = spawn_with_max_age(&keycloak, None, 1_500).await;
     app.setup_domain(DOMAIN).await;
+    own_by_jwt(&app, OWNER).await;
     let claims = user_claims(&keycloak, OWNER, &[]);
     with_jwt(&app, &k1.sign(&claims), None).list(DOMAIN).await.expect("k1");
     assert_eq!(keycloak.fetches(), 1, "keys are fetched on first use, then cached");
@@ -293,4 +328,97 @@ async fn service_account_tokens_are_platform_services_with_least_privilege() {
     assert!(e.message().contains("is not a service account"), "{}", e.message());
     // The calling identity is in the logs beside the acting principal.
     assert!(logs::captured().contains(SERVICE_ACCOUNT), "the calling service account is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_provider_user_becomes_a_principal_a_static_token_or_a_configured_admin_holds() {
+    let key = SigningKey::generate("k1");
+    let keycloak = FakeOidc::start(&[&key]).await;
+    let partner_key = SigningKey::generate("p1");
+    let partner = FakeOidc::start(&[&partner_key]).await;
+    let mut shared = issuer(&partner, "partner", IssuerKind::Users);
+    shared.shared_namespace = true;
+    shared.user_claim = "preferred_username".into();
+    shared.group_map.clear();
+    let app = TestApp::spawn_with(Options {
+        jwt_issuers: vec![issuer(&keycloak, "keycloak", IssuerKind::Users), shared],
+        ..Default::default()
+    })
+    .await;
+    app.setup_domain(DOMAIN).await;
+    let admin = app.as_user(ADMIN);
+    let mut admin_authz = admin.authz.clone();
+    admin_authz
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: DOMAIN.into(),
+            subject: "group:data-eng".into(),
+            role: pb::DomainRole::Owner as i32,
+        })
+        .await
+        .unwrap();
+    // user:pat is a platform admin; below, a shared-namespace provider user
+    // named pat is that principal but may not act as an admin.
+    admin_authz.grant_platform_admin(pb::GrantPlatformAdminRequest { subject: "user:pat".into() }).await.unwrap();
+
+    // Whatever name and groups a provider user is given, it is
+    // user:keycloak/<sub> in group:keycloak/<path>: never the configured
+    // admin, never in the internal groups of the same name.
+    let mut claims = keycloak.claims(AUDIENCE, ADMIN);
+    claims["preferred_username"] = json!(ADMIN);
+    claims["groups"] = json!(["/platform-admins", "data-eng", "/data-eng"]);
+    let fake_admin = with_jwt(&app, &key.sign(&claims), None);
+    let e = fake_admin.authz.clone().list_platform_admins(pb::ListPlatformAdminsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = fake_admin
+        .authz
+        .clone()
+        .grant_platform_admin(pb::GrantPlatformAdminRequest { subject: "user:mallory".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("user:keycloak/admin"), "{}", e.message());
+    assert_eq!(fake_admin.list(DOMAIN).await.unwrap_err().code(), Code::PermissionDenied, "not in group:data-eng");
+    // An explicit mapping makes a provider group an internal one.
+    claims["groups"] = json!(["/finance-readers"]);
+    let mapped = with_jwt(&app, &key.sign(&claims), None);
+    mapped.list(DOMAIN).await.expect("group:data-eng through group_map");
+
+    // An issuer sharing the plain namespace: its users are user:NAME, but
+    // never the principal of a static token, and never a platform admin.
+    for name in [ADMIN, OWNER, SPARK] {
+        let mut c = partner.claims(AUDIENCE, &format!("uuid-{name}"));
+        c["preferred_username"] = json!(name);
+        let e = with_jwt(&app, &partner_key.sign(&c), None).list(DOMAIN).await.unwrap_err();
+        if name == SPARK {
+            // spark is a service token's subject, not a user's: user:spark is free.
+            assert_eq!(e.code(), Code::PermissionDenied, "{name}: {e:?}");
+            continue;
+        }
+        assert_eq!(e.code(), Code::Unauthenticated, "{name}: {e:?}");
+        assert!(e.message().contains(&format!("user:{name} is the principal of a static token")), "{}", e.message());
+    }
+    let mut c = partner.claims(AUDIENCE, "uuid-pat");
+    c["preferred_username"] = json!("pat");
+    let pat = with_jwt(&app, &partner_key.sign(&c), None);
+    let e = pat.authz.clone().list_platform_admins(pb::ListPlatformAdminsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("shares the plain namespace"), "{}", e.message());
+    let mut c = partner.claims(AUDIENCE, "uuid-lee");
+    c["preferred_username"] = json!("lee");
+    c["groups"] = json!(["data-eng"]);
+    let lee = with_jwt(&app, &partner_key.sign(&c), None);
+    lee.list(DOMAIN).await.expect("a shared-namespace group is the internal group");
+
+    // Configured identities may not use the providers' separator.
+    let bad = gateway::auth::Authenticator::new(&[gateway::auth::TokenConfig {
+        name: "t".into(),
+        kind: gateway::auth::TokenKind::User,
+        subject: "keycloak/admin".into(),
+        sha256: "00".repeat(32),
+        allow: None,
+        act_for: None,
+        act_for_admins: false,
+    }]);
+    let e = bad.err().expect("a static subject with '/' is refused");
+    assert!(e.description.contains("reserved for the namespaces"), "{}", e.description);
 }
