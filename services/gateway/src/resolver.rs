@@ -468,15 +468,10 @@ impl Resolver {
                 Question::domain(&caller.principal, Permission::PlatformAdmin, None).with_groups(&caller.member_of),
             );
         }
-        // The check and the store read run at once; what is denied is
-        // discarded. Vault reads wait for the answer: they reach an outside
-        // system, per config, only for configs the principal may USE.
-        let (kubernetes, vault): (Vec<Lookup>, Vec<Lookup>) =
-            wanted.iter().partition(|(t, _)| !matches!(t, Target::Vault(_)));
-        let check =
-            async { if questions.is_empty() { Ok(Vec::new()) } else { self.authz.batch_check(&questions).await } };
-        let (answers, from_kubernetes) = tokio::join!(check, read_from(&self.kubernetes, &kubernetes, presence_only));
-        let mut answers = answers?;
+        // Decide first, then read only what is allowed: a denied item's
+        // value never leaves its store or Vault, and never crosses the wire
+        // into the gateway.
+        let mut answers = if questions.is_empty() { Vec::new() } else { self.authz.batch_check(&questions).await? };
         if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
             return Err(caller.admin_refusal());
         }
@@ -488,21 +483,22 @@ impl Resolver {
                 caller.principal, request.domain
             )));
         }
-        // A store that failed matters only if something read from it was allowed.
-        let from_kubernetes = match from_kubernetes {
-            Ok(values) => values,
-            Err(_) if kubernetes.iter().all(|(t, _)| denied.contains_key(t)) => Values::new(),
-            Err(e) if presence_only => failed(&kubernetes, &e),
-            Err(e) => return Err(e),
-        };
-        let vault: Vec<Lookup> = vault.into_iter().filter(|(t, _)| !denied.contains_key(t)).collect();
-        let from_vault = match read_from(&self.vault, &vault, presence_only).await {
-            Ok(values) => values,
-            Err(e) if presence_only => failed(&vault, &e),
-            Err(e) => return Err(e),
-        };
-        let from_kubernetes = from_kubernetes.into_iter().filter(|((t, _), _)| !denied.contains_key(t));
-        let values: Values = from_kubernetes.into_iter().chain(from_vault).collect();
+        // One read per source, at once, of the allowed lookups only.
+        let (vault, kubernetes): (Vec<Lookup>, Vec<Lookup>) =
+            wanted.iter().filter(|(t, _)| !denied.contains_key(t)).partition(|(t, _)| matches!(t, Target::Vault(_)));
+        let (from_kubernetes, from_vault) = tokio::join!(
+            read_from(&self.kubernetes, &kubernetes, presence_only),
+            read_from(&self.vault, &vault, presence_only)
+        );
+        let mut values = Values::new();
+        for (lookups, read) in [(&kubernetes, from_kubernetes), (&vault, from_vault)] {
+            match read {
+                Ok(read) => values.extend(read),
+                // Checking reports a source that did not answer per item.
+                Err(e) if presence_only => values.extend(failed(lookups, &e)),
+                Err(e) => return Err(e),
+            }
+        }
 
         let mut counts = Counts::default();
         let mut budget = Budget { left: MAX_RESPONSE_VALUE_BYTES };

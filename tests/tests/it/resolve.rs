@@ -225,6 +225,42 @@ async fn each_store_object_is_read_once_per_batch() {
     assert!(reads.values().all(|n| *n == 1), "12 items, each object read once: {reads:?}");
 }
 
+#[tokio::test]
+async fn a_denied_item_is_never_read_from_its_store() {
+    let fixture = integration_tests::stores::Fixture::embedded().await;
+    let counting = CountingBackend::new(fixture.backend.clone());
+    let app = TestApp::spawn_with(Options { backend: Some(counting.clone()), ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    let admin = app.as_user(ADMIN);
+    admin.create("finance", "k", "finance-value").await.unwrap();
+    admin.create(OTHER_DOMAIN, "mine", "other-value").await.unwrap();
+    admin.create_in(pb::Scope::Admin, "", "ldap", "admin-value").await.unwrap();
+    let admin_key =
+        || pb::ResolveItem { id: "ldap".into(), reference: Some(pb::resolve_item::Reference::AdminKey("ldap".into())) };
+    let oscar = app.as_service(Some(&format!("user:{OUTSIDER}")));
+
+    // Every item denied: the secret-service is not asked at all.
+    counting.reset();
+    let out = oscar.resolve("finance", vec![object_item("a", "finance", "k"), admin_key()]).await.unwrap();
+    assert!(out.iter().all(|r| error(r).0 == Code::PermissionDenied), "{out:?}");
+    assert_eq!(counting.reads(), Default::default(), "denied items were read");
+
+    // Some allowed: only their objects are read.
+    let out = oscar
+        .resolve(
+            OTHER_DOMAIN,
+            vec![object_item("a", "finance", "k"), admin_key(), object_item("b", OTHER_DOMAIN, "mine")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(error(&out[0]).0, Code::PermissionDenied);
+    assert_eq!(error(&out[1]).0, Code::PermissionDenied);
+    assert_eq!(out[2].result, Some(R::Value(b"other-value".to_vec())));
+    let reads = counting.reads();
+    assert!(reads.keys().any(|o| o.ends_with(&format!("-{OTHER_DOMAIN}"))), "{reads:?}");
+    assert!(!reads.keys().any(|o| o.ends_with("-finance") || o.ends_with("-admin")), "denied objects read: {reads:?}");
+}
+
 fn error_status(r: &pb::ResolvedItem) -> &tonic_types::pb::Status {
     match &r.result {
         Some(R::Error(e)) => e,
