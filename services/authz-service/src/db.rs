@@ -187,6 +187,8 @@ pub mod workload {
         pub name: String,
         pub saved_by: String,
         pub saved_at: ChronoDateTimeUtc,
+        /// The identity that owns the record (empty: recorded before owners).
+        pub owner: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -631,6 +633,7 @@ enum Workloads {
     Name,
     SavedBy,
     SavedAt,
+    Owner,
 }
 
 #[derive(DeriveIden)]
@@ -741,6 +744,34 @@ impl MigrationTrait for UsageIndex {
     }
 }
 
+/// Which identity saved a workload: only it (or a platform admin) may
+/// change or delete its record.
+pub struct WorkloadOwner;
+
+impl MigrationName for WorkloadOwner {
+    fn name(&self) -> &str {
+        "m20261204_000006_workload_owner"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for WorkloadOwner {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Workloads::Table)
+                    .add_column(ColumnDef::new(Workloads::Owner).string_len(270).not_null().default(""))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.alter_table(Table::alter().table(Workloads::Table).drop_column(Workloads::Owner).to_owned()).await
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
@@ -751,6 +782,7 @@ impl MigratorTrait for Migrator {
             Box::new(GroupsAndBundles),
             Box::new(ChangeCounter),
             Box::new(UsageIndex),
+            Box::new(WorkloadOwner),
         ]
     }
 }

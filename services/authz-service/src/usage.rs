@@ -73,6 +73,22 @@ fn source_of(name: &str) -> i32 {
     SourceType::from_str_name(name).unwrap_or_default() as i32
 }
 
+/// PERMISSION_DENIED when another identity owns the workload. Workloads
+/// recorded before owners were have none: the next save claims them.
+fn owned_elsewhere(row: &workload::Model, owner: &str, override_owner: bool, action: &str) -> Result<()> {
+    if row.owner.is_empty() || row.owner == owner || override_owner {
+        return Ok(());
+    }
+    Err(Error::PermissionDenied(format!(
+        "{} may not {action} workload {}/{} {:?}: {} saved it, and only it or a platform admin may change its record",
+        if owner.is_empty() { "the caller" } else { owner },
+        row.domain,
+        row.kind,
+        row.id,
+        row.owner
+    )))
+}
+
 fn key_of(domain: &str, kind: i32, id: &str) -> Result<Key> {
     validate::domain("domain", domain)?;
     validate::workload_id("id", id)?;
@@ -160,10 +176,13 @@ impl UsageIndex {
             .bounded(async {
                 let db = self.policy.db();
                 let txn = db.begin().await?;
-                let existed = workload::Entity::find_by_id((key.domain.clone(), key.kind.to_string(), key.id.clone()))
+                let existing = workload::Entity::find_by_id((key.domain.clone(), key.kind.to_string(), key.id.clone()))
                     .one(&txn)
-                    .await?
-                    .is_some();
+                    .await?;
+                if let Some(row) = &existing {
+                    owned_elsewhere(row, &request.owner, request.override_owner, "replace")?;
+                }
+                let existed = existing.is_some();
                 // The workload row first: on PostgreSQL its lock orders
                 // concurrent saves of one workload, so the last one's
                 // references are the ones left.
@@ -174,10 +193,16 @@ impl UsageIndex {
                     name: Set(name),
                     saved_by: Set(request.saved_by.clone()),
                     saved_at: Set(Utc::now()),
+                    owner: Set(request.owner.clone()),
                 })
                 .on_conflict(
                     OnConflict::columns([workload::Column::Domain, workload::Column::Kind, workload::Column::Id])
-                        .update_columns([workload::Column::Name, workload::Column::SavedBy, workload::Column::SavedAt])
+                        .update_columns([
+                            workload::Column::Name,
+                            workload::Column::SavedBy,
+                            workload::Column::SavedAt,
+                            workload::Column::Owner,
+                        ])
                         .to_owned(),
                 )
                 .exec_without_returning(&txn)
@@ -197,15 +222,26 @@ impl UsageIndex {
             .await
     }
 
-    /// True when the workload was indexed.
-    pub async fn forget(&self, domain: &str, kind: i32, id: &str) -> Result<bool> {
-        let key = key_of(domain, kind, id)?;
+    /// True when the workload was indexed. A workload another identity
+    /// owns is removed only with `override_owner`.
+    pub async fn forget(&self, request: &internal::ForgetWorkloadRequest) -> Result<bool> {
+        let key = key_of(&request.domain, request.kind, &request.id)?;
         let _turn = self.write_turn().await;
         self.policy
             .bounded(async {
-                let removed = workload::Entity::delete_by_id((key.domain, key.kind.to_string(), key.id))
-                    .exec(self.policy.db())
+                let txn = self.policy.db().begin().await?;
+                let id = (key.domain, key.kind.to_string(), key.id);
+                let Some(row) = workload::Entity::find_by_id(id.clone()).one(&txn).await? else {
+                    return Ok(false);
+                };
+                owned_elsewhere(&row, &request.owner, request.override_owner, "delete")?;
+                // The owner checked is the owner deleted: a save that
+                // changed it in between makes this delete remove nothing.
+                let removed = workload::Entity::delete_by_id(id)
+                    .filter(workload::Column::Owner.eq(row.owner.clone()))
+                    .exec(&txn)
                     .await?;
+                txn.commit().await?;
                 Ok(removed.rows_affected > 0)
             })
             .await
@@ -236,6 +272,7 @@ impl UsageIndex {
                     workload: Some(to_ref(&row)),
                     references: references.into_iter().map(to_reference).collect(),
                     saved_by: row.saved_by,
+                    owner: row.owner,
                 })
             })
             .await
@@ -325,7 +362,7 @@ impl usage_index_server::UsageIndex for UsageIndex {
         request: Request<internal::ForgetWorkloadRequest>,
     ) -> Result<Response<internal::ForgetWorkloadResponse>, Status> {
         let r = request.into_inner();
-        let removed = self.forget(&r.domain, r.kind, &r.id).await?;
+        let removed = self.forget(&r).await?;
         Ok(Response::new(internal::ForgetWorkloadResponse { removed }))
     }
 

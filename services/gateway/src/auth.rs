@@ -137,6 +137,9 @@ pub struct Caller {
     pub kind: TokenKind,
     /// Whom the call acts for.
     pub principal: Principal,
+    /// Whom the token itself proves: the platform service
+    /// (`service:compute-manager`) or the user, whomever it acts for.
+    pub own: Principal,
     /// The groups the identity provider puts the principal in (a user
     /// token's groups claim); they count like recorded memberships.
     pub member_of: Vec<Principal>,
@@ -335,9 +338,7 @@ impl Authenticator {
             return match verified.kind {
                 crate::jwt::IssuerKind::Users => {
                     let own = Principal::parse("token user claim", &Principal::user(&verified.subject).to_string())
-                        .map_err(|v| {
-                            refused(format!("issuer {}: the user name {}", verified.issuer, v.description))
-                        })?;
+                        .map_err(|v| refused(format!("issuer {}: the user name {}", verified.issuer, v.description)))?;
                     if self.static_principals.contains(&own) {
                         return Err(refused(format!(
                             "issuer {}: {own} is the principal of a static token, which no identity-provider user may become",
@@ -431,6 +432,7 @@ fn caller(identity: &Identity, on_behalf_of: Option<Principal>, member_of: Vec<P
         name: identity.name.clone(),
         kind: identity.kind,
         principal,
+        own: own.clone(),
         member_of,
         groups: identity.policy.as_ref().map(|p| p.groups.clone()),
         must_not_be_admin,

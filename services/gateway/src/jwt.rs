@@ -311,9 +311,10 @@ impl Issuer {
     /// the issuer's namespace. Keycloak writes group paths (`/a/b`).
     fn group(&self, claimed: &str) -> Option<String> {
         let path = claimed.trim_start_matches('/');
-        let mapped = self.config.group_map.get(claimed).or_else(|| {
-            self.config.group_map.iter().find(|(k, _)| k.trim_start_matches('/') == path).map(|(_, v)| v)
-        });
+        let mapped =
+            self.config.group_map.get(claimed).or_else(|| {
+                self.config.group_map.iter().find(|(k, _)| k.trim_start_matches('/') == path).map(|(_, v)| v)
+            });
         match mapped {
             Some(internal) => Some(internal.clone()),
             None if path.is_empty() => None,
@@ -403,7 +404,9 @@ impl Verifier {
             }
             // The name is the namespace of the issuer's principals.
             let segment = |t: &str| {
-                !t.is_empty() && t.len() <= 64 && t.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+                !t.is_empty()
+                    && t.len() <= 64
+                    && t.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
             };
             if !segment(&c.name) {
                 return Err(format!(

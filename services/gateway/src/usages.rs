@@ -17,7 +17,7 @@ use secrets_proto::{
 use tonic::{Code, Status};
 
 use crate::{
-    auth::{Caller, RpcGroup},
+    auth::{Caller, RpcGroup, TokenKind},
     forward::SECRET_SERVICE,
     resolver::Resolver,
     workload,
@@ -104,6 +104,53 @@ impl Resolver {
         self.require(caller, question, &format!("{action} in domain {domain:?}")).await
     }
 
+    /// Whether the caller may record or delete saved workloads: platform
+    /// services (the component that owns the workload) may; a user only
+    /// as a platform admin. True when the caller is known to be an admin.
+    async fn may_record(&self, caller: &Caller, action: &str) -> Result<bool, Status> {
+        if caller.kind == TokenKind::Service {
+            return Ok(false);
+        }
+        let question = Question::domain(&caller.principal, Permission::PlatformAdmin, None);
+        self.require(
+            caller,
+            question,
+            &format!(
+                "{action}: the usage index is kept by the platform services that own workloads (and platform admins); \
+                 users may only validate (validate_only)"
+            ),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Whether the acting principal is a platform admin, who may change a
+    /// workload's record another identity owns.
+    async fn is_admin(&self, caller: &Caller) -> Result<bool, Status> {
+        let question = Question::domain(&caller.principal, Permission::PlatformAdmin, None);
+        match self.require(caller, question, "act as a platform admin").await {
+            Ok(()) => Ok(true),
+            Err(s) if s.code() == Code::PermissionDenied => Ok(false),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Runs a change of the usage index as the caller's identity; when
+    /// another identity owns the workload, again as a platform admin if
+    /// the principal is one.
+    async fn as_owner<T, F, Fut>(&self, caller: &Caller, admin: bool, change: F) -> Result<T, Status>
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        match change(admin).await {
+            Err(s) if s.code() == Code::PermissionDenied && !admin && self.is_admin(caller).await? => {
+                change(true).await
+            }
+            other => other,
+        }
+    }
+
     pub async fn save_workload(
         &self,
         caller: &Caller,
@@ -113,6 +160,7 @@ impl Resolver {
         validate::domain("domain", &request.domain).map_err(invalid_argument)?;
         validate::workload_id("id", &request.id).map_err(invalid_argument)?;
         validate::workload_name("name", &request.name).map_err(invalid_argument)?;
+        let admin = if request.validate_only { false } else { self.may_record(caller, "save workloads").await? };
         let payload = request
             .payload
             .ok_or_else(|| invalid_argument(FieldViolation::new("payload", "is required: the workload's payload")))?;
@@ -150,14 +198,18 @@ impl Resolver {
                 id: request.id,
                 name: request.name,
             };
-            tracing::info!(workload = %describe(&workload), "workload saved");
-            self.usage
-                .record(internal::RecordWorkloadRequest {
-                    workload: Some(workload),
+            let described = describe(&workload);
+            let record = |override_owner| {
+                self.usage.record(internal::RecordWorkloadRequest {
+                    workload: Some(workload.clone()),
                     references: references.clone(),
                     saved_by: caller.principal.to_string(),
+                    owner: caller.own.to_string(),
+                    override_owner,
                 })
-                .await?;
+            };
+            self.as_owner(caller, admin, record).await?;
+            tracing::info!(workload = %described, owner = %caller.own, "workload saved");
         }
         Ok(pb::SaveWorkloadResponse {
             saved,
@@ -175,10 +227,17 @@ impl Resolver {
         workload_kind("kind", request.kind)?;
         validate::workload_id("id", &request.id).map_err(invalid_argument)?;
         self.require_workloads_of(caller, &request.domain, "delete workloads").await?;
-        let removed = self
-            .usage
-            .forget(internal::ForgetWorkloadRequest { domain: request.domain, kind: request.kind, id: request.id })
-            .await?;
+        let admin = self.may_record(caller, "delete workloads").await?;
+        let forget = |override_owner| {
+            self.usage.forget(internal::ForgetWorkloadRequest {
+                domain: request.domain.clone(),
+                kind: request.kind,
+                id: request.id.clone(),
+                owner: caller.own.to_string(),
+                override_owner,
+            })
+        };
+        let removed = self.as_owner(caller, admin, forget).await?;
         Ok(pb::DeleteWorkloadResponse { removed })
     }
 
@@ -211,6 +270,7 @@ impl Resolver {
             workload: found.workload,
             references: found.references.into_iter().map(public_reference).collect(),
             saved_by: found.saved_by,
+            owner: found.owner,
         })
     }
 

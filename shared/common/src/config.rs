@@ -51,9 +51,7 @@ pub fn is_service_link(key: &str, value: &str) -> bool {
     let port = |v: &str| v.parse::<u16>().is_ok();
     let ip = |v: &str| v.parse::<std::net::IpAddr>().is_ok();
     let url = |v: &str| {
-        v.split_once("://").is_some_and(|(scheme, addr)| {
-            proto(scheme) && addr.parse::<std::net::SocketAddr>().is_ok()
-        })
+        v.split_once("://").is_some_and(|(scheme, addr)| proto(scheme) && addr.parse::<std::net::SocketAddr>().is_ok())
     };
     (0..words.len()).any(|start| {
         let named = words[..start].iter().all(|w| !w.is_empty());

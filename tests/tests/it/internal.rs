@@ -130,6 +130,7 @@ async fn the_usage_index_answers_only_the_internal_credential() {
         domain: "finance".into(),
         kind: secrets_proto::v1::WorkloadKind::SparkJob as i32,
         id: "etl".into(),
+        ..Default::default()
     };
     let mut index = UsageIndexClient::new(channel(&app.authz_service_url));
     let missing = index.forget_workload(forget()).await.unwrap_err();

@@ -526,3 +526,67 @@ async fn grpcurl_saves_a_seed_payload_and_lists_a_secrets_usages() {
     assert_eq!(found["usages"][0]["references"][0]["field"], r#"envVars["DB_URL"]"#);
     assert_eq!(found["usages"][0]["references"][0]["placeholder"], true);
 }
+
+#[tokio::test]
+async fn only_the_identity_that_saved_a_workload_or_an_admin_changes_its_record() {
+    let app = TestApp::spawn().await;
+    setup(&app).await;
+    let payload = || spark_job(&[("DB_PASSWORD", object("finance", "db_password"))], &[]);
+    let delete =
+        pb::DeleteWorkloadRequest { domain: "finance".into(), kind: WorkloadKind::SparkJob as i32, id: "etl".into() };
+
+    // A user may validate but not record or delete: their token cannot add
+    // or remove another component's delete protection.
+    let owner = app.as_user(OWNER);
+    let e = save(&owner, "etl", payload()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("validate_only"), "{}", e.message());
+    let check = pb::SaveWorkloadRequest {
+        domain: "finance".into(),
+        id: "etl".into(),
+        name: String::new(),
+        payload: Some(payload()),
+        validate_only: true,
+    };
+    let out = owner.gateway.clone().save_workload(check).await.unwrap().into_inner();
+    assert!(out.problems.is_empty() && !out.saved, "{out:?}");
+
+    // The platform service that saves it owns it.
+    let spark = spark(&app);
+    assert!(save(&spark, "etl", payload()).await.unwrap().saved);
+    let get = pb::GetWorkloadReferencesRequest {
+        domain: "finance".into(),
+        kind: WorkloadKind::SparkJob as i32,
+        id: "etl".into(),
+    };
+    let found = spark.gateway.clone().get_workload_references(get.clone()).await.unwrap().into_inner();
+    assert_eq!(found.owner, "service:spark");
+    assert_eq!(found.saved_by, format!("user:{OWNER}"));
+
+    let e = owner.gateway.clone().delete_workload(delete.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+
+    // Another platform service, for the same user, can neither replace nor
+    // delete it.
+    let jupyter = Clients::over(app.gateway_channel(), Some(app.token(JUPYTER)), Some(&format!("user:{OWNER}")));
+    let e = save(&jupyter, "etl", spark_job(&[], &[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("service:spark saved it"), "{}", e.message());
+    let e = jupyter.gateway.clone().delete_workload(delete.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(references(&spark, "etl").await.unwrap().len(), 1, "the record is unchanged");
+    let e = app.as_user(OWNER).delete("finance", "db_password").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "still protected: {}", e.message());
+
+    // A platform admin may, as a user or through any service.
+    let admin = app.as_user(ADMIN);
+    assert!(save(&admin, "etl", payload()).await.unwrap().saved);
+    let found = spark.gateway.clone().get_workload_references(get).await.unwrap().into_inner();
+    assert_eq!(found.owner, "user:admin");
+    assert!(admin.gateway.clone().delete_workload(delete.clone()).await.unwrap().into_inner().removed);
+    assert_eq!(references(&spark, "etl").await.unwrap_err().code(), Code::NotFound);
+
+    assert!(save(&jupyter, "etl", payload()).await.unwrap().saved);
+    let admin_through_spark = app.as_service(Some("user:admin"));
+    assert!(admin_through_spark.gateway.clone().delete_workload(delete).await.unwrap().into_inner().removed);
+}

@@ -877,7 +877,9 @@ impl Recorder {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     // What a client sends first (its request) and then the close.
-                    while let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_millis(500), stream.read(&mut buf)).await {
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(std::time::Duration::from_millis(500), stream.read(&mut buf)).await
+                    {
                         if n == 0 {
                             break;
                         }
