@@ -42,6 +42,8 @@ pub struct Counters {
     pub lists: usize,
     /// Watch requests (each one a new watch connection).
     pub watches: usize,
+    /// For each label selector watches used: the Secrets sent to them.
+    pub delivered: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -59,7 +61,9 @@ struct Change {
 struct Watcher {
     id: u64,
     namespace: String,
-    selector: Vec<(String, String)>,
+    selector: Vec<(String, Option<String>)>,
+    /// The selector as sent.
+    raw: String,
     sender: tokio::sync::mpsc::UnboundedSender<Bytes>,
 }
 
@@ -180,10 +184,11 @@ impl FakeKube {
     }
 }
 
-/// Whether `secret` carries every `key=value` of `selector`.
-fn selected(secret: &Secret, selector: &[(String, String)]) -> bool {
+/// Whether `secret` carries every `key=value` of `selector`, and no label
+/// a `!key` requirement (value `None`) names.
+fn selected(secret: &Secret, selector: &[(String, Option<String>)]) -> bool {
     let labels = secret.metadata.labels.clone().unwrap_or_default();
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    selector.iter().all(|(k, v)| labels.get(k) == v.as_ref())
 }
 
 fn event_line(kind: &str, secret: &Secret) -> Bytes {
@@ -196,6 +201,8 @@ fn event_line(kind: &str, secret: &Secret) -> Bytes {
 fn record(s: &mut State, kind: &'static str, namespace: &str, secret: Secret) {
     let version = s.next_version;
     let holding = s.holding;
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let mut sent_to = Vec::new();
     s.watchers.retain(|w| {
         if holding {
             return true;
@@ -203,18 +210,28 @@ fn record(s: &mut State, kind: &'static str, namespace: &str, secret: Secret) {
         if w.namespace != namespace || !selected(&secret, &w.selector) {
             return !w.sender.is_closed();
         }
+        sent_to.push(w.raw.clone());
         w.sender.send(event_line(kind, &secret)).is_ok()
     });
+    for raw in sent_to {
+        s.counters.delivered.entry(raw).or_default().insert(name.clone());
+    }
     s.changes.push(Change { version, kind, namespace: namespace.to_string(), secret });
 }
 
-fn parse_selector(query: &BTreeMap<String, String>) -> Vec<(String, String)> {
+/// `key=value`, `key==value` and `!key` requirements, as the API server
+/// reads them.
+fn parse_selector(query: &BTreeMap<String, String>) -> Vec<(String, Option<String>)> {
     query
         .get("labelSelector")
         .map(|sel| {
             sel.split(',')
-                .filter_map(|p| p.split_once('='))
-                .map(|(k, v)| (k.trim_end_matches('=').to_string(), v.to_string()))
+                .filter_map(|p| match p.strip_prefix('!') {
+                    Some(absent) => Some((absent.to_string(), None)),
+                    None => {
+                        p.split_once('=').map(|(k, v)| (k.to_string(), Some(v.trim_start_matches('=').to_string())))
+                    }
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -340,15 +357,19 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
                 let _ = sender.send(Bytes::from(format!("{gone}\n")));
                 drop(sender);
             } else {
+                let raw = params.get("labelSelector").cloned().unwrap_or_default();
+                let mut replayed = Vec::new();
                 for c in s.changes.iter().filter(|c| c.version > from && c.namespace == namespace) {
                     if selected(&c.secret, &selector) {
                         let _ = sender.send(event_line(c.kind, &c.secret));
+                        replayed.push(c.secret.metadata.name.clone().unwrap_or_default());
                     }
                 }
+                s.counters.delivered.entry(raw.clone()).or_default().extend(replayed);
                 let timeout: u64 = params.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(300);
                 // Only the list holds the sender: removing it ends the stream.
                 let id = s.counters.watches as u64;
-                s.watchers.push(Watcher { id, namespace, selector, sender });
+                s.watchers.push(Watcher { id, namespace, selector, raw, sender });
                 let state = state.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(std::time::Duration::from_secs(timeout)).await;

@@ -112,6 +112,8 @@ impl Config {
             embedded: &self.embedded,
             kubernetes: &self.kubernetes,
             env_prefix: ENV_PREFIX,
+            component: "secret-store",
+            object_prefix: &self.object_prefix,
         }
     }
 

@@ -140,6 +140,8 @@ impl Config {
             embedded: &self.embedded,
             kubernetes: &self.kubernetes,
             env_prefix: ENV_PREFIX,
+            component: "vault-credentials",
+            object_prefix: &self.object_prefix,
         }
     }
 

@@ -92,6 +92,11 @@ pub struct StoreSettings<'a> {
     pub kubernetes: &'a KubernetesConfig,
     /// The service's environment-variable prefix, for messages.
     pub env_prefix: &'a str,
+    /// Whose store objects (Kubernetes): written with, and watched by, the
+    /// `app.kubernetes.io/component` label of this value.
+    pub component: &'a str,
+    /// The service's object prefix: it owns `{prefix}` and `{prefix}-*`.
+    pub object_prefix: &'a str,
 }
 
 impl StoreSettings<'_> {
@@ -154,7 +159,10 @@ impl StoreSettings<'_> {
                 let namespace = self.namespace(&env);
                 let timeout = Duration::from_millis(k.timeout_ms);
                 let client = KubernetesBackend::client(k.api_url.as_deref(), &namespace, timeout).await?;
-                let backend = KubernetesBackend::new(client, &namespace);
+                let backend = KubernetesBackend::new(client, &namespace).owned_by(crate::kubernetes::Owner {
+                    component: self.component.to_string(),
+                    prefix: self.object_prefix.to_string(),
+                });
                 if k.watch {
                     let watch = KubernetesBackend::watch_client(k.api_url.as_deref(), &namespace, timeout).await?;
                     Arc::new(backend.watching(watch))
@@ -179,7 +187,7 @@ mod tests {
         embedded: &'a EmbeddedConfig,
         kubernetes: &'a KubernetesConfig,
     ) -> StoreSettings<'a> {
-        StoreSettings { backend, embedded, kubernetes, env_prefix: "SVC_" }
+        StoreSettings { backend, embedded, kubernetes, env_prefix: "SVC_", component: "store", object_prefix: "store" }
     }
 
     #[test]

@@ -43,6 +43,31 @@ const NAME: &str = "kubernetes";
 /// Per-key creation and update times (Secret data has none of its own).
 pub const TIMESTAMPS_ANNOTATION: &str = "secrets.iomete.com/timestamps";
 pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "iomete-secrets");
+/// Which service's store objects these are (see [`Owner`]).
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+
+/// The store objects one service owns: those labelled with its component,
+/// the only ones it lists and watches, so two services in one namespace
+/// never mirror each other's objects. Objects written before components
+/// were labelled (the managed-by label only, named with the prefix) are
+/// labelled when the service lists its objects.
+#[derive(Clone, Debug)]
+pub struct Owner {
+    /// `secret-store`, `vault-credentials`.
+    pub component: String,
+    /// The service's object prefix: it owns `{prefix}` and `{prefix}-*`.
+    pub prefix: String,
+}
+
+impl Owner {
+    fn selector(&self) -> String {
+        format!("{}={},{COMPONENT_LABEL}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1, self.component)
+    }
+
+    fn owns(&self, name: &str) -> bool {
+        name.strip_prefix(self.prefix.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    }
+}
 /// The API server's limit on all annotations of an object together; the
 /// key timestamps live there, so it caps the keys of one store object
 /// (about 4,000 keys of 30-character names).
@@ -59,6 +84,7 @@ pub struct KubernetesBackend {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     backoff: ExponentialBuilder,
     mirror: Option<Arc<Mirror>>,
+    owner: Option<Owner>,
 }
 
 /// The store objects as the watch last reported them.
@@ -139,11 +165,17 @@ impl Mirror {
 
 /// Lists and watches the labelled Secrets into `mirror` for as long as the
 /// backend exists.
-async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>) {
-    let selector = format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1);
+async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>, owner: Option<Owner>) {
+    let selector = match &owner {
+        Some(owner) => owner.selector(),
+        None => format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1),
+    };
     let mut failures = 0u32;
     let pause = |failures: u32| Duration::from_millis((100u64 << failures.min(6)).min(5_000));
     'list: loop {
+        if let Some(owner) = &owner {
+            adopt(&api, owner).await;
+        }
         let listed = api.list(&ListParams::default().labels(&selector)).await;
         let Some(m) = mirror.upgrade() else { return };
         let list = match listed {
@@ -239,6 +271,35 @@ async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>) {
     }
 }
 
+/// Labels this service's objects that were written before components
+/// were (managed-by only, named with its prefix), so its watch sees them.
+/// A conflict or failure leaves the object for the next list.
+async fn adopt(api: &Api<Secret>, owner: &Owner) {
+    let unlabelled = format!("{}={},!{COMPONENT_LABEL}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1);
+    let listed = match api.list(&ListParams::default().labels(&unlabelled)).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list unlabelled store objects");
+            return;
+        }
+    };
+    for mut secret in listed.items {
+        let Some(name) = secret.metadata.name.clone().filter(|n| owner.owns(n)) else { continue };
+        secret
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(COMPONENT_LABEL.into(), owner.component.clone());
+        secret.metadata.managed_fields = None;
+        match api.replace(&name, &PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(object = %name, component = %owner.component, "labelled a store object with its component")
+            }
+            Err(e) => tracing::warn!(object = %name, error = %e, "cannot label a store object with its component"),
+        }
+    }
+}
+
 impl KubernetesBackend {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
         Self {
@@ -251,7 +312,15 @@ impl KubernetesBackend {
                 .with_jitter()
                 .with_max_times(MAX_WRITE_ATTEMPTS),
             mirror: None,
+            owner: None,
         }
+    }
+
+    /// Writes, lists and watches only `owner`'s objects (call before
+    /// [`Self::watching`]).
+    pub fn owned_by(mut self, owner: Owner) -> Self {
+        self.owner = Some(owner);
+        self
     }
 
     /// Keeps the store objects in memory, listed and watched through
@@ -260,7 +329,7 @@ impl KubernetesBackend {
     pub fn watching(mut self, watch_client: kube::Client) -> Self {
         let mirror = Arc::new(Mirror::default());
         let api = Api::namespaced(watch_client, &self.namespace);
-        tokio::spawn(mirror_loop(Arc::downgrade(&mirror), api));
+        tokio::spawn(mirror_loop(Arc::downgrade(&mirror), api, self.owner.clone()));
         self.mirror = Some(mirror);
         self
     }
@@ -371,7 +440,7 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
                 None => (Entries::new(), ObjectMeta::default()),
             };
             change(&mut entries)?;
-            let secret = encode(object, meta, &entries)?;
+            let secret = encode(object, meta, &entries, self.owner.as_ref())?;
             let written = if exists {
                 self.api.replace(object, &PostParams::default(), &secret).await
             } else {
@@ -458,7 +527,7 @@ fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
 
 /// The Secret to write: the metadata that was read (so `resourceVersion`
 /// makes the write conditional), our label and timestamps, and the data.
-fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries) -> Result<Secret> {
+fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries, owner: Option<&Owner>) -> Result<Secret> {
     let times: BTreeMap<&str, Times> =
         entries.iter().map(|(k, e)| (k.as_str(), Times(Stamp::of(e.created_at), Stamp::of(e.updated_at)))).collect();
     let times = serde_json::to_string(&times).map_err(|e| Error::Internal(format!("cannot encode timestamps: {e}")))?;
@@ -475,7 +544,11 @@ fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries) -> Result<Secre
     }
     meta.annotations = Some(annotations);
     meta.name = Some(object.to_string());
-    meta.labels.get_or_insert_with(BTreeMap::new).insert(MANAGED_BY_LABEL.0.into(), MANAGED_BY_LABEL.1.into());
+    let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(MANAGED_BY_LABEL.0.into(), MANAGED_BY_LABEL.1.into());
+    if let Some(owner) = owner {
+        labels.insert(COMPONENT_LABEL.into(), owner.component.clone());
+    }
     meta.managed_fields = None;
     Ok(Secret {
         metadata: meta,
@@ -501,14 +574,15 @@ mod tests {
 
     #[test]
     fn thousands_of_keys_fit_in_the_annotation_limit() {
-        let secret = encode("s", ObjectMeta::default(), &entries(4_000, 30)).expect("4,000 keys of 30 characters fit");
+        let secret =
+            encode("s", ObjectMeta::default(), &entries(4_000, 30), None).expect("4,000 keys of 30 characters fit");
         let (decoded, _) = decode("s", secret).unwrap();
         assert_eq!(decoded.len(), 4_000);
     }
 
     #[test]
     fn past_the_annotation_limit_the_error_names_that_limit_not_the_size_limit() {
-        let err = encode("s", ObjectMeta::default(), &entries(5_000, 40)).unwrap_err();
+        let err = encode("s", ObjectMeta::default(), &entries(5_000, 40), None).unwrap_err();
         let message = err.to_string();
         assert!(matches!(err, Error::TooManyKeys { keys: 5_000, .. }), "{err:?}");
         assert!(message.contains("262144 bytes (256 KiB) of annotations"), "{message}");

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use integration_tests::stores::{Fixture, NAMESPACE, PREFIX};
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use secret_service::{
-    Error,
+    Error, KubernetesConfig,
     backend::BackendError,
     backend::SecretBackend,
     kubernetes::{KubernetesBackend, MANAGED_BY_LABEL, TIMESTAMPS_ANNOTATION},
@@ -270,4 +270,104 @@ async fn a_watch_that_drops_or_expires_misses_no_change() {
         integration_tests::logs::captured().contains("the watch's version was compacted away; listing again"),
         "the 410 and the relist are logged"
     );
+}
+
+/// Two store services sharing a namespace: each labels its objects with
+/// its component and lists and watches only those, so neither mirrors the
+/// other's; objects written before components were labelled are labelled
+/// by their owner when it starts.
+#[tokio::test]
+async fn each_store_service_watches_only_its_own_objects_and_adopts_its_unlabelled_ones() {
+    use integration_tests::kube_server::FakeKube;
+    use secret_service::kubernetes::COMPONENT_LABEL;
+    let kube = FakeKube::start().await;
+    let legacy = |name: &str| Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.0.to_string(), MANAGED_BY_LABEL.1.to_string())])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("k".to_string(), ByteString(b"v".to_vec()))])),
+        ..Default::default()
+    };
+    kube.insert(NAMESPACE, legacy("iomete-secret-store-finance"));
+    kube.insert(NAMESPACE, legacy("iomete-vault-credentials-finance"));
+    kube.insert(NAMESPACE, legacy("someone-elses-object"));
+
+    let kubernetes = KubernetesConfig {
+        namespace: Some(NAMESPACE.into()),
+        api_url: Some(kube.url.clone()),
+        timeout_ms: 5_000,
+        watch: true,
+    };
+    let mut secrets_config = secret_service::Config::default();
+    secrets_config.backend = Some(secret_service::BackendKind::Kubernetes);
+    secrets_config.kubernetes = kubernetes.clone();
+    let mut vault_config = vault_config_service::Config::default();
+    vault_config.backend = Some(secret_service::BackendKind::Kubernetes);
+    vault_config.kubernetes = kubernetes;
+    let secrets = secrets_config.store().open::<Error>().await.unwrap();
+    let credentials = vault_config.store().open::<vault_config_service::Error>().await.unwrap();
+
+    let component = |name: &str| {
+        kube.secret(NAMESPACE, name).and_then(|s| s.metadata.labels.unwrap_or_default().get(COMPONENT_LABEL).cloned())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while component("iomete-secret-store-finance").is_none() || component("iomete-vault-credentials-finance").is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "the old objects were never labelled: {:?}", kube.counters());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(component("iomete-secret-store-finance").as_deref(), Some("secret-store"));
+    assert_eq!(component("iomete-vault-credentials-finance").as_deref(), Some("vault-credentials"));
+    assert_eq!(component("someone-elses-object"), None, "an object of neither prefix is left alone");
+
+    // New writes carry the writer's component.
+    let mut add = |entries: &mut secret_service::backend::Entries| {
+        entries.insert(
+            "new".into(),
+            secret_service::backend::Entry {
+                value: SecretValue::from("v".to_string()),
+                created_at: chrono::Utc::now(),
+                updated_at: chrono::Utc::now(),
+            },
+        );
+        Ok(())
+    };
+    secrets.modify("iomete-secret-store-sales", &mut add).await.unwrap();
+    let mut add = |entries: &mut secret_service::backend::Entries| {
+        entries.insert(
+            "new".into(),
+            secret_service::backend::Entry {
+                value: SecretValue::from("v".to_string()),
+                created_at: chrono::Utc::now(),
+                updated_at: chrono::Utc::now(),
+            },
+        );
+        Ok(())
+    };
+    credentials.modify("iomete-vault-credentials-sales", &mut add).await.unwrap();
+    assert_eq!(component("iomete-secret-store-sales").as_deref(), Some("secret-store"));
+    assert_eq!(component("iomete-vault-credentials-sales").as_deref(), Some("vault-credentials"));
+    // Both read their own, old and new.
+    assert!(secrets.read("iomete-secret-store-finance").await.unwrap().is_some());
+    assert!(credentials.read("iomete-vault-credentials-finance").await.unwrap().is_some());
+
+    // What each watch was sent: only its own service's objects.
+    let sent_to = |component: &str| -> std::collections::BTreeSet<String> {
+        let wanted = format!("{COMPONENT_LABEL}={component}");
+        kube.counters().delivered.iter().filter(|(sel, _)| sel.contains(&wanted)).flat_map(|(_, n)| n.clone()).collect()
+    };
+    while !sent_to("secret-store").contains("iomete-secret-store-sales")
+        || !sent_to("vault-credentials").contains("iomete-vault-credentials-sales")
+    {
+        assert!(std::time::Instant::now() < deadline, "the watches never saw the writes: {:?}", kube.counters());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let delivered = kube.counters().delivered;
+    assert!(delivered.keys().all(|sel| sel.contains(COMPONENT_LABEL)), "a watch without a component: {delivered:?}");
+    let secret_store = sent_to("secret-store");
+    let vault_credentials = sent_to("vault-credentials");
+    assert!(secret_store.iter().all(|n| n.starts_with("iomete-secret-store")), "{secret_store:?}");
+    assert!(vault_credentials.iter().all(|n| n.starts_with("iomete-vault-credentials")), "{vault_credentials:?}");
 }
