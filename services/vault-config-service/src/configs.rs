@@ -103,7 +103,11 @@ impl Configs {
     ) -> Self {
         let Peers { authz, registry, usage } = peers;
         let values = Cache::builder().max_capacity(limits.cache_max_entries).time_to_live(limits.cache_ttl).build();
-        let connections = Cache::builder().max_capacity(limits.cache_max_entries).build();
+        // An idle connection goes (and with it its token renewals).
+        let connections = Cache::builder()
+            .max_capacity(limits.cache_max_entries)
+            .time_to_idle(std::time::Duration::from_secs(600))
+            .build();
         Self { db, store, prefix, authz, registry, usage, limits, connections, values, metrics }
     }
 
@@ -419,7 +423,20 @@ impl Configs {
         let row = self.row(id).await?;
         self.require(principal, Permission::Update, id, &format!("test {}", label(&row))).await?;
         let connection = self.connection(&row).await?;
-        Ok(outcome(connection.test().await))
+        let tested = connection.test().await;
+        if let Err(f) = &tested {
+            self.refused(&row, f).await;
+        }
+        Ok(outcome(tested))
+    }
+
+    /// Vault refused the credentials or the path: what was read with them
+    /// is not served from memory any more.
+    async fn refused(&self, row: &vault_config::Model, failure: &VaultFailure) {
+        use crate::vault::FailureKind::{InvalidCredentials, NoAccessToPath};
+        if matches!(failure.kind, InvalidCredentials | NoAccessToPath) {
+            self.values.invalidate(&version(row)).await;
+        }
     }
 
     pub async fn test_unsaved(
@@ -470,7 +487,15 @@ impl Configs {
                 .map_err(|v| Error::Internal(format!("stored {} is invalid: {v:?}", label(row))))?;
             let connection = Connection::new(target, credentials, self.limits.vault_timeout)
                 .map_err(|f| Error::Vault(f.context(&label(row))))?;
-            Ok::<_, Error>(Arc::new(connection))
+            let connection = Arc::new(connection);
+            // Credentials Vault refuses while renewing: the values read with
+            // them are not served from memory any more.
+            let (values, key) = (self.values.clone(), version(row));
+            connection.keep_fresh(move || {
+                let (values, key) = (values.clone(), key.clone());
+                tokio::spawn(async move { values.invalidate(&key).await });
+            });
+            Ok::<_, Error>(connection)
         };
         self.connections.try_get_with(version(row), build).await.map_err(|e| match Arc::try_unwrap(e) {
             Ok(e) => e,

@@ -2,12 +2,15 @@
 //! vaultrs, with one client and one token per config.
 //!
 //! AppRole logs in once and keeps the token: it is renewed when two thirds
-//! of its lifetime have passed, and a fresh login happens when renewal is
-//! refused, the token is near its maximum lifetime, or Vault answers 403 (at
-//! most one re-login per request). Logins and renewals are serialized, so
-//! concurrent requests never log in twice. Every call is bounded by the
-//! configured timeout. Failures are classified ([`FailureKind`]) with
-//! Vault's own message and never carry a credential.
+//! of its lifetime have passed (ahead of use, see [`Connection::keep_fresh`]),
+//! and a fresh login happens when renewal is refused, the token is near its
+//! maximum lifetime, or Vault answers 403. Logins and renewals are
+//! serialized, and a 403 logs in again only if the token that failed is
+//! still the current one, so concurrent requests never log in twice. After
+//! a failed login, the next waits (exponential backoff with jitter, 1 to
+//! 60 s); meanwhile requests fail at once with the last login's failure.
+//! Every call is bounded by the configured timeout. Failures are classified
+//! ([`FailureKind`]) with Vault's own message and never carry a credential.
 
 use std::{
     collections::BTreeMap,
@@ -19,6 +22,7 @@ use secrets_common::SecretValue;
 use secrets_proto::v1 as pb;
 use tokio::sync::Mutex;
 use tonic::Status;
+use tracing::Instrument;
 use vaultrs::{
     api::EndpointMiddleware,
     client::{VaultClient, VaultClientSettingsBuilder},
@@ -129,6 +133,18 @@ impl Lease {
     }
 }
 
+/// When [`Connection::approle_token`] logs in.
+#[derive(Clone, Copy)]
+enum Login<'a> {
+    /// When the token is due for renewal or replacement.
+    WhenDue,
+    /// This token was refused: log in again, unless another request already
+    /// replaced it.
+    Replacing(&'a SecretString),
+    /// Now, whatever the backoff (a test of the connection).
+    Now,
+}
+
 /// Which request failed, for classifying a 403.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -136,12 +152,39 @@ enum Stage {
     Read,
 }
 
+/// Shortest and longest wait after a failed login (before jitter).
+const LOGIN_BACKOFF_MIN: Duration = Duration::from_secs(2);
+const LOGIN_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// The AppRole token and what the last logins did.
+#[derive(Default)]
+struct Session {
+    lease: Option<Lease>,
+    /// Failed logins in a row, the last one's failure, and when the next
+    /// login may be tried.
+    failed_logins: u32,
+    last_failure: Option<VaultFailure>,
+    retry_at: Option<Instant>,
+}
+
+impl Session {
+    /// The wait after `failed` logins in a row: doubling from
+    /// [`LOGIN_BACKOFF_MIN`], at most [`LOGIN_BACKOFF_MAX`], each time
+    /// between half and all of it (jitter, so replicas do not log in in step).
+    fn backoff(failed: u32) -> Duration {
+        let full = LOGIN_BACKOFF_MIN.saturating_mul(1 << failed.saturating_sub(1).min(8)).min(LOGIN_BACKOFF_MAX);
+        full.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
 /// One config's connection to Vault.
 pub struct Connection {
     target: Target,
     credentials: Credentials,
     http: reqwest::Client,
-    lease: Mutex<Option<Lease>>,
+    session: Mutex<Session>,
+    /// Signalled after each login, for [`Connection::keep_fresh`].
+    logged_in: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Connection {
@@ -163,7 +206,23 @@ impl Connection {
         let http = http
             .build()
             .map_err(|e| VaultFailure::new(FailureKind::Tls, format!("cannot build an HTTPS client: {}", chain(&e))))?;
-        Ok(Self { target, credentials, http, lease: Mutex::new(None) })
+        Ok(Self {
+            target,
+            credentials,
+            http,
+            session: Mutex::new(Session::default()),
+            logged_in: std::sync::Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    /// One span per request to Vault: which request, and where.
+    fn span(&self, operation: &'static str) -> tracing::Span {
+        tracing::info_span!(
+            "vault.request",
+            vault.operation = operation,
+            vault.host = %self.target.host,
+            vault.mount = %self.target.kv.mount
+        )
     }
 
     fn describe(&self) -> String {
@@ -200,45 +259,127 @@ impl Connection {
     }
 
     /// A usable token: the configured one, or the AppRole lease (renewed or
-    /// replaced when due; `relogin` forces a fresh login).
-    async fn token(&self, relogin: bool) -> Result<SecretString, VaultFailure> {
+    /// replaced when due).
+    async fn token(&self) -> Result<SecretString, VaultFailure> {
+        self.approle_token(Login::WhenDue).await
+    }
+
+    async fn approle_token(&self, login: Login<'_>) -> Result<SecretString, VaultFailure> {
         let (role_id, secret_id, mount) = match &self.credentials {
             Credentials::Token { token } => return Ok(token.clone()),
             Credentials::AppRole { role_id, secret_id, mount } => (role_id, secret_id, mount),
         };
-        let mut lease = self.lease.lock().await;
+        let mut session = self.session.lock().await;
         let now = Instant::now();
-        if !relogin && let Some(current) = lease.as_ref() {
-            if current.fresh(now) {
-                return Ok(current.token.clone());
-            }
-            if current.renewable && current.alive(now) {
-                match self.renew(current).await {
+        if let Some(current) = session.lease.as_ref() {
+            match login {
+                // Another request has logged in since this token failed.
+                Login::Replacing(failed) if current.token.expose_secret() != failed.expose_secret() => {
+                    return Ok(current.token.clone());
+                }
+                Login::WhenDue if current.fresh(now) => return Ok(current.token.clone()),
+                Login::WhenDue if current.renewable && current.alive(now) => match self.renew(current).await {
                     Ok(renewed) if renewed.expires_at.is_some_and(|e| e > now + current.login_ttl / 3) => {
                         let token = renewed.token.clone();
-                        *lease = Some(renewed);
+                        session.lease = Some(renewed);
                         tracing::debug!(host = %self.target.host, "vault token renewed");
                         return Ok(token);
                     }
                     Ok(_) => tracing::debug!(host = %self.target.host, "vault token near its maximum lifetime"),
                     Err(e) => tracing::info!(host = %self.target.host, error = %e, "vault token renewal refused"),
-                }
+                },
+                _ => {}
             }
         }
+        if !matches!(login, Login::Now)
+            && let (Some(at), Some(last)) = (session.retry_at, &session.last_failure)
+            && now < at
+        {
+            return Err(VaultFailure::new(
+                last.kind,
+                format!(
+                    "{} (after {} failed logins; the next in {} s)",
+                    last.message,
+                    session.failed_logins,
+                    (at - now).as_secs().max(1)
+                ),
+            ));
+        }
         let client = self.client("")?;
-        let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
+        let logged_in = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
+            .instrument(self.span("approle.login"))
             .await
-            .map_err(|e| self.classify_now(e, Stage::Login))?;
+            .map_err(|e| self.classify_now(e, Stage::Login));
+        let auth = match logged_in {
+            Ok(auth) => auth,
+            Err(failure) => {
+                session.failed_logins += 1;
+                let wait = Session::backoff(session.failed_logins);
+                session.retry_at = Some(Instant::now() + wait);
+                session.last_failure = Some(failure.clone());
+                session.lease = None;
+                tracing::warn!(
+                    host = %self.target.host,
+                    failed_logins = session.failed_logins,
+                    retry_in_ms = wait.as_millis() as u64,
+                    error = %failure,
+                    "vault login failed"
+                );
+                return Err(failure);
+            }
+        };
         tracing::info!(host = %self.target.host, ttl_s = auth.lease_duration, "logged in to vault with approle");
         let fresh = Lease::from_auth(auth.client_token, auth.lease_duration, auth.renewable, None);
         let token = fresh.token.clone();
-        *lease = Some(fresh);
+        *session = Session { lease: Some(fresh), ..Session::default() };
+        self.logged_in.notify_one();
         Ok(token)
+    }
+
+    /// Renews the AppRole token ahead of its expiry for as long as the
+    /// connection exists, so a request rarely waits on a renewal.
+    /// `on_refused` runs when Vault refuses the credentials: the values read
+    /// with them are not to be served any more.
+    pub fn keep_fresh(self: &std::sync::Arc<Self>, on_refused: impl Fn() + Send + Sync + 'static) {
+        if !matches!(self.credentials, Credentials::AppRole { .. }) {
+            return;
+        }
+        let weak = std::sync::Arc::downgrade(self);
+        let logged_in = self.logged_in.clone();
+        tokio::spawn(async move {
+            loop {
+                let due = match weak.upgrade() {
+                    Some(c) => c.session.lock().await.lease.as_ref().and_then(|l| l.refresh_at),
+                    None => return,
+                };
+                match due {
+                    // No token yet, or one that never expires: until a login
+                    // (looking again now and then whether the connection is gone).
+                    None => {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), logged_in.notified()).await;
+                        continue;
+                    }
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                }
+                let Some(c) = weak.upgrade() else { return };
+                if let Err(f) = c.token().await {
+                    if f.kind == FailureKind::InvalidCredentials {
+                        on_refused();
+                    }
+                    drop(c);
+                    // A failed login has set its backoff; wait it out.
+                    tokio::time::sleep(LOGIN_BACKOFF_MIN).await;
+                }
+            }
+        });
     }
 
     async fn renew(&self, current: &Lease) -> Result<Lease, VaultFailure> {
         let client = self.client(current.token.expose_secret())?;
-        let auth = vaultrs::token::renew_self(&client, None).await.map_err(|e| self.classify_now(e, Stage::Login))?;
+        let auth = vaultrs::token::renew_self(&client, None)
+            .instrument(self.span("token.renew_self"))
+            .await
+            .map_err(|e| self.classify_now(e, Stage::Login))?;
         Ok(Lease::from_auth(auth.client_token, auth.lease_duration, auth.renewable, Some(current.login_ttl)))
     }
 
@@ -247,25 +388,29 @@ impl Connection {
         match &self.credentials {
             Credentials::Token { token } => {
                 let client = self.client(token.expose_secret())?;
-                vaultrs::token::lookup_self(&client).await.map_err(|e| self.classify_now(e, Stage::Login))?;
+                vaultrs::token::lookup_self(&client)
+                    .instrument(self.span("token.lookup_self"))
+                    .await
+                    .map_err(|e| self.classify_now(e, Stage::Login))?;
             }
+            // A test logs in for real, whatever the backoff says.
             Credentials::AppRole { .. } => {
-                self.token(true).await?;
+                self.approle_token(Login::Now).await?;
             }
         }
         Ok(self.read().await?.len())
     }
 
-    /// The fields of the secret. A 403 gets one fresh login (AppRole) and
-    /// one retry.
+    /// The fields of the secret. A 403 gets one fresh login (AppRole; unless
+    /// another request has logged in since) and one retry.
     pub async fn read(&self) -> Result<Fields, VaultFailure> {
-        let token = self.token(false).await?;
+        let token = self.token().await?;
         match self.read_with(&token).await {
             Err(f)
                 if f.kind == FailureKind::InvalidCredentials
                     && matches!(self.credentials, Credentials::AppRole { .. }) =>
             {
-                let token = self.token(true).await?;
+                let token = self.approle_token(Login::Replacing(&token)).await?;
                 self.read_with(&token).await
             }
             other => other,
@@ -275,7 +420,8 @@ impl Connection {
     async fn read_with(&self, token: &SecretString) -> Result<Fields, VaultFailure> {
         let client = self.client(token.expose_secret())?;
         let kv = &self.target.kv;
-        let data: BTreeMap<String, serde_json::Value> = match vaultrs::kv2::read(&client, &kv.mount, &kv.secret).await {
+        let read = vaultrs::kv2::read(&client, &kv.mount, &kv.secret).instrument(self.span("kv2.read"));
+        let data: BTreeMap<String, serde_json::Value> = match read.await {
             Ok(data) => data,
             Err(e) => return Err(self.classify(e, Stage::Read, token).await),
         };
@@ -337,7 +483,7 @@ impl Connection {
         match failure.kind {
             FailureKind::NoAccessToPath => {
                 let Ok(client) = self.client(token.expose_secret()) else { return failure };
-                if vaultrs::token::lookup_self(&client).await.is_err() {
+                if vaultrs::token::lookup_self(&client).instrument(self.span("token.lookup_self")).await.is_err() {
                     return VaultFailure::new(
                         FailureKind::InvalidCredentials,
                         format!(
@@ -375,7 +521,7 @@ impl Connection {
         if let Some(ns) = &self.target.namespace {
             request = request.header("X-Vault-Namespace", ns);
         }
-        let response = request.send().await.ok()?;
+        let response = request.send().instrument(self.span("sys.internal.ui.mounts")).await.ok()?;
         if !response.status().is_success() {
             return None;
         }

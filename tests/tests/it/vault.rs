@@ -992,3 +992,144 @@ async fn an_update_holder_can_never_send_the_stored_credentials_to_another_serve
     assert!(recorder.contains("max-own-token-for-elsewhere"), "the recorder records what reaches it");
     assert!(!recorder.contains(&owner_token), "the owner's token reached the other server");
 }
+
+/// The logins OpenBao's audit log records after `skip` requests.
+fn logins_after(bao: &OpenBao, skip: usize) -> usize {
+    bao.requested_paths().into_iter().skip(skip).filter(|p| p == "auth/approle/login").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_resolves_after_a_revocation_log_in_once() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn_with(Options {
+        request_timeout_ms: Some(30_000),
+        vault: Some(vault_config_service::VaultSettings { cache_ttl_ms: 1, timeout_ms: 20_000, ..Default::default() }),
+        ..Default::default()
+    })
+    .await;
+    setup(&app, &bao).await;
+    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
+    let config =
+        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
+            .await
+            .unwrap();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-vault");
+    // Every token the role has handed out is revoked: each of the next
+    // reads gets a 403.
+    bao.bao(&["token", "revoke", "-mode=path", "auth/approle"]);
+    let before = bao.requested_paths().len();
+    let resolves = (0..100).map(|i| {
+        let mut gateway = service.gateway.clone();
+        let item = vault_item(&format!("r{i}"), &config.id, "db_password");
+        tokio::spawn(async move {
+            gateway
+                .resolve_secrets(pb::ResolveSecretsRequest { domain: "finance".into(), items: vec![item] })
+                .await
+                .map(|r| r.into_inner().items)
+        })
+    });
+    for r in futures::future::join_all(resolves).await {
+        let items = r.unwrap().expect("resolved");
+        assert_eq!(value(&items[0]), b"pw-from-vault", "{items:?}");
+    }
+    let paths: Vec<String> = bao.requested_paths().into_iter().skip(before).collect();
+    let logins = paths.iter().filter(|p| *p == "auth/approle/login").count();
+    assert_eq!(logins, 1, "one re-login however many reads were refused: {paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_backs_off_and_each_item_says_so_naming_the_config() {
+    let bao = OpenBao::start();
+    let app = spawn_uncached().await;
+    setup(&app, &bao).await;
+    let (role_id, _) = app_role(&bao, "1h", "2h");
+    let wrong = uuid::Uuid::new_v4().to_string();
+    let config =
+        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &wrong)))
+            .await
+            .unwrap();
+    let before = bao.requested_paths().len();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let start = std::time::Instant::now();
+    let mut messages = Vec::new();
+    for _ in 0..50 {
+        let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+        let (code, message) = item_error(&out[0]);
+        assert_eq!(code, Code::FailedPrecondition, "{message}");
+        assert!(message.contains("vault config \"prod\""), "names the config: {message}");
+        messages.push(message);
+    }
+    let elapsed = start.elapsed();
+    let logins = logins_after(&bao, before);
+    eprintln!("50 resolves in {elapsed:?}: {logins} login attempts");
+    // The waits are at least 1 s, 2 s and 4 s: a fourth attempt needs 7 s.
+    if elapsed < std::time::Duration::from_secs(7) {
+        assert!(logins <= 3, "{logins} login attempts in {elapsed:?}");
+    }
+    assert!(logins >= 1);
+    assert!(messages.iter().any(|m| m.contains("failed logins")), "the backoff is named: {messages:?}");
+    assert!(!messages.iter().any(|m| m.contains(&wrong)), "no secret id in a message");
+
+    // Testing the connection logs in for real, backoff or not.
+    let before = bao.requested_paths().len();
+    let request = pb::TestVaultConnectionRequest {
+        target: Some(pb::test_vault_connection_request::Target::Id(config.id.clone())),
+    };
+    let tested = app.as_user(OWNER).vault.clone().test_vault_connection(request).await.unwrap().into_inner();
+    assert_eq!(tested.outcome, pb::VaultConnectionOutcome::InvalidCredentials as i32, "{tested:?}");
+    assert_eq!(logins_after(&bao, before), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_approle_token_is_renewed_ahead_of_its_expiry() {
+    let bao = OpenBao::start();
+    let app = spawn_uncached().await;
+    setup(&app, &bao).await;
+    let (role_id, secret_id) = app_role(&bao, "6s", "1h");
+    let config =
+        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
+            .await
+            .unwrap();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let before = bao.requested_paths().len();
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-vault");
+    // Past the token's lifetime with no request: it was renewed meanwhile,
+    // so the next read needs no login.
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-vault");
+    let paths: Vec<String> = bao.requested_paths().into_iter().skip(before).collect();
+    let renewals = paths.iter().filter(|p| *p == "auth/token/renew-self").count();
+    assert!(renewals >= 1, "renewed while idle: {paths:?}");
+    assert_eq!(logins_after(&bao, before), 1, "{paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_vault_refuses_stop_cached_values_being_served() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
+    let config =
+        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
+            .await
+            .unwrap();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-vault");
+    // The Vault operator withdraws the role's access: its secret id and
+    // every token it had.
+    bao.bao(&["write", "auth/approle/role/etl/secret-id/destroy", &format!("secret_id={secret_id}")]);
+    bao.bao(&["token", "revoke", "-mode=path", "auth/approle"]);
+    let request = pb::TestVaultConnectionRequest {
+        target: Some(pb::test_vault_connection_request::Target::Id(config.id.clone())),
+    };
+    let tested = app.as_user(OWNER).vault.clone().test_vault_connection(request).await.unwrap().into_inner();
+    assert_eq!(tested.outcome, pb::VaultConnectionOutcome::InvalidCredentials as i32, "{tested:?}");
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    let (code, message) = item_error(&out[0]);
+    assert_eq!(code, Code::FailedPrecondition, "the cached value is not served any more: {message}");
+}
