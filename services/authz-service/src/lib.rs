@@ -44,7 +44,8 @@ pub const ENV_PREFIX: &str = "AUTHZ_SERVICE_";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen_addr: SocketAddr,
-    /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
+    /// Prometheus metrics at `GET /metrics`; empty turns the endpoint off.
+    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
     pub metrics_addr: Option<SocketAddr>,
     /// After a shutdown signal: how long health checks answer NOT_SERVING
     /// while calls are still accepted, so load balancers stop sending before
@@ -52,6 +53,7 @@ pub struct Config {
     pub shutdown_drain_ms: u64,
     /// Plaintext gRPC health checks only, for Kubernetes probes when the
     /// listener speaks TLS; unset: none.
+    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
     pub health_addr: Option<SocketAddr>,
     pub internal_token: Option<SecretString>,
     /// Mutual TLS on internal hops; with it the internal token is optional.

@@ -53,7 +53,8 @@ pub const ENV_PREFIX: &str = "SECRET_SERVICE_";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen_addr: SocketAddr,
-    /// Prometheus metrics at `GET /metrics`; unset turns the endpoint off.
+    /// Prometheus metrics at `GET /metrics`; empty turns the endpoint off.
+    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
     pub metrics_addr: Option<SocketAddr>,
     /// After a shutdown signal: how long health checks answer NOT_SERVING
     /// while calls are still accepted, so load balancers stop sending before
@@ -61,6 +62,7 @@ pub struct Config {
     pub shutdown_drain_ms: u64,
     /// Plaintext gRPC health checks only, for Kubernetes probes when the
     /// listener speaks TLS; unset: none.
+    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
     pub health_addr: Option<SocketAddr>,
     /// The credential the gateway and the services present to each other.
     pub internal_token: Option<SecretString>,

@@ -32,6 +32,25 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>, env_prefix: &str) -> Resul
     })
 }
 
+/// An optional listen address where an empty value turns it off: with a
+/// default address, `metrics_addr = ""` (or `GATEWAY_METRICS_ADDR=`) is
+/// how an operator says "no endpoint".
+pub fn optional_addr<'de, D>(deserializer: D) -> Result<Option<std::net::SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::Deserialize;
+    match Option::<String>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(text) if text.trim().is_empty() => Ok(None),
+        Some(text) => text.trim().parse().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a socket address such as 127.0.0.1:9101 (empty: off): {e}"
+            ))
+        }),
+    }
+}
+
 /// Whether a prefixed variable (prefix removed) is one of the service links
 /// Kubernetes injects into every pod for every Service of the namespace:
 /// `<NAME>_SERVICE_HOST=<ip>`, `<NAME>_SERVICE_PORT[_<PORT NAME>]=<port>`,

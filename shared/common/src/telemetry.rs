@@ -114,6 +114,11 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
         }
     };
 
+    // The Vault client's own spans (vaultrs, rustify: several per request)
+    // stay out of traces; the vault-config-service records one span per
+    // Vault request instead (`vault.request`).
+    let otel =
+        otel.map(|layer| layer.with_filter(tracing_subscriber::filter::filter_fn(|meta| !is_vault_client(meta))));
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
@@ -121,6 +126,12 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
         .try_init()
         .map_err(|e| anyhow::anyhow!("a tracing subscriber is already installed: {e}"))?;
     Ok(TelemetryGuard { provider, _log_writer: log_writer })
+}
+
+/// Whether a span or event comes from inside the Vault client crates.
+fn is_vault_client(meta: &tracing::Metadata<'_>) -> bool {
+    let target = meta.target();
+    ["vaultrs", "rustify"].iter().any(|c| target == *c || target.strip_prefix(c).is_some_and(|r| r.starts_with("::")))
 }
 
 struct HeaderInjector<'a>(&'a mut http::HeaderMap);

@@ -156,3 +156,27 @@ fn in_a_cluster_the_embedded_backend_needs_an_explicit_opt_in() {
     let (ok, stderr) = check(&[]);
     assert!(ok, "the in-cluster default (kubernetes) is valid: {stderr}");
 }
+
+#[test]
+fn an_empty_metrics_or_health_address_turns_that_endpoint_off() {
+    let services = services();
+    for name in OURS {
+        let prefix = name.to_ascii_uppercase().replace('-', "_");
+        let mut env = environment(&services[name]);
+        env.insert(format!("{prefix}_METRICS_ADDR"), String::new());
+        env.insert(format!("{prefix}_HEALTH_ADDR"), String::new());
+        let output = Command::new(binary(name)).arg("check-config").env_clear().envs(&env).output().unwrap();
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        env.insert(format!("{prefix}_METRICS_ADDR"), "not-an-address".into());
+        let output = Command::new(binary(name)).arg("check-config").env_clear().envs(&env).output().unwrap();
+        assert!(!output.status.success(), "{name} accepted a bad metrics_addr");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.to_lowercase().contains("metrics_addr") && stderr.contains("empty: off"), "{name}: {stderr}");
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), "metrics_addr = \"\"\n").unwrap();
+    let config: gateway::Config = secrets_common::config::load(Some(file.path()), "GATEWAY_NOT_SET_").unwrap();
+    assert_eq!(config.metrics_addr, None, "no metrics endpoint is served");
+    let config: gateway::Config = secrets_common::config::load(None, "GATEWAY_NOT_SET_").unwrap();
+    assert!(config.metrics_addr.is_some(), "on by default");
+}

@@ -292,6 +292,20 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
             "{server_service}'s server span is the child of the gateway's client span"
         );
     }
+    // One span per request to Vault (a token config: one read), none of the
+    // Vault client's own.
+    let vault_spans: Vec<&Span> =
+        trace.iter().filter(|(svc, _)| svc == "vault-config-service").map(|(_, s)| s).collect();
+    let requests: Vec<&&Span> = vault_spans.iter().filter(|s| s.name == "vault.request").collect();
+    assert_eq!(requests.len(), 1, "{:#?}", vault_spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    assert_eq!(attr(requests[0], "vault.operation"), Some(&AnyValue::StringValue("kv2.read".into())));
+    let vault_server = one("iomete.secrets.internal.v1.VaultReader/ReadVaultSecrets", SpanKind::Server);
+    assert!(descends_from(requests[0], &vault_server.1), "inside the vault-config-service's server span");
+    assert!(
+        vault_spans.len() <= 6,
+        "the Vault client's internals are not traced: {:#?}",
+        vault_spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
     let server_spans = trace.iter().filter(|(_, s)| s.kind == SpanKind::Server as i32).count();
     assert_eq!(server_spans, 4, "one server span per hop");
     for (service, span) in &trace {
