@@ -197,7 +197,10 @@ fn name(field: &str, text: &str) -> Result<String> {
     if text.is_empty() || text.len() > MAX_NAME_LEN || !text.chars().all(ok) {
         return Err(FieldViolation::new(
             field,
-            format!("{text:?} is not a name: 1 to {MAX_NAME_LEN} of letters, digits, '.', '_' and '-'"),
+            format!(
+                "{} is not a name: 1 to {MAX_NAME_LEN} of letters, digits, '.', '_' and '-'",
+                secrets_common::validate::echo(text)
+            ),
         )
         .into());
     }

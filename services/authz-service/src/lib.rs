@@ -162,9 +162,21 @@ impl Application {
             server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX, DECISION_LEASES]).await?;
         let auth = internal.auth();
         let router = router
-            .add_service(AuthzServiceServer::with_interceptor(grpc.clone(), auth.clone()))
-            .add_service(ResourceRegistryServer::with_interceptor(grpc, auth.clone()))
-            .add_service(UsageIndexServer::with_interceptor(usage, auth.clone()))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                AuthzServiceServer::new(grpc.clone())
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                ResourceRegistryServer::new(grpc)
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                UsageIndexServer::new(usage)
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth.clone(),
+            ))
             .add_service(DecisionLeasesServer::with_interceptor(leases.clone(), auth));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())

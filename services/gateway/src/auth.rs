@@ -104,7 +104,10 @@ impl Pattern {
             _ => Principal::parse(field, text).map(Self::Exact).map_err(|_| {
                 FieldViolation::new(
                     field,
-                    format!("{text:?} is not a pattern: use user:NAME, service:NAME, user:*, service:* or *"),
+                    format!(
+                        "{} is not a pattern: use user:NAME, service:NAME, user:*, service:* or *",
+                        secrets_common::validate::echo(text)
+                    ),
                 )
             }),
         }

@@ -224,9 +224,15 @@ impl Application {
             checks = checks.with_cache(cache);
         }
         let forwarder = forward::Forwarder {
-            secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), client.clone()),
-            authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), client.clone()),
-            vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), client.clone()),
+            secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), client.clone())
+                .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
+                .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+            authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), client.clone())
+                .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
+                .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+            vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), client.clone())
+                .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
+                .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             checks: checks.clone(),
         };
         if !config.features.secrets_v2.enabled {
@@ -235,10 +241,12 @@ impl Application {
         let resolver = resolver::Resolver {
             secrets_v2: config.features.secrets_v2.enabled,
             kubernetes: resolver::KubernetesSource {
-                reader: SecretReaderClient::with_interceptor(secrets_channel, client.clone()),
+                reader: SecretReaderClient::with_interceptor(secrets_channel, client.clone())
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             },
             vault: resolver::VaultSource {
-                reader: VaultReaderClient::with_interceptor(vault_channel.clone(), client.clone()),
+                reader: VaultReaderClient::with_interceptor(vault_channel.clone(), client.clone())
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             },
             authz: checks.clone(),
             usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
@@ -257,9 +265,20 @@ impl Application {
                 GatewayServer::new(resolver).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
                 authenticator.clone(),
             ))
-            .add_service(Authenticated::new(SecretServiceServer::new(forwarder.clone()), authenticator.clone()))
-            .add_service(Authenticated::new(AuthzServiceServer::new(forwarder.clone()), authenticator.clone()))
-            .add_service(Authenticated::new(VaultConfigServiceServer::new(forwarder), authenticator));
+            .add_service(Authenticated::new(
+                SecretServiceServer::new(forwarder.clone())
+                    .max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                authenticator.clone(),
+            ))
+            .add_service(Authenticated::new(
+                AuthzServiceServer::new(forwarder.clone())
+                    .max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                authenticator.clone(),
+            ))
+            .add_service(Authenticated::new(
+                VaultConfigServiceServer::new(forwarder).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                authenticator,
+            ));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
                 .await?

@@ -151,7 +151,7 @@ pub(crate) fn item_name(index: usize, id: &str) -> String {
     if id.is_empty() || id.len() > MAX_ITEM_ID_BYTES {
         format!("items[{index}]")
     } else {
-        format!("items[{index}] ({id:?})")
+        format!("items[{index}] ({})", secrets_common::validate::echo(id))
     }
 }
 
@@ -166,7 +166,14 @@ fn item_invalid(index: usize, id: &str, field: &str, why: &str) -> Status {
 /// A Vault config id as the vault-config-service makes them (a UUID).
 fn vault_config_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-    if ok { Ok(()) } else { Err(format!("{id:?} is not a vault config id; for VAULT sources the id is the config id")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not a vault config id; for VAULT sources the id is the config id",
+            secrets_common::validate::echo(id)
+        ))
+    }
 }
 
 /// The refusal of a secret object while `features.secretsV2.enabled` is off.

@@ -184,8 +184,16 @@ impl Application {
 
         let (router, health) = server::router(&metrics, &[SECRET_SERVICE, SECRET_READER]).await?;
         let router = router
-            .add_service(SecretServiceServer::with_interceptor(grpc.clone(), auth.clone()))
-            .add_service(SecretReaderServer::with_interceptor(grpc, auth));
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                SecretServiceServer::new(grpc.clone())
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                SecretReaderServer::new(grpc)
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth,
+            ));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
                 .await?

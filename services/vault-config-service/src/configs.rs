@@ -56,6 +56,7 @@ pub struct Limits {
     pub vault_timeout: Duration,
     pub cache_ttl: Duration,
     pub cache_max_entries: u64,
+    pub cache_max_bytes: u64,
     pub database_timeout: Duration,
 }
 
@@ -88,6 +89,12 @@ fn version(row: &vault_config::Model) -> Version {
     (row.id.clone(), row.updated_at.timestamp_millis())
 }
 
+/// What a secret's fields take in the value cache, roughly: keys, values
+/// and a little for each entry.
+fn weight(fields: &Fields) -> usize {
+    fields.iter().map(|(k, v)| k.len() + v.len() + 64).sum()
+}
+
 fn label(row: &vault_config::Model) -> String {
     format!("vault config {:?} ({})", row.name, row.id)
 }
@@ -102,7 +109,13 @@ impl Configs {
         metrics: secrets_common::observe::Metrics,
     ) -> Self {
         let Peers { authz, registry, usage } = peers;
-        let values = Cache::builder().max_capacity(limits.cache_max_entries).time_to_live(limits.cache_ttl).build();
+        // Bounded in bytes: a few large secrets cannot take the memory that
+        // many small ones would be allowed.
+        let values = Cache::builder()
+            .weigher(|_, fields: &Arc<Fields>| u32::try_from(weight(fields)).unwrap_or(u32::MAX))
+            .max_capacity(limits.cache_max_bytes)
+            .time_to_live(limits.cache_ttl)
+            .build();
         // An idle connection goes (and with it its token renewals).
         let connections = Cache::builder()
             .max_capacity(limits.cache_max_entries)
@@ -511,7 +524,8 @@ impl Configs {
             other => VaultFailure { kind: crate::vault::FailureKind::Other, message: other.to_string() },
         })?;
         let metrics = self.metrics.clone();
-        self.values
+        let fields = self
+            .values
             .try_get_with(version(row), async move {
                 // Counted as a backend call of "vault": what reached Vault.
                 let start = std::time::Instant::now();
@@ -520,7 +534,13 @@ impl Configs {
                 read.map(Arc::new)
             })
             .await
-            .map_err(|e| (*e).clone())
+            .map_err(|e| (*e).clone())?;
+        // A secret larger than the whole cache is not kept (the cache would
+        // only evict it later).
+        if weight(&fields) as u64 > self.limits.cache_max_bytes {
+            self.values.invalidate(&version(row)).await;
+        }
+        Ok(fields)
     }
 
     /// Values for the resolver (which has checked USE): per lookup a value,
@@ -654,7 +674,11 @@ pub fn method_of(name: &str) -> pb::VaultAuthMethod {
 /// Config ids are what this service generates: UUIDs.
 fn validate_id(id: &str) -> Result<()> {
     if uuid::Uuid::parse_str(id).is_err() {
-        return Err(FieldViolation::new("id", format!("{id:?} is not a vault config id (a UUID)")).into());
+        return Err(FieldViolation::new(
+            "id",
+            format!("{} is not a vault config id (a UUID)", secrets_common::validate::echo(id)),
+        )
+        .into());
     }
     Ok(())
 }

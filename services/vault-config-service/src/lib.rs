@@ -85,13 +85,16 @@ pub struct VaultSettings {
     pub timeout_ms: u64,
     /// How long values read from Vault are kept in memory (never on disk).
     pub cache_ttl_ms: u64,
-    /// Configs whose values and connections are kept at once.
+    /// Configs whose connections are kept at once.
     pub cache_max_entries: u64,
+    /// Bound on the values kept in memory, in bytes (keys and values of
+    /// every cached secret together); the least used go first.
+    pub cache_max_bytes: u64,
 }
 
 impl Default for VaultSettings {
     fn default() -> Self {
-        Self { timeout_ms: 3_000, cache_ttl_ms: 30_000, cache_max_entries: 10_000 }
+        Self { timeout_ms: 3_000, cache_ttl_ms: 30_000, cache_max_entries: 10_000, cache_max_bytes: 64 * 1024 * 1024 }
     }
 }
 
@@ -199,6 +202,7 @@ impl Application {
             vault_timeout: Duration::from_millis(config.vault.timeout_ms),
             cache_ttl: Duration::from_millis(config.vault.cache_ttl_ms),
             cache_max_entries: config.vault.cache_max_entries,
+            cache_max_bytes: config.vault.cache_max_bytes,
             database_timeout,
         };
         let configs = configs::Configs::new(db, store, config.object_prefix.clone(), peers, limits, metrics.clone());
@@ -206,8 +210,16 @@ impl Application {
         let auth = internal.auth();
         let (router, health) = server::router(&metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;
         let router = router
-            .add_service(VaultConfigServiceServer::with_interceptor(grpc.clone(), auth.clone()))
-            .add_service(VaultReaderServer::with_interceptor(grpc, auth));
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                VaultConfigServiceServer::new(grpc.clone())
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                VaultReaderServer::new(grpc)
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth,
+            ));
         Ok(Self {
             served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
                 .await?

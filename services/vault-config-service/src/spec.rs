@@ -5,7 +5,7 @@
 //! newline).
 
 use secrecy::{ExposeSecret, SecretString};
-use secrets_common::validate::FieldViolation;
+use secrets_common::validate::{FieldViolation, echo, echo_plain};
 use secrets_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -71,12 +71,14 @@ pub fn name(field: &str, text: &str) -> Result<(), FieldViolation> {
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
     let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if !first_ok || !rest_ok || text.len() > MAX_NAME_LEN {
-        return Err(violation(field, format!("{text:?} is not a valid name; {rule}")));
+        return Err(violation(field, format!("{} is not a valid name; {rule}", echo(text))));
     }
     Ok(())
 }
 
-/// An `http://` or `https://` URL with a host and nothing after the port.
+/// An `http://` or `https://` URL with a host, an optional port (1 to
+/// 65535) and nothing else: no user info, path, query or fragment. Parsed
+/// as the Vault client parses it, so what is accepted here can be used.
 pub fn host(field: &str, text: &str) -> Result<String, FieldViolation> {
     let rule = "the host is an http:// or https:// URL such as https://vault.example.com:8200";
     if text.is_empty() {
@@ -85,18 +87,37 @@ pub fn host(field: &str, text: &str) -> Result<String, FieldViolation> {
     if text.len() > MAX_HOST_LEN || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(violation(field, format!("is not a URL; {rule}")));
     }
-    let uri: http::Uri = text.parse().map_err(|e| violation(field, format!("{text:?} is not a URL ({e}); {rule}")))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => return Err(violation(field, format!("{text:?} has no http:// or https:// scheme; {rule}"))),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(violation(field, format!("{text:?} names no host; {rule}")));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+    // Before anything echoes the text: it may carry a password.
+    let authority = text.split_once("://").map_or(text, |(_, rest)| rest).split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
         return Err(violation(
             field,
-            format!("{text:?} has a path; give the API path in `path` (/v1/<mount>/data/<secret>)"),
+            format!("has user info (user:password@); give credentials in `credentials`, never in the URL; {rule}"),
+        ));
+    }
+    let shown = echo(text);
+    if let Some(port) = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| !p.contains(']')) {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(violation(
+                field,
+                format!("{shown} has port {}: ports are 1 to 65535; {rule}", echo_plain(port)),
+            ));
+        }
+    }
+    let url = url::Url::parse(text).map_err(|e| violation(field, format!("{shown} is not a URL ({e}); {rule}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(violation(field, format!("{shown} has no http:// or https:// scheme; {rule}")));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(violation(field, format!("{shown} names no host; {rule}")));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(violation(field, format!("has user info; give credentials in `credentials`; {rule}")));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(violation(
+            field,
+            format!("{shown} has a path, query or fragment; give the API path in `path` (/v1/<mount>/data/<secret>)"),
         ));
     }
     Ok(text.trim_end_matches('/').to_string())
@@ -150,8 +171,19 @@ pub fn ca_certificate(field: &str, pem: &str) -> Result<Option<String>, FieldVio
     if pem.len() > MAX_CA_BYTES {
         return Err(violation(field, format!("is {} bytes; at most {MAX_CA_BYTES}", pem.len())));
     }
-    if !pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(violation(field, "must be PEM: one or more -----BEGIN CERTIFICATE----- blocks"));
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let rule = "must be PEM: one or more -----BEGIN CERTIFICATE----- blocks of X.509 CA certificates";
+    let mut roots = rustls::RootCertStore::empty();
+    let mut count = 0;
+    for (i, cert) in CertificateDer::pem_slice_iter(pem.as_bytes()).enumerate() {
+        let cert = cert.map_err(|e| violation(field, format!("certificate {}: is not PEM ({e}); {rule}", i + 1)))?;
+        roots
+            .add(cert)
+            .map_err(|e| violation(field, format!("certificate {} is not a usable X.509 certificate: {e}", i + 1)))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(violation(field, rule));
     }
     Ok(Some(pem.to_string()))
 }
@@ -182,10 +214,11 @@ pub fn credentials(field: &str, creds: Option<&pb::VaultCredentials>) -> Result<
             credential(&format!("{field}.app_role.secret_id"), &a.secret_id)?;
             let mount = if a.mount.is_empty() { "approle".to_string() } else { a.mount.trim_matches('/').to_string() };
             let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '.');
-            if mount.is_empty() || !mount.chars().all(ok) {
+            let segments_ok = mount.split('/').all(|s| !s.is_empty() && s != "." && s != "..");
+            if mount.is_empty() || mount.len() > MAX_NAMESPACE_LEN || !mount.chars().all(ok) || !segments_ok {
                 return Err(violation(
                     &format!("{field}.app_role.mount"),
-                    "must be an auth mount path such as approle",
+                    "must be an auth mount path such as approle or team/approle: letters, digits, '_', '-', '.' in segments separated by '/', none of them '.' or '..'",
                 ));
             }
             Ok(Credentials::AppRole {

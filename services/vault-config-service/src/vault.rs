@@ -417,15 +417,59 @@ impl Connection {
         }
     }
 
+    /// Reads the secret (`GET /v1/<mount>/data/<secret>`), taking at most
+    /// [`MAX_RESPONSE_BYTES`] of answer: a server that sends more is refused,
+    /// not buffered.
     async fn read_with(&self, token: &SecretString) -> Result<Fields, VaultFailure> {
-        let client = self.client(token.expose_secret())?;
         let kv = &self.target.kv;
-        let read = vaultrs::kv2::read(&client, &kv.mount, &kv.secret).instrument(self.span("kv2.read"));
-        let data: BTreeMap<String, serde_json::Value> = match read.await {
-            Ok(data) => data,
-            Err(e) => return Err(self.classify(e, Stage::Read, token).await),
+        let at = self.describe();
+        let url = format!("{}/v1/{}/data/{}", self.target.host, kv.mount, kv.secret);
+        let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
+        if let Some(ns) = &self.target.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        let (status, body) = async {
+            let response = request.send().await?;
+            let status = response.status();
+            Ok::<_, reqwest::Error>((status, capped_body(response, MAX_RESPONSE_BYTES).await?))
+        }
+        .instrument(self.span("kv2.read"))
+        .await
+        .map_err(|e| transport_error(&at, &e))?;
+        let Some(body) = body else {
+            return Err(VaultFailure::new(
+                FailureKind::Other,
+                format!("vault at {at} answered more than {} MiB; refused", MAX_RESPONSE_BYTES >> 20),
+            ));
         };
-        Ok(data
+        if !status.is_success() {
+            #[derive(serde::Deserialize)]
+            struct Errors {
+                #[serde(default)]
+                errors: Vec<String>,
+            }
+            let errors = serde_json::from_slice::<Errors>(&body).map(|e| e.errors).unwrap_or_default();
+            let e = ClientError::APIError { code: status.as_u16(), errors };
+            return Err(self.classify(e, Stage::Read, token).await);
+        }
+        #[derive(serde::Deserialize)]
+        struct Read {
+            data: ReadData,
+        }
+        #[derive(serde::Deserialize)]
+        struct ReadData {
+            data: Option<BTreeMap<String, serde_json::Value>>,
+        }
+        let read: Read = serde_json::from_slice(&body).map_err(|e| {
+            VaultFailure::new(
+                FailureKind::Other,
+                format!("vault at {at} answered a body that is not a KV v2 read: {e}"),
+            )
+        })?;
+        Ok(read
+            .data
+            .data
+            .unwrap_or_default()
             .into_iter()
             .map(|(k, v)| {
                 let bytes = match v {
@@ -562,6 +606,37 @@ fn transport(at: &str, e: &rustify::errors::ClientError) -> VaultFailure {
     let reqwest = find_reqwest(e);
     let lower = text.to_lowercase();
     if reqwest.is_some_and(reqwest::Error::is_timeout) || lower.contains("timed out") {
+        return VaultFailure::new(FailureKind::TimedOut, format!("vault at {at} did not answer in time: {text}"));
+    }
+    if ["certificate", "tls", "handshake", "unknownissuer", "invalid peer"].iter().any(|w| lower.contains(w)) {
+        return VaultFailure::new(FailureKind::Tls, format!("vault at {at}: TLS failure: {text}"));
+    }
+    VaultFailure::new(FailureKind::Unreachable, format!("vault at {at} is unreachable: {text}"))
+}
+
+/// The most of one Vault answer read; more is refused.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The body, read chunk by chunk; `None` when it passes `limit`.
+async fn capped_body(mut response: reqwest::Response, limit: usize) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// As [`transport`], for a request made with reqwest directly.
+fn transport_error(at: &str, e: &reqwest::Error) -> VaultFailure {
+    let text = chain(e);
+    let lower = text.to_lowercase();
+    if e.is_timeout() || lower.contains("timed out") {
         return VaultFailure::new(FailureKind::TimedOut, format!("vault at {at} did not answer in time: {text}"));
     }
     if ["certificate", "tls", "handshake", "unknownissuer", "invalid peer"].iter().any(|w| lower.contains(w)) {

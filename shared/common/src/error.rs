@@ -36,9 +36,11 @@ pub fn from_upstream(service: &str, status: Status) -> Status {
         | Code::NotFound
         | Code::AlreadyExists
         | Code::PermissionDenied
-        | Code::FailedPrecondition
-        | Code::ResourceExhausted
-        | Code::OutOfRange => status,
+        | Code::FailedPrecondition => status,
+        // A size limit: say which hop's.
+        Code::ResourceExhausted | Code::OutOfRange => {
+            Status::with_details(status.code(), name_once(service, status.message()), status.details().to_vec().into())
+        }
         Code::Unauthenticated => {
             tracing::error!(peer = service, reason = status.message(), "internal credential refused");
             Status::unavailable(format!(

@@ -388,11 +388,68 @@ pub struct Observe<S> {
     metrics: Metrics,
 }
 
+/// Bound on a `grpc-message` a server sends: however much of a caller's
+/// input an error repeats, it fits in HTTP/2 headers.
+const MAX_GRPC_MESSAGE_BYTES: usize = 2_048;
+
+/// The response's `grpc-message`, cut at [`MAX_GRPC_MESSAGE_BYTES`] (never
+/// inside a `%XX` escape) with `…` appended.
+fn cap_grpc_message(headers: &mut http::HeaderMap) {
+    let Some(value) = headers.get("grpc-message") else { return };
+    let bytes = value.as_bytes();
+    if bytes.len() <= MAX_GRPC_MESSAGE_BYTES {
+        return;
+    }
+    let mut cut = MAX_GRPC_MESSAGE_BYTES;
+    if let Some(percent) = bytes[cut.saturating_sub(2)..cut].iter().position(|b| *b == b'%') {
+        cut = cut - 2 + percent;
+    }
+    // Nor inside a UTF-8 character: the first byte left out may not be a
+    // continuation byte (%80-%BF).
+    let continuation = |at: usize| {
+        bytes.get(at) == Some(&b'%')
+            && bytes.get(at + 1).is_some_and(|h| matches!(h, b'8' | b'9' | b'A' | b'B' | b'a' | b'b'))
+    };
+    while cut >= 3 && continuation(cut) {
+        cut -= 3;
+    }
+    let mut capped = bytes[..cut].to_vec();
+    capped.extend_from_slice(b"%E2%80%A6");
+    if let Ok(v) = http::HeaderValue::from_bytes(&capped) {
+        headers.insert("grpc-message", v);
+    }
+}
+
+/// The answer to a call whose handler panicked: INTERNAL naming the RPC
+/// (trailers-only), instead of a reset stream the caller sees as a timeout.
+fn panicked<B: Default>(path: &str) -> http::Response<B> {
+    tracing::error!(rpc = path, "a handler panicked; the call was answered INTERNAL");
+    let message = format!("{path} failed: the service hit a bug (a panic) and did not finish the call; report it");
+    let encoded: String = message
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b" ./:;()_-,".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let mut response = http::Response::new(B::default());
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", http::HeaderValue::from(Code::Internal as i32));
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", v);
+    }
+    response
+}
+
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Observe<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = http::Response<ObservedBody<ResBody>>;
     type Error = S::Error;
@@ -408,14 +465,25 @@ where
             if is_quiet(path) || known_paths().contains(path) { path.to_string() } else { "/unknown/unknown".into() };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        // A panicking handler is answered, not left to reset the stream.
+        let guarded = |fut: S::Future, path: String| async move {
+            use futures::FutureExt;
+            match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(answer) => answer.map(|mut response| {
+                    cap_grpc_message(response.headers_mut());
+                    response
+                }),
+                Err(_) => Ok(panicked(&path)),
+            }
+        };
         if is_quiet(&path) {
-            let fut = inner.call(request);
+            let fut = guarded(inner.call(request), path);
             return Box::pin(async move { Ok(observe_response(fut.await?, None)) });
         }
         let span = telemetry::server_span(&path, request.headers());
         let fut = {
             let _entered = span.enter();
-            inner.call(request)
+            guarded(inner.call(request), path.clone())
         };
         let (service, method) = rpc_of(&path);
         let finish = Finish {
@@ -498,6 +566,48 @@ impl Service<http::Request<tonic::body::Body>> for TracedChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_internal_naming_the_rpc_and_long_messages_are_cut() {
+        use tower::ServiceExt;
+        let path = "/iomete.secrets.v1.SecretService/CreateSecret";
+        let panics = tower::service_fn(|_: http::Request<String>| async move {
+            if true {
+                panic!("canary-panic-text");
+            }
+            Ok::<_, Infallible>(http::Response::new(String::new()))
+        });
+        let service = ObserveLayer::new(Metrics::new()).layer(panics);
+        let request = http::Request::builder().uri(path).body(String::new()).unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        assert_eq!(grpc_status(response.headers()), Some(Code::Internal));
+        let message = response.headers()["grpc-message"].to_str().unwrap().to_string();
+        assert!(message.contains("SecretService/CreateSecret") && message.contains("panic"), "{message}");
+        assert!(!message.contains("canary-panic-text"), "the panic's text stays out of the answer: {message}");
+
+        let long = tower::service_fn(|_: http::Request<String>| async move {
+            let status = tonic::Status::invalid_argument(format!("{} is not a name", "é".repeat(10_000)));
+            Ok::<_, Infallible>(status.into_http::<String>())
+        });
+        let service = ObserveLayer::new(Metrics::new()).layer(long);
+        let request = http::Request::builder().uri(path).body(String::new()).unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        let value = response.headers()["grpc-message"].as_bytes();
+        assert!(value.len() <= MAX_GRPC_MESSAGE_BYTES + 9, "{}", value.len());
+        let mut bytes = Vec::new();
+        let mut i = 0;
+        while i < value.len() {
+            if value[i] == b'%' {
+                bytes.push(u8::from_str_radix(std::str::from_utf8(&value[i + 1..i + 3]).unwrap(), 16).unwrap());
+                i += 3;
+            } else {
+                bytes.push(value[i]);
+                i += 1;
+            }
+        }
+        let decoded = String::from_utf8(bytes).expect("cut between characters");
+        assert!(decoded.starts_with("ééé") && decoded.ends_with('…'), "{decoded}");
+    }
 
     #[test]
     fn metrics_render_requests_and_backend_calls() {

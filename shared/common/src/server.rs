@@ -19,6 +19,11 @@ pub fn builder(metrics: &Metrics) -> Server<Stack<ObserveLayer, Identity>> {
     Server::builder().layer(ObserveLayer::new(metrics.clone()))
 }
 
+/// The largest message an internal service accepts: the gateway's 8 MiB
+/// request limit and room for what the gateway adds, so whatever the
+/// gateway accepts and forwards is accepted upstream too.
+pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 8 * 1024 * 1024 + 64 * 1024;
+
 /// The package of the internal APIs: reflected only by a server that serves
 /// one of them.
 pub const INTERNAL_PACKAGE: &str = "iomete.secrets.internal.v1.";

@@ -71,8 +71,9 @@ impl Principal {
     }
 
     fn parse_kinds(field: &str, text: &str, kinds: &[SubjectKind], rule: &str) -> Result<Self, FieldViolation> {
-        let (kind, name) =
-            text.split_once(':').ok_or_else(|| FieldViolation::new(field, format!("{text:?} has no kind; {rule}")))?;
+        let (kind, name) = text.split_once(':').ok_or_else(|| {
+            FieldViolation::new(field, format!("{} has no kind; {rule}", crate::validate::echo(text)))
+        })?;
         let kind = match kinds.iter().find(|k| k.as_str() == kind) {
             Some(k) => *k,
             None => return Err(FieldViolation::new(field, format!("{kind:?} is not allowed here; {rule}"))),
@@ -81,7 +82,7 @@ impl Principal {
         // '/' separates an identity provider's namespace: `keycloak/alice`.
         let segments_ok = name.split('/').all(|s| !s.is_empty());
         if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(ok) || !segments_ok {
-            return Err(FieldViolation::new(field, format!("bad name {name:?}; {rule}")));
+            return Err(FieldViolation::new(field, format!("bad name {}; {rule}", crate::validate::echo(name))));
         }
         Ok(Self { kind, name: name.to_string() })
     }

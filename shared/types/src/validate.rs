@@ -20,9 +20,39 @@ pub struct FieldViolation {
     pub description: String,
 }
 
+/// Characters of a caller's input an error message repeats.
+pub const MAX_ECHO_CHARS: usize = 100;
+/// Bound on a violation's field and description, whatever they repeat: an
+/// error must fit in gRPC's headers however long the input was.
+pub const MAX_DESCRIPTION_CHARS: usize = 1_000;
+
 impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self { field: field.into(), description: description.into() }
+        Self { field: cap(field.into(), 300), description: cap(description.into(), MAX_DESCRIPTION_CHARS) }
+    }
+}
+
+fn cap(text: String, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
+/// A caller's input as an error repeats it: quoted, its first
+/// [`MAX_ECHO_CHARS`] characters, then `…` and the full length.
+pub fn echo(text: &str) -> String {
+    match text.char_indices().nth(MAX_ECHO_CHARS) {
+        Some((at, _)) => format!("{:?}… ({} characters)", &text[..at], text.chars().count()),
+        None => format!("{text:?}"),
+    }
+}
+
+/// As [`echo`], unquoted.
+pub fn echo_plain(text: &str) -> String {
+    match text.char_indices().nth(MAX_ECHO_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
     }
 }
 

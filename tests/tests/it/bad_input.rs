@@ -230,3 +230,80 @@ async fn arbitrary_strings_never_crash_a_service() {
     }
     assert!(admin.list("finance").await.is_ok(), "still serving");
 }
+
+#[tokio::test]
+async fn ten_thousand_characters_of_input_get_a_short_error_never_a_protocol_error() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    let admin = app.as_user(ADMIN);
+    let long = "x".repeat(10_000);
+    let mut failures = Vec::new();
+    let err = admin.vault.clone().get_vault_config(pb::GetVaultConfigRequest { id: long.clone() }).await.unwrap_err();
+    failures.push(("GetVaultConfig id", err));
+    let err = admin
+        .secrets
+        .clone()
+        .create_secret(create(pb::Scope::Domain as i32, "finance", &long, text("v")))
+        .await
+        .unwrap_err();
+    failures.push(("CreateSecret key", err));
+    let err =
+        admin.secrets.clone().create_secret(create(pb::Scope::Domain as i32, &long, "k", text("v"))).await.unwrap_err();
+    failures.push(("CreateSecret domain", err));
+    let err = admin
+        .authz
+        .clone()
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: "finance".into(),
+            subject: format!("user:{long}"),
+            role: pb::DomainRole::Member as i32,
+        })
+        .await
+        .unwrap_err();
+    failures.push(("AddDomainMember subject", err));
+    for (what, err) in &failures {
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().len() < 600, "{what}: a {} byte message", err.message().len());
+    }
+    // A resolve item's id is echoed on its own item, cut short too.
+    let out = app
+        .as_service(Some("user:admin"))
+        .resolve(
+            "finance",
+            vec![pb::ResolveItem { id: long.clone(), reference: Some(pb::resolve_item::Reference::Text("x".into())) }],
+        )
+        .await
+        .unwrap();
+    match &out[0].result {
+        Some(pb::resolved_item::Result::Error(e)) => {
+            assert_eq!(e.code, Code::InvalidArgument as i32);
+            assert!(e.message.len() < 600, "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_forwarded_request_has_the_gateways_size_limit_not_a_smaller_one() {
+    let app = TestApp::spawn().await;
+    let admin = app.as_user(ADMIN);
+    // 5 MiB: within the gateway's 8 MiB, so the secret-service gets it and
+    // says which of its own limits it passes.
+    let err = admin
+        .secrets
+        .clone()
+        .create_secret(create(pb::Scope::Domain as i32, "finance", "big", Some(Value::Binary(vec![b'x'; 5 << 20]))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("at most 1048576 bytes"), "the secret-service's own rule: {}", err.message());
+    // Past 8 MiB: the gateway refuses it.
+    let err = admin
+        .secrets
+        .clone()
+        .create_secret(create(pb::Scope::Domain as i32, "finance", "big", Some(Value::Binary(vec![b'x'; 9 << 20]))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(admin.list("finance").await.unwrap().is_empty());
+}

@@ -1133,3 +1133,141 @@ async fn credentials_vault_refuses_stop_cached_values_being_served() {
     let (code, message) = item_error(&out[0]);
     assert_eq!(code, Code::FailedPrecondition, "the cached value is not served any more: {message}");
 }
+
+#[tokio::test]
+async fn hosts_certificates_and_mounts_that_cannot_work_are_refused_at_create_update_and_test() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let good = || spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token));
+    let with_host = |host: &str| pb::VaultConfigSpec { host: host.into(), ..good() };
+    let header_only = "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n";
+    let garbage = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n";
+    let cases = [
+        (with_host("http://127.0.0.1:99999"), "spec.host", "1 to 65535"),
+        (with_host("http://127.0.0.1:0"), "spec.host", "1 to 65535"),
+        (with_host("https://ops:canary-url-password@vault.example.com"), "spec.host", "user info"),
+        (with_host("https://vault.example.com:8200/#x"), "spec.host", "fragment"),
+        (with_host("ftp://vault.example.com"), "spec.host", "scheme"),
+        (pb::VaultConfigSpec { ca_certificate: header_only.into(), ..good() }, "spec.ca_certificate", "not a usable"),
+        (pb::VaultConfigSpec { ca_certificate: garbage.into(), ..good() }, "spec.ca_certificate", "certificate 1"),
+        (
+            pb::VaultConfigSpec {
+                credentials: Some(pb::VaultCredentials {
+                    method: Some(pb::vault_credentials::Method::AppRole(pb::AppRoleCredentials {
+                        role_id: "r".into(),
+                        secret_id: "s".into(),
+                        mount: "../x".into(),
+                    })),
+                }),
+                ..good()
+            },
+            "spec.credentials.app_role.mount",
+            "'..'",
+        ),
+    ];
+    for (bad, field, rule) in &cases {
+        let err = create(&app, OWNER, bad.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field) && err.message().contains(rule), "{field}: {}", err.message());
+        assert!(!err.message().contains("canary-url-password"), "a password in a URL is never repeated");
+        // Testing it unsaved is refused alike, before anything is sent.
+        let request = pb::TestVaultConnectionRequest {
+            target: Some(pb::test_vault_connection_request::Target::Unsaved(pb::UnsavedVaultConfig {
+                domain: "finance".into(),
+                spec: Some(bad.clone()),
+            })),
+        };
+        let err = app.as_user(OWNER).vault.clone().test_vault_connection(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "test of {field}: {err:?}");
+    }
+    // And in an update; the config keeps working.
+    let config = create(&app, OWNER, good()).await.unwrap();
+    let update = pb::UpdateVaultConfigRequest {
+        id: config.id.clone(),
+        host: Some("http://127.0.0.1:99999".into()),
+        credentials: Some(token_creds(&bao.root_token)),
+        ..Default::default()
+    };
+    let err = app.as_user(OWNER).vault.clone().update_vault_config(update).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-vault");
+}
+
+/// A "Vault" that answers every request with `bytes` of JSON-looking body.
+async fn flooding_server(bytes: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = socket.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 * 1024];
+                let mut sent = 0;
+                while sent < bytes {
+                    if socket.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len();
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_vault_answer_past_the_size_limit_is_refused_not_buffered() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let host = flooding_server(64 << 20).await;
+    let flood = pb::VaultConfigSpec {
+        name: "flood".into(),
+        host,
+        path: "/v1/secret/data/production".into(),
+        credentials: Some(token_creds("t")),
+        ..Default::default()
+    };
+    let config = create(&app, OWNER, flood).await.unwrap();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    let (code, message) = item_error(&out[0]);
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(message.contains("more than 4 MiB") && message.contains("vault config \"flood\""), "{message}");
+}
+
+#[tokio::test]
+async fn the_value_cache_is_bounded_in_bytes() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn_with(Options {
+        vault: Some(vault_config_service::VaultSettings { cache_max_bytes: 2_048, ..Default::default() }),
+        ..Default::default()
+    })
+    .await;
+    setup(&app, &bao).await;
+    bao.bao(&["kv", "put", "secret/small", "k=small-value"]);
+    bao.bao(&["kv", "put", "secret/large", &format!("k={}", "x".repeat(4_096))]);
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    for (name, reads_expected) in [("small", 1), ("large", 3)] {
+        let path = format!("/v1/secret/data/{name}");
+        let config = create(&app, OWNER, spec(name, &bao, &path, token_creds(&bao.root_token))).await.unwrap();
+        let before = bao.requested_paths().len();
+        for _ in 0..3 {
+            let out = service.resolve("finance", vec![vault_item("x", &config.id, "k")]).await.unwrap();
+            assert!(matches!(out[0].result, Some(R::Value(_))), "{out:?}");
+        }
+        let wanted = format!("secret/data/{name}");
+        let reads = bao.requested_paths().into_iter().skip(before).filter(|p| *p == wanted).count();
+        assert_eq!(reads, reads_expected, "{name}: a secret larger than the whole cache is not kept");
+    }
+}
