@@ -189,6 +189,12 @@ impl Grants {
                     for (kind, placement) in self.resources.get(id).into_iter().flatten() {
                         facts.resources.insert((*kind, id.clone()), placement.clone());
                         bundles.insert(&placement.bundle);
+                        // Owners of the resource's domain see and change it.
+                        let d = &placement.domain;
+                        for (who, role) in self.roles.get(d).into_iter().flatten().filter(|(w, _)| holders.contains(w))
+                        {
+                            facts.roles.insert((d.clone(), who.clone()), *role);
+                        }
                     }
                 }
                 Target::Platform => {}

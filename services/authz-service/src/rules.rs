@@ -215,9 +215,45 @@ pub fn decide(facts: &Facts, check: &Check) -> Decision {
         Target::Bundle(bundle) => decide_bundle(facts, subject, permission, bundle, None),
         Target::Resource(kind, id) => match facts.resources.get(&(*kind, id.clone())) {
             None => Decision::deny(format!("{} {id:?} is in no resource bundle", kind.describe())),
-            Some(p) => decide_bundle(facts, subject, permission, &p.bundle, Some((*kind, id))),
+            Some(p) => decide_resource(facts, subject, permission, p, (*kind, id)),
         },
     }
+}
+
+/// A resource: what its bundle grants; besides, the owners of the
+/// resource's domain VIEW and UPDATE it (USE still comes from the bundle
+/// only), and UPDATE includes VIEW.
+fn decide_resource(
+    facts: &Facts,
+    subject: &Principal,
+    permission: Permission,
+    placement: &Placement,
+    resource: (ResourceType, &String),
+) -> Decision {
+    let by_bundle = decide_bundle(facts, subject, permission, &placement.bundle, Some(resource));
+    if by_bundle.allowed || !matches!(permission, Permission::View | Permission::Update) {
+        return by_bundle;
+    }
+    let domain = &placement.domain;
+    let owner = facts
+        .effective(subject)
+        .into_iter()
+        .find(|(holder, _)| facts.roles.get(&(domain.clone(), holder.clone())) == Some(&Role::Owner));
+    if let Some((holder, path)) = owner {
+        let (kind, id) = resource;
+        return Decision::allow(format!(
+            "{} owns domain {domain:?}, which {} {id:?} belongs to",
+            via(&path, &holder, subject),
+            kind.describe()
+        ));
+    }
+    if permission == Permission::View {
+        let update = decide_bundle(facts, subject, Permission::Update, &placement.bundle, Some(resource));
+        if update.allowed {
+            return Decision::allow(format!("{} (UPDATE includes VIEW)", update.reason));
+        }
+    }
+    by_bundle
 }
 
 fn decide_domain(facts: &Facts, subject: &Principal, permission: Permission, domain: &str) -> Decision {

@@ -95,6 +95,12 @@ fn weight(fields: &Fields) -> usize {
     fields.iter().map(|(k, v)| k.len() + v.len() + 64).sum()
 }
 
+/// The same answer for a config that does not exist and one the caller
+/// may not see.
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("vault config {id} does not exist (or you may not see it)"))
+}
+
 fn label(row: &vault_config::Model) -> String {
     format!("vault config {:?} ({})", row.name, row.id)
 }
@@ -148,18 +154,35 @@ impl Configs {
         }
     }
 
+    /// Ok when the principal may do `permission` on the config. One who
+    /// knows nothing of it (neither VIEW nor USE) is told it does not
+    /// exist, exactly as for an id that names nothing, so a denial reveals
+    /// neither the config's name nor that the id is in use. (One round trip.)
     async fn require(&self, principal: &Acting, permission: Permission, id: &str, action: &str) -> Result<()> {
-        Ok(self
-            .authz
-            .require(Question::vault_config(principal, permission, id).with_groups(&principal.groups), action)
-            .await?)
+        let ask = |p: Permission| Question::vault_config(principal, p, id).with_groups(&principal.groups);
+        let mut questions = vec![ask(Permission::View), ask(Permission::Use)];
+        if !matches!(permission, Permission::View | Permission::Use) {
+            questions.push(ask(permission));
+        }
+        let answers = self.authz.batch_check(&questions).await?;
+        let allowed = |p: Permission| questions.iter().zip(&answers).find(|(q, _)| q.permission == p).map(|(_, a)| a);
+        let (Some(view), Some(using), Some(wanted)) =
+            (allowed(Permission::View), allowed(Permission::Use), allowed(permission))
+        else {
+            return Err(Error::Internal("the authz-service answered fewer questions than asked".into()));
+        };
+        if wanted.allowed {
+            return Ok(());
+        }
+        if !view.allowed && !using.allowed {
+            return Err(not_found(id));
+        }
+        Err(Error::PermissionDenied(format!("{} may not {action}: {}", principal.principal, wanted.reason)))
     }
 
     async fn row(&self, id: &str) -> Result<vault_config::Model> {
         validate_id(id)?;
-        self.db(vault_config::Entity::find_by_id(id.to_string()).one(&self.db))
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("vault config {id} does not exist")))
+        self.db(vault_config::Entity::find_by_id(id.to_string()).one(&self.db)).await?.ok_or_else(|| not_found(id))
     }
 
     async fn name_taken(&self, domain: &str, name: &str, except: Option<&str>) -> Result<bool> {

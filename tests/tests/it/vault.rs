@@ -133,7 +133,7 @@ async fn a_token_config_lists_its_keys_and_resolves_through_the_gateway_for_hold
         .list_vault_keys(pb::ListVaultKeysRequest { id: config.id.clone() })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::NotFound, "neither VIEW nor USE: the config is not hers to know of");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,6 +162,29 @@ async fn only_domain_owners_create_configs_and_only_viewers_see_them() {
     };
     assert_eq!(list(OWNER).await.len(), 1, "the bundle owner sees it");
     assert!(list(MEMBER).await.is_empty(), "USE is not VIEW: listing filters, it does not fail");
+    // eve knows nothing of it: for her it does not exist.
+    let err = app
+        .as_user(STRANGER)
+        .vault
+        .clone()
+        .get_vault_config(pb::GetVaultConfigRequest { id: config.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(!err.message().contains("prod") && !err.message().contains(BUNDLE), "{}", err.message());
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let missing = app
+        .as_user(STRANGER)
+        .vault
+        .clone()
+        .get_vault_config(pb::GetVaultConfigRequest { id: unknown.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.message().replace(&unknown, "ID"),
+        err.message().replace(&config.id, "ID"),
+        "an id that names nothing and one eve may not see get the same answer"
+    );
     let err = app
         .as_user(MEMBER)
         .vault
