@@ -719,7 +719,7 @@ fn outcome(result: Result<usize, VaultFailure>) -> pb::TestVaultConnectionRespon
     match result {
         Ok(keys) => pb::TestVaultConnectionResponse {
             outcome: pb::VaultConnectionOutcome::ConnectionOk as i32,
-            message: format!("connected; the secret has {keys} keys"),
+            message: format!("connected; the secret has {keys} key{}", if keys == 1 { "" } else { "s" }),
             key_count: keys as u32,
         },
         Err(f) => pb::TestVaultConnectionResponse { outcome: f.outcome() as i32, message: f.message, key_count: 0 },

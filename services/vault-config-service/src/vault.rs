@@ -536,18 +536,17 @@ impl Connection {
                         ),
                     );
                 }
-                failure
+                // A KV v1 mount refuses `<mount>/data/...` to a token that
+                // may read only its own paths; the mount tells its version
+                // to any token with access below it.
+                match self.mount_version(token).await {
+                    Some(v) if v != 2 => self.not_kv_v2(v),
+                    _ => failure,
+                }
             }
             FailureKind::SecretNotFound => match self.mount_version(token).await {
                 Some(2) => failure,
-                Some(v) => VaultFailure::new(
-                    FailureKind::NotKvV2,
-                    format!(
-                        "vault at {}: mount {} is KV version {v}; only KV v2 is supported",
-                        self.describe(),
-                        self.target.kv.mount
-                    ),
-                ),
+                Some(v) => self.not_kv_v2(v),
                 None => VaultFailure::new(
                     FailureKind::NotKvV2,
                     format!("vault at {}: there is no KV v2 mount at {}", self.describe(), self.target.kv.mount),
@@ -555,6 +554,17 @@ impl Connection {
             },
             _ => failure,
         }
+    }
+
+    fn not_kv_v2(&self, version: u8) -> VaultFailure {
+        VaultFailure::new(
+            FailureKind::NotKvV2,
+            format!(
+                "vault at {}: mount {} is KV version {version}; only KV v2 is supported",
+                self.describe(),
+                self.target.kv.mount
+            ),
+        )
     }
 
     /// The KV version of the config's mount, as the Vault CLI finds it
@@ -581,8 +591,19 @@ impl Connection {
     }
 }
 
+/// What Vault said, without the wrapping of its error lists
+/// (`1 error occurred:\n\t* permission denied\n\n`).
 fn said(errors: &[String]) -> String {
-    if errors.is_empty() { "(no message)".into() } else { format!("\"{}\"", errors.join("; ")) }
+    let mut parts = Vec::new();
+    for e in errors {
+        let e = e.trim();
+        match e.split_once("occurred:") {
+            Some((head, list)) if head.trim_end().ends_with("error") || head.trim_end().ends_with("errors") => parts
+                .extend(list.split("\n").map(|l| l.trim().trim_start_matches('*').trim()).filter(|l| !l.is_empty())),
+            _ => parts.push(e),
+        }
+    }
+    if parts.is_empty() { "(no message)".into() } else { format!("\"{}\"", parts.join("; ")) }
 }
 
 /// Every message of an error chain, joined.
@@ -608,8 +629,8 @@ fn transport(at: &str, e: &rustify::errors::ClientError) -> VaultFailure {
     if reqwest.is_some_and(reqwest::Error::is_timeout) || lower.contains("timed out") {
         return VaultFailure::new(FailureKind::TimedOut, format!("vault at {at} did not answer in time: {text}"));
     }
-    if ["certificate", "tls", "handshake", "unknownissuer", "invalid peer"].iter().any(|w| lower.contains(w)) {
-        return VaultFailure::new(FailureKind::Tls, format!("vault at {at}: TLS failure: {text}"));
+    if is_tls_failure(e, &lower) {
+        return tls_failure(at, &text, &lower);
     }
     VaultFailure::new(FailureKind::Unreachable, format!("vault at {at} is unreachable: {text}"))
 }
@@ -639,10 +660,40 @@ fn transport_error(at: &str, e: &reqwest::Error) -> VaultFailure {
     if e.is_timeout() || lower.contains("timed out") {
         return VaultFailure::new(FailureKind::TimedOut, format!("vault at {at} did not answer in time: {text}"));
     }
-    if ["certificate", "tls", "handshake", "unknownissuer", "invalid peer"].iter().any(|w| lower.contains(w)) {
-        return VaultFailure::new(FailureKind::Tls, format!("vault at {at}: TLS failure: {text}"));
+    if is_tls_failure(e, &lower) {
+        return tls_failure(at, &text, &lower);
     }
     VaultFailure::new(FailureKind::Unreachable, format!("vault at {at} is unreachable: {text}"))
+}
+
+/// A TLS failure: a rustls error anywhere in the chain (an HTTPS request
+/// to a plaintext port ends in one: the answer is not a TLS record), or
+/// words only TLS failures use.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static), lower: &str) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if err.downcast_ref::<rustls::Error>().is_some()
+            || err
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    ["certificate", "tls", "handshake", "unknownissuer", "invalid peer", "corrupt message", "invalidcontenttype"]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
+fn tls_failure(at: &str, text: &str, lower: &str) -> VaultFailure {
+    let hint = if lower.contains("corrupt message") || lower.contains("invalidcontenttype") {
+        " (the server does not speak TLS on that port: is the host http:// rather than https://?)"
+    } else {
+        ""
+    };
+    VaultFailure::new(FailureKind::Tls, format!("vault at {at}: TLS failure: {text}{hint}"))
 }
 
 fn find_reqwest<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a reqwest::Error> {

@@ -274,7 +274,16 @@ async fn test_connection_classifies_each_failure_with_vaults_message() {
     bao.bao(&["kv", "put", "kv1/app", "a=b"]);
     bao.bao(&["namespace", "create", "team-a"]);
     let weak = bao.field(&["token", "create", "-policy=default"], "token");
+    bao.bao(&["kv", "put", "secret/single", "only=one"]);
+    // A token that may read the one KV v1 secret, and nothing else (not
+    // sys/mounts).
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("kv1-app.hcl");
+    std::fs::write(&policy, "path \"kv1/app\" { capabilities = [\"read\"] }\n").unwrap();
+    bao.bao(&["policy", "write", "kv1-app", policy.to_str().unwrap()]);
+    let kv1_reader = bao.field(&["token", "create", "-policy=kv1-app"], "token");
     let closed = format!("http://127.0.0.1:{}", procs::free_port());
+    let https_to_plaintext = bao.addr.replace("http://", "https://");
     let test = |s: pb::VaultConfigSpec| test_unsaved(&app, s);
     let root = || token_creds(&bao.root_token);
     let cases = vec![
@@ -291,7 +300,23 @@ async fn test_connection_classifies_each_failure_with_vaults_message() {
             Outcome::NoAccessToPath,
             "permission denied",
         ),
+        ("one key", spec("a", &bao, "/v1/secret/data/single", root()), Outcome::ConnectionOk, "has 1 key"),
         ("kv v1", spec("a", &bao, "/v1/kv1/data/app", root()), Outcome::NotKvV2, "KV version 1"),
+        (
+            "kv v1, a token for that path only",
+            spec("a", &bao, "/v1/kv1/data/app", token_creds(&kv1_reader)),
+            Outcome::NotKvV2,
+            "KV version 1",
+        ),
+        (
+            "https to a plaintext port",
+            pb::VaultConfigSpec {
+                host: https_to_plaintext.clone(),
+                ..spec("a", &bao, "/v1/secret/data/production", root())
+            },
+            Outcome::TlsFailure,
+            "does not speak TLS",
+        ),
         ("missing", spec("a", &bao, "/v1/secret/data/nothing-here", root()), Outcome::SecretNotFound, "does not exist"),
         ("no mount", spec("a", &bao, "/v1/nomount/data/x", root()), Outcome::NotKvV2, "no KV v2 mount"),
         (
@@ -315,6 +340,11 @@ async fn test_connection_classifies_each_failure_with_vaults_message() {
         assert_eq!(answer.outcome(), expected, "{name}: {}", answer.message);
         assert!(answer.message.contains(said), "{name}: {}", answer.message);
         assert!(!answer.message.contains(&bao.root_token), "{name} leaks the token");
+        assert!(
+            !answer.message.contains("error occurred") && !answer.message.contains("\t*"),
+            "{name}: {}",
+            answer.message
+        );
     }
     // Saved nothing.
     let listed = app
