@@ -6,20 +6,7 @@
 
 use std::{env, path::PathBuf};
 
-/// Messages that carry secret values: their `Debug` is written by hand in
-/// `lib.rs` so that a value can never be printed.
-const REDACTED: &[&str] = &[
-    ".iomete.secrets.v1.SecretValue",
-    ".iomete.secrets.v1.SecretValue.kind",
-    ".iomete.secrets.v1.ResolvedItem",
-    ".iomete.secrets.v1.ResolvedItem.result",
-    ".iomete.secrets.internal.v1.SecretLookupResult",
-    ".iomete.secrets.internal.v1.VaultLookupResult",
-    ".iomete.secrets.internal.v1.VaultLookupResult.result",
-    ".iomete.secrets.v1.VaultCredentials",
-    ".iomete.secrets.v1.VaultCredentials.method",
-    ".iomete.secrets.v1.AppRoleCredentials",
-];
+include!("redacted.rs");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -62,5 +49,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("secrets_internal_descriptor.bin"))
         .compile_protos(&internal, std::slice::from_ref(&proto_root))?;
     println!("cargo:rerun-if-changed={}", proto_root.display());
+    println!("cargo:rerun-if-changed=redacted.rs");
     Ok(())
 }

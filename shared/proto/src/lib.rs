@@ -39,7 +39,55 @@ pub mod service_names {
     pub const DECISION_LEASES: &str = "iomete.secrets.internal.v1.DecisionLeases";
 }
 
+/// The messages and oneofs whose `Debug` is written here, as the build
+/// names them.
+pub mod redaction {
+    include!("../redacted.rs");
+}
+
 const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for v1::resolve_item::Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // A template may hold a literal a person typed: its length only.
+            Self::Text(t) => write!(f, "Text({REDACTED}, {} bytes)", t.len()),
+            Self::SecretObject(o) => f.debug_tuple("SecretObject").field(o).finish(),
+            Self::AdminKey(k) => f.debug_tuple("AdminKey").field(k).finish(),
+        }
+    }
+}
+
+impl fmt::Debug for v1::ResolveItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolveItem").field("id", &self.id).field("reference", &self.reference).finish()
+    }
+}
+
+impl fmt::Debug for v1::config_value::Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Resolved, the text holds values.
+            Self::Text(t) => write!(f, "Text({REDACTED}, {} bytes)", t.len()),
+            Self::SecretObject(o) => f.debug_tuple("SecretObject").field(o).finish(),
+        }
+    }
+}
+
+impl fmt::Debug for v1::ConfigValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigValue").field("value", &self.value).finish()
+    }
+}
+
+impl fmt::Debug for v1::StorageConfigPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StorageConfigPayload")
+            .field("secret_key", &REDACTED)
+            .field("storage_secret", &self.storage_secret)
+            .finish()
+    }
+}
 
 impl fmt::Debug for v1::secret_value::Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -130,6 +178,90 @@ mod tests {
     use super::{internal::v1::SecretLookupResult, v1::*};
 
     const CANARY: &str = "canary-debug-7f3a9";
+
+    /// Field names that hold a secret when they are strings: values,
+    /// resolved texts, tokens, secret ids and plaintext keys.
+    const VALUE_NAMES: &[&str] = &["value", "text", "token", "secret_id", "secret_key", "password", "binary"];
+
+    /// Every field of our APIs that can carry a secret value (any `bytes`,
+    /// strings named as values are, fields of a value-carrying message type)
+    /// must sit in a message or oneof whose `Debug` is written by hand.
+    #[test]
+    fn every_field_that_can_carry_a_value_has_a_redacting_debug() {
+        use prost::Message;
+        use prost_types::field_descriptor_proto::Type;
+        let mut carrying = Vec::new();
+        let mut walked = 0;
+        for set in [super::FILE_DESCRIPTOR_SET, super::INTERNAL_FILE_DESCRIPTOR_SET] {
+            let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+            for file in set.file.iter().filter(|f| f.package().starts_with("iomete.")) {
+                let mut messages: Vec<(String, &prost_types::DescriptorProto)> =
+                    file.message_type.iter().map(|m| (format!(".{}.{}", file.package(), m.name()), m)).collect();
+                while let Some((name, message)) = messages.pop() {
+                    walked += 1;
+                    messages.extend(message.nested_type.iter().map(|n| (format!("{name}.{}", n.name()), n)));
+                    for field in &message.field {
+                        let by_type = field.r#type() == Type::Bytes;
+                        let by_name = field.r#type() == Type::String && VALUE_NAMES.contains(&field.name());
+                        let by_message = field.r#type() == Type::Message
+                            && super::redaction::REDACTED.contains(&field.type_name())
+                            && !field.type_name().ends_with("Credentials");
+                        if !(by_type || by_name || by_message) {
+                            continue;
+                        }
+                        // A oneof that is not proto3's synthetic `optional` one.
+                        let oneof = field
+                            .oneof_index
+                            .filter(|_| !field.proto3_optional())
+                            .map(|i| format!("{name}.{}", message.oneof_decl[i as usize].name()));
+                        carrying.push((format!("{name}.{}", field.name()), name.clone(), oneof, by_message));
+                    }
+                }
+            }
+        }
+        assert!(walked > 50, "the descriptor sets were walked: {walked} messages");
+        let mut unredacted = Vec::new();
+        for (field, message, oneof, by_message) in &carrying {
+            // A field whose type redacts itself is safe wherever it is.
+            if *by_message {
+                continue;
+            }
+            let redacted = |n: &str| super::redaction::REDACTED.contains(&n);
+            if !(redacted(message) || oneof.as_deref().is_some_and(redacted)) {
+                unredacted.push(field.clone());
+            }
+        }
+        assert!(unredacted.is_empty(), "fields that can carry a value print it in Debug: {unredacted:?}");
+        for expected in [
+            ".iomete.secrets.v1.ConfigValue.text",
+            ".iomete.secrets.v1.StorageConfigPayload.secret_key",
+            ".iomete.secrets.internal.v1.SecretLookupResult.value",
+        ] {
+            assert!(carrying.iter().any(|(f, ..)| f == expected), "{expected} is found by the walk: {carrying:?}");
+        }
+    }
+
+    #[test]
+    fn a_resolved_workload_prints_no_value() {
+        let text = || ConfigValue { value: Some(config_value::Value::Text(CANARY.into())) };
+        let response = ResolveWorkloadResponse {
+            payload: Some(WorkloadPayload {
+                kind: Some(workload_payload::Kind::SparkJob(SparkJobPayload {
+                    template: Some(EnvAndConf {
+                        env_vars: [("DB_PASSWORD".to_string(), text())].into(),
+                        spark_conf: [("spark.key".to_string(), text())].into(),
+                    }),
+                })),
+            }),
+            ..Default::default()
+        };
+        let storage = StorageConfigPayload { secret_key: CANARY.into(), storage_secret: None };
+        let item = ResolveItem { id: "x".into(), reference: Some(resolve_item::Reference::Text(CANARY.into())) };
+        for shown in [format!("{response:?}"), format!("{storage:?}"), format!("{item:?}")] {
+            assert!(!shown.contains(CANARY), "{shown}");
+            assert!(shown.contains("redacted"), "{shown}");
+        }
+    }
 
     #[test]
     fn debug_output_of_value_carrying_messages_never_shows_the_value() {
