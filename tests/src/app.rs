@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use secret_service::backend::SecretBackend;
 use secrets_common::auth::{ON_BEHALF_OF, TokenHash, generate_token};
 use secrets_proto::v1::{
@@ -58,6 +58,10 @@ pub struct Options {
     pub service_accounts: Vec<gateway::ServiceAccountConfig>,
     /// Turns `features.secretsV2.enabled` off at the gateway.
     pub secrets_v2_off: bool,
+    /// Runs the authz-service as its own process (its binary), reached
+    /// through a proxy, so a test can kill it with SIGKILL and cut the
+    /// network to it (`crash_authz`). Not with `tls`.
+    pub authz_process: bool,
 }
 
 /// The certificates of a TLS test stack.
@@ -128,6 +132,9 @@ pub struct TestApp {
     secret_config: secret_service::Config,
     backend: Option<Arc<SecretBackend>>,
     others: Vec<Running>,
+    /// With `Options::authz_process`: the process, and the proxy in front.
+    authz_child: Option<crate::procs::Service>,
+    authz_proxy: Option<crate::proxy::FreezableProxy>,
 }
 
 fn run<F>(fut: F) -> Running
@@ -157,7 +164,15 @@ impl TestApp {
         let pki = options.tls.then(|| TestPki::new(&dir.path().join("pki")));
         let scheme = if pki.is_some() { "https" } else { "http" };
         let authz_port = port(&authz_l);
-        let authz_service_url = format!("{scheme}://127.0.0.1:{authz_port}");
+        assert!(!(options.authz_process && options.tls), "authz_process runs without TLS");
+        let authz_proxy = match options.authz_process {
+            true => Some(crate::proxy::FreezableProxy::start(format!("127.0.0.1:{authz_port}")).await),
+            false => None,
+        };
+        let authz_service_url = match &authz_proxy {
+            Some(proxy) => format!("http://127.0.0.1:{}", proxy.port),
+            None => format!("{scheme}://127.0.0.1:{authz_port}"),
+        };
         let secret_service_url = format!("{scheme}://127.0.0.1:{}", port(&secret_l));
         let gateway_url = format!("{scheme}://127.0.0.1:{}", port(&gateway_l));
         let vault_config_service_url = format!("{scheme}://127.0.0.1:{}", port(&vault_l));
@@ -210,9 +225,16 @@ impl TestApp {
             secret_config: secret_service::Config::default(),
             backend: None,
             others: Vec::new(),
+            authz_child: None,
+            authz_proxy,
             dir,
         };
-        app.start_authz_on(authz_l).await;
+        if app.authz_proxy.is_some() {
+            drop(authz_l);
+            app.start_authz_process().await;
+        } else {
+            app.start_authz_on(authz_l).await;
+        }
 
         let secret_config = secret_service::Config {
             internal_token: token_unless_tls(&internal_token),
@@ -352,6 +374,9 @@ impl TestApp {
 
     /// Stops the authz service (its port stays unused until `start_authz`).
     pub async fn stop_authz(&mut self) {
+        if let Some(child) = self.authz_child.take() {
+            let _ = tokio::task::spawn_blocking(move || child.stop()).await;
+        }
         if let Some(r) = self.authz.take() {
             let _ = r.stop.send(());
             let _ = r.task.await;
@@ -360,8 +385,44 @@ impl TestApp {
 
     /// Starts the authz service again on the same port and database.
     pub async fn start_authz(&mut self) {
+        if self.authz_proxy.is_some() {
+            return self.start_authz_process().await;
+        }
         let listener = TcpListener::bind(("127.0.0.1", self.authz_port)).await.expect("rebind authz port");
         self.start_authz_on(listener).await;
+    }
+
+    /// The authz-service's binary on `authz_port`, once it answers.
+    async fn start_authz_process(&mut self) {
+        let metrics = crate::procs::free_port();
+        let env: std::collections::BTreeMap<String, String> = [
+            ("AUTHZ_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{}", self.authz_port)),
+            ("AUTHZ_SERVICE_INTERNAL_TOKEN", self.internal_token.expose_secret().to_string()),
+            ("AUTHZ_SERVICE_DATABASE_URL", self.database_url.clone()),
+            ("AUTHZ_SERVICE_DATABASE_TIMEOUT_MS", self.database_timeout_ms.to_string()),
+            ("AUTHZ_SERVICE_BOOTSTRAP_ADMINS", format!(r#"["user:{ADMIN}"]"#)),
+            ("AUTHZ_SERVICE_METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        self.authz_child =
+            Some(crate::procs::Service::start_logging("authz-service", &env, std::process::Stdio::null()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while secrets_common::server::probe(([127, 0, 0, 1], self.authz_port).into()).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "the authz-service process did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.set_metrics("authz-service", Some(metrics));
+    }
+
+    /// The authz-service's process dies at once (SIGKILL, no clean close),
+    /// and the network to it goes silent: its clients are told nothing.
+    /// Only with `Options::authz_process`.
+    pub fn crash_authz(&mut self) {
+        let proxy = self.authz_proxy.as_ref().expect("crash_authz needs Options::authz_process");
+        proxy.partition();
+        self.authz_child.take().expect("running").kill();
     }
 
     pub fn token(&self, name: &str) -> &str {

@@ -46,13 +46,19 @@ pub struct Service {
 impl Service {
     /// Starts `binary` with exactly `env` (plus PATH), stderr captured.
     pub fn start(name: &'static str, env: &BTreeMap<String, String>) -> Self {
+        Self::start_logging(name, env, Stdio::piped())
+    }
+
+    /// As `start`, with its log going to `stderr` (a long-running process
+    /// whose log nobody reads: `Stdio::null()`).
+    pub fn start_logging(name: &'static str, env: &BTreeMap<String, String>, stderr: Stdio) -> Self {
         let child = Command::new(binary(name))
             .env_clear()
             .envs(env)
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
         Self { name, child: Some(child) }
@@ -73,6 +79,16 @@ impl Service {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+}
+
+impl Service {
+    /// SIGKILL: the process ends at once, closing nothing cleanly.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -85,7 +85,8 @@ struct Inner {
     next_id: AtomicU64,
     holders: Mutex<HashMap<u64, Arc<Holder>>>,
     /// When the leases of holders whose streams ended have surely run out:
-    /// a holder may not have noticed yet that its stream is gone.
+    /// a holder may not have noticed yet that its stream is gone. At start,
+    /// one lease from now: the holders of a process before this one.
     departed: Mutex<Instant>,
     /// Set when the service stops: every stream ends.
     stopping: watch::Sender<bool>,
@@ -99,7 +100,10 @@ impl Leases {
                 generation: AtomicU64::new(1),
                 next_id: AtomicU64::new(1),
                 holders: Mutex::new(HashMap::new()),
-                departed: Mutex::new(Instant::now()),
+                // A process that replaces one that crashed cannot know its
+                // holders: any of them may answer from a lease the old one
+                // gave for up to one more lease. Changes wait that out.
+                departed: Mutex::new(Instant::now() + LEASE),
                 stopping: watch::channel(false).0,
             }),
         }

@@ -222,6 +222,41 @@ fn parse_role(text: &str) -> Result<Role> {
     })
 }
 
+/// A change that must be published: by [`Publication::publish`], or when
+/// dropped unpublished (its request was cancelled), in a task of its own.
+pub struct Publication {
+    pending: Option<(crate::leases::Leases, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
+}
+
+impl Publication {
+    fn start(
+        leases: crate::leases::Leases,
+        local: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> tokio::task::JoinHandle<()> {
+        // Detached: cancelling the request that waits on it does not stop it.
+        tokio::spawn(async move {
+            local.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            leases.publish().await;
+        })
+    }
+
+    /// Publishes the change; returns once no gateway can answer from before it.
+    pub async fn publish(mut self) {
+        if let Some((leases, local)) = self.pending.take() {
+            let _ = Self::start(leases, local).await;
+        }
+    }
+}
+
+impl Drop for Publication {
+    fn drop(&mut self) {
+        if let Some((leases, local)) = self.pending.take() {
+            tracing::info!("a grant change's request ended before it was published; publishing it anyway");
+            Self::start(leases, local);
+        }
+    }
+}
+
 impl Policy {
     pub fn new(db: DatabaseConnection, bootstrap_admins: BTreeSet<Principal>, timeout: Duration) -> Self {
         let leases = crate::leases::Leases::new(db.get_database_backend() != DbBackend::Postgres);
@@ -236,11 +271,13 @@ impl Policy {
         }
     }
 
-    /// Marks the grants in memory as old, and returns once no gateway can
-    /// answer from before the change: called after every change.
-    async fn changed(&self) {
-        self.local.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.leases.publish().await;
+    /// Taken before a change is written: publishing it (marking the grants
+    /// in memory as old, and waiting until no gateway can answer from
+    /// before the change) then happens whatever becomes of the request. A
+    /// caller that cancels mid-write, or a database timeout that fires after
+    /// the commit, cannot leave a change unpublished.
+    fn publication(&self) -> Publication {
+        Publication { pending: Some((self.leases.clone(), self.local.clone())) }
     }
 
     /// The decision leases served to gateways.
@@ -1031,16 +1068,18 @@ impl Policy {
 impl Policy {
     /// Adds a member or changes its role; idempotent.
     pub async fn add_member(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
+        let publication = self.publication();
         let result = self.add_member_now(domain, subject, role).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     /// Removes a member; its permissions in the domain go with it (the
     /// database cascades the delete).
     pub async fn remove_member(&self, domain: &str, subject: &Principal) -> Result<()> {
+        let publication = self.publication();
         let result = self.remove_member_now(domain, subject).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
@@ -1048,32 +1087,37 @@ impl Policy {
     /// to the member row means a member removed at the same moment cannot
     /// leave the permission behind.
     pub async fn grant(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
+        let publication = self.publication();
         let result = self.grant_now(domain, subject, permission).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn revoke(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
+        let publication = self.publication();
         let result = self.revoke_now(domain, subject, permission).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn grant_admin(&self, subject: &Principal) -> Result<()> {
+        let publication = self.publication();
         let result = self.grant_admin_now(subject).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn revoke_admin(&self, subject: &Principal) -> Result<()> {
+        let publication = self.publication();
         let result = self.revoke_admin_now(subject).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn create_group(&self, name: &str, description: &str) -> Result<Group> {
+        let publication = self.publication();
         let result = self.create_group_now(name, description).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
@@ -1081,54 +1125,62 @@ impl Policy {
     /// groups) and every grant and domain role it held. A group that owns a
     /// bundle is kept: give the bundle another owner first.
     pub async fn delete_group(&self, name: &str) -> Result<()> {
+        let publication = self.publication();
         let result = self.delete_group_now(name).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     /// Adds a member to a group; a group member that would close a cycle is
     /// refused, naming it.
     pub async fn add_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+        let publication = self.publication();
         let result = self.add_group_member_now(name, member).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn remove_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
+        let publication = self.publication();
         let result = self.remove_group_member_now(name, member).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn create_bundle(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
+        let publication = self.publication();
         let result = self.create_bundle_now(name, description, owner).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn update_bundle(&self, name: &str, change: BundleChange) -> Result<Bundle> {
+        let publication = self.publication();
         let result = self.update_bundle_now(name, change).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     /// Deletes a bundle and its grants; a bundle that still holds resources
     /// is kept, and the refusal names them.
     pub async fn delete_bundle(&self, name: &str) -> Result<()> {
+        let publication = self.publication();
         let result = self.delete_bundle_now(name).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn grant_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+        let publication = self.publication();
         let result = self.grant_bundle_now(name, subject, permission).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn revoke_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
+        let publication = self.publication();
         let result = self.revoke_bundle_now(name, subject, permission).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
@@ -1136,14 +1188,16 @@ impl Policy {
     /// the same bundle is harmless; in another bundle it is refused:
     /// resources never move.
     pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
+        let publication = self.publication();
         let result = self.register_resource_now(kind, id, bundle, domain).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 
     pub async fn unregister_resource(&self, kind: ResourceType, id: &str) -> Result<()> {
+        let publication = self.publication();
         let result = self.unregister_resource_now(kind, id).await;
-        self.changed().await;
+        publication.publish().await;
         result
     }
 }

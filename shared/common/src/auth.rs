@@ -313,6 +313,12 @@ pub fn internal_channel(
     channel(url, request_timeout, peer, metrics, None)
 }
 
+/// HTTP/2 pings on every internal connection: a peer that vanished without
+/// closing it (its host died, the network split) is noticed within about
+/// both together, and the channel connects anew.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn channel(
     url: &str,
     request_timeout: Duration,
@@ -328,7 +334,10 @@ fn channel(
     let endpoint = endpoint
         .connect_timeout(Duration::from_secs(2).min(request_timeout))
         .timeout(request_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     let channel: Channel = match (tls, https) {
         // tonic's own TLS cannot reload a client certificate, so the
         // connector does TLS itself; tonic is handed the plain scheme.
@@ -339,6 +348,9 @@ fn channel(
                 .connect_timeout(Duration::from_secs(2).min(request_timeout))
                 .timeout(request_timeout)
                 .tcp_nodelay(true)
+                .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .connect_with_connector_lazy(crate::tls::TlsConnector::new(tls))
         }
         (None, false) => endpoint.connect_lazy(),

@@ -144,6 +144,9 @@ fn cache_key(c: &CheckRequest) -> String {
     )
 }
 
+/// How long a lease stream may go unanswered before it is given up.
+const LEASE_SILENCE: Duration = Duration::from_secs(3);
+
 /// Entries one cache holds at most; past it, it starts again empty.
 const MAX_DECISIONS: usize = 100_000;
 
@@ -285,9 +288,15 @@ impl DecisionCache {
         let mut renew = tokio::time::interval(Duration::from_millis(500));
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await;
+        let mut last_answer = Instant::now();
         loop {
             tokio::select! {
                 _ = renew.tick() => {
+                    // No answer for a whole lease: the service is gone or
+                    // unreachable; the lease has run out. Connect anew.
+                    if last_answer.elapsed() > LEASE_SILENCE {
+                        return Err(Status::unavailable(format!("{AUTHZ_SERVICE} stopped answering the lease stream")));
+                    }
                     let applied = self.state().generation;
                     if !send(applied, &mut sent) {
                         return Ok(());
@@ -295,6 +304,7 @@ impl DecisionCache {
                 }
                 message = inbound.message() => {
                     let Some(answer) = message.map_err(|s| from_upstream(AUTHZ_SERVICE, s))? else { return Ok(()) };
+                    last_answer = Instant::now();
                     let changed = {
                         let mut state = self.state();
                         let changed = answer.generation > state.generation;

@@ -229,3 +229,118 @@ async fn after_an_authz_restart_the_new_lease_sees_every_change() {
     add_nina(&app).await;
     assert!(resolves(&nina).await);
 }
+
+/// What a resolve for nina gets: a value, a refusal, or no answer (the
+/// gateway could not reach the authz-service and failed closed).
+async fn nina_gets(nina: &Clients) -> Option<bool> {
+    match nina.resolve("finance", item()).await {
+        Err(e) => {
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            None
+        }
+        Ok(out) => match &out[0].result {
+            Some(R::Value(_)) => Some(true),
+            Some(R::Error(e)) if e.code == Code::PermissionDenied as i32 => Some(false),
+            Some(R::Error(e)) if e.code == Code::Unavailable as i32 => None,
+            other => panic!("neither a value nor a refusal: {other:?}"),
+        },
+    }
+}
+
+/// A process that crashed with its host says nothing: its gateway keeps
+/// the lease it was given until it runs out. The process that replaces it
+/// cannot know that gateway, so its first change waits out one lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_authz_crash_the_first_revoke_returns_only_when_no_old_lease_can_answer() {
+    let mut app = TestApp::spawn_with(Options { authz_process: true, ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+    until_answered_from_memory(&app, &nina).await;
+
+    app.crash_authz();
+    app.start_authz().await;
+    // Straight to the new process: the gateway's own connection is the
+    // silent one.
+    let mut authz =
+        pb::authz_service_client::AuthzServiceClient::new(channel(&format!("http://127.0.0.1:{}", app.authz_port)));
+    let mut request =
+        tonic::Request::new(pb::RemoveDomainMemberRequest { domain: "finance".into(), subject: "user:nina".into() });
+    let bearer = format!("Bearer {}", secrecy::ExposeSecret::expose_secret(&app.internal_token));
+    request.metadata_mut().insert("authorization", bearer.parse().unwrap());
+    secrets_common::auth::act_as(&mut request, &"user:admin".parse().unwrap(), Some("test"), &[]);
+    authz.remove_domain_member(request).await.unwrap();
+
+    assert_ne!(
+        nina_gets(&nina).await,
+        Some(true),
+        "allowed from the crashed process's lease after the revoke returned"
+    );
+    // Once the gateway notices the dead connection, it asks the new process.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match nina_gets(&nina).await {
+            Some(false) => break,
+            Some(true) => panic!("allowed after the revoke"),
+            None => assert!(Instant::now() < deadline, "the gateway never reached the new authz-service"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Changes whose callers give up mid-call are published all the same: what
+/// the gateway answers from memory always ends up as the grants say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_changes_cancelled_mid_call_are_still_published() {
+    let app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+    let admin = app.as_user(ADMIN);
+    let is_member = || async {
+        admin
+            .authz
+            .clone()
+            .list_domain_members(pb::ListDomainMembersRequest { domain: "finance".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .members
+            .iter()
+            .any(|m| m.subject == "user:nina")
+    };
+    let mut mismatches = Vec::new();
+    for round in 0..20u64 {
+        until_answered_from_memory_or_denied(&app, &nina).await;
+        // Give up on the change after a few milliseconds: sometimes before
+        // it is written, sometimes after, sometimes while it is published.
+        let delay = Duration::from_micros(700 * round);
+        if is_member().await {
+            let _ = tokio::time::timeout(delay, remove_nina(&app)).await;
+        } else {
+            let _ = tokio::time::timeout(delay, add_nina(&app)).await;
+        }
+        // Whatever happened, it is published at once (no holder lags).
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let truth = is_member().await;
+        let answered = resolves(&nina).await;
+        if answered != truth {
+            mismatches.push((round, truth, answered));
+        }
+    }
+    assert!(mismatches.is_empty(), "the gateway answered against the grants (round, member, allowed): {mismatches:?}");
+}
+
+/// As `until_answered_from_memory`, also when the answer is a refusal.
+async fn until_answered_from_memory_or_denied(app: &TestApp, nina: &Clients) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let before = asked(app).await;
+        let _ = resolves(nina).await;
+        if asked(app).await == before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway never answered from memory");
+}
