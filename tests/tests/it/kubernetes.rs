@@ -323,29 +323,13 @@ async fn each_store_service_watches_only_its_own_objects_and_adopts_its_unlabell
     assert_eq!(component("someone-elses-object"), None, "an object of neither prefix is left alone");
 
     // New writes carry the writer's component.
-    let mut add = |entries: &mut secret_service::backend::Entries| {
-        entries.insert(
-            "new".into(),
-            secret_service::backend::Entry {
-                value: SecretValue::from("v".to_string()),
-                created_at: chrono::Utc::now(),
-                updated_at: chrono::Utc::now(),
-            },
-        );
+    fn add<E>(entries: &mut secret_service::backend::Entries) -> Result<(), E> {
+        let now = chrono::Utc::now();
+        let value = SecretValue::from("v".to_string());
+        entries.insert("new".into(), secret_service::backend::Entry { value, created_at: now, updated_at: now });
         Ok(())
-    };
+    }
     secrets.modify("iomete-secret-store-sales", &mut add).await.unwrap();
-    let mut add = |entries: &mut secret_service::backend::Entries| {
-        entries.insert(
-            "new".into(),
-            secret_service::backend::Entry {
-                value: SecretValue::from("v".to_string()),
-                created_at: chrono::Utc::now(),
-                updated_at: chrono::Utc::now(),
-            },
-        );
-        Ok(())
-    };
     credentials.modify("iomete-vault-credentials-sales", &mut add).await.unwrap();
     assert_eq!(component("iomete-secret-store-sales").as_deref(), Some("secret-store"));
     assert_eq!(component("iomete-vault-credentials-sales").as_deref(), Some("vault-credentials"));

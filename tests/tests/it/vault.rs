@@ -423,6 +423,17 @@ fn app_role(bao: &OpenBao, ttl: &str, max_ttl: &str) -> (String, String) {
     (role_id, secret_id)
 }
 
+/// Config "prod" of finance reading secret/production with a new AppRole
+/// whose tokens live `ttl` (at most `max_ttl`); and the role's secret id.
+async fn approle_config(app: &TestApp, bao: &OpenBao, ttl: &str, max_ttl: &str) -> (pb::VaultConfig, String) {
+    let (role_id, secret_id) = app_role(bao, ttl, max_ttl);
+    let config =
+        create(app, OWNER, spec("prod", bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
+            .await
+            .unwrap();
+    (config, secret_id)
+}
+
 fn app_role_creds(role_id: &str, secret_id: &str) -> pb::VaultCredentials {
     pb::VaultCredentials {
         method: Some(pb::vault_credentials::Method::AppRole(pb::AppRoleCredentials {
@@ -445,11 +456,7 @@ async fn a_thousand_concurrent_cold_resolves_make_one_vault_read_and_one_login()
     })
     .await;
     setup(&app, &bao).await;
-    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
-    let config =
-        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
-            .await
-            .unwrap();
+    let (config, secret_id) = approle_config(&app, &bao, "1h", "2h").await;
     let before = bao.requested_paths();
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let resolves = (0..1000).map(|i| {
@@ -479,11 +486,7 @@ async fn short_lived_approle_tokens_are_renewed_and_replaced_while_resolving_for
     let bao = OpenBao::start();
     let app = spawn_uncached().await;
     setup(&app, &bao).await;
-    let (role_id, secret_id) = app_role(&bao, "5s", "15s");
-    let config =
-        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
-            .await
-            .unwrap();
+    let (config, secret_id) = approle_config(&app, &bao, "5s", "15s").await;
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let start = std::time::Instant::now();
     let mut resolved = 0;
@@ -1061,11 +1064,7 @@ async fn a_hundred_concurrent_resolves_after_a_revocation_log_in_once() {
     })
     .await;
     setup(&app, &bao).await;
-    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
-    let config =
-        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
-            .await
-            .unwrap();
+    let (config, secret_id) = approle_config(&app, &bao, "1h", "2h").await;
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
     assert_eq!(value(&out[0]), b"pw-from-vault");
@@ -1140,11 +1139,7 @@ async fn an_idle_approle_token_is_renewed_ahead_of_its_expiry() {
     let bao = OpenBao::start();
     let app = spawn_uncached().await;
     setup(&app, &bao).await;
-    let (role_id, secret_id) = app_role(&bao, "6s", "1h");
-    let config =
-        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
-            .await
-            .unwrap();
+    let (config, secret_id) = approle_config(&app, &bao, "6s", "1h").await;
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let before = bao.requested_paths().len();
     let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
@@ -1165,11 +1160,7 @@ async fn credentials_vault_refuses_stop_cached_values_being_served() {
     let bao = OpenBao::start();
     let app = TestApp::spawn().await;
     setup(&app, &bao).await;
-    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
-    let config =
-        create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)))
-            .await
-            .unwrap();
+    let (config, secret_id) = approle_config(&app, &bao, "1h", "2h").await;
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
     assert_eq!(value(&out[0]), b"pw-from-vault");
