@@ -43,6 +43,27 @@ pub fn sample(text: &str, series: &str) -> f64 {
 /// database) and `postgres` (a fresh database on DATABASE_URL's server).
 #[macro_export]
 macro_rules! on_both_databases {
+    // With the app's options from `$options()` (the database is set here).
+    (options = $options:ident; $($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use integration_tests::*;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(TestApp::spawn_with(super::$options()).await).await
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let Some(db) = integration_tests::postgres::fresh_database().await else { return };
+                    let app = TestApp::spawn_with(Options { database_url: Some(db.url.clone()), ..super::$options() }).await;
+                    super::$name(app).await;
+                    db.drop_database().await;
+                }
+            }
+        )*
+    };
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {

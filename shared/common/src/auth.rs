@@ -316,8 +316,8 @@ pub fn internal_channel(
 /// HTTP/2 pings on every internal connection: a peer that vanished without
 /// closing it (its host died, the network split) is noticed within about
 /// both together, and the channel connects anew.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn channel(
     url: &str,

@@ -32,7 +32,15 @@ pub async fn connect<M: MigratorTrait>(
         .connect_timeout(Duration::from_secs(5).max(timeout))
         .acquire_timeout(timeout)
         .map_sqlx_postgres_opts(move |o| o.options([("statement_timeout", timeout.as_millis().to_string())]))
-        .map_sqlx_sqlite_opts(move |o| o.busy_timeout(timeout).foreign_keys(true));
+        // WAL: a commit is one append and one sync (still FULL: no
+        // acknowledged write is lost on power loss), and readers do not
+        // wait for the writer.
+        .map_sqlx_sqlite_opts(move |o| {
+            o.busy_timeout(timeout)
+                .foreign_keys(true)
+                .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+        });
     if url.contains(":memory:") {
         options.max_connections(1);
     }

@@ -20,9 +20,15 @@ use tonic_types::StatusExt;
 on_both_databases!(
     the_usage_index_follows_saves_updates_and_deletes,
     every_workload_kind_is_indexed_under_its_kind,
-    two_hundred_concurrent_saves_lose_no_index_entry,
     deleting_a_referenced_domain_secret_is_refused_naming_the_workloads_unless_forced,
 );
+on_both_databases!(options = burst_options; two_hundred_concurrent_saves_lose_no_index_entry);
+
+/// 200 saves at once on a shared, busy machine: what counts is that none is
+/// lost, not how fast they land; bounds with room for that.
+fn burst_options() -> Options {
+    Options { request_timeout_ms: Some(20_000), database_timeout_ms: Some(20_000), ..Default::default() }
+}
 
 fn spark_job(env: &[(&str, pb::ConfigValue)], conf: &[(&str, pb::ConfigValue)]) -> pb::WorkloadPayload {
     pb::WorkloadPayload {
