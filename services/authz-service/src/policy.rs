@@ -226,24 +226,40 @@ fn parse_role(text: &str) -> Result<Role> {
 /// dropped unpublished (its request was cancelled), in a task of its own.
 pub struct Publication {
     pending: Option<(crate::leases::Leases, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
+    /// The bound on a database operation: a write whose caller stopped
+    /// waiting has landed or failed by then.
+    settle: Duration,
 }
 
 impl Publication {
+    /// Publishes now and, when the write may still be landing (it failed,
+    /// timed out, or its request went away), once more after `settle`: a
+    /// check answered in between cannot outlive the write.
     fn start(
         leases: crate::leases::Leases,
         local: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        again_after: Option<Duration>,
     ) -> tokio::task::JoinHandle<()> {
         // Detached: cancelling the request that waits on it does not stop it.
-        tokio::spawn(async move {
+        let publish = |leases: crate::leases::Leases, local: std::sync::Arc<std::sync::atomic::AtomicU64>| async move {
             local.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             leases.publish().await;
-        })
+        };
+        let first = tokio::spawn(publish(leases.clone(), local.clone()));
+        if let Some(settle) = again_after {
+            tokio::spawn(async move {
+                tokio::time::sleep(settle).await;
+                publish(leases, local).await;
+            });
+        }
+        first
     }
 
-    /// Publishes the change; returns once no gateway can answer from before it.
-    pub async fn publish(mut self) {
+    /// Publishes the change; returns once no gateway can answer from before
+    /// it. `failed`: the write may land after this returns.
+    pub async fn publish(mut self, failed: bool) {
         if let Some((leases, local)) = self.pending.take() {
-            let _ = Self::start(leases, local).await;
+            let _ = Self::start(leases, local, failed.then_some(self.settle)).await;
         }
     }
 }
@@ -252,7 +268,7 @@ impl Drop for Publication {
     fn drop(&mut self) {
         if let Some((leases, local)) = self.pending.take() {
             tracing::info!("a grant change's request ended before it was published; publishing it anyway");
-            Self::start(leases, local);
+            Self::start(leases, local, Some(self.settle));
         }
     }
 }
@@ -277,7 +293,7 @@ impl Policy {
     /// caller that cancels mid-write, or a database timeout that fires after
     /// the commit, cannot leave a change unpublished.
     fn publication(&self) -> Publication {
-        Publication { pending: Some((self.leases.clone(), self.local.clone())) }
+        Publication { pending: Some((self.leases.clone(), self.local.clone())), settle: self.timeout }
     }
 
     /// The decision leases served to gateways.
@@ -1070,7 +1086,7 @@ impl Policy {
     pub async fn add_member(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
         let publication = self.publication();
         let result = self.add_member_now(domain, subject, role).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
@@ -1079,7 +1095,7 @@ impl Policy {
     pub async fn remove_member(&self, domain: &str, subject: &Principal) -> Result<()> {
         let publication = self.publication();
         let result = self.remove_member_now(domain, subject).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
@@ -1089,35 +1105,35 @@ impl Policy {
     pub async fn grant(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
         let publication = self.publication();
         let result = self.grant_now(domain, subject, permission).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn revoke(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
         let publication = self.publication();
         let result = self.revoke_now(domain, subject, permission).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn grant_admin(&self, subject: &Principal) -> Result<()> {
         let publication = self.publication();
         let result = self.grant_admin_now(subject).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn revoke_admin(&self, subject: &Principal) -> Result<()> {
         let publication = self.publication();
         let result = self.revoke_admin_now(subject).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn create_group(&self, name: &str, description: &str) -> Result<Group> {
         let publication = self.publication();
         let result = self.create_group_now(name, description).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
@@ -1127,7 +1143,7 @@ impl Policy {
     pub async fn delete_group(&self, name: &str) -> Result<()> {
         let publication = self.publication();
         let result = self.delete_group_now(name).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
@@ -1136,28 +1152,28 @@ impl Policy {
     pub async fn add_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
         let publication = self.publication();
         let result = self.add_group_member_now(name, member).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn remove_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
         let publication = self.publication();
         let result = self.remove_group_member_now(name, member).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn create_bundle(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
         let publication = self.publication();
         let result = self.create_bundle_now(name, description, owner).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn update_bundle(&self, name: &str, change: BundleChange) -> Result<Bundle> {
         let publication = self.publication();
         let result = self.update_bundle_now(name, change).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
@@ -1166,21 +1182,21 @@ impl Policy {
     pub async fn delete_bundle(&self, name: &str) -> Result<()> {
         let publication = self.publication();
         let result = self.delete_bundle_now(name).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn grant_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
         let publication = self.publication();
         let result = self.grant_bundle_now(name, subject, permission).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn revoke_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
         let publication = self.publication();
         let result = self.revoke_bundle_now(name, subject, permission).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
@@ -1190,14 +1206,14 @@ impl Policy {
     pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
         let publication = self.publication();
         let result = self.register_resource_now(kind, id, bundle, domain).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 
     pub async fn unregister_resource(&self, kind: ResourceType, id: &str) -> Result<()> {
         let publication = self.publication();
         let result = self.unregister_resource_now(kind, id).await;
-        publication.publish().await;
+        publication.publish(result.is_err()).await;
         result
     }
 }

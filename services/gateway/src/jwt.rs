@@ -318,6 +318,8 @@ impl Issuer {
         match mapped {
             Some(internal) => Some(internal.clone()),
             None if path.is_empty() => None,
+            // Plain names with '/' would be another issuer's namespace.
+            None if self.config.shared_namespace && path.contains('/') => None,
             None => Some(self.namespaced(path)),
         }
     }
@@ -353,6 +355,12 @@ impl Issuer {
             IssuerKind::Users => {
                 let claim = string_claim(&self.config.user_claim)
                     .ok_or_else(|| format!("the token has no string {} claim", self.config.user_claim))?;
+                if self.config.shared_namespace && claim.contains('/') {
+                    return Err(format!(
+                        "the {} claim contains '/', which names another issuer's users; an issuer sharing the plain namespace may not use it",
+                        self.config.user_claim
+                    ));
+                }
                 let subject = self.namespaced(&claim);
                 let groups = match &self.config.groups_claim {
                     None => Vec::new(),

@@ -87,9 +87,10 @@ pub fn host(field: &str, text: &str) -> Result<String, FieldViolation> {
     if text.len() > MAX_HOST_LEN || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(violation(field, format!("is not a URL; {rule}")));
     }
-    // Before anything echoes the text: it may carry a password.
+    // Before anything echoes the text: it may carry a password (which may
+    // itself contain '/'). A host URL has no other use for '@'.
     let authority = text.split_once("://").map_or(text, |(_, rest)| rest).split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
+    if text.contains('@') {
         return Err(violation(
             field,
             format!("has user info (user:password@); give credentials in `credentials`, never in the URL; {rule}"),

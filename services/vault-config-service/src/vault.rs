@@ -579,7 +579,8 @@ impl Connection {
         if !response.status().is_success() {
             return None;
         }
-        let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
+        let body = capped_body(response, MAX_RESPONSE_BYTES).await.ok()??;
+        let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
         let data = body.get("data")?;
         if data.get("type").and_then(|t| t.as_str()) != Some("kv") {
             return None;

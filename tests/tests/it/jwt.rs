@@ -408,6 +408,25 @@ async fn no_provider_user_becomes_a_principal_a_static_token_or_a_configured_adm
     c["groups"] = json!(["data-eng"]);
     let lee = with_jwt(&app, &partner_key.sign(&c), None);
     lee.list(DOMAIN).await.expect("a shared-namespace group is the internal group");
+    // But no plain name may reach into another issuer's namespace.
+    let mut c = partner.claims(AUDIENCE, "uuid-sneaky");
+    c["preferred_username"] = json!("keycloak/uuid-admin");
+    let e = with_jwt(&app, &partner_key.sign(&c), None).list(DOMAIN).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("another issuer's users"), "{}", e.message());
+    let mut c = partner.claims(AUDIENCE, "uuid-lee");
+    c["preferred_username"] = json!("lee");
+    c["groups"] = json!(["keycloak/data-eng"]);
+    admin_authz
+        .add_domain_member(pb::AddDomainMemberRequest {
+            domain: DOMAIN.into(),
+            subject: "group:keycloak/data-eng".into(),
+            role: pb::DomainRole::Owner as i32,
+        })
+        .await
+        .unwrap();
+    let e = with_jwt(&app, &partner_key.sign(&c), None).list(DOMAIN).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "not in keycloak's group: {e:?}");
 
     // Configured identities may not use the providers' separator.
     let bad = gateway::auth::Authenticator::new(&[gateway::auth::TokenConfig {
