@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Utc;
 use sea_orm::{
-    ColumnTrait, Condition, DbBackend, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
-    sea_query::OnConflict,
+    ActiveModelTrait, ColumnTrait, Condition, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    TransactionTrait, sea_query::OnConflict,
 };
 use secrets_common::validate::{self, FieldViolation};
 use secrets_proto::{
@@ -176,17 +176,8 @@ impl UsageIndex {
             .bounded(async {
                 let db = self.policy.db();
                 let txn = db.begin().await?;
-                let existing = workload::Entity::find_by_id((key.domain.clone(), key.kind.to_string(), key.id.clone()))
-                    .one(&txn)
-                    .await?;
-                if let Some(row) = &existing {
-                    owned_elsewhere(row, &request.owner, request.override_owner, "replace")?;
-                }
-                let existed = existing.is_some();
-                // The workload row first: on PostgreSQL its lock orders
-                // concurrent saves of one workload, so the last one's
-                // references are the ones left.
-                workload::Entity::insert(workload::ActiveModel {
+                let id = (key.domain.clone(), key.kind.to_string(), key.id.clone());
+                let model = workload::ActiveModel {
                     domain: Set(key.domain.clone()),
                     kind: Set(key.kind.to_string()),
                     id: Set(key.id.clone()),
@@ -194,19 +185,34 @@ impl UsageIndex {
                     saved_by: Set(request.saved_by.clone()),
                     saved_at: Set(Utc::now()),
                     owner: Set(request.owner.clone()),
-                })
-                .on_conflict(
-                    OnConflict::columns([workload::Column::Domain, workload::Column::Kind, workload::Column::Id])
-                        .update_columns([
-                            workload::Column::Name,
-                            workload::Column::SavedBy,
-                            workload::Column::SavedAt,
-                            workload::Column::Owner,
-                        ])
-                        .to_owned(),
-                )
-                .exec_without_returning(&txn)
-                .await?;
+                };
+                // Claim the row first: a new workload becomes this owner's,
+                // and on PostgreSQL a concurrent first save waits here for
+                // this one, then finds the row taken. Then the row, locked,
+                // is checked for its owner before anything changes.
+                let claimed = workload::Entity::insert(model.clone())
+                    .on_conflict(
+                        OnConflict::columns([workload::Column::Domain, workload::Column::Kind, workload::Column::Id])
+                            .do_nothing()
+                            .to_owned(),
+                    )
+                    .exec_without_returning(&txn)
+                    .await?;
+                let existed = claimed == 0;
+                if existed {
+                    let mut find = workload::Entity::find_by_id(id);
+                    if db.get_database_backend() == DbBackend::Postgres {
+                        find = find.lock_exclusive();
+                    }
+                    let row = find.one(&txn).await?.ok_or_else(|| {
+                        Error::Internal(format!(
+                            "workload {}/{} {:?} vanished while saved",
+                            key.domain, key.kind, key.id
+                        ))
+                    })?;
+                    owned_elsewhere(&row, &request.owner, request.override_owner, "replace")?;
+                    model.update(&txn).await?;
+                }
                 workload_reference::Entity::delete_many()
                     .filter(workload_reference::Column::Domain.eq(&key.domain))
                     .filter(workload_reference::Column::Kind.eq(key.kind))

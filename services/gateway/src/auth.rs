@@ -397,6 +397,7 @@ fn reserved_namespace(field: &str, subject: &str) -> Result<(), FieldViolation> 
 /// UNAUTHENTICATED for a refused token, logged so operators see attacks:
 /// the reason names the issuer and what failed, never the token.
 fn refused(reason: String) -> Status {
+    tracing::Span::current().record("auth.refused", reason.as_str());
     tracing::warn!(%reason, "token refused");
     Status::unauthenticated(format!("token refused: {reason}"))
 }

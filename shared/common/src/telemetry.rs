@@ -189,6 +189,8 @@ pub fn server_span(path: &str, headers: &http::HeaderMap) -> Span {
         otel.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
+        // Why the caller's credentials were refused (never the credentials).
+        auth.refused = tracing::field::Empty,
     );
     let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     // Fails only when no OpenTelemetry layer is installed: nothing to join then.

@@ -236,6 +236,13 @@ async fn every_bad_token_is_unauthenticated_with_the_reason_and_never_the_token(
             logs::captured().lines().any(|l| l.contains("token refused") && l.contains(reason)),
             "{name}: no log line says the token was refused"
         );
+        // And the call's span carries why.
+        assert!(
+            logs::captured()
+                .lines()
+                .any(|l| l.contains("grpc.server{") && l.contains("auth.refused=") && l.contains(reason)),
+            "{name}: the span does not say why the token was refused"
+        );
     }
     // And the good one passes.
     with_jwt(&app, &key.sign(&good), None).list(DOMAIN).await.expect("a valid token");

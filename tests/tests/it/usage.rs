@@ -23,6 +23,7 @@ on_both_databases!(
     deleting_a_referenced_domain_secret_is_refused_naming_the_workloads_unless_forced,
 );
 on_both_databases!(options = burst_options; two_hundred_concurrent_saves_lose_no_index_entry);
+on_both_databases!(two_services_saving_one_new_workload_at_once_leave_one_owner);
 
 /// 200 saves at once on a shared, busy machine: what counts is that none is
 /// lost, not how fast they land; bounds with room for that.
@@ -595,4 +596,33 @@ async fn only_the_identity_that_saved_a_workload_or_an_admin_changes_its_record(
     assert!(save(&jupyter, "etl", payload()).await.unwrap().saved);
     let admin_through_spark = app.as_service(Some("user:admin"));
     assert!(admin_through_spark.gateway.clone().delete_workload(delete).await.unwrap().into_inner().removed);
+}
+
+async fn two_services_saving_one_new_workload_at_once_leave_one_owner(app: TestApp) {
+    setup(&app).await;
+    let spark = spark(&app);
+    let jupyter = Clients::over(app.gateway_channel(), Some(app.token(JUPYTER)), Some(&format!("user:{OWNER}")));
+    let payload = || spark_job(&[("DB_PASSWORD", object("finance", "db_password"))], &[]);
+    for round in 0..10 {
+        let id = format!("race-{round}");
+        let (a, b) = tokio::join!(save(&spark, &id, payload()), save(&jupyter, &id, payload()));
+        let winners: Vec<&str> = [(&a, "service:spark"), (&b, "service:jupyter")]
+            .iter()
+            .filter(|(r, _)| r.as_ref().is_ok_and(|r| r.saved))
+            .map(|(_, who)| *who)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: exactly one first save wins: {a:?} / {b:?}");
+        for r in [&a, &b] {
+            if let Err(e) = r {
+                assert_eq!(e.code(), Code::PermissionDenied, "round {round}: {e:?}");
+            }
+        }
+        let request = pb::GetWorkloadReferencesRequest {
+            domain: "finance".into(),
+            kind: WorkloadKind::SparkJob as i32,
+            id: id.clone(),
+        };
+        let found = spark.gateway.clone().get_workload_references(request).await.unwrap().into_inner();
+        assert_eq!(found.owner, winners[0], "round {round}: the record names the save that won");
+    }
 }

@@ -1047,6 +1047,29 @@ async fn an_update_holder_can_never_send_the_stored_credentials_to_another_serve
     assert!(recorder.len() > 0, "the recorder saw the test connection");
     assert!(recorder.contains("max-own-token-for-elsewhere"), "the recorder records what reaches it");
     assert!(!recorder.contains(&owner_token), "the owner's token reached the other server");
+
+    // An AppRole config alike: its secret id never leaves for another host,
+    // nor does a mount change go without credentials.
+    let (role_id, secret_id) = app_role(&bao, "1h", "2h");
+    let approle = create(
+        &app,
+        OWNER,
+        spec("prod-approle", &bao, "/v1/secret/data/production", app_role_creds(&role_id, &secret_id)),
+    )
+    .await
+    .unwrap();
+    let err = max
+        .update_vault_config(pb::UpdateVaultConfigRequest {
+            id: approle.id.clone(),
+            host: Some(recorder.addr.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let test = test_saved(max.clone(), approle.id.clone()).await;
+    assert_eq!(test.outcome(), Outcome::ConnectionOk, "{}", test.message);
+    assert!(!recorder.contains(&secret_id), "the owner's AppRole secret id reached the other server");
 }
 
 /// The logins OpenBao's audit log records after `skip` requests.
