@@ -89,5 +89,16 @@ if [ -z "${DATABASE_URL:-}" ]; then
   fi
 fi
 
+# The whole suite (no arguments) also checks the code is formatted and
+# free of clippy warnings, with the workspace's lints (no unwrap or expect
+# outside tests).
+if [ "$#" -eq 0 ]; then
+  if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+  fi
+  cargo fmt --all --check
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

@@ -239,7 +239,7 @@ async fn main() {
             TokenHash::of(&service_token).to_hex()
         )
     };
-    let procs = vec![
+    let procs = [
         start(
             dir.path(),
             "authz-service",

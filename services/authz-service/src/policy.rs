@@ -161,7 +161,7 @@ impl Grants {
             }
         }
         let mut holders: BTreeSet<Principal> = subjects.clone();
-        holders.extend(facts.memberships.values().flat_map(|m| m.keys()).map(|g| Principal::group(g)));
+        holders.extend(facts.memberships.values().flat_map(|m| m.keys()).map(Principal::group));
         let mut bundles: BTreeSet<&str> = BTreeSet::new();
         for c in checks {
             match &c.target {

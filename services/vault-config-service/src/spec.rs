@@ -97,13 +97,10 @@ pub fn host(field: &str, text: &str) -> Result<String, FieldViolation> {
         ));
     }
     let shown = echo(text);
-    if let Some(port) = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| !p.contains(']')) {
-        if port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(violation(
-                field,
-                format!("{shown} has port {}: ports are 1 to 65535; {rule}", echo_plain(port)),
-            ));
-        }
+    if let Some(port) = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| !p.contains(']'))
+        && port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(violation(field, format!("{shown} has port {}: ports are 1 to 65535; {rule}", echo_plain(port))));
     }
     let url = url::Url::parse(text).map_err(|e| violation(field, format!("{shown} is not a URL ({e}); {rule}")))?;
     if !matches!(url.scheme(), "http" | "https") {

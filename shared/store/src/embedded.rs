@@ -54,8 +54,12 @@ pub struct EmbeddedBackend {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Decrypted objects by name, with the nonce of the file they came from
     /// (`None`: the file did not exist).
-    cache: std::sync::RwLock<HashMap<String, (Option<[u8; NONCE_LEN]>, Option<Arc<Entries>>)>>,
+    cache: std::sync::RwLock<HashMap<String, Cached>>,
 }
+
+/// A decrypted object in memory: the nonce of its file (`None`: no file),
+/// and its entries.
+type Cached = (Option<[u8; NONCE_LEN]>, Option<Arc<Entries>>);
 
 /// What the header of an object's file says about its version.
 enum Header {
@@ -117,11 +121,9 @@ impl EmbeddedBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Header::Missing),
             Err(e) => return Err(unavailable(format!("cannot read {}: {e}", path.display()))),
         };
-        let mut head = [0u8; MAGIC.len() + NONCE_LEN];
-        match file.read_exact(&mut head) {
-            Ok(()) if &head[..MAGIC.len()] == MAGIC => {
-                Ok(Header::Nonce(head[MAGIC.len()..].try_into().expect("nonce length")))
-            }
+        let (mut magic, mut nonce) = ([0u8; MAGIC.len()], [0u8; NONCE_LEN]);
+        match file.read_exact(&mut magic).and_then(|()| file.read_exact(&mut nonce)) {
+            Ok(()) if &magic == MAGIC => Ok(Header::Nonce(nonce)),
             Ok(()) => Ok(Header::Unreadable),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(Header::Unreadable),
             Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),

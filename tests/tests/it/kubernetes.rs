@@ -300,12 +300,16 @@ async fn each_store_service_watches_only_its_own_objects_and_adopts_its_unlabell
         timeout_ms: 5_000,
         watch: true,
     };
-    let mut secrets_config = secret_service::Config::default();
-    secrets_config.backend = Some(secret_service::BackendKind::Kubernetes);
-    secrets_config.kubernetes = kubernetes.clone();
-    let mut vault_config = vault_config_service::Config::default();
-    vault_config.backend = Some(secret_service::BackendKind::Kubernetes);
-    vault_config.kubernetes = kubernetes;
+    let secrets_config = secret_service::Config {
+        backend: Some(secret_service::BackendKind::Kubernetes),
+        kubernetes: kubernetes.clone(),
+        ..Default::default()
+    };
+    let vault_config = vault_config_service::Config {
+        backend: Some(secret_service::BackendKind::Kubernetes),
+        kubernetes,
+        ..Default::default()
+    };
     let secrets = secrets_config.store().open::<Error>().await.unwrap();
     let credentials = vault_config.store().open::<vault_config_service::Error>().await.unwrap();
 
