@@ -171,7 +171,8 @@ impl EmbeddedBackend {
         Ok(Some(entries))
     }
 
-    async fn store(&self, object: &str, entries: &Entries) -> Result<()> {
+    /// The object's file contents: its entries, encrypted.
+    fn seal(&self, object: &str, entries: &Entries) -> Result<Vec<u8>> {
         let doc = FileDoc {
             entries: entries
                 .iter()
@@ -183,12 +184,7 @@ impl EmbeddedBackend {
         let plain = Zeroizing::new(
             serde_json::to_vec(&doc).map_err(|e| Error::Internal(format!("cannot encode store object: {e}")))?,
         );
-        let sealed = self.encrypt(object, plain)?;
-        let path = self.path(object);
-        let dir = self.objects_dir.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&dir, &path, &sealed))
-            .await
-            .map_err(|e| Error::Internal(format!("store write task failed: {e}")))?
+        self.encrypt(object, plain)
     }
 
     fn encrypt(&self, object: &str, plain: Zeroizing<Vec<u8>>) -> Result<Vec<u8>> {
@@ -240,15 +236,26 @@ impl<E: StoreError> StoreBackend<E> for EmbeddedBackend {
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
         // Writers in this process queue here; other processes on the same
         // directory queue on the file lock. The object is read under both.
-        let lock = self.lock(object);
-        let _guard = lock.lock().await;
-        let _file_lock = self.lock_across_processes(object).await?;
+        let guard = self.lock(object).lock_owned().await;
+        let file_lock = self.lock_across_processes(object).await?;
         let mut entries = self.load(object).await?.unwrap_or_default();
         change(&mut entries)?;
+        let sealed = self.seal(object, &entries)?;
         // Forget the copy before writing: whatever happens to the write, the
         // next read goes to the file.
         self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(object);
-        Ok(self.store(object, &entries).await?)
+        // The write owns both locks until its file is in place: when this
+        // call is cancelled (its caller went away), the write still finishes
+        // before the next writer reads the object, so that writer's change
+        // is never overwritten by this one landing late.
+        let (dir, path) = (self.objects_dir.clone(), self.path(object));
+        tokio::task::spawn_blocking(move || {
+            let _held = (guard, file_lock);
+            write_atomically(&dir, &path, &sealed)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("store write task failed: {e}")))??;
+        Ok(())
     }
 }
 

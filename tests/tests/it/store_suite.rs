@@ -39,6 +39,7 @@ on_both_backends!(
     concurrent_creates_in_one_domain_all_land,
     secrets_survive_a_restart,
     binary_values_round_trip_exactly,
+    writers_given_up_on_mid_write_never_cost_another_writers_acknowledged_write,
 );
 
 fn scope(d: &str) -> Scope {
@@ -217,4 +218,31 @@ async fn binary_values_round_trip_exactly(f: Fixture) {
     let bytes: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
     store.create(&scope("finance"), "blob", SecretValue::new(bytes.clone())).await.unwrap();
     assert_eq!(read_one(&store, &scope("finance"), "blob").await.unwrap(), bytes);
+}
+
+/// A caller that goes away mid-write (its request cancelled) must not take
+/// another writer's acknowledged change with it: a large update, given up
+/// on at a different moment each round (before, during and after its
+/// write), races a small create that is acknowledged; every acknowledged
+/// create is there at the end.
+async fn writers_given_up_on_mid_write_never_cost_another_writers_acknowledged_write(f: Fixture) {
+    let store = f.store();
+    let finance = scope("finance");
+    store.create(&finance, "big", value("first")).await.unwrap();
+    let mut acknowledged = Vec::new();
+    for round in 0..120u64 {
+        // About 600 KB: its encryption and write take long enough to be cut
+        // short, and what is left of a mebibyte holds every small key.
+        let big = SecretValue::from(vec![b'a' + (round % 26) as u8; 600 * 1024]);
+        let given_up = std::time::Duration::from_micros(200 + (round * 173) % 6_000);
+        let update = tokio::time::timeout(given_up, store.update(&finance, "big", big));
+        let key = format!("kept-{round:03}");
+        let (_, create) = tokio::join!(update, store.create(&finance, &key, value("v")));
+        create.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        acknowledged.push(key);
+    }
+    let listed: std::collections::HashSet<String> =
+        store.list(&finance).await.unwrap().into_iter().map(|m| m.key).collect();
+    let lost: Vec<&String> = acknowledged.iter().filter(|k| !listed.contains(*k)).collect();
+    assert!(lost.is_empty(), "acknowledged creates lost to a cancelled writer: {lost:?}");
 }
