@@ -23,11 +23,7 @@ use secrets_proto::v1 as pb;
 use tokio::sync::Mutex;
 use tonic::Status;
 use tracing::Instrument;
-use vaultrs::{
-    api::EndpointMiddleware,
-    client::{VaultClient, VaultClientSettingsBuilder},
-    error::ClientError,
-};
+use vaultrs::error::ClientError;
 
 use crate::spec::{Credentials, Target};
 
@@ -97,6 +93,22 @@ impl VaultFailure {
 
 /// The fields of one KV v2 secret.
 pub type Fields = BTreeMap<String, SecretValue>;
+
+/// Vault's `auth` answer to a login or renewal.
+#[derive(serde::Deserialize)]
+struct Auth {
+    client_token: String,
+    #[serde(default)]
+    lease_duration: u64,
+    #[serde(default)]
+    renewable: bool,
+}
+
+impl Drop for Auth {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.client_token);
+    }
+}
 
 struct Lease {
     token: SecretString,
@@ -233,29 +245,89 @@ impl Connection {
         }
     }
 
-    fn client(&self, token: &str) -> Result<VaultClient, VaultFailure> {
-        // Every field is set: unset ones would fall back to VAULT_*
-        // environment variables.
-        let settings = VaultClientSettingsBuilder::default()
-            .address(&self.target.host)
-            .token(token)
-            .ca_certs(Vec::new())
-            .identity(None)
-            .verify(true)
-            .version(1)
-            .wrapping(false)
-            .timeout(None)
-            .namespace(self.target.namespace.clone())
-            .build()
-            .map_err(|e| VaultFailure::new(FailureKind::Other, format!("cannot configure the Vault client: {e}")))?;
-        let middle = EndpointMiddleware {
-            token: token.to_string(),
-            version: "v1".into(),
-            wrap: None,
-            namespace: self.target.namespace.clone(),
+    /// One request to Vault (`path` under `/v1/`), with the token and
+    /// namespace, taking at most [`MAX_RESPONSE_BYTES`] of answer: a server
+    /// that sends more is refused, not buffered. `Ok(Err(..))` is the error
+    /// Vault answered, for [`Self::classify_now`].
+    async fn exchange(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<serde_json::Value>,
+        operation: &'static str,
+    ) -> Result<Result<Vec<u8>, ClientError>, VaultFailure> {
+        let at = self.describe();
+        let mut request = self.http.request(method, format!("{}/v1/{path}", self.target.host));
+        if let Some(token) = token {
+            request = request.header("X-Vault-Token", token.expose_secret());
+        }
+        if let Some(ns) = &self.target.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        if let Some(body) = body {
+            request = request.header("Content-Type", "application/json").body(body.to_string());
+        }
+        let (status, body) = async {
+            let response = request.send().await?;
+            let status = response.status();
+            Ok::<_, reqwest::Error>((status, capped_body(response, MAX_RESPONSE_BYTES).await?))
+        }
+        .instrument(self.span(operation))
+        .await
+        .map_err(|e| transport_error(&at, &e))?;
+        let Some(body) = body else {
+            return Err(VaultFailure::new(
+                FailureKind::Other,
+                format!("vault at {at} answered more than {} MiB; refused", MAX_RESPONSE_BYTES >> 20),
+            ));
         };
-        let http = rustify::clients::reqwest::Client::new(&self.target.host, self.http.clone());
-        Ok(VaultClient { http, middle, settings })
+        if status.is_success() {
+            return Ok(Ok(body));
+        }
+        #[derive(serde::Deserialize)]
+        struct Errors {
+            #[serde(default)]
+            errors: Vec<String>,
+        }
+        let errors = serde_json::from_slice::<Errors>(&body).map(|e| e.errors).unwrap_or_default();
+        Ok(Err(ClientError::APIError { code: status.as_u16(), errors }))
+    }
+
+    /// A login or renewal: the token and lease in Vault's `auth` answer.
+    async fn auth(
+        &self,
+        path: &str,
+        token: Option<&SecretString>,
+        body: serde_json::Value,
+        operation: &'static str,
+    ) -> Result<Auth, VaultFailure> {
+        let body = match self.exchange(reqwest::Method::POST, path, token, Some(body), operation).await? {
+            Ok(body) => body,
+            Err(e) => return Err(self.classify_now(e, Stage::Login)),
+        };
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            auth: Option<Auth>,
+        }
+        match serde_json::from_slice::<Answer>(&body) {
+            Ok(Answer { auth: Some(auth) }) => Ok(auth),
+            _ => Err(VaultFailure::new(
+                FailureKind::Other,
+                format!("vault at {} answered {operation} without a token", self.describe()),
+            )),
+        }
+    }
+
+    /// Whether Vault takes the token (`GET auth/token/lookup-self`).
+    async fn look_up(&self, token: &SecretString) -> Result<(), VaultFailure> {
+        match self
+            .exchange(reqwest::Method::GET, "auth/token/lookup-self", Some(token), None, "token.lookup_self")
+            .await?
+        {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.classify_now(e, Stage::Login)),
+        }
     }
 
     /// A usable token: the configured one, or the AppRole lease (renewed or
@@ -305,12 +377,9 @@ impl Connection {
                 ),
             ));
         }
-        let client = self.client("")?;
-        let logged_in = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
-            .instrument(self.span("approle.login"))
-            .await
-            .map_err(|e| self.classify_now(e, Stage::Login));
-        let auth = match logged_in {
+        let credentials = serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose_secret() });
+        let logged_in = self.auth(&format!("auth/{mount}/login"), None, credentials, "approle.login").await;
+        let mut auth = match logged_in {
             Ok(auth) => auth,
             Err(failure) => {
                 session.failed_logins += 1;
@@ -329,7 +398,7 @@ impl Connection {
             }
         };
         tracing::info!(host = %self.target.host, ttl_s = auth.lease_duration, "logged in to vault with approle");
-        let fresh = Lease::from_auth(auth.client_token, auth.lease_duration, auth.renewable, None);
+        let fresh = Lease::from_auth(std::mem::take(&mut auth.client_token), auth.lease_duration, auth.renewable, None);
         let token = fresh.token.clone();
         *session = Session { lease: Some(fresh), ..Session::default() };
         self.logged_in.notify_one();
@@ -375,23 +444,21 @@ impl Connection {
     }
 
     async fn renew(&self, current: &Lease) -> Result<Lease, VaultFailure> {
-        let client = self.client(current.token.expose_secret())?;
-        let auth = vaultrs::token::renew_self(&client, None)
-            .instrument(self.span("token.renew_self"))
-            .await
-            .map_err(|e| self.classify_now(e, Stage::Login))?;
-        Ok(Lease::from_auth(auth.client_token, auth.lease_duration, auth.renewable, Some(current.login_ttl)))
+        let mut auth =
+            self.auth("auth/token/renew-self", Some(&current.token), serde_json::json!({}), "token.renew_self").await?;
+        Ok(Lease::from_auth(
+            std::mem::take(&mut auth.client_token),
+            auth.lease_duration,
+            auth.renewable,
+            Some(current.login_ttl),
+        ))
     }
 
     /// Checks the credentials, then reads the secret: for test connection.
     pub async fn test(&self) -> Result<usize, VaultFailure> {
         match &self.credentials {
             Credentials::Token { token } => {
-                let client = self.client(token.expose_secret())?;
-                vaultrs::token::lookup_self(&client)
-                    .instrument(self.span("token.lookup_self"))
-                    .await
-                    .map_err(|e| self.classify_now(e, Stage::Login))?;
+                self.look_up(token).await?;
             }
             // A test logs in for real, whatever the backoff says.
             Credentials::AppRole { .. } => {
@@ -423,35 +490,11 @@ impl Connection {
     async fn read_with(&self, token: &SecretString) -> Result<Fields, VaultFailure> {
         let kv = &self.target.kv;
         let at = self.describe();
-        let url = format!("{}/v1/{}/data/{}", self.target.host, kv.mount, kv.secret);
-        let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
-        if let Some(ns) = &self.target.namespace {
-            request = request.header("X-Vault-Namespace", ns);
-        }
-        let (status, body) = async {
-            let response = request.send().await?;
-            let status = response.status();
-            Ok::<_, reqwest::Error>((status, capped_body(response, MAX_RESPONSE_BYTES).await?))
-        }
-        .instrument(self.span("kv2.read"))
-        .await
-        .map_err(|e| transport_error(&at, &e))?;
-        let Some(body) = body else {
-            return Err(VaultFailure::new(
-                FailureKind::Other,
-                format!("vault at {at} answered more than {} MiB; refused", MAX_RESPONSE_BYTES >> 20),
-            ));
+        let path = format!("{}/data/{}", kv.mount, kv.secret);
+        let body = match self.exchange(reqwest::Method::GET, &path, Some(token), None, "kv2.read").await? {
+            Ok(body) => body,
+            Err(e) => return Err(self.classify(e, Stage::Read, token).await),
         };
-        if !status.is_success() {
-            #[derive(serde::Deserialize)]
-            struct Errors {
-                #[serde(default)]
-                errors: Vec<String>,
-            }
-            let errors = serde_json::from_slice::<Errors>(&body).map(|e| e.errors).unwrap_or_default();
-            let e = ClientError::APIError { code: status.as_u16(), errors };
-            return Err(self.classify(e, Stage::Read, token).await);
-        }
         #[derive(serde::Deserialize)]
         struct Read {
             data: ReadData,
@@ -526,8 +569,7 @@ impl Connection {
         let failure = self.classify_now(e, stage);
         match failure.kind {
             FailureKind::NoAccessToPath => {
-                let Ok(client) = self.client(token.expose_secret()) else { return failure };
-                if vaultrs::token::lookup_self(&client).instrument(self.span("token.lookup_self")).await.is_err() {
+                if self.look_up(token).await.is_err() {
                     return VaultFailure::new(
                         FailureKind::InvalidCredentials,
                         format!(
