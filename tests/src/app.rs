@@ -62,6 +62,17 @@ pub struct Options {
     /// through a proxy, so a test can kill it with SIGKILL and cut the
     /// network to it (`crash_authz`). Not with `tls`.
     pub authz_process: bool,
+    /// More platform-service tokens, each with its own limits (the token
+    /// itself is `app.token(name)`).
+    pub service_tokens: Vec<ServiceToken>,
+}
+
+/// A platform service's token and what it may do.
+pub struct ServiceToken {
+    pub name: &'static str,
+    pub allow: Option<Vec<gateway::RpcGroup>>,
+    pub act_for: Option<Vec<String>>,
+    pub act_for_admins: bool,
 }
 
 /// The certificates of a TLS test stack.
@@ -205,6 +216,19 @@ impl TestApp {
                 act_for_admins: everything,
             });
             tokens.insert(name.to_string(), token);
+        }
+        for extra in options.service_tokens {
+            let token = generate_token();
+            token_configs.push(gateway::TokenConfig {
+                name: extra.name.into(),
+                kind: gateway::TokenKind::Service,
+                subject: extra.name.into(),
+                sha256: TokenHash::of(&token).to_hex(),
+                allow: extra.allow,
+                act_for: extra.act_for,
+                act_for_admins: extra.act_for_admins,
+            });
+            tokens.insert(extra.name.to_string(), token);
         }
 
         let mut app = TestApp {
@@ -425,6 +449,37 @@ impl TestApp {
         self.authz_child.take().expect("running").kill();
     }
 
+    /// Takes the usage index's table of references away (`false`) or gives
+    /// it back (`true`), in the authz-service's database: the index then
+    /// fails every query while the rest of the authz-service answers.
+    pub async fn usage_index_works(&self, works: bool) {
+        use sea_orm::ConnectionTrait;
+        let (from, to) = match works {
+            true => ("workload_references_away", "workload_references"),
+            false => ("workload_references", "workload_references_away"),
+        };
+        let db = sea_orm::Database::connect(&self.database_url).await.expect("the authz database");
+        db.execute_unprepared(&format!("ALTER TABLE {from} RENAME TO {to}")).await.expect("rename the index table");
+        let _ = db.close().await;
+    }
+
+    /// The proxy every service reaches the authz-service through (to
+    /// partition or slow the network to it). Only with
+    /// `Options::authz_process`.
+    pub fn authz_proxy(&self) -> &crate::proxy::FreezableProxy {
+        self.authz_proxy.as_ref().expect("authz_proxy needs Options::authz_process")
+    }
+
+    /// A client straight to the authz-service (past the proxy), as the
+    /// gateway calls it, acting for the platform admin.
+    pub fn authz_direct(&self) -> AuthzServiceClient<InterceptedService<Channel, ActAsAdmin>> {
+        let bearer = format!("Bearer {}", self.internal_token.expose_secret());
+        AuthzServiceClient::with_interceptor(
+            channel(&format!("http://127.0.0.1:{}", self.authz_port)),
+            ActAsAdmin(bearer.parse().expect("ascii token")),
+        )
+    }
+
     pub fn token(&self, name: &str) -> &str {
         &self.tokens[name]
     }
@@ -518,6 +573,20 @@ impl Interceptor for Bearer {
         if let Some(p) = &self.on_behalf_of {
             request.metadata_mut().insert(ON_BEHALF_OF, p.clone());
         }
+        Ok(request)
+    }
+}
+
+/// The internal credential of a service, acting for the platform admin (a
+/// call as the gateway makes it, straight to an internal service).
+#[derive(Clone)]
+pub struct ActAsAdmin(AsciiMetadataValue);
+
+impl Interceptor for ActAsAdmin {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        let admin = format!("user:{ADMIN}").parse().map_err(|_| Status::internal("admin principal"))?;
+        secrets_common::auth::act_as(&mut request, &admin, Some("test"), &[]);
         Ok(request)
     }
 }

@@ -1,17 +1,22 @@
 //! A TCP proxy that can stop forwarding without closing anything: the way a
 //! database behind a dead network link or a hung server looks to a client.
+//! It can also hold every byte for a while before passing it on: a slow
+//! link whose peers are alive but late.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
+    time::Instant,
 };
 
 pub struct FreezableProxy {
     pub port: u16,
     frozen: watch::Sender<bool>,
+    /// How long each byte is held before it is passed on.
+    delay: watch::Sender<Duration>,
     /// Connections opened before this count go silent (see `partition`).
     partitioned: watch::Sender<u64>,
     opened: Arc<std::sync::atomic::AtomicU64>,
@@ -24,24 +29,25 @@ impl FreezableProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let (frozen, watch) = watch::channel(false);
+        let (delay, late) = watch::channel(Duration::ZERO);
         let (partitioned, cut) = watch::channel(0u64);
         let opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let target = Arc::new(target);
         let counter = opened.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (target, watch, cut) = (target.clone(), watch.clone(), cut.clone());
+                let (target, watch, cut, late) = (target.clone(), watch.clone(), cut.clone(), late.clone());
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target.as_str()).await else { return };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let link = |w| Link { frozen: w, cut: cut.clone(), number: n };
+                    let link = |w| Link { frozen: w, cut: cut.clone(), delay: late.clone(), number: n };
                     tokio::join!(pump(cr, sw, link(watch.clone())), pump(sr, cw, link(watch)));
                 });
             }
         });
-        Self { port, frozen, partitioned, opened, task }
+        Self { port, frozen, delay, partitioned, opened, task }
     }
 
     /// The network to every connection open now goes silent, in both
@@ -60,6 +66,12 @@ impl FreezableProxy {
     pub fn thaw(&self) {
         let _ = self.frozen.send(false);
     }
+
+    /// From now on every byte, in both directions and on every connection,
+    /// arrives `delay` after it was sent, in order (zero: at once again).
+    pub fn delay(&self, delay: Duration) {
+        let _ = self.delay.send(delay);
+    }
 }
 
 impl Drop for FreezableProxy {
@@ -68,9 +80,11 @@ impl Drop for FreezableProxy {
     }
 }
 
+#[derive(Clone)]
 struct Link {
     frozen: watch::Receiver<bool>,
     cut: watch::Receiver<u64>,
+    delay: watch::Receiver<Duration>,
     /// The connection's number: partitioned when `cut` reaches it.
     number: u64,
 }
@@ -86,7 +100,19 @@ impl Link {
     }
 }
 
-async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mut link: Link) {
+/// Forwards one direction: what is read is queued with the time it is due,
+/// and written when due, so a delay holds every byte without slowing the
+/// bytes behind it.
+async fn pump(from: tokio::net::tcp::OwnedReadHalf, to: tokio::net::tcp::OwnedWriteHalf, link: Link) {
+    let (queue, due) = mpsc::unbounded_channel();
+    tokio::join!(receive(from, queue, link.clone()), send(to, due, link));
+}
+
+async fn receive(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    queue: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
+    mut link: Link,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let read = tokio::select! {
@@ -95,17 +121,40 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
         };
         if link.partitioned() {
             link.hang().await;
-            drop((from, to));
             return;
         }
         let n = match read {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if link.frozen.wait_for(|f| !*f).await.is_err() {
+        let due = Instant::now() + *link.delay.borrow();
+        if queue.send((due, buf[..n].to_vec())).is_err() {
             return;
         }
-        if to.write_all(&buf[..n]).await.is_err() {
+    }
+}
+
+async fn send(
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut due: mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
+    mut link: Link,
+) {
+    loop {
+        let next = tokio::select! {
+            next = due.recv() => next,
+            _ = link.cut.wait_for(|c| *c >= link.number) => None,
+        };
+        if link.partitioned() {
+            link.hang().await;
+            return;
+        }
+        let Some((at, bytes)) = next else { return };
+        tokio::time::sleep_until(at).await;
+        if link.frozen.wait_for(|f| !*f).await.is_err() || link.partitioned() {
+            link.hang().await;
+            return;
+        }
+        if to.write_all(&bytes).await.is_err() {
             return;
         }
     }

@@ -12,7 +12,19 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 
 #[tokio::test]
 async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
-    let app = TestApp::spawn().await;
+    planted_values_never_leak(TestApp::spawn().await, true).await
+}
+
+/// The same with the secret-service on the Kubernetes backend (the
+/// in-test API server): kube-rs and its HTTP stack log at trace level too.
+#[tokio::test]
+async fn planted_values_never_leak_on_the_kubernetes_backend() {
+    let kube = integration_tests::stores::Fixture::kubernetes().await;
+    let app = TestApp::spawn_with(Options { backend: Some(kube.backend.clone()), ..Default::default() }).await;
+    planted_values_never_leak(app, false).await
+}
+
+async fn planted_values_never_leak(app: TestApp, embedded: bool) {
     app.setup_domain("finance").await;
     let admin = app.as_user(ADMIN);
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -123,6 +135,63 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
         .unwrap()
         .into_inner();
     assert!(saved.saved, "{saved:?}");
+    // Resolved as a whole workload: the payload carries the values back to
+    // the service (and nowhere else); a failing field's error carries none.
+    let workload = pb::WorkloadPayload {
+        kind: Some(pb::workload_payload::Kind::SparkJob(pb::SparkJobPayload {
+            template: Some(pb::EnvAndConf {
+                env_vars: [
+                    (
+                        "T".to_string(),
+                        pb::ConfigValue {
+                            value: Some(pb::config_value::Value::Text("${secrets.domain}:${secrets.global}".into())),
+                        },
+                    ),
+                    (
+                        "M".to_string(),
+                        pb::ConfigValue {
+                            value: Some(pb::config_value::Value::Text("${secrets.domain}${secrets.missing}".into())),
+                        },
+                    ),
+                ]
+                .into(),
+                spark_conf: [(
+                    "spark.key".to_string(),
+                    pb::ConfigValue {
+                        value: Some(pb::config_value::Value::SecretObject(pb::SecretObject {
+                            key: "binary".into(),
+                            source: Some(pb::SecretSource {
+                                r#type: pb::SourceType::Kubernetes as i32,
+                                id: "finance".into(),
+                            }),
+                        })),
+                    },
+                )]
+                .into(),
+            }),
+        })),
+    };
+    let resolved_workload = app
+        .as_service(Some("user:admin"))
+        .gateway
+        .clone()
+        .resolve_workload(pb::ResolveWorkloadRequest { domain: "finance".into(), payload: Some(workload) })
+        .await
+        .unwrap()
+        .into_inner();
+    let carried = prost::Message::encode_to_vec(&resolved_workload);
+    assert!(contains(&carried, &canary("updated")) && contains(&carried, &canary("binary")), "the values came back");
+    assert_eq!(resolved_workload.errors.len(), 1, "{:?}", resolved_workload.errors);
+    let workload_debug = format!("{resolved_workload:?}");
+    assert!(
+        !planted.iter().any(|c| workload_debug.contains(c)),
+        "Debug of a resolved workload leaks: {workload_debug}"
+    );
+    for e in &resolved_workload.errors {
+        let message = e.error.as_ref().map(|s| s.message.clone()).unwrap_or_default();
+        assert!(!planted.iter().any(|c| message.contains(c)), "field error leaks: {message}");
+    }
+    tracing::info!(response = ?resolved_workload, "the canary test logs a resolved workload with Debug");
     assert!(!planted.iter().any(|c| format!("{saved:?}").contains(c)), "a save answers no value");
     let resolved_text = format!("{out:?}");
     assert!(matches!(&out[1].result, Some(pb::resolved_item::Result::Text(t)) if t.contains(&canary("updated"))));
@@ -151,7 +220,7 @@ async fn planted_values_never_reach_logs_errors_or_files_in_clear() {
 
     let files = app.written_files();
     assert!(files.iter().any(|p| p.ends_with("authz.db")), "{files:?}");
-    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "enc")), "{files:?}");
+    assert_eq!(files.iter().any(|p| p.extension().is_some_and(|e| e == "enc")), embedded, "{files:?}");
     for path in files {
         let bytes = std::fs::read(&path).unwrap();
         for c in &planted {

@@ -344,3 +344,78 @@ async fn until_answered_from_memory_or_denied(app: &TestApp, nina: &Clients) {
     }
     panic!("the gateway never answered from memory");
 }
+
+/// Waits until the authz-service process is older than one lease, so its
+/// start-up wait (a crashed predecessor's holders) no longer covers a
+/// change, and each change waits only for the holders it has.
+async fn past_the_start_up_wait(started: Instant) {
+    let lease = Duration::from_millis(2_000);
+    tokio::time::sleep_until((started + lease + Duration::from_millis(200)).into()).await;
+}
+
+/// A holder the network cut off is cut off by the change, and the change
+/// then waits out the lease that holder was given: the real gateway, whose
+/// lease stream goes silent, never answers from its old lease once the
+/// revoke has returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_cut_off_from_its_lease_never_answers_from_it_after_the_revoke_returned() {
+    let started = Instant::now();
+    let app = TestApp::spawn_with(Options { authz_process: true, ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+    past_the_start_up_wait(started).await;
+    until_answered_from_memory(&app, &nina).await;
+
+    // The gateway's connection to the authz-service goes silent both ways;
+    // the process lives on and takes the revoke straight.
+    app.authz_proxy().partition();
+    let revoke = Instant::now();
+    app.authz_direct()
+        .remove_domain_member(pb::RemoveDomainMemberRequest { domain: "finance".into(), subject: "user:nina".into() })
+        .await
+        .unwrap();
+    let took = revoke.elapsed();
+
+    assert_ne!(nina_gets(&nina).await, Some(true), "allowed from a cut-off lease after the revoke returned ({took:?})");
+    // A holder that never acknowledges costs the acknowledgement timeout
+    // and what is left of its lease: more than the timeout alone.
+    assert!(took >= Duration::from_millis(1_000), "the change did not wait for the silent holder ({took:?})");
+}
+
+/// A change returns only once every holder has acknowledged it: with the
+/// gateway's lease stream slowed down (alive, but every message late), the
+/// first resolve after the revoke returned is already refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_lease_messages_arrive_late_still_refuses_the_first_resolve_after_a_revoke() {
+    let started = Instant::now();
+    let app = TestApp::spawn_with(Options { authz_process: true, ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
+    past_the_start_up_wait(started).await;
+    // Each message takes 300 ms each way: an acknowledgement comes back
+    // well within the 1 s the change waits for it, so nobody is cut off.
+    app.authz_proxy().delay(Duration::from_millis(300));
+    until_answered_from_memory(&app, &nina).await;
+
+    for round in 0..3 {
+        let revoke = Instant::now();
+        app.authz_direct()
+            .remove_domain_member(pb::RemoveDomainMemberRequest {
+                domain: "finance".into(),
+                subject: "user:nina".into(),
+            })
+            .await
+            .unwrap();
+        let took = revoke.elapsed();
+        assert_eq!(nina_gets(&nina).await, Some(false), "round {round}: the first resolve after the revoke ({took:?})");
+        // The change waited for the late acknowledgement: at least a round trip.
+        assert!(
+            took >= Duration::from_millis(600),
+            "round {round}: returned before the holder could answer ({took:?})"
+        );
+        add_nina(&app).await;
+        until_answered_from_memory(&app, &nina).await;
+    }
+}

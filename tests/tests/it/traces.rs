@@ -227,9 +227,39 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     md.insert("authorization", format!("Bearer {spark}").parse().unwrap());
     md.insert("x-on-behalf-of", MetadataValue::from_static("user:admin"));
     md.insert("traceparent", format!("00-{trace_hex}-{caller_span_hex}-01").parse().unwrap());
-    let out = GatewayClient::new(channel).resolve_secrets(resolve).await.unwrap().into_inner();
+    let out = GatewayClient::new(channel.clone()).resolve_secrets(resolve).await.unwrap().into_inner();
     assert!(matches!(&out.items[0].result, Some(pb::resolved_item::Result::Text(t)) if t.contains(&canary)));
     assert_eq!(out.items[2].result, Some(pb::resolved_item::Result::Value(vault_canary.clone().into_bytes())));
+    // A whole workload too: its spans are searched below like the resolve's.
+    let text = |t: &str| pb::ConfigValue { value: Some(pb::config_value::Value::Text(t.into())) };
+    let mut workload = Request::new(pb::ResolveWorkloadRequest {
+        domain: "finance".into(),
+        payload: Some(pb::WorkloadPayload {
+            kind: Some(pb::workload_payload::Kind::Compute(pb::ComputePayload {
+                env_vars: [("DB".to_string(), text("${secrets.db_password}"))].into(),
+                spark_conf: [(
+                    "spark.api.key".to_string(),
+                    pb::ConfigValue {
+                        value: Some(pb::config_value::Value::SecretObject(pb::SecretObject {
+                            key: "api_key".into(),
+                            source: Some(pb::SecretSource {
+                                r#type: pb::SourceType::Vault as i32,
+                                id: config_id.clone(),
+                            }),
+                        })),
+                    },
+                )]
+                .into(),
+            })),
+        }),
+    });
+    workload.metadata_mut().insert("authorization", format!("Bearer {spark}").parse().unwrap());
+    workload.metadata_mut().insert("x-on-behalf-of", MetadataValue::from_static("user:admin"));
+    let resolved = GatewayClient::new(channel).resolve_workload(workload).await.unwrap().into_inner();
+    assert!(resolved.errors.is_empty(), "{:?}", resolved.errors);
+    let carried = prost::Message::encode_to_vec(&resolved);
+    let has = |needle: &str| carried.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(has(&canary) && has(&vault_canary), "the workload's values came back");
 
     // Stopping flushes every exporter.
     let logs: Vec<(&str, String)> = [gateway, secrets, authz, vault].into_iter().map(|s| (s.name, s.stop())).collect();

@@ -626,3 +626,31 @@ async fn two_services_saving_one_new_workload_at_once_leave_one_owner(app: TestA
         assert_eq!(found.owner, winners[0], "round {round}: the record names the save that won");
     }
 }
+
+/// The guard itself, not the permission check before it: with the
+/// authz-service answering (the owner may delete) and only the usage index
+/// failing, a delete is refused with UNAVAILABLE, nothing is deleted, and
+/// the secret still resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_is_refused_while_only_the_usage_index_fails() {
+    let app = TestApp::spawn().await;
+    setup(&app).await;
+    let owner = app.as_user(OWNER);
+    let resolves = || async {
+        let out = spark(&app).resolve("finance", vec![object_item("pw", "finance", "db_password")]).await.unwrap();
+        matches!(&out[0].result, Some(pb::resolved_item::Result::Value(_)))
+    };
+
+    app.usage_index_works(false).await;
+    // Authorization answers: the owner may list, and asking is not the problem.
+    assert!(owner.list("finance").await.unwrap().contains(&"db_password".to_string()));
+    let e = owner.delete("finance", "db_password").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("usage index"), "the answer names what failed: {}", e.message());
+    assert!(owner.list("finance").await.unwrap().contains(&"db_password".to_string()), "nothing was deleted");
+    assert!(resolves().await, "the secret still resolves");
+
+    app.usage_index_works(true).await;
+    owner.delete("finance", "db_password").await.unwrap();
+    assert!(!owner.list("finance").await.unwrap().contains(&"db_password".to_string()));
+}

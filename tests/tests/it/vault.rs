@@ -300,7 +300,7 @@ async fn test_connection_classifies_each_failure_with_vaults_message() {
             Outcome::NoAccessToPath,
             "permission denied",
         ),
-        ("one key", spec("a", &bao, "/v1/secret/data/single", root()), Outcome::ConnectionOk, "has 1 key"),
+        ("one key", spec("a", &bao, "/v1/secret/data/single", root()), Outcome::ConnectionOk, "the secret has 1 key"),
         ("kv v1", spec("a", &bao, "/v1/kv1/data/app", root()), Outcome::NotKvV2, "KV version 1"),
         (
             "kv v1, a token for that path only",
@@ -339,6 +339,9 @@ async fn test_connection_classifies_each_failure_with_vaults_message() {
         let answer = test(s).await;
         assert_eq!(answer.outcome(), expected, "{name}: {}", answer.message);
         assert!(answer.message.contains(said), "{name}: {}", answer.message);
+        if expected == Outcome::ConnectionOk {
+            assert!(answer.message.ends_with(said), "{name}: one key, not one keys: {}", answer.message);
+        }
         assert!(!answer.message.contains(&bao.root_token), "{name} leaks the token");
         assert!(
             !answer.message.contains("error occurred") && !answer.message.contains("\t*"),
@@ -902,6 +905,16 @@ async fn saved_workloads_with_vault_references_are_checked_indexed_and_protect_t
     );
     assert!(olivia.get_vault_config(pb::GetVaultConfigRequest { id: config.id.clone() }).await.is_ok());
 
+    // Only the usage index failing (the authz-service answers): refused
+    // with UNAVAILABLE, and the config stays.
+    app.usage_index_works(false).await;
+    assert!(olivia.get_vault_config(pb::GetVaultConfigRequest { id: config.id.clone() }).await.is_ok());
+    let e = olivia.delete_vault_config(delete(false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("usage index"), "{}", e.message());
+    app.usage_index_works(true).await;
+    assert!(olivia.get_vault_config(pb::GetVaultConfigRequest { id: config.id.clone() }).await.is_ok());
+
     // Vault down: the save names the backend, per field.
     bao.stop();
     let out = save(payload(&["db_password"])).await;
@@ -1306,6 +1319,25 @@ async fn a_vault_answer_past_the_size_limit_is_refused_not_buffered() {
     let (code, message) = item_error(&out[0]);
     assert_eq!(code, Code::Unavailable, "{message}");
     assert!(message.contains("more than 4 MiB") && message.contains("vault config \"flood\""), "{message}");
+
+    // Logins and token look-ups (a test connection of an unsaved config,
+    // which any domain owner may point anywhere) are capped alike.
+    let host = flooding_server(64 << 20).await;
+    for creds in [token_creds("t"), app_role_creds("role", "secret")] {
+        let answer = test_unsaved(
+            &app,
+            pb::VaultConfigSpec {
+                name: "flood".into(),
+                host: host.clone(),
+                path: "/v1/secret/data/production".into(),
+                credentials: Some(creds),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_ne!(answer.outcome(), Outcome::ConnectionOk);
+        assert!(answer.message.contains("more than 4 MiB"), "{}", answer.message);
+    }
 }
 
 #[tokio::test]
@@ -1332,4 +1364,86 @@ async fn the_value_cache_is_bounded_in_bytes() {
         let reads = bao.requested_paths().into_iter().skip(before).filter(|p| *p == wanted).count();
         assert_eq!(reads, reads_expected, "{name}: a secret larger than the whole cache is not kept");
     }
+}
+
+/// Whether `who` gets the Vault value through the gateway: `Some(true)` a
+/// value, `Some(false)` a refusal.
+async fn uses(app: &TestApp, who: &str, config_id: &str) -> bool {
+    let items = vec![vault_item("env.DB", config_id, "db_password")];
+    let out = app.as_service(Some(&format!("user:{who}"))).resolve("finance", items).await.unwrap();
+    match &out[0].result {
+        Some(R::Value(_)) => true,
+        Some(R::Error(e)) if e.code == Code::PermissionDenied as i32 => false,
+        other => panic!("neither a value nor a refusal: {other:?}"),
+    }
+}
+
+/// Resolves as `who` until a resolve asks the authz-service nothing: the
+/// gateway holds a decision lease and answers from memory.
+async fn until_answered_from_memory(app: &TestApp, who: &str, config_id: &str) {
+    const ASKED: &str = r#"secrets_backend_calls_total{backend="authz-service",operation="BatchCheck"}"#;
+    let asked = || async { sample(&http_get(&app.metrics_url("gateway")).await.1, ASKED) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let before = asked().await;
+        assert!(uses(app, who, config_id).await, "{who} may use the config");
+        if asked().await == before {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the gateway never answered from memory");
+}
+
+/// USE that comes through a bundle grant to a group: while the gateway
+/// answers from memory, revoking the grant, or taking the user out of the
+/// group, counts on the very next resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_bundle_grant_or_group_membership_counts_on_the_next_resolve_through_the_gateway() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
+        .await
+        .unwrap();
+    let mut authz = app.as_user(ADMIN).authz.clone();
+    authz
+        .create_group(pb::CreateGroupRequest { name: "vault-users".into(), description: String::new() })
+        .await
+        .unwrap();
+    let membership = pb::AddGroupMemberRequest { group: "vault-users".into(), member: format!("user:{LISTER}") };
+    authz.add_group_member(membership.clone()).await.unwrap();
+    let grant = pb::GrantBundlePermissionRequest {
+        bundle: BUNDLE.into(),
+        subject: "group:vault-users".into(),
+        permission: Permission::Use as i32,
+    };
+    authz.grant_bundle_permission(grant.clone()).await.unwrap();
+
+    for round in 0..3 {
+        until_answered_from_memory(&app, LISTER, &config.id).await;
+        authz
+            .revoke_bundle_permission(pb::RevokeBundlePermissionRequest {
+                bundle: BUNDLE.into(),
+                subject: "group:vault-users".into(),
+                permission: Permission::Use as i32,
+            })
+            .await
+            .unwrap();
+        assert!(!uses(&app, LISTER, &config.id).await, "round {round}: the revoked grant still counted");
+        authz.grant_bundle_permission(grant.clone()).await.unwrap();
+
+        until_answered_from_memory(&app, LISTER, &config.id).await;
+        authz
+            .remove_group_member(pb::RemoveGroupMemberRequest {
+                group: "vault-users".into(),
+                member: format!("user:{LISTER}"),
+            })
+            .await
+            .unwrap();
+        assert!(!uses(&app, LISTER, &config.id).await, "round {round}: the removed membership still counted");
+        authz.add_group_member(membership.clone()).await.unwrap();
+    }
+    // Nina's own grant was never touched.
+    assert!(uses(&app, MEMBER, &config.id).await);
 }
