@@ -473,6 +473,43 @@ impl Verifier {
 mod tests {
     use super::*;
 
+    fn issuer(extra: serde_json::Value) -> Issuer {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut config = serde_json::json!({
+            "name": "corp", "kind": "users", "issuer": "https://idp.example", "audiences": ["secrets"],
+        });
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        Issuer::new(serde_json::from_value(config).expect("an issuer config"), "jwt_issuers[0]").expect("valid")
+    }
+
+    #[test]
+    fn users_are_named_by_sub_under_the_issuer_unless_configured_otherwise() {
+        let default = issuer(serde_json::json!({}));
+        assert_eq!(default.config.user_claim, "sub");
+        assert!(!default.config.shared_namespace);
+        assert_eq!(default.namespaced("admin"), "corp/admin", "never the plain admin");
+        let shared = issuer(serde_json::json!({"shared_namespace": true}));
+        assert_eq!(shared.namespaced("alice"), "alice");
+    }
+
+    #[test]
+    fn keycloak_group_paths_map_under_the_issuer_or_through_the_group_map() {
+        let corp = issuer(serde_json::json!({"group_map": {"/platform-admins": "vault-admins", "ops": "sre"}}));
+        assert_eq!(corp.group("/data/eng").as_deref(), Some("corp/data/eng"), "nested paths keep their slashes");
+        assert_eq!(corp.group("data-eng").as_deref(), Some("corp/data-eng"));
+        assert_eq!(corp.group("/platform-admins").as_deref(), Some("vault-admins"));
+        assert_eq!(corp.group("platform-admins").as_deref(), Some("vault-admins"), "the leading / is optional");
+        assert_eq!(corp.group("/ops").as_deref(), Some("sre"));
+        assert_eq!(corp.group("/"), None);
+        // Sharing the plain namespace, a path with '/' would name another
+        // issuer's group: it is dropped, and flat names stay plain.
+        let shared = issuer(serde_json::json!({"shared_namespace": true}));
+        assert_eq!(shared.group("/data/eng"), None);
+        assert_eq!(shared.group("/data-eng").as_deref(), Some("data-eng"));
+    }
+
     #[test]
     fn jwt_shapes_are_told_from_static_tokens() {
         assert!(looks_like_jwt("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"));
