@@ -192,6 +192,37 @@ async fn planted_values_never_leak(app: TestApp, embedded: bool) {
         assert!(!planted.iter().any(|c| message.contains(c)), "field error leaks: {message}");
     }
     tracing::info!(response = ?resolved_workload, "the canary test logs a resolved workload with Debug");
+    // What a log line with `?request` would print of each message that
+    // carries a value in: text and bytes, on create and update.
+    let debug_text = canary("debug-text");
+    let debug_binary = canary("debug-binary");
+    let carriers = [
+        format!(
+            "{:?}",
+            pb::CreateSecretRequest {
+                scope: pb::Scope::Domain as i32,
+                domain: "finance".into(),
+                key: "k".into(),
+                value: Some(text_value(&debug_text)),
+            }
+        ),
+        format!(
+            "{:?}",
+            pb::UpdateSecretRequest {
+                scope: pb::Scope::Domain as i32,
+                domain: "finance".into(),
+                key: "k".into(),
+                value: Some(pb::SecretValue { kind: Some(Kind::Binary(debug_binary.clone().into_bytes())) }),
+            }
+        ),
+    ];
+    let numbers = format!("{:?}", debug_binary.as_bytes());
+    let binary_as_numbers = numbers.trim_start_matches('[').trim_end_matches(']');
+    for printed in carriers {
+        for leak in [debug_text.as_str(), debug_binary.as_str(), binary_as_numbers] {
+            assert!(!printed.contains(leak), "Debug leaks a value: {printed}");
+        }
+    }
     assert!(!planted.iter().any(|c| format!("{saved:?}").contains(c)), "a save answers no value");
     let resolved_text = format!("{out:?}");
     assert!(matches!(&out[1].result, Some(pb::resolved_item::Result::Text(t)) if t.contains(&canary("updated"))));

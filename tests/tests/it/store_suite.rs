@@ -221,25 +221,31 @@ async fn binary_values_round_trip_exactly(f: Fixture) {
 }
 
 /// A caller that goes away mid-write (its request cancelled) must not take
-/// another writer's acknowledged change with it: a large update, given up
-/// on at a different moment each round (before, during and after its
-/// write), races a small create that is acknowledged; every acknowledged
-/// create is there at the end.
+/// another writer's acknowledged change with it. Each round a large create
+/// is given up on at a different moment (before, during and after its
+/// write) while a small create waits behind it and is acknowledged; every
+/// acknowledged create is there at the end.
 async fn writers_given_up_on_mid_write_never_cost_another_writers_acknowledged_write(f: Fixture) {
     let store = f.store();
     let finance = scope("finance");
-    store.create(&finance, "big", value("first")).await.unwrap();
+    // About 300 KB: slow to encrypt and write next to a small object.
+    let big = || SecretValue::from(vec![b'x'; 300 * 1024]);
+    // How long a large create takes here: the moments to give up at are
+    // spread over it, so some fall while its file is being written.
+    let started = std::time::Instant::now();
+    store.create(&finance, "big", big()).await.unwrap();
+    let full = started.elapsed();
+    store.delete(&finance, "big").await.unwrap();
     let mut acknowledged = Vec::new();
-    for round in 0..120u64 {
-        // About 600 KB: its encryption and write take long enough to be cut
-        // short, and what is left of a mebibyte holds every small key.
-        let big = SecretValue::from(vec![b'a' + (round % 26) as u8; 600 * 1024]);
-        let given_up = std::time::Duration::from_micros(200 + (round * 173) % 6_000);
-        let update = tokio::time::timeout(given_up, store.update(&finance, "big", big));
-        let key = format!("kept-{round:03}");
-        let (_, create) = tokio::join!(update, store.create(&finance, &key, value("v")));
+    for round in 0..40u32 {
+        let given_up = full.mul_f64(0.1 + 1.1 * f64::from(round) / 40.0);
+        let create_big = tokio::time::timeout(given_up, store.create(&finance, "big", big()));
+        let key = format!("kept-{round:02}");
+        let (_, create) = tokio::join!(create_big, store.create(&finance, &key, value("v")));
         create.unwrap_or_else(|e| panic!("round {round}: {e}"));
         acknowledged.push(key);
+        // The next round starts from a small object again.
+        let _ = store.delete(&finance, "big").await;
     }
     let listed: std::collections::HashSet<String> =
         store.list(&finance).await.unwrap().into_iter().map(|m| m.key).collect();
