@@ -39,6 +39,10 @@ pub const LEASE: Duration = Duration::from_millis(2_000);
 pub const RENEW: Duration = Duration::from_millis(500);
 /// How long a change waits for each holder to apply it before cutting it off.
 pub const APPLY_TIMEOUT: Duration = Duration::from_millis(1_000);
+// A change never waits longer than its callers allow for.
+const _: () =
+    assert!(APPLY_TIMEOUT.as_millis() + LEASE.as_millis() <= secrets_common::authz::GRANT_CHANGE_WAIT.as_millis());
+
 /// Messages queued to one holder; one that lets them pile up is cut off.
 const QUEUE: usize = 64;
 

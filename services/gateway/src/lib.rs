@@ -160,14 +160,30 @@ impl Config {
         internal: &Internal,
         timeout: Duration,
         metrics: &Metrics,
-    ) -> anyhow::Result<[TracedChannel; 3]> {
-        let open = |field: &str, url: &str, peer: &'static str| {
+    ) -> anyhow::Result<[TracedChannel; 5]> {
+        let open = |field: &str, url: &str, peer: &'static str, timeout: Duration| {
             internal.channel(url, timeout, peer, metrics).map_err(|e| anyhow::anyhow!("{field}: {e}"))
         };
         Ok([
-            open("secret_service_url", &self.secret_service_url, forward::SECRET_SERVICE)?,
-            open("authz_service_url", &self.authz_service_url, authz::AUTHZ_SERVICE)?,
-            open("vault_config_service_url", &self.vault_config_service_url, forward::VAULT_CONFIG_SERVICE)?,
+            open("secret_service_url", &self.secret_service_url, forward::SECRET_SERVICE, timeout)?,
+            open("authz_service_url", &self.authz_service_url, authz::AUTHZ_SERVICE, timeout)?,
+            open("vault_config_service_url", &self.vault_config_service_url, forward::VAULT_CONFIG_SERVICE, timeout)?,
+            // The management APIs a grant change goes through (the authz
+            // API; Vault configs, which register their resources): such a
+            // change may wait for the decision lease holders on top of its
+            // own work.
+            open(
+                "authz_service_url",
+                &self.authz_service_url,
+                authz::AUTHZ_SERVICE,
+                timeout + authz::GRANT_CHANGE_WAIT,
+            )?,
+            open(
+                "vault_config_service_url",
+                &self.vault_config_service_url,
+                forward::VAULT_CONFIG_SERVICE,
+                timeout + authz::GRANT_CHANGE_WAIT,
+            )?,
         ])
     }
 
@@ -211,7 +227,8 @@ impl Application {
         }
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let metrics = Metrics::new();
-        let [secrets_channel, authz_channel, vault_channel] = config.channels(&internal, timeout, &metrics)?;
+        let [secrets_channel, authz_channel, vault_channel, authz_changes_channel, vault_changes_channel] =
+            config.channels(&internal, timeout, &metrics)?;
         let client = internal.client();
 
         let secrets_channel_for_selector = secrets_channel.clone();
@@ -227,10 +244,10 @@ impl Application {
             secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), client.clone())
                 .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
-            authz: AuthzServiceClient::with_interceptor(authz_channel.clone(), client.clone())
+            authz: AuthzServiceClient::with_interceptor(authz_changes_channel, client.clone())
                 .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
-            vault: VaultConfigServiceClient::with_interceptor(vault_channel.clone(), client.clone())
+            vault: VaultConfigServiceClient::with_interceptor(vault_changes_channel, client.clone())
                 .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             checks: checks.clone(),

@@ -188,9 +188,14 @@ impl Application {
             .channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         let authz = AuthzClient::new(channel.clone(), internal.client());
+        // Placing a resource is a grant change: it may wait for the decision
+        // lease holders on top of its own work.
+        let registry_channel = internal
+            .channel(&config.authz_url, timeout + secrets_common::authz::GRANT_CHANGE_WAIT, AUTHZ_SERVICE, &metrics)
+            .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         let peers = configs::Peers {
             authz,
-            registry: ResourceRegistryClient::with_interceptor(channel.clone(), internal.client()),
+            registry: ResourceRegistryClient::with_interceptor(registry_channel, internal.client()),
             usage: secrets_common::usage::UsageClient::new(channel, internal.client()),
         };
         let database_timeout = Duration::from_millis(config.database_timeout_ms);

@@ -23,6 +23,13 @@ use crate::{
 
 pub const AUTHZ_SERVICE: &str = "authz-service";
 
+/// The longest a grant change may wait for decision lease holders: one
+/// acknowledgement timeout and one lease (see the authz-service's `leases`
+/// module, which checks its constants against this). A caller of grant
+/// changes allows this much on top of its usual bound, so a change that is
+/// waiting out a silent holder is not reported as failed.
+pub const GRANT_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_millis(3_000);
+
 #[derive(Clone)]
 pub struct AuthzClient {
     inner: AuthzServiceClient<InternalChannel>,
