@@ -155,26 +155,25 @@ impl Configs {
     }
 
     /// Ok when the principal may do `permission` on the config. One who
-    /// knows nothing of it (neither VIEW nor USE) is told it does not
-    /// exist, exactly as for an id that names nothing, so a denial reveals
-    /// neither the config's name nor that the id is in use. (One round trip.)
+    /// may not VIEW it is told it does not exist, exactly as for an id that
+    /// names nothing, so a denial reveals neither the config's name nor that
+    /// the id is in use. (USE alone lets a principal list and resolve the
+    /// config's keys, never see its details.) One round trip.
     async fn require(&self, principal: &Acting, permission: Permission, id: &str, action: &str) -> Result<()> {
         let ask = |p: Permission| Question::vault_config(principal, p, id).with_groups(&principal.groups);
-        let mut questions = vec![ask(Permission::View), ask(Permission::Use)];
-        if !matches!(permission, Permission::View | Permission::Use) {
+        let mut questions = vec![ask(Permission::View)];
+        if permission != Permission::View {
             questions.push(ask(permission));
         }
         let answers = self.authz.batch_check(&questions).await?;
         let allowed = |p: Permission| questions.iter().zip(&answers).find(|(q, _)| q.permission == p).map(|(_, a)| a);
-        let (Some(view), Some(using), Some(wanted)) =
-            (allowed(Permission::View), allowed(Permission::Use), allowed(permission))
-        else {
+        let (Some(view), Some(wanted)) = (allowed(Permission::View), allowed(permission)) else {
             return Err(Error::Internal("the authz-service answered fewer questions than asked".into()));
         };
         if wanted.allowed {
             return Ok(());
         }
-        if !view.allowed && !using.allowed {
+        if !view.allowed {
             return Err(not_found(id));
         }
         Err(Error::PermissionDenied(format!("{} may not {action}: {}", principal.principal, wanted.reason)))

@@ -192,7 +192,32 @@ async fn only_domain_owners_create_configs_and_only_viewers_see_them() {
         .get_vault_config(pb::GetVaultConfigRequest { id: config.id.clone() })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    // nina holds USE only: she resolves the config's keys, and learns
+    // nothing of its details, exactly as of an id that names nothing.
+    assert_eq!(err.code(), Code::NotFound, "USE is not VIEW");
+    assert_eq!(missing.message().replace(&unknown, "ID"), err.message().replace(&config.id, "ID"));
+    let err = app
+        .as_user(MEMBER)
+        .vault
+        .clone()
+        .delete_vault_config(pb::DeleteVaultConfigRequest { id: config.id.clone(), force: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "deleting needs UPDATE, and USE alone does not show the config");
+    // Who may VIEW but not UPDATE is told why.
+    let err = app
+        .as_user(OWNER)
+        .authz
+        .clone()
+        .grant_bundle_permission(pb::GrantBundlePermissionRequest {
+            bundle: BUNDLE.into(),
+            subject: format!("user:{MEMBER}"),
+            permission: Permission::View as i32,
+        })
+        .await
+        .map(|_| ())
+        .err();
+    assert!(err.is_none(), "{err:?}");
     let err = app
         .as_user(MEMBER)
         .vault

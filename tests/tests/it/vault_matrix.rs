@@ -61,10 +61,11 @@ fn allowed(op: &str) -> Vec<String> {
     who
 }
 
-/// How a refused persona is refused: one who may neither VIEW nor USE the
-/// config is told it does not exist, so the denial tells nothing about it.
+/// How a refused persona is refused: one who may not VIEW the config is
+/// told it does not exist, so the denial tells nothing about it (USE alone
+/// lists its keys, never its details).
 fn refusal(op: &str, who: &str) -> Code {
-    let knows = allowed("get").iter().chain(&allowed("keys")).any(|a| a == who);
+    let knows = allowed("get").iter().any(|a| a == who);
     match op {
         "get" | "update" | "test" | "delete" | "keys" if !knows => Code::NotFound,
         _ => Code::PermissionDenied,
