@@ -158,8 +158,12 @@ impl Application {
         let leases = policy.leases();
         let grpc = grpc::AuthzGrpc::new(policy);
 
-        let (router, health) =
-            server::router(&metrics, &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX, DECISION_LEASES]).await?;
+        let (router, health) = server::router(
+            "authz-service",
+            &metrics,
+            &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX, DECISION_LEASES],
+        )
+        .await?;
         let auth = internal.auth();
         let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(

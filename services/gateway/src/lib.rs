@@ -276,7 +276,8 @@ impl Application {
         };
 
         let (router, health) =
-            server::router(&metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE, VAULT_CONFIG_SERVICE]).await?;
+            server::router("gateway", &metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE, VAULT_CONFIG_SERVICE])
+                .await?;
         let router = router
             .add_service(Authenticated::new(
                 GatewayServer::new(resolver).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),

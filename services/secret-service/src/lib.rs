@@ -182,7 +182,7 @@ impl Application {
         let grpc = grpc::SecretGrpc::new(store, authz, usage);
         let auth = internal.auth();
 
-        let (router, health) = server::router(&metrics, &[SECRET_SERVICE, SECRET_READER]).await?;
+        let (router, health) = server::router("secret-service", &metrics, &[SECRET_SERVICE, SECRET_READER]).await?;
         let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 SecretServiceServer::new(grpc.clone())

@@ -213,7 +213,8 @@ impl Application {
         let configs = configs::Configs::new(db, store, config.object_prefix.clone(), peers, limits, metrics.clone());
         let grpc = grpc::VaultGrpc::new(configs);
         let auth = internal.auth();
-        let (router, health) = server::router(&metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;
+        let (router, health) =
+            server::router("vault-config-service", &metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;
         let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 VaultConfigServiceServer::new(grpc.clone())

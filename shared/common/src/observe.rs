@@ -365,12 +365,14 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 /// status recorded on the span, and the request metrics.
 #[derive(Clone)]
 pub struct ObserveLayer {
+    /// The service this server is (`gateway`, `secret-service`, ...).
+    service: &'static str,
     metrics: Metrics,
 }
 
 impl ObserveLayer {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+    pub fn new(service: &'static str, metrics: Metrics) -> Self {
+        Self { service, metrics }
     }
 }
 
@@ -378,13 +380,14 @@ impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner, metrics: self.metrics.clone() }
+        Observe { inner, service: self.service, metrics: self.metrics.clone() }
     }
 }
 
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
+    service: &'static str,
     metrics: Metrics,
 }
 
@@ -416,6 +419,24 @@ fn cap_grpc_message(headers: &mut http::HeaderMap) {
     let mut capped = bytes[..cut].to_vec();
     capped.extend_from_slice(b"%E2%80%A6");
     if let Ok(v) = http::HeaderValue::from_bytes(&capped) {
+        headers.insert("grpc-message", v);
+    }
+}
+
+/// A request past this server's size limit is refused by tonic with a
+/// message that names nobody: say which service refused it, as a limit met
+/// further along is named by the service that called there.
+fn name_size_refusal(service: &str, headers: &mut http::HeaderMap) {
+    if grpc_status(headers) != Some(Code::OutOfRange) {
+        return;
+    }
+    let Some(value) = headers.get("grpc-message") else { return };
+    let said = String::from_utf8_lossy(value.as_bytes()).replace("%20", " ");
+    if !said.contains("message length too large") {
+        return;
+    }
+    let named = format!("{service}:%20{}", String::from_utf8_lossy(value.as_bytes()));
+    if let Ok(v) = http::HeaderValue::from_str(&named) {
         headers.insert("grpc-message", v);
     }
 }
@@ -465,11 +486,13 @@ where
             if is_quiet(path) || known_paths().contains(path) { path.to_string() } else { "/unknown/unknown".into() };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let service = self.service;
         // A panicking handler is answered, not left to reset the stream.
         let guarded = |fut: S::Future, path: String| async move {
             use futures::FutureExt;
             match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(answer) => answer.map(|mut response| {
+                    name_size_refusal(service, response.headers_mut());
                     cap_grpc_message(response.headers_mut());
                     response
                 }),
@@ -577,7 +600,7 @@ mod tests {
             }
             Ok::<_, Infallible>(http::Response::new(String::new()))
         });
-        let service = ObserveLayer::new(Metrics::new()).layer(panics);
+        let service = ObserveLayer::new("test-service", Metrics::new()).layer(panics);
         let request = http::Request::builder().uri(path).body(String::new()).unwrap();
         let response = service.oneshot(request).await.unwrap();
         assert_eq!(grpc_status(response.headers()), Some(Code::Internal));
@@ -589,7 +612,7 @@ mod tests {
             let status = tonic::Status::invalid_argument(format!("{} is not a name", "é".repeat(10_000)));
             Ok::<_, Infallible>(status.into_http::<String>())
         });
-        let service = ObserveLayer::new(Metrics::new()).layer(long);
+        let service = ObserveLayer::new("test-service", Metrics::new()).layer(long);
         let request = http::Request::builder().uri(path).body(String::new()).unwrap();
         let response = service.oneshot(request).await.unwrap();
         let value = response.headers()["grpc-message"].as_bytes();
@@ -607,6 +630,30 @@ mod tests {
         }
         let decoded = String::from_utf8(bytes).expect("cut between characters");
         assert!(decoded.starts_with("ééé") && decoded.ends_with('…'), "{decoded}");
+    }
+
+    #[tokio::test]
+    async fn a_request_past_the_size_limit_names_the_service_that_refused_it() {
+        use tower::ServiceExt;
+        let path = "/iomete.secrets.v1.SecretService/CreateSecret";
+        let answer = |message: &'static str| {
+            let refuses = tower::service_fn(move |_: http::Request<String>| async move {
+                Ok::<_, Infallible>(tonic::Status::out_of_range(message).into_http::<String>())
+            });
+            let service = ObserveLayer::new("gateway", Metrics::new()).layer(refuses);
+            async move {
+                let request = http::Request::builder().uri(path).body(String::new()).unwrap();
+                let response = service.oneshot(request).await.unwrap();
+                assert_eq!(grpc_status(response.headers()), Some(Code::OutOfRange));
+                let status = tonic::Status::from_header_map(response.headers()).expect("a status");
+                status.message().to_string()
+            }
+        };
+        let own = "Error, decoded message length too large: found 9437201 bytes, the limit is: 8388608 bytes";
+        assert_eq!(answer(own).await, format!("gateway: {own}"));
+        // A limit met further along was named by the service that met it.
+        let upstream = "secret-service: the response is larger than 4 MiB";
+        assert_eq!(answer(upstream).await, upstream);
     }
 
     #[test]

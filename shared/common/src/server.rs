@@ -15,8 +15,8 @@ pub type ServiceRouter = Router<Stack<ObserveLayer, Identity>>;
 
 /// A server builder with a span per request that joins the caller's trace,
 /// and request metrics recorded into `metrics`.
-pub fn builder(metrics: &Metrics) -> Server<Stack<ObserveLayer, Identity>> {
-    Server::builder().layer(ObserveLayer::new(metrics.clone()))
+pub fn builder(service: &'static str, metrics: &Metrics) -> Server<Stack<ObserveLayer, Identity>> {
+    Server::builder().layer(ObserveLayer::new(service, metrics.clone()))
 }
 
 /// The largest message an internal service accepts: the gateway's 8 MiB
@@ -269,12 +269,18 @@ impl Served {
 /// The router every service starts from: the observe layer, health with
 /// every named service SERVING, and reflection advertising the names; and
 /// the handle that turns health to NOT_SERVING at shutdown.
-pub async fn router(metrics: &Metrics, services: &[&str]) -> anyhow::Result<(ServiceRouter, Health)> {
+pub async fn router(
+    service: &'static str,
+    metrics: &Metrics,
+    services: &[&str],
+) -> anyhow::Result<(ServiceRouter, Health)> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health { reporter, services: services.iter().map(|s| s.to_string()).collect() };
     health.set(tonic_health::ServingStatus::Serving).await;
     let (reflection_v1, reflection_v1alpha) = reflection(services)?;
-    let router =
-        builder(metrics).add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    let router = builder(service, metrics)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     Ok((router, health))
 }

@@ -305,5 +305,6 @@ async fn a_forwarded_request_has_the_gateways_size_limit_not_a_smaller_one() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(err.message().starts_with("gateway: "), "the refusing hop is named: {}", err.message());
     assert!(admin.list("finance").await.unwrap().is_empty());
 }
