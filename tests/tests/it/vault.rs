@@ -1234,6 +1234,34 @@ async fn credentials_vault_refuses_stop_cached_values_being_served() {
     assert_eq!(code, Code::FailedPrecondition, "the cached value is not served any more: {message}");
 }
 
+/// The same when nobody asks: the background renewal is refused, and the
+/// values read with the withdrawn credentials stop being served although
+/// their cache time has not run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_vault_refuses_in_the_background_stops_cached_values_being_served() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    // Renewed at two thirds of 3 s; values are kept for 30 s.
+    let (config, secret_id) = approle_config(&app, &bao, "3s", "1h").await;
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-vault");
+    bao.bao(&["write", "auth/approle/role/etl/secret-id/destroy", &format!("secret_id={secret_id}")]);
+    bao.bao(&["token", "revoke", "-mode=path", "auth/approle"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
+        if let Some(R::Error(e)) = &out[0].result {
+            assert_eq!(e.code, Code::FailedPrecondition as i32, "{}", e.message);
+            assert!(e.message.contains("refused the credentials"), "{}", e.message);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cached value was still served after the refused renewal");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test]
 async fn hosts_certificates_and_mounts_that_cannot_work_are_refused_at_create_update_and_test() {
     let bao = OpenBao::start();
