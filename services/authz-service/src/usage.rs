@@ -106,8 +106,8 @@ fn reference_row(key: &Key, i: usize, r: &internal::IndexedReference) -> Result<
     let source_type = source_name(r.source_type, &at("source_type"))?;
     if source_type == "KUBERNETES" {
         validate::domain(&at("source_id"), &r.source_id)?;
-    } else if r.source_id.is_empty() || r.source_id.len() > 64 {
-        return Err(Error::InvalidArgument(FieldViolation::new(at("source_id"), "must be a Vault config id")));
+    } else {
+        validate::vault_config_id(&at("source_id"), &r.source_id)?;
     }
     validate::secret_key(&at("key"), &r.key)?;
     Ok(workload_reference::ActiveModel {

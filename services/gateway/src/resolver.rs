@@ -163,19 +163,6 @@ fn item_invalid(index: usize, id: &str, field: &str, why: &str) -> Status {
     Status::with_error_details(Code::InvalidArgument, format!("{}: {field}: {why}", item_name(index, id)), details)
 }
 
-/// A Vault config id as the vault-config-service makes them (a UUID).
-fn vault_config_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} is not a vault config id; for VAULT sources the id is the config id",
-            secrets_common::validate::echo(id)
-        ))
-    }
-}
-
 /// The refusal of a secret object while `features.secretsV2.enabled` is off.
 fn secrets_v2_off(index: usize, id: &str) -> Status {
     let mut details = ErrorDetails::new();
@@ -217,9 +204,12 @@ fn plan(index: usize, item: &pb::ResolveItem, secrets_v2: bool) -> Plan<'_> {
                     Ok(()) => Plan::Value { target: Target::Domain(source.id.clone()), key: obj.key.clone() },
                     Err(v) => invalid("secret_object.source.id", &format!("must be a domain name; {}", v.description)),
                 },
-                Ok(pb::SourceType::Vault) => match vault_config_id(&source.id) {
+                Ok(pb::SourceType::Vault) => match validate::vault_config_id("id", &source.id) {
                     Ok(()) => Plan::Value { target: Target::Vault(source.id.clone()), key: obj.key.clone() },
-                    Err(why) => invalid("secret_object.source.id", &why),
+                    Err(v) => invalid(
+                        "secret_object.source.id",
+                        &format!("{}; for VAULT sources the id is the config id", v.description),
+                    ),
                 },
                 Ok(pb::SourceType::Unspecified) => {
                     invalid("secret_object.source.type", "is required: KUBERNETES or VAULT")

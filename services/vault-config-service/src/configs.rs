@@ -695,14 +695,7 @@ pub fn method_of(name: &str) -> pb::VaultAuthMethod {
 
 /// Config ids are what this service generates: UUIDs.
 fn validate_id(id: &str) -> Result<()> {
-    if uuid::Uuid::parse_str(id).is_err() {
-        return Err(FieldViolation::new(
-            "id",
-            format!("{} is not a vault config id (a UUID)", secrets_common::validate::echo(id)),
-        )
-        .into());
-    }
-    Ok(())
+    Ok(secrets_common::validate::vault_config_id("id", id)?)
 }
 
 /// A CA certificate that cannot be used is the caller's mistake.

@@ -95,6 +95,26 @@ pub fn workload_id(field: &str, id: &str) -> Result<(), FieldViolation> {
     Ok(())
 }
 
+/// A Vault config id, as the vault-config-service makes them: a UUID in its
+/// hyphenated form (`0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b`). The one rule
+/// every service checks such an id with.
+pub fn vault_config_id(field: &str, id: &str) -> Result<(), FieldViolation> {
+    let bytes = id.as_bytes();
+    let hyphenated = bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if hyphenated {
+        Ok(())
+    } else {
+        Err(FieldViolation::new(
+            field,
+            format!("{} is not a vault config id (a UUID such as 0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b)", echo(id)),
+        ))
+    }
+}
+
 /// A workload name: at most 256 characters, no control characters.
 pub fn workload_name(field: &str, name: &str) -> Result<(), FieldViolation> {
     if name.chars().count() > MAX_WORKLOAD_NAME_LEN || name.chars().any(char::is_control) {
@@ -159,6 +179,26 @@ pub fn secret_value(field: &str, len: usize) -> Result<(), FieldViolation> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vault_config_ids_are_hyphenated_uuids_only() {
+        assert!(vault_config_id("id", "0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b").is_ok());
+        assert!(vault_config_id("id", "0B5F6C1E-6D1A-4A7E-9F55-3C2D1E0F9A8B").is_ok());
+        for bad in [
+            "",
+            "prod",
+            "0b5f6c1e6d1a4a7e9f553c2d1e0f9a8b",
+            "{0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b}",
+            "0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8",
+            "0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8g",
+            "0b5f6c1e-6d1a-4a7e-9f553-c2d1e0f9a8b",
+            "é5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b",
+        ] {
+            let e = vault_config_id("source.id", bad).unwrap_err();
+            assert_eq!(e.field, "source.id");
+            assert!(e.description.contains("is not a vault config id"), "{bad}: {}", e.description);
+        }
+    }
 
     #[test]
     fn accepts_kubernetes_style_keys() {
