@@ -8,9 +8,11 @@ use std::{collections::BTreeSet, sync::Arc};
 use secrets_common::{
     Principal,
     auth::{ON_BEHALF_OF, TokenHash},
+    authz::{AuthzClient, Question},
     error::invalid_argument,
     validate::FieldViolation,
 };
+use secrets_proto::v1::{CheckResponse, Permission};
 use serde::Deserialize;
 use tonic::{Request, Status};
 
@@ -176,6 +178,33 @@ impl Caller {
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// Answers `questions` about the principal in one authz round trip
+    /// (none when there is nothing to ask), in their order. For a caller
+    /// that may not act for a platform admin, the same round trip asks
+    /// whether the principal is one, and refuses the call if so: the one
+    /// place that restriction is kept.
+    pub async fn decide(
+        &self,
+        authz: &AuthzClient,
+        mut questions: Vec<Question<'_>>,
+    ) -> Result<Vec<CheckResponse>, Status> {
+        if self.must_not_be_admin {
+            questions
+                .push(Question::domain(&self.principal, Permission::PlatformAdmin, None).with_groups(&self.member_of));
+        }
+        if questions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut answers = authz.batch_check(&questions).await?;
+        if self.must_not_be_admin && answers.pop().is_none_or(|a| a.allowed) {
+            return Err(self.admin_refusal());
+        }
+        if answers.len() + usize::from(self.must_not_be_admin) != questions.len() {
+            return Err(Status::unavailable("authz-service: answered fewer questions than asked"));
+        }
+        Ok(answers)
     }
 
     /// The refusal for a principal that turned out to be a platform admin.

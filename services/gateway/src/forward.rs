@@ -35,14 +35,7 @@ impl Forwarder {
     async fn upstream<T>(&self, request: Request<T>, group: RpcGroup, rpc: &str) -> Result<Request<T>, Status> {
         let caller = Caller::of(&request)?;
         caller.require(group, rpc)?;
-        if caller.must_not_be_admin {
-            let question =
-                secrets_common::authz::Question::domain(&caller.principal, pb::Permission::PlatformAdmin, None)
-                    .with_groups(&caller.member_of);
-            if self.checks.batch_check(&[question]).await?.first().is_some_and(|a| a.allowed) {
-                return Err(caller.admin_refusal());
-            }
-        }
+        caller.decide(&self.checks, Vec::new()).await?;
         upstream(request)
     }
 }

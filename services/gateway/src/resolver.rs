@@ -457,21 +457,12 @@ impl Resolver {
             targets.insert(text_target.clone());
         }
         let targets: Vec<Target> = targets.into_iter().collect();
-        let mut questions: Vec<Question> =
+        let questions: Vec<Question> =
             targets.iter().map(|t| t.question(&caller.principal, &caller.member_of)).collect();
-        if caller.must_not_be_admin {
-            // In the same round trip: a delegating token may not act for an admin.
-            questions.push(
-                Question::domain(&caller.principal, Permission::PlatformAdmin, None).with_groups(&caller.member_of),
-            );
-        }
         // Decide first, then read only what is allowed: a denied item's
         // value never leaves its store or Vault, and never crosses the wire
         // into the gateway.
-        let mut answers = if questions.is_empty() { Vec::new() } else { self.authz.batch_check(&questions).await? };
-        if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
-            return Err(caller.admin_refusal());
-        }
+        let answers = caller.decide(&self.authz, questions).await?;
         let denied: BTreeMap<&Target, String> =
             targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
         if let (Mode::Check { action }, Some(reason)) = (mode, denied.get(&text_target)) {

@@ -87,13 +87,7 @@ impl Selector {
         questions.extend(
             configs.iter().map(|c| Question::vault_config(principal, Permission::Use, &c.id).with_groups(groups)),
         );
-        if caller.must_not_be_admin {
-            questions.push(Question::domain(principal, Permission::PlatformAdmin, None).with_groups(groups));
-        }
-        let mut answers = self.authz.batch_check(&questions).await?;
-        if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
-            return Err(caller.admin_refusal());
-        }
+        let answers = caller.decide(&self.authz, questions).await?;
         if !answers[0].allowed {
             return Err(Status::permission_denied(format!(
                 "{principal} may not list the secrets of domain {domain:?}: {}",

@@ -78,16 +78,7 @@ impl Resolver {
     /// Ok when the caller's principal may do `question`, in one round trip
     /// with the check that a delegating token does not act for an admin.
     async fn require(&self, caller: &Caller, question: Question<'_>, action: &str) -> Result<(), Status> {
-        let mut questions = vec![question.with_groups(&caller.member_of)];
-        if caller.must_not_be_admin {
-            questions.push(
-                Question::domain(&caller.principal, Permission::PlatformAdmin, None).with_groups(&caller.member_of),
-            );
-        }
-        let mut answers = self.authz.batch_check(&questions).await?;
-        if caller.must_not_be_admin && answers.pop().is_some_and(|a| a.allowed) {
-            return Err(caller.admin_refusal());
-        }
+        let mut answers = caller.decide(&self.authz, vec![question.with_groups(&caller.member_of)]).await?;
         let answer = answers.remove(0);
         if answer.allowed {
             Ok(())
