@@ -60,10 +60,14 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
                 .expect("start local-stack"),
         )
     };
+    // A connection holds its port until it is closed, which may take some
+    // seconds after its process ended: keep trying for a minute, and say
+    // who holds the ports if that is not enough.
     let mut stack = start();
     let mut started = false;
     let mut attempts = 1;
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         if std::net::TcpStream::connect("127.0.0.1:50051").is_ok()
             && std::net::TcpStream::connect("127.0.0.1:50054").is_ok()
             && dir.path().join(".local-stack/admin.token").exists()
@@ -72,10 +76,18 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
             break;
         }
         if let Ok(Some(status)) = stack.0.try_wait() {
-            let why = std::fs::read_to_string(dir.path().join("local-stack.log")).unwrap_or_default();
-            assert!(attempts < 10, "local-stack exited with {status} {attempts} times: {why}");
+            if std::time::Instant::now() + std::time::Duration::from_secs(1) >= deadline {
+                let why = std::fs::read_to_string(dir.path().join("local-stack.log")).unwrap_or_default();
+                let sockets = Command::new("ss").arg("-tanp").output().map(|o| o.stdout).unwrap_or_default();
+                let holders: Vec<String> = String::from_utf8_lossy(&sockets)
+                    .lines()
+                    .filter(|l| (50051..=50054).any(|p| l.contains(&format!(":{p} "))))
+                    .map(str::to_string)
+                    .collect();
+                panic!("local-stack exited with {status} {attempts} times; sockets on its ports: {holders:#?}\n{why}");
+            }
             attempts += 1;
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::thread::sleep(std::time::Duration::from_millis(500));
             stack = start();
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
