@@ -345,12 +345,20 @@ async fn until_answered_from_memory_or_denied(app: &TestApp, nina: &Clients) {
     panic!("the gateway never answered from memory");
 }
 
-/// Waits until the authz-service process is older than one lease, so its
+/// The stack with its authz-service a process behind a proxy (for the
+/// test to partition or slow down), finance set up, and a client acting
+/// for nina. Returns once the process is older than one lease, so its
 /// start-up wait (a crashed predecessor's holders) no longer covers a
 /// change, and each change waits only for the holders it has.
-async fn past_the_start_up_wait(started: Instant) {
+async fn behind_a_proxy() -> (TestApp, Clients) {
+    let started = Instant::now();
+    let app = TestApp::spawn_with(Options { authz_process: true, ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
+    let nina = app.as_service(Some("user:nina"));
     let lease = Duration::from_millis(2_000);
     tokio::time::sleep_until((started + lease + Duration::from_millis(200)).into()).await;
+    (app, nina)
 }
 
 /// A holder the network cut off is cut off by the change, and the change
@@ -359,12 +367,7 @@ async fn past_the_start_up_wait(started: Instant) {
 /// revoke has returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_cut_off_from_its_lease_never_answers_from_it_after_the_revoke_returned() {
-    let started = Instant::now();
-    let app = TestApp::spawn_with(Options { authz_process: true, ..Default::default() }).await;
-    app.setup_domain("finance").await;
-    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
-    let nina = app.as_service(Some("user:nina"));
-    past_the_start_up_wait(started).await;
+    let (app, nina) = behind_a_proxy().await;
     until_answered_from_memory(&app, &nina).await;
 
     // The gateway's connection to the authz-service goes silent both ways;
@@ -388,12 +391,7 @@ async fn a_gateway_cut_off_from_its_lease_never_answers_from_it_after_the_revoke
 /// first resolve after the revoke returned is already refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_lease_messages_arrive_late_still_refuses_the_first_resolve_after_a_revoke() {
-    let started = Instant::now();
-    let app = TestApp::spawn_with(Options { authz_process: true, ..Default::default() }).await;
-    app.setup_domain("finance").await;
-    app.as_user(OWNER).create("finance", "db-password", "v").await.unwrap();
-    let nina = app.as_service(Some("user:nina"));
-    past_the_start_up_wait(started).await;
+    let (app, nina) = behind_a_proxy().await;
     // Each message takes 300 ms each way: an acknowledgement comes back
     // well within the 1 s the change waits for it, so nobody is cut off.
     app.authz_proxy().delay(Duration::from_millis(300));

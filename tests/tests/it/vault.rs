@@ -1211,19 +1211,26 @@ async fn an_idle_approle_token_is_renewed_ahead_of_its_expiry() {
     assert_eq!(logins_after(&bao, before), 1, "{paths:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credentials_vault_refuses_stop_cached_values_being_served() {
+/// An AppRole config (tokens living `ttl`) whose value nina has resolved,
+/// so it is cached; then the Vault operator withdraws the role's access:
+/// its secret id and every token it had.
+async fn a_cached_value_whose_approle_is_withdrawn(ttl: &str) -> (OpenBao, TestApp, pb::VaultConfig) {
     let bao = OpenBao::start();
     let app = TestApp::spawn().await;
     setup(&app, &bao).await;
-    let (config, secret_id) = approle_config(&app, &bao, "1h", "2h").await;
+    let (config, secret_id) = approle_config(&app, &bao, ttl, "2h").await;
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
     assert_eq!(value(&out[0]), b"pw-from-vault");
-    // The Vault operator withdraws the role's access: its secret id and
-    // every token it had.
     bao.bao(&["write", "auth/approle/role/etl/secret-id/destroy", &format!("secret_id={secret_id}")]);
     bao.bao(&["token", "revoke", "-mode=path", "auth/approle"]);
+    (bao, app, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_vault_refuses_stop_cached_values_being_served() {
+    let (_bao, app, config) = a_cached_value_whose_approle_is_withdrawn("1h").await;
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let request = pb::TestVaultConnectionRequest {
         target: Some(pb::test_vault_connection_request::Target::Id(config.id.clone())),
     };
@@ -1239,16 +1246,9 @@ async fn credentials_vault_refuses_stop_cached_values_being_served() {
 /// their cache time has not run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_vault_refuses_in_the_background_stops_cached_values_being_served() {
-    let bao = OpenBao::start();
-    let app = TestApp::spawn().await;
-    setup(&app, &bao).await;
     // Renewed at two thirds of 3 s; values are kept for 30 s.
-    let (config, secret_id) = approle_config(&app, &bao, "3s", "1h").await;
+    let (_bao, app, config) = a_cached_value_whose_approle_is_withdrawn("3s").await;
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
-    let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
-    assert_eq!(value(&out[0]), b"pw-from-vault");
-    bao.bao(&["write", "auth/approle/role/etl/secret-id/destroy", &format!("secret_id={secret_id}")]);
-    bao.bao(&["token", "revoke", "-mode=path", "auth/approle"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let out = service.resolve("finance", vec![vault_item("x", &config.id, "db_password")]).await.unwrap();
