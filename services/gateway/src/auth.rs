@@ -433,9 +433,7 @@ fn refused(reason: String) -> Status {
 
 /// The token of an `authorization: Bearer ...` header, if any.
 fn header_bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    secrets_common::auth::bearer_token(headers.get(http::header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 /// The caller `identity` acting for `on_behalf_of` (or as itself).

@@ -217,7 +217,7 @@ impl Issuer {
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
         let mut request = self.http.get(url);
         if let Some(path) = &self.config.bearer_token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let token = tokio::fs::read_to_string(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
             request = request.bearer_auth(token.trim());
         }
         let response = request.send().await.map_err(|e| format!("GET {url}: {e}"))?;
@@ -508,6 +508,42 @@ mod tests {
         let shared = issuer(serde_json::json!({"shared_namespace": true}));
         assert_eq!(shared.group("/data/eng"), None);
         assert_eq!(shared.group("/data-eng").as_deref(), Some("data-eng"));
+    }
+
+    /// Whatever a caller sends as a token, verification answers with a
+    /// reason (no panic, no key fetched: no issuer is trusted here) that
+    /// never repeats the token.
+    fn refused(token: &str) -> String {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        runtime.block_on(Verifier::default().verify(token)).expect_err("no issuer is trusted")
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_token_text_is_refused_with_a_reason_that_never_repeats_it(
+            token in proptest::prop_oneof!["[A-Za-z0-9_=.-]{0,300}", ".{0,80}"],
+        ) {
+            let reason = refused(&token);
+            proptest::prop_assert!(!reason.is_empty());
+            if token.len() >= 16 {
+                proptest::prop_assert!(!reason.contains(&token), "{reason}");
+            }
+        }
+
+        #[test]
+        fn jwt_shaped_tokens_with_any_header_and_claims_are_refused_with_a_reason(
+            header in proptest::prop_oneof![
+                ".{0,60}",
+                "\\{\"alg\":\"(none|HS256|RS256|ES256|EdDSA|[A-Z]{0,6})\"(,\"kid\":\"[a-z0-9]{0,8}\")?\\}",
+            ],
+            claims in ".{0,60}",
+        ) {
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let token = format!("{}.{}.c2lnbmF0dXJl", b64(&header), b64(&claims));
+            let reason = refused(&token);
+            proptest::prop_assert!(!reason.is_empty());
+            proptest::prop_assert!(!reason.contains("c2lnbmF0dXJl"), "the signature is never repeated: {reason}");
+        }
     }
 
     #[test]

@@ -74,7 +74,12 @@ pub fn generate_token() -> String {
 
 /// The token of an `authorization: Bearer ...` header, if any.
 pub fn bearer(metadata: &MetadataMap) -> Option<&str> {
-    let value = metadata.get(AUTHORIZATION)?.to_str().ok()?;
+    bearer_token(metadata.get(AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The token in an `authorization` header's value `Bearer <token>` (the
+/// scheme in any case), if any: the one parser of that header.
+pub fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
@@ -370,6 +375,25 @@ pub type InternalChannel = tonic::codegen::InterceptedService<TracedChannel, Int
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn a_bearer_header_gives_its_token_and_nothing_else_does(
+            scheme in proptest::prop_oneof![
+                proptest::strategy::Just("Bearer".to_string()),
+                proptest::strategy::Just("bearer".to_string()),
+                proptest::strategy::Just("BeArEr".to_string()),
+                "[A-Za-z]{0,8}",
+            ],
+            token in "[ -~]{0,40}",
+        ) {
+            let value = format!("{scheme} {token}");
+            let expected = (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim());
+            proptest::prop_assert_eq!(bearer_token(&value), expected);
+            // No space, no token.
+            proptest::prop_assert_eq!(bearer_token(&scheme), None);
+        }
+    }
 
     #[test]
     fn token_hashes_match_only_the_same_token() {

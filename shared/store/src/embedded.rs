@@ -112,28 +112,19 @@ impl EmbeddedBackend {
         .map_err(|e| unavailable(format!("cannot lock store object {object}: {e}")))
     }
 
-    /// The version of the object's file, from its first 16 bytes.
-    fn header(&self, object: &str) -> Result<Header> {
-        use std::io::Read;
+    /// The version of the object's file, from its first 16 bytes (read in
+    /// the blocking pool, never on a runtime thread).
+    async fn header(&self, object: &str) -> Result<Header> {
         let path = self.path(object);
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Header::Missing),
-            Err(e) => return Err(unavailable(format!("cannot read {}: {e}", path.display()))),
-        };
-        let (mut magic, mut nonce) = ([0u8; MAGIC.len()], [0u8; NONCE_LEN]);
-        match file.read_exact(&mut magic).and_then(|()| file.read_exact(&mut nonce)) {
-            Ok(()) if &magic == MAGIC => Ok(Header::Nonce(nonce)),
-            Ok(()) => Ok(Header::Unreadable),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(Header::Unreadable),
-            Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),
-        }
+        tokio::task::spawn_blocking(move || read_header(&path))
+            .await
+            .map_err(|e| Error::Internal(format!("store read task failed: {e}")))?
     }
 
     /// The object from memory when its file has not changed, else from the
     /// file (and remembered).
     async fn load_shared(&self, object: &str) -> Result<Option<Arc<Entries>>> {
-        let version = match self.header(object)? {
+        let version = match self.header(object).await? {
             Header::Missing => None,
             Header::Nonce(n) => Some(n),
             Header::Unreadable => return Ok(self.load(object).await?.map(Arc::new)),
@@ -298,6 +289,23 @@ fn load_or_create_key(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             None => read_key(path)?
                 .ok_or_else(|| Error::Corrupt(format!("key file {} vanished while starting", path.display()))),
         },
+    }
+}
+
+/// What [`EmbeddedBackend::header`] reads: blocking.
+fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Header::Missing),
+        Err(e) => return Err(unavailable(format!("cannot read {}: {e}", path.display()))),
+    };
+    let (mut magic, mut nonce) = ([0u8; MAGIC.len()], [0u8; NONCE_LEN]);
+    match file.read_exact(&mut magic).and_then(|()| file.read_exact(&mut nonce)) {
+        Ok(()) if &magic == MAGIC => Ok(Header::Nonce(nonce)),
+        Ok(()) => Ok(Header::Unreadable),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(Header::Unreadable),
+        Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),
     }
 }
 
