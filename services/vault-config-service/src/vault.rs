@@ -258,7 +258,9 @@ impl Connection {
         operation: &'static str,
     ) -> Result<Result<Vec<u8>, ClientError>, VaultFailure> {
         let at = self.describe();
-        let mut request = self.http.request(method, format!("{}/v1/{path}", self.target.host));
+        // As the Vault CLI sends it (Vault Agent and Proxy may require it).
+        let mut request =
+            self.http.request(method, format!("{}/v1/{path}", self.target.host)).header("X-Vault-Request", "true");
         if let Some(token) = token {
             request = request.header("X-Vault-Token", token.expose_secret());
         }
@@ -285,13 +287,25 @@ impl Connection {
         if status.is_success() {
             return Ok(Ok(body));
         }
+        // Vault answers errors in JSON (`{"errors": [...]}`; a deleted KV v2
+        // version, its metadata). Anything else came from something in
+        // front of Vault or another server: say so rather than read its
+        // status as Vault's (a proxy's 403 is no refused credential).
         #[derive(serde::Deserialize)]
         struct Errors {
             #[serde(default)]
             errors: Vec<String>,
         }
-        let errors = serde_json::from_slice::<Errors>(&body).map(|e| e.errors).unwrap_or_default();
-        Ok(Err(ClientError::APIError { code: status.as_u16(), errors }))
+        match serde_json::from_slice::<Errors>(&body) {
+            Ok(e) => Ok(Err(ClientError::APIError { code: status.as_u16(), errors: e.errors })),
+            Err(_) => Err(VaultFailure::new(
+                FailureKind::Other,
+                format!(
+                    "vault at {at} answered HTTP {} without a Vault error: a proxy or a server other than Vault answered",
+                    status.as_u16()
+                ),
+            )),
+        }
     }
 
     /// A login or renewal: the token and lease in Vault's `auth` answer.

@@ -53,6 +53,14 @@ async fn create(app: &TestApp, who: &str, spec: pb::VaultConfigSpec) -> Result<p
     app.as_user(who).vault.clone().create_vault_config(request).await.map(|r| r.into_inner())
 }
 
+/// Config "prod" of finance, reading secret/production with the root
+/// token, created by the domain's owner.
+async fn prod_config(app: &TestApp, bao: &OpenBao) -> pb::VaultConfig {
+    create(app, OWNER, spec("prod", bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
+        .await
+        .expect("the domain's owner creates a config")
+}
+
 /// Tests an unsaved config of finance as its owner.
 async fn test_unsaved(app: &TestApp, spec: pb::VaultConfigSpec) -> pb::TestVaultConnectionResponse {
     let target = pb::test_vault_connection_request::Target::Unsaved(pb::UnsavedVaultConfig {
@@ -233,9 +241,7 @@ async fn the_bundle_is_fixed_credentials_can_be_replaced_and_delete_leaves_vault
     let bao = OpenBao::start();
     let app = TestApp::spawn().await;
     setup(&app, &bao).await;
-    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
-        .await
-        .unwrap();
+    let config = prod_config(&app, &bao).await;
     let mut olivia = app.as_user(OWNER).vault.clone();
     let err = olivia
         .update_vault_config(pb::UpdateVaultConfigRequest {
@@ -538,9 +544,7 @@ async fn a_stopped_vault_is_unavailable_per_item_naming_the_config_and_recovers_
     let mut bao = OpenBao::start();
     let app = spawn_uncached().await;
     setup(&app, &bao).await;
-    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
-        .await
-        .unwrap();
+    let config = prod_config(&app, &bao).await;
     let service = app.as_service(Some(&format!("user:{MEMBER}")));
     let items = || vec![vault_item("v", &config.id, "db_password"), text_item("t", "plain")];
     assert_eq!(value(&service.resolve("finance", items()).await.unwrap()[0]), b"pw-from-vault");
@@ -678,9 +682,7 @@ async fn the_selector_lists_what_the_principal_may_pick_with_vault_keys_only_whe
     admin.create("finance", "db_password", "domain-pw").await.unwrap();
     admin.create_in(pb::Scope::Global, "", "db_password", "shadowed").await.unwrap();
     admin.create_in(pb::Scope::Global, "", "smtp_password", "global-pw").await.unwrap();
-    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
-        .await
-        .unwrap();
+    let config = prod_config(&app, &bao).await;
     let (k, v) = (pb::SourceType::Kubernetes as i32, pb::SourceType::Vault as i32);
     let base = vec![
         ("finance".to_string(), "db_password".to_string(), k),
@@ -864,9 +866,7 @@ async fn saved_workloads_with_vault_references_are_checked_indexed_and_protect_t
     // The check after Vault stops asks Vault.
     let app = spawn_uncached().await;
     setup(&app, &bao).await;
-    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
-        .await
-        .unwrap();
+    let config = prod_config(&app, &bao).await;
     let vault = |key: &str| pb::ConfigValue {
         value: Some(CV::SecretObject(pb::SecretObject {
             key: key.into(),
@@ -1353,6 +1353,61 @@ async fn flooding_server(bytes: usize) -> String {
     format!("http://{addr}")
 }
 
+/// Answers every request with `status` and an HTML page: a proxy or a web
+/// server where Vault should be.
+async fn html_server(status: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = socket.read(&mut buf).await;
+                let page = "<html><body>Forbidden by policy</body></html>";
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A 403 or 404 from something that is not Vault (a proxy's HTML page) is
+/// never read as Vault refusing the credentials or lacking the secret.
+#[tokio::test]
+async fn a_server_that_is_not_vault_is_never_taken_for_vaults_answer() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn().await;
+    setup(&app, &bao).await;
+    for status in ["403 Forbidden", "404 Not Found"] {
+        let host = html_server(status).await;
+        for creds in [token_creds("t"), app_role_creds("role", "secret")] {
+            let spec = pb::VaultConfigSpec {
+                name: "proxied".into(),
+                host: host.clone(),
+                path: "/v1/secret/data/production".into(),
+                credentials: Some(creds),
+                ..Default::default()
+            };
+            let answer = test_unsaved(&app, spec).await;
+            assert!(
+                !matches!(
+                    answer.outcome(),
+                    Outcome::InvalidCredentials | Outcome::SecretNotFound | Outcome::ConnectionOk
+                ),
+                "{status}: {:?}: {}",
+                answer.outcome(),
+                answer.message
+            );
+            assert!(answer.message.contains("without a Vault error"), "{status}: {}", answer.message);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_vault_answer_past_the_size_limit_is_refused_not_buffered() {
     let bao = OpenBao::start();
@@ -1456,9 +1511,7 @@ async fn a_revoked_bundle_grant_or_group_membership_counts_on_the_next_resolve_t
     let bao = OpenBao::start();
     let app = TestApp::spawn().await;
     setup(&app, &bao).await;
-    let config = create(&app, OWNER, spec("prod", &bao, "/v1/secret/data/production", token_creds(&bao.root_token)))
-        .await
-        .unwrap();
+    let config = prod_config(&app, &bao).await;
     let mut authz = app.as_user(ADMIN).authz.clone();
     authz
         .create_group(pb::CreateGroupRequest { name: "vault-users".into(), description: String::new() })
