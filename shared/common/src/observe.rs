@@ -431,8 +431,10 @@ fn name_size_refusal(service: &str, headers: &mut http::HeaderMap) {
         return;
     }
     let Some(value) = headers.get("grpc-message") else { return };
+    // tonic's own words, not yet named: a message another service named
+    // (and this one passed on) keeps its one name.
     let said = String::from_utf8_lossy(value.as_bytes()).replace("%20", " ");
-    if !said.contains("message length too large") {
+    if !said.starts_with("Error, decoded message length too large") {
         return;
     }
     let named = format!("{service}:%20{}", String::from_utf8_lossy(value.as_bytes()));
@@ -652,8 +654,12 @@ mod tests {
         let own = "Error, decoded message length too large: found 9437201 bytes, the limit is: 8388608 bytes";
         assert_eq!(answer(own).await, format!("gateway: {own}"));
         // A limit met further along was named by the service that met it.
-        let upstream = "secret-service: the response is larger than 4 MiB";
-        assert_eq!(answer(upstream).await, upstream);
+        for upstream in [
+            "secret-service: the response is larger than 4 MiB",
+            "secret-service: Error, decoded message length too large: found 9437201 bytes, the limit is: 8454144 bytes",
+        ] {
+            assert_eq!(answer(upstream).await, upstream);
+        }
     }
 
     #[test]
