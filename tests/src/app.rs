@@ -458,7 +458,7 @@ impl TestApp {
             true => ("workload_references_away", "workload_references"),
             false => ("workload_references", "workload_references_away"),
         };
-        let db = sea_orm::Database::connect(&self.database_url).await.expect("the authz database");
+        let db = crate::connect_database(&self.database_url).await.expect("the authz database");
         db.execute_unprepared(&format!("ALTER TABLE {from} RENAME TO {to}")).await.expect("rename the index table");
         let _ = db.close().await;
     }

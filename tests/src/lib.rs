@@ -30,6 +30,14 @@ pub async fn http_get(url: &str) -> (u16, String) {
     (status, body)
 }
 
+/// One connection to a test database from the test itself, with no pool
+/// maintenance task (see `secrets_db::connect`: in sqlx 0.9 it can spin).
+pub async fn connect_database(url: &str) -> Result<sea_orm::DatabaseConnection, sea_orm::DbErr> {
+    let mut options = sea_orm::ConnectOptions::new(url.to_string());
+    options.max_connections(1).idle_timeout(None).max_lifetime(None).sqlx_logging(false);
+    sea_orm::Database::connect(options).await
+}
+
 /// The value of one sample line in Prometheus text, 0 when absent.
 pub fn sample(text: &str, series: &str) -> f64 {
     text.lines()

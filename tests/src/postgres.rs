@@ -1,6 +1,6 @@
 //! A fresh PostgreSQL database per test, when DATABASE_URL names a server.
 
-use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
 pub struct TestDatabase {
     admin_url: String,
@@ -19,7 +19,7 @@ pub async fn fresh_database() -> Option<TestDatabase> {
         return None;
     };
     let name = format!("authz_it_{}", uuid::Uuid::new_v4().simple());
-    let db = Database::connect(&admin_url).await.expect("connect to DATABASE_URL");
+    let db = crate::connect_database(&admin_url).await.expect("connect to DATABASE_URL");
     db.execute_raw(Statement::from_string(DbBackend::Postgres, format!("CREATE DATABASE {name}")))
         .await
         .expect("create test database");
@@ -30,7 +30,7 @@ pub async fn fresh_database() -> Option<TestDatabase> {
 
 impl TestDatabase {
     pub async fn drop_database(self) {
-        if let Ok(db) = Database::connect(&self.admin_url).await {
+        if let Ok(db) = crate::connect_database(&self.admin_url).await {
             let _ = db
                 .execute_raw(Statement::from_string(
                     DbBackend::Postgres,

@@ -31,6 +31,13 @@ pub async fn connect<M: MigratorTrait>(
         .sqlx_logging(false)
         .connect_timeout(Duration::from_secs(5).max(timeout))
         .acquire_timeout(timeout)
+        // No pool maintenance task: in sqlx 0.9 it loops over the idle
+        // count without yielding, and that count can wrap below zero for a
+        // moment (a release counts its connection after another task took
+        // it), leaving a runtime thread spinning for good. Seen in a test
+        // run under load. Connections are kept until they fail instead.
+        .idle_timeout(None)
+        .max_lifetime(None)
         .map_sqlx_postgres_opts(move |o| o.options([("statement_timeout", timeout.as_millis().to_string())]))
         // WAL: a commit is one append and one sync (still FULL: no
         // acknowledged write is lost on power loss), and readers do not

@@ -319,8 +319,8 @@ async fn a_grant_racing_a_removal_never_leaves_a_permission_behind(app: TestApp)
 }
 
 async fn a_stored_role_that_is_not_understood_is_an_error_not_membership(app: TestApp) {
-    use sea_orm::{ConnectionTrait, Database};
-    let db = Database::connect(&app.database_url).await.unwrap();
+    use sea_orm::ConnectionTrait;
+    let db = connect_database(&app.database_url).await.unwrap();
     db.execute_unprepared(
         "INSERT INTO domain_members (domain, subject, role, created_at) \
          VALUES ('finance', 'user:zed', 'superuser', '2026-01-01T00:00:00Z')",
