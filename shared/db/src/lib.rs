@@ -34,8 +34,9 @@ pub async fn connect<M: MigratorTrait>(
         // No pool maintenance task: in sqlx 0.9 it loops over the idle
         // count without yielding, and that count can wrap below zero for a
         // moment (a release counts its connection after another task took
-        // it), leaving a runtime thread spinning for good. Seen in a test
-        // run under load. Connections are kept until they fail instead.
+        // it), leaving a runtime thread spinning for good (sqlx issue 3645,
+        // fixed upstream after 0.9.0). Seen here in a test run under load.
+        // Connections are kept until they fail instead.
         .idle_timeout(None)
         .max_lifetime(None)
         .map_sqlx_postgres_opts(move |o| o.options([("statement_timeout", timeout.as_millis().to_string())]))
