@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, sync::Arc};
 use secrets_common::{
     Principal,
     auth::{ON_BEHALF_OF, TokenHash},
-    authz::{AuthzClient, Question},
+    authz::{Decisions, Question},
     error::invalid_argument,
     validate::FieldViolation,
 };
@@ -187,7 +187,7 @@ impl Caller {
     /// place that restriction is kept.
     pub async fn decide(
         &self,
-        authz: &AuthzClient,
+        authz: &dyn Decisions,
         mut questions: Vec<Question<'_>>,
     ) -> Result<Vec<CheckResponse>, Status> {
         if self.must_not_be_admin {

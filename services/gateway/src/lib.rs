@@ -1,16 +1,21 @@
 //! The gateway: the one endpoint platform components and operators call.
 //!
-//! It authenticates every call ([`auth`]), forwards the management APIs of
-//! the internal services ([`forward`]) and resolves secret references for
-//! platform components ([`resolver`]).
+//! It authenticates every call ([`auth`], [`jwt`]) and forwards the
+//! management APIs of the internal services ([`forward`]). Its own
+//! `Gateway` service ([`grpc`]) hands each RPC to a room: [`resolution`]
+//! (resolving references, reading through [`sources`]; workload payloads
+//! through [`payload`]), [`workloads`] (saved workloads and the usage
+//! index) and [`selector`] (the secret selector).
 
 pub mod auth;
 pub mod forward;
+pub mod grpc;
 pub mod jwt;
-pub mod resolver;
+pub mod payload;
+pub mod resolution;
 pub mod selector;
-pub mod usages;
-pub mod workload;
+pub mod sources;
+pub mod workloads;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -40,6 +45,10 @@ use tokio::net::TcpListener;
 use crate::auth::Authenticated;
 
 pub use auth::{RpcGroup, ServiceAccountConfig, TokenConfig, TokenKind};
+
+/// One encoded request to any public service: room for
+/// [`resolution::limits::MAX_ITEMS`] items at their largest.
+pub const MAX_REQUEST_BYTES: usize = resolution::limits::MAX_REQUEST_BYTES;
 
 pub const ENV_PREFIX: &str = "GATEWAY_";
 
@@ -231,7 +240,6 @@ impl Application {
             config.channels(&internal, timeout, &metrics)?;
         let client = internal.client();
 
-        let secrets_channel_for_selector = secrets_channel.clone();
         // One decision cache for every permission question the gateway asks.
         let mut checks = AuthzClient::new(authz_channel.clone(), client.clone());
         let mut lease_holder = None;
@@ -242,34 +250,43 @@ impl Application {
         }
         let forwarder = forward::Forwarder {
             secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), client.clone())
-                .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             authz: AuthzServiceClient::with_interceptor(authz_changes_channel, client.clone())
-                .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             vault: VaultConfigServiceClient::with_interceptor(vault_changes_channel, client.clone())
-                .max_encoding_message_size(resolver::limits::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             checks: checks.clone(),
         };
         if !config.features.secrets_v2.enabled {
             tracing::info!("features.secretsV2.enabled is false: secret objects are refused, placeholders resolve");
         }
-        let resolver = resolver::Resolver {
-            secrets_v2: config.features.secrets_v2.enabled,
-            kubernetes: resolver::KubernetesSource {
-                reader: SecretReaderClient::with_interceptor(secrets_channel, client.clone())
+        let secrets_v2 = config.features.secrets_v2.enabled;
+        let resolution = resolution::Resolution {
+            secrets_v2,
+            kubernetes: Arc::new(sources::KubernetesSource {
+                reader: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone())
                     .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
-            },
-            vault: resolver::VaultSource {
+            }),
+            vault: Arc::new(sources::VaultSource {
                 reader: VaultReaderClient::with_interceptor(vault_channel.clone(), client.clone())
                     .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+            }),
+            authz: Arc::new(checks.clone()),
+        };
+        let gateway = grpc::GatewayService {
+            workloads: workloads::SavedWorkloads {
+                resolution: resolution.clone(),
+                usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
+                authz: checks.clone(),
+                secrets: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone()),
             },
-            authz: checks.clone(),
-            usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
+            resolution,
             selector: selector::Selector {
-                secrets_v2: config.features.secrets_v2.enabled,
-                secrets: SecretServiceClient::with_interceptor(secrets_channel_for_selector, client.clone()),
+                secrets_v2,
+                secrets: SecretServiceClient::with_interceptor(secrets_channel, client.clone()),
                 vault: VaultReaderClient::with_interceptor(vault_channel, client.clone()),
                 authz: checks,
             },
@@ -280,21 +297,19 @@ impl Application {
                 .await?;
         let router = router
             .add_service(Authenticated::new(
-                GatewayServer::new(resolver).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                GatewayServer::new(gateway).max_decoding_message_size(MAX_REQUEST_BYTES),
                 authenticator.clone(),
             ))
             .add_service(Authenticated::new(
-                SecretServiceServer::new(forwarder.clone())
-                    .max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                SecretServiceServer::new(forwarder.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
                 authenticator.clone(),
             ))
             .add_service(Authenticated::new(
-                AuthzServiceServer::new(forwarder.clone())
-                    .max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                AuthzServiceServer::new(forwarder.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
                 authenticator.clone(),
             ))
             .add_service(Authenticated::new(
-                VaultConfigServiceServer::new(forwarder).max_decoding_message_size(resolver::limits::MAX_REQUEST_BYTES),
+                VaultConfigServiceServer::new(forwarder).max_decoding_message_size(MAX_REQUEST_BYTES),
                 authenticator,
             ));
         Ok(Self {

@@ -69,6 +69,22 @@ impl<'a> Question<'a> {
     }
 }
 
+/// Whoever answers permission questions: the authz service through
+/// [`AuthzClient`], or, in a unit test, a table of answers.
+#[tonic::async_trait]
+pub trait Decisions: Send + Sync {
+    /// Answers `questions` in one round trip, in order, one per question;
+    /// fails closed (`UNAVAILABLE`) when they cannot be answered.
+    async fn batch_check(&self, questions: &[Question<'_>]) -> Result<Vec<CheckResponse>, Status>;
+}
+
+#[tonic::async_trait]
+impl Decisions for AuthzClient {
+    async fn batch_check(&self, questions: &[Question<'_>]) -> Result<Vec<CheckResponse>, Status> {
+        AuthzClient::batch_check(self, questions).await
+    }
+}
+
 impl AuthzClient {
     pub fn new(channel: TracedChannel, client: InternalClient) -> Self {
         Self { inner: AuthzServiceClient::with_interceptor(channel, client), cache: None }

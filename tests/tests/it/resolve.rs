@@ -303,7 +303,7 @@ async fn a_secret_object_naming_the_reserved_admin_domain_fails_only_its_own_ite
 
 #[tokio::test]
 async fn a_thousand_items_of_maximal_text_get_the_named_response_limit_not_a_failed_batch() {
-    use gateway::resolver::limits::*;
+    use gateway::resolution::limits::*;
     let app = TestApp::spawn().await;
     let service = app.as_service(Some("user:admin"));
     // Literal text: 1,000 x 4 KiB is more than one response may carry.

@@ -95,7 +95,7 @@ pub fn kind(payload: &pb::WorkloadPayload) -> pb::WorkloadKind {
 /// An item's error as a field's: the message names the field's path
 /// rather than the internal item it was resolved as.
 pub fn field_status(index: usize, field: &str, status: tonic_types::pb::Status) -> tonic_types::pb::Status {
-    let prefix = format!("{}: ", crate::resolver::item_name(index, field));
+    let prefix = format!("{}: ", crate::resolution::item_name(index, field));
     match status.message.strip_prefix(&prefix) {
         Some(rest) => tonic_types::pb::Status { message: format!("{field}: {rest}"), ..status },
         None => status,

@@ -5,13 +5,14 @@
 //! change it. Delete protection itself is in the services that delete.
 
 use secrets_common::{
-    authz::Question,
+    auth::InternalChannel,
+    authz::{AuthzClient, Question},
     error::invalid_argument,
     usage::describe,
     validate::{self, FieldViolation},
 };
 use secrets_proto::{
-    internal::v1 as internal,
+    internal::v1::{self as internal, secret_reader_client::SecretReaderClient},
     v1::{self as pb, Permission, list_secret_usages_request::Secret},
 };
 use tonic::{Code, Status};
@@ -19,9 +20,21 @@ use tonic::{Code, Status};
 use crate::{
     auth::{Caller, RpcGroup, TokenKind},
     forward::SECRET_SERVICE,
-    resolver::Resolver,
-    workload,
+    payload,
+    resolution::{self, Resolution, limits::MAX_ITEMS},
 };
+
+/// Saved workloads: checks a payload's references with [`Resolution`]
+/// (presence only) and keeps the usage index through the authz service.
+#[derive(Clone)]
+pub struct SavedWorkloads {
+    pub resolution: Resolution,
+    /// The usage index.
+    pub usage: secrets_common::usage::UsageClient,
+    pub authz: AuthzClient,
+    /// Which domains hold a key of their own, for the users of a global key.
+    pub secrets: SecretReaderClient<InternalChannel>,
+}
 
 /// Workloads `ListSecretUsages` returns unless asked otherwise.
 pub const DEFAULT_USAGES: u32 = 100;
@@ -74,7 +87,7 @@ fn workload_kind(field: &str, kind: i32) -> Result<(), Status> {
     }
 }
 
-impl Resolver {
+impl SavedWorkloads {
     /// Ok when the caller's principal may do `question`, in one round trip
     /// with the check that a delegating token does not act for an admin.
     async fn require(&self, caller: &Caller, question: Question<'_>, action: &str) -> Result<(), Status> {
@@ -142,7 +155,7 @@ impl Resolver {
         }
     }
 
-    pub async fn save_workload(
+    pub async fn save(
         &self,
         caller: &Caller,
         request: pb::SaveWorkloadRequest,
@@ -155,24 +168,24 @@ impl Resolver {
         let payload = request
             .payload
             .ok_or_else(|| invalid_argument(FieldViolation::new("payload", "is required: the workload's payload")))?;
-        let items = workload::items(&payload)?;
-        if items.len() > crate::resolver::limits::MAX_ITEMS {
+        let items = payload::items(&payload)?;
+        if items.len() > MAX_ITEMS {
             return Err(invalid_argument(FieldViolation::new(
                 "payload",
-                format!("has {} references; at most {} per workload", items.len(), crate::resolver::limits::MAX_ITEMS),
+                format!("has {} references; at most {} per workload", items.len(), MAX_ITEMS),
             )));
         }
-        let references = crate::resolver::references(&request.domain, &items);
+        let references = resolution::references(&request.domain, &items);
         // One authz round trip: USE_SECRETS in the domain and every reference.
         let request_items = pb::ResolveSecretsRequest { domain: request.domain.clone(), items };
-        let checked = self.check(caller, request_items, "save workloads").await?;
+        let checked = self.resolution.check(caller, request_items, "save workloads").await?;
         let problems: Vec<pb::ReferenceProblem> = checked
             .items
             .into_iter()
             .enumerate()
             .filter_map(|(i, item)| match item.result {
                 Some(pb::resolved_item::Result::Error(e)) => {
-                    let e = workload::field_status(i, &item.id, e);
+                    let e = payload::field_status(i, &item.id, e);
                     Some(pb::ReferenceProblem { r#type: problem_type(&e) as i32, message: e.message, field: item.id })
                 }
                 _ => None,
@@ -185,7 +198,7 @@ impl Resolver {
         if saved {
             let workload = pb::WorkloadRef {
                 domain: request.domain,
-                kind: workload::kind(&payload) as i32,
+                kind: payload::kind(&payload) as i32,
                 id: request.id,
                 name: request.name,
             };
@@ -209,7 +222,7 @@ impl Resolver {
         })
     }
 
-    pub async fn delete_workload(
+    pub async fn delete(
         &self,
         caller: &Caller,
         request: pb::DeleteWorkloadRequest,
@@ -232,7 +245,7 @@ impl Resolver {
         Ok(pb::DeleteWorkloadResponse { removed })
     }
 
-    pub async fn workload_references(
+    pub async fn references(
         &self,
         caller: &Caller,
         request: pb::GetWorkloadReferencesRequest,
@@ -328,12 +341,7 @@ impl Resolver {
                 }
             }
             Some(Secret::VaultSecret(v)) => {
-                if v.config_id.is_empty() || v.config_id.len() > 64 {
-                    return Err(invalid_argument(FieldViolation::new(
-                        "vault_secret.config_id",
-                        "is required: the Vault config's id",
-                    )));
-                }
+                validate::vault_config_id("vault_secret.config_id", &v.config_id).map_err(invalid_argument)?;
                 if !v.key.is_empty() {
                     validate::secret_key("vault_secret.key", &v.key).map_err(invalid_argument)?;
                 }
@@ -379,8 +387,7 @@ impl Resolver {
             })
             .collect();
         let own = self
-            .kubernetes
-            .reader
+            .secrets
             .clone()
             .read_secrets(internal::ReadSecretsRequest { lookups, max_value_bytes: 0, presence_only: true })
             .await

@@ -1,41 +1,39 @@
-//! `ResolveSecrets`: turns secret objects and `${secrets.KEY}` placeholders
-//! into values for a platform component launching a workload.
+//! Resolution: turns secret objects and `${secrets.KEY}` placeholders into
+//! values for a platform component launching a workload, or checks that
+//! they would resolve (a workload save).
 //!
-//! One batch costs one authz round trip (every distinct permission asked
-//! once) and one secret-service round trip (each store object read once).
+//! One batch costs one permission round trip (every distinct permission
+//! asked once) and one read per secret source (each key read once).
 //! Problems with one item are reported on that item as a `google.rpc.Status`;
 //! the rest still resolve. Every batch is bounded by [`limits`].
 //!
 //! Reading order: [`plan`] (rules: what each item needs, no I/O) →
-//! [`Resolver::resolve`] (one permission round trip, then one read per
-//! secret source, concurrently) → [`render`] (rules: values into items,
-//! within the response budget). Each secret source ([`KubernetesSource`],
-//! [`VaultSource`]) says which permission a target needs and reads a batch.
+//! [`Resolution::resolve`] (decide, then read only what is allowed, each
+//! source once, concurrently) → [`render`] (rules: values into items,
+//! within the response budget). The permission answers come through
+//! [`Decisions`] and the values through [`Source`]s ([`crate::sources`]
+//! has the gRPC ones), so the whole flow is tested here without a server.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use secrets_common::{
     Principal, SecretValue,
-    auth::InternalChannel,
-    authz::{AuthzClient, Question},
-    error::{self, from_upstream, invalid_argument},
+    authz::{Decisions, Question},
+    error::{self, invalid_argument},
     placeholder::{self, Segment},
     validate::{self, FieldViolation},
 };
 use secrets_proto::{
-    internal::v1::{
-        self as internal, secret_reader_client::SecretReaderClient, vault_reader_client::VaultReaderClient,
-    },
-    v1::{self as pb, Permission, gateway_server::Gateway, resolve_item::Reference},
+    internal::v1 as internal,
+    v1::{self as pb, Permission, resolve_item::Reference},
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
-use tracing::instrument;
 
-use crate::{
-    auth::{Caller, RpcGroup, TokenKind},
-    forward::{SECRET_SERVICE, VAULT_CONFIG_SERVICE},
-};
+use crate::auth::{Caller, RpcGroup, TokenKind};
 
 /// What one `ResolveSecrets` call may ask for. Each refusal names its limit.
 pub mod limits {
@@ -57,16 +55,15 @@ pub mod limits {
 use limits::*;
 
 #[derive(Clone)]
-pub struct Resolver {
+pub struct Resolution {
     /// `features.secretsV2.enabled`: secret objects (and Vault sources) are
     /// resolved; off, only legacy `${secrets.KEY}` placeholders and admin keys.
     pub secrets_v2: bool,
-    pub kubernetes: KubernetesSource,
-    pub vault: VaultSource,
-    pub authz: AuthzClient,
-    /// The usage index, for saved workloads.
-    pub usage: secrets_common::usage::UsageClient,
-    pub selector: crate::selector::Selector,
+    /// KUBERNETES objects, placeholders and admin keys.
+    pub kubernetes: Arc<dyn Source>,
+    /// VAULT objects.
+    pub vault: Arc<dyn Source>,
+    pub authz: Arc<dyn Decisions>,
 }
 
 /// Where one key is looked up.
@@ -104,18 +101,6 @@ pub trait Source: Send + Sync {
     /// One answer per lookup, in order; with `presence_only`, every found
     /// key is [`Read::Withheld`] and no value leaves its service.
     async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status>;
-}
-
-/// KUBERNETES objects, placeholders and admin keys: the secret service.
-#[derive(Clone)]
-pub struct KubernetesSource {
-    pub reader: SecretReaderClient<InternalChannel>,
-}
-
-/// VAULT objects: the vault-config-service.
-#[derive(Clone)]
-pub struct VaultSource {
-    pub reader: VaultReaderClient<InternalChannel>,
 }
 
 /// Resolving values, or checking references for `action` (a save).
@@ -386,7 +371,7 @@ fn render(
     }
 }
 
-impl Resolver {
+impl Resolution {
     pub async fn resolve(
         &self,
         rpc: &str,
@@ -462,7 +447,7 @@ impl Resolver {
         // Decide first, then read only what is allowed: a denied item's
         // value never leaves its store or Vault, and never crosses the wire
         // into the gateway.
-        let answers = caller.decide(&self.authz, questions).await?;
+        let answers = caller.decide(self.authz.as_ref(), questions).await?;
         let denied: BTreeMap<&Target, String> =
             targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
         if let (Mode::Check { action }, Some(reason)) = (mode, denied.get(&text_target)) {
@@ -475,8 +460,8 @@ impl Resolver {
         let (vault, kubernetes): (Vec<Lookup>, Vec<Lookup>) =
             wanted.iter().filter(|(t, _)| !denied.contains_key(t)).partition(|(t, _)| matches!(t, Target::Vault(_)));
         let (from_kubernetes, from_vault) = tokio::join!(
-            read_from(&self.kubernetes, &kubernetes, presence_only),
-            read_from(&self.vault, &vault, presence_only)
+            read_from(self.kubernetes.as_ref(), &kubernetes, presence_only),
+            read_from(self.vault.as_ref(), &vault, presence_only)
         );
         let mut values = Values::new();
         for (lookups, read) in [(&kubernetes, from_kubernetes), (&vault, from_vault)] {
@@ -536,104 +521,6 @@ async fn read_from(source: &dyn Source, lookups: &[&(Target, String)], presence_
     Ok(lookups.iter().zip(answers).filter_map(|(l, a)| a.map(|a| ((*l).clone(), a))).collect())
 }
 
-#[tonic::async_trait]
-impl Source for KubernetesSource {
-    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
-        let request = internal::ReadSecretsRequest {
-            lookups: lookups
-                .iter()
-                .map(|(t, key)| match t {
-                    Target::Domain(d) => internal::SecretLookup {
-                        scope: pb::Scope::Domain as i32,
-                        domain: d.clone(),
-                        key: key.clone(),
-                        global_fallback: true,
-                    },
-                    Target::Admin | Target::Vault(_) => internal::SecretLookup {
-                        scope: pb::Scope::Admin as i32,
-                        domain: String::new(),
-                        key: key.clone(),
-                        global_fallback: false,
-                    },
-                })
-                .collect(),
-            max_value_bytes: MAX_RESPONSE_VALUE_BYTES as u64,
-            presence_only,
-        };
-        let results = self
-            .reader
-            .clone()
-            .read_secrets(request)
-            .await
-            .map_err(|s| internal_refusal(SECRET_SERVICE, s))?
-            .into_inner()
-            .results;
-        Ok(results
-            .into_iter()
-            .map(|r| r.found.then(|| if r.withheld { Read::Withheld } else { Read::Found(SecretValue::new(r.value)) }))
-            .collect())
-    }
-}
-
-#[tonic::async_trait]
-impl Source for VaultSource {
-    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
-        use internal::vault_lookup_result::Result as R;
-        let request = internal::ReadVaultSecretsRequest {
-            lookups: lookups
-                .iter()
-                .map(|(t, key)| internal::VaultLookup {
-                    config_id: match t {
-                        Target::Vault(id) => id.clone(),
-                        _ => String::new(),
-                    },
-                    key: key.clone(),
-                })
-                .collect(),
-            max_value_bytes: MAX_RESPONSE_VALUE_BYTES as u64,
-            presence_only,
-        };
-        let results = self
-            .reader
-            .clone()
-            .read_vault_secrets(request)
-            .await
-            .map_err(|s| internal_refusal(VAULT_CONFIG_SERVICE, s))?
-            .into_inner()
-            .results;
-        Ok(results
-            .into_iter()
-            .map(|r| match r.result {
-                Some(R::Value(v)) => Some(Read::Found(SecretValue::new(v))),
-                Some(R::Withheld(_)) => Some(Read::Withheld),
-                Some(R::Error(e)) => Some(Read::Failed(Status::new(Code::from_i32(e.code), e.message))),
-                None => Some(Read::Failed(Status::unavailable("vault-config-service: an empty answer"))),
-            })
-            .collect())
-    }
-}
-
-/// A refusal of lookups built here from validated items is this service's
-/// bug, and the internal field names mean nothing to the caller; anything
-/// else is the peer failing.
-fn internal_refusal(peer: &str, s: Status) -> Status {
-    match s.code() {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
-            error::internal(&format!("{peer} refused the resolver's lookups"), &s.message())
-        }
-        _ => from_upstream(peer, s),
-    }
-}
-
-/// The authenticated caller, recorded on the current span.
-fn traced_caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    let caller = Caller::of(request)?;
-    let span = tracing::Span::current();
-    span.record("caller", caller.name.as_str());
-    span.record("principal", tracing::field::display(&caller.principal));
-    Ok(caller)
-}
-
 #[derive(Default)]
 struct Counts {
     denied: usize,
@@ -650,99 +537,6 @@ impl Counts {
             Code::ResourceExhausted => self.over_limit += 1,
             _ => self.invalid += 1,
         }
-    }
-}
-
-#[tonic::async_trait]
-impl Gateway for Resolver {
-    #[instrument(
-        skip_all,
-        fields(rpc = "ResolveSecrets", caller, principal, domain = %request.get_ref().domain,
-               items = request.get_ref().items.len() as i64, keys, denied, not_found, invalid, over_limit)
-    )]
-    async fn resolve_secrets(
-        &self,
-        request: Request<pb::ResolveSecretsRequest>,
-    ) -> Result<Response<pb::ResolveSecretsResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let span = tracing::Span::current();
-        span.record("caller", caller.name.as_str());
-        span.record("principal", tracing::field::display(&caller.principal));
-        let response = self.resolve("ResolveSecrets", &caller, request.into_inner()).await?;
-        tracing::info!("resolved");
-        Ok(Response::new(response))
-    }
-
-    #[instrument(skip_all, fields(rpc = "ResolveWorkload", caller, principal, domain = %request.get_ref().domain, keys, denied, not_found, invalid, over_limit))]
-    async fn resolve_workload(
-        &self,
-        request: Request<pb::ResolveWorkloadRequest>,
-    ) -> Result<Response<pb::ResolveWorkloadResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let span = tracing::Span::current();
-        span.record("caller", caller.name.as_str());
-        span.record("principal", tracing::field::display(&caller.principal));
-        let request = request.into_inner();
-        let payload = request
-            .payload
-            .ok_or_else(|| invalid_argument(FieldViolation::new("payload", "is required: the workload's payload")))?;
-        let items = crate::workload::items(&payload)?;
-        let resolved = self
-            .resolve("ResolveWorkload", &caller, pb::ResolveSecretsRequest { domain: request.domain, items })
-            .await?;
-        tracing::info!("resolved");
-        Ok(Response::new(crate::workload::fill(payload, resolved.items)))
-    }
-
-    #[instrument(skip_all, fields(rpc = "SaveWorkload", caller, principal, domain = %request.get_ref().domain,
-                                  id = %request.get_ref().id, validate_only = request.get_ref().validate_only,
-                                  references, problems))]
-    async fn save_workload(
-        &self,
-        request: Request<pb::SaveWorkloadRequest>,
-    ) -> Result<Response<pb::SaveWorkloadResponse>, Status> {
-        let caller = traced_caller(&request)?;
-        Ok(Response::new(self.save_workload(&caller, request.into_inner()).await?))
-    }
-
-    #[instrument(skip_all, fields(rpc = "DeleteWorkload", caller, principal, domain = %request.get_ref().domain, id = %request.get_ref().id))]
-    async fn delete_workload(
-        &self,
-        request: Request<pb::DeleteWorkloadRequest>,
-    ) -> Result<Response<pb::DeleteWorkloadResponse>, Status> {
-        let caller = traced_caller(&request)?;
-        Ok(Response::new(self.delete_workload(&caller, request.into_inner()).await?))
-    }
-
-    #[instrument(skip_all, fields(rpc = "GetWorkloadReferences", caller, principal, domain = %request.get_ref().domain, id = %request.get_ref().id))]
-    async fn get_workload_references(
-        &self,
-        request: Request<pb::GetWorkloadReferencesRequest>,
-    ) -> Result<Response<pb::GetWorkloadReferencesResponse>, Status> {
-        let caller = traced_caller(&request)?;
-        Ok(Response::new(self.workload_references(&caller, request.into_inner()).await?))
-    }
-
-    #[instrument(skip_all, fields(rpc = "ListSecretUsages", caller, principal))]
-    async fn list_secret_usages(
-        &self,
-        request: Request<pb::ListSecretUsagesRequest>,
-    ) -> Result<Response<pb::ListSecretUsagesResponse>, Status> {
-        let caller = traced_caller(&request)?;
-        Ok(Response::new(self.secret_usages(&caller, request.into_inner()).await?))
-    }
-
-    #[instrument(skip_all, fields(rpc = "ListSelectableSecrets", caller, principal, domain = %request.get_ref().domain, count))]
-    async fn list_selectable_secrets(
-        &self,
-        request: Request<pb::ListSelectableSecretsRequest>,
-    ) -> Result<Response<pb::ListSelectableSecretsResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let span = tracing::Span::current();
-        span.record("caller", caller.name.as_str());
-        span.record("principal", tracing::field::display(&caller.principal));
-        caller.require(RpcGroup::Workloads, "ListSelectableSecrets")?;
-        Ok(Response::new(self.selector.select(&caller, &request.get_ref().domain).await?))
     }
 }
 
@@ -818,5 +612,205 @@ mod tests {
         assert!(over.message().contains("3 MiB"), "{}", over.message());
         assert_eq!(budget.left, 500, "a refused item costs nothing");
         assert!(run("short", &mut budget).is_ok());
+    }
+
+    /// Answers from a rule; counts the round trips and the questions.
+    struct Table {
+        allow: fn(&Question<'_>) -> bool,
+        calls: std::sync::Mutex<Vec<usize>>,
+    }
+
+    #[tonic::async_trait]
+    impl Decisions for Table {
+        async fn batch_check(&self, questions: &[Question<'_>]) -> Result<Vec<pb::CheckResponse>, Status> {
+            self.calls.lock().unwrap().push(questions.len());
+            Ok(questions
+                .iter()
+                .map(|q| pb::CheckResponse {
+                    allowed: (self.allow)(q),
+                    reason: if (self.allow)(q) { "granted".into() } else { "no grant".into() },
+                })
+                .collect())
+        }
+    }
+
+    /// Keys in memory; records every read, or fails every read.
+    #[derive(Default)]
+    struct Memory {
+        keys: BTreeMap<(Target, String), &'static str>,
+        reads: std::sync::Mutex<Vec<Vec<(Target, String)>>>,
+        down: bool,
+    }
+
+    #[tonic::async_trait]
+    impl Source for Memory {
+        async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
+            self.reads.lock().unwrap().push(lookups.iter().map(|l| (*l).clone()).collect());
+            if self.down {
+                return Err(Status::unavailable("the store does not answer"));
+            }
+            Ok(lookups
+                .iter()
+                .map(|l| {
+                    self.keys.get(l).map(|v| {
+                        if presence_only {
+                            Read::Withheld
+                        } else {
+                            Read::Found(SecretValue::new(v.as_bytes().to_vec()))
+                        }
+                    })
+                })
+                .collect())
+        }
+    }
+
+    const CONFIG: &str = "0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b";
+
+    fn service_caller() -> Caller {
+        Caller {
+            name: "compute".into(),
+            kind: TokenKind::Service,
+            principal: Principal::service("compute-manager"),
+            own: Principal::service("compute-manager"),
+            member_of: Vec::new(),
+            groups: None,
+            must_not_be_admin: false,
+            shared_issuer: None,
+        }
+    }
+
+    fn object(id: &str, key: &str, kind: pb::SourceType, source: &str) -> pb::ResolveItem {
+        pb::ResolveItem {
+            id: id.into(),
+            reference: Some(Reference::SecretObject(pb::SecretObject {
+                key: key.into(),
+                source: Some(pb::SecretSource { r#type: kind as i32, id: source.into() }),
+            })),
+        }
+    }
+
+    struct Fixture {
+        resolution: Resolution,
+        table: Arc<Table>,
+        kubernetes: Arc<Memory>,
+        vault: Arc<Memory>,
+    }
+
+    fn fixture(allow: fn(&Question<'_>) -> bool, kubernetes: Memory, vault: Memory) -> Fixture {
+        let (table, kubernetes, vault) =
+            (Arc::new(Table { allow, calls: Default::default() }), Arc::new(kubernetes), Arc::new(vault));
+        let resolution =
+            Resolution { secrets_v2: true, kubernetes: kubernetes.clone(), vault: vault.clone(), authz: table.clone() };
+        Fixture { resolution, table, kubernetes, vault }
+    }
+
+    fn memory(keys: &[(Target, &str, &'static str)]) -> Memory {
+        Memory { keys: keys.iter().map(|(t, k, v)| ((t.clone(), k.to_string()), *v)).collect(), ..Default::default() }
+    }
+
+    fn domain(d: &str) -> Target {
+        Target::Domain(d.into())
+    }
+
+    fn request(items: Vec<pb::ResolveItem>) -> pb::ResolveSecretsRequest {
+        pb::ResolveSecretsRequest { domain: "sales".into(), items }
+    }
+
+    #[tokio::test]
+    async fn a_batch_asks_each_permission_once_and_reads_each_key_once_per_source() {
+        let f = fixture(
+            |_| true,
+            memory(&[(domain("sales"), "db", "pw1"), (domain("hr"), "api", "k2")]),
+            memory(&[(Target::Vault(CONFIG.into()), "s3", "v3")]),
+        );
+        let items = vec![
+            text("a", "u=${secrets.db};again=${secrets.db}"),
+            text("b", "${secrets.db}"),
+            object("c", "api", pb::SourceType::Kubernetes, "hr"),
+            object("d", "s3", pb::SourceType::Vault, CONFIG),
+            object("e", "api", pb::SourceType::Kubernetes, "hr"),
+        ];
+        let out = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items)).await.unwrap();
+        let got: Vec<String> = out.items.iter().map(|i| result(i).unwrap()).collect();
+        assert_eq!(got, ["u=pw1;again=pw1", "pw1", "k2", "v3", "k2"]);
+        // Three targets (sales, hr, the config): one round trip.
+        assert_eq!(*f.table.calls.lock().unwrap(), [3]);
+        assert_eq!(f.kubernetes.reads.lock().unwrap().len(), 1);
+        assert_eq!(f.kubernetes.reads.lock().unwrap()[0].len(), 2, "db and api, each once");
+        assert_eq!(*f.vault.reads.lock().unwrap(), [vec![(Target::Vault(CONFIG.into()), "s3".to_string())]]);
+    }
+
+    #[tokio::test]
+    async fn a_denied_target_is_never_read_and_its_items_name_the_principal_and_the_reason() {
+        let f = fixture(
+            |q| q.vault_config.is_none(),
+            memory(&[(domain("sales"), "db", "pw1")]),
+            memory(&[(Target::Vault(CONFIG.into()), "s3", "v3")]),
+        );
+        let items = vec![object("d", "s3", pb::SourceType::Vault, CONFIG), text("a", "${secrets.db}")];
+        let out = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items)).await.unwrap();
+        let denied = result(&out.items[0]).unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert!(denied.message().contains("service:compute-manager may not use vault config"), "{}", denied.message());
+        assert!(denied.message().ends_with("no grant"), "{}", denied.message());
+        assert_eq!(result(&out.items[1]).unwrap(), "pw1");
+        assert!(f.vault.reads.lock().unwrap().is_empty(), "the denied config was read");
+    }
+
+    #[tokio::test]
+    async fn a_missing_key_fails_its_item_naming_where_it_was_looked_up() {
+        let f = fixture(|_| true, memory(&[]), memory(&[]));
+        let out = f
+            .resolution
+            .resolve("ResolveSecrets", &service_caller(), request(vec![text("a", "${secrets.nope}")]))
+            .await
+            .unwrap();
+        let e = result(&out.items[0]).unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert_eq!(
+            e.message(),
+            "items[0] (\"a\"): secret \"nope\" does not exist in domain \"sales\" or the global secrets"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_source_fails_a_resolve_but_only_the_items_that_need_it_in_a_check() {
+        let vault = Memory { down: true, ..memory(&[(Target::Vault(CONFIG.into()), "s3", "v3")]) };
+        let f = fixture(|_| true, memory(&[(domain("sales"), "db", "pw1")]), vault);
+        let items = || vec![object("d", "s3", pb::SourceType::Vault, CONFIG), text("a", "${secrets.db}")];
+        let e = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items())).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+
+        let out = f.resolution.check(&service_caller(), request(items()), "save workloads").await.unwrap();
+        assert_eq!(result(&out.items[0]).unwrap_err().code(), Code::Unavailable);
+        assert_eq!(result(&out.items[1]).unwrap(), "", "a check renders nothing");
+    }
+
+    #[tokio::test]
+    async fn values_go_only_to_service_tokens_and_never_to_a_principal_that_turns_out_to_be_an_admin() {
+        let f = fixture(|_| true, memory(&[(domain("sales"), "db", "pw1")]), memory(&[]));
+        let user = Caller { kind: TokenKind::User, ..service_caller() };
+        let e =
+            f.resolution.resolve("ResolveSecrets", &user, request(vec![text("a", "${secrets.db}")])).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(e.message().contains("platform-service tokens"), "{}", e.message());
+
+        let delegating = Caller { principal: Principal::user("root"), must_not_be_admin: true, ..service_caller() };
+        let e = f
+            .resolution
+            .resolve("ResolveSecrets", &delegating, request(vec![text("a", "${secrets.db}")]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert_eq!(*f.table.calls.lock().unwrap(), [2], "the admin question rides the same round trip");
+        assert!(f.kubernetes.reads.lock().unwrap().is_empty(), "nothing is read for a refused caller");
+    }
+
+    fn result(r: &pb::ResolvedItem) -> Result<String, Status> {
+        match r.result.clone().unwrap() {
+            pb::resolved_item::Result::Value(v) => Ok(String::from_utf8(v).unwrap()),
+            pb::resolved_item::Result::Text(t) => Ok(t),
+            pb::resolved_item::Result::Error(e) => Err(Status::new(Code::from_i32(e.code), e.message)),
+        }
     }
 }
