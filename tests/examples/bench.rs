@@ -13,6 +13,8 @@
 //! API-server requests and database queries per resolve. The services log at
 //! `warn`; `BENCH_SERVICE_LOG=info` measures what per-call logging costs.
 
+#![allow(clippy::disallowed_methods, reason = "a benchmark driver may block: it runs beside the servers, not in them")]
+
 use std::{
     collections::BTreeMap,
     future::Future,

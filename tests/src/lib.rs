@@ -1,6 +1,11 @@
 //! The test harness: in-process servers, personas, a Kubernetes API server,
 //! log capture and store helpers.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test set-up may block: it runs before and beside the servers, not in them"
+)]
+
 pub mod app;
 pub mod kube_server;
 pub mod logs;

@@ -5,6 +5,11 @@
 //! no other test's listener or connection can hold one of the default ports
 //! (which lie in the kernel's ephemeral range) while the stack starts.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test set-up may block: it runs before and beside the servers, not in them"
+)]
+
 use std::process::{Command, Stdio};
 
 use integration_tests::procs::binary;

@@ -795,6 +795,7 @@ const MIGRATION_LOCK_ID: i64 = 0x1075_ec12_a07b;
 /// only this process's changes are seen. (Replicas use PostgreSQL.) The
 /// lock is released when the returned file is dropped; `None` for
 /// PostgreSQL and in-memory databases.
+#[expect(clippy::disallowed_methods, reason = "takes the lock once, at startup")]
 pub fn lock_sqlite(url: &str) -> anyhow::Result<Option<std::fs::File>> {
     let Some(rest) = url.strip_prefix("sqlite:") else { return Ok(None) };
     let path = rest.trim_start_matches("//").split('?').next().unwrap_or_default();

@@ -185,6 +185,7 @@ pub struct Issuer {
 }
 
 impl Issuer {
+    #[expect(clippy::disallowed_methods, reason = "reads the issuer CA file once, at startup")]
     fn new(config: IssuerConfig, field: &str) -> Result<Self, String> {
         if config.issuer.is_empty() || config.audiences.is_empty() {
             return Err(format!("{field}: issuer and audiences are required"));

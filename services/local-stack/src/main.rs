@@ -52,6 +52,7 @@ fn parse_format(s: &str) -> Result<LogFormat, String> {
 }
 
 /// A token kept in the data directory (mode 0600), created on first start.
+#[expect(clippy::disallowed_methods, reason = "runs once, at startup")]
 fn token_file(dir: &Path, name: &str) -> anyhow::Result<String> {
     let path = dir.join(name);
     match std::fs::read_to_string(&path) {
@@ -84,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         },
     )?;
 
+    #[expect(clippy::disallowed_methods, reason = "runs once, at startup")]
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

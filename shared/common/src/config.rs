@@ -103,6 +103,7 @@ fn service_links(prefix: &str) -> std::collections::BTreeSet<String> {
 #[cfg(test)]
 // figment's Jail closures return its large Error type by design.
 #[allow(clippy::result_large_err)]
+#[allow(clippy::disallowed_methods, reason = "tests may block")]
 mod tests {
     use super::*;
     use serde::Deserialize;

@@ -1,13 +1,13 @@
 //! TLS for the gateway's listener and mutual TLS between the services, with
 //! rustls. Certificates and keys come from files and are reloaded when the
-//! files change (cert-manager rotates them in place), checked at most once
-//! per `reload_interval_ms` on a new handshake; a reload that fails keeps the
+//! files change (cert-manager rotates them in place), checked once per
+//! `reload_interval_ms` by a background task; a reload that fails keeps the
 //! last good pair and says why in the log.
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
 use rustls::{
@@ -104,6 +104,7 @@ pub fn read_roots(path: &Path) -> Result<RootCertStore, String> {
 /// Modification time and length of both files: what tells a rotation.
 type Stamp = [(Option<SystemTime>, u64); 2];
 
+#[expect(clippy::disallowed_methods, reason = "called at startup and, after that, only inside spawn_blocking")]
 fn stamp(files: &[PathBuf; 2]) -> Stamp {
     files.clone().map(|f| match std::fs::metadata(f) {
         Ok(m) => (m.modified().ok(), m.len()),
@@ -111,17 +112,12 @@ fn stamp(files: &[PathBuf; 2]) -> Stamp {
     })
 }
 
-struct Current {
-    key: Arc<CertifiedKey>,
-    stamp: Stamp,
-    checked: Instant,
-}
-
-/// A certificate and key from files, reloaded when the files change.
+/// A certificate and key from files, reloaded when the files change: a
+/// background task looks at the files once per interval, off the runtime
+/// threads, so a handshake never waits on the file system.
 pub struct ReloadingKey {
     files: [PathBuf; 2],
-    interval: Duration,
-    current: Mutex<Current>,
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
 }
 
 impl std::fmt::Debug for ReloadingKey {
@@ -132,32 +128,47 @@ impl std::fmt::Debug for ReloadingKey {
 
 impl ReloadingKey {
     /// Loads the pair now; errors name the file and what is wrong with it.
+    /// Inside a Tokio runtime, starts watching the files every `interval`
+    /// for as long as the key is in use.
     pub fn load(cert_file: &Path, key_file: &Path, interval: Duration) -> Result<Arc<Self>, String> {
         let files = [cert_file.to_path_buf(), key_file.to_path_buf()];
         let stamp = stamp(&files);
         let key = Arc::new(read_key(cert_file, key_file)?);
-        Ok(Arc::new(Self { files, interval, current: Mutex::new(Current { key, stamp, checked: Instant::now() }) }))
+        let this = Arc::new(Self { files, current: std::sync::RwLock::new(key) });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(Self::watch(Arc::downgrade(&this), stamp, interval));
+        }
+        Ok(this)
     }
 
-    /// The pair to present, reloaded first when the files changed.
-    pub fn get(&self) -> Arc<CertifiedKey> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.checked.elapsed() >= self.interval {
-            current.checked = Instant::now();
-            let now = stamp(&self.files);
-            if now != current.stamp {
-                match read_key(&self.files[0], &self.files[1]) {
-                    Ok(key) => {
-                        current.key = Arc::new(key);
-                        current.stamp = now;
-                        tracing::info!(cert_file = %self.files[0].display(), "reloaded the TLS certificate");
-                    }
-                    // Half-written files during a rotation: try again at the next interval.
-                    Err(e) => tracing::warn!(error = %e, "kept the previous TLS certificate"),
+    /// Reloads the pair when the files change, until the key is dropped.
+    async fn watch(key: std::sync::Weak<Self>, mut last: Stamp, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(files) = key.upgrade().map(|k| k.files.clone()) else { return };
+            let cert_file = files[0].clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let now = stamp(&files);
+                (now != last).then(|| (now, read_key(&files[0], &files[1])))
+            })
+            .await;
+            let Some(this) = key.upgrade() else { return };
+            match checked {
+                Ok(Some((now, Ok(fresh)))) => {
+                    *this.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+                    last = now;
+                    tracing::info!(cert_file = %cert_file.display(), "reloaded the TLS certificate");
                 }
+                // Half-written files during a rotation: try again at the next interval.
+                Ok(Some((_, Err(e)))) => tracing::warn!(error = %e, "kept the previous TLS certificate"),
+                Ok(None) | Err(_) => {}
             }
         }
-        current.key.clone()
+    }
+
+    /// The pair to present.
+    pub fn get(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

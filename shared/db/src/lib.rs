@@ -94,6 +94,7 @@ pub fn backend_name(db: &DatabaseConnection) -> &'static str {
 
 /// Creates the file (and its directory) with mode 0600 if it does not exist,
 /// and tightens an existing file to 0600.
+#[expect(clippy::disallowed_methods, reason = "creates the database file once, at startup")]
 fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -76,6 +76,7 @@ pub struct Environment {
 pub const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 impl Environment {
+    #[expect(clippy::disallowed_methods, reason = "reads the pod namespace once, at startup")]
     pub fn detect() -> Self {
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
         let pod_namespace =

@@ -72,6 +72,7 @@ enum Header {
 impl EmbeddedBackend {
     /// Opens (or creates) the store under `data_dir`: the key file
     /// `store.key` (32 random bytes, mode 0600) and `objects/`.
+    #[expect(clippy::disallowed_methods, reason = "opens the store once, at startup")]
     pub fn open(data_dir: &Path) -> Result<Self> {
         let objects_dir = data_dir.join("objects");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&objects_dir).map_err(|e| {
@@ -97,6 +98,7 @@ impl EmbeddedBackend {
     async fn lock_across_processes(&self, object: &str) -> Result<std::fs::File> {
         let path = self.objects_dir.join(format!("{object}.lock"));
         tokio::task::spawn_blocking(move || {
+            #[expect(clippy::disallowed_methods, reason = "inside spawn_blocking")]
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -293,6 +295,7 @@ fn load_or_create_key(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
 }
 
 /// What [`EmbeddedBackend::header`] reads: blocking.
+#[expect(clippy::disallowed_methods, reason = "runs only inside spawn_blocking")]
 fn read_header(path: &Path) -> Result<Header> {
     use std::io::Read;
     let mut file = match std::fs::File::open(path) {
@@ -309,6 +312,7 @@ fn read_header(path: &Path) -> Result<Header> {
     }
 }
 
+#[expect(clippy::disallowed_methods, reason = "reads the key once, at startup")]
 fn read_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => Zeroizing::new(bytes),
@@ -333,6 +337,7 @@ fn read_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
 }
 
 /// `None` when another process published a key first.
+#[expect(clippy::disallowed_methods, reason = "creates the key once, at startup")]
 fn create_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
     let fail =
         |what: &str, e: std::io::Error| Error::Corrupt(format!("cannot {what} key file {}: {e}", path.display()));
@@ -363,6 +368,7 @@ fn create_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
 /// Writes to a temporary file beside the target, syncs it, renames it over
 /// the target and syncs the directory: readers see the old or the new
 /// object, never a torn one.
+#[expect(clippy::disallowed_methods, reason = "runs only inside spawn_blocking")]
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let fail = |what: &str, e: std::io::Error| unavailable(format!("cannot {what} {}: {e}", path.display()));
     let tmp = dir.join(format!(

@@ -2,6 +2,11 @@
 //! them, a Kubernetes API server speaking the core/v1 Secret protocol,
 //! SQLite and (when DATABASE_URL is set) PostgreSQL, and grpcurl.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test set-up may block: it runs before and beside the servers, not in them"
+)]
+
 mod authz;
 mod bad_input;
 mod bundles;
