@@ -236,3 +236,64 @@ impl DecisionLeases for Leases {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A holder registered with `leases`, and what is sent to it.
+    fn holder(leases: &Leases) -> (u64, Arc<Holder>, mpsc::Receiver<Result<WatchDecisionsResponse, Status>>) {
+        let (outbox, rx) = mpsc::channel(QUEUE);
+        let holder = Arc::new(Holder {
+            outbox,
+            applied: watch::channel(0).0,
+            heard: Mutex::new((Instant::now(), false)),
+            cutoff: tokio::sync::Notify::new(),
+        });
+        let id = leases.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        leases.holders().insert(id, holder.clone());
+        (id, holder, rx)
+    }
+
+    #[tokio::test]
+    async fn a_change_returns_once_every_holder_applied_it_and_keeps_them() {
+        let leases = Leases::new(true);
+        let (id, holder, mut rx) = holder(&leases);
+        let applier = tokio::spawn({
+            let holder = holder.clone();
+            async move {
+                let change = rx.recv().await.expect("the change is sent").expect("not an error");
+                holder.applied.send_replace(change.generation);
+                // A live holder keeps its stream open.
+                (change, rx)
+            }
+        });
+        leases.publish().await;
+        let (change, _rx) = applier.await.unwrap();
+        assert_eq!(change.generation, 2, "the first change is generation 2");
+        assert_eq!((change.lease_ms, change.renew_ms), (LEASE.as_millis() as u32, RENEW.as_millis() as u32));
+        assert!(leases.holders().contains_key(&id), "a holder that applied in time keeps its lease");
+        assert!(holder.heard(), "and is still heard");
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_does_not_apply_in_time_is_cut_off_and_its_lease_waited_out() {
+        let leases = Leases::new(true);
+        let (id, holder, _rx) = holder(&leases);
+        let last_heard = Instant::now();
+        leases.publish().await;
+        assert!(!leases.holders().contains_key(&id), "the silent holder is dropped");
+        assert!(!holder.heard(), "its messages go unanswered from now on");
+        // The change could not return before the holder's lease surely ran out.
+        assert!(last_heard.elapsed() >= LEASE, "returned after {:?}", last_heard.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_process_that_offers_no_leases_never_waits() {
+        let leases = Leases::new(false);
+        let (_, _, mut rx) = holder(&leases);
+        leases.publish().await;
+        assert!(rx.try_recv().is_err(), "nothing is sent");
+        assert_eq!(leases.inner.generation.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1217,3 +1217,117 @@ impl Policy {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Principal {
+        match text.strip_prefix("group:") {
+            Some(g) => Principal::group(g),
+            None => text.parse().unwrap(),
+        }
+    }
+
+    fn check(subject: &str, permission: Permission, target: Target, token_groups: &[&str]) -> Check {
+        Check {
+            subject: p(subject),
+            permission,
+            target,
+            token_groups: token_groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    /// Facts for one check, then the decision the rules make on them.
+    fn decide(grants: &Grants, admins: &[&str], c: &Check) -> Result<Decision> {
+        let admins = admins.iter().map(|a| p(a)).collect();
+        let facts = grants.facts(&admins, &BTreeSet::from([c.subject.clone()]), std::slice::from_ref(c))?;
+        Ok(rules::decide(&facts, c))
+    }
+
+    fn nested() -> Grants {
+        let mut g = Grants::default();
+        // alice ∈ data-eng ∈ eng ∈ all; alice ∈ all directly too.
+        g.parents.insert("user:alice".into(), vec!["data-eng".into(), "all".into()]);
+        g.parents.insert("group:data-eng".into(), vec!["eng".into()]);
+        g.parents.insert("group:eng".into(), vec!["all".into()]);
+        // A permission counts for members of the domain.
+        g.roles.insert("sales".into(), vec![(p("group:all"), Role::Member)]);
+        g.roles.insert("hr".into(), vec![(p("group:eng"), Role::Member)]);
+        g.permissions.insert("sales".into(), vec![(p("group:all"), Permission::UseSecrets)]);
+        g.permissions.insert("hr".into(), vec![(p("group:eng"), Permission::ListSecrets)]);
+        g
+    }
+
+    #[test]
+    fn nested_groups_count_and_the_reason_gives_the_shortest_path() {
+        let g = nested();
+        let d =
+            decide(&g, &[], &check("user:alice", Permission::UseSecrets, Target::Domain("sales".into()), &[])).unwrap();
+        assert!(d.allowed, "{}", d.reason);
+        assert!(d.reason.contains("user:alice ∈ group:all"), "{}", d.reason);
+        assert!(!d.reason.contains("data-eng"), "the direct membership is the shorter path: {}", d.reason);
+
+        let d =
+            decide(&g, &[], &check("user:alice", Permission::ListSecrets, Target::Domain("hr".into()), &[])).unwrap();
+        assert!(d.allowed && d.reason.contains("user:alice ∈ group:data-eng ∈ group:eng"), "{}", d.reason);
+
+        let d =
+            decide(&g, &[], &check("user:bob", Permission::UseSecrets, Target::Domain("sales".into()), &[])).unwrap();
+        assert!(!d.allowed, "{}", d.reason);
+    }
+
+    #[test]
+    fn token_groups_count_at_the_first_level_and_climb_recorded_nesting() {
+        let g = nested();
+        let c = check("user:carol", Permission::ListSecrets, Target::Domain("hr".into()), &["data-eng"]);
+        let d = decide(&g, &[], &c).unwrap();
+        assert!(d.allowed, "{}", d.reason);
+        assert!(d.reason.contains("group:data-eng (token)"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_row_that_does_not_parse_fails_only_the_decisions_that_need_it() {
+        let mut g = nested();
+        g.broken.insert("sales".into(), vec![("user:alice".into(), "a stored domain role is \"boss\"".into())]);
+        let sales = check("user:alice", Permission::UseSecrets, Target::Domain("sales".into()), &[]);
+        match decide(&g, &[], &sales) {
+            Err(Error::Internal(m)) => assert!(m.contains("boss"), "{m}"),
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+        let hr = check("user:alice", Permission::ListSecrets, Target::Domain("hr".into()), &[]);
+        assert!(decide(&g, &[], &hr).unwrap().allowed);
+        let bob = check("user:bob", Permission::UseSecrets, Target::Domain("sales".into()), &[]);
+        assert!(!decide(&g, &[], &bob).unwrap().allowed, "another subject is decided, not failed");
+    }
+
+    #[test]
+    fn a_resource_brings_its_bundles_grants_and_its_domains_owners() {
+        let mut g = Grants::default();
+        let id = "0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b";
+        g.resources.insert(
+            id.into(),
+            vec![(ResourceType::VaultConfig, Placement { bundle: "lake".into(), domain: "sales".into() })],
+        );
+        g.bundles.insert("lake".into(), p("user:owner"));
+        g.bundle_grants.insert("lake".into(), vec![(p("user:spark"), Permission::Use)]);
+        g.roles.insert("sales".into(), vec![(p("user:dana"), Role::Owner)]);
+        let on =
+            |who: &str, permission| check(who, permission, Target::Resource(ResourceType::VaultConfig, id.into()), &[]);
+
+        assert!(decide(&g, &[], &on("user:spark", Permission::Use)).unwrap().allowed);
+        assert!(decide(&g, &[], &on("user:dana", Permission::Update)).unwrap().allowed, "domain owners update");
+        assert!(!decide(&g, &[], &on("user:dana", Permission::Use)).unwrap().allowed, "USE comes from the bundle only");
+        assert!(!decide(&g, &[], &on("user:eve", Permission::View)).unwrap().allowed);
+        assert!(decide(&g, &["user:root"], &on("user:root", Permission::Use)).unwrap().allowed, "admins may");
+
+        let elsewhere = check(
+            "user:spark",
+            Permission::Use,
+            Target::Resource(ResourceType::VaultConfig, "11111111-2222-3333-4444-555555555555".into()),
+            &[],
+        );
+        let d = decide(&g, &[], &elsewhere).unwrap();
+        assert!(!d.allowed && d.reason.contains("in no resource bundle"), "{}", d.reason);
+    }
+}

@@ -391,3 +391,84 @@ impl usage_index_server::UsageIndex for UsageIndex {
         Ok(Response::new(found))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "0b5f6c1e-6d1a-4a7e-9f55-3c2d1e0f9a8b";
+
+    fn reference(source: SourceType, source_id: &str, key: &str, field: &str) -> internal::IndexedReference {
+        internal::IndexedReference {
+            field: field.into(),
+            source_type: source as i32,
+            source_id: source_id.into(),
+            key: key.into(),
+            placeholder: false,
+        }
+    }
+
+    fn refused(r: Result<impl Sized>) -> FieldViolation {
+        match r {
+            Err(Error::InvalidArgument(v)) => v,
+            Err(e) => panic!("expected INVALID_ARGUMENT, got {e}"),
+            Ok(_) => panic!("expected INVALID_ARGUMENT"),
+        }
+    }
+
+    #[test]
+    fn workload_kinds_and_sources_are_stored_by_name_and_read_back() {
+        for kind in [WorkloadKind::SparkJob, WorkloadKind::Compute, WorkloadKind::LdapIntegration] {
+            let name = kind_name(kind as i32).unwrap();
+            assert!(!name.starts_with("WORKLOAD_KIND_"), "{name}");
+            assert_eq!(kind_of(name), kind as i32);
+        }
+        assert_eq!(refused(kind_name(0)).field, "kind");
+        assert_eq!(refused(kind_name(999)).field, "kind");
+        assert_eq!(source_of(source_name(SourceType::Vault as i32, "s").unwrap()), SourceType::Vault as i32);
+        assert_eq!(refused(source_name(0, "references[2].source_type")).field, "references[2].source_type");
+    }
+
+    #[test]
+    fn each_reference_is_checked_naming_its_index_and_field() {
+        let key = key_of("sales", WorkloadKind::SparkJob as i32, "job-1").unwrap();
+        assert!(reference_row(&key, 0, &reference(SourceType::Kubernetes, "sales", "db", "env.DB")).is_ok());
+        assert!(reference_row(&key, 0, &reference(SourceType::Vault, CONFIG, "s3", "env.S3")).is_ok());
+        let cases = [
+            (reference(SourceType::Kubernetes, "sales", "db", ""), "references[3].field"),
+            (reference(SourceType::Kubernetes, "sales", "db", &"f".repeat(MAX_FIELD_LEN + 1)), "references[3].field"),
+            (reference(SourceType::Vault, "sales", "db", "f"), "references[3].source_id"),
+            (reference(SourceType::Kubernetes, "Sales Team", "db", "f"), "references[3].source_id"),
+            (reference(SourceType::Kubernetes, "sales", "no spaces", "f"), "references[3].key"),
+            (reference(SourceType::Unspecified, "sales", "db", "f"), "references[3].source_type"),
+        ];
+        for (r, field) in cases {
+            assert_eq!(refused(reference_row(&key, 3, &r)).field, field);
+        }
+        assert_eq!(refused(key_of("Not A Domain", 1, "x")).field, "domain");
+    }
+
+    #[test]
+    fn only_the_owner_an_override_or_a_first_save_changes_an_owned_record() {
+        let row = |owner: &str| workload::Model {
+            domain: "sales".into(),
+            kind: "SPARK_JOB".into(),
+            id: "job-1".into(),
+            name: "nightly".into(),
+            saved_by: owner.into(),
+            saved_at: chrono::Utc::now(),
+            owner: owner.into(),
+        };
+        assert!(owned_elsewhere(&row("service:spark-manager"), "service:spark-manager", false, "save").is_ok());
+        assert!(owned_elsewhere(&row(""), "service:compute-manager", false, "save").is_ok(), "claimed");
+        assert!(owned_elsewhere(&row("service:spark-manager"), "user:root", true, "delete").is_ok());
+        match owned_elsewhere(&row("service:spark-manager"), "service:compute-manager", false, "delete") {
+            Err(Error::PermissionDenied(m)) => assert_eq!(
+                m,
+                "service:compute-manager may not delete workload sales/SPARK_JOB \"job-1\": service:spark-manager \
+                 saved it, and only it or a platform admin may change its record"
+            ),
+            other => panic!("expected PERMISSION_DENIED, got {:?}", other.err()),
+        }
+    }
+}

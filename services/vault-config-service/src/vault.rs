@@ -763,3 +763,75 @@ fn find_reqwest<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a reqw
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::VaultConnectionOutcome as O;
+    use tonic::Code;
+
+    #[test]
+    fn each_failure_is_one_status_code_and_one_test_outcome() {
+        use FailureKind as K;
+        let table = [
+            (K::InvalidCredentials, Code::FailedPrecondition, O::InvalidCredentials),
+            (K::NoAccessToPath, Code::FailedPrecondition, O::NoAccessToPath),
+            (K::NotKvV2, Code::FailedPrecondition, O::NotKvV2),
+            (K::NamespaceNotFound, Code::FailedPrecondition, O::NamespaceNotFound),
+            (K::Tls, Code::FailedPrecondition, O::TlsFailure),
+            (K::SecretNotFound, Code::NotFound, O::SecretNotFound),
+            (K::Unreachable, Code::Unavailable, O::Unreachable),
+            (K::TimedOut, Code::Unavailable, O::TimedOut),
+            (K::Sealed, Code::Unavailable, O::Sealed),
+            (K::Other, Code::Unavailable, O::Unreachable),
+        ];
+        for (kind, code, outcome) in table {
+            let failure = VaultFailure::new(kind, "vault said no").context("vault config \"lake\"");
+            let status = failure.status();
+            assert_eq!((status.code(), failure.outcome()), (code, outcome), "{kind:?}");
+            assert_eq!(status.message(), "vault config \"lake\": vault said no");
+        }
+    }
+
+    #[test]
+    fn a_token_is_renewed_after_two_thirds_of_its_lease_and_dead_at_its_end() {
+        let lease = Lease::from_auth("t".into(), 30, true, None);
+        let start = Instant::now();
+        assert!(lease.fresh(start) && lease.alive(start));
+        assert!(!lease.fresh(start + Duration::from_secs(21)), "due for renewal past 20 s");
+        assert!(lease.alive(start + Duration::from_secs(21)));
+        assert!(!lease.alive(start + Duration::from_secs(31)), "expired past 30 s");
+        assert_eq!(lease.login_ttl, Duration::from_secs(30));
+
+        let renewed = Lease::from_auth("t".into(), 5, true, Some(Duration::from_secs(30)));
+        assert_eq!(renewed.login_ttl, Duration::from_secs(30), "a renewal keeps the login's lifetime");
+
+        let forever = Lease::from_auth("root".into(), 0, false, None);
+        let much_later = start + Duration::from_secs(365 * 24 * 3600);
+        assert!(forever.fresh(much_later) && forever.alive(much_later), "a token without a lease never expires");
+    }
+
+    #[test]
+    fn failed_logins_back_off_doubling_with_jitter_up_to_a_minute() {
+        for failed in 1..=20u32 {
+            let full = LOGIN_BACKOFF_MIN.saturating_mul(1 << (failed - 1).min(8)).min(LOGIN_BACKOFF_MAX);
+            for _ in 0..50 {
+                let wait = Session::backoff(failed);
+                assert!(wait >= full / 2 && wait <= full, "after {failed}: {wait:?} outside {:?}..={full:?}", full / 2);
+            }
+        }
+        assert_eq!(
+            LOGIN_BACKOFF_MIN.saturating_mul(1 << 8).min(LOGIN_BACKOFF_MAX),
+            LOGIN_BACKOFF_MAX,
+            "the cap is reached"
+        );
+    }
+
+    #[test]
+    fn vaults_error_lists_are_unwrapped_and_quoted() {
+        assert_eq!(said(&["1 error occurred:\n\t* permission denied\n\n".into()]), "\"permission denied\"");
+        assert_eq!(said(&["2 errors occurred:\n\t* a\n\t* b\n\n".into()]), "\"a; b\"");
+        assert_eq!(said(&["no handler for route".into(), " x ".into()]), "\"no handler for route; x\"");
+        assert_eq!(said(&[]), "(no message)");
+    }
+}

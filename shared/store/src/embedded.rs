@@ -391,3 +391,82 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "tests may block")]
+mod tests {
+    use super::*;
+
+    fn entries(pairs: &[(&str, &str)]) -> Entries {
+        let now = Utc::now();
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Entry { value: SecretValue::new(v.as_bytes().to_vec()), created_at: now, updated_at: now },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_object_opens_only_under_its_own_name_and_with_its_stores_key() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = EmbeddedBackend::open(dir.path()).unwrap();
+        let sealed = store.seal("domain-sales", &entries(&[("db", "canary-embedded-unit")])).unwrap();
+        assert!(
+            !sealed.windows(b"canary-embedded-unit".len()).any(|w| w == b"canary-embedded-unit"),
+            "a value is written in the clear"
+        );
+        let plain = store.decrypt("domain-sales", &sealed).unwrap();
+        assert!(String::from_utf8_lossy(&plain).contains("db"));
+
+        // Copied to another object's file: refused, naming the object.
+        let moved = store.decrypt("domain-hr", &sealed).unwrap_err();
+        assert!(matches!(moved, Error::Corrupt(ref m) if m.contains("domain-hr")), "{moved}");
+        // Another store's key: refused.
+        let stranger = EmbeddedBackend::open(other.path()).unwrap();
+        assert!(matches!(stranger.decrypt("domain-sales", &sealed), Err(Error::Corrupt(_))));
+        // One flipped bit: refused.
+        let mut flipped = sealed.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(matches!(store.decrypt("domain-sales", &flipped), Err(Error::Corrupt(_))));
+        // Not a store file at all.
+        let e = store.decrypt("domain-sales", b"{\"plain\": true}").unwrap_err();
+        assert!(e.to_string().contains("unknown file format"), "{e}");
+    }
+
+    #[test]
+    fn the_key_file_is_created_private_once_and_refused_when_others_may_read_it_or_it_is_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join(KEY_FILE);
+        let first = load_or_create_key(&key).unwrap();
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(*load_or_create_key(&key).unwrap(), *first, "a second start reuses the key");
+
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let loose = load_or_create_key(&key).unwrap_err().to_string();
+        assert!(loose.contains("mode 644") && loose.contains("chmod 600"), "{loose}");
+
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&key, [7u8; 16]).unwrap();
+        let short = load_or_create_key(&key).unwrap_err().to_string();
+        assert!(short.contains("holds 16 bytes"), "{short}");
+    }
+
+    #[test]
+    fn a_header_tells_a_missing_file_from_an_unreadable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedBackend::open(dir.path()).unwrap();
+        assert!(matches!(read_header(&store.path("absent")).unwrap(), Header::Missing));
+        std::fs::write(store.path("short"), b"IS").unwrap();
+        assert!(matches!(read_header(&store.path("short")).unwrap(), Header::Unreadable));
+        let sealed = store.seal("whole", &entries(&[("k", "v")])).unwrap();
+        std::fs::write(store.path("whole"), &sealed).unwrap();
+        match read_header(&store.path("whole")).unwrap() {
+            Header::Nonce(n) => assert_eq!(n[..], sealed[MAGIC.len()..MAGIC.len() + NONCE_LEN]),
+            _ => panic!("a sealed object's header holds its nonce"),
+        }
+    }
+}
