@@ -6,7 +6,6 @@
 //! no I/O) → [`db`].
 
 pub mod db;
-mod error;
 pub mod grpc;
 pub mod leases;
 pub mod policy;
@@ -36,7 +35,7 @@ use secrets_proto::{
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-pub use error::{Error, Result};
+pub use secrets_common::error::{Error, Result};
 
 pub const ENV_PREFIX: &str = "AUTHZ_SERVICE_";
 

@@ -19,8 +19,8 @@ use std::{
 
 use chrono::Utc;
 use sea_orm::{
-    ColumnTrait, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, Set, SqlErr, Statement, TransactionTrait, sea_query::OnConflict,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter, QueryOrder, Set, SqlErr,
+    Statement, TransactionTrait, sea_query::OnConflict,
 };
 use secrets_common::Principal;
 
@@ -417,35 +417,15 @@ impl Policy {
         Ok(loaded)
     }
 
-    fn backend(&self) -> &'static str {
-        secrets_db::backend_name(&self.db)
-    }
-
     /// The database, for the usage index that shares it.
     pub(crate) fn db(&self) -> &DatabaseConnection {
         &self.db
     }
 
     /// Runs one database operation within the timeout; database failures
-    /// become [`Error::Database`] naming the database.
+    /// become `UNAVAILABLE` naming the database.
     pub(crate) async fn bounded<T>(&self, operation: impl Future<Output = Result<T>>) -> Result<T> {
-        let backend = self.backend();
-        let too_slow = || format!("did not answer within {} ms", self.timeout.as_millis());
-        match tokio::time::timeout(self.timeout, operation).await {
-            Err(_) => Err(Error::Database { backend, message: too_slow() }),
-            Ok(Err(Error::Db(e))) => {
-                tracing::error!(backend, error = %e, "database call failed");
-                let message = match &e {
-                    // Every pooled connection is stuck on a database that
-                    // does not answer: the same failure as a slow statement.
-                    DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => too_slow(),
-                    DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => "cannot connect".to_string(),
-                    _ => "a query failed".to_string(),
-                };
-                Err(Error::Database { backend, message })
-            }
-            Ok(other) => other,
-        }
+        secrets_db::bounded(&self.db, self.timeout, operation, |_| None).await
     }
 
     /// Answers every check, and whether `caller` (if given) is a platform

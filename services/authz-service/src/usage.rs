@@ -49,7 +49,7 @@ struct Key {
 
 fn kind_name(kind: i32) -> Result<&'static str> {
     match WorkloadKind::try_from(kind) {
-        Ok(WorkloadKind::Unspecified) | Err(_) => Err(Error::InvalidArgument(FieldViolation::new(
+        Ok(WorkloadKind::Unspecified) | Err(_) => Err(Error::from(FieldViolation::new(
             "kind",
             format!("{kind} is not a workload kind; use WORKLOAD_KIND_SPARK_JOB, WORKLOAD_KIND_COMPUTE, ..."),
         ))),
@@ -65,7 +65,7 @@ fn source_name(source: i32, field: &str) -> Result<&'static str> {
     match SourceType::try_from(source) {
         Ok(SourceType::Kubernetes) => Ok("KUBERNETES"),
         Ok(SourceType::Vault) => Ok("VAULT"),
-        _ => Err(Error::InvalidArgument(FieldViolation::new(field, "must be KUBERNETES or VAULT"))),
+        _ => Err(Error::from(FieldViolation::new(field, "must be KUBERNETES or VAULT"))),
     }
 }
 
@@ -98,10 +98,7 @@ fn key_of(domain: &str, kind: i32, id: &str) -> Result<Key> {
 fn reference_row(key: &Key, i: usize, r: &internal::IndexedReference) -> Result<workload_reference::ActiveModel> {
     let at = |f: &str| format!("references[{i}].{f}");
     if r.field.is_empty() || r.field.len() > MAX_FIELD_LEN {
-        return Err(Error::InvalidArgument(FieldViolation::new(
-            at("field"),
-            format!("must be 1 to {MAX_FIELD_LEN} bytes"),
-        )));
+        return Err(Error::from(FieldViolation::new(at("field"), format!("must be 1 to {MAX_FIELD_LEN} bytes"))));
     }
     let source_type = source_name(r.source_type, &at("source_type"))?;
     if source_type == "KUBERNETES" {
@@ -150,12 +147,11 @@ impl UsageIndex {
 
     /// Replaces the workload's references; true when it was indexed before.
     pub async fn record(&self, request: internal::RecordWorkloadRequest) -> Result<bool> {
-        let w =
-            request.workload.ok_or_else(|| Error::InvalidArgument(FieldViolation::new("workload", "is required")))?;
+        let w = request.workload.ok_or_else(|| Error::from(FieldViolation::new("workload", "is required")))?;
         let key = key_of(&w.domain, w.kind, &w.id)?;
         validate::workload_name("workload.name", &w.name)?;
         if request.references.len() > MAX_REFERENCES {
-            return Err(Error::InvalidArgument(FieldViolation::new(
+            return Err(Error::from(FieldViolation::new(
                 "references",
                 format!("at most {MAX_REFERENCES} per workload"),
             )));
@@ -287,7 +283,7 @@ impl UsageIndex {
     pub async fn find(&self, request: &internal::FindUsagesRequest) -> Result<internal::FindUsagesResponse> {
         let source_type = source_name(request.source_type, "source_type")?;
         if request.limit > MAX_LIMIT {
-            return Err(Error::InvalidArgument(FieldViolation::new("limit", format!("is at most {MAX_LIMIT}"))));
+            return Err(Error::from(FieldViolation::new("limit", format!("is at most {MAX_LIMIT}"))));
         }
         let mut query = workload_reference::Entity::find()
             .filter(workload_reference::Column::SourceType.eq(source_type))
@@ -410,7 +406,7 @@ mod tests {
 
     fn refused(r: Result<impl Sized>) -> FieldViolation {
         match r {
-            Err(Error::InvalidArgument(v)) => v,
+            Err(Error::InvalidArgument(mut v)) if v.len() == 1 => v.remove(0),
             Err(e) => panic!("expected INVALID_ARGUMENT, got {e}"),
             Ok(_) => panic!("expected INVALID_ARGUMENT"),
         }

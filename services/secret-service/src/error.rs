@@ -37,24 +37,26 @@ pub enum Error {
     Upstream(#[from] Status),
 }
 
-impl From<Error> for Status {
+/// What the caller is told: the shared mapping of
+/// [`secrets_common::error::Error`], with this service's messages.
+impl From<Error> for error::Error {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(v) => error::invalid_argument(v),
-            Error::NotFound { .. } => Status::not_found(e.to_string()),
-            Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-            Error::TooLarge { .. } => Status::failed_precondition(e.to_string()),
-            Error::PermissionDenied(m) => Status::permission_denied(m),
-            Error::Backend(BackendError::Unavailable { .. }) => Status::unavailable(e.to_string()),
-            Error::Backend(BackendError::Rejected { .. } | BackendError::TooManyKeys { .. }) => {
-                Status::failed_precondition(e.to_string())
-            }
-            Error::Backend(BackendError::Misconfigured(v)) => error::internal("secret store misconfigured", &v),
-            Error::Backend(BackendError::Corrupt(_) | BackendError::Internal(_)) | Error::Internal(_) => {
-                error::internal("secret store failure", &e)
-            }
-            Error::Upstream(status) => status,
+            Error::InvalidArgument(v) => v.into(),
+            Error::NotFound { .. } => Self::NotFound(e.to_string()),
+            Error::AlreadyExists { .. } => Self::AlreadyExists(e.to_string()),
+            Error::TooLarge { .. } => Self::FailedPrecondition(e.to_string()),
+            Error::PermissionDenied(m) => Self::PermissionDenied(m),
+            Error::Backend(b) => Self::Backend(b),
+            Error::Internal(m) => Self::Internal(m),
+            Error::Upstream(s) => Self::Upstream(s),
         }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        error::Error::from(e).into()
     }
 }
 

@@ -136,22 +136,13 @@ impl Configs {
     }
 
     async fn db<T>(&self, f: impl Future<Output = Result<T, sea_orm::DbErr>>) -> Result<T> {
-        let backend = secrets_db::backend_name(&self.db);
-        match tokio::time::timeout(self.limits.database_timeout, f).await {
-            Err(_) => Err(Error::Database {
-                backend,
-                message: format!("did not answer within {} ms", self.limits.database_timeout.as_millis()),
-            }),
+        let operation = async { f.await.map_err(Error::from) };
+        secrets_db::bounded(&self.db, self.limits.database_timeout, operation, |e| {
             // Two writers raced for one name: the unique index decided.
-            Ok(Err(e)) if matches!(e.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_))) => {
-                Err(Error::AlreadyExists("the domain has a vault config with that name already".into()))
-            }
-            Ok(Err(e)) => {
-                tracing::error!(backend, error = %e, "database call failed");
-                Err(Error::Database { backend, message: "a query failed".into() })
-            }
-            Ok(Ok(v)) => Ok(v),
-        }
+            matches!(e.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))
+                .then(|| Error::AlreadyExists("the domain has a vault config with that name already".into()))
+        })
+        .await
     }
 
     /// Ok when the principal may do `permission` on the config. One who
@@ -457,7 +448,7 @@ impl Configs {
     pub async fn test_saved(&self, principal: &Acting, id: &str) -> Result<pb::TestVaultConnectionResponse> {
         let row = self.row(id).await?;
         self.require(principal, Permission::Update, id, &format!("test {}", label(&row))).await?;
-        let connection = self.connection(&row).await?;
+        let connection = self.connection(&row).await.map_err(Error::from)?;
         let tested = connection.test().await;
         if let Err(f) = &tested {
             self.refused(&row, f).await;
@@ -498,11 +489,11 @@ impl Configs {
     pub async fn keys(&self, principal: &Acting, id: &str) -> Result<Vec<String>> {
         let row = self.row(id).await?;
         self.require(principal, Permission::Use, id, &format!("list the keys of {}", label(&row))).await?;
-        let fields = self.fields(&row).await.map_err(|f| Error::Vault(f.context(&label(&row))))?;
+        let fields = self.fields(&row).await.map_err(|f| Error::from(f.context(&label(&row))))?;
         Ok(fields.keys().cloned().collect())
     }
 
-    async fn connection(&self, row: &vault_config::Model) -> Result<Arc<Connection>> {
+    async fn connection(&self, row: &vault_config::Model) -> Result<Arc<Connection>, Unbuilt> {
         let build = async {
             let credentials = self.credentials_of(row).await?.ok_or_else(|| {
                 Error::FailedPrecondition(format!(
@@ -521,7 +512,7 @@ impl Configs {
             let target = spec::target(&spec, "")
                 .map_err(|v| Error::Internal(format!("stored {} is invalid: {v:?}", label(row))))?;
             let connection = Connection::new(target, credentials, self.limits.vault_timeout)
-                .map_err(|f| Error::Vault(f.context(&label(row))))?;
+                .map_err(|f| Unbuilt::Vault(f.context(&label(row))))?;
             let connection = Arc::new(connection);
             // Credentials Vault refuses while renewing: the values read with
             // them are not served from memory any more.
@@ -530,11 +521,11 @@ impl Configs {
                 let (values, key) = (values.clone(), key.clone());
                 tokio::spawn(async move { values.invalidate(&key).await });
             });
-            Ok::<_, Error>(connection)
+            Ok::<_, Unbuilt>(connection)
         };
         self.connections.try_get_with(version(row), build).await.map_err(|e| match Arc::try_unwrap(e) {
             Ok(e) => e,
-            Err(shared) => Error::Internal(shared.to_string()),
+            Err(shared) => Unbuilt::Other(Error::Internal(shared.to_string())),
         })
     }
 
@@ -542,8 +533,10 @@ impl Configs {
     /// however many callers ask at once.
     async fn fields(&self, row: &vault_config::Model) -> Result<Arc<Fields>, VaultFailure> {
         let connection = self.connection(row).await.map_err(|e| match e {
-            Error::Vault(f) => f,
-            other => VaultFailure { kind: crate::vault::FailureKind::Other, message: other.to_string() },
+            Unbuilt::Vault(f) => f,
+            Unbuilt::Other(other) => {
+                VaultFailure { kind: crate::vault::FailureKind::Other, message: other.to_string() }
+            }
         })?;
         let metrics = self.metrics.clone();
         let fields = self
@@ -643,7 +636,7 @@ impl Configs {
         let reads = ids.iter().map(|id| async move {
             let result = async {
                 let row = self.row(id).await?;
-                let fields = self.fields(&row).await.map_err(|f| Error::Vault(f.context(&label(&row))))?;
+                let fields = self.fields(&row).await.map_err(|f| Error::from(f.context(&label(&row))))?;
                 Ok::<_, Error>(fields.keys().cloned().collect::<Vec<_>>())
             }
             .await;
@@ -694,6 +687,25 @@ pub fn method_of(name: &str) -> pb::VaultAuthMethod {
 }
 
 /// Config ids are what this service generates: UUIDs.
+/// Why a config's connection could not be built: Vault's answer, whose
+/// kind the resolver reports per item, or another failure.
+#[derive(Debug, thiserror::Error)]
+enum Unbuilt {
+    #[error(transparent)]
+    Vault(VaultFailure),
+    #[error(transparent)]
+    Other(#[from] Error),
+}
+
+impl From<Unbuilt> for Error {
+    fn from(e: Unbuilt) -> Self {
+        match e {
+            Unbuilt::Vault(f) => f.into(),
+            Unbuilt::Other(e) => e,
+        }
+    }
+}
+
 fn validate_id(id: &str) -> Result<()> {
     Ok(secrets_common::validate::vault_config_id("id", id)?)
 }

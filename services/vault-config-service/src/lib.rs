@@ -8,7 +8,6 @@
 
 pub mod configs;
 pub mod db;
-mod error;
 pub mod grpc;
 pub mod spec;
 pub mod vault;
@@ -34,7 +33,7 @@ use secrets_store::{BackendKind, EmbeddedConfig, Environment, KubernetesConfig, 
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-pub use error::{Error, Result};
+pub use secrets_common::error::{Error, Result};
 
 pub const ENV_PREFIX: &str = "VAULT_CONFIG_SERVICE_";
 

@@ -91,6 +91,12 @@ impl VaultFailure {
     }
 }
 
+impl From<VaultFailure> for secrets_common::error::Error {
+    fn from(f: VaultFailure) -> Self {
+        Self::Upstream(f.status())
+    }
+}
+
 /// The fields of one KV v2 secret.
 pub type Fields = BTreeMap<String, SecretValue>;
 

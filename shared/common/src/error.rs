@@ -5,6 +5,115 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::validate::FieldViolation;
 
+/// What a request failed with, in the terms every service answers in. The
+/// services' domain logic returns it (or an error of its own that converts
+/// into it); `From<Error> for Status` below is the one mapping to gRPC.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input: each violation names its field and the rule.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A database or peer did not answer; the message names which.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A database call failed; [`crate::error::Error::database`] names the
+    /// database once the failure is classified (secrets_db's `bounded`).
+    #[cfg(feature = "database")]
+    #[error("database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    /// A store backend failed or refused the object.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// Ours, not the caller's: the caller sees `internal error`, the log
+    /// the message.
+    #[error("{0}")]
+    Internal(String),
+    /// An answer already in gRPC terms: another service's, or a classified
+    /// failure of a peer such as Vault.
+    #[error(transparent)]
+    Upstream(#[from] Status),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The database did not answer or failed: `UNAVAILABLE` naming it.
+    pub fn database(backend: &str, message: impl std::fmt::Display) -> Self {
+        Self::Unavailable(format!("database ({backend}) is unavailable: {message}"))
+    }
+}
+
+impl From<FieldViolation> for Error {
+    fn from(v: FieldViolation) -> Self {
+        Self::InvalidArgument(vec![v])
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(v) => invalid_arguments(v),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::AlreadyExists(m) => Status::already_exists(m),
+            Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::Unavailable(m) => Status::unavailable(m),
+            #[cfg(feature = "database")]
+            Error::Db(e) => {
+                tracing::error!(error = %e, "database call failed");
+                Status::unavailable("database is unavailable")
+            }
+            Error::Backend(b @ BackendError::Unavailable { .. }) => Status::unavailable(b.to_string()),
+            Error::Backend(b @ (BackendError::Rejected { .. } | BackendError::TooManyKeys { .. })) => {
+                Status::failed_precondition(b.to_string())
+            }
+            Error::Backend(BackendError::Misconfigured(v)) => internal("store backend misconfigured", &v),
+            Error::Backend(b @ (BackendError::Corrupt(_) | BackendError::Internal(_))) => {
+                internal("store backend failure", &b)
+            }
+            Error::Internal(m) => internal("internal failure", &m),
+            Error::Upstream(status) => status,
+        }
+    }
+}
+
+/// A backend's own failure, as opposed to a change refusing a write.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend cannot be reached or did not answer: `UNAVAILABLE`.
+    #[error("{backend}: {message}")]
+    Unavailable { backend: &'static str, message: String },
+
+    /// The backend refused the object (a Kubernetes 422): the message says why.
+    #[error("{backend} rejected store object {object}: {message}")]
+    Rejected { backend: &'static str, object: String, message: String },
+
+    /// Key timestamps would pass the Kubernetes annotation limit.
+    #[error(
+        "store object {object} would hold {keys} keys, whose timestamps take {bytes} bytes of annotations; Kubernetes allows {limit} bytes (256 KiB) of annotations per object: delete unused keys or keep fewer in this object"
+    )]
+    TooManyKeys { object: String, keys: usize, bytes: usize, limit: usize },
+
+    /// Local data the service cannot use as it is: tells the operator what to fix.
+    #[error("{0}")]
+    Corrupt(String),
+
+    #[error("{0}")]
+    Internal(String),
+
+    /// The backend's configuration is unusable: names the setting.
+    #[error(transparent)]
+    Misconfigured(#[from] FieldViolation),
+}
+
 /// `INVALID_ARGUMENT` with one `BadRequest` field violation; the message names
 /// the field and the rule too, for callers that do not read details.
 pub fn invalid_argument(violation: FieldViolation) -> Status {

@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::{
+    ConnAcquireErr, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+    TransactionTrait,
+};
 use sea_orm_migration::MigratorTrait;
-use secrets_common::observe::Metrics;
+use secrets_common::{error::Error, observe::Metrics};
 
 /// Connects and brings the schema up to date with `M`. On PostgreSQL,
 /// replicas that start together take turns through the advisory lock
@@ -89,6 +92,39 @@ pub fn backend_name(db: &DatabaseConnection) -> &'static str {
         DbBackend::Postgres => "postgres",
         DbBackend::Sqlite => "sqlite",
         _ => "database",
+    }
+}
+
+/// Runs one database operation within `timeout`. A database failure
+/// ([`Error::Db`]) is logged and becomes `UNAVAILABLE` naming the database
+/// and what went wrong, never the SQL; the operation's other errors pass
+/// through. `claim` may first take a failure as an answer of its own (a
+/// unique index that decided a race is `ALREADY_EXISTS`, say).
+pub async fn bounded<T>(
+    db: &DatabaseConnection,
+    timeout: Duration,
+    operation: impl std::future::Future<Output = Result<T, Error>>,
+    claim: impl FnOnce(&DbErr) -> Option<Error>,
+) -> Result<T, Error> {
+    let backend = backend_name(db);
+    let too_slow = || format!("did not answer within {} ms", timeout.as_millis());
+    match tokio::time::timeout(timeout, operation).await {
+        Err(_) => Err(Error::database(backend, too_slow())),
+        Ok(Err(Error::Db(e))) => {
+            if let Some(answer) = claim(&e) {
+                return Err(answer);
+            }
+            tracing::error!(backend, error = %e, "database call failed");
+            let message = match &e {
+                // Every pooled connection is stuck on a database that does
+                // not answer: the same failure as a slow statement.
+                DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => too_slow(),
+                DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => "cannot connect".to_string(),
+                _ => "a query failed".to_string(),
+            };
+            Err(Error::database(backend, message))
+        }
+        Ok(other) => other,
     }
 }
 

@@ -21,6 +21,12 @@ pub trait StoreError: From<BackendError> + std::error::Error + Send + Sync + 'st
     fn is_backend_failure(&self) -> bool;
 }
 
+impl StoreError for secrets_common::error::Error {
+    fn is_backend_failure(&self) -> bool {
+        matches!(self, Self::Backend(_) | Self::Internal(_))
+    }
+}
+
 /// One key inside a store object.
 #[derive(Clone, Debug)]
 pub struct Entry {

@@ -9,9 +9,8 @@
 pub mod backend;
 pub mod config;
 pub mod embedded;
-mod error;
 pub mod kubernetes;
 
 pub use backend::{Change, Entries, Entry, MeteredBackend, StoreBackend, StoreError};
 pub use config::{BackendKind, EmbeddedConfig, Environment, KubernetesConfig, StoreSettings};
-pub use error::BackendError;
+pub use secrets_common::error::BackendError;
