@@ -220,7 +220,7 @@ async fn main() {
     let d = dir.path().display();
     let common = |listen: u16, metrics: u16| {
         format!(
-            "listen_addr = \"127.0.0.1:{listen}\"\nmetrics_addr = \"127.0.0.1:{metrics}\"\ninternal_token = \"{internal}\"\n"
+            "server = {{ listen_addr = \"127.0.0.1:{listen}\", metrics_addr = \"127.0.0.1:{metrics}\" }}\ninternal_token = \"{internal}\"\n"
         )
     };
     // A vault-config-service keeping values for `ttl_ms` (None: the default).

@@ -263,7 +263,7 @@ impl TestApp {
         let secret_config = secret_service::Config {
             internal_token: token_unless_tls(&internal_token),
             internal_tls: app.pki.as_ref().map(|p| p.internal_tls("secret-service", &["gateway"])),
-            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
+            server: secrets_common::server::ServerConfig::local(0, 0),
             authz_url: authz_service_url.clone(),
             request_timeout_ms,
             backend: Some(secret_service::BackendKind::Embedded),
@@ -284,7 +284,7 @@ impl TestApp {
         let vault_config = vault_config_service::Config {
             internal_token: token_unless_tls(&internal_token),
             internal_tls: app.pki.as_ref().map(|p| p.internal_tls("vault-config-service", &["gateway"])),
-            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
+            server: secrets_common::server::ServerConfig::local(0, 0),
             authz_url: authz_service_url.clone(),
             request_timeout_ms,
             database_url: app.database_url.clone(),
@@ -311,12 +311,14 @@ impl TestApp {
         let gateway_config = gateway::Config {
             internal_token: token_unless_tls(&internal_token),
             internal_tls: app.pki.as_ref().map(|p| p.internal_tls("gateway", &[])),
-            tls: app.pki.as_ref().map(|p| secrets_common::tls::TlsConfig {
-                cert_file: p.gateway_public.cert_file.clone(),
-                key_file: p.gateway_public.key_file.clone(),
-                reload_interval_ms: 100,
-            }),
-            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
+            server: secrets_common::server::ServerConfig {
+                tls: app.pki.as_ref().map(|p| secrets_common::tls::TlsConfig {
+                    cert_file: p.gateway_public.cert_file.clone(),
+                    key_file: p.gateway_public.key_file.clone(),
+                    reload_interval_ms: 100,
+                }),
+                ..secrets_common::server::ServerConfig::local(0, 0)
+            },
             secret_service_url,
             authz_service_url,
             vault_config_service_url,
@@ -373,7 +375,7 @@ impl TestApp {
                 .map(|p| p.internal_tls("authz-service", &["gateway", "secret-service", "vault-config-service"])),
             database_url: self.database_url.clone(),
             bootstrap_admins: vec![format!("user:{ADMIN}")],
-            metrics_addr: Some(([127, 0, 0, 1], 0).into()),
+            server: secrets_common::server::ServerConfig::local(0, 0),
             database_timeout_ms: self.database_timeout_ms,
             ..Default::default()
         };
@@ -420,12 +422,12 @@ impl TestApp {
     async fn start_authz_process(&mut self) {
         let metrics = crate::procs::free_port();
         let env: std::collections::BTreeMap<String, String> = [
-            ("AUTHZ_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{}", self.authz_port)),
+            ("AUTHZ_SERVICE_SERVER__LISTEN_ADDR", format!("127.0.0.1:{}", self.authz_port)),
             ("AUTHZ_SERVICE_INTERNAL_TOKEN", self.internal_token.expose_secret().to_string()),
             ("AUTHZ_SERVICE_DATABASE_URL", self.database_url.clone()),
             ("AUTHZ_SERVICE_DATABASE_TIMEOUT_MS", self.database_timeout_ms.to_string()),
             ("AUTHZ_SERVICE_BOOTSTRAP_ADMINS", format!(r#"["user:{ADMIN}"]"#)),
-            ("AUTHZ_SERVICE_METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+            ("AUTHZ_SERVICE_SERVER__METRICS_ADDR", format!("127.0.0.1:{metrics}")),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

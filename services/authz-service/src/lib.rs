@@ -12,7 +12,7 @@ pub mod policy;
 pub mod rules;
 pub mod usage;
 
-use std::{collections::BTreeSet, future::Future, net::SocketAddr, time::Duration};
+use std::{collections::BTreeSet, future::Future, time::Duration};
 
 use anyhow::Context;
 use secrecy::SecretString;
@@ -20,7 +20,7 @@ use secrets_common::{
     Principal,
     auth::Internal,
     observe::Metrics,
-    server::{self, Served},
+    server::{self, Served, ServerConfig},
     telemetry::TelemetryConfig,
     tls::InternalTlsConfig,
 };
@@ -42,18 +42,9 @@ pub const ENV_PREFIX: &str = "AUTHZ_SERVICE_";
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub listen_addr: SocketAddr,
-    /// Prometheus metrics at `GET /metrics`; empty turns the endpoint off.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// After a shutdown signal: how long health checks answer NOT_SERVING
-    /// while calls are still accepted, so load balancers stop sending before
-    /// the listener closes. Set it to the load balancer's probe interval.
-    pub shutdown_drain_ms: u64,
-    /// Plaintext gRPC health checks only, for Kubernetes probes when the
-    /// listener speaks TLS; unset: none.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub health_addr: Option<SocketAddr>,
+    /// The `[server]` table: listen, health and metrics addresses, drain,
+    /// listener TLS.
+    pub server: ServerConfig,
     pub internal_token: Option<SecretString>,
     /// Mutual TLS on internal hops; with it the internal token is optional.
     pub internal_tls: Option<InternalTlsConfig>,
@@ -73,10 +64,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen_addr: ([127, 0, 0, 1], 50053).into(),
-            metrics_addr: Some(([127, 0, 0, 1], 9103).into()),
-            shutdown_drain_ms: 0,
-            health_addr: None,
+            server: ServerConfig::local(50053, 9103),
             internal_token: None,
             internal_tls: None,
             database_url: "sqlite://data/authz.db?mode=rwc".into(),
@@ -91,7 +79,8 @@ impl Config {
     /// Loads file and `AUTHZ_SERVICE_*` variables; a `DATABASE_URL` in the
     /// environment is used unless `AUTHZ_SERVICE_DATABASE_URL` is set too.
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
-        let mut config: Self = secrets_common::config::load(file, ENV_PREFIX).map_err(anyhow::Error::msg)?;
+        let mut config: Self =
+            secrets_common::config::load(file, ENV_PREFIX, &Self::default().server).map_err(anyhow::Error::msg)?;
         if std::env::var_os("AUTHZ_SERVICE_DATABASE_URL").is_none()
             && let Ok(url) = std::env::var("DATABASE_URL")
         {
@@ -104,11 +93,8 @@ impl Config {
 impl Config {
     /// The internal credential and mutual TLS, as configured.
     pub fn internal(&self) -> anyhow::Result<Internal> {
+        self.server.refuse_listener_tls().map_err(anyhow::Error::msg)?;
         Internal::new(self.internal_token.as_ref(), self.internal_tls.as_ref(), ENV_PREFIX).map_err(anyhow::Error::msg)
-    }
-
-    pub fn shutdown_drain(&self) -> Duration {
-        Duration::from_millis(self.shutdown_drain_ms)
     }
 
     /// Everything that can be checked without starting: for `check-config`.
@@ -133,9 +119,11 @@ pub struct Application {
     leases: leases::Leases,
 }
 
+secrets_common::service!(Application, Config, "authz-service");
+
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let listener = server::bind(config.listen_addr).await?;
+        let listener = server::bind(config.server.listen_addr).await?;
         Self::build_with_listener(config, listener).await
     }
 
@@ -182,11 +170,7 @@ impl Application {
             ))
             .add_service(DecisionLeasesServer::with_interceptor(leases.clone(), auth));
         Ok(Self {
-            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
-                .await?
-                .with_tls(internal.server_tls())
-                .with_health_addr(config.health_addr)
-                .await?,
+            served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
             _sqlite_lock: sqlite_lock,
             leases,
         })

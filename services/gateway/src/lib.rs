@@ -17,7 +17,7 @@ pub mod selector;
 pub mod sources;
 pub mod workloads;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use secrecy::SecretString;
@@ -25,9 +25,9 @@ use secrets_common::{
     auth::Internal,
     authz::{self, AuthzClient},
     observe::{Metrics, TracedChannel},
-    server::{self, Served},
+    server::{self, Served, ServerConfig},
     telemetry::TelemetryConfig,
-    tls::{self, InternalTlsConfig, TlsConfig},
+    tls::{self, InternalTlsConfig},
 };
 use secrets_proto::{
     internal::v1::{secret_reader_client::SecretReaderClient, vault_reader_client::VaultReaderClient},
@@ -55,20 +55,9 @@ pub const ENV_PREFIX: &str = "GATEWAY_";
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub listen_addr: SocketAddr,
-    /// Prometheus metrics at `GET /metrics`; empty turns the endpoint off.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// After a shutdown signal: how long health checks answer NOT_SERVING
-    /// while calls are still accepted, so load balancers stop sending before
-    /// the listener closes. Set it to the load balancer's probe interval.
-    pub shutdown_drain_ms: u64,
-    /// Plaintext gRPC health checks only, for Kubernetes probes when the
-    /// listener speaks TLS; unset: none.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub health_addr: Option<SocketAddr>,
-    /// TLS on the listener; when set, plaintext is refused.
-    pub tls: Option<TlsConfig>,
+    /// The `[server]` table: listen, health and metrics addresses, drain,
+    /// listener TLS.
+    pub server: ServerConfig,
     /// The credential the gateway presents to the internal services.
     pub internal_token: Option<SecretString>,
     /// Mutual TLS to the internal services (their URLs are then `https://`).
@@ -116,11 +105,7 @@ pub struct Flag {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen_addr: ([127, 0, 0, 1], 50051).into(),
-            metrics_addr: Some(([127, 0, 0, 1], 9101).into()),
-            shutdown_drain_ms: 0,
-            health_addr: None,
-            tls: None,
+            server: ServerConfig::local(50051, 9101),
             internal_token: None,
             internal_tls: None,
             secret_service_url: "http://127.0.0.1:50052".into(),
@@ -138,8 +123,9 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn shutdown_drain(&self) -> Duration {
-        Duration::from_millis(self.shutdown_drain_ms)
+    /// Loads the file and the `GATEWAY_*` variables over the defaults.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        secrets_common::config::load(file, ENV_PREFIX, &Self::default().server).map_err(anyhow::Error::msg)
     }
 
     /// The internal credential and mutual TLS, as configured.
@@ -160,7 +146,7 @@ impl Config {
 
     /// The TLS of the listener, when configured.
     pub fn server_tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
-        self.tls.as_ref().map(tls::server_config).transpose().map_err(|e| anyhow::anyhow!("tls: {e}"))
+        self.server.tls.as_ref().map(tls::server_config).transpose().map_err(|e| anyhow::anyhow!("server.tls: {e}"))
     }
 
     /// Channels to the three internal services, named by their URL fields.
@@ -221,9 +207,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
+secrets_common::service!(Application, Config, "gateway");
+
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let listener = server::bind(config.listen_addr).await?;
+        let listener = server::bind(config.server.listen_addr).await?;
         Self::build_with_listener(config, listener).await
     }
 
@@ -313,11 +301,7 @@ impl Application {
                 authenticator,
             ));
         Ok(Self {
-            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
-                .await?
-                .with_tls(server_tls)
-                .with_health_addr(config.health_addr)
-                .await?,
+            served: Served::start(listener, (router, health), metrics, &config.server, server_tls).await?,
             _lease_holder: lease_holder,
         })
     }

@@ -15,7 +15,6 @@ use clap::Parser;
 use secrecy::SecretString;
 use secrets_common::{
     auth::{TokenHash, generate_token},
-    config,
     telemetry::{self, LogFormat, TelemetryConfig},
 };
 
@@ -102,16 +101,15 @@ async fn main() -> anyhow::Result<()> {
     // Each service reads its usual environment variables too, so
     // SECRET_SERVICE_BACKEND=kubernetes and friends work here as well.
     let mut authz: authz_service::Config = authz_service::Config::load(None)?;
-    authz.listen_addr = addr(args.authz_service_port);
+    authz.server.listen_addr = addr(args.authz_service_port);
     authz.internal_token = Some(internal.clone());
     if std::env::var_os("AUTHZ_SERVICE_DATABASE_URL").is_none() && std::env::var_os("DATABASE_URL").is_none() {
         authz.database_url = format!("sqlite://{}?mode=rwc", data_dir.join("authz.db").display());
     }
     authz.bootstrap_admins.push("user:admin".into());
 
-    let mut secrets: secret_service::Config =
-        config::load(None, secret_service::ENV_PREFIX).map_err(anyhow::Error::msg)?;
-    secrets.listen_addr = addr(args.secret_service_port);
+    let mut secrets = secret_service::Config::load(None)?;
+    secrets.server.listen_addr = addr(args.secret_service_port);
     secrets.internal_token = Some(internal.clone());
     secrets.authz_url = url(args.authz_service_port);
     if std::env::var_os("SECRET_SERVICE_EMBEDDED__DATA_DIR").is_none() {
@@ -124,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut vault = vault_config_service::Config::load(None)?;
-    vault.listen_addr = addr(args.vault_config_service_port);
+    vault.server.listen_addr = addr(args.vault_config_service_port);
     vault.internal_token = Some(internal.clone());
     vault.authz_url = url(args.authz_service_port);
     if std::env::var_os("VAULT_CONFIG_SERVICE_DATABASE_URL").is_none() && std::env::var_os("DATABASE_URL").is_none() {
@@ -138,8 +136,8 @@ async fn main() -> anyhow::Result<()> {
         vault.embedded.allow_in_cluster = true;
     }
 
-    let mut gw: gateway::Config = config::load(None, gateway::ENV_PREFIX).map_err(anyhow::Error::msg)?;
-    gw.listen_addr = addr(args.gateway_port);
+    let mut gw = gateway::Config::load(None)?;
+    gw.server.listen_addr = addr(args.gateway_port);
     gw.internal_token = Some(internal);
     gw.secret_service_url = url(args.secret_service_port);
     gw.authz_service_url = url(args.authz_service_port);

@@ -22,7 +22,7 @@ pub use secrets_store::{
     BackendKind, EmbeddedConfig, Environment, KubernetesConfig, StoreSettings, embedded, kubernetes,
 };
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use secrecy::SecretString;
@@ -30,7 +30,7 @@ use secrets_common::{
     auth::Internal,
     authz::{AUTHZ_SERVICE, AuthzClient},
     observe::Metrics,
-    server::{self, Served},
+    server::{self, Served, ServerConfig},
     telemetry::TelemetryConfig,
     tls::InternalTlsConfig,
 };
@@ -52,18 +52,9 @@ pub const ENV_PREFIX: &str = "SECRET_SERVICE_";
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub listen_addr: SocketAddr,
-    /// Prometheus metrics at `GET /metrics`; empty turns the endpoint off.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// After a shutdown signal: how long health checks answer NOT_SERVING
-    /// while calls are still accepted, so load balancers stop sending before
-    /// the listener closes. Set it to the load balancer's probe interval.
-    pub shutdown_drain_ms: u64,
-    /// Plaintext gRPC health checks only, for Kubernetes probes when the
-    /// listener speaks TLS; unset: none.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub health_addr: Option<SocketAddr>,
+    /// The `[server]` table: listen, health and metrics addresses, drain,
+    /// listener TLS.
+    pub server: ServerConfig,
     /// The credential the gateway and the services present to each other.
     pub internal_token: Option<SecretString>,
     /// Mutual TLS on internal hops; with it the internal token is optional.
@@ -85,10 +76,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen_addr: ([127, 0, 0, 1], 50052).into(),
-            metrics_addr: Some(([127, 0, 0, 1], 9102).into()),
-            shutdown_drain_ms: 0,
-            health_addr: None,
+            server: ServerConfig::local(50052, 9102),
             internal_token: None,
             internal_tls: None,
             authz_url: "http://127.0.0.1:50053".into(),
@@ -103,8 +91,9 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn shutdown_drain(&self) -> Duration {
-        Duration::from_millis(self.shutdown_drain_ms)
+    /// Loads the file and the `SECRET_SERVICE_*` variables over the defaults.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        secrets_common::config::load(file, ENV_PREFIX, &Self::default().server).map_err(anyhow::Error::msg)
     }
 
     /// Where the secrets' store objects live.
@@ -133,6 +122,7 @@ impl Config {
 
     /// The internal credential and mutual TLS, as configured.
     pub fn internal(&self) -> anyhow::Result<Internal> {
+        self.server.refuse_listener_tls().map_err(anyhow::Error::msg)?;
         Internal::new(self.internal_token.as_ref(), self.internal_tls.as_ref(), ENV_PREFIX).map_err(anyhow::Error::msg)
     }
 }
@@ -148,10 +138,12 @@ pub struct Application {
     served: Served,
 }
 
+secrets_common::service!(Application, Config, "secret-service");
+
 impl Application {
-    /// Binds `listen_addr` and opens the configured backend.
+    /// Binds `server.listen_addr` and opens the configured backend.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let listener = server::bind(config.listen_addr).await?;
+        let listener = server::bind(config.server.listen_addr).await?;
         Self::build_with_listener(config, listener).await
     }
 
@@ -195,11 +187,7 @@ impl Application {
                 auth,
             ));
         Ok(Self {
-            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
-                .await?
-                .with_tls(internal.server_tls())
-                .with_health_addr(config.health_addr)
-                .await?,
+            served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
         })
     }
 

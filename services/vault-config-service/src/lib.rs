@@ -12,7 +12,7 @@ pub mod grpc;
 pub mod spec;
 pub mod vault;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use secrecy::SecretString;
@@ -20,7 +20,7 @@ use secrets_common::{
     auth::Internal,
     authz::{AUTHZ_SERVICE, AuthzClient},
     observe::Metrics,
-    server::{self, Served},
+    server::{self, Served, ServerConfig},
     telemetry::TelemetryConfig,
     tls::InternalTlsConfig,
 };
@@ -40,17 +40,9 @@ pub const ENV_PREFIX: &str = "VAULT_CONFIG_SERVICE_";
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub listen_addr: SocketAddr,
-    /// Prometheus metrics at `GET /metrics`; empty turns the endpoint off.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// After a shutdown signal: how long health checks answer NOT_SERVING
-    /// while calls are still accepted.
-    pub shutdown_drain_ms: u64,
-    /// Plaintext gRPC health checks only, for Kubernetes probes when the
-    /// listener speaks TLS; unset: none.
-    #[serde(deserialize_with = "secrets_common::config::optional_addr")]
-    pub health_addr: Option<SocketAddr>,
+    /// The `[server]` table: listen, health and metrics addresses, drain,
+    /// listener TLS.
+    pub server: ServerConfig,
     /// The credential the gateway and the services present to each other.
     pub internal_token: Option<SecretString>,
     /// Mutual TLS on internal hops; with it the internal token is optional.
@@ -100,10 +92,7 @@ impl Default for VaultSettings {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen_addr: ([127, 0, 0, 1], 50054).into(),
-            metrics_addr: Some(([127, 0, 0, 1], 9104).into()),
-            shutdown_drain_ms: 0,
-            health_addr: None,
+            server: ServerConfig::local(50054, 9104),
             internal_token: None,
             internal_tls: None,
             authz_url: "http://127.0.0.1:50053".into(),
@@ -124,17 +113,14 @@ impl Config {
     /// Loads file and `VAULT_CONFIG_SERVICE_*` variables; a `DATABASE_URL`
     /// in the environment is used unless the prefixed one is set too.
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
-        let mut config: Self = secrets_common::config::load(file, ENV_PREFIX).map_err(anyhow::Error::msg)?;
+        let mut config: Self =
+            secrets_common::config::load(file, ENV_PREFIX, &Self::default().server).map_err(anyhow::Error::msg)?;
         if std::env::var_os("VAULT_CONFIG_SERVICE_DATABASE_URL").is_none()
             && let Ok(url) = std::env::var("DATABASE_URL")
         {
             config.database_url = url;
         }
         Ok(config)
-    }
-
-    pub fn shutdown_drain(&self) -> Duration {
-        Duration::from_millis(self.shutdown_drain_ms)
     }
 
     /// Where the credentials' store objects live.
@@ -151,6 +137,7 @@ impl Config {
 
     /// The internal credential and mutual TLS, as configured.
     pub fn internal(&self) -> anyhow::Result<Internal> {
+        self.server.refuse_listener_tls().map_err(anyhow::Error::msg)?;
         Internal::new(self.internal_token.as_ref(), self.internal_tls.as_ref(), ENV_PREFIX).map_err(anyhow::Error::msg)
     }
 
@@ -173,9 +160,11 @@ pub struct Application {
     served: Served,
 }
 
+secrets_common::service!(Application, Config, "vault-config-service");
+
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let listener = server::bind(config.listen_addr).await?;
+        let listener = server::bind(config.server.listen_addr).await?;
         Self::build_with_listener(config, listener).await
     }
 
@@ -226,11 +215,7 @@ impl Application {
                 auth,
             ));
         Ok(Self {
-            served: Served::new(listener, (router, health), metrics, config.metrics_addr, config.shutdown_drain())
-                .await?
-                .with_tls(internal.server_tls())
-                .with_health_addr(config.health_addr)
-                .await?,
+            served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
         })
     }
 

@@ -5,15 +5,22 @@ use std::path::Path;
 
 use figment::{
     Figment,
-    providers::{Env, Format, Toml},
+    providers::{Env, Format, Serialized, Toml},
 };
 use serde::de::DeserializeOwned;
 
 /// Loads a service's configuration. Unknown keys in the file or in prefixed
 /// environment variables are errors (the config structs deny them), so a
 /// typo fails at start-up instead of being ignored.
-pub fn load<T: DeserializeOwned>(file: Option<&Path>, env_prefix: &str) -> Result<T, String> {
-    let mut figment = Figment::new();
+///
+/// `server` is the service's own `[server]` defaults: a file or variable
+/// that sets one of its keys keeps the others.
+pub fn load<T: DeserializeOwned>(
+    file: Option<&Path>,
+    env_prefix: &str,
+    server: &crate::server::ServerConfig,
+) -> Result<T, String> {
+    let mut figment = Figment::from(Serialized::default("server", server));
     if let Some(path) = file {
         if !path.exists() {
             return Err(format!("config file {} does not exist", path.display()));
@@ -33,7 +40,7 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>, env_prefix: &str) -> Resul
 }
 
 /// An optional listen address where an empty value turns it off: with a
-/// default address, `metrics_addr = ""` (or `GATEWAY_METRICS_ADDR=`) is
+/// default address, `metrics_addr = ""` under `[server]` (or `GATEWAY_SERVER__METRICS_ADDR=`) is
 /// how an operator says "no endpoint".
 pub fn optional_addr<'de, D>(deserializer: D) -> Result<Option<std::net::SocketAddr>, D::Error>
 where
@@ -106,13 +113,18 @@ fn service_links(prefix: &str) -> std::collections::BTreeSet<String> {
 #[allow(clippy::disallowed_methods, reason = "tests may block")]
 mod tests {
     use super::*;
+    use crate::server::ServerConfig;
     use serde::Deserialize;
 
-    #[derive(Debug, Deserialize, PartialEq)]
+    #[derive(Debug, Deserialize)]
     #[serde(default, deny_unknown_fields)]
     struct Demo {
-        listen_addr: String,
+        server: ServerConfig,
         nested: Nested,
+    }
+
+    fn defaults() -> ServerConfig {
+        ServerConfig::local(1, 9101)
     }
 
     #[derive(Debug, Deserialize, PartialEq, Default)]
@@ -123,7 +135,7 @@ mod tests {
 
     impl Default for Demo {
         fn default() -> Self {
-            Self { listen_addr: "127.0.0.1:1".into(), nested: Nested::default() }
+            Self { server: defaults(), nested: Nested::default() }
         }
     }
 
@@ -131,18 +143,41 @@ mod tests {
     fn file_then_environment_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("demo.toml");
-        std::fs::write(&path, "listen_addr = \"0.0.0.0:9\"\n[nested]\ntimeout_ms = 5\n").unwrap();
+        std::fs::write(&path, "[server]\nlisten_addr = \"0.0.0.0:9\"\n[nested]\ntimeout_ms = 5\n").unwrap();
         figment::Jail::expect_with(|jail| {
             jail.set_env("DEMOCFG_NESTED__TIMEOUT_MS", "7");
-            let demo: Demo = load(Some(&path), "DEMOCFG_").unwrap();
-            assert_eq!(demo, Demo { listen_addr: "0.0.0.0:9".into(), nested: Nested { timeout_ms: 7 } });
+            jail.set_env("DEMOCFG_SERVER__SHUTDOWN_DRAIN_MS", "250");
+            let demo: Demo = load(Some(&path), "DEMOCFG_", &defaults()).unwrap();
+            assert_eq!(demo.nested, Nested { timeout_ms: 7 });
+            assert_eq!(demo.server.listen_addr, "0.0.0.0:9".parse().unwrap());
+            assert_eq!(demo.server.shutdown_drain_ms, 250);
+            // Keys of [server] nobody set keep the service's defaults.
+            assert_eq!(demo.server.metrics_addr, Some("127.0.0.1:9101".parse().unwrap()));
+            assert_eq!(demo.server.health_addr, None);
             Ok(())
         });
     }
 
-    #[derive(Debug, Deserialize, PartialEq, Default)]
+    #[test]
+    fn an_empty_metrics_address_turns_the_endpoint_off_and_a_bad_one_names_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DEMOCFG_SERVER__METRICS_ADDR", "");
+            jail.set_env("DEMOCFG_SERVER__HEALTH_ADDR", "0.0.0.0:8081");
+            let demo: Demo = load(None, "DEMOCFG_", &defaults()).unwrap();
+            assert_eq!(demo.server.metrics_addr, None);
+            assert_eq!(demo.server.probe_addr(), "0.0.0.0:8081".parse().unwrap());
+            jail.set_env("DEMOCFG_SERVER__LISTEN_ADDR", "nine");
+            let err = load::<Demo>(None, "DEMOCFG_", &defaults()).unwrap_err();
+            assert!(err.to_lowercase().contains("server.listen_addr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Deserialize, Default)]
     #[serde(default, deny_unknown_fields)]
     struct WithList {
+        #[allow(dead_code)]
+        server: Option<ServerConfig>,
         tokens: Vec<Entry>,
     }
 
@@ -157,7 +192,7 @@ mod tests {
     fn a_list_of_tables_can_come_from_one_environment_variable() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("LISTCFG_TOKENS", r#"[{name="admin",kind="user"},{name="spark",kind="service"}]"#);
-            let cfg: WithList = load(None, "LISTCFG_").unwrap();
+            let cfg: WithList = load(None, "LISTCFG_", &defaults()).unwrap();
             assert_eq!(cfg.tokens.len(), 2);
             assert_eq!(cfg.tokens[1], Entry { name: "spark".into(), kind: "service".into() });
             Ok(())
@@ -203,11 +238,11 @@ mod tests {
             jail.set_env("DEMOCFG_PORT", "tcp://10.96.0.7:50052");
             jail.set_env("DEMOCFG_PORT_50052_TCP_ADDR", "10.96.0.7");
             jail.set_env("DEMOCFG_SERVICE_PORT_GRPC", "50052");
-            jail.set_env("DEMOCFG_LISTEN_ADDR", "0.0.0.0:9");
-            let demo: Demo = load(None, "DEMOCFG_").unwrap();
-            assert_eq!(demo.listen_addr, "0.0.0.0:9");
+            jail.set_env("DEMOCFG_SERVER__LISTEN_ADDR", "0.0.0.0:9");
+            let demo: Demo = load(None, "DEMOCFG_", &defaults()).unwrap();
+            assert_eq!(demo.server.listen_addr, "0.0.0.0:9".parse().unwrap());
             jail.set_env("DEMOCFG_LISTEN_PORT", "1");
-            let err = load::<Demo>(None, "DEMOCFG_").unwrap_err();
+            let err = load::<Demo>(None, "DEMOCFG_", &defaults()).unwrap_err();
             assert!(err.contains("listen_port"), "{err}");
             Ok(())
         });
@@ -217,11 +252,11 @@ mod tests {
     fn unknown_keys_and_missing_files_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("DEMOCFG_LISTEN_ADRR", "x");
-            let err = load::<Demo>(None, "DEMOCFG_").unwrap_err();
+            let err = load::<Demo>(None, "DEMOCFG_", &defaults()).unwrap_err();
             assert!(err.contains("listen_adrr"), "{err}");
             Ok(())
         });
-        let err = load::<Demo>(Some(Path::new("/nonexistent/demo.toml")), "DEMOCFG_").unwrap_err();
+        let err = load::<Demo>(Some(Path::new("/nonexistent/demo.toml")), "DEMOCFG_", &defaults()).unwrap_err();
         assert!(err.contains("does not exist"), "{err}");
     }
 }

@@ -1,14 +1,161 @@
 //! What every service's gRPC server has: health, reflection, trace spans,
 //! and a clean shutdown.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, path::Path, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::Router};
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
-use crate::observe::{Metrics, ObserveLayer};
+use crate::{
+    cli::Maintenance,
+    observe::{Metrics, ObserveLayer},
+    telemetry::TelemetryConfig,
+    tls::TlsConfig,
+};
+
+/// The `[server]` table every service has: where it listens, answers
+/// health checks and serves metrics, how it drains, and TLS on the
+/// listener. Environment variables name its keys `<PREFIX>SERVER__<KEY>`
+/// (`GATEWAY_SERVER__LISTEN_ADDR`).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The gRPC listener.
+    pub listen_addr: SocketAddr,
+    /// Prometheus metrics at `GET /metrics`; empty turns the endpoint off.
+    #[serde(default, deserialize_with = "crate::config::optional_addr", serialize_with = "addr_text")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Plaintext gRPC health checks only, for Kubernetes probes when the
+    /// listener speaks TLS; unset: none.
+    #[serde(default, deserialize_with = "crate::config::optional_addr", serialize_with = "addr_text")]
+    pub health_addr: Option<SocketAddr>,
+    /// After a shutdown signal: how long health checks answer NOT_SERVING
+    /// while calls are still accepted, so load balancers stop sending before
+    /// the listener closes. Set it to the load balancer's probe interval.
+    #[serde(default)]
+    pub shutdown_drain_ms: u64,
+    /// TLS on the listener; plaintext is refused then. For the gateway's
+    /// public listener: the internal services serve mutual TLS from
+    /// `internal_tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+fn addr_text<S: serde::Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(a) => s.serialize_str(&a.to_string()),
+        None => s.serialize_str(""),
+    }
+}
+
+impl ServerConfig {
+    /// Listening on loopback `port`, metrics on loopback `metrics_port`.
+    pub fn local(port: u16, metrics_port: u16) -> Self {
+        Self {
+            listen_addr: ([127, 0, 0, 1], port).into(),
+            metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
+            health_addr: None,
+            shutdown_drain_ms: 0,
+            tls: None,
+        }
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    /// For the internal services, whose listeners serve the mutual TLS of
+    /// `internal_tls`: `server.tls` would be ignored, so it is refused.
+    pub fn refuse_listener_tls(&self) -> Result<(), String> {
+        match self.tls {
+            Some(_) => {
+                Err("server.tls: the internal services serve mutual TLS from internal_tls; set that instead".into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Where `health-check` asks: the plaintext health address when set.
+    pub fn probe_addr(&self) -> SocketAddr {
+        self.health_addr.unwrap_or(self.listen_addr)
+    }
+}
+
+/// What [`run`] needs of a service binary.
+pub trait Service: Sized {
+    /// Its name in logs, traces and messages: `authz-service`.
+    const NAME: &'static str;
+    type Config;
+    /// Built-in defaults, then the file, then the environment.
+    fn load(file: Option<&Path>) -> anyhow::Result<Self::Config>;
+    fn server(config: &Self::Config) -> &ServerConfig;
+    fn telemetry(config: &Self::Config) -> &TelemetryConfig;
+    /// Everything that can be checked without starting (`check-config`).
+    fn validate(config: &Self::Config) -> anyhow::Result<()>;
+    fn build(config: Self::Config) -> impl Future<Output = anyhow::Result<Self>>;
+    fn port(&self) -> u16;
+    fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// Implements [`Service`] for a service's `Application`, whose inherent
+/// `build`, `port` and `run_until_stopped`, and whose `Config`'s `load`,
+/// `validate`, `server` and `telemetry`, have the shapes the trait names.
+#[macro_export]
+macro_rules! service {
+    ($app:ty, $config:ty, $name:literal) => {
+        impl $crate::server::Service for $app {
+            const NAME: &'static str = $name;
+            type Config = $config;
+
+            fn load(file: Option<&std::path::Path>) -> anyhow::Result<$config> {
+                <$config>::load(file)
+            }
+
+            fn server(config: &$config) -> &$crate::server::ServerConfig {
+                &config.server
+            }
+
+            fn telemetry(config: &$config) -> &$crate::telemetry::TelemetryConfig {
+                &config.telemetry
+            }
+
+            fn validate(config: &$config) -> anyhow::Result<()> {
+                config.validate()
+            }
+
+            async fn build(config: $config) -> anyhow::Result<Self> {
+                <$app>::build(config).await
+            }
+
+            fn port(&self) -> u16 {
+                <$app>::port(self)
+            }
+
+            async fn run_until_stopped(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+                <$app>::run_until_stopped(self, shutdown).await
+            }
+        }
+    };
+}
+
+/// A service binary's life: the process's TLS provider, the configuration,
+/// then a maintenance `command` (`check-config`, `health-check`), or
+/// telemetry and serving until SIGTERM or Ctrl-C.
+pub async fn run<S: Service>(config_file: Option<&Path>, command: Option<Maintenance>) -> anyhow::Result<()> {
+    // One TLS provider for the whole process (kube, sqlx, reqwest and
+    // tonic all use rustls).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = S::load(config_file)?;
+    if let Some(command) = command {
+        return command.run(S::server(&config).probe_addr(), || S::validate(&config)).await;
+    }
+    let _telemetry = crate::telemetry::init(S::NAME, S::telemetry(&config))?;
+    let app = S::build(config).await?;
+    tracing::info!(port = app.port(), "{} listening", S::NAME);
+    app.run_until_stopped(shutdown_signal()).await
+}
 
 /// The router every service builds: its services behind [`ObserveLayer`].
 pub type ServiceRouter = Router<Stack<ObserveLayer, Identity>>;
@@ -176,6 +323,23 @@ impl Served {
             None => None,
         };
         Ok(Self { listener, router, health, metrics, metrics_listener, drain, tls: None, health_listener: None })
+    }
+
+    /// Ready to serve as `server` says: metrics, drain and the plaintext
+    /// health listener from it; TLS on the listener when `tls` is set (the
+    /// gateway's from `server.tls`, the internal services' mutual TLS).
+    pub async fn start(
+        listener: TcpListener,
+        router: (ServiceRouter, Health),
+        metrics: Metrics,
+        server: &ServerConfig,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Self> {
+        Self::new(listener, router, metrics, server.metrics_addr, server.drain())
+            .await?
+            .with_tls(tls)
+            .with_health_addr(server.health_addr)
+            .await
     }
 
     /// Serves TLS (and only TLS) on the listener when `tls` is set.

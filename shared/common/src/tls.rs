@@ -28,7 +28,7 @@ fn default_reload_interval_ms() -> u64 {
 }
 
 /// The gateway's listener: serve TLS with this certificate and key.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first.

@@ -33,7 +33,10 @@ async fn a_change_through_one_replica_decides_the_next_check_on_another(app: Tes
         internal_token: Some(app.internal_token.clone()),
         database_url: app.database_url.clone(),
         bootstrap_admins: vec![format!("user:{ADMIN}")],
-        metrics_addr: None,
+        server: secrets_common::server::ServerConfig {
+            metrics_addr: None,
+            ..secrets_common::server::ServerConfig::local(0, 0)
+        },
         ..Default::default()
     };
     let replica = authz_service::Application::build_with_listener(config, listener).await;

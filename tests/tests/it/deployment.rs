@@ -101,8 +101,8 @@ fn health_checks_ports_and_dependencies_match_the_binaries() {
         let env = environment(service);
         let prefix = name.to_uppercase().replace('-', "_") + "_";
         let prefix = if name == "gateway" { "GATEWAY_".to_string() } else { prefix };
-        let listen = &env[&format!("{prefix}LISTEN_ADDR")];
-        let metrics = &env[&format!("{prefix}METRICS_ADDR")];
+        let listen = &env[&format!("{prefix}SERVER__LISTEN_ADDR")];
+        let metrics = &env[&format!("{prefix}SERVER__METRICS_ADDR")];
         assert!(metrics.starts_with("0.0.0.0:"), "{name}'s metrics must be reachable from other containers");
         let ports: Vec<&str> = [listen, metrics].iter().map(|a| a.rsplit(':').next().unwrap()).collect();
         for p in service["ports"].as_sequence().into_iter().flatten() {
@@ -163,20 +163,22 @@ fn an_empty_metrics_or_health_address_turns_that_endpoint_off() {
     for name in OURS {
         let prefix = name.to_ascii_uppercase().replace('-', "_");
         let mut env = environment(&services[name]);
-        env.insert(format!("{prefix}_METRICS_ADDR"), String::new());
-        env.insert(format!("{prefix}_HEALTH_ADDR"), String::new());
+        env.insert(format!("{prefix}_SERVER__METRICS_ADDR"), String::new());
+        env.insert(format!("{prefix}_SERVER__HEALTH_ADDR"), String::new());
         let output = Command::new(binary(name)).arg("check-config").env_clear().envs(&env).output().unwrap();
         assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
-        env.insert(format!("{prefix}_METRICS_ADDR"), "not-an-address".into());
+        env.insert(format!("{prefix}_SERVER__METRICS_ADDR"), "not-an-address".into());
         let output = Command::new(binary(name)).arg("check-config").env_clear().envs(&env).output().unwrap();
         assert!(!output.status.success(), "{name} accepted a bad metrics_addr");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.to_lowercase().contains("metrics_addr") && stderr.contains("empty: off"), "{name}: {stderr}");
     }
     let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), "metrics_addr = \"\"\n").unwrap();
-    let config: gateway::Config = secrets_common::config::load(Some(file.path()), "GATEWAY_NOT_SET_").unwrap();
-    assert_eq!(config.metrics_addr, None, "no metrics endpoint is served");
-    let config: gateway::Config = secrets_common::config::load(None, "GATEWAY_NOT_SET_").unwrap();
-    assert!(config.metrics_addr.is_some(), "on by default");
+    std::fs::write(file.path(), "[server]\nmetrics_addr = \"\"\n").unwrap();
+    let defaults = gateway::Config::default().server;
+    let config: gateway::Config =
+        secrets_common::config::load(Some(file.path()), "GATEWAY_NOT_SET_", &defaults).unwrap();
+    assert_eq!(config.server.metrics_addr, None, "no metrics endpoint is served");
+    let config: gateway::Config = secrets_common::config::load(None, "GATEWAY_NOT_SET_", &defaults).unwrap();
+    assert!(config.server.metrics_addr.is_some(), "on by default");
 }

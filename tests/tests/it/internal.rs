@@ -87,7 +87,10 @@ async fn a_gateway_with_the_wrong_internal_token_is_unavailable_naming_the_hop_n
     let token = secrets_common::auth::generate_token();
     let config = gateway::Config {
         internal_token: Some(secrecy::SecretString::from("not-the-internal-token".to_string())),
-        metrics_addr: None,
+        server: secrets_common::server::ServerConfig {
+            metrics_addr: None,
+            ..secrets_common::server::ServerConfig::local(0, 0)
+        },
         secret_service_url: app.secret_service_url.clone(),
         authz_service_url: app.authz_service_url.clone(),
         tokens: vec![gateway::TokenConfig {

@@ -9,8 +9,8 @@ use secrets_common::auth::generate_token;
 async fn run_gateway(extra: &[(&str, &str)]) -> String {
     let port = free_port();
     let mut env: BTreeMap<String, String> = [
-        ("GATEWAY_LISTEN_ADDR".to_string(), format!("127.0.0.1:{port}")),
-        ("GATEWAY_METRICS_ADDR".to_string(), "127.0.0.1:0".to_string()),
+        ("GATEWAY_SERVER__LISTEN_ADDR".to_string(), format!("127.0.0.1:{port}")),
+        ("GATEWAY_SERVER__METRICS_ADDR".to_string(), "127.0.0.1:0".to_string()),
         ("GATEWAY_INTERNAL_TOKEN".to_string(), generate_token()),
     ]
     .into();

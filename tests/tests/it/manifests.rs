@@ -331,10 +331,10 @@ fn ports_probes_services_and_urls_agree_with_the_configs() {
     let docs = documents();
     for service in SERVICES {
         let cfg = config(&docs, service);
-        let grpc = port_of(&cfg["listen_addr"]);
-        let health = port_of(&cfg["health_addr"]);
+        let grpc = port_of(&cfg["server.listen_addr"]);
+        let health = port_of(&cfg["server.health_addr"]);
         assert_eq!(container_port(&docs, service, "grpc"), grpc, "{service}");
-        assert_eq!(container_port(&docs, service, "metrics"), port_of(&cfg["metrics_addr"]), "{service}");
+        assert_eq!(container_port(&docs, service, "metrics"), port_of(&cfg["server.metrics_addr"]), "{service}");
         assert_eq!(container_port(&docs, service, "health"), health, "{service}");
         let c = container(&docs, service);
         for probe in ["readinessProbe", "livenessProbe"] {
@@ -448,7 +448,7 @@ fn network_policies_open_internal_ports_only_to_their_callers() {
         "a default-deny ingress policy"
     );
     for service in SERVICES.iter().filter(|s| **s != "gateway") {
-        let port = port_of(&config(&docs, service)["listen_addr"]);
+        let port = port_of(&config(&docs, service)["server.listen_addr"]);
         let callers: BTreeSet<String> = SERVICES
             .iter()
             .filter(|caller| {

@@ -59,8 +59,11 @@ async fn from_the_moment_shutdown_begins_health_says_not_serving_while_the_liste
     let config = authz_service::Config {
         internal_token: Some(secrecy::SecretString::from("t".to_string())),
         database_url: format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display()),
-        metrics_addr: None,
-        shutdown_drain_ms: 1_500,
+        server: secrets_common::server::ServerConfig {
+            metrics_addr: None,
+            shutdown_drain_ms: 1_500,
+            ..secrets_common::server::ServerConfig::local(0, 0)
+        },
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -228,13 +228,16 @@ async fn a_tls_service_answers_plaintext_health_checks_on_its_health_port_only()
     let addr = listener.local_addr().unwrap();
     let config = gateway::Config {
         internal_token: Some(secrecy::SecretString::from(secrets_common::auth::generate_token())),
-        metrics_addr: None,
-        health_addr: Some(([127, 0, 0, 1], 0).into()),
-        tls: Some(secrets_common::tls::TlsConfig {
-            cert_file: issued.cert_file.clone(),
-            key_file: issued.key_file.clone(),
-            reload_interval_ms: 1_000,
-        }),
+        server: secrets_common::server::ServerConfig {
+            metrics_addr: None,
+            health_addr: Some(([127, 0, 0, 1], 0).into()),
+            tls: Some(secrets_common::tls::TlsConfig {
+                cert_file: issued.cert_file.clone(),
+                key_file: issued.key_file.clone(),
+                reload_interval_ms: 1_000,
+            }),
+            ..secrets_common::server::ServerConfig::local(0, 0)
+        },
         ..Default::default()
     };
     let app = gateway::Application::build_with_listener(config, listener).await.expect("gateway");
@@ -257,15 +260,18 @@ fn tls_configuration_errors_name_the_file_and_the_problem() {
     let b = pki.issue("b", "b.example.test");
     let config = |cert: &std::path::Path, key: &std::path::Path| gateway::Config {
         internal_token: Some(secrecy::SecretString::from("t".to_string())),
-        tls: Some(secrets_common::tls::TlsConfig {
-            cert_file: cert.to_path_buf(),
-            key_file: key.to_path_buf(),
-            reload_interval_ms: 1_000,
-        }),
+        server: secrets_common::server::ServerConfig {
+            tls: Some(secrets_common::tls::TlsConfig {
+                cert_file: cert.to_path_buf(),
+                key_file: key.to_path_buf(),
+                reload_interval_ms: 1_000,
+            }),
+            ..gateway::Config::default().server
+        },
         ..Default::default()
     };
     let missing = config(&dir.path().join("nope.pem"), &a.key_file).validate().unwrap_err().to_string();
-    assert!(missing.starts_with("tls: ") && missing.contains("nope.pem"), "{missing}");
+    assert!(missing.starts_with("server.tls: ") && missing.contains("nope.pem"), "{missing}");
     let mismatched = config(&a.cert_file, &b.key_file).validate().unwrap_err().to_string();
     assert!(mismatched.contains("does not belong to the certificate"), "{mismatched}");
 
@@ -289,4 +295,30 @@ fn tls_configuration_errors_name_the_file_and_the_problem() {
     assert!(e.contains("configure internal_tls"), "{e}");
     let neither = gateway::Config::default().validate().unwrap_err().to_string();
     assert!(neither.contains("internal_token or internal_tls is required"), "{neither}");
+}
+
+#[test]
+fn an_internal_service_refuses_listener_tls_it_would_not_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let issued = Pki::new(dir.path(), "public").issue("s", "secret-service.example.test");
+    let tls = Some(secrets_common::tls::TlsConfig {
+        cert_file: issued.cert_file.clone(),
+        key_file: issued.key_file.clone(),
+        reload_interval_ms: 1_000,
+    });
+    let token = Some(secrecy::SecretString::from("t".to_string()));
+    let server = secrets_common::server::ServerConfig { tls, ..secrets_common::server::ServerConfig::local(0, 0) };
+    let errors = [
+        authz_service::Config { internal_token: token.clone(), server: server.clone(), ..Default::default() }
+            .validate()
+            .unwrap_err(),
+        secret_service::Config { internal_token: token.clone(), server: server.clone(), ..Default::default() }
+            .validate()
+            .unwrap_err(),
+        vault_config_service::Config { internal_token: token, server, ..Default::default() }.validate().unwrap_err(),
+    ];
+    for e in errors {
+        let e = e.to_string();
+        assert!(e.starts_with("server.tls: ") && e.contains("internal_tls"), "{e}");
+    }
 }

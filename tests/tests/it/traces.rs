@@ -95,7 +95,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
     let common = |prefix: &str| {
         vec![
             (format!("{prefix}INTERNAL_TOKEN"), internal.clone()),
-            (format!("{prefix}METRICS_ADDR"), "127.0.0.1:0".to_string()),
+            (format!("{prefix}SERVER__METRICS_ADDR"), "127.0.0.1:0".to_string()),
             (format!("{prefix}TELEMETRY__OTLP_ENDPOINT"), otlp.clone()),
             (format!("{prefix}TELEMETRY__LOG_FORMAT"), "json".to_string()),
         ]
@@ -110,7 +110,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         &with(
             "AUTHZ_SERVICE_",
             &[
-                ("AUTHZ_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{az}")),
+                ("AUTHZ_SERVICE_SERVER__LISTEN_ADDR", format!("127.0.0.1:{az}")),
                 ("AUTHZ_SERVICE_DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display())),
                 ("AUTHZ_SERVICE_BOOTSTRAP_ADMINS", r#"["user:admin"]"#.to_string()),
             ],
@@ -121,7 +121,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         &with(
             "SECRET_SERVICE_",
             &[
-                ("SECRET_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{ss}")),
+                ("SECRET_SERVICE_SERVER__LISTEN_ADDR", format!("127.0.0.1:{ss}")),
                 ("SECRET_SERVICE_AUTHZ_URL", format!("http://127.0.0.1:{az}")),
                 ("SECRET_SERVICE_EMBEDDED__DATA_DIR", dir.path().join("secrets").display().to_string()),
             ],
@@ -132,7 +132,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         &with(
             "VAULT_CONFIG_SERVICE_",
             &[
-                ("VAULT_CONFIG_SERVICE_LISTEN_ADDR", format!("127.0.0.1:{vc}")),
+                ("VAULT_CONFIG_SERVICE_SERVER__LISTEN_ADDR", format!("127.0.0.1:{vc}")),
                 ("VAULT_CONFIG_SERVICE_AUTHZ_URL", format!("http://127.0.0.1:{az}")),
                 (
                     "VAULT_CONFIG_SERVICE_DATABASE_URL",
@@ -153,7 +153,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         &with(
             "GATEWAY_",
             &[
-                ("GATEWAY_LISTEN_ADDR", format!("127.0.0.1:{gw}")),
+                ("GATEWAY_SERVER__LISTEN_ADDR", format!("127.0.0.1:{gw}")),
                 ("GATEWAY_SECRET_SERVICE_URL", format!("http://127.0.0.1:{ss}")),
                 ("GATEWAY_AUTHZ_SERVICE_URL", format!("http://127.0.0.1:{az}")),
                 ("GATEWAY_VAULT_CONFIG_SERVICE_URL", format!("http://127.0.0.1:{vc}")),
