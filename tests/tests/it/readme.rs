@@ -43,3 +43,49 @@ async fn the_workload_payloads_in_the_readme_are_accepted_as_printed() {
         assert_eq!(answer["references"].as_array().map_or(0, Vec::len), expected, "{kind}: {stdout}");
     }
 }
+
+/// The README's Layout lists every source file of every crate under its
+/// directory, and names nothing that does not exist: a file added, moved or
+/// removed fails here until the map says where it went.
+#[test]
+fn the_layout_section_matches_the_tree() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let from = README.find("## Layout").expect("a Layout section");
+    let block = &README[from..];
+    let start = block.find("```\n").expect("a code block") + 4;
+    let block = &block[start..start + block[start..].find("```").expect("the block ends")];
+    let mut listed: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut current = None;
+    for line in block.lines() {
+        let name = line.split_whitespace().next().expect("a named line");
+        if line.starts_with(' ') {
+            let dir: &String = current.as_ref().expect("a file under a directory");
+            assert!(root.join(dir).join(name).is_file(), "Layout names {dir}/{name}, which does not exist");
+            listed.get_mut(dir).unwrap().push(name.to_string());
+        } else {
+            let dir = name.trim_end_matches('/').to_string();
+            assert!(root.join(&dir).is_dir(), "Layout names {dir}, which does not exist");
+            listed.insert(dir.clone(), Vec::new());
+            current = Some(dir);
+        }
+    }
+    let mut crates = 0;
+    for parent in ["services", "shared"] {
+        for entry in std::fs::read_dir(root.join(parent)).unwrap() {
+            let src = entry.unwrap().path().join("src");
+            if !src.is_dir() {
+                continue;
+            }
+            crates += 1;
+            let dir = format!("{parent}/{}/src", src.parent().unwrap().file_name().unwrap().to_string_lossy());
+            let files = listed.get(&dir).unwrap_or_else(|| panic!("Layout does not list {dir}"));
+            for file in std::fs::read_dir(&src).unwrap() {
+                let file = file.unwrap().file_name().to_string_lossy().to_string();
+                if file.ends_with(".rs") {
+                    assert!(files.contains(&file), "Layout does not list {dir}/{file}");
+                }
+            }
+        }
+    }
+    assert!(crates >= 9, "found {crates} crates");
+}
