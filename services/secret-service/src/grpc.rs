@@ -1,103 +1,37 @@
-//! The tonic adapter: decode, authorize, call the store, map errors.
+//! The tonic adapter: decode, name the caller on the span, hand over to
+//! [`Secrets`] (management) or the store (the resolver's reads), map errors.
 
 use prost_types::Timestamp;
-use secrets_common::{
-    SecretValue,
-    auth::{Acting, InternalCall},
-    authz::{AuthzClient, Question},
-    error::invalid_argument,
-    usage::UsageClient,
-    validate::FieldViolation,
-};
+use secrets_common::{SecretValue, auth::InternalCall, error::invalid_argument, validate::FieldViolation};
 use secrets_proto::{
     internal::v1::{self as internal, secret_reader_server::SecretReader},
-    v1::{self as pb, Permission, secret_service_server::SecretService},
+    v1::{self as pb, secret_service_server::SecretService},
 };
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::store::{Lookup, Scope, SecretInfo, SecretStore};
+use crate::{
+    secrets::{Mode, Secrets},
+    store::{Lookup, Scope, SecretInfo},
+};
 
 #[derive(Clone)]
 pub struct SecretGrpc {
-    store: SecretStore,
-    authz: AuthzClient,
-    usage: UsageClient,
+    secrets: Secrets,
 }
 
 impl SecretGrpc {
-    pub fn new(store: SecretStore, authz: AuthzClient, usage: UsageClient) -> Self {
-        Self { store, authz, usage }
+    pub fn new(secrets: Secrets) -> Self {
+        Self { secrets }
     }
 
-    /// Delete protection: the saved workloads that would break if `key` of
-    /// `scope` went, refused unless `force` (see [`UsageClient::guard_delete`]).
-    /// A global key breaks the workloads that look it up in a domain without
-    /// a key of that name (they fall back to the global one).
-    async fn guard_delete(&self, scope: &Scope, key: &str, force: bool) -> Result<Option<pb::BrokenWorkloads>, Status> {
-        let lookup = |scope: Scope| Lookup { scope, key: key.to_string(), global_fallback: false };
-        if self.store.read_values(&[lookup(scope.clone())]).await?[0].is_none() {
-            // Nothing to protect: the delete reports NOT_FOUND.
-            return Ok(None);
-        }
-        let query = |source_id: &str, source_ids: Vec<String>| internal::FindUsagesRequest {
-            source_type: pb::SourceType::Kubernetes as i32,
-            source_id: source_id.to_string(),
-            key: key.to_string(),
-            source_ids,
-            limit: 0,
-        };
-        match scope {
-            Scope::Admin => Ok(None),
-            Scope::Domain(d) => {
-                let what = format!("secret {key:?} of domain {d:?}");
-                self.usage.guard_delete(&what, query(d, Vec::new()), force).await
-            }
-            Scope::Global => {
-                let what = format!("global secret {key:?}");
-                let candidates = self.usage.find_before_delete(&what, query("", Vec::new())).await?.source_ids;
-                let lookups = candidates
-                    .iter()
-                    .filter_map(|d| Scope::domain("source_id", d).ok().map(lookup))
-                    .collect::<Vec<_>>();
-                let own = self.store.read_values(&lookups).await?;
-                let falling_back: Vec<String> = lookups
-                    .into_iter()
-                    .zip(own)
-                    .filter(|(_, found)| found.is_none())
-                    .filter_map(|(l, _)| match l.scope {
-                        Scope::Domain(d) => Some(d),
-                        _ => None,
-                    })
-                    .collect();
-                if falling_back.is_empty() {
-                    return Ok(None);
-                }
-                self.usage.guard_delete(&what, query("", falling_back), force).await
-            }
-        }
-    }
-
-    async fn authorize(
-        &self,
-        principal: &Acting,
-        scope: &Scope,
-        op: Op,
-        view_domain: Option<&str>,
-    ) -> Result<(), Status> {
-        let (permission, domain) = match (scope, op) {
-            (Scope::Domain(d), Op::List) => (Permission::ListSecrets, Some(d.as_str())),
-            (Scope::Domain(d), Op::Write) => (Permission::ManageSecrets, Some(d.as_str())),
-            (Scope::Global, Op::List) if view_domain.is_some() => (Permission::ListSecrets, view_domain),
-            (Scope::Global | Scope::Admin, _) => (Permission::PlatformAdmin, None),
-        };
-        let action = match op {
-            Op::List => format!("list {scope}"),
-            Op::Write => format!("change {scope}"),
-        };
-        self.authz
-            .require(Question::domain(principal, permission, domain).with_groups(&principal.groups), &action)
-            .await
+    async fn put(&self, call: &InternalCall, w: Write, mode: Mode) -> Result<Response<pb::SecretMetadata>, Status> {
+        let principal = &call.require_acting()?;
+        record(&principal.to_string(), &w.domain, &w.key, w.scope);
+        let scope = scope_of(w.scope, &w.domain, false)?;
+        let value = value_of(w.value)?;
+        let info = self.secrets.put(principal, &scope, &w.key, value, mode).await?;
+        Ok(Response::new(metadata(info, &w.domain)))
     }
 }
 
@@ -107,38 +41,6 @@ struct Write {
     domain: String,
     key: String,
     value: Option<pb::SecretValue>,
-}
-
-#[derive(Clone, Copy)]
-enum Mode {
-    Create,
-    Update,
-}
-
-#[derive(Clone, Copy)]
-enum Op {
-    List,
-    Write,
-}
-
-impl SecretGrpc {
-    async fn put(&self, call: &InternalCall, w: Write, mode: Mode) -> Result<Response<pb::SecretMetadata>, Status> {
-        let principal = &call.require_acting()?;
-        record(&principal.to_string(), &w.domain, &w.key, w.scope);
-        let scope = scope_of(w.scope, &w.domain, false)?;
-        let value = value_of(w.value)?;
-        self.authorize(principal, &scope, Op::Write, None).await?;
-        let info = match mode {
-            Mode::Create => self.store.create(&scope, &w.key, value).await?,
-            Mode::Update => self.store.update(&scope, &w.key, value).await?,
-        };
-        let verb = match mode {
-            Mode::Create => "secret created",
-            Mode::Update => "secret updated",
-        };
-        tracing::info!(%scope, key = %info.key, %principal, "{verb}");
-        Ok(Response::new(metadata(info, &w.domain)))
-    }
 }
 
 /// The scope a request names; `domain` must be set exactly for domain scopes
@@ -231,16 +133,7 @@ impl SecretService for SecretGrpc {
         let req = request.into_inner();
         record(&principal.to_string(), &req.domain, &req.key, req.scope);
         let scope = scope_of(req.scope, &req.domain, false)?;
-        secrets_common::validate::secret_key("key", &req.key).map_err(invalid_argument)?;
-        self.authorize(principal, &scope, Op::Write, None).await?;
-        let broken = self.guard_delete(&scope, &req.key, req.force).await?;
-        self.store.delete(&scope, &req.key).await?;
-        match &broken {
-            Some(b) => {
-                tracing::warn!(%scope, key = %req.key, %principal, broken = b.total, "secret deleted by force while workloads reference it")
-            }
-            None => tracing::info!(%scope, key = %req.key, %principal, "secret deleted"),
-        }
+        let broken = self.secrets.delete(principal, &scope, &req.key, req.force).await?;
         Ok(Response::new(pb::DeleteSecretResponse { broken }))
     }
 
@@ -262,8 +155,8 @@ impl SecretService for SecretGrpc {
             }
             _ => None,
         };
-        self.authorize(principal, &scope, Op::List, view_domain).await?;
-        let secrets: Vec<_> = self.store.list(&scope).await?.into_iter().map(|i| metadata(i, &req.domain)).collect();
+        let listed = self.secrets.list(principal, &scope, view_domain).await?;
+        let secrets: Vec<_> = listed.into_iter().map(|i| metadata(i, &req.domain)).collect();
         tracing::Span::current().record("count", secrets.len() as i64);
         Ok(Response::new(pb::ListSecretsResponse { secrets }))
     }
@@ -289,7 +182,7 @@ impl SecretReader for SecretGrpc {
             })?;
             lookups.push(Lookup { scope, key: l.key, global_fallback: l.global_fallback });
         }
-        let found = self.store.read_values(&lookups).await?;
+        let found = self.secrets.store.read_values(&lookups).await?;
         let budget = if req.max_value_bytes == 0 { u64::MAX } else { req.max_value_bytes };
         let mut sent = 0u64;
         let (mut n_found, mut n_withheld) = (0i64, 0i64);

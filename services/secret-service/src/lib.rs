@@ -7,6 +7,7 @@
 
 mod error;
 pub mod grpc;
+pub mod secrets;
 pub mod store;
 
 /// The store backends, from the shared store library, with this service's
@@ -171,7 +172,7 @@ impl Application {
         let backend: Arc<SecretBackend> = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
         let store = SecretStore::new(backend, config.object_prefix.clone());
         tracing::info!(backend = store.backend_name(), "secret store ready");
-        let grpc = grpc::SecretGrpc::new(store, authz, usage);
+        let grpc = grpc::SecretGrpc::new(secrets::Secrets { store, authz: Arc::new(authz), usage: Arc::new(usage) });
         let auth = internal.auth();
 
         let (router, health) = server::router("secret-service", &metrics, &[SECRET_SERVICE, SECRET_READER]).await?;

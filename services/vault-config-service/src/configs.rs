@@ -11,8 +11,9 @@ use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, Qu
 use secrets_common::{
     SecretValue,
     auth::{Acting, InternalChannel, act_as},
-    authz::{AuthzClient, Question},
+    authz::{AuthzClient, Decisions, Question},
     error::from_upstream,
+    usage::Usages,
     validate::{self, FieldViolation},
 };
 use secrets_proto::{

@@ -76,6 +76,17 @@ pub trait Decisions: Send + Sync {
     /// Answers `questions` in one round trip, in order, one per question;
     /// fails closed (`UNAVAILABLE`) when they cannot be answered.
     async fn batch_check(&self, questions: &[Question<'_>]) -> Result<Vec<CheckResponse>, Status>;
+
+    /// `Ok(())` when allowed, `PERMISSION_DENIED` saying what `action` needed
+    /// and why it was refused otherwise.
+    async fn require(&self, question: Question<'_>, action: &str) -> Result<(), Status> {
+        let answer = self.batch_check(std::slice::from_ref(&question)).await?.remove(0);
+        if answer.allowed {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!("{} may not {action}: {}", question.subject, answer.reason)))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -138,17 +149,6 @@ impl AuthzClient {
             return Err(Status::unavailable(format!("{AUTHZ_SERVICE}: answered {} of {n} checks", results.len())));
         }
         Ok(results)
-    }
-
-    /// `Ok(())` when allowed, `PERMISSION_DENIED` saying what `action` needed
-    /// and why it was refused otherwise.
-    pub async fn require(&self, question: Question<'_>, action: &str) -> Result<(), Status> {
-        let answer = self.batch_check(std::slice::from_ref(&question)).await?.remove(0);
-        if answer.allowed {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!("{} may not {action}: {}", question.subject, answer.reason)))
-        }
     }
 }
 

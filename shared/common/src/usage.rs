@@ -63,11 +63,19 @@ impl UsageClient {
     pub async fn find(&self, request: internal::FindUsagesRequest) -> Result<internal::FindUsagesResponse, Status> {
         Ok(self.inner.clone().find_usages(request).await.map_err(Self::failed)?.into_inner())
     }
+}
+
+/// The usage index as delete protection asks it: through [`UsageClient`],
+/// or, in a unit test, a table.
+#[tonic::async_trait]
+pub trait Usages: Send + Sync {
+    /// The saved workloads that reference a secret or a Vault config.
+    async fn find(&self, request: internal::FindUsagesRequest) -> Result<internal::FindUsagesResponse, Status>;
 
     /// The usages a delete of `what` must consider. When the index cannot
     /// answer, `UNAVAILABLE` saying nothing was deleted: nothing is deleted
     /// blind.
-    pub async fn find_before_delete(
+    async fn find_before_delete(
         &self,
         what: &str,
         mut query: internal::FindUsagesRequest,
@@ -88,7 +96,7 @@ impl UsageClient {
     /// Before deleting `what`: `Ok(None)` when no saved workload references
     /// it; the workloads (to report as broken) when some do and `force` is
     /// set; otherwise `FAILED_PRECONDITION` naming them.
-    pub async fn guard_delete(
+    async fn guard_delete(
         &self,
         what: &str,
         query: internal::FindUsagesRequest,
@@ -98,7 +106,14 @@ impl UsageClient {
     }
 }
 
-/// What [`UsageClient::guard_delete`] decides from the usages found.
+#[tonic::async_trait]
+impl Usages for UsageClient {
+    async fn find(&self, request: internal::FindUsagesRequest) -> Result<internal::FindUsagesResponse, Status> {
+        UsageClient::find(self, request).await
+    }
+}
+
+/// What [`Usages::guard_delete`] decides from the usages found.
 pub fn guard(
     what: &str,
     found: internal::FindUsagesResponse,

@@ -1,0 +1,345 @@
+//! The secret service's rules around the store: who may list or change
+//! which scope, and delete protection (a secret saved workloads reference
+//! is not deleted unless forced). No gRPC: permission answers come through
+//! [`Decisions`] and the usage index through [`Usages`], so the rules are
+//! tested with in-memory answers (see the tests below).
+
+use std::sync::Arc;
+
+use secrets_common::{
+    SecretValue,
+    auth::Acting,
+    authz::{Decisions, Question},
+    usage::Usages,
+};
+use secrets_proto::{
+    internal::v1 as internal,
+    v1::{self as pb, Permission},
+};
+use tonic::Status;
+
+use crate::store::{Lookup, Scope, SecretInfo, SecretStore};
+
+#[derive(Clone)]
+pub struct Secrets {
+    pub store: SecretStore,
+    pub authz: Arc<dyn Decisions>,
+    pub usage: Arc<dyn Usages>,
+}
+
+/// A create refuses an existing key; an update a missing one.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    Create,
+    Update,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    List,
+    Write,
+}
+
+impl Secrets {
+    /// Creates or updates `key` in `scope`: MANAGE_SECRETS in a domain, a
+    /// platform admin for the global and admin secrets.
+    pub async fn put(
+        &self,
+        principal: &Acting,
+        scope: &Scope,
+        key: &str,
+        value: SecretValue,
+        mode: Mode,
+    ) -> Result<SecretInfo, Status> {
+        self.authorize(principal, scope, Op::Write, None).await?;
+        let info = match mode {
+            Mode::Create => self.store.create(scope, key, value).await?,
+            Mode::Update => self.store.update(scope, key, value).await?,
+        };
+        let verb = match mode {
+            Mode::Create => "secret created",
+            Mode::Update => "secret updated",
+        };
+        tracing::info!(%scope, key = %info.key, %principal, "{verb}");
+        Ok(info)
+    }
+
+    /// Deletes `key` from `scope` once the caller may change it and no
+    /// saved workload would break, or, with `force`, reporting those that do.
+    pub async fn delete(
+        &self,
+        principal: &Acting,
+        scope: &Scope,
+        key: &str,
+        force: bool,
+    ) -> Result<Option<pb::BrokenWorkloads>, Status> {
+        secrets_common::validate::secret_key("key", key).map_err(secrets_common::error::invalid_argument)?;
+        self.authorize(principal, scope, Op::Write, None).await?;
+        let broken = self.guard_delete(scope, key, force).await?;
+        self.store.delete(scope, key).await?;
+        match &broken {
+            Some(b) => {
+                tracing::warn!(%scope, key, %principal, broken = b.total, "secret deleted by force while workloads reference it")
+            }
+            None => tracing::info!(%scope, key, %principal, "secret deleted"),
+        }
+        Ok(broken)
+    }
+
+    /// The keys of `scope`: LIST_SECRETS in a domain; the global secrets
+    /// need a platform admin, or LIST_SECRETS in `view_domain` when listed
+    /// from a domain (for the selector).
+    pub async fn list(
+        &self,
+        principal: &Acting,
+        scope: &Scope,
+        view_domain: Option<&str>,
+    ) -> Result<Vec<SecretInfo>, Status> {
+        self.authorize(principal, scope, Op::List, view_domain).await?;
+        Ok(self.store.list(scope).await?)
+    }
+
+    async fn authorize(
+        &self,
+        principal: &Acting,
+        scope: &Scope,
+        op: Op,
+        view_domain: Option<&str>,
+    ) -> Result<(), Status> {
+        let (permission, domain) = match (scope, op) {
+            (Scope::Domain(d), Op::List) => (Permission::ListSecrets, Some(d.as_str())),
+            (Scope::Domain(d), Op::Write) => (Permission::ManageSecrets, Some(d.as_str())),
+            (Scope::Global, Op::List) if view_domain.is_some() => (Permission::ListSecrets, view_domain),
+            (Scope::Global | Scope::Admin, _) => (Permission::PlatformAdmin, None),
+        };
+        let action = match op {
+            Op::List => format!("list {scope}"),
+            Op::Write => format!("change {scope}"),
+        };
+        self.authz
+            .require(Question::domain(principal, permission, domain).with_groups(&principal.groups), &action)
+            .await
+    }
+
+    /// Delete protection: the saved workloads that would break if `key` of
+    /// `scope` went, refused unless `force` (see [`Usages::guard_delete`]).
+    /// A global key breaks the workloads that look it up in a domain without
+    /// a key of that name (they fall back to the global one).
+    async fn guard_delete(&self, scope: &Scope, key: &str, force: bool) -> Result<Option<pb::BrokenWorkloads>, Status> {
+        let lookup = |scope: Scope| Lookup { scope, key: key.to_string(), global_fallback: false };
+        if self.store.read_values(&[lookup(scope.clone())]).await?[0].is_none() {
+            // Nothing to protect: the delete reports NOT_FOUND.
+            return Ok(None);
+        }
+        let query = |source_id: &str, source_ids: Vec<String>| internal::FindUsagesRequest {
+            source_type: pb::SourceType::Kubernetes as i32,
+            source_id: source_id.to_string(),
+            key: key.to_string(),
+            source_ids,
+            limit: 0,
+        };
+        match scope {
+            Scope::Admin => Ok(None),
+            Scope::Domain(d) => {
+                let what = format!("secret {key:?} of domain {d:?}");
+                self.usage.guard_delete(&what, query(d, Vec::new()), force).await
+            }
+            Scope::Global => {
+                let what = format!("global secret {key:?}");
+                let candidates = self.usage.find_before_delete(&what, query("", Vec::new())).await?.source_ids;
+                let lookups = candidates
+                    .iter()
+                    .filter_map(|d| Scope::domain("source_id", d).ok().map(lookup))
+                    .collect::<Vec<_>>();
+                let own = self.store.read_values(&lookups).await?;
+                let falling_back: Vec<String> = lookups
+                    .into_iter()
+                    .zip(own)
+                    .filter(|(_, found)| found.is_none())
+                    .filter_map(|(l, _)| match l.scope {
+                        Scope::Domain(d) => Some(d),
+                        _ => None,
+                    })
+                    .collect();
+                if falling_back.is_empty() {
+                    return Ok(None);
+                }
+                self.usage.guard_delete(&what, query("", falling_back), force).await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use secrets_common::Principal;
+    use secrets_store::embedded::EmbeddedBackend;
+    use tonic::Code;
+
+    use super::*;
+
+    /// Grants from a rule; records every question asked.
+    struct Grants {
+        allow: fn(Permission, Option<&str>) -> bool,
+        asked: Mutex<Vec<(Permission, Option<String>)>>,
+    }
+
+    #[tonic::async_trait]
+    impl Decisions for Grants {
+        async fn batch_check(&self, questions: &[Question<'_>]) -> Result<Vec<pb::CheckResponse>, Status> {
+            let mut asked = self.asked.lock().unwrap();
+            Ok(questions
+                .iter()
+                .map(|q| {
+                    asked.push((q.permission, q.domain.map(str::to_string)));
+                    let allowed = (self.allow)(q.permission, q.domain);
+                    pb::CheckResponse { allowed, reason: if allowed { "granted" } else { "no grant" }.into() }
+                })
+                .collect())
+        }
+    }
+
+    /// The usage index: every domain in `referencing` has one saved
+    /// workload using the key; records the queries.
+    #[derive(Default)]
+    struct Index {
+        referencing: Vec<&'static str>,
+        queries: Mutex<Vec<internal::FindUsagesRequest>>,
+        down: bool,
+    }
+
+    #[tonic::async_trait]
+    impl Usages for Index {
+        async fn find(&self, q: internal::FindUsagesRequest) -> Result<internal::FindUsagesResponse, Status> {
+            self.queries.lock().unwrap().push(q.clone());
+            if self.down {
+                return Err(Status::unavailable("usage index (authz-service): gone"));
+            }
+            let matches: Vec<&str> = self
+                .referencing
+                .iter()
+                .copied()
+                .filter(|d| *d == q.source_id || q.source_ids.iter().any(|s| s == d) || q.source_id.is_empty())
+                .filter(|d| q.source_ids.is_empty() || q.source_ids.iter().any(|s| s == d))
+                .collect();
+            let usages = matches
+                .iter()
+                .map(|d| internal::WorkloadUsage {
+                    workload: Some(pb::WorkloadRef {
+                        domain: d.to_string(),
+                        kind: pb::WorkloadKind::SparkJob as i32,
+                        id: format!("etl-{d}"),
+                        name: String::new(),
+                    }),
+                    references: Vec::new(),
+                })
+                .collect();
+            Ok(internal::FindUsagesResponse {
+                total: matches.len() as u32,
+                usages,
+                source_ids: matches.iter().map(|d| d.to_string()).collect(),
+            })
+        }
+    }
+
+    struct Fixture {
+        secrets: Secrets,
+        grants: Arc<Grants>,
+        index: Arc<Index>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(allow: fn(Permission, Option<&str>) -> bool, index: Index) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<crate::backend::SecretBackend> = Arc::new(EmbeddedBackend::open(dir.path()).unwrap());
+        let (grants, index) = (Arc::new(Grants { allow, asked: Mutex::default() }), Arc::new(index));
+        let secrets =
+            Secrets { store: SecretStore::new(backend, "store"), authz: grants.clone(), usage: index.clone() };
+        Fixture { secrets, grants, index, _dir: dir }
+    }
+
+    fn alice() -> Acting {
+        Acting { principal: Principal::user("alice"), groups: Vec::new() }
+    }
+
+    fn value(v: &str) -> SecretValue {
+        SecretValue::from(v.to_string())
+    }
+
+    fn sales() -> Scope {
+        Scope::Domain("sales".into())
+    }
+
+    #[tokio::test]
+    async fn each_scope_asks_its_own_permission_and_a_refusal_changes_nothing() {
+        let f = fixture(|p, d| p == Permission::ManageSecrets && d == Some("sales"), Index::default());
+        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create).await.unwrap();
+        let refused = f.secrets.put(&alice(), &Scope::Global, "db", value("pw"), Mode::Create).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied);
+        assert_eq!(refused.message(), "user:alice may not change the global secrets: no grant");
+        assert!(f.secrets.store.list(&Scope::Global).await.unwrap().is_empty(), "a refused write lands nothing");
+        let listing = f.secrets.list(&alice(), &sales(), None).await.unwrap_err();
+        assert!(listing.message().contains("may not list domain \"sales\""), "{}", listing.message());
+        assert_eq!(
+            *f.grants.asked.lock().unwrap(),
+            [
+                (Permission::ManageSecrets, Some("sales".into())),
+                (Permission::PlatformAdmin, None),
+                (Permission::ListSecrets, Some("sales".into())),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_global_secrets_are_listed_from_a_domain_with_list_secrets_there() {
+        let f = fixture(|p, d| p == Permission::ListSecrets && d == Some("hr"), Index::default());
+        assert!(f.secrets.list(&alice(), &Scope::Global, Some("hr")).await.unwrap().is_empty());
+        assert_eq!(f.secrets.list(&alice(), &Scope::Global, None).await.unwrap_err().code(), Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_referenced_secret_is_kept_unless_forced_and_a_forced_delete_names_what_broke() {
+        let f = fixture(|_, _| true, Index { referencing: vec!["sales"], ..Default::default() });
+        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create).await.unwrap();
+        let refused = f.secrets.delete(&alice(), &sales(), "db", false).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(refused.message().contains("sales/SPARK_JOB/etl-sales"), "{}", refused.message());
+        assert_eq!(f.secrets.store.list(&sales()).await.unwrap().len(), 1, "the secret is kept");
+        let broken = f.secrets.delete(&alice(), &sales(), "db", true).await.unwrap().expect("broken workloads");
+        assert_eq!(broken.total, 1);
+        assert!(f.secrets.store.list(&sales()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn deleting_a_global_key_counts_only_the_domains_that_fall_back_to_it() {
+        let f = fixture(|_, _| true, Index { referencing: vec!["sales", "hr"], ..Default::default() });
+        f.secrets.put(&alice(), &Scope::Global, "db", value("g"), Mode::Create).await.unwrap();
+        // hr has its own db: its workloads keep working without the global one.
+        f.secrets.put(&alice(), &Scope::Domain("hr".into()), "db", value("h"), Mode::Create).await.unwrap();
+        let refused = f.secrets.delete(&alice(), &Scope::Global, "db", false).await.unwrap_err();
+        assert!(
+            refused.message().contains("etl-sales") && !refused.message().contains("etl-hr"),
+            "{}",
+            refused.message()
+        );
+        let last = f.index.queries.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last.source_ids, ["sales"]);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_deleted_blind_and_a_missing_key_never_asks_the_index() {
+        let f = fixture(|_, _| true, Index { down: true, ..Default::default() });
+        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create).await.unwrap();
+        let e = f.secrets.delete(&alice(), &sales(), "db", true).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("was not deleted"), "{}", e.message());
+        assert_eq!(f.secrets.store.list(&sales()).await.unwrap().len(), 1);
+
+        let queries = f.index.queries.lock().unwrap().len();
+        let missing = f.secrets.delete(&alice(), &sales(), "nope", false).await.unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound);
+        assert_eq!(f.index.queries.lock().unwrap().len(), queries, "the index was asked about a missing key");
+    }
+}
