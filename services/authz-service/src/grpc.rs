@@ -15,6 +15,7 @@ use tracing::instrument;
 
 use crate::{
     Error, Result,
+    access::{Access, token_groups},
     policy::{Bundle, BundleChange, Check, Group, Member, Permission, Policy, ResourceType, Role, Target},
 };
 
@@ -30,44 +31,19 @@ pub const MAX_TOKEN_GROUPS: usize = 256;
 
 #[derive(Clone)]
 pub struct AuthzGrpc {
+    /// Who may do what: every RPC asks it first.
+    access: Access,
     policy: Policy,
 }
 
 impl AuthzGrpc {
     pub fn new(policy: Policy) -> Self {
-        Self { policy }
+        Self { access: Access::new(policy.clone()), policy }
     }
+}
 
-    /// Ok when `caller` may do `permission` on `target`; otherwise
-    /// PERMISSION_DENIED saying what `action` needed and why.
-    async fn require(&self, caller: &Acting, permission: Permission, target: Target, action: &str) -> Result<()> {
-        let d = self.policy.check_with_groups(caller, token_groups(caller), permission, target).await?;
-        if d.allowed {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(format!("{caller} may not {action}: {}", d.reason)))
-        }
-    }
-
-    /// Management calls need the caller to own the domain or be an admin.
-    async fn require_domain_access(&self, caller: &Acting, domain: &str) -> Result<()> {
-        self.require(
-            caller,
-            Permission::ManageDomainAccess,
-            Target::Domain(domain.to_string()),
-            &format!("manage access to domain {domain:?}"),
-        )
-        .await
-    }
-
-    async fn require_admin(&self, caller: &Acting, action: &str) -> Result<()> {
-        self.require(caller, Permission::PlatformAdmin, Target::Platform, action).await
-    }
-
-    /// Answers checks from the grants in memory (one read of the change
-    /// counter). A forwarded call (one that
-    /// names a principal) may ask about its own principal only, unless that
-    /// principal is an admin.
+impl AuthzGrpc {
+    /// Parses the checks (each error names its field) and answers them.
     async fn answer(&self, call: &InternalCall, checks: Vec<pb::CheckRequest>) -> Result<Vec<pb::CheckResponse>> {
         if checks.len() > MAX_CHECKS {
             return Err(FieldViolation::new(
@@ -81,49 +57,8 @@ impl AuthzGrpc {
             .enumerate()
             .map(|(i, c)| parse_check(c, if checks.len() == 1 { String::new() } else { format!("checks[{i}].") }))
             .collect::<Result<Vec<_>>>()?;
-        let (caller_is_admin, decisions) = self.policy.check_batch(call.principal.as_ref(), &parsed).await?;
-        if let Some(caller) = &call.principal
-            && parsed.iter().any(|c| &c.subject != caller)
-            && !caller_is_admin
-        {
-            return Err(Error::PermissionDenied(format!(
-                "{caller} may check its own permissions only; platform admins may check anyone's"
-            )));
-        }
-        // Token groups come from a verified token, which only the services
-        // see: a person asking through the gateway cannot claim groups.
-        if let Some(caller) = &call.principal
-            && parsed.iter().any(|c| !c.token_groups.is_empty())
-            && !caller_is_admin
-        {
-            return Err(Error::PermissionDenied(format!(
-                "{caller} may not set groups: they come from a verified identity token, not from the caller"
-            )));
-        }
+        let decisions = self.access.answer(call.principal.as_ref(), &parsed).await?;
         Ok(decisions.into_iter().map(|d| pb::CheckResponse { allowed: d.allowed, reason: d.reason }).collect())
-    }
-
-    /// Whether `caller` holds any permission on each bundle: one query.
-    async fn visible_bundles(&self, caller: &Acting, names: Vec<String>) -> Result<Vec<String>> {
-        const ANY: [Permission; 4] = [Permission::View, Permission::Update, Permission::Use, Permission::ManageBundle];
-        let checks: Vec<Check> = names
-            .iter()
-            .flat_map(|b| {
-                ANY.iter().map(|p| Check {
-                    subject: caller.principal.clone(),
-                    permission: *p,
-                    target: Target::Bundle(b.clone()),
-                    token_groups: token_groups(caller),
-                })
-            })
-            .collect();
-        let (_, decisions) = self.policy.check_batch(Some(&caller.principal), &checks).await?;
-        Ok(names
-            .into_iter()
-            .zip(decisions.chunks(ANY.len()))
-            .filter(|(_, d)| d.iter().any(|d| d.allowed))
-            .map(|(b, _)| b)
-            .collect())
     }
 }
 
@@ -145,7 +80,7 @@ impl AuthzGrpc {
         let d = domain("domain", domain_name)?;
         let s = any_subject("subject", subject_name)?;
         let p = grantable("permission", permission)?;
-        self.require_domain_access(caller, &d).await?;
+        self.access.require_domain_access(caller, &d).await?;
         let (m, what) = match change {
             Change::Grant => (self.policy.grant(&d, &s, p).await?, "permission granted"),
             Change::Revoke => (self.policy.revoke(&d, &s, p).await?, "permission revoked"),
@@ -165,7 +100,8 @@ impl AuthzGrpc {
         let b = name("bundle", bundle)?;
         let s = any_subject("subject", subject)?;
         let p = bundle_grantable("permission", permission)?;
-        self.require(caller, Permission::ManageBundle, Target::Bundle(b.clone()), &format!("manage bundle {b}"))
+        self.access
+            .require(caller, Permission::ManageBundle, Target::Bundle(b.clone()), &format!("manage bundle {b}"))
             .await?;
         let (bundle, what) = match change {
             Change::Grant => (self.policy.grant_bundle(&b, &s, p).await?, "bundle permission granted"),
@@ -371,11 +307,6 @@ fn caller<T>(request: &Request<T>) -> Result<Acting, Status> {
     InternalCall::of(request).require_acting()
 }
 
-/// The names of `caller`'s token groups, as checks carry them.
-fn token_groups(caller: &Acting) -> Vec<String> {
-    caller.groups.iter().map(|g| g.name.clone()).collect()
-}
-
 #[tonic::async_trait]
 impl AuthzService for AuthzGrpc {
     #[instrument(skip_all, fields(rpc = "Check", subject = %request.get_ref().subject, domain = %request.get_ref().domain, allowed))]
@@ -421,7 +352,7 @@ impl AuthzService for AuthzGrpc {
                 .into());
             }
         };
-        self.require_domain_access(&caller, &d).await?;
+        self.access.require_domain_access(&caller, &d).await?;
         let m = self.policy.add_member(&d, &s, role).await?;
         tracing::info!(domain = %d, subject = %s, role = ?role, %caller, "domain member set");
         Ok(Response::new(member_pb(m)))
@@ -436,7 +367,7 @@ impl AuthzService for AuthzGrpc {
         let req = request.into_inner();
         let d = domain("domain", &req.domain)?;
         let s = any_subject("subject", &req.subject)?;
-        self.require_domain_access(&caller, &d).await?;
+        self.access.require_domain_access(&caller, &d).await?;
         self.policy.remove_member(&d, &s).await?;
         tracing::info!(domain = %d, subject = %s, %caller, "domain member removed");
         Ok(Response::new(pb::RemoveDomainMemberResponse {}))
@@ -469,7 +400,7 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::ListDomainMembersResponse>, Status> {
         let caller = caller(&request)?;
         let d = domain("domain", &request.get_ref().domain)?;
-        self.require_domain_access(&caller, &d).await?;
+        self.access.require_domain_access(&caller, &d).await?;
         let members = self.policy.members(&d).await?.into_iter().map(member_pb).collect();
         Ok(Response::new(pb::ListDomainMembersResponse { members }))
     }
@@ -480,7 +411,7 @@ impl AuthzService for AuthzGrpc {
         let req = request.into_inner();
         let n = name("name", &req.name)?;
         let d = description("description", &req.description)?;
-        self.require_admin(&caller, "manage groups").await?;
+        self.access.require_admin(&caller, "manage groups").await?;
         let g = self.policy.create_group(&n, &d).await?;
         tracing::info!(group = %n, %caller, "group created");
         Ok(Response::new(group_pb(g)))
@@ -493,7 +424,7 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
         let caller = caller(&request)?;
         let n = name("name", &request.get_ref().name)?;
-        self.require_admin(&caller, "manage groups").await?;
+        self.access.require_admin(&caller, "manage groups").await?;
         self.policy.delete_group(&n).await?;
         tracing::info!(group = %n, %caller, "group deleted");
         Ok(Response::new(pb::DeleteGroupResponse {}))
@@ -508,7 +439,7 @@ impl AuthzService for AuthzGrpc {
         let req = request.into_inner();
         let g = name("group", &req.group)?;
         let m = any_subject("member", &req.member)?;
-        self.require_admin(&caller, "manage groups").await?;
+        self.access.require_admin(&caller, "manage groups").await?;
         let group = self.policy.add_group_member(&g, &m).await?;
         tracing::info!(group = %g, member = %m, %caller, "group member added");
         Ok(Response::new(group_pb(group)))
@@ -523,7 +454,7 @@ impl AuthzService for AuthzGrpc {
         let req = request.into_inner();
         let g = name("group", &req.group)?;
         let m = any_subject("member", &req.member)?;
-        self.require_admin(&caller, "manage groups").await?;
+        self.access.require_admin(&caller, "manage groups").await?;
         let group = self.policy.remove_group_member(&g, &m).await?;
         tracing::info!(group = %g, member = %m, %caller, "group member removed");
         Ok(Response::new(group_pb(group)))
@@ -535,7 +466,7 @@ impl AuthzService for AuthzGrpc {
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let caller = caller(&request)?;
-        self.require_admin(&caller, "list groups").await?;
+        self.access.require_admin(&caller, "list groups").await?;
         let groups = self.policy.groups().await?.into_iter().map(group_pb).collect();
         Ok(Response::new(pb::ListGroupsResponse { groups }))
     }
@@ -547,7 +478,7 @@ impl AuthzService for AuthzGrpc {
         let n = name("name", &req.name)?;
         let d = description("description", &req.description)?;
         let owner = bundle_owner("owner", &req.owner)?;
-        self.require_admin(&caller, "create bundles").await?;
+        self.access.require_admin(&caller, "create bundles").await?;
         let b = self.policy.create_bundle(&n, &d, &owner).await?;
         tracing::info!(bundle = %n, %owner, %caller, "bundle created");
         Ok(Response::new(bundle_pb(b)))
@@ -557,7 +488,7 @@ impl AuthzService for AuthzGrpc {
     async fn get_bundle(&self, request: Request<pb::GetBundleRequest>) -> Result<Response<pb::Bundle>, Status> {
         let caller = caller(&request)?;
         let n = name("name", &request.get_ref().name)?;
-        if self.visible_bundles(&caller, vec![n.clone()]).await?.is_empty() {
+        if self.access.visible_bundles(&caller, vec![n.clone()]).await?.is_empty() {
             return Err(Error::PermissionDenied(format!(
                 "{caller} may not see bundle {n}: it holds no permission on it, directly or through a group"
             ))
@@ -574,7 +505,7 @@ impl AuthzService for AuthzGrpc {
         let caller = caller(&request)?;
         let names = self.policy.bundle_names().await?;
         let mut bundles = Vec::new();
-        for n in self.visible_bundles(&caller, names).await? {
+        for n in self.access.visible_bundles(&caller, names).await? {
             bundles.push(bundle_pb(self.policy.bundle(&n).await?));
         }
         tracing::Span::current().record("count", bundles.len() as i64);
@@ -597,9 +528,10 @@ impl AuthzService for AuthzGrpc {
             owner: req.owner.as_deref().map(|o| bundle_owner("owner", o)).transpose()?,
         };
         if change.owner.is_some() {
-            self.require_admin(&caller, &format!("change the owner of bundle {n}")).await?;
+            self.access.require_admin(&caller, &format!("change the owner of bundle {n}")).await?;
         } else {
-            self.require(&caller, Permission::ManageBundle, Target::Bundle(n.clone()), &format!("manage bundle {n}"))
+            self.access
+                .require(&caller, Permission::ManageBundle, Target::Bundle(n.clone()), &format!("manage bundle {n}"))
                 .await?;
         }
         let b = self.policy.update_bundle(&n, change).await?;
@@ -614,7 +546,8 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::DeleteBundleResponse>, Status> {
         let caller = caller(&request)?;
         let n = name("name", &request.get_ref().name)?;
-        self.require(&caller, Permission::ManageBundle, Target::Bundle(n.clone()), &format!("delete bundle {n}"))
+        self.access
+            .require(&caller, Permission::ManageBundle, Target::Bundle(n.clone()), &format!("delete bundle {n}"))
             .await?;
         self.policy.delete_bundle(&n).await?;
         tracing::info!(bundle = %n, %caller, "bundle deleted");
@@ -648,7 +581,7 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::GrantPlatformAdminResponse>, Status> {
         let caller = caller(&request)?;
         let s = actor("subject", &request.get_ref().subject)?;
-        self.require_admin(&caller, "manage platform admins").await?;
+        self.access.require_admin(&caller, "manage platform admins").await?;
         self.policy.grant_admin(&s).await?;
         tracing::info!(subject = %s, %caller, "platform admin granted");
         Ok(Response::new(pb::GrantPlatformAdminResponse {}))
@@ -661,7 +594,7 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::RevokePlatformAdminResponse>, Status> {
         let caller = caller(&request)?;
         let s = actor("subject", &request.get_ref().subject)?;
-        self.require_admin(&caller, "manage platform admins").await?;
+        self.access.require_admin(&caller, "manage platform admins").await?;
         self.policy.revoke_admin(&s).await?;
         tracing::info!(subject = %s, %caller, "platform admin revoked");
         Ok(Response::new(pb::RevokePlatformAdminResponse {}))
@@ -673,7 +606,7 @@ impl AuthzService for AuthzGrpc {
         request: Request<pb::ListPlatformAdminsRequest>,
     ) -> Result<Response<pb::ListPlatformAdminsResponse>, Status> {
         let caller = caller(&request)?;
-        self.require_admin(&caller, "manage platform admins").await?;
+        self.access.require_admin(&caller, "manage platform admins").await?;
         let admins = self
             .policy
             .admins()
@@ -722,7 +655,7 @@ impl ResourceRegistry for AuthzGrpc {
                 token_groups: token_groups(&caller),
             },
         ];
-        let (_, decisions) = self.policy.check_batch(Some(&caller.principal), &checks).await?;
+        let decisions = self.access.decide(&caller, &checks).await?;
         if let Some(denied) = decisions.iter().find(|d| !d.allowed) {
             return Err(Error::PermissionDenied(format!(
                 "{caller} may not create a {} in domain {d:?} and bundle {b}: {}",
@@ -743,15 +676,74 @@ impl ResourceRegistry for AuthzGrpc {
     ) -> Result<Response<internal::UnregisterResourceResponse>, Status> {
         let caller = caller(&request)?;
         let (kind, id) = resource("resource", request.get_ref().resource.as_ref())?;
-        self.require(
-            &caller,
-            Permission::Update,
-            Target::Resource(kind, id.clone()),
-            &format!("delete {} {id}", kind.name()),
-        )
-        .await?;
+        self.access
+            .require(
+                &caller,
+                Permission::Update,
+                Target::Resource(kind, id.clone()),
+                &format!("delete {} {id}", kind.name()),
+            )
+            .await?;
         self.policy.unregister_resource(kind, &id).await?;
         tracing::info!(resource = %id, %caller, "resource unregistered");
         Ok(Response::new(internal::UnregisterResourceResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(permission: pb::Permission) -> pb::CheckRequest {
+        pb::CheckRequest { subject: "user:alice".into(), permission: permission as i32, ..Default::default() }
+    }
+
+    fn violation(r: Result<Check>) -> String {
+        match r {
+            Err(Error::InvalidArgument(v)) => v[0].field.clone(),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_check_targets_what_its_permission_is_about_and_errors_name_the_field() {
+        let admin = parse_check(&request(pb::Permission::PlatformAdmin), String::new()).unwrap();
+        assert_eq!(admin.target, Target::Platform);
+        let domain = pb::CheckRequest { domain: "sales".into(), ..request(pb::Permission::UseSecrets) };
+        assert_eq!(parse_check(&domain, String::new()).unwrap().target, Target::Domain("sales".into()));
+        let bundle = pb::CheckRequest { bundle: "lake".into(), ..request(pb::Permission::Use) };
+        assert_eq!(parse_check(&bundle, String::new()).unwrap().target, Target::Bundle("lake".into()));
+        let resource = pb::CheckRequest {
+            resource: Some(pb::Resource { r#type: pb::ResourceType::VaultConfig as i32, id: "cfg-1".into() }),
+            ..request(pb::Permission::View)
+        };
+        assert_eq!(
+            parse_check(&resource, String::new()).unwrap().target,
+            Target::Resource(ResourceType::VaultConfig, "cfg-1".into())
+        );
+
+        assert_eq!(violation(parse_check(&request(pb::Permission::Use), "checks[4].".into())), "checks[4].bundle");
+        assert_eq!(violation(parse_check(&request(pb::Permission::UseSecrets), String::new())), "domain");
+        assert_eq!(violation(parse_check(&request(pb::Permission::Unspecified), String::new())), "permission");
+        let group_subject = pb::CheckRequest { subject: "group:eng".into(), ..domain.clone() };
+        assert_eq!(violation(parse_check(&group_subject, String::new())), "subject");
+        let user_as_group = pb::CheckRequest { groups: vec!["user:bob".into()], ..domain.clone() };
+        assert_eq!(violation(parse_check(&user_as_group, String::new())), "groups[0]");
+        let many = pb::CheckRequest { groups: vec!["group:g".into(); MAX_TOKEN_GROUPS + 1], ..domain };
+        assert_eq!(violation(parse_check(&many, String::new())), "groups");
+    }
+
+    #[test]
+    fn only_member_permissions_are_granted_in_a_domain_and_only_view_update_use_on_a_bundle() {
+        assert!(grantable("permission", pb::Permission::ListSecrets as i32).is_ok());
+        let role = grantable("permission", pb::Permission::ManageDomainAccess as i32).unwrap_err().to_string();
+        assert!(role.contains("comes with a role"), "{role}");
+        assert!(bundle_grantable("permission", pb::Permission::Use as i32).is_ok());
+        let not = bundle_grantable("permission", pb::Permission::ManageSecrets as i32).unwrap_err().to_string();
+        assert!(not.contains("cannot be granted on a bundle"), "{not}");
+        assert_eq!(name("name", &"n".repeat(MAX_NAME_LEN)).unwrap().len(), MAX_NAME_LEN);
+        assert!(name("name", &"n".repeat(MAX_NAME_LEN + 1)).is_err());
+        assert!(name("name", "has space").is_err());
+        assert!(description("description", &"d".repeat(MAX_DESCRIPTION_LEN + 1)).is_err());
     }
 }

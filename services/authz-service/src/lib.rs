@@ -5,6 +5,7 @@
 //! Reading order: [`grpc`] → [`policy`] (queries) and [`rules`] (decisions,
 //! no I/O) → [`db`].
 
+pub mod access;
 pub mod db;
 pub mod grpc;
 pub mod leases;
