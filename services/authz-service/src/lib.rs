@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod db;
+pub mod grants;
 pub mod grpc;
 pub mod leases;
 pub mod policy;
