@@ -11,7 +11,7 @@ use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, Qu
 use secrets_common::{
     SecretValue,
     auth::{Acting, InternalChannel, act_as},
-    authz::{AuthzClient, Decisions, Question},
+    authz::{Decisions, Question},
     error::from_upstream,
     usage::Usages,
     validate::{self, FieldViolation},
@@ -67,9 +67,9 @@ type Version = (String, i64);
 
 /// The services a config's life goes through, all served by the authz-service.
 pub struct Peers {
-    pub authz: AuthzClient,
+    pub authz: Arc<dyn Decisions>,
     pub registry: ResourceRegistryClient<InternalChannel>,
-    pub usage: secrets_common::usage::UsageClient,
+    pub usage: Arc<dyn Usages>,
 }
 
 #[derive(Clone)]
@@ -77,9 +77,9 @@ pub struct Configs {
     db: DatabaseConnection,
     store: Arc<dyn StoreBackend<Error>>,
     prefix: String,
-    authz: AuthzClient,
+    authz: Arc<dyn Decisions>,
     registry: ResourceRegistryClient<InternalChannel>,
-    usage: secrets_common::usage::UsageClient,
+    usage: Arc<dyn Usages>,
     limits: Limits,
     connections: Cache<Version, Arc<Connection>>,
     values: Cache<Version, Arc<Fields>>,

@@ -182,9 +182,9 @@ impl Application {
             .channel(&config.authz_url, timeout + secrets_common::authz::GRANT_CHANGE_WAIT, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         let peers = configs::Peers {
-            authz,
+            authz: Arc::new(authz),
             registry: ResourceRegistryClient::with_interceptor(registry_channel, internal.client()),
-            usage: secrets_common::usage::UsageClient::new(channel, internal.client()),
+            usage: Arc::new(secrets_common::usage::UsageClient::new(channel, internal.client())),
         };
         let database_timeout = Duration::from_millis(config.database_timeout_ms);
         let db = db::connect(&config.database_url, database_timeout, Some(&metrics)).await?;
