@@ -178,18 +178,6 @@ impl Application {
         })
     }
 
-    pub fn port(&self) -> u16 {
-        self.served.port()
-    }
-
-    pub fn metrics_port(&self) -> Option<u16> {
-        self.served.metrics_port()
-    }
-
-    pub fn health_port(&self) -> Option<u16> {
-        self.served.health_port()
-    }
-
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let leases = self.leases.clone();
         let shutdown = async move {

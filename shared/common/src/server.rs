@@ -99,12 +99,30 @@ pub trait Service: Sized {
     fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> impl Future<Output = anyhow::Result<()>>;
 }
 
-/// Implements [`Service`] for a service's `Application`, whose inherent
-/// `build`, `port` and `run_until_stopped`, and whose `Config`'s `load`,
-/// `validate`, `server` and `telemetry`, have the shapes the trait names.
+/// For a service's `Application`, which serves through its field
+/// `served: Served`: its `port`, `metrics_port` and `health_port`, and
+/// [`Service`] from its inherent `build` and `run_until_stopped` and its
+/// `Config`'s `load`, `validate`, `server` and `telemetry`.
 #[macro_export]
 macro_rules! service {
     ($app:ty, $config:ty, $name:literal) => {
+        impl $app {
+            /// The gRPC listener's port.
+            pub fn port(&self) -> u16 {
+                self.served.port()
+            }
+
+            /// The metrics endpoint's port, when there is one.
+            pub fn metrics_port(&self) -> Option<u16> {
+                self.served.metrics_port()
+            }
+
+            /// The plaintext health port, when there is one.
+            pub fn health_port(&self) -> Option<u16> {
+                self.served.health_port()
+            }
+        }
+
         impl $crate::server::Service for $app {
             const NAME: &'static str = $name;
             type Config = $config;
