@@ -83,11 +83,7 @@ impl Config {
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut config: Self =
             secrets_common::config::load(file, ENV_PREFIX, &Self::default().server).map_err(anyhow::Error::msg)?;
-        if std::env::var_os("AUTHZ_SERVICE_DATABASE_URL").is_none()
-            && let Ok(url) = std::env::var("DATABASE_URL")
-        {
-            config.database_url = url;
-        }
+        secrets_db::url_from_environment("AUTHZ_SERVICE_DATABASE_URL", &mut config.database_url);
         Ok(config)
     }
 }

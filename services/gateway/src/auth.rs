@@ -150,12 +150,18 @@ pub struct Caller {
     pub member_of: Vec<Principal>,
     /// The RPC groups the token may call; `None`: all (user tokens).
     pub groups: Option<Arc<BTreeSet<RpcGroup>>>,
-    /// A service token acting for someone else that may not act for a
-    /// platform admin, or a user of an issuer sharing the plain namespace:
-    /// the gateway checks the principal is no platform admin.
-    pub must_not_be_admin: bool,
-    /// The issuer whose shared-namespace user this is.
-    pub shared_issuer: Option<String>,
+    /// Set when the principal must not turn out to be a platform admin:
+    /// every [`Caller::decide`] checks it in the same round trip.
+    pub not_admin: Option<NotAdmin>,
+}
+
+/// Why a caller's principal may not be a platform admin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotAdmin {
+    /// A service token acting for someone else without `act_for_admins`.
+    Delegated,
+    /// A user of this issuer, which shares the plain namespace.
+    SharedIssuer(String),
 }
 
 impl Caller {
@@ -188,28 +194,34 @@ impl Caller {
     pub async fn decide(
         &self,
         authz: &dyn Decisions,
-        mut questions: Vec<Question<'_>>,
+        questions: Vec<Question<'_>>,
     ) -> Result<Vec<CheckResponse>, Status> {
-        if self.must_not_be_admin {
-            questions
-                .push(Question::domain(&self.principal, Permission::PlatformAdmin, None).with_groups(&self.member_of));
-        }
-        if questions.is_empty() {
+        let asked = questions.len();
+        let probe = self
+            .not_admin
+            .as_ref()
+            .map(|_| Question::domain(&self.principal, Permission::PlatformAdmin, None).with_groups(&self.member_of));
+        let all: Vec<Question<'_>> = questions.into_iter().chain(probe).collect();
+        if all.is_empty() {
             return Ok(Vec::new());
         }
-        let mut answers = authz.batch_check(&questions).await?;
-        if self.must_not_be_admin && answers.pop().is_none_or(|a| a.allowed) {
-            return Err(self.admin_refusal());
-        }
-        if answers.len() + usize::from(self.must_not_be_admin) != questions.len() {
+        let mut answers = authz.batch_check(&all).await?;
+        if answers.len() != all.len() {
             return Err(Status::unavailable("authz-service: answered fewer questions than asked"));
+        }
+        // The caller's questions first, then the probe's answer, if asked.
+        let probed = answers.split_off(asked);
+        if let (Some(why), Some(answer)) = (&self.not_admin, probed.first())
+            && answer.allowed
+        {
+            return Err(self.admin_refusal(why));
         }
         Ok(answers)
     }
 
     /// The refusal for a principal that turned out to be a platform admin.
-    pub fn admin_refusal(&self) -> Status {
-        if let Some(issuer) = &self.shared_issuer {
+    fn admin_refusal(&self, why: &NotAdmin) -> Status {
+        if let NotAdmin::SharedIssuer(issuer) = why {
             return Status::permission_denied(format!(
                 "{} comes from issuer {issuer}, which shares the plain namespace, and may not act as a platform admin; name identity-provider admins user:{issuer}/NAME (an issuer without shared_namespace)",
                 self.principal
@@ -390,8 +402,7 @@ impl Authenticator {
                     };
                     let mut caller = caller(&identity, on_behalf_of, member_of)?;
                     if verified.shared {
-                        caller.must_not_be_admin = true;
-                        caller.shared_issuer = Some(verified.issuer.clone());
+                        caller.not_admin = Some(NotAdmin::SharedIssuer(verified.issuer.clone()));
                     }
                     Ok(caller)
                 }
@@ -456,7 +467,7 @@ fn caller(identity: &Identity, on_behalf_of: Option<Principal>, member_of: Vec<P
         }
     };
     let acting_for_other = principal != *own;
-    let must_not_be_admin = identity.policy.as_ref().is_some_and(|p| acting_for_other && !p.act_for_admins);
+    let delegated = identity.policy.as_ref().is_some_and(|p| acting_for_other && !p.act_for_admins);
     // Groups from a user's own token do not travel to whom it acts for.
     let member_of = if acting_for_other { Vec::new() } else { member_of };
     Ok(Caller {
@@ -466,8 +477,7 @@ fn caller(identity: &Identity, on_behalf_of: Option<Principal>, member_of: Vec<P
         own: own.clone(),
         member_of,
         groups: identity.policy.as_ref().map(|p| p.groups.clone()),
-        must_not_be_admin,
-        shared_issuer: None,
+        not_admin: delegated.then_some(NotAdmin::Delegated),
     })
 }
 
@@ -578,7 +588,11 @@ mod tests {
     #[test]
     fn service_tokens_act_for_users_only_and_call_resolve_and_workloads_by_default() {
         let c = call(Some("t-spark"), Some("user:bob")).unwrap();
-        assert!(c.must_not_be_admin, "acting for someone else: never as a platform admin unless allowed");
+        assert_eq!(
+            c.not_admin,
+            Some(NotAdmin::Delegated),
+            "acting for someone else: never as a platform admin unless allowed"
+        );
         assert!(c.require(RpcGroup::Resolve, "ResolveSecrets").is_ok());
         assert!(c.require(RpcGroup::Workloads, "Check").is_ok());
         let err = c.require(RpcGroup::Admin, "GrantPlatformAdmin").unwrap_err();
@@ -586,7 +600,7 @@ mod tests {
         assert!(err.message().contains("allows resolve, workloads"), "{}", err.message());
         let err = call(Some("t-spark"), Some("service:other")).unwrap_err();
         assert!(err.message().contains("may not act for service:other"), "{}", err.message());
-        assert!(!call(Some("t-spark"), None).unwrap().must_not_be_admin, "acting as itself");
+        assert_eq!(call(Some("t-spark"), None).unwrap().not_admin, None, "acting as itself");
         let user = call(Some("t-alice"), None).unwrap();
         assert!(user.require(RpcGroup::Admin, "GrantPlatformAdmin").is_ok(), "users: their permissions decide");
     }

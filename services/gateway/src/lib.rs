@@ -269,7 +269,8 @@ impl Application {
                 resolution: resolution.clone(),
                 usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
                 authz: checks.clone(),
-                secrets: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone()),
+                secrets: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone())
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             },
             resolution,
             selector: selector::Selector {

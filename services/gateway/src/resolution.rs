@@ -674,8 +674,7 @@ mod tests {
             own: Principal::service("compute-manager"),
             member_of: Vec::new(),
             groups: None,
-            must_not_be_admin: false,
-            shared_issuer: None,
+            not_admin: None,
         }
     }
 
@@ -795,7 +794,11 @@ mod tests {
         assert_eq!(e.code(), Code::PermissionDenied);
         assert!(e.message().contains("platform-service tokens"), "{}", e.message());
 
-        let delegating = Caller { principal: Principal::user("root"), must_not_be_admin: true, ..service_caller() };
+        let delegating = Caller {
+            principal: Principal::user("root"),
+            not_admin: Some(crate::auth::NotAdmin::Delegated),
+            ..service_caller()
+        };
         let e = f
             .resolution
             .resolve("ResolveSecrets", &delegating, request(vec![text("a", "${secrets.db}")]))

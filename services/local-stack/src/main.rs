@@ -90,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
         .mode(0o700)
         .create(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let data_dir = args.data_dir.canonicalize()?;
+    let data_dir = tokio::fs::canonicalize(&args.data_dir).await?;
     let internal = SecretString::from(token_file(&data_dir, "internal.token")?);
     let admin = token_file(&data_dir, "admin.token")?;
     let service = token_file(&data_dir, "platform-service.token")?;

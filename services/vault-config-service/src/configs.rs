@@ -687,7 +687,6 @@ pub fn method_of(name: &str) -> pb::VaultAuthMethod {
     }
 }
 
-/// Config ids are what this service generates: UUIDs.
 /// Why a config's connection could not be built: Vault's answer, whose
 /// kind the resolver reports per item, or another failure.
 #[derive(Debug, thiserror::Error)]
@@ -707,6 +706,7 @@ impl From<Unbuilt> for Error {
     }
 }
 
+/// Config ids are what this service generates: UUIDs.
 fn validate_id(id: &str) -> Result<()> {
     Ok(secrets_common::validate::vault_config_id("id", id)?)
 }

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 ///
 /// `server` is the service's own `[server]` defaults: a file or variable
 /// that sets one of its keys keeps the others.
+#[expect(clippy::disallowed_methods, reason = "loads the configuration once, at startup")]
 pub fn load<T: DeserializeOwned>(
     file: Option<&Path>,
     env_prefix: &str,
@@ -34,10 +35,24 @@ pub fn load<T: DeserializeOwned>(
         let mut msg = String::from("invalid configuration");
         for err in e {
             msg.push_str(&format!("; {err}"));
+            if let figment::error::Kind::UnknownField(field, _) = &err.kind
+                && err.path.len() <= 1
+                && MOVED_TO_SERVER.contains(&field.to_ascii_lowercase().as_str())
+            {
+                let field = field.to_ascii_lowercase();
+                msg.push_str(&format!(
+                    " ({field} is in the [server] table now: `[server]` then `{field} = ...` in a file, \
+                     {env_prefix}SERVER__{} in the environment)",
+                    field.to_ascii_uppercase()
+                ));
+            }
         }
         msg
     })
 }
+
+/// The keys that moved from the top level into the `[server]` table.
+const MOVED_TO_SERVER: [&str; 5] = ["listen_addr", "metrics_addr", "health_addr", "shutdown_drain_ms", "tls"];
 
 /// An optional listen address where an empty value turns it off: with a
 /// default address, `metrics_addr = ""` under `[server]` (or `GATEWAY_SERVER__METRICS_ADDR=`) is
@@ -244,6 +259,17 @@ mod tests {
             jail.set_env("DEMOCFG_LISTEN_PORT", "1");
             let err = load::<Demo>(None, "DEMOCFG_", &defaults()).unwrap_err();
             assert!(err.contains("listen_port"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_listener_key_at_the_top_level_says_where_it_moved() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DEMOCFG_LISTEN_ADDR", "0.0.0.0:9");
+            let err = load::<Demo>(None, "DEMOCFG_", &defaults()).unwrap_err();
+            assert!(err.contains("listen_addr is in the [server] table now"), "{err}");
+            assert!(err.contains("DEMOCFG_SERVER__LISTEN_ADDR"), "{err}");
             Ok(())
         });
     }

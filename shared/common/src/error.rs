@@ -233,6 +233,48 @@ mod tests {
     }
 
     #[test]
+    fn each_error_maps_to_one_code_and_ours_never_show_their_cause() {
+        let table: Vec<(Error, Code, &str)> = vec![
+            (FieldViolation::new("key", "must not be empty").into(), Code::InvalidArgument, "key: must not be empty"),
+            (Error::NotFound("no such key".into()), Code::NotFound, "no such key"),
+            (Error::AlreadyExists("taken".into()), Code::AlreadyExists, "taken"),
+            (Error::FailedPrecondition("in use".into()), Code::FailedPrecondition, "in use"),
+            (Error::PermissionDenied("no grant".into()), Code::PermissionDenied, "no grant"),
+            (
+                Error::database("sqlite", "did not answer within 5 ms"),
+                Code::Unavailable,
+                "database (sqlite) is unavailable: did not answer within 5 ms",
+            ),
+            (
+                BackendError::Unavailable { backend: "kubernetes", message: "refused".into() }.into(),
+                Code::Unavailable,
+                "kubernetes: refused",
+            ),
+            (
+                BackendError::Rejected { backend: "kubernetes", object: "o".into(), message: "too big".into() }.into(),
+                Code::FailedPrecondition,
+                "kubernetes rejected store object o: too big",
+            ),
+            (BackendError::Corrupt("bad file at /secret/path".into()).into(), Code::Internal, "internal error"),
+            (BackendError::Internal("bug".into()).into(), Code::Internal, "internal error"),
+            (
+                BackendError::Misconfigured(FieldViolation::new("namespace", "x")).into(),
+                Code::Internal,
+                "internal error",
+            ),
+            (Error::Internal("a stored subject is invalid".into()), Code::Internal, "internal error"),
+            (Error::Upstream(Status::not_found("peer said")), Code::NotFound, "peer said"),
+        ];
+        for (error, code, message) in table {
+            let status = Status::from(error);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
+        let bad =
+            Status::from(Error::InvalidArgument(vec![FieldViolation::new("a", "x"), FieldViolation::new("b", "y")]));
+        assert_eq!(bad.get_error_details().bad_request().unwrap().field_violations.len(), 2);
+    }
+
+    #[test]
     fn item_statuses_keep_code_message_and_field_violations() {
         let rpc = to_rpc_status(&invalid_argument(FieldViolation::new("items[2].text", "too long")));
         assert_eq!(rpc.code, Code::InvalidArgument as i32);

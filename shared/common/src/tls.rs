@@ -23,6 +23,9 @@ use rustls::{
 };
 use serde::Deserialize;
 
+/// The shortest wait between two looks at the files.
+const MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+
 fn default_reload_interval_ms() -> u64 {
     10_000
 }
@@ -35,7 +38,8 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
-    /// How often a new handshake may look for changed files.
+    /// How often a background task looks for changed files (at least
+    /// every 100 ms).
     #[serde(default = "default_reload_interval_ms")]
     pub reload_interval_ms: u64,
 }
@@ -135,8 +139,14 @@ impl ReloadingKey {
         let stamp = stamp(&files);
         let key = Arc::new(read_key(cert_file, key_file)?);
         let this = Arc::new(Self { files, current: std::sync::RwLock::new(key) });
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(Self::watch(Arc::downgrade(&this), stamp, interval));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(Self::watch(Arc::downgrade(&this), stamp, interval.max(MIN_RELOAD_INTERVAL)));
+            }
+            Err(_) => tracing::warn!(
+                cert_file = %cert_file.display(),
+                "loaded outside a Tokio runtime: the certificate will not be reloaded when its files change"
+            ),
         }
         Ok(this)
     }

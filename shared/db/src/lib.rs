@@ -86,6 +86,17 @@ pub async fn connect<M: MigratorTrait>(
     Ok(db)
 }
 
+/// `DATABASE_URL` from the environment, the usual name, replaces `url`
+/// unless the service's own variable `own` (which the configuration loader
+/// has read into `url`) is set too.
+pub fn url_from_environment(own: &str, url: &mut String) {
+    if std::env::var_os(own).is_none()
+        && let Ok(from_env) = std::env::var("DATABASE_URL")
+    {
+        *url = from_env;
+    }
+}
+
 /// `postgres` or `sqlite`: how errors and metrics name the database.
 pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     match db.get_database_backend() {
@@ -155,5 +166,39 @@ mod tests {
         assert_eq!(sqlite_file("sqlite://data/a.db?mode=rwc"), Some("data/a.db"));
         assert_eq!(sqlite_file("sqlite::memory:"), None);
         assert_eq!(sqlite_file("postgres://h/db"), None);
+    }
+
+    use tonic::Code;
+
+    async fn memory() -> DatabaseConnection {
+        Database::connect("sqlite::memory:").await.unwrap()
+    }
+
+    fn code(e: Error) -> (Code, String) {
+        let s = tonic::Status::from(e);
+        (s.code(), s.message().to_string())
+    }
+
+    #[tokio::test]
+    async fn a_database_call_is_bounded_and_its_failure_names_the_database_not_the_sql() {
+        let db = memory().await;
+        let timeout = Duration::from_millis(50);
+        let slow = bounded(&db, timeout, std::future::pending::<Result<(), Error>>(), |_| None).await.unwrap_err();
+        assert_eq!(
+            code(slow),
+            (Code::Unavailable, "database (sqlite) is unavailable: did not answer within 50 ms".into())
+        );
+
+        let failing = async { Err::<(), _>(Error::Db(DbErr::Custom("SELECT secret FROM t".into()))) };
+        let (c, message) = code(bounded(&db, timeout, failing, |_| None).await.unwrap_err());
+        assert_eq!((c, message.as_str()), (Code::Unavailable, "database (sqlite) is unavailable: a query failed"));
+
+        let claimed = async { Err::<(), _>(Error::Db(DbErr::Custom("unique".into()))) };
+        let answer = bounded(&db, timeout, claimed, |_| Some(Error::AlreadyExists("that name is taken".into())));
+        assert_eq!(code(answer.await.unwrap_err()), (Code::AlreadyExists, "that name is taken".into()));
+
+        let other = async { Err::<(), _>(Error::NotFound("no such row".into())) };
+        assert_eq!(code(bounded(&db, timeout, other, |_| None).await.unwrap_err()).0, Code::NotFound, "passes through");
+        assert_eq!(bounded(&db, timeout, async { Ok(7) }, |_| None).await.unwrap(), 7);
     }
 }

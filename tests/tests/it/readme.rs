@@ -79,10 +79,16 @@ fn the_layout_section_matches_the_tree() {
             crates += 1;
             let dir = format!("{parent}/{}/src", src.parent().unwrap().file_name().unwrap().to_string_lossy());
             let files = listed.get(&dir).unwrap_or_else(|| panic!("Layout does not list {dir}"));
-            for file in std::fs::read_dir(&src).unwrap() {
-                let file = file.unwrap().file_name().to_string_lossy().to_string();
-                if file.ends_with(".rs") {
-                    assert!(files.contains(&file), "Layout does not list {dir}/{file}");
+            let mut pending = vec![src.clone()];
+            while let Some(at) = pending.pop() {
+                for entry in std::fs::read_dir(&at).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        pending.push(path);
+                    } else if path.extension().is_some_and(|e| e == "rs") {
+                        let file = path.strip_prefix(&src).unwrap().to_string_lossy().to_string();
+                        assert!(files.contains(&file), "Layout does not list {dir}/{file}");
+                    }
                 }
             }
         }
