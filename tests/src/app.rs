@@ -65,6 +65,9 @@ pub struct Options {
     /// More platform-service tokens, each with its own limits (the token
     /// itself is `app.token(name)`).
     pub service_tokens: Vec<ServiceToken>,
+    /// The gateway reaches the secret-service and the vault-config-service
+    /// through proxies a test can freeze (`secret_link`, `vault_link`).
+    pub source_proxies: bool,
 }
 
 /// A platform service's token and what it may do.
@@ -146,6 +149,9 @@ pub struct TestApp {
     /// With `Options::authz_process`: the process, and the proxy in front.
     authz_child: Option<crate::procs::Service>,
     authz_proxy: Option<crate::proxy::FreezableProxy>,
+    /// With `Options::source_proxies`: the gateway's links to the
+    /// secret-service and the vault-config-service.
+    source_links: Option<(crate::proxy::FreezableProxy, crate::proxy::FreezableProxy)>,
 }
 
 fn run<F>(fut: F) -> Running
@@ -187,6 +193,13 @@ impl TestApp {
         let secret_service_url = format!("{scheme}://127.0.0.1:{}", port(&secret_l));
         let gateway_url = format!("{scheme}://127.0.0.1:{}", port(&gateway_l));
         let vault_config_service_url = format!("{scheme}://127.0.0.1:{}", port(&vault_l));
+        let source_links = match options.source_proxies {
+            true => Some((
+                crate::proxy::FreezableProxy::start(format!("127.0.0.1:{}", port(&secret_l))).await,
+                crate::proxy::FreezableProxy::start(format!("127.0.0.1:{}", port(&vault_l))).await,
+            )),
+            false => None,
+        };
         let token_unless_tls = |t: &SecretString| if options.tls { None } else { Some(t.clone()) };
         let database_url = options
             .database_url
@@ -251,6 +264,7 @@ impl TestApp {
             others: Vec::new(),
             authz_child: None,
             authz_proxy,
+            source_links,
             dir,
         };
         if app.authz_proxy.is_some() {
@@ -319,9 +333,15 @@ impl TestApp {
                 }),
                 ..secrets_common::server::ServerConfig::local(0, 0)
             },
-            secret_service_url,
+            secret_service_url: match &app.source_links {
+                Some((secrets, _)) => format!("{scheme}://127.0.0.1:{}", secrets.port),
+                None => secret_service_url,
+            },
             authz_service_url,
-            vault_config_service_url,
+            vault_config_service_url: match &app.source_links {
+                Some((_, vault)) => format!("{scheme}://127.0.0.1:{}", vault.port),
+                None => vault_config_service_url,
+            },
             request_timeout_ms,
             tokens: token_configs,
             jwt_issuers: options.jwt_issuers,
@@ -463,6 +483,16 @@ impl TestApp {
         let db = crate::connect_database(&self.database_url).await.expect("the authz database");
         db.execute_unprepared(&format!("ALTER TABLE {from} RENAME TO {to}")).await.expect("rename the index table");
         let _ = db.close().await;
+    }
+
+    /// The gateway's link to the secret-service (`Options::source_proxies`).
+    pub fn secret_link(&self) -> &crate::proxy::FreezableProxy {
+        &self.source_links.as_ref().expect("secret_link needs Options::source_proxies").0
+    }
+
+    /// The gateway's link to the vault-config-service (`Options::source_proxies`).
+    pub fn vault_link(&self) -> &crate::proxy::FreezableProxy {
+        &self.source_links.as_ref().expect("vault_link needs Options::source_proxies").1
     }
 
     /// The proxy every service reaches the authz-service through (to

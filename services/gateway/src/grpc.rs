@@ -5,7 +5,7 @@
 //! GetWorkloadReferences, ListSecretUsages) and [`Selector`]
 //! (ListSelectableSecrets).
 
-use secrets_common::{error::invalid_argument, validate::FieldViolation};
+use secrets_common::{deadline, error::invalid_argument, validate::FieldViolation};
 use secrets_proto::v1::{self as pb, gateway_server::Gateway};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -46,7 +46,8 @@ impl Gateway for GatewayService {
         request: Request<pb::ResolveSecretsRequest>,
     ) -> Result<Response<pb::ResolveSecretsResponse>, Status> {
         let caller = traced_caller(&request)?;
-        let response = self.resolution.resolve("ResolveSecrets", &caller, request.into_inner()).await?;
+        let deadline = deadline::of(request.metadata());
+        let response = self.resolution.resolve("ResolveSecrets", &caller, request.into_inner(), deadline).await?;
         tracing::info!("resolved");
         Ok(Response::new(response))
     }
@@ -57,6 +58,7 @@ impl Gateway for GatewayService {
         request: Request<pb::ResolveWorkloadRequest>,
     ) -> Result<Response<pb::ResolveWorkloadResponse>, Status> {
         let caller = traced_caller(&request)?;
+        let deadline = deadline::of(request.metadata());
         let request = request.into_inner();
         let payload = request
             .payload
@@ -64,7 +66,7 @@ impl Gateway for GatewayService {
         let items = payload::items(&payload)?;
         let resolved = self
             .resolution
-            .resolve("ResolveWorkload", &caller, pb::ResolveSecretsRequest { domain: request.domain, items })
+            .resolve("ResolveWorkload", &caller, pb::ResolveSecretsRequest { domain: request.domain, items }, deadline)
             .await?;
         tracing::info!("resolved");
         Ok(Response::new(payload::fill(payload, resolved.items)))
@@ -78,7 +80,8 @@ impl Gateway for GatewayService {
         request: Request<pb::SaveWorkloadRequest>,
     ) -> Result<Response<pb::SaveWorkloadResponse>, Status> {
         let caller = traced_caller(&request)?;
-        Ok(Response::new(self.workloads.save(&caller, request.into_inner()).await?))
+        let deadline = deadline::of(request.metadata());
+        Ok(Response::new(self.workloads.save(&caller, request.into_inner(), deadline).await?))
     }
 
     #[instrument(skip_all, fields(rpc = "DeleteWorkload", caller, principal, domain = %request.get_ref().domain, id = %request.get_ref().id))]

@@ -17,6 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use secrets_common::{
@@ -98,9 +99,18 @@ impl Target {
 /// A secret source: reads a batch of (target, key) lookups in one call.
 #[tonic::async_trait]
 pub trait Source: Send + Sync {
+    /// The service behind it, as errors name it.
+    fn name(&self) -> &'static str;
+
     /// One answer per lookup, in order; with `presence_only`, every found
-    /// key is [`Read::Withheld`] and no value leaves its service.
-    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status>;
+    /// key is [`Read::Withheld`] and no value leaves its service. `within`
+    /// is what is left of the caller's deadline for this hop.
+    async fn read(
+        &self,
+        lookups: &[&(Target, String)],
+        presence_only: bool,
+        within: Option<Duration>,
+    ) -> Result<Vec<Option<Read>>, Status>;
 }
 
 /// Resolving values, or checking references for `action` (a save).
@@ -377,6 +387,7 @@ impl Resolution {
         rpc: &str,
         caller: &Caller,
         request: pb::ResolveSecretsRequest,
+        deadline: Option<Instant>,
     ) -> Result<pb::ResolveSecretsResponse, Status> {
         caller.require(RpcGroup::Resolve, rpc)?;
         if caller.kind != TokenKind::Service {
@@ -385,7 +396,7 @@ impl Resolution {
                 caller.name
             )));
         }
-        self.answer(caller, request, Mode::Resolve).await
+        self.answer(caller, request, Mode::Resolve, deadline).await
     }
 
     /// Whether each item would resolve, without reading a value: per item,
@@ -398,15 +409,20 @@ impl Resolution {
         caller: &Caller,
         request: pb::ResolveSecretsRequest,
         action: &str,
+        deadline: Option<Instant>,
     ) -> Result<pb::ResolveSecretsResponse, Status> {
-        self.answer(caller, request, Mode::Check { action }).await
+        self.answer(caller, request, Mode::Check { action }, deadline).await
     }
 
+    /// Within `deadline` (the caller's, when it set one): the permission
+    /// round trip fails the call when late (nothing is allowed unanswered);
+    /// a secret source that fails or is late fails only the items it serves.
     async fn answer(
         &self,
         caller: &Caller,
         request: pb::ResolveSecretsRequest,
         mode: Mode<'_>,
+        deadline: Option<Instant>,
     ) -> Result<pb::ResolveSecretsResponse, Status> {
         let presence_only = matches!(mode, Mode::Check { .. });
         validate::domain("domain", &request.domain).map_err(invalid_argument)?;
@@ -447,7 +463,18 @@ impl Resolution {
         // Decide first, then read only what is allowed: a denied item's
         // value never leaves its store or Vault, and never crosses the wire
         // into the gateway.
-        let answers = caller.decide(self.authz.as_ref(), questions).await?;
+        let decided = caller.decide(self.authz.as_ref(), questions);
+        let answers = match deadline {
+            None => decided.await?,
+            Some(d) => {
+                tokio::time::timeout(secrets_common::deadline::for_a_hop(d), decided).await.map_err(|_| {
+                    Status::unavailable(format!(
+                        "{}: did not decide before the call's deadline; nothing was read",
+                        secrets_common::authz::AUTHZ_SERVICE
+                    ))
+                })??
+            }
+        };
         let denied: BTreeMap<&Target, String> =
             targets.iter().zip(answers).filter(|(_, a)| !a.allowed).map(|(t, a)| (t, a.reason)).collect();
         if let (Mode::Check { action }, Some(reason)) = (mode, denied.get(&text_target)) {
@@ -460,16 +487,15 @@ impl Resolution {
         let (vault, kubernetes): (Vec<Lookup>, Vec<Lookup>) =
             wanted.iter().filter(|(t, _)| !denied.contains_key(t)).partition(|(t, _)| matches!(t, Target::Vault(_)));
         let (from_kubernetes, from_vault) = tokio::join!(
-            read_from(self.kubernetes.as_ref(), &kubernetes, presence_only),
-            read_from(self.vault.as_ref(), &vault, presence_only)
+            read_from(self.kubernetes.as_ref(), &kubernetes, presence_only, deadline),
+            read_from(self.vault.as_ref(), &vault, presence_only, deadline)
         );
         let mut values = Values::new();
         for (lookups, read) in [(&kubernetes, from_kubernetes), (&vault, from_vault)] {
             match read {
                 Ok(read) => values.extend(read),
-                // Checking reports a source that did not answer per item.
-                Err(e) if presence_only => values.extend(failed(lookups, &e)),
-                Err(e) => return Err(e),
+                // A source that failed or was late fails the items it serves.
+                Err(e) => values.extend(failed(lookups, &e)),
             }
         }
 
@@ -500,20 +526,41 @@ impl Resolution {
     }
 }
 
+/// A hop used up what the caller's deadline left for it: the items it
+/// serves get this.
+pub fn deadline_passed(peer: &str, within: Duration) -> Status {
+    Status::unavailable(format!(
+        "{peer}: did not answer before the call's deadline ({} ms were left for it)",
+        within.as_millis()
+    ))
+}
+
 /// Every lookup failed with `status` (its source did not answer).
 fn failed(lookups: &[Lookup], status: &Status) -> Values {
     lookups.iter().map(|l| ((*l).clone(), Read::Failed(Status::new(status.code(), status.message())))).collect()
 }
 
-/// Reads `lookups` from `source` (nothing when there are none).
-async fn read_from(source: &dyn Source, lookups: &[&(Target, String)], presence_only: bool) -> Result<Values, Status> {
+/// Reads `lookups` from `source` (nothing when there are none), within
+/// what `deadline` leaves for the hop.
+async fn read_from(
+    source: &dyn Source,
+    lookups: &[&(Target, String)],
+    presence_only: bool,
+    deadline: Option<Instant>,
+) -> Result<Values, Status> {
     if lookups.is_empty() {
         return Ok(Values::new());
     }
-    let answers = source.read(lookups, presence_only).await?;
+    let answers = match deadline.map(secrets_common::deadline::for_a_hop) {
+        None => source.read(lookups, presence_only, None).await?,
+        Some(within) => tokio::time::timeout(within, source.read(lookups, presence_only, Some(within)))
+            .await
+            .map_err(|_| deadline_passed(source.name(), within))??,
+    };
     if answers.len() != lookups.len() {
         return Err(Status::unavailable(format!(
-            "a secret source answered {} of {} lookups",
+            "{}: answered {} of {} lookups",
+            source.name(),
             answers.len(),
             lookups.len()
         )));
@@ -634,20 +681,34 @@ mod tests {
         }
     }
 
-    /// Keys in memory; records every read, or fails every read.
+    /// Keys in memory; records every read, or fails every read, or never
+    /// answers.
     #[derive(Default)]
     struct Memory {
         keys: BTreeMap<(Target, String), &'static str>,
         reads: std::sync::Mutex<Vec<Vec<(Target, String)>>>,
         down: bool,
+        hung: bool,
     }
 
     #[tonic::async_trait]
     impl Source for Memory {
-        async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
+        fn name(&self) -> &'static str {
+            "memory-store"
+        }
+
+        async fn read(
+            &self,
+            lookups: &[&(Target, String)],
+            presence_only: bool,
+            _within: Option<Duration>,
+        ) -> Result<Vec<Option<Read>>, Status> {
             self.reads.lock().unwrap().push(lookups.iter().map(|l| (*l).clone()).collect());
             if self.down {
-                return Err(Status::unavailable("the store does not answer"));
+                return Err(Status::unavailable("memory-store: does not answer"));
+            }
+            if self.hung {
+                std::future::pending::<()>().await;
             }
             Ok(lookups
                 .iter()
@@ -729,7 +790,7 @@ mod tests {
             object("d", "s3", pb::SourceType::Vault, CONFIG),
             object("e", "api", pb::SourceType::Kubernetes, "hr"),
         ];
-        let out = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items)).await.unwrap();
+        let out = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items), None).await.unwrap();
         let got: Vec<String> = out.items.iter().map(|i| result(i).unwrap()).collect();
         assert_eq!(got, ["u=pw1;again=pw1", "pw1", "k2", "v3", "k2"]);
         // Three targets (sales, hr, the config): one round trip.
@@ -747,7 +808,7 @@ mod tests {
             memory(&[(Target::Vault(CONFIG.into()), "s3", "v3")]),
         );
         let items = vec![object("d", "s3", pb::SourceType::Vault, CONFIG), text("a", "${secrets.db}")];
-        let out = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items)).await.unwrap();
+        let out = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items), None).await.unwrap();
         let denied = result(&out.items[0]).unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied);
         assert!(denied.message().contains("service:compute-manager may not use vault config"), "{}", denied.message());
@@ -761,7 +822,7 @@ mod tests {
         let f = fixture(|_| true, memory(&[]), memory(&[]));
         let out = f
             .resolution
-            .resolve("ResolveSecrets", &service_caller(), request(vec![text("a", "${secrets.nope}")]))
+            .resolve("ResolveSecrets", &service_caller(), request(vec![text("a", "${secrets.nope}")]), None)
             .await
             .unwrap();
         let e = result(&out.items[0]).unwrap_err();
@@ -773,24 +834,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_silent_source_fails_a_resolve_but_only_the_items_that_need_it_in_a_check() {
+    async fn a_failing_source_fails_only_the_items_it_serves() {
         let vault = Memory { down: true, ..memory(&[(Target::Vault(CONFIG.into()), "s3", "v3")]) };
         let f = fixture(|_| true, memory(&[(domain("sales"), "db", "pw1")]), vault);
         let items = || vec![object("d", "s3", pb::SourceType::Vault, CONFIG), text("a", "${secrets.db}")];
-        let e = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items())).await.unwrap_err();
+        let out = f.resolution.resolve("ResolveSecrets", &service_caller(), request(items()), None).await.unwrap();
+        let e = result(&out.items[0]).unwrap_err();
         assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("memory-store: does not answer"), "{}", e.message());
+        assert_eq!(result(&out.items[1]).unwrap(), "pw1", "the other source's items still resolve");
 
-        let out = f.resolution.check(&service_caller(), request(items()), "save workloads").await.unwrap();
+        let out = f.resolution.check(&service_caller(), request(items()), "save workloads", None).await.unwrap();
         assert_eq!(result(&out.items[0]).unwrap_err().code(), Code::Unavailable);
         assert_eq!(result(&out.items[1]).unwrap(), "", "a check renders nothing");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_hangs_past_the_callers_deadline_fails_its_items_and_the_rest_answer() {
+        let vault = Memory { hung: true, ..memory(&[(Target::Vault(CONFIG.into()), "s3", "v3")]) };
+        let f = fixture(|_| true, memory(&[(domain("sales"), "db", "pw1")]), vault);
+        let items = vec![object("d", "s3", pb::SourceType::Vault, CONFIG), text("a", "${secrets.db}")];
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let out =
+            f.resolution.resolve("ResolveSecrets", &service_caller(), request(items), Some(deadline)).await.unwrap();
+        let e = result(&out.items[0]).unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("memory-store: did not answer before the call's deadline"), "{}", e.message());
+        assert_eq!(result(&out.items[1]).unwrap(), "pw1");
     }
 
     #[tokio::test]
     async fn values_go_only_to_service_tokens_and_never_to_a_principal_that_turns_out_to_be_an_admin() {
         let f = fixture(|_| true, memory(&[(domain("sales"), "db", "pw1")]), memory(&[]));
         let user = Caller { kind: TokenKind::User, ..service_caller() };
-        let e =
-            f.resolution.resolve("ResolveSecrets", &user, request(vec![text("a", "${secrets.db}")])).await.unwrap_err();
+        let e = f
+            .resolution
+            .resolve("ResolveSecrets", &user, request(vec![text("a", "${secrets.db}")]), None)
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);
         assert!(e.message().contains("platform-service tokens"), "{}", e.message());
 
@@ -801,7 +882,7 @@ mod tests {
         };
         let e = f
             .resolution
-            .resolve("ResolveSecrets", &delegating, request(vec![text("a", "${secrets.db}")]))
+            .resolve("ResolveSecrets", &delegating, request(vec![text("a", "${secrets.db}")]), None)
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);

@@ -13,11 +13,13 @@ use secrets_proto::{
     },
     v1 as pb,
 };
-use tonic::{Code, Status};
+use std::time::Duration;
+
+use tonic::{Code, Request, Status};
 
 use crate::{
     forward::{SECRET_SERVICE, VAULT_CONFIG_SERVICE},
-    resolution::{Read, Source, Target, limits::MAX_RESPONSE_VALUE_BYTES},
+    resolution::{Read, Source, Target, deadline_passed, limits::MAX_RESPONSE_VALUE_BYTES},
 };
 
 /// KUBERNETES objects, placeholders and admin keys: the secret service.
@@ -34,7 +36,16 @@ pub struct VaultSource {
 
 #[tonic::async_trait]
 impl Source for KubernetesSource {
-    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
+    fn name(&self) -> &'static str {
+        SECRET_SERVICE
+    }
+
+    async fn read(
+        &self,
+        lookups: &[&(Target, String)],
+        presence_only: bool,
+        within: Option<Duration>,
+    ) -> Result<Vec<Option<Read>>, Status> {
         let request = internal::ReadSecretsRequest {
             lookups: lookups
                 .iter()
@@ -59,9 +70,9 @@ impl Source for KubernetesSource {
         let results = self
             .reader
             .clone()
-            .read_secrets(request)
+            .read_secrets(bounded(request, within))
             .await
-            .map_err(|s| internal_refusal(SECRET_SERVICE, s))?
+            .map_err(|s| failure(SECRET_SERVICE, s, within))?
             .into_inner()
             .results;
         Ok(results
@@ -73,7 +84,16 @@ impl Source for KubernetesSource {
 
 #[tonic::async_trait]
 impl Source for VaultSource {
-    async fn read(&self, lookups: &[&(Target, String)], presence_only: bool) -> Result<Vec<Option<Read>>, Status> {
+    fn name(&self) -> &'static str {
+        VAULT_CONFIG_SERVICE
+    }
+
+    async fn read(
+        &self,
+        lookups: &[&(Target, String)],
+        presence_only: bool,
+        within: Option<Duration>,
+    ) -> Result<Vec<Option<Read>>, Status> {
         use internal::vault_lookup_result::Result as R;
         let request = internal::ReadVaultSecretsRequest {
             lookups: lookups
@@ -92,9 +112,9 @@ impl Source for VaultSource {
         let results = self
             .reader
             .clone()
-            .read_vault_secrets(request)
+            .read_vault_secrets(bounded(request, within))
             .await
-            .map_err(|s| internal_refusal(VAULT_CONFIG_SERVICE, s))?
+            .map_err(|s| failure(VAULT_CONFIG_SERVICE, s, within))?
             .into_inner()
             .results;
         Ok(results
@@ -112,6 +132,16 @@ impl Source for VaultSource {
 /// A refusal of lookups built here from validated items is this service's
 /// bug, and the internal field names mean nothing to the caller; anything
 /// else is the peer failing.
+/// A failed read as the items report it: past the time the caller's
+/// deadline left for the hop (the channel enforces it too), a refusal of
+/// the lookups, or the peer failing.
+fn failure(peer: &str, s: Status, within: Option<Duration>) -> Status {
+    match (within, s.code()) {
+        (Some(within), Code::DeadlineExceeded | Code::Cancelled) => deadline_passed(peer, within),
+        _ => internal_refusal(peer, s),
+    }
+}
+
 fn internal_refusal(peer: &str, s: Status) -> Status {
     match s.code() {
         Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
@@ -119,4 +149,13 @@ fn internal_refusal(peer: &str, s: Status) -> Status {
         }
         _ => from_upstream(peer, s),
     }
+}
+
+/// The request, telling the service (`grpc-timeout`) how long it has.
+fn bounded<T>(message: T, within: Option<Duration>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(within) = within {
+        request.set_timeout(within);
+    }
+    request
 }

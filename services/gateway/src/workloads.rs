@@ -159,6 +159,7 @@ impl SavedWorkloads {
         &self,
         caller: &Caller,
         request: pb::SaveWorkloadRequest,
+        deadline: Option<std::time::Instant>,
     ) -> Result<pb::SaveWorkloadResponse, Status> {
         caller.require(RpcGroup::Workloads, "SaveWorkload")?;
         validate::domain("domain", &request.domain).map_err(invalid_argument)?;
@@ -178,7 +179,7 @@ impl SavedWorkloads {
         let references = resolution::references(&request.domain, &items);
         // One authz round trip: USE_SECRETS in the domain and every reference.
         let request_items = pb::ResolveSecretsRequest { domain: request.domain.clone(), items };
-        let checked = self.resolution.check(caller, request_items, "save workloads").await?;
+        let checked = self.resolution.check(caller, request_items, "save workloads", deadline).await?;
         let problems: Vec<pb::ReferenceProblem> = checked
             .items
             .into_iter()

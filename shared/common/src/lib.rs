@@ -7,6 +7,7 @@ pub mod auth;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod observe;
 pub mod server;

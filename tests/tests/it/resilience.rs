@@ -38,10 +38,12 @@ async fn a_stopped_secret_service_is_unavailable_by_name_and_recovers_without_re
     app.as_user(ADMIN).create("finance", "k", "v").await.unwrap();
 
     app.stop_secret_service().await;
-    let err =
-        app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().starts_with("secret-service: "), "{}", err.message());
+    // A source that does not answer fails the items it serves, by name.
+    let out =
+        app.as_service(Some("user:nina")).resolve("finance", vec![object_item("x", "finance", "k")]).await.unwrap();
+    let Some(R::Error(e)) = &out[0].result else { panic!("expected an item error: {out:?}") };
+    assert_eq!(e.code, Code::Unavailable as i32, "{e:?}");
+    assert!(e.message.starts_with("items[0] (\"x\"): secret-service: "), "{}", e.message);
     let err = app.as_user(LISTER).list("finance").await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().starts_with("secret-service: "), "{}", err.message());

@@ -5,6 +5,8 @@
 
 use integration_tests::{openbao::OpenBao, *};
 use secrets_proto::v1::{self as pb, Permission, VaultConnectionOutcome as Outcome, resolved_item::Result as R};
+use std::time::Duration;
+
 use tonic::Code;
 
 const BUNDLE: &str = "finance-vault";
@@ -1552,4 +1554,42 @@ async fn a_revoked_bundle_grant_or_group_membership_counts_on_the_next_resolve_t
     }
     // Nina's own grant was never touched.
     assert!(uses(&app, MEMBER, &config.id).await);
+}
+
+/// A hung vault-config-service fails only the items it serves, before the
+/// caller's deadline: the store's items still resolve, and each Vault item
+/// says which service was late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_vault_config_service_fails_only_its_items_before_the_callers_deadline() {
+    let bao = OpenBao::start();
+    let app = TestApp::spawn_with(Options { source_proxies: true, ..Default::default() }).await;
+    setup(&app, &bao).await;
+    let config = prod_config(&app, &bao).await;
+    app.as_user(OWNER).create("finance", "db", "pw-from-store").await.unwrap();
+    let items = vec![vault_item("envVars.VAULT", &config.id, "db_password"), text_item("envVars.DB", "${secrets.db}")];
+    let resolve = |timeout: Duration| {
+        let mut gateway = app.as_service(Some(&format!("user:{MEMBER}"))).gateway.clone();
+        let mut request =
+            tonic::Request::new(pb::ResolveSecretsRequest { domain: "finance".into(), items: items.clone() });
+        request.set_timeout(timeout);
+        async move { gateway.resolve_secrets(request).await.map(|r| r.into_inner().items) }
+    };
+    let out = resolve(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-vault");
+
+    app.vault_link().freeze();
+    // Under the services' own 2 s bound: the caller's deadline decides.
+    let out = resolve(Duration::from_millis(1_500)).await.expect("the call answers, with the store's items");
+    assert_eq!(out[1].result, Some(R::Text("pw-from-store".into())), "the store's item resolves");
+    let (code, message) = item_error(&out[0]);
+    assert_eq!(code, Code::Unavailable);
+    assert!(message.contains("vault-config-service: did not answer before the call's deadline"), "{message}");
+    assert!(message.starts_with("items[0] (\"envVars.VAULT\")"), "{message}");
+
+    // Without a deadline, the services' own bound fails the Vault item only.
+    let out = app.as_service(Some(&format!("user:{MEMBER}"))).resolve("finance", items.clone()).await.unwrap();
+    assert_eq!(out[1].result, Some(R::Text("pw-from-store".into())), "the store's item resolves");
+    let (code, message) = item_error(&out[0]);
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(message.contains("vault-config-service"), "{message}");
 }
