@@ -68,6 +68,9 @@ pub struct Options {
     /// The gateway reaches the secret-service and the vault-config-service
     /// through proxies a test can freeze (`secret_link`, `vault_link`).
     pub source_proxies: bool,
+    /// The gateway's admission bounds: max_in_flight, max_queued,
+    /// queue_wait_ms (default: the services' own).
+    pub gateway_admission: Option<(usize, usize, u64)>,
 }
 
 /// A platform service's token and what it may do.
@@ -322,6 +325,11 @@ impl TestApp {
             }))
         }));
 
+        let mut gateway_server = secrets_common::server::ServerConfig::local(0, 0);
+        if let Some((max_in_flight, max_queued, queue_wait_ms)) = options.gateway_admission {
+            (gateway_server.max_in_flight, gateway_server.max_queued, gateway_server.queue_wait_ms) =
+                (max_in_flight, max_queued, queue_wait_ms);
+        }
         let gateway_config = gateway::Config {
             internal_token: token_unless_tls(&internal_token),
             internal_tls: app.pki.as_ref().map(|p| p.internal_tls("gateway", &[])),
@@ -331,7 +339,7 @@ impl TestApp {
                     key_file: p.gateway_public.key_file.clone(),
                     reload_interval_ms: 100,
                 }),
-                ..secrets_common::server::ServerConfig::local(0, 0)
+                ..gateway_server
             },
             secret_service_url: match &app.source_links {
                 Some((secrets, _)) => format!("{scheme}://127.0.0.1:{}", secrets.port),

@@ -146,6 +146,7 @@ impl Application {
         let (router, health) = server::router(
             "authz-service",
             &metrics,
+            &config.server,
             &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX, DECISION_LEASES],
         )
         .await?;

@@ -281,9 +281,13 @@ impl Application {
             },
         };
 
-        let (router, health) =
-            server::router("gateway", &metrics, &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE, VAULT_CONFIG_SERVICE])
-                .await?;
+        let (router, health) = server::router(
+            "gateway",
+            &metrics,
+            &config.server,
+            &[GATEWAY, SECRET_SERVICE, AUTHZ_SERVICE, VAULT_CONFIG_SERVICE],
+        )
+        .await?;
         let router = router
             .add_service(Authenticated::new(
                 GatewayServer::new(gateway).max_decoding_message_size(MAX_REQUEST_BYTES),

@@ -175,7 +175,8 @@ impl Application {
         let grpc = grpc::SecretGrpc::new(secrets::Secrets { store, authz: Arc::new(authz), usage: Arc::new(usage) });
         let auth = internal.auth();
 
-        let (router, health) = server::router("secret-service", &metrics, &[SECRET_SERVICE, SECRET_READER]).await?;
+        let (router, health) =
+            server::router("secret-service", &metrics, &config.server, &[SECRET_SERVICE, SECRET_READER]).await?;
         let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 SecretServiceServer::new(grpc.clone())

@@ -198,7 +198,8 @@ impl Application {
         let grpc = grpc::VaultGrpc::new(configs);
         let auth = internal.auth();
         let (router, health) =
-            server::router("vault-config-service", &metrics, &[VAULT_CONFIG_SERVICE, VAULT_READER]).await?;
+            server::router("vault-config-service", &metrics, &config.server, &[VAULT_CONFIG_SERVICE, VAULT_READER])
+                .await?;
         let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 VaultConfigServiceServer::new(grpc.clone())

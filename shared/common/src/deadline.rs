@@ -13,6 +13,12 @@ pub fn of(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
     Some(Instant::now() + parse(text)?)
 }
 
+/// The same, from an HTTP request's headers (in a server layer).
+pub fn from_headers(headers: &http::HeaderMap) -> Option<Instant> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    Some(Instant::now() + parse(text)?)
+}
+
 /// A `grpc-timeout` value as a duration.
 pub fn parse(text: &str) -> Option<Duration> {
     let (digits, unit) = text.split_at(text.len().checked_sub(1)?);

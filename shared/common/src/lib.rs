@@ -3,6 +3,7 @@
 //! conventions, observability, telemetry and the server wiring. The rules
 //! and types without I/O live in `secrets-types`, re-exported here.
 
+pub mod admission;
 pub mod auth;
 pub mod authz;
 pub mod cli;

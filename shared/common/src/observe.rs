@@ -24,6 +24,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -48,8 +49,22 @@ struct BackendLabels {
     operation: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdmissionLabels {
+    rpc_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    rpc_service: String,
+    reason: String,
+}
+
 struct Inner {
     registry: Registry,
+    admission_in_flight: Family<AdmissionLabels, Gauge>,
+    admission_queued: Family<AdmissionLabels, Gauge>,
+    admission_shed: Family<ShedLabels, Counter>,
     requests: Family<RpcLabels, Counter>,
     request_seconds: Family<RpcLabels, Histogram>,
     backend_calls: Family<BackendLabels, Counter>,
@@ -97,6 +112,24 @@ impl Metrics {
         );
         registry.register("backend_errors", "Backend calls that failed", backend_errors.clone());
         registry.register("backend_call_duration_seconds", "Time a backend call took", backend_seconds.clone());
+        let admission_in_flight = Family::<AdmissionLabels, Gauge>::default();
+        let admission_queued = Family::<AdmissionLabels, Gauge>::default();
+        let admission_shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "admission_in_flight",
+            "Calls being served, by gRPC service (at most server.max_in_flight)",
+            admission_in_flight.clone(),
+        );
+        registry.register(
+            "admission_queued",
+            "Calls waiting for a turn, by gRPC service (at most server.max_queued)",
+            admission_queued.clone(),
+        );
+        registry.register(
+            "admission_shed",
+            "Calls answered RESOURCE_EXHAUSTED without being served: queue_full or waited_too_long",
+            admission_shed.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -105,8 +138,24 @@ impl Metrics {
                 backend_calls,
                 backend_errors,
                 backend_seconds,
+                admission_in_flight,
+                admission_queued,
+                admission_shed,
             }),
         }
+    }
+
+    /// Calls of `rpc_service` in flight and waiting.
+    pub fn admission_state(&self, rpc_service: &str, in_flight: usize, queued: usize) {
+        let labels = AdmissionLabels { rpc_service: rpc_service.into() };
+        self.inner.admission_in_flight.get_or_create(&labels).set(in_flight as i64);
+        self.inner.admission_queued.get_or_create(&labels).set(queued as i64);
+    }
+
+    /// A call of `rpc_service` shed, and why.
+    pub fn admission_shed(&self, rpc_service: &str, reason: &str) {
+        let labels = ShedLabels { rpc_service: rpc_service.into(), reason: reason.into() };
+        self.inner.admission_shed.get_or_create(&labels).inc();
     }
 
     fn observe_request(&self, service: &str, method: &str, code: Code, elapsed: Duration) {
@@ -368,11 +417,19 @@ pub struct ObserveLayer {
     /// The service this server is (`gateway`, `secret-service`, ...).
     service: &'static str,
     metrics: Metrics,
+    /// Who gets a turn (see [`crate::admission`]); `None`: everyone.
+    admission: Option<Arc<crate::admission::Admission>>,
 }
 
 impl ObserveLayer {
     pub fn new(service: &'static str, metrics: Metrics) -> Self {
-        Self { service, metrics }
+        Self { service, metrics, admission: None }
+    }
+
+    /// Calls wait for a turn within `limits`, or are shed.
+    pub fn with_admission(mut self, limits: crate::admission::Limits) -> Self {
+        self.admission = Some(Arc::new(crate::admission::Admission::new(self.service, limits, self.metrics.clone())));
+        self
     }
 }
 
@@ -380,7 +437,7 @@ impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner, service: self.service, metrics: self.metrics.clone() }
+        Observe { inner, service: self.service, metrics: self.metrics.clone(), admission: self.admission.clone() }
     }
 }
 
@@ -389,6 +446,7 @@ pub struct Observe<S> {
     inner: S,
     service: &'static str,
     metrics: Metrics,
+    admission: Option<Arc<crate::admission::Admission>>,
 }
 
 /// Bound on a `grpc-message` a server sends: however much of a caller's
@@ -506,6 +564,8 @@ where
             return Box::pin(async move { Ok(observe_response(fut.await?, None)) });
         }
         let span = telemetry::server_span(&path, request.headers());
+        let deadline = crate::deadline::from_headers(request.headers());
+        let admission = self.admission.clone();
         let fut = {
             let _entered = span.enter();
             guarded(inner.call(request), path.clone())
@@ -517,7 +577,25 @@ where
             metrics: self.metrics.clone(),
             side: Side::Server { service: service.into(), method: method.into() },
         };
-        Box::pin(async move { Ok(observe_response(fut.await?, Some(finish))) }.instrument(span))
+        let rpc_service = service.to_string();
+        Box::pin(
+            async move {
+                // Not polled until it has a turn: nothing of it runs before.
+                let _turn = match &admission {
+                    None => None,
+                    Some(admission) => match admission.admit(&rpc_service, deadline).await {
+                        Ok(turn) => Some(turn),
+                        Err(shed) => {
+                            let refusal = admission.refusal(&rpc_service, shed);
+                            tracing::warn!(rpc_service, "{}", refusal.message());
+                            return Ok(observe_response(refusal.into_http(), Some(finish)));
+                        }
+                    },
+                };
+                Ok(observe_response(fut.await?, Some(finish)))
+            }
+            .instrument(span),
+        )
     }
 }
 

@@ -41,6 +41,30 @@ pub struct ServerConfig {
     /// `internal_tls`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Calls of one gRPC service served at once; more wait (see
+    /// [`crate::admission`]).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Calls of one gRPC service that may wait for a turn; more are
+    /// answered `RESOURCE_EXHAUSTED` at once.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: usize,
+    /// The longest a call waits for a turn (less when its deadline is
+    /// nearer), then `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_queue_wait_ms")]
+    pub queue_wait_ms: u64,
+}
+
+fn default_max_in_flight() -> usize {
+    512
+}
+
+fn default_max_queued() -> usize {
+    2_048
+}
+
+fn default_queue_wait_ms() -> u64 {
+    2_000
 }
 
 fn addr_text<S: serde::Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
@@ -59,6 +83,18 @@ impl ServerConfig {
             health_addr: None,
             shutdown_drain_ms: 0,
             tls: None,
+            max_in_flight: default_max_in_flight(),
+            max_queued: default_max_queued(),
+            queue_wait_ms: default_queue_wait_ms(),
+        }
+    }
+
+    /// The admission bounds of this server.
+    pub fn admission(&self) -> crate::admission::Limits {
+        crate::admission::Limits {
+            max_in_flight: self.max_in_flight.max(1),
+            max_queued: self.max_queued,
+            queue_wait: Duration::from_millis(self.queue_wait_ms),
         }
     }
 
@@ -180,8 +216,12 @@ pub type ServiceRouter = Router<Stack<ObserveLayer, Identity>>;
 
 /// A server builder with a span per request that joins the caller's trace,
 /// and request metrics recorded into `metrics`.
-pub fn builder(service: &'static str, metrics: &Metrics) -> Server<Stack<ObserveLayer, Identity>> {
-    Server::builder().layer(ObserveLayer::new(service, metrics.clone()))
+pub fn builder(
+    service: &'static str,
+    metrics: &Metrics,
+    server: &ServerConfig,
+) -> Server<Stack<ObserveLayer, Identity>> {
+    Server::builder().layer(ObserveLayer::new(service, metrics.clone()).with_admission(server.admission()))
 }
 
 /// The largest message an internal service accepts: the gateway's 8 MiB
@@ -454,13 +494,14 @@ impl Served {
 pub async fn router(
     service: &'static str,
     metrics: &Metrics,
+    server: &ServerConfig,
     services: &[&str],
 ) -> anyhow::Result<(ServiceRouter, Health)> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health { reporter, services: services.iter().map(|s| s.to_string()).collect() };
     health.set(tonic_health::ServingStatus::Serving).await;
     let (reflection_v1, reflection_v1alpha) = reflection(services)?;
-    let router = builder(service, metrics)
+    let router = builder(service, metrics, server)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

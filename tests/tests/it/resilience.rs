@@ -2,7 +2,7 @@
 //! back, without restarting anything.
 
 use integration_tests::*;
-use secrets_proto::v1::resolved_item::Result as R;
+use secrets_proto::v1::{self as pb, resolved_item::Result as R};
 use tonic::Code;
 
 #[tokio::test]
@@ -93,4 +93,59 @@ async fn from_the_moment_shutdown_begins_health_says_not_serving_while_the_liste
 
     task.await.unwrap().unwrap();
     assert!(status("").await.is_err(), "after the drain the listener is closed");
+}
+
+/// Past its bound a server answers at once, RESOURCE_EXHAUSTED with a retry
+/// hint, instead of queueing until the caller times out; other gRPC
+/// services keep their own turns, and the shed calls are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_bound_the_gateway_sheds_calls_at_once_with_a_retry_hint() {
+    use tonic_types::StatusExt;
+    let app = TestApp::spawn_with(Options {
+        source_proxies: true,
+        gateway_admission: Some((1, 0, 1_000)),
+        ..Default::default()
+    })
+    .await;
+    app.setup_domain("finance").await;
+    app.as_user(ADMIN).create("finance", "k", "v").await.unwrap();
+    let resolve = || {
+        let clients = app.as_service(Some("user:nina"));
+        async move { clients.resolve("finance", vec![text_item("x", "${secrets.k}")]).await }
+    };
+    assert!(resolve().await.is_ok());
+
+    // One resolve holds the gateway's only turn while its store hangs.
+    app.secret_link().freeze();
+    let holder = tokio::spawn(resolve());
+    let in_flight = "secrets_admission_in_flight{rpc_service=\"iomete.secrets.v1.Gateway\"} 1";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !http_get(&app.metrics_url("gateway")).await.1.contains(in_flight) {
+        assert!(std::time::Instant::now() < deadline, "the first resolve never took its turn");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let shed = resolve().await.unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+    assert!(
+        shed.message().starts_with("gateway: too busy: 1 calls of iomete.secrets.v1.Gateway"),
+        "{}",
+        shed.message()
+    );
+    assert!(shed.get_error_details().retry_info().and_then(|r| r.retry_delay).is_some(), "a retry hint");
+    // Another gRPC service of the gateway has turns of its own.
+    let mut authz = app.as_user(OWNER).authz.clone();
+    let members = authz.list_domain_members(pb::ListDomainMembersRequest { domain: "finance".into() });
+    assert!(members.await.is_ok(), "AuthzService calls are admitted while Gateway's turn is taken");
+
+    let held = holder.await.unwrap().expect("the holder answers: its item failed, not the call");
+    assert!(matches!(&held[0].result, Some(R::Error(e)) if e.code == Code::Unavailable as i32), "{held:?}");
+    let (_, text) = http_get(&app.metrics_url("gateway")).await;
+    assert!(
+        text.contains(
+            "secrets_admission_shed_total{rpc_service=\"iomete.secrets.v1.Gateway\",reason=\"queue_full\"} 1"
+        ),
+        "{text}"
+    );
+    app.secret_link().thaw();
+    assert!(resolve().await.is_ok(), "the turn is free again");
 }
