@@ -56,7 +56,7 @@ pub struct ServerConfig {
 }
 
 fn default_max_in_flight() -> usize {
-    512
+    1_024
 }
 
 fn default_max_queued() -> usize {
