@@ -40,6 +40,26 @@ impl Forwarder {
     }
 }
 
+/// Whether a forwarded call changes anything.
+#[derive(Clone, Copy)]
+enum Call {
+    Read,
+    Write,
+}
+
+/// How a forwarded call's failure is reported. A write that was sent and
+/// then not answered in time may have been applied: `DEADLINE_EXCEEDED`
+/// says so, where `UNAVAILABLE` always means it was not.
+fn failed(service: &str, call: Call, s: Status) -> Status {
+    match (call, s.code()) {
+        (Call::Write, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) => Status::deadline_exceeded(format!(
+            "{service}: did not answer in time; the change may have been applied: read it back before sending it \
+             again"
+        )),
+        _ => from_upstream(service, s),
+    }
+}
+
 /// The request to send upstream: the same message, acting for the caller.
 fn upstream<T>(request: Request<T>) -> Result<Request<T>, Status> {
     let caller = Caller::of(&request)?;
@@ -53,7 +73,7 @@ fn upstream<T>(request: Request<T>) -> Result<Request<T>, Status> {
 
 /// Implements a service trait by forwarding every listed RPC to `client`.
 macro_rules! forward {
-    ($trait:ident, $client:ident, $service:expr, { $($method:ident($req:ident) -> $resp:ident [$group:ident];)* }) => {
+    ($trait:ident, $client:ident, $service:expr, { $($method:ident($req:ident) -> $resp:ident [$group:ident, $kind:ident];)* }) => {
         #[tonic::async_trait]
         impl $trait for Forwarder {
             $(
@@ -62,7 +82,7 @@ macro_rules! forward {
                     let request = self.upstream(request, RpcGroup::$group, stringify!($method)).await?;
                     let response = self.$client.clone().$method(request).await.map_err(|s| {
                         tracing::debug!(code = ?s.code(), "upstream refused the call");
-                        from_upstream($service, s)
+                        failed($service, Call::$kind, s)
                     })?;
                     Ok(Response::new(response.into_inner()))
                 }
@@ -72,43 +92,43 @@ macro_rules! forward {
 }
 
 forward!(SecretService, secrets, SECRET_SERVICE, {
-    create_secret(CreateSecretRequest) -> SecretMetadata [ManageSecrets];
-    update_secret(UpdateSecretRequest) -> SecretMetadata [ManageSecrets];
-    delete_secret(DeleteSecretRequest) -> DeleteSecretResponse [ManageSecrets];
-    list_secrets(ListSecretsRequest) -> ListSecretsResponse [ManageSecrets];
+    create_secret(CreateSecretRequest) -> SecretMetadata [ManageSecrets, Write];
+    update_secret(UpdateSecretRequest) -> SecretMetadata [ManageSecrets, Write];
+    delete_secret(DeleteSecretRequest) -> DeleteSecretResponse [ManageSecrets, Write];
+    list_secrets(ListSecretsRequest) -> ListSecretsResponse [ManageSecrets, Read];
 });
 
 forward!(AuthzService, authz, AUTHZ_SERVICE, {
-    check(CheckRequest) -> CheckResponse [Workloads];
-    batch_check(BatchCheckRequest) -> BatchCheckResponse [Workloads];
-    add_domain_member(AddDomainMemberRequest) -> DomainMember [ManageAccess];
-    remove_domain_member(RemoveDomainMemberRequest) -> RemoveDomainMemberResponse [ManageAccess];
-    grant_domain_permission(GrantDomainPermissionRequest) -> DomainMember [ManageAccess];
-    revoke_domain_permission(RevokeDomainPermissionRequest) -> DomainMember [ManageAccess];
-    list_domain_members(ListDomainMembersRequest) -> ListDomainMembersResponse [ManageAccess];
-    create_group(CreateGroupRequest) -> Group [ManageAccess];
-    delete_group(DeleteGroupRequest) -> DeleteGroupResponse [ManageAccess];
-    add_group_member(AddGroupMemberRequest) -> Group [ManageAccess];
-    remove_group_member(RemoveGroupMemberRequest) -> Group [ManageAccess];
-    list_groups(ListGroupsRequest) -> ListGroupsResponse [ManageAccess];
-    create_bundle(CreateBundleRequest) -> Bundle [ManageAccess];
-    get_bundle(GetBundleRequest) -> Bundle [ManageAccess];
-    list_bundles(ListBundlesRequest) -> ListBundlesResponse [ManageAccess];
-    update_bundle(UpdateBundleRequest) -> Bundle [ManageAccess];
-    delete_bundle(DeleteBundleRequest) -> DeleteBundleResponse [ManageAccess];
-    grant_bundle_permission(GrantBundlePermissionRequest) -> Bundle [ManageAccess];
-    revoke_bundle_permission(RevokeBundlePermissionRequest) -> Bundle [ManageAccess];
-    grant_platform_admin(GrantPlatformAdminRequest) -> GrantPlatformAdminResponse [Admin];
-    revoke_platform_admin(RevokePlatformAdminRequest) -> RevokePlatformAdminResponse [Admin];
-    list_platform_admins(ListPlatformAdminsRequest) -> ListPlatformAdminsResponse [Admin];
+    check(CheckRequest) -> CheckResponse [Workloads, Read];
+    batch_check(BatchCheckRequest) -> BatchCheckResponse [Workloads, Read];
+    add_domain_member(AddDomainMemberRequest) -> DomainMember [ManageAccess, Write];
+    remove_domain_member(RemoveDomainMemberRequest) -> RemoveDomainMemberResponse [ManageAccess, Write];
+    grant_domain_permission(GrantDomainPermissionRequest) -> DomainMember [ManageAccess, Write];
+    revoke_domain_permission(RevokeDomainPermissionRequest) -> DomainMember [ManageAccess, Write];
+    list_domain_members(ListDomainMembersRequest) -> ListDomainMembersResponse [ManageAccess, Read];
+    create_group(CreateGroupRequest) -> Group [ManageAccess, Write];
+    delete_group(DeleteGroupRequest) -> DeleteGroupResponse [ManageAccess, Write];
+    add_group_member(AddGroupMemberRequest) -> Group [ManageAccess, Write];
+    remove_group_member(RemoveGroupMemberRequest) -> Group [ManageAccess, Write];
+    list_groups(ListGroupsRequest) -> ListGroupsResponse [ManageAccess, Read];
+    create_bundle(CreateBundleRequest) -> Bundle [ManageAccess, Write];
+    get_bundle(GetBundleRequest) -> Bundle [ManageAccess, Read];
+    list_bundles(ListBundlesRequest) -> ListBundlesResponse [ManageAccess, Read];
+    update_bundle(UpdateBundleRequest) -> Bundle [ManageAccess, Write];
+    delete_bundle(DeleteBundleRequest) -> DeleteBundleResponse [ManageAccess, Write];
+    grant_bundle_permission(GrantBundlePermissionRequest) -> Bundle [ManageAccess, Write];
+    revoke_bundle_permission(RevokeBundlePermissionRequest) -> Bundle [ManageAccess, Write];
+    grant_platform_admin(GrantPlatformAdminRequest) -> GrantPlatformAdminResponse [Admin, Write];
+    revoke_platform_admin(RevokePlatformAdminRequest) -> RevokePlatformAdminResponse [Admin, Write];
+    list_platform_admins(ListPlatformAdminsRequest) -> ListPlatformAdminsResponse [Admin, Read];
 });
 
 forward!(VaultConfigService, vault, VAULT_CONFIG_SERVICE, {
-    create_vault_config(CreateVaultConfigRequest) -> VaultConfig [ManageSecrets];
-    get_vault_config(GetVaultConfigRequest) -> VaultConfig [ManageSecrets];
-    list_vault_configs(ListVaultConfigsRequest) -> ListVaultConfigsResponse [ManageSecrets];
-    update_vault_config(UpdateVaultConfigRequest) -> VaultConfig [ManageSecrets];
-    delete_vault_config(DeleteVaultConfigRequest) -> DeleteVaultConfigResponse [ManageSecrets];
-    test_vault_connection(TestVaultConnectionRequest) -> TestVaultConnectionResponse [ManageSecrets];
-    list_vault_keys(ListVaultKeysRequest) -> ListVaultKeysResponse [ManageSecrets];
+    create_vault_config(CreateVaultConfigRequest) -> VaultConfig [ManageSecrets, Write];
+    get_vault_config(GetVaultConfigRequest) -> VaultConfig [ManageSecrets, Read];
+    list_vault_configs(ListVaultConfigsRequest) -> ListVaultConfigsResponse [ManageSecrets, Read];
+    update_vault_config(UpdateVaultConfigRequest) -> VaultConfig [ManageSecrets, Write];
+    delete_vault_config(DeleteVaultConfigRequest) -> DeleteVaultConfigResponse [ManageSecrets, Write];
+    test_vault_connection(TestVaultConnectionRequest) -> TestVaultConnectionResponse [ManageSecrets, Read];
+    list_vault_keys(ListVaultKeysRequest) -> ListVaultKeysResponse [ManageSecrets, Read];
 });

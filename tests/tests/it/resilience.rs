@@ -149,3 +149,34 @@ async fn past_its_bound_the_gateway_sheds_calls_at_once_with_a_retry_hint() {
     app.secret_link().thaw();
     assert!(resolve().await.is_ok(), "the turn is free again");
 }
+
+/// A change that was sent and not answered in time may have been applied:
+/// the caller hears DEADLINE_EXCEEDED saying so (and here it did land),
+/// where UNAVAILABLE would mean it was not. A read that times out changes
+/// nothing and stays UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_answered_too_late_is_deadline_exceeded_and_may_have_landed() {
+    let app = TestApp::spawn_with(Options { source_proxies: true, ..Default::default() }).await;
+    app.setup_domain("finance").await;
+    // Over the gateway's 2 s bound on calls to the secret-service.
+    app.secret_link().delay(std::time::Duration::from_millis(3_000));
+    let err = app.as_user(ADMIN).create("finance", "late", "v").await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().starts_with("secret-service: did not answer in time; the change may have been applied"),
+        "{}",
+        err.message()
+    );
+    let err = app.as_user(LISTER).list("finance").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "a read changes nothing: {err:?}");
+
+    app.secret_link().delay(std::time::Duration::ZERO);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match app.as_user(LISTER).list("finance").await {
+            Ok(keys) if keys.contains(&"late".to_string()) => break,
+            _ => assert!(std::time::Instant::now() < deadline, "the late create never landed"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
