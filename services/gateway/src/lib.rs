@@ -275,9 +275,11 @@ impl Application {
             resolution,
             selector: selector::Selector {
                 secrets_v2,
-                secrets: SecretServiceClient::with_interceptor(secrets_channel, client.clone()),
-                vault: VaultReaderClient::with_interceptor(vault_channel, client.clone()),
-                authz: checks,
+                catalog: Arc::new(selector::GrpcCatalog {
+                    secrets: SecretServiceClient::with_interceptor(secrets_channel, client.clone()),
+                    vault: VaultReaderClient::with_interceptor(vault_channel, client.clone()),
+                }),
+                authz: Arc::new(checks),
             },
         };
 
