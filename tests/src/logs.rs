@@ -54,3 +54,17 @@ pub fn init() {
 pub fn captured() -> String {
     String::from_utf8_lossy(&buffer().lock().unwrap_or_else(|p| p.into_inner())).into_owned()
 }
+
+/// The captured logs once they hold every one of `wanted` (a line logged by
+/// a server task after the client already saw the outcome may come a little
+/// later), or as they are after 30 s.
+pub async fn eventually(wanted: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let logs = captured();
+        if wanted.iter().all(|w| logs.contains(w)) || std::time::Instant::now() > deadline {
+            return logs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
