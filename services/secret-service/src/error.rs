@@ -64,4 +64,11 @@ impl StoreError for Error {
     fn is_backend_failure(&self) -> bool {
         matches!(self, Error::Backend(_) | Error::Internal(_))
     }
+
+    fn for_another_caller(&self) -> Self {
+        match self {
+            Error::Backend(b) => Error::Backend(b.clone()),
+            other => Error::Internal(other.to_string()),
+        }
+    }
 }

@@ -13,7 +13,9 @@ pub mod store;
 /// The store backends, from the shared store library, with this service's
 /// error type.
 pub mod backend {
-    pub use secrets_store::{BackendError, Change, Entries, Entry, MeteredBackend, StoreBackend, StoreError};
+    pub use secrets_store::{
+        BackendError, Change, Entries, Entry, GroupCommit, MeteredBackend, StoreBackend, StoreError,
+    };
 
     /// A store backend as this service uses it.
     pub type SecretBackend = dyn StoreBackend<crate::Error>;
@@ -170,7 +172,7 @@ impl Application {
         let authz = AuthzClient::new(channel.clone(), internal.client());
         let usage = secrets_common::usage::UsageClient::new(channel, internal.client());
         let backend: Arc<SecretBackend> = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
-        let store = SecretStore::new(backend, config.object_prefix.clone());
+        let store = SecretStore::with_metrics(backend, config.object_prefix.clone(), Some(metrics.clone()));
         tracing::info!(backend = store.backend_name(), "secret store ready");
         let grpc = grpc::SecretGrpc::new(secrets::Secrets { store, authz: Arc::new(authz), usage: Arc::new(usage) });
         let auth = internal.auth();

@@ -7,13 +7,14 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 use chrono::{SubsecRound, Utc};
 use secrets_common::{
     SecretValue,
+    observe::Metrics,
     validate::{self, MAX_OBJECT_VALUE_BYTES},
 };
 use tracing::instrument;
 
 use crate::{
     Error, Result,
-    backend::{Entries, Entry, SecretBackend},
+    backend::{Entries, Entry, GroupCommit, SecretBackend},
 };
 
 /// Where a secret lives.
@@ -69,13 +70,18 @@ pub struct Found {
 
 #[derive(Clone)]
 pub struct SecretStore {
-    backend: Arc<SecretBackend>,
+    backend: Arc<GroupCommit<Error>>,
     prefix: String,
 }
 
 impl SecretStore {
     pub fn new(backend: Arc<SecretBackend>, prefix: impl Into<String>) -> Self {
-        Self { backend, prefix: prefix.into() }
+        Self::with_metrics(backend, prefix, None)
+    }
+
+    /// The same, with the group commit's metrics.
+    pub fn with_metrics(backend: Arc<SecretBackend>, prefix: impl Into<String>, metrics: Option<Metrics>) -> Self {
+        Self { backend: Arc::new(GroupCommit::new(backend, metrics)), prefix: prefix.into() }
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -105,28 +111,28 @@ impl SecretStore {
         validate::secret_key("key", key)?;
         validate::secret_value("value", value.len())?;
         let object = self.object_name(scope);
-        let mut written = None;
+        let (key, scope, name) = (key.to_string(), scope.clone(), object.clone());
+        // Queued with the other changes to this object and written with them;
+        // a refusal leaves the entries as they were, so the others go ahead.
         self.backend
-            .modify(&object, &mut |entries: &mut Entries| {
+            .apply(&object, move |entries: &mut Entries| {
                 // Milliseconds: what every backend stores and lists.
                 let now = Utc::now().trunc_subsecs(3);
-                let created_at = match (entries.get(key), mode) {
+                let existing = entries.get(&key);
+                let created_at = match (existing, mode) {
                     (Some(_), Mode::Create) => {
-                        return Err(Error::AlreadyExists { key: key.to_string(), scope: scope.clone() });
+                        return Err(Error::AlreadyExists { key: key.clone(), scope: scope.clone() });
                     }
-                    (None, Mode::Update) => {
-                        return Err(Error::NotFound { key: key.to_string(), scope: scope.clone() });
-                    }
+                    (None, Mode::Update) => return Err(Error::NotFound { key: key.clone(), scope: scope.clone() }),
                     (Some(existing), Mode::Update) => existing.created_at,
                     (None, Mode::Create) => now,
                 };
-                entries.insert(key.to_string(), Entry { value: value.clone(), created_at, updated_at: now });
-                check_object_size(&object, entries)?;
-                written = Some(SecretInfo { key: key.to_string(), scope: scope.clone(), created_at, updated_at: now });
-                Ok(())
+                let replaced = existing.map_or(0, |e| e.value.len());
+                check_object_size(&name, entries, replaced, value.len())?;
+                entries.insert(key.clone(), Entry { value: value.clone(), created_at, updated_at: now });
+                Ok(SecretInfo { key: key.clone(), scope: scope.clone(), created_at, updated_at: now })
             })
-            .await?;
-        written.ok_or_else(|| Error::Internal("backend finished a write without applying it".into()))
+            .await
     }
 
     #[instrument(skip(self), fields(backend = self.backend.name(), %scope))]
@@ -135,13 +141,14 @@ impl SecretStore {
         let object = self.object_name(scope);
         // A missing object has no keys: report the key as missing without
         // creating an empty object.
-        if self.backend.read(&object).await?.is_none() {
+        if self.backend.read_shared(&object).await?.is_none() {
             return Err(Error::NotFound { key: key.to_string(), scope: scope.clone() });
         }
+        let (key, scope) = (key.to_string(), scope.clone());
         self.backend
-            .modify(&object, &mut |entries: &mut Entries| match entries.remove(key) {
+            .apply(&object, move |entries: &mut Entries| match entries.remove(&key) {
                 Some(_) => Ok(()),
-                None => Err(Error::NotFound { key: key.to_string(), scope: scope.clone() }),
+                None => Err(Error::NotFound { key: key.clone(), scope: scope.clone() }),
             })
             .await
     }
@@ -212,9 +219,10 @@ enum Mode {
 }
 
 /// Refuses a change that would take the object past the Kubernetes Secret
-/// limit, before the backend is asked to write it.
-fn check_object_size(object: &str, entries: &Entries) -> Result<()> {
-    let total: usize = entries.values().map(|e| e.value.len()).sum();
+/// limit (a value of `adding` bytes in place of one of `replacing`), before
+/// anything is changed.
+fn check_object_size(object: &str, entries: &Entries, replacing: usize, adding: usize) -> Result<()> {
+    let total: usize = entries.values().map(|e| e.value.len()).sum::<usize>() - replacing + adding;
     if total > MAX_OBJECT_VALUE_BYTES {
         return Err(Error::TooLarge { object: object.to_string(), total, limit: MAX_OBJECT_VALUE_BYTES });
     }

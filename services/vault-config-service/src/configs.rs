@@ -20,7 +20,7 @@ use secrets_proto::{
     internal::v1::{self as internal, resource_registry_client::ResourceRegistryClient},
     v1::{self as pb, Permission},
 };
-use secrets_store::{Entries, Entry, StoreBackend};
+use secrets_store::{Entries, Entry, GroupCommit, StoreBackend};
 use tonic::Request;
 
 use crate::{
@@ -75,7 +75,7 @@ pub struct Peers {
 #[derive(Clone)]
 pub struct Configs {
     db: DatabaseConnection,
-    store: Arc<dyn StoreBackend<Error>>,
+    store: Arc<GroupCommit<Error>>,
     prefix: String,
     authz: Arc<dyn Decisions>,
     registry: ResourceRegistryClient<InternalChannel>,
@@ -116,6 +116,7 @@ impl Configs {
         metrics: secrets_common::observe::Metrics,
     ) -> Self {
         let Peers { authz, registry, usage } = peers;
+        let store = Arc::new(GroupCommit::new(store, Some(metrics.clone())));
         // Bounded in bytes: a few large secrets cannot take the memory that
         // many small ones would be allowed.
         let values = Cache::builder()
@@ -201,10 +202,11 @@ impl Configs {
         let json = credentials.to_json().map_err(|e| Error::Internal(format!("cannot encode credentials: {e}")))?;
         let value = SecretValue::new(json.to_vec());
         let now = Utc::now().trunc_subsecs(3);
+        let id = id.to_string();
         self.store
-            .modify(&self.credentials_object(domain), &mut |entries: &mut Entries| {
-                let created_at = entries.get(id).map_or(now, |e| e.created_at);
-                entries.insert(id.to_string(), Entry { value: value.clone(), created_at, updated_at: now });
+            .apply(&self.credentials_object(domain), move |entries: &mut Entries| {
+                let created_at = entries.get(&id).map_or(now, |e| e.created_at);
+                entries.insert(id.clone(), Entry { value: value.clone(), created_at, updated_at: now });
                 Ok(())
             })
             .await
@@ -212,12 +214,13 @@ impl Configs {
 
     async fn remove_credentials(&self, domain: &str, id: &str) -> Result<()> {
         let object = self.credentials_object(domain);
-        if self.store.read(&object).await?.is_none_or(|e| !e.contains_key(id)) {
+        if self.store.read_shared(&object).await?.is_none_or(|e| !e.contains_key(id)) {
             return Ok(());
         }
+        let id = id.to_string();
         self.store
-            .modify(&object, &mut |entries: &mut Entries| {
-                entries.remove(id);
+            .apply(&object, move |entries: &mut Entries| {
+                entries.remove(&id);
                 Ok(())
             })
             .await

@@ -86,7 +86,7 @@ impl From<Error> for Status {
 }
 
 /// A backend's own failure, as opposed to a change refusing a write.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BackendError {
     /// The backend cannot be reached or did not answer: `UNAVAILABLE`.
     #[error("{backend}: {message}")]

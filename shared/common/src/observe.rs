@@ -70,11 +70,22 @@ struct Inner {
     backend_calls: Family<BackendLabels, Counter>,
     backend_errors: Family<BackendLabels, Counter>,
     backend_seconds: Family<BackendLabels, Histogram>,
+    store_changes_per_write: Family<StoreLabels, Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    backend: String,
 }
 
 fn latency_histogram() -> Histogram {
     // 0.25 ms .. ~16 s
     Histogram::new(exponential_buckets(0.00025, 2.0, 17))
+}
+
+fn changes_histogram() -> Histogram {
+    // 1 .. 256, the most changes one write takes
+    Histogram::new(exponential_buckets(1.0, 2.0, 9))
 }
 
 /// One service's metrics registry. Cheap to clone.
@@ -112,6 +123,13 @@ impl Metrics {
         );
         registry.register("backend_errors", "Backend calls that failed", backend_errors.clone());
         registry.register("backend_call_duration_seconds", "Time a backend call took", backend_seconds.clone());
+        let store_changes_per_write =
+            Family::<StoreLabels, Histogram>::new_with_constructor(changes_histogram as fn() -> Histogram);
+        registry.register(
+            "store_changes_per_write",
+            "Changes written together in one write of a store object (group commit): the count is the writes",
+            store_changes_per_write.clone(),
+        );
         let admission_in_flight = Family::<AdmissionLabels, Gauge>::default();
         let admission_queued = Family::<AdmissionLabels, Gauge>::default();
         let admission_shed = Family::<ShedLabels, Counter>::default();
@@ -141,6 +159,7 @@ impl Metrics {
                 admission_in_flight,
                 admission_queued,
                 admission_shed,
+                store_changes_per_write,
             }),
         }
     }
@@ -173,6 +192,12 @@ impl Metrics {
             self.inner.backend_errors.get_or_create(&labels).inc();
         }
         self.inner.backend_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// One write of a store object carrying `changes` callers' changes.
+    pub fn observe_store_write(&self, backend: &str, changes: usize) {
+        let labels = StoreLabels { backend: backend.into() };
+        self.inner.store_changes_per_write.get_or_create(&labels).observe(changes as f64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -19,11 +19,23 @@ pub trait StoreError: From<BackendError> + std::error::Error + Send + Sync + 'st
     /// Whether the error is the backend failing, as opposed to a change
     /// refusing the write (which is an answer, not a failure): for metrics.
     fn is_backend_failure(&self) -> bool;
+
+    /// The same failure for another caller whose change was in the same
+    /// write ([`crate::GroupCommit`]).
+    fn for_another_caller(&self) -> Self;
 }
 
 impl StoreError for secrets_common::error::Error {
     fn is_backend_failure(&self) -> bool {
         matches!(self, Self::Backend(_) | Self::Internal(_))
+    }
+
+    fn for_another_caller(&self) -> Self {
+        match self {
+            Self::Backend(b) => Self::Backend(b.clone()),
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            other => Self::Internal(other.to_string()),
+        }
     }
 }
 

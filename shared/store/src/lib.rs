@@ -4,13 +4,16 @@
 //! the vault-config-service keeps Vault credentials.
 //!
 //! Reading order: [`backend`] (the contract, generic over the caller's error
-//! type) → [`kubernetes`] and [`embedded`].
+//! type) → [`kubernetes`] and [`embedded`] → [`group`] (concurrent changes
+//! to one object written together).
 
 pub mod backend;
 pub mod config;
 pub mod embedded;
+pub mod group;
 pub mod kubernetes;
 
 pub use backend::{Change, Entries, Entry, MeteredBackend, StoreBackend, StoreError};
 pub use config::{BackendKind, EmbeddedConfig, Environment, KubernetesConfig, StoreSettings};
+pub use group::GroupCommit;
 pub use secrets_common::error::BackendError;

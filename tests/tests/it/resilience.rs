@@ -180,3 +180,41 @@ async fn a_change_answered_too_late_is_deadline_exceeded_and_may_have_landed() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A rotation script or a burst of sign-ups: 500 creates at once over 10
+/// domains. Every one is answered OK and is there afterwards; changes to one
+/// store object share writes (group commit), and every change is counted in
+/// exactly one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_creates_over_ten_domains_all_land() {
+    let app = TestApp::spawn().await;
+    let domains: Vec<String> = (0..10).map(|d| format!("burst{d}")).collect();
+    for d in &domains {
+        app.setup_domain(d).await;
+    }
+    let changes = r#"secrets_store_changes_per_write_sum{backend="embedded"}"#;
+    let writes = r#"secrets_store_changes_per_write_count{backend="embedded"}"#;
+    let metrics = || async { http_get(&app.metrics_url("secret-service")).await.1 };
+    let before = metrics().await;
+    let calls: Vec<_> = (0..500)
+        .map(|i| {
+            let (client, domain) = (app.as_user(ADMIN), domains[i % 10].clone());
+            tokio::spawn(async move { client.create(&domain, &format!("key-{i:03}"), "v").await })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        if let Err(e) = call.await.unwrap() {
+            failed.push(format!("key-{i:03}: {e:?}"));
+        }
+    }
+    assert!(failed.is_empty(), "{} of 500 creates failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    for d in &domains {
+        assert_eq!(app.as_user(ADMIN).list(d).await.unwrap().len(), 50, "{d}: every acknowledged create is listed");
+    }
+    let after = metrics().await;
+    assert_eq!(sample(&after, changes) - sample(&before, changes), 500.0, "each change written once");
+    let written = sample(&after, writes) - sample(&before, writes);
+    assert!((10.0..=500.0).contains(&written), "{written} writes for 500 changes over 10 objects");
+    eprintln!("500 creates over 10 objects took {written} writes");
+}
