@@ -139,7 +139,7 @@ impl Application {
         let db = db::connect(&config.database_url, timeout, Some(&metrics)).await?;
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
         let policy = policy::Policy::new(db, admins, timeout);
-        let usage = usage::UsageIndex::new(policy.clone());
+        let usage = usage::UsageIndex::new(policy.clone(), Some(metrics.clone()));
         let leases = policy.leases();
         let grpc = grpc::AuthzGrpc::new(policy);
 

@@ -8,10 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Utc;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait, sea_query::OnConflict,
+    ActiveModelTrait, ColumnTrait, Condition, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionTrait, sea_query::OnConflict,
 };
-use secrets_common::validate::{self, FieldViolation};
+use secrets_common::{
+    batch::Queues,
+    observe::Metrics,
+    validate::{self, FieldViolation},
+};
 use secrets_proto::{
     internal::v1::{self as internal, usage_index_server},
     v1::{self as pb, SourceType, WorkloadKind},
@@ -38,6 +42,9 @@ pub struct UsageIndex {
     /// SQLite takes one writer at a time: writers queue here rather than
     /// spin on the database's busy wait.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Saves waiting for the writer (group commit).
+    saves: Queues<(Save, tokio::sync::oneshot::Sender<Result<bool>>)>,
+    metrics: Option<Metrics>,
 }
 
 /// A workload's identity in the index.
@@ -119,6 +126,71 @@ fn reference_row(key: &Key, i: usize, r: &internal::IndexedReference) -> Result<
     })
 }
 
+/// A save, checked and ready to write.
+struct Save {
+    key: Key,
+    name: String,
+    rows: Vec<workload_reference::ActiveModel>,
+    saved_by: String,
+    owner: String,
+    override_owner: bool,
+}
+
+/// The one queue of saves.
+const SAVES: &str = "saves";
+/// Saves written in one transaction at most.
+pub const MAX_SAVES_PER_TRANSACTION: usize = 64;
+
+/// Replaces one workload's record and references inside `txn`; true when
+/// it was indexed before.
+async fn save_one(txn: &DatabaseTransaction, backend: DbBackend, save: &Save) -> Result<bool> {
+    let key = &save.key;
+    let id = (key.domain.clone(), key.kind.to_string(), key.id.clone());
+    let model = workload::ActiveModel {
+        domain: Set(key.domain.clone()),
+        kind: Set(key.kind.to_string()),
+        id: Set(key.id.clone()),
+        name: Set(save.name.clone()),
+        saved_by: Set(save.saved_by.clone()),
+        saved_at: Set(Utc::now()),
+        owner: Set(save.owner.clone()),
+    };
+    // Claim the row first: a new workload becomes this owner's, and on
+    // PostgreSQL a concurrent first save waits here for this one, then
+    // finds the row taken. Then the row, locked, is checked for its owner
+    // before anything changes.
+    let claimed = workload::Entity::insert(model.clone())
+        .on_conflict(
+            OnConflict::columns([workload::Column::Domain, workload::Column::Kind, workload::Column::Id])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    let existed = claimed == 0;
+    if existed {
+        let mut find = workload::Entity::find_by_id(id);
+        if backend == DbBackend::Postgres {
+            find = find.lock_exclusive();
+        }
+        let row = find.one(txn).await?.ok_or_else(|| {
+            Error::Internal(format!("workload {}/{} {:?} vanished while saved", key.domain, key.kind, key.id))
+        })?;
+        owned_elsewhere(&row, &save.owner, save.override_owner, "replace")?;
+        model.update(txn).await?;
+    }
+    workload_reference::Entity::delete_many()
+        .filter(workload_reference::Column::Domain.eq(&key.domain))
+        .filter(workload_reference::Column::Kind.eq(key.kind))
+        .filter(workload_reference::Column::WorkloadId.eq(&key.id))
+        .exec(txn)
+        .await?;
+    for chunk in save.rows.chunks(500) {
+        workload_reference::Entity::insert_many(chunk.to_vec()).exec_without_returning(txn).await?;
+    }
+    Ok(existed)
+}
+
 fn to_reference(row: workload_reference::Model) -> internal::IndexedReference {
     internal::IndexedReference {
         field: row.field,
@@ -134,8 +206,8 @@ fn to_ref(row: &workload::Model) -> pb::WorkloadRef {
 }
 
 impl UsageIndex {
-    pub fn new(policy: Policy) -> Self {
-        Self { policy, writer: Default::default() }
+    pub fn new(policy: Policy, metrics: Option<Metrics>) -> Self {
+        Self { policy, writer: Default::default(), saves: Queues::default(), metrics }
     }
 
     async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
@@ -167,61 +239,72 @@ impl UsageIndex {
             }
         }
         let name = if w.name.is_empty() { w.id.clone() } else { w.name.clone() };
-        let _turn = self.write_turn().await;
-        self.policy
-            .bounded(async {
-                let db = self.policy.db();
-                let txn = db.begin().await?;
-                let id = (key.domain.clone(), key.kind.to_string(), key.id.clone());
-                let model = workload::ActiveModel {
-                    domain: Set(key.domain.clone()),
-                    kind: Set(key.kind.to_string()),
-                    id: Set(key.id.clone()),
-                    name: Set(name),
-                    saved_by: Set(request.saved_by.clone()),
-                    saved_at: Set(Utc::now()),
-                    owner: Set(request.owner.clone()),
-                };
-                // Claim the row first: a new workload becomes this owner's,
-                // and on PostgreSQL a concurrent first save waits here for
-                // this one, then finds the row taken. Then the row, locked,
-                // is checked for its owner before anything changes.
-                let claimed = workload::Entity::insert(model.clone())
-                    .on_conflict(
-                        OnConflict::columns([workload::Column::Domain, workload::Column::Kind, workload::Column::Id])
-                            .do_nothing()
-                            .to_owned(),
-                    )
-                    .exec_without_returning(&txn)
-                    .await?;
-                let existed = claimed == 0;
-                if existed {
-                    let mut find = workload::Entity::find_by_id(id);
-                    if db.get_database_backend() == DbBackend::Postgres {
-                        find = find.lock_exclusive();
+        let save = Save {
+            key,
+            name,
+            rows,
+            saved_by: request.saved_by,
+            owner: request.owner,
+            override_owner: request.override_owner,
+        };
+        // Queued with the saves of other callers and written with them in
+        // one transaction; the caller is answered once it is committed.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.saves.push(SAVES, (save, reply)) {
+            let index = self.clone();
+            tokio::spawn(async move { index.write_saves().await });
+        }
+        answer.await.map_err(|_| Error::Internal("the usage index writer stopped before answering".into()))?
+    }
+
+    /// The saves' worker: one transaction per batch, each save in a
+    /// savepoint of its own, so a refused save (another owner's workload)
+    /// fails only its caller.
+    async fn write_saves(&self) {
+        let mut worker = self.saves.worker(SAVES);
+        while let Some(batch) = worker.next_batch(MAX_SAVES_PER_TRANSACTION) {
+            let (saves, replies): (Vec<Save>, Vec<_>) = batch.into_iter().unzip();
+            let _turn = self.write_turn().await;
+            let outcome = self
+                .policy
+                .bounded(async {
+                    let txn = self.policy.db().begin().await?;
+                    let mut outcomes = Vec::with_capacity(saves.len());
+                    for save in &saves {
+                        let savepoint = txn.begin().await?;
+                        match save_one(&savepoint, self.policy.db().get_database_backend(), save).await {
+                            Ok(existed) => {
+                                savepoint.commit().await?;
+                                outcomes.push(Ok(existed));
+                            }
+                            // The database failing fails the transaction.
+                            Err(e @ Error::Db(_)) => return Err(e),
+                            Err(refused) => {
+                                savepoint.rollback().await?;
+                                outcomes.push(Err(refused));
+                            }
+                        }
                     }
-                    let row = find.one(&txn).await?.ok_or_else(|| {
-                        Error::Internal(format!(
-                            "workload {}/{} {:?} vanished while saved",
-                            key.domain, key.kind, key.id
-                        ))
-                    })?;
-                    owned_elsewhere(&row, &request.owner, request.override_owner, "replace")?;
-                    model.update(&txn).await?;
+                    txn.commit().await?;
+                    Ok(outcomes)
+                })
+                .await;
+            if let (Some(m), Ok(_)) = (&self.metrics, &outcome) {
+                m.observe_group_write(secrets_db::backend_name(self.policy.db()), saves.len());
+            }
+            match outcome {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome);
+                    }
                 }
-                workload_reference::Entity::delete_many()
-                    .filter(workload_reference::Column::Domain.eq(&key.domain))
-                    .filter(workload_reference::Column::Kind.eq(key.kind))
-                    .filter(workload_reference::Column::WorkloadId.eq(&key.id))
-                    .exec(&txn)
-                    .await?;
-                for chunk in rows.chunks(500) {
-                    workload_reference::Entity::insert_many(chunk.to_vec()).exec_without_returning(&txn).await?;
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.for_another_caller()));
+                    }
                 }
-                txn.commit().await?;
-                Ok(existed)
-            })
-            .await
+            }
+        }
     }
 
     /// True when the workload was indexed. A workload another identity
@@ -466,5 +549,74 @@ mod tests {
             ),
             other => panic!("expected PERMISSION_DENIED, got {:?}", other.err()),
         }
+    }
+
+    /// Saves that arrive while a transaction is being written go out
+    /// together in the next one; a refused save among them fails alone.
+    #[tokio::test]
+    async fn saves_queued_behind_a_transaction_share_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display());
+        let timeout = std::time::Duration::from_secs(60);
+        let db = crate::db::connect(&url, timeout, None).await.unwrap();
+        let metrics = Metrics::new();
+        let index = UsageIndex::new(Policy::new(db, BTreeSet::new(), timeout), Some(metrics.clone()));
+        let save = |id: String, owner: &str| {
+            let index = index.clone();
+            let request = internal::RecordWorkloadRequest {
+                workload: Some(pb::WorkloadRef {
+                    domain: "sales".into(),
+                    kind: WorkloadKind::SparkJob as i32,
+                    id,
+                    name: String::new(),
+                }),
+                references: vec![reference(SourceType::Kubernetes, "sales", "db", "env.DB")],
+                saved_by: "user:alice".into(),
+                owner: owner.into(),
+                override_owner: false,
+            };
+            tokio::spawn(async move { index.record(request).await })
+        };
+        save("owned".into(), "service:spark").await.unwrap().unwrap();
+
+        // The writer takes the first save and waits for its turn at the
+        // database, which the test holds; 49 more queue meanwhile.
+        let turn = index.writer.clone().lock_owned().await;
+        let first = save("job-00".into(), "service:spark");
+        while !(index.saves.working(SAVES) && index.saves.queued(SAVES) == 0) {
+            tokio::task::yield_now().await;
+        }
+        let mut rest: Vec<_> = (1..49).map(|i| save(format!("job-{i:02}"), "service:spark")).collect();
+        rest.push(save("owned".into(), "service:jupyter"));
+        while index.saves.queued(SAVES) < 49 {
+            tokio::task::yield_now().await;
+        }
+        drop(turn);
+
+        assert!(!first.await.unwrap().unwrap(), "a new workload");
+        let refused = rest.pop().unwrap().await.unwrap();
+        assert!(matches!(refused, Err(Error::PermissionDenied(_))), "{refused:?}");
+        for r in rest {
+            assert!(!r.await.unwrap().unwrap());
+        }
+        let text = metrics.render();
+        let sample = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{series} in {text}"))
+        };
+        assert_eq!(sample(r#"secrets_changes_per_write_count{backend="sqlite"}"#), 3.0, "3 transactions for 51 saves");
+        assert_eq!(sample(r#"secrets_changes_per_write_sum{backend="sqlite"}"#), 51.0);
+        let found = index
+            .find(&internal::FindUsagesRequest {
+                source_type: SourceType::Kubernetes as i32,
+                source_id: "sales".into(),
+                key: "db".into(),
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.total, 50, "every acknowledged save is indexed");
     }
 }

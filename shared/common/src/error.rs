@@ -51,6 +51,19 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The same failure for another caller whose work went into the same
+    /// write (group commit): unavailability keeps its code and message,
+    /// anything else is reported as an internal failure with its message.
+    pub fn for_another_caller(&self) -> Self {
+        match self {
+            Self::Backend(b) => Self::Backend(b.clone()),
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<FieldViolation> for Error {
     fn from(v: FieldViolation) -> Self {
         Self::InvalidArgument(vec![v])

@@ -70,11 +70,11 @@ struct Inner {
     backend_calls: Family<BackendLabels, Counter>,
     backend_errors: Family<BackendLabels, Counter>,
     backend_seconds: Family<BackendLabels, Histogram>,
-    store_changes_per_write: Family<StoreLabels, Histogram>,
+    changes_per_write: Family<WriteLabels, Histogram>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StoreLabels {
+struct WriteLabels {
     backend: String,
 }
 
@@ -123,12 +123,12 @@ impl Metrics {
         );
         registry.register("backend_errors", "Backend calls that failed", backend_errors.clone());
         registry.register("backend_call_duration_seconds", "Time a backend call took", backend_seconds.clone());
-        let store_changes_per_write =
-            Family::<StoreLabels, Histogram>::new_with_constructor(changes_histogram as fn() -> Histogram);
+        let changes_per_write =
+            Family::<WriteLabels, Histogram>::new_with_constructor(changes_histogram as fn() -> Histogram);
         registry.register(
-            "store_changes_per_write",
-            "Changes written together in one write of a store object (group commit): the count is the writes",
-            store_changes_per_write.clone(),
+            "changes_per_write",
+            "Changes written together (group commit) in one write of a store object or one database transaction: the count is the writes",
+            changes_per_write.clone(),
         );
         let admission_in_flight = Family::<AdmissionLabels, Gauge>::default();
         let admission_queued = Family::<AdmissionLabels, Gauge>::default();
@@ -159,7 +159,7 @@ impl Metrics {
                 admission_in_flight,
                 admission_queued,
                 admission_shed,
-                store_changes_per_write,
+                changes_per_write,
             }),
         }
     }
@@ -194,10 +194,11 @@ impl Metrics {
         self.inner.backend_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
     }
 
-    /// One write of a store object carrying `changes` callers' changes.
-    pub fn observe_store_write(&self, backend: &str, changes: usize) {
-        let labels = StoreLabels { backend: backend.into() };
-        self.inner.store_changes_per_write.get_or_create(&labels).observe(changes as f64);
+    /// One write (a store object's, a database transaction) carrying
+    /// `changes` callers' changes.
+    pub fn observe_group_write(&self, backend: &str, changes: usize) {
+        let labels = WriteLabels { backend: backend.into() };
+        self.inner.changes_per_write.get_or_create(&labels).observe(changes as f64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -31,11 +31,7 @@ impl StoreError for secrets_common::error::Error {
     }
 
     fn for_another_caller(&self) -> Self {
-        match self {
-            Self::Backend(b) => Self::Backend(b.clone()),
-            Self::Unavailable(m) => Self::Unavailable(m.clone()),
-            other => Self::Internal(other.to_string()),
-        }
+        secrets_common::error::Error::for_another_caller(self)
     }
 }
 

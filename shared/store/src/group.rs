@@ -12,12 +12,9 @@
 //! change may still be written, as with any request cancelled after it was
 //! sent).
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
-};
+use std::sync::Arc;
 
-use secrets_common::observe::Metrics;
+use secrets_common::{batch::Queues, observe::Metrics};
 use tokio::sync::oneshot;
 
 use crate::{
@@ -29,22 +26,18 @@ use crate::{
 /// stays bounded however deep the queue is.
 pub const MAX_CHANGES_PER_WRITE: usize = 256;
 
-/// Changes waiting, per object.
-type Queues<E> = Mutex<HashMap<String, VecDeque<Box<dyn Pending<E>>>>>;
-
 /// A store whose writes are grouped per object. Reads go straight to the
 /// backend.
 pub struct GroupCommit<E: StoreError> {
     backend: Arc<dyn StoreBackend<E>>,
-    /// Changes waiting, per object; an object is in the map while its
-    /// writer task runs.
-    queues: Arc<Queues<E>>,
+    /// Changes waiting, per object.
+    queues: Queues<Box<dyn Pending<E>>>,
     metrics: Option<Metrics>,
 }
 
 impl<E: StoreError> GroupCommit<E> {
     pub fn new(backend: Arc<dyn StoreBackend<E>>, metrics: Option<Metrics>) -> Self {
-        Self { backend, queues: Arc::default(), metrics }
+        Self { backend, queues: Queues::default(), metrics }
     }
 
     pub fn backend(&self) -> &Arc<dyn StoreBackend<E>> {
@@ -66,7 +59,7 @@ impl<E: StoreError> GroupCommit<E> {
     /// Changes waiting for `object`'s writer (not counting the write in
     /// progress).
     pub fn queued(&self, object: &str) -> usize {
-        self.queues.lock().unwrap_or_else(|p| p.into_inner()).get(object).map_or(0, VecDeque::len)
+        self.queues.queued(object)
     }
 
     /// Applies `change` to the object's entries (empty when it does not
@@ -84,20 +77,7 @@ impl<E: StoreError> GroupCommit<E> {
     {
         let (reply, answer) = oneshot::channel();
         let item: Box<dyn Pending<E>> = Box::new(Item { change, outcome: None, reply });
-        let start_writer = {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            match queues.get_mut(object) {
-                Some(queue) => {
-                    queue.push_back(item);
-                    false
-                }
-                None => {
-                    queues.insert(object.to_string(), VecDeque::from([item]));
-                    true
-                }
-            }
-        };
-        if start_writer {
+        if self.queues.push(object, item) {
             let writer = Writer {
                 object: object.to_string(),
                 backend: self.backend.clone(),
@@ -157,32 +137,14 @@ where
 struct Writer<E: StoreError> {
     object: String,
     backend: Arc<dyn StoreBackend<E>>,
-    queues: Arc<Queues<E>>,
+    queues: Queues<Box<dyn Pending<E>>>,
     metrics: Option<Metrics>,
 }
 
 impl<E: StoreError> Writer<E> {
     async fn run(self) {
-        // Whatever else ends this task (a panicking change, a runtime
-        // shutting down), the object leaves the map, so the next change
-        // starts a new writer; callers still queued are answered by their
-        // dropped senders.
-        let mut leave = Leave { object: &self.object, queues: &self.queues, armed: true };
-        loop {
-            let mut batch: Vec<Box<dyn Pending<E>>> = {
-                let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(queue) = queues.get_mut(&self.object) else {
-                    leave.armed = false;
-                    return;
-                };
-                if queue.is_empty() {
-                    queues.remove(&self.object);
-                    leave.armed = false;
-                    return;
-                }
-                let n = queue.len().min(MAX_CHANGES_PER_WRITE);
-                queue.drain(..n).collect()
-            };
+        let mut worker = self.queues.worker(&self.object);
+        while let Some(mut batch) = worker.next_batch(MAX_CHANGES_PER_WRITE) {
             self.write(&mut batch).await;
         }
     }
@@ -206,7 +168,7 @@ impl<E: StoreError> Writer<E> {
         if let Some(m) = &self.metrics
             && !nothing_to_write
         {
-            m.observe_store_write(self.backend.name(), batch.len());
+            m.observe_group_write(self.backend.name(), batch.len());
         }
         let failed = match &result {
             Err(_) if nothing_to_write => None,
@@ -227,20 +189,6 @@ impl<E> Pending<E> for Answered {
         false
     }
     fn answer(self: Box<Self>, _: Option<&E>) {}
-}
-
-struct Leave<'a, E> {
-    object: &'a str,
-    queues: &'a Queues<E>,
-    armed: bool,
-}
-
-impl<E> Drop for Leave<'_, E> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.queues.lock().unwrap_or_else(|p| p.into_inner()).remove(self.object);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -192,8 +192,8 @@ async fn five_hundred_concurrent_creates_over_ten_domains_all_land() {
     for d in &domains {
         app.setup_domain(d).await;
     }
-    let changes = r#"secrets_store_changes_per_write_sum{backend="embedded"}"#;
-    let writes = r#"secrets_store_changes_per_write_count{backend="embedded"}"#;
+    let changes = r#"secrets_changes_per_write_sum{backend="embedded"}"#;
+    let writes = r#"secrets_changes_per_write_count{backend="embedded"}"#;
     let metrics = || async { http_get(&app.metrics_url("secret-service")).await.1 };
     let before = metrics().await;
     let calls: Vec<_> = (0..500)

@@ -365,9 +365,22 @@ async fn every_workload_kind_is_indexed_under_its_kind(app: TestApp) {
     assert_eq!(usages(&spark, pb::Scope::Domain, "finance", "s3_access_key").await.total, 0);
 }
 
+/// Saves are written in batches (one transaction each): 200 at once all
+/// land, and 20 refused among them (another service's workloads) fail
+/// alone, changing nothing.
 async fn two_hundred_concurrent_saves_lose_no_index_entry(app: TestApp) {
     setup(&app).await;
     let spark = spark(&app);
+    for i in 0..20 {
+        save(&spark, &format!("job-{i:03}"), spark_job(&[], &[])).await.unwrap();
+    }
+    let jupyter = Clients::over(app.gateway_channel(), Some(app.token(JUPYTER)), Some(&format!("user:{OWNER}")));
+    let refused = (0..20).map(|i| {
+        let jupyter = jupyter.clone();
+        async move {
+            save(&jupyter, &format!("job-{i:03}"), spark_job(&[("X", object("finance", "db_password"))], &[])).await
+        }
+    });
     let saves = (0..200).map(|i| {
         let spark = spark.clone();
         async move {
@@ -376,9 +389,13 @@ async fn two_hundred_concurrent_saves_lose_no_index_entry(app: TestApp) {
             save(&spark, &format!("job-{i:03}"), payload).await
         }
     });
-    let results = futures::future::join_all(saves).await;
+    let (results, refused) = tokio::join!(futures::future::join_all(saves), futures::future::join_all(refused));
     for (i, r) in results.iter().enumerate() {
         assert!(r.as_ref().is_ok_and(|r| r.saved), "save {i}: {r:?}");
+    }
+    for (i, r) in refused.iter().enumerate() {
+        let e = r.as_ref().expect_err("another service's workload is not replaced");
+        assert_eq!(e.code(), Code::PermissionDenied, "refused save {i}: {e:?}");
     }
     let even = usages(&spark, pb::Scope::Domain, "finance", "db_password").await;
     let odd = usages(&spark, pb::Scope::Domain, "finance", "s3_access_key").await;
