@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use moka::future::Cache;
-use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+};
 use secrets_common::{
     SecretValue,
     auth::{Acting, InternalChannel, act_as},
@@ -26,6 +28,7 @@ use tonic::Request;
 use crate::{
     Error, Result,
     db::vault_config,
+    rows::Rows,
     spec::{self, Credentials, Target},
     vault::{Connection, Fields, VaultFailure},
 };
@@ -75,6 +78,7 @@ pub struct Peers {
 #[derive(Clone)]
 pub struct Configs {
     db: DatabaseConnection,
+    rows: Rows,
     store: Arc<GroupCommit<Error>>,
     prefix: String,
     authz: Arc<dyn Decisions>,
@@ -117,6 +121,7 @@ impl Configs {
     ) -> Self {
         let Peers { authz, registry, usage } = peers;
         let store = Arc::new(GroupCommit::new(store, Some(metrics.clone())));
+        let rows = Rows::start(db.clone(), limits.database_timeout);
         // Bounded in bytes: a few large secrets cannot take the memory that
         // many small ones would be allowed.
         let values = Cache::builder()
@@ -129,7 +134,7 @@ impl Configs {
             .max_capacity(limits.cache_max_entries)
             .time_to_idle(std::time::Duration::from_secs(600))
             .build();
-        Self { db, store, prefix, authz, registry, usage, limits, connections, values, metrics }
+        Self { db, rows, store, prefix, authz, registry, usage, limits, connections, values, metrics }
     }
 
     /// The store object holding a domain's Vault credentials.
@@ -298,7 +303,15 @@ impl Configs {
         let saved = async {
             self.put_credentials(domain, &id, &credentials).await?;
             let active: vault_config::ActiveModel = row.clone().into();
-            self.db(vault_config::Entity::insert(active).exec_without_returning(&self.db)).await?;
+            let change = self.rows.changing(&id);
+            self.db(async {
+                let txn = self.db.begin().await?;
+                vault_config::Entity::insert(active).exec_without_returning(&txn).await?;
+                self.rows.notify(&txn, &id).await?;
+                txn.commit().await
+            })
+            .await?;
+            self.rows.changed(change).await;
             Ok::<_, Error>(())
         }
         .await;
@@ -407,7 +420,17 @@ impl Configs {
         // Strictly later than the last change, so caches keyed by it miss.
         let now = Utc::now().trunc_subsecs(3).max(row.updated_at + chrono::Duration::milliseconds(1));
         active.updated_at = Set(now);
-        let updated = self.db(active.update(&self.db)).await?;
+        let change = self.rows.changing(id);
+        let updated = self
+            .db(async {
+                let txn = self.db.begin().await?;
+                let updated = active.update(&txn).await?;
+                self.rows.notify(&txn, id).await?;
+                txn.commit().await?;
+                Ok(updated)
+            })
+            .await?;
+        self.rows.changed(change).await;
         self.forget(&row).await;
         tracing::info!(id = %id, credentials_replaced = credentials.is_some(), %principal, "vault config updated");
         Ok(Config { row: updated, credentials_set: current.is_some() })
@@ -426,7 +449,15 @@ impl Configs {
             ..Default::default()
         };
         let broken = self.usage.guard_delete(&label(&row), usages, force).await?;
-        self.db(vault_config::Entity::delete_by_id(id.to_string()).exec(&self.db)).await?;
+        let change = self.rows.changing(id);
+        self.db(async {
+            let txn = self.db.begin().await?;
+            vault_config::Entity::delete_by_id(id.to_string()).exec(&txn).await?;
+            self.rows.notify(&txn, id).await?;
+            txn.commit().await
+        })
+        .await?;
+        self.rows.changed(change).await;
         self.remove_credentials(&row.domain, id).await?;
         self.forget(&row).await;
         let unregister = internal::UnregisterResourceRequest { resource: Some(Self::resource(id)) };
@@ -576,7 +607,8 @@ impl Configs {
         for l in lookups {
             if !rows.contains_key(&l.config_id) {
                 let row = match validate_id(&l.config_id) {
-                    Ok(()) => self.db(vault_config::Entity::find_by_id(l.config_id.clone()).one(&self.db)).await?,
+                    // From memory: a resolve sends no query.
+                    Ok(()) => self.rows.get(&l.config_id).await?,
                     Err(_) => None,
                 };
                 rows.insert(l.config_id.clone(), row);
@@ -639,7 +671,8 @@ impl Configs {
     pub async fn keys_of(&self, ids: &[String]) -> Vec<internal::ConfigKeys> {
         let reads = ids.iter().map(|id| async move {
             let result = async {
-                let row = self.row(id).await?;
+                validate_id(id)?;
+                let row = self.rows.get(id).await?.ok_or_else(|| not_found(id))?;
                 let fields = self.fields(&row).await.map_err(|f| Error::from(f.context(&label(&row))))?;
                 Ok::<_, Error>(fields.keys().cloned().collect::<Vec<_>>())
             }

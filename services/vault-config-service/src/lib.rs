@@ -4,11 +4,13 @@
 //!
 //! Reading order: [`grpc`] (the tonic adapters) → [`configs`] (the domain
 //! logic: authorization, where each part is kept, caches) → [`spec`] (the
-//! rules of a config, no I/O) and [`vault`] (talking to Vault) → [`db`].
+//! rules of a config, no I/O) and [`vault`] (talking to Vault) → [`rows`]
+//! (the rows in memory) → [`db`].
 
 pub mod configs;
 pub mod db;
 pub mod grpc;
+pub mod rows;
 pub mod spec;
 pub mod vault;
 

@@ -1593,3 +1593,146 @@ async fn a_hung_vault_config_service_fails_only_its_items_before_the_callers_dea
     assert_eq!(code, Code::Unavailable, "{message}");
     assert!(message.contains("vault-config-service"), "{message}");
 }
+
+on_both_databases!(a_resolve_reads_no_database_and_a_change_to_the_config_counts_at_once);
+
+/// The queries the vault-config-service has sent.
+async fn vault_config_queries(app: &TestApp) -> f64 {
+    let backend = if app.database_url.starts_with("postgres") { "postgres" } else { "sqlite" };
+    let selects = format!(r#"secrets_backend_calls_total{{backend="{backend}",operation="select"}}"#);
+    sample(&http_get(&app.metrics_url("vault-config-service")).await.1, &selects)
+}
+
+/// Resolves until 10 resolves in a row send the vault-config-service's
+/// database no query: the configs are held in memory, loaded in the
+/// background at start and, on PostgreSQL, a change is read from memory
+/// again once its notification has come back. False when that never
+/// happens.
+async fn resolves_without_queries(app: &TestApp, config_id: &str, expected: &[u8]) -> bool {
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    for _ in 0..100 {
+        let before = vault_config_queries(app).await;
+        for _ in 0..10 {
+            let out = service.resolve("finance", vec![vault_item("v", config_id, "db_password")]).await.unwrap();
+            assert_eq!(value(&out[0]), expected);
+        }
+        if vault_config_queries(app).await == before {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn a_resolve_reads_no_database_and_a_change_to_the_config_counts_at_once(app: TestApp) {
+    let bao = OpenBao::start();
+    setup(&app, &bao).await;
+    bao.bao(&["kv", "put", "secret/staging", "db_password=pw-from-staging"]);
+    let config = prod_config(&app, &bao).await;
+    assert!(resolves_without_queries(&app, &config.id, b"pw-from-vault").await, "every resolve queried the database");
+
+    // The next resolve after an update returns reads the new path.
+    let mut olivia = app.as_user(OWNER).vault.clone();
+    let update = pb::UpdateVaultConfigRequest {
+        id: config.id.clone(),
+        path: Some("/v1/secret/data/staging".into()),
+        ..Default::default()
+    };
+    olivia.update_vault_config(update).await.unwrap();
+    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let out = service.resolve("finance", vec![vault_item("v", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(value(&out[0]), b"pw-from-staging", "the first resolve after the update");
+    assert!(resolves_without_queries(&app, &config.id, b"pw-from-staging").await, "queries after an update");
+
+    // And after a delete, the config is gone for the next resolve (its
+    // bundle placement went with it).
+    olivia.delete_vault_config(pb::DeleteVaultConfigRequest { id: config.id.clone(), force: false }).await.unwrap();
+    let out = service.resolve("finance", vec![vault_item("v", &config.id, "db_password")]).await.unwrap();
+    assert_eq!(item_error(&out[0]).0, Code::PermissionDenied, "{out:?}");
+}
+
+/// Two replicas of the vault-config-service on one PostgreSQL database:
+/// each holds the configs in memory, and a create, update or delete through
+/// one reaches the other's memory through LISTEN/NOTIFY (no polling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_config_changed_through_one_replica_reaches_the_others_memory() {
+    use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
+    use vault_config_service::{db::vault_config, rows::Rows};
+    let Some(database) = integration_tests::postgres::fresh_database().await else { return };
+    let timeout = Duration::from_secs(30);
+    let connect = || vault_config_service::db::connect(&database.url, timeout, None);
+    let (db_a, db_b) = (connect().await.unwrap(), connect().await.unwrap());
+    let (a, b) = (Rows::start(db_a.clone(), timeout), Rows::start(db_b.clone(), timeout));
+    let now = chrono::Utc::now();
+    let row = vault_config::Model {
+        id: uuid::Uuid::new_v4().to_string(),
+        domain: "finance".into(),
+        name: "prod".into(),
+        bundle: BUNDLE.into(),
+        host: "https://vault.example:8200".into(),
+        path: "/v1/secret/data/production".into(),
+        namespace: String::new(),
+        ca_certificate: String::new(),
+        auth_method: "TOKEN".into(),
+        created_at: now,
+        updated_at: now,
+    };
+    let id = row.id.clone();
+    // What B holds in memory (not what the database says), once B's copy is current.
+    let held_by_b = || async {
+        for _ in 0..600 {
+            if b.is_current() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(b.is_current(), "replica B never loaded the configs");
+        b.get(&id).await.unwrap()
+    };
+    // Waits (by count, generously) until B's memory says what `expected` says.
+    let until_b_holds = |expected: Option<&'static str>| async move {
+        for _ in 0..600 {
+            if held_by_b().await.map(|r| r.path).as_deref() == expected {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert_eq!(held_by_b().await, None);
+
+    let write = |op: &'static str, path: &'static str| {
+        let (a, db_a, row) = (a.clone(), db_a.clone(), row.clone());
+        async move {
+            let change = a.changing(&row.id);
+            let txn = db_a.begin().await.unwrap();
+            match op {
+                "insert" => drop(
+                    vault_config::Entity::insert(vault_config::ActiveModel::from(row.clone()))
+                        .exec(&txn)
+                        .await
+                        .unwrap(),
+                ),
+                "update" => {
+                    let mut active: vault_config::ActiveModel = row.clone().into();
+                    active.path = Set(path.into());
+                    active.updated_at = Set(row.updated_at + chrono::Duration::milliseconds(1));
+                    drop(active.update(&txn).await.unwrap());
+                }
+                _ => drop(vault_config::Entity::delete_by_id(row.id.clone()).exec(&txn).await.unwrap()),
+            }
+            a.notify(&txn, &row.id).await.unwrap();
+            txn.commit().await.unwrap();
+            a.changed(change).await;
+        }
+    };
+    write("insert", "").await;
+    assert!(until_b_holds(Some("/v1/secret/data/production")).await, "B never saw the create");
+    write("update", "/v1/secret/data/staging").await;
+    assert!(until_b_holds(Some("/v1/secret/data/staging")).await, "B never saw the update");
+    assert_eq!(a.get(&id).await.unwrap().unwrap().path, "/v1/secret/data/staging", "A reads its own write");
+    write("delete", "").await;
+    assert!(until_b_holds(None).await, "B never saw the delete");
+    drop((a, b, db_a, db_b));
+    database.drop_database().await;
+}
