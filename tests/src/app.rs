@@ -695,6 +695,7 @@ impl Clients {
             domain: domain.into(),
             key: key.into(),
             value: Some(text_value(text)),
+            request_id: String::new(),
         };
         Ok(self.secrets.clone().create_secret(request).await?.into_inner())
     }
@@ -705,6 +706,7 @@ impl Clients {
             domain: domain.into(),
             key: key.into(),
             value: Some(text_value(text)),
+            request_id: String::new(),
         };
         Ok(self.secrets.clone().update_secret(request).await?.into_inner())
     }
@@ -715,6 +717,7 @@ impl Clients {
             domain: domain.into(),
             key: key.into(),
             force: false,
+            request_id: String::new(),
         };
         self.secrets.clone().delete_secret(request).await.map(|_| ())
     }

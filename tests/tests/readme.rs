@@ -101,7 +101,12 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
 
     let (stdout, _) = run_block(dir.path(), "grpcurl", sh_block("## Using it with grpcurl"));
     assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");
-    assert!(stdout.contains(r#""text": "jdbc:postgresql://etl:changed@db/warehouse""#), "resolved text: {stdout}");
+    assert!(stdout.contains(r#""text": "jdbc:postgresql://etl:rotated@db/warehouse""#), "resolved text: {stdout}");
+    // Create, update, then the same update twice with one requestId: the
+    // retry answers the first outcome (the same updatedAt).
+    let update_times: Vec<&str> = stdout.match_indices(r#""updatedAt": ""#).map(|(i, _)| &stdout[i..i + 40]).collect();
+    assert!(update_times.len() >= 4, "{stdout}");
+    assert_eq!(update_times[2], update_times[3], "the retried update was answered with its first outcome: {stdout}");
     assert!(stdout.contains(r#""value": "c210cC1wYXNz""#), "the global smtp_password through finance: {stdout}");
     assert!(stdout.contains(r#""code": 5"#) && stdout.contains(r#"secret \"s3_secret\" does not exist"#), "{stdout}");
     assert!(stdout.contains("user:alice does not hold MANAGE_SECRETS"), "alice may not manage secrets: {stdout}");

@@ -53,8 +53,8 @@ enum Call {
 fn failed(service: &str, call: Call, s: Status) -> Status {
     match (call, s.code()) {
         (Call::Write, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) => Status::deadline_exceeded(format!(
-            "{service}: did not answer in time; the change may have been applied: read it back before sending it \
-             again"
+            "{service}: did not answer in time; the change may have been applied: send it again with the same \
+             request_id (secrets), or read it back first"
         )),
         _ => from_upstream(service, s),
     }

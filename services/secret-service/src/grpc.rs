@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::{
-    secrets::{Mode, Secrets},
-    store::{Lookup, Scope, SecretInfo},
+    secrets::Secrets,
+    store::{Lookup, Mode, Scope, SecretInfo},
 };
 
 #[derive(Clone)]
@@ -30,7 +30,8 @@ impl SecretGrpc {
         record(&principal.to_string(), &w.domain, &w.key, w.scope);
         let scope = scope_of(w.scope, &w.domain, false)?;
         let value = value_of(w.value)?;
-        let info = self.secrets.put(principal, &scope, &w.key, value, mode).await?;
+        let request_id = Some(w.request_id.as_str()).filter(|id| !id.is_empty());
+        let info = self.secrets.put(principal, &scope, &w.key, value, mode, request_id).await?;
         Ok(Response::new(metadata(info, &w.domain)))
     }
 }
@@ -41,6 +42,7 @@ struct Write {
     domain: String,
     key: String,
     value: Option<pb::SecretValue>,
+    request_id: String,
 }
 
 /// The scope a request names; `domain` must be set exactly for domain scopes
@@ -108,8 +110,12 @@ impl SecretService for SecretGrpc {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
         let req = request.into_inner();
-        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value: req.value }, Mode::Create)
-            .await
+        self.put(
+            &call,
+            Write { scope: req.scope, domain: req.domain, key: req.key, value: req.value, request_id: req.request_id },
+            Mode::Create,
+        )
+        .await
     }
 
     #[instrument(skip_all, fields(rpc = "UpdateSecret", scope, domain, key, principal))]
@@ -119,8 +125,12 @@ impl SecretService for SecretGrpc {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = InternalCall::of(&request);
         let req = request.into_inner();
-        self.put(&call, Write { scope: req.scope, domain: req.domain, key: req.key, value: req.value }, Mode::Update)
-            .await
+        self.put(
+            &call,
+            Write { scope: req.scope, domain: req.domain, key: req.key, value: req.value, request_id: req.request_id },
+            Mode::Update,
+        )
+        .await
     }
 
     #[instrument(skip_all, fields(rpc = "DeleteSecret", scope, domain, key, principal))]
@@ -133,7 +143,8 @@ impl SecretService for SecretGrpc {
         let req = request.into_inner();
         record(&principal.to_string(), &req.domain, &req.key, req.scope);
         let scope = scope_of(req.scope, &req.domain, false)?;
-        let broken = self.secrets.delete(principal, &scope, &req.key, req.force).await?;
+        let request_id = Some(req.request_id.as_str()).filter(|id| !id.is_empty());
+        let broken = self.secrets.delete(principal, &scope, &req.key, req.force, request_id).await?;
         Ok(Response::new(pb::DeleteSecretResponse { broken }))
     }
 

@@ -7,6 +7,7 @@
 
 mod error;
 pub mod grpc;
+pub mod requests;
 pub mod secrets;
 pub mod store;
 
@@ -14,7 +15,7 @@ pub mod store;
 /// error type.
 pub mod backend {
     pub use secrets_store::{
-        BackendError, Change, Entries, Entry, GroupCommit, MeteredBackend, StoreBackend, StoreError,
+        BackendError, Change, Entries, Entry, GroupCommit, MeteredBackend, REQUESTS_ENTRY, StoreBackend, StoreError,
     };
 
     /// A store backend as this service uses it.

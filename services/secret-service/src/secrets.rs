@@ -18,20 +18,16 @@ use secrets_proto::{
 };
 use tonic::Status;
 
-use crate::store::{Lookup, Scope, SecretInfo, SecretStore};
+use crate::{
+    requests,
+    store::{Lookup, Mode, Scope, SecretInfo, SecretStore},
+};
 
 #[derive(Clone)]
 pub struct Secrets {
     pub store: SecretStore,
     pub authz: Arc<dyn Decisions>,
     pub usage: Arc<dyn Usages>,
-}
-
-/// A create refuses an existing key; an update a missing one.
-#[derive(Clone, Copy, Debug)]
-pub enum Mode {
-    Create,
-    Update,
 }
 
 #[derive(Clone, Copy)]
@@ -50,12 +46,10 @@ impl Secrets {
         key: &str,
         value: SecretValue,
         mode: Mode,
+        request_id: Option<&str>,
     ) -> Result<SecretInfo, Status> {
         self.authorize(principal, scope, Op::Write, None).await?;
-        let info = match mode {
-            Mode::Create => self.store.create(scope, key, value).await?,
-            Mode::Update => self.store.update(scope, key, value).await?,
-        };
+        let info = self.store.put(scope, key, value, mode, request_id).await?;
         let verb = match mode {
             Mode::Create => "secret created",
             Mode::Update => "secret updated",
@@ -72,11 +66,18 @@ impl Secrets {
         scope: &Scope,
         key: &str,
         force: bool,
+        request_id: Option<&str>,
     ) -> Result<Option<pb::BrokenWorkloads>, Status> {
         secrets_common::validate::secret_key("key", key).map_err(secrets_common::error::invalid_argument)?;
         self.authorize(principal, scope, Op::Write, None).await?;
+        // A retry of a delete that landed: answered before the usage check,
+        // which would now judge a secret that is gone.
+        if self.store.replay(scope, request_id, requests::Op::Delete, key, None).await?.is_some() {
+            tracing::info!(%scope, key, %principal, "secret delete retried: already done");
+            return Ok(None);
+        }
         let broken = self.guard_delete(scope, key, force).await?;
-        self.store.delete(scope, key).await?;
+        self.store.delete_once(scope, key, request_id).await?;
         match &broken {
             Some(b) => {
                 tracing::warn!(%scope, key, %principal, broken = b.total, "secret deleted by force while workloads reference it")
@@ -275,8 +276,8 @@ mod tests {
     #[tokio::test]
     async fn each_scope_asks_its_own_permission_and_a_refusal_changes_nothing() {
         let f = fixture(|p, d| p == Permission::ManageSecrets && d == Some("sales"), Index::default());
-        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create).await.unwrap();
-        let refused = f.secrets.put(&alice(), &Scope::Global, "db", value("pw"), Mode::Create).await.unwrap_err();
+        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create, None).await.unwrap();
+        let refused = f.secrets.put(&alice(), &Scope::Global, "db", value("pw"), Mode::Create, None).await.unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied);
         assert_eq!(refused.message(), "user:alice may not change the global secrets: no grant");
         assert!(f.secrets.store.list(&Scope::Global).await.unwrap().is_empty(), "a refused write lands nothing");
@@ -302,12 +303,12 @@ mod tests {
     #[tokio::test]
     async fn a_referenced_secret_is_kept_unless_forced_and_a_forced_delete_names_what_broke() {
         let f = fixture(|_, _| true, Index { referencing: vec!["sales"], ..Default::default() });
-        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create).await.unwrap();
-        let refused = f.secrets.delete(&alice(), &sales(), "db", false).await.unwrap_err();
+        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create, None).await.unwrap();
+        let refused = f.secrets.delete(&alice(), &sales(), "db", false, None).await.unwrap_err();
         assert_eq!(refused.code(), Code::FailedPrecondition);
         assert!(refused.message().contains("sales/SPARK_JOB/etl-sales"), "{}", refused.message());
         assert_eq!(f.secrets.store.list(&sales()).await.unwrap().len(), 1, "the secret is kept");
-        let broken = f.secrets.delete(&alice(), &sales(), "db", true).await.unwrap().expect("broken workloads");
+        let broken = f.secrets.delete(&alice(), &sales(), "db", true, None).await.unwrap().expect("broken workloads");
         assert_eq!(broken.total, 1);
         assert!(f.secrets.store.list(&sales()).await.unwrap().is_empty());
     }
@@ -315,10 +316,10 @@ mod tests {
     #[tokio::test]
     async fn deleting_a_global_key_counts_only_the_domains_that_fall_back_to_it() {
         let f = fixture(|_, _| true, Index { referencing: vec!["sales", "hr"], ..Default::default() });
-        f.secrets.put(&alice(), &Scope::Global, "db", value("g"), Mode::Create).await.unwrap();
+        f.secrets.put(&alice(), &Scope::Global, "db", value("g"), Mode::Create, None).await.unwrap();
         // hr has its own db: its workloads keep working without the global one.
-        f.secrets.put(&alice(), &Scope::Domain("hr".into()), "db", value("h"), Mode::Create).await.unwrap();
-        let refused = f.secrets.delete(&alice(), &Scope::Global, "db", false).await.unwrap_err();
+        f.secrets.put(&alice(), &Scope::Domain("hr".into()), "db", value("h"), Mode::Create, None).await.unwrap();
+        let refused = f.secrets.delete(&alice(), &Scope::Global, "db", false, None).await.unwrap_err();
         assert!(
             refused.message().contains("etl-sales") && !refused.message().contains("etl-hr"),
             "{}",
@@ -331,14 +332,14 @@ mod tests {
     #[tokio::test]
     async fn nothing_is_deleted_blind_and_a_missing_key_never_asks_the_index() {
         let f = fixture(|_, _| true, Index { down: true, ..Default::default() });
-        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create).await.unwrap();
-        let e = f.secrets.delete(&alice(), &sales(), "db", true).await.unwrap_err();
+        f.secrets.put(&alice(), &sales(), "db", value("pw"), Mode::Create, None).await.unwrap();
+        let e = f.secrets.delete(&alice(), &sales(), "db", true, None).await.unwrap_err();
         assert_eq!(e.code(), Code::Unavailable);
         assert!(e.message().contains("was not deleted"), "{}", e.message());
         assert_eq!(f.secrets.store.list(&sales()).await.unwrap().len(), 1);
 
         let queries = f.index.queries.lock().unwrap().len();
-        let missing = f.secrets.delete(&alice(), &sales(), "nope", false).await.unwrap_err();
+        let missing = f.secrets.delete(&alice(), &sales(), "nope", false, None).await.unwrap_err();
         assert_eq!(missing.code(), Code::NotFound);
         assert_eq!(f.index.queries.lock().unwrap().len(), queries, "the index was asked about a missing key");
     }

@@ -14,7 +14,8 @@ use tracing::instrument;
 
 use crate::{
     Error, Result,
-    backend::{Entries, Entry, GroupCommit, SecretBackend},
+    backend::{Entries, Entry, GroupCommit, REQUESTS_ENTRY, SecretBackend},
+    requests::{self, Op, Requests},
 };
 
 /// Where a secret lives.
@@ -99,23 +100,68 @@ impl SecretStore {
 
     #[instrument(skip(self, value), fields(backend = self.backend.name(), %scope))]
     pub async fn create(&self, scope: &Scope, key: &str, value: SecretValue) -> Result<SecretInfo> {
-        self.put(scope, key, value, Mode::Create).await
+        self.put(scope, key, value, Mode::Create, None).await
     }
 
     #[instrument(skip(self, value), fields(backend = self.backend.name(), %scope))]
     pub async fn update(&self, scope: &Scope, key: &str, value: SecretValue) -> Result<SecretInfo> {
-        self.put(scope, key, value, Mode::Update).await
+        self.put(scope, key, value, Mode::Update, None).await
     }
 
-    async fn put(&self, scope: &Scope, key: &str, value: SecretValue, mode: Mode) -> Result<SecretInfo> {
+    /// The outcome of an earlier request with this `request_id` (see
+    /// [`crate::requests`]): `Some` to answer with, without changing
+    /// anything; an error when the id was used for another request.
+    pub async fn replay(
+        &self,
+        scope: &Scope,
+        request_id: Option<&str>,
+        op: Op,
+        key: &str,
+        value: Option<&SecretValue>,
+    ) -> Result<Option<Option<SecretInfo>>> {
+        let Some(id) = request_id else { return Ok(None) };
+        requests::validate("request_id", id)?;
+        let Some(entries) = self.backend.read_shared(&self.object_name(scope)).await? else { return Ok(None) };
+        Requests::of(&entries).replay(id, op, scope, key, value, &entries).transpose()
+    }
+
+    /// Creates or updates `key`; with a `request_id`, recorded in the same
+    /// write, and a retry answered with the first outcome.
+    #[instrument(skip(self, value, request_id), fields(backend = self.backend.name(), %scope))]
+    pub async fn put(
+        &self,
+        scope: &Scope,
+        key: &str,
+        value: SecretValue,
+        mode: Mode,
+        request_id: Option<&str>,
+    ) -> Result<SecretInfo> {
         validate::secret_key("key", key)?;
         validate::secret_value("value", value.len())?;
+        if let Some(id) = request_id {
+            requests::validate("request_id", id)?;
+        }
+        let op = match mode {
+            Mode::Create => Op::Create,
+            Mode::Update => Op::Update,
+        };
+        if let Some(first) = self.replay(scope, request_id, op, key, Some(&value)).await? {
+            return first.ok_or_else(|| Error::Internal("a create or update was recorded without its times".into()));
+        }
         let object = self.object_name(scope);
         let (key, scope, name) = (key.to_string(), scope.clone(), object.clone());
+        let request_id = request_id.map(str::to_string);
         // Queued with the other changes to this object and written with them;
         // a refusal leaves the entries as they were, so the others go ahead.
         self.backend
             .apply(&object, move |entries: &mut Entries| {
+                let mut requests = Requests::of(entries);
+                // The same request may have landed since the check above.
+                if let Some(id) = &request_id
+                    && let Some(first) = requests.replay(id, op, &scope, &key, Some(&value), entries)
+                {
+                    return first?.ok_or_else(|| Error::Internal("a write was recorded without its times".into()));
+                }
                 // Milliseconds: what every backend stores and lists.
                 let now = Utc::now().trunc_subsecs(3);
                 let existing = entries.get(&key);
@@ -129,15 +175,29 @@ impl SecretStore {
                 };
                 let replaced = existing.map_or(0, |e| e.value.len());
                 check_object_size(&name, entries, replaced, value.len())?;
+                let info = SecretInfo { key: key.clone(), scope: scope.clone(), created_at, updated_at: now };
+                if let Some(id) = &request_id {
+                    requests.add(id, op, &key, Some(&info), now);
+                    requests.store(entries, now)?;
+                }
                 entries.insert(key.clone(), Entry { value: value.clone(), created_at, updated_at: now });
-                Ok(SecretInfo { key: key.clone(), scope: scope.clone(), created_at, updated_at: now })
+                Ok(info)
             })
             .await
     }
 
-    #[instrument(skip(self), fields(backend = self.backend.name(), %scope))]
     pub async fn delete(&self, scope: &Scope, key: &str) -> Result<()> {
+        self.delete_once(scope, key, None).await
+    }
+
+    /// Deletes `key`; with a `request_id`, recorded in the same write, and
+    /// a retry answered OK without deleting anything.
+    #[instrument(skip(self, request_id), fields(backend = self.backend.name(), %scope))]
+    pub async fn delete_once(&self, scope: &Scope, key: &str, request_id: Option<&str>) -> Result<()> {
         validate::secret_key("key", key)?;
+        if self.replay(scope, request_id, Op::Delete, key, None).await?.is_some() {
+            return Ok(());
+        }
         let object = self.object_name(scope);
         // A missing object has no keys: report the key as missing without
         // creating an empty object.
@@ -145,10 +205,25 @@ impl SecretStore {
             return Err(Error::NotFound { key: key.to_string(), scope: scope.clone() });
         }
         let (key, scope) = (key.to_string(), scope.clone());
+        let request_id = request_id.map(str::to_string);
         self.backend
-            .apply(&object, move |entries: &mut Entries| match entries.remove(&key) {
-                Some(_) => Ok(()),
-                None => Err(Error::NotFound { key: key.clone(), scope: scope.clone() }),
+            .apply(&object, move |entries: &mut Entries| {
+                let mut requests = Requests::of(entries);
+                if let Some(id) = &request_id
+                    && let Some(first) = requests.replay(id, Op::Delete, &scope, &key, None, entries)
+                {
+                    return first.map(|_| ());
+                }
+                if !entries.contains_key(&key) {
+                    return Err(Error::NotFound { key: key.clone(), scope: scope.clone() });
+                }
+                if let Some(id) = &request_id {
+                    let now = Utc::now().trunc_subsecs(3);
+                    requests.add(id, Op::Delete, &key, None, now);
+                    requests.store(entries, now)?;
+                }
+                entries.remove(&key);
+                Ok(())
             })
             .await
     }
@@ -158,6 +233,7 @@ impl SecretStore {
         let entries = self.backend.read(&self.object_name(scope)).await?.unwrap_or_default();
         Ok(entries
             .into_iter()
+            .filter(|(key, _)| key != REQUESTS_ENTRY)
             .map(|(key, e)| SecretInfo {
                 key,
                 scope: scope.clone(),
@@ -212,8 +288,9 @@ impl SecretStore {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Mode {
+/// A create refuses an existing key; an update a missing one.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
     Create,
     Update,
 }

@@ -46,6 +46,12 @@ pub struct Entry {
 /// The contents of one store object, by key.
 pub type Entries = BTreeMap<String, Entry>;
 
+/// A reserved entry: the object's idempotency records (JSON), kept and
+/// written with its keys. No secret key can take this name (keys may not
+/// start with `..`); listings leave it out, and the Kubernetes backend
+/// keeps it in an annotation rather than in the Secret's data.
+pub const REQUESTS_ENTRY: &str = "..requests";
+
 /// A change applied to an object's entries. It may run more than once when a
 /// concurrent writer got there first, so it must only depend on its input.
 pub type Change<'a, E> = dyn FnMut(&mut Entries) -> Result<(), E> + Send + 'a;

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     BackendError as Error,
-    backend::{Change, Entries, Entry, StoreBackend, StoreError},
+    backend::{Change, Entries, Entry, REQUESTS_ENTRY, StoreBackend, StoreError},
 };
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -42,6 +42,8 @@ type Result<T, E = Error> = std::result::Result<T, E>;
 const NAME: &str = "kubernetes";
 /// Per-key creation and update times (Secret data has none of its own).
 pub const TIMESTAMPS_ANNOTATION: &str = "secrets.iomete.com/timestamps";
+/// The object's idempotency records ([`REQUESTS_ENTRY`]).
+pub const REQUESTS_ANNOTATION: &str = "secrets.iomete.com/requests";
 pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "iomete-secrets");
 /// Which service's store objects these are (see [`Owner`]).
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
@@ -518,6 +520,10 @@ fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
         .as_ref()
         .map_or_else(Utc::now, |t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0).unwrap_or_else(Utc::now));
     let mut entries = Entries::new();
+    if let Some(records) = meta.annotations.as_ref().and_then(|a| a.get(REQUESTS_ANNOTATION)) {
+        let value = SecretValue::new(records.as_bytes().to_vec());
+        entries.insert(REQUESTS_ENTRY.to_string(), Entry { value, created_at: fallback, updated_at: fallback });
+    }
     for (key, ByteString(bytes)) in secret.data.unwrap_or_default() {
         let (created_at, updated_at) = times.get(&key).map_or((fallback, fallback), |t| (t.0.time(), t.1.time()));
         entries.insert(key, Entry { value: SecretValue::new(bytes), created_at, updated_at });
@@ -528,11 +534,17 @@ fn decode(object: &str, secret: Secret) -> Result<(Entries, ObjectMeta)> {
 /// The Secret to write: the metadata that was read (so `resourceVersion`
 /// makes the write conditional), our label and timestamps, and the data.
 fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries, owner: Option<&Owner>) -> Result<Secret> {
+    let keys = || entries.iter().filter(|(k, _)| k.as_str() != REQUESTS_ENTRY);
     let times: BTreeMap<&str, Times> =
-        entries.iter().map(|(k, e)| (k.as_str(), Times(Stamp::of(e.created_at), Stamp::of(e.updated_at)))).collect();
+        keys().map(|(k, e)| (k.as_str(), Times(Stamp::of(e.created_at), Stamp::of(e.updated_at)))).collect();
     let times = serde_json::to_string(&times).map_err(|e| Error::Internal(format!("cannot encode timestamps: {e}")))?;
     let mut annotations = meta.annotations.take().unwrap_or_default();
     annotations.insert(TIMESTAMPS_ANNOTATION.to_string(), times);
+    match entries.get(REQUESTS_ENTRY) {
+        Some(records) => annotations
+            .insert(REQUESTS_ANNOTATION.to_string(), String::from_utf8_lossy(records.value.expose()).into_owned()),
+        None => annotations.remove(REQUESTS_ANNOTATION),
+    };
     let annotation_bytes: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
     if annotation_bytes > MAX_ANNOTATION_BYTES {
         return Err(Error::TooManyKeys {
@@ -553,7 +565,7 @@ fn encode(object: &str, mut meta: ObjectMeta, entries: &Entries, owner: Option<&
     Ok(Secret {
         metadata: meta,
         type_: Some("Opaque".into()),
-        data: Some(entries.iter().map(|(k, e)| (k.clone(), ByteString(e.value.expose().to_vec()))).collect()),
+        data: Some(keys().map(|(k, e)| (k.clone(), ByteString(e.value.expose().to_vec()))).collect()),
         ..Default::default()
     })
 }
@@ -606,5 +618,24 @@ mod tests {
         let (entries, _) = decode("s", secret).unwrap();
         assert_eq!(entries["k"].created_at.to_rfc3339(), "2026-01-02T03:04:05+00:00");
         assert_eq!(entries["k"].updated_at.timestamp_millis(), 1767323045123);
+    }
+
+    #[test]
+    fn idempotency_records_live_in_an_annotation_never_in_the_data() {
+        let mut with_records = entries(2, 3);
+        let now = Utc::now();
+        let records = Entry { value: SecretValue::new(br#"{"r-1":{}}"#.to_vec()), created_at: now, updated_at: now };
+        with_records.insert(REQUESTS_ENTRY.into(), records);
+        let secret = encode("s", ObjectMeta::default(), &with_records, None).unwrap();
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(data.len(), 2, "only the keys are data: {:?}", data.keys().collect::<Vec<_>>());
+        let annotations = secret.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations[REQUESTS_ANNOTATION], r#"{"r-1":{}}"#);
+        assert!(!annotations[TIMESTAMPS_ANNOTATION].contains(REQUESTS_ENTRY));
+        let (decoded, meta) = decode("s", secret).unwrap();
+        assert_eq!(decoded[REQUESTS_ENTRY].value.expose(), br#"{"r-1":{}}"#);
+        // Written again without records: the annotation goes.
+        let secret = encode("s", meta, &entries(2, 3), None).unwrap();
+        assert!(!secret.metadata.annotations.unwrap().contains_key(REQUESTS_ANNOTATION));
     }
 }

@@ -13,7 +13,7 @@ pub mod embedded;
 pub mod group;
 pub mod kubernetes;
 
-pub use backend::{Change, Entries, Entry, MeteredBackend, StoreBackend, StoreError};
+pub use backend::{Change, Entries, Entry, MeteredBackend, REQUESTS_ENTRY, StoreBackend, StoreError};
 pub use config::{BackendKind, EmbeddedConfig, Environment, KubernetesConfig, StoreSettings};
 pub use group::GroupCommit;
 pub use secrets_common::error::BackendError;

@@ -14,7 +14,7 @@ fn field_of(status: &Status) -> String {
 
 fn create(scope: i32, domain: &str, key: &str, value: Option<Value>) -> pb::CreateSecretRequest {
     let value = value.map(|kind| pb::SecretValue { kind: Some(kind) });
-    pb::CreateSecretRequest { scope, domain: domain.into(), key: key.into(), value }
+    pb::CreateSecretRequest { scope, domain: domain.into(), key: key.into(), value, request_id: String::new() }
 }
 
 fn text(s: &str) -> Option<Value> {

@@ -48,6 +48,7 @@ async fn planted_values_never_leak(app: TestApp, embedded: bool) {
             domain: "finance".into(),
             key: "binary".into(),
             value: Some(pb::SecretValue { kind: Some(Kind::Binary(binary.clone().into_bytes())) }),
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -62,6 +63,7 @@ async fn planted_values_never_leak(app: TestApp, embedded: bool) {
             domain: "finance".into(),
             key: "domain".into(),
             value: Some(text_value(&updated)),
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -87,6 +89,7 @@ async fn planted_values_never_leak(app: TestApp, embedded: bool) {
                 domain: "finance".into(),
                 key: "huge".into(),
                 value: Some(pb::SecretValue { kind: Some(Kind::Binary(oversized)) }),
+                request_id: String::new(),
             })
             .await
             .unwrap_err(),
@@ -204,6 +207,7 @@ async fn planted_values_never_leak(app: TestApp, embedded: bool) {
                 domain: "finance".into(),
                 key: "k".into(),
                 value: Some(text_value(&debug_text)),
+                request_id: String::new(),
             }
         ),
         format!(
@@ -213,6 +217,7 @@ async fn planted_values_never_leak(app: TestApp, embedded: bool) {
                 domain: "finance".into(),
                 key: "k".into(),
                 value: Some(pb::SecretValue { kind: Some(Kind::Binary(debug_binary.clone().into_bytes())) }),
+                request_id: String::new(),
             }
         ),
     ];

@@ -160,10 +160,21 @@ async fn a_change_answered_too_late_is_deadline_exceeded_and_may_have_landed() {
     app.setup_domain("finance").await;
     // Over the gateway's 2 s bound on calls to the secret-service.
     app.secret_link().delay(std::time::Duration::from_millis(3_000));
-    let err = app.as_user(ADMIN).create("finance", "late", "v").await.unwrap_err();
+    let create = || pb::CreateSecretRequest {
+        scope: pb::Scope::Domain as i32,
+        domain: "finance".into(),
+        key: "late".into(),
+        value: Some(text_value("v")),
+        request_id: "rotate-late-1".into(),
+    };
+    let mut secrets = app.as_user(ADMIN).secrets.clone();
+    let err = secrets.create_secret(create()).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(
-        err.message().starts_with("secret-service: did not answer in time; the change may have been applied"),
+        err.message().starts_with(
+            "secret-service: did not answer in time; the change may have been applied: send it again with the same \
+             request_id"
+        ),
         "{}",
         err.message()
     );
@@ -179,6 +190,16 @@ async fn a_change_answered_too_late_is_deadline_exceeded_and_may_have_landed() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // The caller retries with its idempotency key: told it is done (the
+    // first outcome), not ALREADY_EXISTS, and nothing is written twice.
+    let retried = secrets.create_secret(create()).await.expect("the retry answers the first outcome").into_inner();
+    assert_eq!(retried.key, "late");
+    let err = secrets
+        .create_secret(pb::CreateSecretRequest { key: "other".into(), ..create() })
+        .await
+        .expect_err("the key names another request");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("request_id: \"rotate-late-1\" was used for another request"), "{}", err.message());
 }
 
 /// A rotation script or a burst of sign-ups: 500 creates at once over 10

@@ -186,6 +186,7 @@ async fn binary_values_cannot_be_placed_into_text_but_resolve_as_objects() {
         domain: "finance".into(),
         key: "keystore".into(),
         value: Some(pb::SecretValue { kind: Some(pb::secret_value::Kind::Binary(vec![0xff, 0xfe, 0x00])) }),
+        request_id: String::new(),
     };
     app.as_user(ADMIN).secrets.clone().create_secret(request).await.unwrap();
     let out = app

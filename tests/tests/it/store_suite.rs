@@ -4,7 +4,7 @@
 use integration_tests::stores::{CountingBackend, Fixture, PREFIX};
 use secret_service::{
     Error,
-    store::{Lookup, Scope, SecretStore},
+    store::{Lookup, Mode, Scope, SecretStore},
 };
 use secrets_common::SecretValue;
 
@@ -40,6 +40,7 @@ on_both_backends!(
     secrets_survive_a_restart,
     binary_values_round_trip_exactly,
     writers_given_up_on_mid_write_never_cost_another_writers_acknowledged_write,
+    a_request_id_makes_a_retry_answer_the_first_outcome_and_change_nothing,
 );
 
 fn scope(d: &str) -> Scope {
@@ -251,4 +252,44 @@ async fn writers_given_up_on_mid_write_never_cost_another_writers_acknowledged_w
         store.list(&finance).await.unwrap().into_iter().map(|m| m.key).collect();
     let lost: Vec<&String> = acknowledged.iter().filter(|k| !listed.contains(*k)).collect();
     assert!(lost.is_empty(), "acknowledged creates lost to a cancelled writer: {lost:?}");
+}
+
+/// Idempotency keys, on both backends: the record is written with the
+/// change, survives a restart, is no secret key, and a retry changes
+/// nothing; the id used for another request is refused naming it.
+async fn a_request_id_makes_a_retry_answer_the_first_outcome_and_change_nothing(f: Fixture) {
+    let store = f.store();
+    let finance = scope("finance");
+    let first = store.put(&finance, "db", value("pw-1"), Mode::Create, Some("req-1")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // A retry after a restart (another process on the same store).
+    let restarted = SecretStore::new(f.another().await, PREFIX);
+    let again = restarted.put(&finance, "db", value("pw-1"), Mode::Create, Some("req-1")).await.unwrap();
+    assert_eq!(again, first, "the retry is answered with the first outcome, not ALREADY_EXISTS");
+    let listed = restarted.list(&finance).await.unwrap();
+    assert_eq!(listed.len(), 1, "the records are not a secret: {listed:?}");
+    assert_eq!(listed[0].updated_at, first.updated_at, "the retry wrote nothing");
+
+    let update = store.put(&finance, "db", value("pw-2"), Mode::Update, Some("req-2")).await.unwrap();
+    assert_eq!(store.put(&finance, "db", value("pw-2"), Mode::Update, Some("req-2")).await.unwrap(), update);
+    for (mode, key, v) in [(Mode::Update, "db", "pw-3"), (Mode::Create, "db", "pw-2"), (Mode::Update, "other", "pw-2")]
+    {
+        match store.put(&finance, key, value(v), mode, Some("req-2")).await {
+            Err(Error::InvalidArgument(violation)) => {
+                assert_eq!(violation.field, "request_id");
+                assert!(violation.description.contains("\"req-2\" was used for another request"), "{violation}");
+                assert!(!violation.description.contains("pw-"), "no value in the message: {violation}");
+            }
+            other => panic!("{mode:?} {key} {v} with req-2: {other:?}"),
+        }
+    }
+    assert_eq!(read_one(&store, &finance, "db").await.unwrap(), b"pw-2", "nothing changed");
+
+    store.delete_once(&finance, "db", Some("req-3")).await.unwrap();
+    store.delete_once(&finance, "db", Some("req-3")).await.expect("a retried delete is OK, not NOT_FOUND");
+    assert!(matches!(store.delete_once(&finance, "db", Some("req-4")).await, Err(Error::NotFound { .. })));
+    assert!(store.list(&finance).await.unwrap().is_empty());
+    // The same key created again under a new id.
+    store.put(&finance, "db", value("pw-4"), Mode::Create, Some("req-5")).await.unwrap();
+    assert_eq!(read_one(&store, &finance, "db").await.unwrap(), b"pw-4");
 }

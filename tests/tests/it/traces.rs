@@ -185,6 +185,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
         domain: "finance".into(),
         key: "db_password".into(),
         value: Some(integration_tests::text_value(&canary)),
+        request_id: String::new(),
     });
     create.metadata_mut().insert("authorization", format!("Bearer {admin}").parse().unwrap());
     SecretServiceClient::new(channel.clone()).create_secret(create).await.unwrap();

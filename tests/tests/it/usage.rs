@@ -429,6 +429,7 @@ async fn deleting_a_referenced_domain_secret_is_refused_naming_the_workloads_unl
         domain: "finance".into(),
         key: "db_password".into(),
         force,
+        request_id: String::new(),
     };
     let e = owner.secrets.clone().delete_secret(delete(false)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
@@ -475,6 +476,7 @@ async fn deleting_a_global_secret_is_refused_while_a_domain_falls_back_to_it() {
         domain: String::new(),
         key: key.into(),
         force,
+        request_id: String::new(),
     };
     let e = admin.secrets.clone().delete_secret(delete("api_key", false)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
