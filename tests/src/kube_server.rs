@@ -84,6 +84,9 @@ struct State {
     watchers: Vec<Watcher>,
     /// While set, open watches are sent nothing (a lagging watch).
     holding: bool,
+    /// While set, a write is applied and its answer sent this much later
+    /// (an API server or network that stalls after taking the request).
+    answering_writes_after: Option<std::time::Duration>,
 }
 
 #[derive(Clone)]
@@ -167,6 +170,11 @@ impl FakeKube {
 
     pub fn set_failing(&self, status: Option<u16>) {
         self.state.lock().unwrap().failing = status;
+    }
+
+    /// Applies each write at once and answers it `delay` later.
+    pub fn answer_writes_after(&self, delay: Option<std::time::Duration>) {
+        self.state.lock().unwrap().answering_writes_after = delay;
     }
 
     pub fn deny_writes(&self, message: Option<&str>) {
@@ -294,6 +302,16 @@ fn validate(name: &str, secret: &mut Secret) -> Result<(), String> {
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let write = matches!(*req.method(), Method::POST | Method::PUT | Method::DELETE);
+    let answer = answer(state.clone(), req).await;
+    let late = state.lock().unwrap().answering_writes_after;
+    if let (true, Some(delay)) = (write, late) {
+        tokio::time::sleep(delay).await;
+    }
+    answer
+}
+
+async fn answer(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_owned);

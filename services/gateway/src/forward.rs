@@ -51,12 +51,13 @@ enum Call {
 /// then not answered in time may have been applied: `DEADLINE_EXCEEDED`
 /// says so, where `UNAVAILABLE` always means it was not.
 fn failed(service: &str, call: Call, s: Status) -> Status {
-    match (call, s.code()) {
-        (Call::Write, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) => Status::deadline_exceeded(format!(
-            "{service}: did not answer in time; the change may have been applied: send it again with the same \
-             request_id (secrets), or read it back first"
-        )),
-        _ => from_upstream(service, s),
+    match call {
+        Call::Write => secrets_common::error::from_upstream_write(
+            service,
+            s,
+            "send it again with the same request_id (secrets), or read it back first",
+        ),
+        Call::Read => from_upstream(service, s),
     }
 }
 

@@ -85,6 +85,7 @@ impl From<Error> for Status {
                 Status::unavailable("database is unavailable")
             }
             Error::Backend(b @ BackendError::Unavailable { .. }) => Status::unavailable(b.to_string()),
+            Error::Backend(b @ BackendError::Unanswered { .. }) => Status::deadline_exceeded(b.to_string()),
             Error::Backend(b @ (BackendError::Rejected { .. } | BackendError::TooManyKeys { .. })) => {
                 Status::failed_precondition(b.to_string())
             }
@@ -104,6 +105,13 @@ pub enum BackendError {
     /// The backend cannot be reached or did not answer: `UNAVAILABLE`.
     #[error("{backend}: {message}")]
     Unavailable { backend: &'static str, message: String },
+
+    /// A write was sent and not answered in time: it may have been applied.
+    /// `DEADLINE_EXCEEDED`, where `Unavailable` means nothing was written.
+    #[error(
+        "{backend}: {message}; the change may have been applied: send it again with the same request_id, or read it back first"
+    )]
+    Unanswered { backend: &'static str, message: String },
 
     /// The backend refused the object (a Kubernetes 422): the message says why.
     #[error("{backend} rejected store object {object}: {message}")]
@@ -152,6 +160,27 @@ pub fn invalid_arguments(violations: Vec<FieldViolation>) -> Status {
 /// credential was refused: an operator's misconfiguration of that hop, not
 /// the caller's token. It becomes `UNAVAILABLE` naming the hop, so a client
 /// never rotates a valid token because of it.
+/// What an answer says when a change was sent and its outcome is unknown.
+pub const MAY_HAVE_BEEN_APPLIED: &str = "the change may have been applied";
+
+/// A change's failure from a peer: as [`from_upstream`], except that a
+/// change sent and not answered in time may have been applied, which
+/// `DEADLINE_EXCEEDED` says, with `retry` telling the caller what is safe
+/// (`UNAVAILABLE` always means nothing was changed). A peer's own
+/// `DEADLINE_EXCEEDED` of that kind (its backend took the change and did
+/// not answer) is passed on with its message.
+pub fn from_upstream_write(service: &str, status: Status, retry: &str) -> Status {
+    match status.code() {
+        Code::DeadlineExceeded if status.message().contains(MAY_HAVE_BEEN_APPLIED) => {
+            Status::deadline_exceeded(name_once(service, status.message()))
+        }
+        Code::DeadlineExceeded | Code::Cancelled => {
+            Status::deadline_exceeded(format!("{service}: did not answer in time; {MAY_HAVE_BEEN_APPLIED}: {retry}"))
+        }
+        _ => from_upstream(service, status),
+    }
+}
+
 pub fn from_upstream(service: &str, status: Status) -> Status {
     match status.code() {
         Code::InvalidArgument
@@ -210,6 +239,29 @@ pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_not_answered_in_time_says_it_may_have_landed_and_what_is_safe() {
+        let timed_out = from_upstream_write("usage index", Status::cancelled("Timeout expired"), "save it again");
+        assert_eq!(timed_out.code(), Code::DeadlineExceeded);
+        assert_eq!(
+            timed_out.message(),
+            "usage index: did not answer in time; the change may have been applied: save it again"
+        );
+        let peer = Status::deadline_exceeded(
+            BackendError::Unanswered { backend: "kubernetes", message: "writing secret s".into() }.to_string(),
+        );
+        let passed_on = from_upstream_write("secret-service", peer, "unused");
+        assert_eq!(passed_on.code(), Code::DeadlineExceeded);
+        assert!(
+            passed_on.message().starts_with("secret-service: kubernetes: writing secret s; the change may"),
+            "{}",
+            passed_on.message()
+        );
+        // Not sent, or refused: as any other call.
+        assert_eq!(from_upstream_write("x", Status::unavailable("down"), "r").code(), Code::Unavailable);
+        assert_eq!(from_upstream_write("x", Status::already_exists("k"), "r").code(), Code::AlreadyExists);
+    }
 
     #[test]
     fn invalid_argument_carries_field_violations() {

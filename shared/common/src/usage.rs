@@ -48,12 +48,19 @@ impl UsageClient {
         from_upstream(USAGE_INDEX, s)
     }
 
+    /// A change of the index not answered in time may have landed; saving
+    /// a workload replaces its record and deleting one twice is harmless,
+    /// so the caller may simply send it again.
+    fn failed_change(s: Status) -> Status {
+        crate::error::from_upstream_write(USAGE_INDEX, s, "saving or deleting the workload again is safe")
+    }
+
     pub async fn record(&self, request: internal::RecordWorkloadRequest) -> Result<bool, Status> {
-        Ok(self.inner.clone().record_workload(request).await.map_err(Self::failed)?.into_inner().replaced)
+        Ok(self.inner.clone().record_workload(request).await.map_err(Self::failed_change)?.into_inner().replaced)
     }
 
     pub async fn forget(&self, request: internal::ForgetWorkloadRequest) -> Result<bool, Status> {
-        Ok(self.inner.clone().forget_workload(request).await.map_err(Self::failed)?.into_inner().removed)
+        Ok(self.inner.clone().forget_workload(request).await.map_err(Self::failed_change)?.into_inner().removed)
     }
 
     pub async fn get(&self, request: internal::GetWorkloadRequest) -> Result<internal::GetWorkloadResponse, Status> {

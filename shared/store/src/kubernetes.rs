@@ -407,6 +407,19 @@ impl KubernetesBackend {
     }
 }
 
+/// A write the API server may have received and applied: anything but a
+/// failure to connect or an answer (a timeout while waiting for the
+/// answer, a connection lost mid-call).
+fn may_have_landed(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::HyperError(_) => true,
+        kube::Error::Service(inner) => {
+            !inner.downcast_ref::<hyper_util::client::legacy::Error>().is_some_and(|h| h.is_connect())
+        }
+        _ => false,
+    }
+}
+
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists())
 }
@@ -473,6 +486,11 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
                             .into());
                         }
                     }
+                }
+                Err(e) if may_have_landed(&e) => {
+                    return Err(
+                        Error::Unanswered { backend: NAME, message: format!("writing secret {object}: {e}") }.into()
+                    );
                 }
                 Err(e) => return Err(self.api_error(object, e).into()),
             }

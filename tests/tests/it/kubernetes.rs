@@ -359,3 +359,41 @@ async fn each_store_service_watches_only_its_own_objects_and_adopts_its_unlabell
     assert!(secret_store.iter().all(|n| n.starts_with("iomete-secret-store")), "{secret_store:?}");
     assert!(vault_credentials.iter().all(|n| n.starts_with("iomete-vault-credentials")), "{vault_credentials:?}");
 }
+
+/// A write the API server took but did not answer in time may have landed:
+/// it is DEADLINE_EXCEEDED saying so (never UNAVAILABLE, which means
+/// nothing was written), and a retry with the same request_id is answered
+/// with the first outcome instead of ALREADY_EXISTS. A write that never
+/// reached a server stays UNAVAILABLE.
+#[tokio::test]
+async fn a_write_the_api_server_took_but_did_not_answer_is_deadline_exceeded_and_safe_to_retry() {
+    use secret_service::store::Mode;
+    let f = Fixture::kubernetes().await;
+    let kube = f.kube.clone().unwrap();
+    let client =
+        KubernetesBackend::client(Some(&kube.url), NAMESPACE, std::time::Duration::from_millis(500)).await.unwrap();
+    let backend: Arc<SecretBackend> = Arc::new(KubernetesBackend::new(client, NAMESPACE));
+    let store = SecretStore::new(backend, PREFIX);
+    kube.answer_writes_after(Some(std::time::Duration::from_secs(2)));
+    let value = || SecretValue::from("pw-1".to_string());
+    let err = store.put(&finance(), "db", value(), Mode::Create, Some("req-1")).await.unwrap_err();
+    assert!(matches!(err, Error::Backend(BackendError::Unanswered { .. })), "{err:?}");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("may have been applied"), "{}", status.message());
+    assert!(!status.message().contains("pw-1"), "{}", status.message());
+    kube.answer_writes_after(None);
+
+    assert!(kube.secret(NAMESPACE, &format!("{PREFIX}-finance")).is_some(), "the write did land");
+    let first = store.put(&finance(), "db", value(), Mode::Create, Some("req-1")).await.expect("the retry is answered");
+    assert_eq!(first.key, "db");
+    assert_eq!(store.list(&finance()).await.unwrap().len(), 1);
+
+    let unreachable =
+        KubernetesBackend::client(Some("http://127.0.0.1:9"), NAMESPACE, std::time::Duration::from_secs(2))
+            .await
+            .unwrap();
+    let store = SecretStore::new(Arc::new(KubernetesBackend::new(unreachable, NAMESPACE)), PREFIX);
+    let err = store.put(&finance(), "db", value(), Mode::Update, None).await.unwrap_err();
+    assert!(matches!(err, Error::Backend(BackendError::Unavailable { .. })), "{err:?}");
+}
