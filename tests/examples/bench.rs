@@ -104,14 +104,19 @@ fn start(dir: &Path, name: &str, config: &str) -> Proc {
 
 /// `binary` with `config`, written to `dir/FILE.toml`.
 fn start_as(dir: &Path, file: &str, name: &str, config: &str) -> Proc {
+    start_logging(dir, file, name, config, &service_log())
+}
+
+/// The same, logging at `log` (`RUST_LOG`; `info` is the services' default).
+fn start_logging(dir: &Path, file: &str, name: &str, config: &str, log: &str) -> Proc {
     let path = dir.join(format!("{file}.toml"));
     std::fs::write(&path, config).unwrap();
     let mut command = Command::new(procs::binary(name));
-    command.arg("--config").arg(&path).env_clear().env("RUST_LOG", service_log());
+    command.arg("--config").arg(&path).env_clear().env("RUST_LOG", log);
     command.env("TOKIO_WORKER_THREADS", service_threads());
     let child = command
         .stdout(Stdio::null())
-        .stderr(if service_log() == "warn" { Stdio::inherit() } else { Stdio::null() })
+        .stderr(if log == "warn" { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
     Proc { name: file.into(), child }
@@ -187,6 +192,48 @@ async fn step(call: &Call, inflight: usize, calls: usize, into: &mut Sample) {
     into.calls += calls;
 }
 
+/// `calls` calls at once, each started at the same moment: latencies and
+/// failures.
+async fn burst(call: &Call, calls: usize) -> Sample {
+    let start = Arc::new(tokio::sync::Barrier::new(calls));
+    let began = Instant::now();
+    let tasks: Vec<_> = (0..calls)
+        .map(|_| {
+            let (call, start) = (call.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                let t = Instant::now();
+                call().await;
+                t.elapsed()
+            })
+        })
+        .collect();
+    let mut sample = Sample::default();
+    for t in tasks {
+        sample.latencies.push(t.await.unwrap());
+    }
+    sample.busy = began.elapsed();
+    sample.calls = calls;
+    sample
+}
+
+/// Counts the calls that failed, and the first failure.
+#[derive(Default)]
+struct Failures {
+    count: std::sync::atomic::AtomicUsize,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl Failures {
+    fn note(&self, what: String) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.first.lock().unwrap().get_or_insert(what);
+    }
+    fn take(&self) -> (usize, Option<String>) {
+        (self.count.swap(0, std::sync::atomic::Ordering::Relaxed), self.first.lock().unwrap().take())
+    }
+}
+
 async fn scrape(port: u16) -> String {
     http_get(&format!("http://127.0.0.1:{port}/metrics")).await.1
 }
@@ -231,7 +278,7 @@ async fn main() {
             ttl_ms.map(|t| format!("[vault]\ncache_ttl_ms = {t}\n")).unwrap_or_default()
         )
     };
-    let gateway_config = |port: u16, metrics: u16, vault: u16| {
+    let gateway_config = |port: u16, metrics: u16, vault: u16, secrets: u16| {
         format!(
             "{}secret_service_url = \"http://127.0.0.1:{secrets}\"\nauthz_service_url = \"http://127.0.0.1:{authz}\"\nvault_config_service_url = \"http://127.0.0.1:{vault}\"\n\
              [[tokens]]\nname = \"admin\"\nkind = \"user\"\nsubject = \"admin\"\nsha256 = \"{}\"\n\
@@ -260,7 +307,7 @@ async fn main() {
             ),
         ),
         start(dir.path(), "vault-config-service", &vault_config(vault, m_vault, None)),
-        start(dir.path(), "gateway", &gateway_config(gateway, m_gateway, vault)),
+        start(dir.path(), "gateway", &gateway_config(gateway, m_gateway, vault, secrets)),
     ];
     let noop_proc = Proc {
         name: "no-op tonic".into(),
@@ -346,7 +393,7 @@ async fn main() {
             "vault-config-service",
             &vault_config(vault_cold, port(), Some(1)),
         ),
-        start_as(dir.path(), "gateway-cold", "gateway", &gateway_config(gateway_cold, port(), vault_cold)),
+        start_as(dir.path(), "gateway-cold", "gateway", &gateway_config(gateway_cold, port(), vault_cold, secrets)),
     ];
     for p in [vault_cold, gateway_cold] {
         wait_serving(p).await;
@@ -533,4 +580,255 @@ async fn main() {
             backend_calls(&metrics_before[1], "operation=\"read\"")
         ),
     );
+
+    bursts(Bursts {
+        dir: dir.path(),
+        rounds,
+        admin: &admin,
+        service: &service,
+        bao: &bao,
+        kube_url: &kube.url,
+        ports: (authz, vault),
+        service_token: &service_token,
+        common: &common,
+        gateway_config: &gateway_config,
+    })
+    .await;
+}
+
+/// What the burst rows need of the set-up above.
+struct Bursts<'a> {
+    dir: &'a Path,
+    rounds: usize,
+    admin: &'a Clients,
+    service: &'a Clients,
+    bao: &'a OpenBao,
+    kube_url: &'a str,
+    /// The authz-service's and the vault-config-service's ports.
+    ports: (u16, u16),
+    service_token: &'a str,
+    common: &'a dyn Fn(u16, u16) -> String,
+    gateway_config: &'a dyn Fn(u16, u16, u16, u16) -> String,
+}
+
+/// Writes and bursts: creates beside direct OpenBao writes, 1,000 cold
+/// VAULT resolves at once, 1,000 in flight against 64, and the cost of
+/// logging at the default level.
+async fn bursts(b: Bursts<'_>) {
+    let failures = Arc::new(Failures::default());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let create_call: Call = {
+        let (admin, failures, next) = (b.admin.clone(), failures.clone(), next.clone());
+        Arc::new(move || {
+            let (admin, failures) = (admin.clone(), failures.clone());
+            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async move {
+                if let Err(e) = admin.create(&format!("burst{}", n % 10), &format!("key-{n}"), "value").await {
+                    failures.note(format!("{:?}: {}", e.code(), e.message()));
+                }
+            })
+        })
+    };
+    let bao_write: Call = {
+        let http = reqwest::Client::builder().build().unwrap();
+        let (addr, token, next) = (b.bao.addr.clone(), b.bao.root_token.clone(), next.clone());
+        Arc::new(move || {
+            let (http, token) = (http.clone(), token.clone());
+            let url = format!("{addr}/v1/secret/data/w-{}", next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            Box::pin(async move {
+                let body = serde_json::json!({"data": {"value": "value"}});
+                let r = http.post(&url).header("X-Vault-Token", &token).body(body.to_string()).send().await.expect("openbao");
+                assert!(r.status().is_success(), "{}", r.status());
+            })
+        })
+    };
+    println!();
+    println!("Writes, 500 per row and round over 10 domains ({} rounds):", b.rounds);
+    println!("| call | in flight | requests/s | p50 ms | p99 ms | errors | rps / OpenBao |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for inflight in [1, 16, 64, 500] {
+        let (mut ours, mut theirs) = (Sample::default(), Sample::default());
+        for _ in 0..b.rounds {
+            step(&bao_write, inflight, 500, &mut theirs).await;
+            step(&create_call, inflight, 500, &mut ours).await;
+        }
+        let (errors, first) = failures.take();
+        let bao_rps = theirs.rps();
+        println!(
+            "| direct OpenBao KV v2 write (reference) | {inflight} | {bao_rps:.0} | {:.2} | {:.2} | 0 | 1.00x |",
+            theirs.p50(),
+            theirs.p99()
+        );
+        println!(
+            "| CreateSecret | {inflight} | {:.0} | {:.2} | {:.2} | {errors} | {:.2}x |",
+            ours.rps(),
+            ours.p50(),
+            ours.p99(),
+            ours.rps() / bao_rps
+        );
+        if let Some(first) = first {
+            println!("|   first error: {first} | | | | | | |");
+        }
+    }
+
+    // 1,000 resolves at once of VAULT keys nothing has read yet, through an
+    // AppRole: what reaches OpenBao, from its audit log.
+    b.bao.bao(&["auth", "enable", "approle"]);
+    let policy = b.dir.join("read.hcl");
+    std::fs::write(&policy, "path \"secret/data/*\" { capabilities = [\"read\"] }\n").unwrap();
+    b.bao.bao(&["policy", "write", "read-secrets", policy.to_str().unwrap()]);
+    b.bao.bao(&["write", "auth/approle/role/bench", "token_policies=read-secrets", "token_ttl=1h"]);
+    let role_id = b.bao.field(&["read", "auth/approle/role/bench/role-id"], "role_id");
+    let secret_id = b.bao.field(&["write", "-f", "auth/approle/role/bench/secret-id"], "secret_id");
+    let create_config = |name: String, path: String| {
+        let (mut vault, bao_addr) = (b.admin.vault.clone(), b.bao.addr.clone());
+        let credentials = pb::VaultCredentials {
+            method: Some(pb::vault_credentials::Method::AppRole(pb::AppRoleCredentials {
+                role_id: role_id.clone(),
+                secret_id: secret_id.clone(),
+                mount: String::new(),
+            })),
+        };
+        async move {
+            let spec = pb::VaultConfigSpec {
+                name,
+                host: bao_addr,
+                path,
+                credentials: Some(credentials),
+                ..Default::default()
+            };
+            let request =
+                pb::CreateVaultConfigRequest { domain: "small".into(), bundle: "vault".into(), spec: Some(spec) };
+            vault.create_vault_config(request).await.expect("config").into_inner().id
+        }
+    };
+    for i in 0..50 {
+        b.bao.bao(&["kv", "put", &format!("secret/burst-{i}"), &format!("key-{i}=value-{i}")]);
+    }
+    let one = create_config("burst-one".into(), "/v1/secret/data/burst-0".into()).await;
+    let mut fifty = Vec::new();
+    for i in 0..50 {
+        fifty.push(create_config(format!("burst-{i}"), format!("/v1/secret/data/burst-{i}")).await);
+    }
+    let resolving = |items: Vec<pb::ResolveItem>| -> Call {
+        let (service, items, failures) = (b.service.clone(), Arc::new(items), failures.clone());
+        Arc::new(move || {
+            let (service, items, failures) = (service.clone(), items.clone(), failures.clone());
+            Box::pin(async move {
+                match service.resolve("small", (*items).clone()).await {
+                    Ok(out) => {
+                        if let Some(R::Error(e)) =
+                            out.iter().find_map(|r| r.result.clone().filter(|r| matches!(r, R::Error(_))))
+                        {
+                            failures.note(e.message);
+                        }
+                    }
+                    Err(e) => failures.note(format!("{:?}: {}", e.code(), e.message())),
+                }
+            })
+        })
+    };
+    println!();
+    println!("1,000 resolves at once of VAULT keys not read before (AppRole), OpenBao's audit log:");
+    println!("| burst | errors | p50 ms | p99 ms | Vault reads | logins |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    let cases = [
+        ("1 key of 1 config, 1 item per resolve", vec![vault_item("v", &one, "key-0")]),
+        (
+            "50 keys over 50 configs, 50 items per resolve",
+            fifty.iter().enumerate().map(|(i, id)| vault_item(&format!("v{i}"), id, &format!("key-{i}"))).collect(),
+        ),
+    ];
+    for (name, items) in cases {
+        let before = b.bao.requested_paths().len();
+        let mut sample = burst(&resolving(items), 1_000).await;
+        let paths: Vec<String> = b.bao.requested_paths().into_iter().skip(before).collect();
+        let reads = paths.iter().filter(|p| p.starts_with("secret/data/burst-")).count();
+        let logins = paths.iter().filter(|p| *p == "auth/approle/login").count();
+        let (errors, first) = failures.take();
+        println!("| {name} | {errors} | {:.2} | {:.2} | {reads} | {logins} |", sample.p50(), sample.p99());
+        if let Some(first) = first {
+            println!("|   first error: {first} | | | | | |");
+        }
+    }
+
+    // Throughput with 1,000 calls in flight against 64: no collapse.
+    let one_item = resolving(vec![object_item("a", "small", "key-1")]);
+    let (mut at_64, mut at_1000) = (Sample::default(), Sample::default());
+    for _ in 0..b.rounds {
+        step(&one_item, 64, 5_000, &mut at_64).await;
+        step(&one_item, 1_000, 5_000, &mut at_1000).await;
+    }
+    let (errors, _) = failures.take();
+    println!();
+    println!("One-item resolves, 5,000 per row and round:");
+    println!("| in flight | requests/s | p50 ms | p99 ms | of 64 in flight |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    let rps_64 = at_64.rps();
+    println!("| 64 | {rps_64:.0} | {:.2} | {:.2} | 100% |", at_64.p50(), at_64.p99());
+    println!(
+        "| 1,000 | {:.0} | {:.2} | {:.2} | {:.0}% |",
+        at_1000.rps(),
+        at_1000.p50(),
+        at_1000.p99(),
+        100.0 * at_1000.rps() / rps_64
+    );
+    println!("errors: {errors}");
+
+    // The default log level (info) against warn: a second secret-service
+    // and gateway logging at info, on the same store objects.
+    let port = procs::free_port;
+    let (secrets_info, gateway_info) = (port(), port());
+    let (authz, vault) = b.ports;
+    let _info = [
+        start_logging(
+            b.dir,
+            "secret-service-info",
+            "secret-service",
+            &format!(
+                "{}authz_url = \"http://127.0.0.1:{authz}\"\nbackend = \"kubernetes\"\n[kubernetes]\napi_url = \"{}\"\nnamespace = \"bench\"\n",
+                (b.common)(secrets_info, port()),
+                b.kube_url
+            ),
+            "info",
+        ),
+        start_logging(
+            b.dir,
+            "gateway-info",
+            "gateway",
+            &(b.gateway_config)(gateway_info, port(), vault, secrets_info),
+            "info",
+        ),
+    ];
+    for p in [secrets_info, gateway_info] {
+        wait_serving(p).await;
+    }
+    let info_service =
+        Clients::new(&format!("http://127.0.0.1:{gateway_info}"), Some(b.service_token), Some("user:nina"));
+    let at_info = {
+        let info_service = info_service.clone();
+        let items = vec![object_item("a", "small", "key-1")];
+        let call: Call = Arc::new(move || {
+            let (service, items) = (info_service.clone(), items.clone());
+            Box::pin(async move {
+                service.resolve("small", items).await.expect("resolve");
+            })
+        });
+        call
+    };
+    for _ in 0..20 {
+        at_info().await;
+    }
+    println!();
+    println!("One-item resolves, services at warn against the default level (info), 2,000 per row and round:");
+    println!("| in flight | warn requests/s | info requests/s | info / warn |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for inflight in [16, 64] {
+        let (mut warn, mut info) = (Sample::default(), Sample::default());
+        for _ in 0..b.rounds {
+            step(&one_item, inflight, 2_000, &mut warn).await;
+            step(&at_info, inflight, 2_000, &mut info).await;
+        }
+        println!("| {inflight} | {:.0} | {:.0} | {:.0}% |", warn.rps(), info.rps(), 100.0 * info.rps() / warn.rps());
+    }
 }

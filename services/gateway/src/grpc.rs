@@ -48,7 +48,7 @@ impl Gateway for GatewayService {
         let caller = traced_caller(&request)?;
         let deadline = deadline::of(request.metadata());
         let response = self.resolution.resolve("ResolveSecrets", &caller, request.into_inner(), deadline).await?;
-        tracing::info!("resolved");
+        tracing::debug!("resolved");
         Ok(Response::new(response))
     }
 
@@ -68,7 +68,7 @@ impl Gateway for GatewayService {
             .resolution
             .resolve("ResolveWorkload", &caller, pb::ResolveSecretsRequest { domain: request.domain, items }, deadline)
             .await?;
-        tracing::info!("resolved");
+        tracing::debug!("resolved");
         Ok(Response::new(payload::fill(payload, resolved.items)))
     }
 
