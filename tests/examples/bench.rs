@@ -637,7 +637,13 @@ async fn bursts(b: Bursts<'_>) {
             let url = format!("{addr}/v1/secret/data/w-{}", next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
             Box::pin(async move {
                 let body = serde_json::json!({"data": {"value": "value"}});
-                let r = http.post(&url).header("X-Vault-Token", &token).body(body.to_string()).send().await.expect("openbao");
+                let r = http
+                    .post(&url)
+                    .header("X-Vault-Token", &token)
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .expect("openbao");
                 assert!(r.status().is_success(), "{}", r.status());
             })
         })

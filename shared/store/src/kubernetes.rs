@@ -101,8 +101,8 @@ struct MirrorState {
     synced: bool,
     /// When the watch last proved alive (accepted, an event, a clean end).
     alive: Option<Instant>,
-    /// Name → (resourceVersion, entries).
-    objects: HashMap<String, (u64, Arc<Entries>)>,
+    /// Name → (resourceVersion, entries, the object's metadata).
+    objects: HashMap<String, (u64, Arc<Entries>, Arc<ObjectMeta>)>,
     /// Objects that did not decode: read from the API server, which reports why.
     undecodable: HashSet<String>,
 }
@@ -123,7 +123,19 @@ impl Mirror {
         if !trusted || s.undecodable.contains(object) {
             return None;
         }
-        Some(s.objects.get(object).map(|(_, e)| e.clone()))
+        Some(s.objects.get(object).map(|(_, e, _)| e.clone()))
+    }
+
+    /// What a write starts from: the entries and the metadata (with its
+    /// resourceVersion, so the write is conditional) when memory can
+    /// answer; `Some(None)`: the object does not exist.
+    fn for_write(&self, object: &str) -> Option<Option<(Entries, ObjectMeta)>> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let trusted = s.synced && s.alive.is_some_and(|t| t.elapsed() < WATCH_WINDOW + WATCH_GRACE);
+        if !trusted || s.undecodable.contains(object) {
+            return None;
+        }
+        Some(s.objects.get(object).map(|(_, e, m)| ((**e).clone(), (**m).clone())))
     }
 
     /// Keeps `secret` unless memory holds a newer version already.
@@ -132,13 +144,13 @@ impl Mirror {
         let version = version_of(&secret);
         let decoded = decode(&name, secret);
         self.with(|s| {
-            if s.objects.get(&name).is_some_and(|(v, _)| *v > version) {
+            if s.objects.get(&name).is_some_and(|(v, _, _)| *v > version) {
                 return;
             }
             match decoded {
-                Ok((entries, _)) => {
+                Ok((entries, meta)) => {
                     s.undecodable.remove(&name);
-                    s.objects.insert(name, (version, Arc::new(entries)));
+                    s.objects.insert(name, (version, Arc::new(entries), Arc::new(meta)));
                 }
                 Err(e) => {
                     tracing::warn!(object = %name, error = %e, "a store object does not decode; reading it from the API server");
@@ -153,7 +165,7 @@ impl Mirror {
         let Some(name) = secret.metadata.name.as_deref() else { return };
         let version = version_of(secret);
         self.with(|s| {
-            if s.objects.get(name).is_none_or(|(v, _)| *v <= version) {
+            if s.objects.get(name).is_none_or(|(v, _, _)| *v <= version) {
                 s.objects.remove(name);
             }
             s.undecodable.remove(name);
@@ -447,12 +459,24 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
         let _guard = lock.lock().await;
         let mut delays = self.backoff.build();
         let mut conflicts = 0usize;
+        // The first attempt starts from memory (the watch's copy, which has
+        // this process's own last write): one request instead of a GET and
+        // a PUT. The write names the resourceVersion it started from, so a
+        // copy that is behind only costs a conflict, and the next attempt
+        // reads the object from the API server.
+        let mut remembered = self.mirror.as_ref().and_then(|m| m.for_write(object));
         loop {
-            let current = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))?;
-            let exists = current.is_some();
-            let (mut entries, meta) = match current {
-                Some(s) => decode(object, s)?,
-                None => (Entries::new(), ObjectMeta::default()),
+            let from_memory = remembered.is_some();
+            let (exists, mut entries, meta) = match remembered.take() {
+                Some(Some((entries, meta))) => (true, entries, meta),
+                Some(None) => (false, Entries::new(), ObjectMeta::default()),
+                None => match self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))? {
+                    Some(s) => {
+                        let (entries, meta) = decode(object, s)?;
+                        (true, entries, meta)
+                    }
+                    None => (false, Entries::new(), ObjectMeta::default()),
+                },
             };
             change(&mut entries)?;
             let secret = encode(object, meta, &entries, self.owner.as_ref())?;
@@ -472,6 +496,8 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
                     }
                     return Ok(());
                 }
+                // Memory was behind: read the object and try again at once.
+                Err(e) if is_conflict(&e) && from_memory => continue,
                 Err(e) if is_conflict(&e) => {
                     conflicts += 1;
                     match delays.next() {

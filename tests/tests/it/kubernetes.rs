@@ -397,3 +397,36 @@ async fn a_write_the_api_server_took_but_did_not_answer_is_deadline_exceeded_and
     let err = store.put(&finance(), "db", value(), Mode::Update, None).await.unwrap_err();
     assert!(matches!(err, Error::Backend(BackendError::Unavailable { .. })), "{err:?}");
 }
+
+/// With the objects watched, a write starts from the copy in memory: one
+/// request (a conditional PUT) instead of a GET and a PUT. A copy that is
+/// behind (an edit whose event has not arrived) costs one conflict, then
+/// the object is read and nothing of the edit is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_write_is_one_request_and_a_copy_that_is_behind_costs_a_conflict_not_a_lost_edit() {
+    let f = Fixture::kubernetes_watching().await;
+    let kube = f.kube.clone().unwrap();
+    let store = f.store();
+    store.create(&finance(), "a", SecretValue::from("1".to_string())).await.unwrap();
+    eventually(&store, "a", Some(b"1")).await;
+    let before = kube.counters();
+    for i in 0..5 {
+        store.create(&finance(), &format!("k{i}"), SecretValue::from("v".to_string())).await.unwrap();
+    }
+    let after = kube.counters();
+    assert_eq!(after.gets, before.gets, "no GET before a write from memory");
+    assert_eq!(after.replaces - before.replaces, 5);
+    assert_eq!(after.conflicts, before.conflicts);
+
+    // An edit the watch has not delivered yet: memory is behind.
+    kube.hold_events(true);
+    kubectl_set(&kube, "edited", "by-kubectl");
+    store.create(&finance(), "mine", SecretValue::from("v".to_string())).await.unwrap();
+    let behind = kube.counters();
+    assert_eq!(behind.conflicts - after.conflicts, 1, "the stale copy's write was refused once");
+    assert_eq!(behind.gets - after.gets, 1, "then the object was read");
+    kube.hold_events(false);
+    let stored = kube.secret(NAMESPACE, &format!("{PREFIX}-finance")).unwrap().data.unwrap();
+    assert!(stored.contains_key("edited") && stored.contains_key("mine"), "both the edit and the write are kept");
+    assert_eq!(kube.counters().unconditional_puts, 0);
+}
