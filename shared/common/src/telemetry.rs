@@ -74,6 +74,15 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
     // line (and waits when the queue is full, never dropping one).
     let (writer, log_writer) =
         tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    // Formatting a span's fields for the log costs every call that opens
+    // it, whether or not a line is written inside it. Below debug, lines
+    // carry only the grpc.server and grpc.client spans (the RPC and its
+    // trace ids); a handler's own fields (caller, principal, counts) are on
+    // its trace. At debug and below, lines carry every span.
+    let every_span = filter.max_level_hint().is_some_and(|l| l >= tracing_subscriber::filter::LevelFilter::DEBUG);
+    let spans_in_lines = tracing_subscriber::filter::filter_fn(move |meta| {
+        every_span || !meta.is_span() || meta.name().starts_with("grpc.")
+    });
     let fmt = match config.log_format {
         LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
         // The span list carries the ids recorded on the grpc.server and
@@ -121,7 +130,7 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
         otel.map(|layer| layer.with_filter(tracing_subscriber::filter::filter_fn(|meta| !is_vault_client(meta))));
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(spans_in_lines))
         .with(otel)
         .try_init()
         .map_err(|e| anyhow::anyhow!("a tracing subscriber is already installed: {e}"))?;
