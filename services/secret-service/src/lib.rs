@@ -172,7 +172,9 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         let authz = AuthzClient::new(channel.clone(), internal.client());
         let usage = secrets_common::usage::UsageClient::new(channel, internal.client());
-        let backend: Arc<SecretBackend> = Arc::new(backend::MeteredBackend::new(backend, metrics.clone()));
+        let backend: Arc<SecretBackend> = Arc::new(
+            backend::MeteredBackend::new(backend, metrics.clone()).with_write_limits(config.store().write_limits()),
+        );
         let store = SecretStore::with_metrics(backend, config.object_prefix.clone(), Some(metrics.clone()));
         tracing::info!(backend = store.backend_name(), "secret store ready");
         let grpc = grpc::SecretGrpc::new(secrets::Secrets { store, authz: Arc::new(authz), usage: Arc::new(usage) });

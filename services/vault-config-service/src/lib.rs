@@ -187,7 +187,8 @@ impl Application {
         let database_timeout = Duration::from_millis(config.database_timeout_ms);
         let db = db::connect(&config.database_url, database_timeout, Some(&metrics)).await?;
         let store = config.store().open::<Error>().await?;
-        let store = Arc::new(MeteredBackend::new(store, metrics.clone()));
+        let store =
+            Arc::new(MeteredBackend::new(store, metrics.clone()).with_write_limits(config.store().write_limits()));
         tracing::info!(database = secrets_db::backend_name(&db), store = store_name(&*store), "vault configs ready");
         let limits = configs::Limits {
             vault_timeout: Duration::from_millis(config.vault.timeout_ms),

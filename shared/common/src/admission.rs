@@ -47,9 +47,23 @@ struct Class {
     queued: AtomicUsize,
 }
 
-/// One server's admission, by gRPC service.
+/// The settings a refusal names, so the operator knows what to raise.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub in_flight: &'static str,
+    pub queued: &'static str,
+    pub wait: &'static str,
+}
+
+/// A server's own bounds: the `[server]` table.
+pub const SERVER_SETTINGS: Settings =
+    Settings { in_flight: "server.max_in_flight", queued: "server.max_queued", wait: "server.queue_wait_ms" };
+
+/// One server's admission, by gRPC service (or one backend's, by kind of
+/// call).
 pub struct Admission {
     server: &'static str,
+    settings: Settings,
     limits: Limits,
     metrics: Metrics,
     classes: Mutex<HashMap<String, Arc<Class>>>,
@@ -83,7 +97,12 @@ impl Drop for Waiting<'_> {
 
 impl Admission {
     pub fn new(server: &'static str, limits: Limits, metrics: Metrics) -> Self {
-        Self { server, limits, metrics, classes: Mutex::default() }
+        Self::with_settings(server, SERVER_SETTINGS, limits, metrics)
+    }
+
+    /// Bounds named by other settings: a backend's (`kubernetes.*`).
+    pub fn with_settings(server: &'static str, settings: Settings, limits: Limits, metrics: Metrics) -> Self {
+        Self { server, settings, limits, metrics, classes: Mutex::default() }
     }
 
     fn class(&self, rpc_service: &str) -> Arc<Class> {
@@ -146,14 +165,14 @@ impl Admission {
     /// and the bound, with a `RetryInfo`.
     pub fn refusal(&self, rpc_service: &str, shed: Shed) -> Status {
         let Limits { max_in_flight, max_queued, .. } = self.limits;
+        let Settings { in_flight, queued, wait } = self.settings;
         let why = match shed {
             Shed::QueueFull => format!(
                 "{max_in_flight} calls of {rpc_service} are in flight and {max_queued} more are waiting \
-                 (server.max_in_flight, server.max_queued)"
+                 ({in_flight}, {queued})"
             ),
             Shed::WaitedTooLong(waited) => format!(
-                "waited {} ms for one of the {max_in_flight} turns of {rpc_service} (server.queue_wait_ms, or the \
-                 call's deadline)",
+                "waited {} ms for one of the {max_in_flight} turns of {rpc_service} ({wait}, or the call's deadline)",
                 waited.as_millis()
             ),
         };

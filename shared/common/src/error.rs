@@ -86,6 +86,11 @@ impl From<Error> for Status {
             }
             Error::Backend(b @ BackendError::Unavailable { .. }) => Status::unavailable(b.to_string()),
             Error::Backend(b @ BackendError::Unanswered { .. }) => Status::deadline_exceeded(b.to_string()),
+            Error::Backend(BackendError::Busy { message }) => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(crate::admission::RETRY_AFTER)),
+            ),
             Error::Backend(b @ (BackendError::Rejected { .. } | BackendError::TooManyKeys { .. })) => {
                 Status::failed_precondition(b.to_string())
             }
@@ -112,6 +117,11 @@ pub enum BackendError {
         "{backend}: {message}; the change may have been applied: send it again with the same request_id, or read it back first"
     )]
     Unanswered { backend: &'static str, message: String },
+
+    /// This service's bound on calls to the backend is reached: the message
+    /// says which bound. `RESOURCE_EXHAUSTED` with a `RetryInfo`.
+    #[error("{message}")]
+    Busy { message: String },
 
     /// The backend refused the object (a Kubernetes 422): the message says why.
     #[error("{backend} rejected store object {object}: {message}")]

@@ -10,7 +10,11 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use secrets_common::{SecretValue, observe::Metrics};
+use secrets_common::{
+    SecretValue,
+    admission::{Admission, Limits, Settings},
+    observe::Metrics,
+};
 
 use crate::BackendError;
 
@@ -78,15 +82,34 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E>;
 }
 
-/// Counts and times every call to the backend it wraps.
+/// Counts and times every call to the backend it wraps, and bounds the
+/// writes it lets through at once.
 pub struct MeteredBackend<E: StoreError> {
     inner: Arc<dyn StoreBackend<E>>,
     metrics: Metrics,
+    writes: Option<Admission>,
 }
+
+/// The settings that bound a backend's writes.
+const WRITE_SETTINGS: Settings = Settings {
+    in_flight: "kubernetes.max_writes_in_flight",
+    queued: "kubernetes.max_writes_queued",
+    wait: "kubernetes.write_queue_wait_ms",
+};
 
 impl<E: StoreError> MeteredBackend<E> {
     pub fn new(inner: Arc<dyn StoreBackend<E>>, metrics: Metrics) -> Self {
-        Self { inner, metrics }
+        Self { inner, metrics, writes: None }
+    }
+
+    /// At most `limits.max_in_flight` writes at once; `max_queued` more
+    /// wait (at most `queue_wait`); past that a write is refused at once
+    /// with `RESOURCE_EXHAUSTED`. In flight, waiting and refused writes are
+    /// the `secrets_admission_*` metrics of `kubernetes.writes`.
+    pub fn with_write_limits(mut self, limits: Option<Limits>) -> Self {
+        self.writes =
+            limits.map(|l| Admission::with_settings(self.inner.name(), WRITE_SETTINGS, l, self.metrics.clone()));
+        self
     }
 }
 
@@ -111,6 +134,14 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
+        let class = format!("{}.writes", self.inner.name());
+        let _turn = match &self.writes {
+            Some(writes) => Some(writes.admit(&class, None).await.map_err(|shed| {
+                let refusal = writes.refusal(&class, shed);
+                E::from(crate::BackendError::Busy { message: refusal.message().to_string() })
+            })?),
+            None => None,
+        };
         let start = Instant::now();
         let result = self.inner.modify(object, change).await;
         // A change refused by the caller's own rules (exists, missing, too

@@ -55,11 +55,26 @@ pub struct KubernetesConfig {
     /// (needs the `list` and `watch` verbs on Secrets); off: every read is a
     /// GET.
     pub watch: bool,
+    /// Writes sent to the API server at once (concurrent changes to one
+    /// object are one write already); more wait in a queue of
+    /// `max_writes_queued`, each at most `write_queue_wait_ms`; past that a
+    /// change is refused at once with `RESOURCE_EXHAUSTED`.
+    pub max_writes_in_flight: usize,
+    pub max_writes_queued: usize,
+    pub write_queue_wait_ms: u64,
 }
 
 impl Default for KubernetesConfig {
     fn default() -> Self {
-        Self { namespace: None, api_url: None, timeout_ms: 5_000, watch: true }
+        Self {
+            namespace: None,
+            api_url: None,
+            timeout_ms: 5_000,
+            watch: true,
+            max_writes_in_flight: 32,
+            max_writes_queued: 4_096,
+            write_queue_wait_ms: 5_000,
+        }
     }
 }
 
@@ -147,6 +162,18 @@ impl StoreSettings<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The bounds on writes to the backend: the Kubernetes API server's.
+    pub fn write_limits(&self) -> Option<secrets_common::admission::Limits> {
+        let k = self.kubernetes;
+        (self.kind(&Environment::detect()).ok()? == BackendKind::Kubernetes).then(|| {
+            secrets_common::admission::Limits {
+                max_in_flight: k.max_writes_in_flight.max(1),
+                max_queued: k.max_writes_queued,
+                queue_wait: Duration::from_millis(k.write_queue_wait_ms),
+            }
+        })
     }
 
     /// Opens the backend the settings name, or the default for where the

@@ -299,6 +299,7 @@ async fn each_store_service_watches_only_its_own_objects_and_adopts_its_unlabell
         api_url: Some(kube.url.clone()),
         timeout_ms: 5_000,
         watch: true,
+        ..Default::default()
     };
     let secrets_config = secret_service::Config {
         backend: Some(secret_service::BackendKind::Kubernetes),
@@ -429,4 +430,46 @@ async fn a_watched_write_is_one_request_and_a_copy_that_is_behind_costs_a_confli
     let stored = kube.secret(NAMESPACE, &format!("{PREFIX}-finance")).unwrap().data.unwrap();
     assert!(stored.contains_key("edited") && stored.contains_key("mine"), "both the edit and the write are kept");
     assert_eq!(kube.counters().unconditional_puts, 0);
+}
+
+/// Writes to the API server are bounded: past `kubernetes.max_writes_in_flight`
+/// and the queue behind it, a change is refused at once with
+/// RESOURCE_EXHAUSTED and a retry hint, naming the setting, and nothing of
+/// it is written; the write in flight completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_write_bound_a_change_is_refused_at_once_naming_the_setting() {
+    use secret_service::backend::MeteredBackend;
+    use tonic_types::StatusExt;
+    let f = Fixture::kubernetes().await;
+    let kube = f.kube.clone().unwrap();
+    let limits = secrets_common::admission::Limits {
+        max_in_flight: 1,
+        max_queued: 0,
+        queue_wait: std::time::Duration::from_secs(5),
+    };
+    let metered = MeteredBackend::new(f.backend.clone(), secrets_common::observe::Metrics::new());
+    let store = SecretStore::new(Arc::new(metered.with_write_limits(Some(limits))), PREFIX);
+    kube.answer_writes_after(Some(std::time::Duration::from_millis(1_500)));
+    let slow = {
+        let store = store.clone();
+        tokio::spawn(async move { store.create(&finance(), "a", SecretValue::from("1".to_string())).await })
+    };
+    // The first write has reached the API server and waits for its answer.
+    for _ in 0..500 {
+        if kube.secret(NAMESPACE, &format!("{PREFIX}-finance")).is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let hr = Scope::domain("domain", "hr").unwrap();
+    let err = store.create(&hr, "b", SecretValue::from("2".to_string())).await.unwrap_err();
+    assert!(matches!(err, Error::Backend(BackendError::Busy { .. })), "{err:?}");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("kubernetes.max_writes_in_flight"), "{}", status.message());
+    assert!(status.get_error_details().retry_info().is_some(), "a retry hint");
+    assert!(kube.secret(NAMESPACE, &format!("{PREFIX}-hr")).is_none(), "nothing of the refused change was written");
+    slow.await.unwrap().expect("the write in flight completes");
+    kube.answer_writes_after(None);
+    store.create(&hr, "b", SecretValue::from("2".to_string())).await.expect("a turn is free again");
 }
