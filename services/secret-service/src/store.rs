@@ -155,9 +155,10 @@ impl SecretStore {
         // a refusal leaves the entries as they were, so the others go ahead.
         self.backend
             .apply(&object, move |entries: &mut Entries| {
-                let mut requests = Requests::of(entries);
+                // Records are read only for a change that carries an id.
+                let mut requests = request_id.as_ref().map(|_| Requests::of(entries));
                 // The same request may have landed since the check above.
-                if let Some(id) = &request_id
+                if let (Some(id), Some(requests)) = (&request_id, &requests)
                     && let Some(first) = requests.replay(id, op, &scope, &key, Some(&value), entries)
                 {
                     return first?.ok_or_else(|| Error::Internal("a write was recorded without its times".into()));
@@ -176,7 +177,7 @@ impl SecretStore {
                 let replaced = existing.map_or(0, |e| e.value.len());
                 check_object_size(&name, entries, replaced, value.len())?;
                 let info = SecretInfo { key: key.clone(), scope: scope.clone(), created_at, updated_at: now };
-                if let Some(id) = &request_id {
+                if let (Some(id), Some(requests)) = (&request_id, requests.as_mut()) {
                     requests.add(id, op, &key, Some(&info), now);
                     requests.store(entries, now)?;
                 }
@@ -208,8 +209,8 @@ impl SecretStore {
         let request_id = request_id.map(str::to_string);
         self.backend
             .apply(&object, move |entries: &mut Entries| {
-                let mut requests = Requests::of(entries);
-                if let Some(id) = &request_id
+                let mut requests = request_id.as_ref().map(|_| Requests::of(entries));
+                if let (Some(id), Some(requests)) = (&request_id, &requests)
                     && let Some(first) = requests.replay(id, Op::Delete, &scope, &key, None, entries)
                 {
                     return first.map(|_| ());
@@ -217,7 +218,7 @@ impl SecretStore {
                 if !entries.contains_key(&key) {
                     return Err(Error::NotFound { key: key.clone(), scope: scope.clone() });
                 }
-                if let Some(id) = &request_id {
+                if let (Some(id), Some(requests)) = (&request_id, requests.as_mut()) {
                     let now = Utc::now().trunc_subsecs(3);
                     requests.add(id, Op::Delete, &key, None, now);
                     requests.store(entries, now)?;

@@ -87,7 +87,8 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
 pub struct MeteredBackend<E: StoreError> {
     inner: Arc<dyn StoreBackend<E>>,
     metrics: Metrics,
-    writes: Option<Admission>,
+    /// The bound on writes, and the name its metrics and refusals use.
+    writes: Option<(Admission, String)>,
 }
 
 /// The settings that bound a backend's writes.
@@ -107,8 +108,9 @@ impl<E: StoreError> MeteredBackend<E> {
     /// with `RESOURCE_EXHAUSTED`. In flight, waiting and refused writes are
     /// the `secrets_admission_*` metrics of `kubernetes.writes`.
     pub fn with_write_limits(mut self, limits: Option<Limits>) -> Self {
-        self.writes =
-            limits.map(|l| Admission::with_settings(self.inner.name(), WRITE_SETTINGS, l, self.metrics.clone()));
+        let class = format!("{}.writes", self.inner.name());
+        self.writes = limits
+            .map(|l| (Admission::with_settings(self.inner.name(), WRITE_SETTINGS, l, self.metrics.clone()), class));
         self
     }
 }
@@ -134,10 +136,9 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
-        let class = format!("{}.writes", self.inner.name());
         let _turn = match &self.writes {
-            Some(writes) => Some(writes.admit(&class, None).await.map_err(|shed| {
-                let refusal = writes.refusal(&class, shed);
+            Some((writes, class)) => Some(writes.admit(class, None).await.map_err(|shed| {
+                let refusal = writes.refusal(class, shed);
                 E::from(crate::BackendError::Busy { message: refusal.message().to_string() })
             })?),
             None => None,
