@@ -94,6 +94,11 @@ struct Inner {
     departed: Mutex<Instant>,
     /// Set when the service stops: every stream ends.
     stopping: watch::Sender<bool>,
+    /// Changes published so far, counted as they ask.
+    asked: AtomicU64,
+    /// Held by the round in progress; holds how many changes the rounds
+    /// done so far cover.
+    rounds: tokio::sync::Mutex<u64>,
 }
 
 impl Leases {
@@ -109,6 +114,8 @@ impl Leases {
                 // gave for up to one more lease. Changes wait that out.
                 departed: Mutex::new(Instant::now() + LEASE),
                 stopping: watch::channel(false).0,
+                asked: AtomicU64::new(0),
+                rounds: tokio::sync::Mutex::new(0),
             }),
         }
     }
@@ -132,11 +139,26 @@ impl Leases {
     }
 
     /// After a change to the grants: returns once no holder can still answer
-    /// from before it.
+    /// from before it. Changes published while a round is under way share
+    /// the next one: a burst of changes costs two rounds, not one each
+    /// (and a holder is sent two messages, not more than its queue holds).
     pub async fn publish(&self) {
         if !self.inner.offered {
             return;
         }
+        let ticket = self.inner.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut covered = self.inner.rounds.lock().await;
+        if *covered >= ticket {
+            // A round that began after this change was published is done.
+            return;
+        }
+        let covers = self.inner.asked.load(Ordering::SeqCst);
+        self.round().await;
+        *covered = covers;
+    }
+
+    /// One round: a new generation, sent to every holder, waited for.
+    async fn round(&self) {
         let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let holders: Vec<(u64, Arc<Holder>)> = self.holders().iter().map(|(id, h)| (*id, h.clone())).collect();
         let change = self.answer(0);
@@ -286,6 +308,39 @@ mod tests {
         assert!(!holder.heard(), "its messages go unanswered from now on");
         // The change could not return before the holder's lease surely ran out.
         assert!(last_heard.elapsed() >= LEASE, "returned after {:?}", last_heard.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_changes_shares_rounds_and_keeps_the_holder() {
+        let leases = Leases::new(true);
+        // The first round waits for the lease of a process before this one.
+        *leases.inner.departed.lock().unwrap() = Instant::now();
+        let (id, holder, mut rx) = holder(&leases);
+        let received = Arc::new(AtomicU64::new(0));
+        let applier = tokio::spawn({
+            let (holder, received) = (holder.clone(), received.clone());
+            async move {
+                while let Some(Ok(change)) = rx.recv().await {
+                    received.fetch_add(1, Ordering::SeqCst);
+                    holder.applied.send_replace(change.generation);
+                }
+            }
+        });
+        let changes: Vec<_> = (0..200)
+            .map(|_| {
+                let leases = leases.clone();
+                tokio::spawn(async move { leases.publish().await })
+            })
+            .collect();
+        for change in changes {
+            change.await.unwrap();
+        }
+        assert!(leases.holders().contains_key(&id), "200 changes do not overflow the holder's queue");
+        let generation = leases.inner.generation.load(Ordering::SeqCst);
+        assert!(generation <= 3, "200 changes published together took {} rounds", generation - 1);
+        assert_eq!(*holder.applied.borrow(), generation, "the holder applied the last round");
+        applier.abort();
+        assert_eq!(received.load(Ordering::SeqCst), generation - 1, "one message per round");
     }
 
     #[tokio::test]

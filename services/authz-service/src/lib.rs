@@ -13,6 +13,7 @@ pub mod leases;
 pub mod policy;
 pub mod rules;
 pub mod usage;
+pub mod writer;
 
 use std::{collections::BTreeSet, future::Future, time::Duration};
 
@@ -138,8 +139,8 @@ impl Application {
         let sqlite_lock = db::lock_sqlite(&config.database_url)?;
         let db = db::connect(&config.database_url, timeout, Some(&metrics)).await?;
         tracing::info!(backend = ?db.get_database_backend(), "authz database ready");
-        let policy = policy::Policy::new(db, admins, timeout);
-        let usage = usage::UsageIndex::new(policy.clone(), Some(metrics.clone()));
+        let policy = policy::Policy::new(db, admins, timeout, Some(metrics.clone()));
+        let usage = usage::UsageIndex::new(policy.clone());
         let leases = policy.leases();
         let grpc = grpc::AuthzGrpc::new(policy);
 

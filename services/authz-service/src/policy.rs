@@ -14,11 +14,12 @@
 use std::{collections::BTreeSet, future::Future, time::Duration};
 
 use chrono::Utc;
+use futures::future::BoxFuture;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter, QueryOrder, Set, SqlErr,
-    Statement, TransactionTrait, sea_query::OnConflict,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, Set, SqlErr, Statement, TransactionTrait, sea_query::OnConflict,
 };
-use secrets_common::Principal;
+use secrets_common::{Principal, observe::Metrics};
 
 pub use crate::rules::{Check, Decision, Permission, ResourceType, Role, Target};
 use crate::{
@@ -28,6 +29,7 @@ use crate::{
     },
     grants::Grants,
     rules::{self, Placement},
+    writer::Writer,
 };
 
 /// An arbitrary constant naming the lock that serializes changes to group
@@ -83,6 +85,8 @@ pub struct Policy {
     local: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The gateways' decision leases, which every change waits on.
     leases: crate::leases::Leases,
+    /// Every change to the database goes through it.
+    writer: Writer,
 }
 
 fn parse_subject(text: &str) -> Result<Principal> {
@@ -96,7 +100,8 @@ fn parse_role(text: &str) -> Result<Role> {
 }
 
 /// A change that must be published: by [`Publication::publish`], or when
-/// dropped unpublished (its request was cancelled), in a task of its own.
+/// dropped unpublished (its task stopped early: a panic, the runtime going
+/// away), in a task of its own.
 pub struct Publication {
     pending: Option<(crate::leases::Leases, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
     /// The bound on a database operation: a write whose caller stopped
@@ -140,17 +145,23 @@ impl Publication {
 impl Drop for Publication {
     fn drop(&mut self) {
         if let Some((leases, local)) = self.pending.take() {
-            tracing::info!("a grant change's request ended before it was published; publishing it anyway");
+            tracing::info!("a grant change ended before it was published; publishing it anyway");
             Self::start(leases, local, Some(self.settle));
         }
     }
 }
 
 impl Policy {
-    pub fn new(db: DatabaseConnection, bootstrap_admins: BTreeSet<Principal>, timeout: Duration) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        bootstrap_admins: BTreeSet<Principal>,
+        timeout: Duration,
+        metrics: Option<Metrics>,
+    ) -> Self {
         let leases = crate::leases::Leases::new(db.get_database_backend() != DbBackend::Postgres);
         Self {
             leases,
+            writer: Writer::new(db.clone(), timeout, metrics),
             db,
             bootstrap_admins,
             timeout,
@@ -162,9 +173,9 @@ impl Policy {
 
     /// Taken before a change is written: publishing it (marking the grants
     /// in memory as old, and waiting until no gateway can answer from
-    /// before the change) then happens whatever becomes of the request. A
-    /// caller that cancels mid-write, or a database timeout that fires after
-    /// the commit, cannot leave a change unpublished.
+    /// before the change) then happens whatever becomes of the write. A
+    /// database timeout that fires after the commit cannot leave a change
+    /// unpublished.
     fn publication(&self) -> Publication {
         Publication { pending: Some((self.leases.clone(), self.local.clone())), settle: self.timeout }
     }
@@ -295,6 +306,11 @@ impl Policy {
         &self.db
     }
 
+    /// The writer, for the usage index that shares it.
+    pub(crate) fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
     /// Runs one database operation within the timeout; database failures
     /// become `UNAVAILABLE` naming the database.
     pub(crate) async fn bounded<T>(&self, operation: impl Future<Output = Result<T>>) -> Result<T> {
@@ -371,104 +387,105 @@ impl Policy {
         self.bounded(self.load_member(&self.db, domain, subject)).await
     }
 
-    async fn add_member_now(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
-        self.bounded(async {
-            let row = domain_member::ActiveModel {
-                domain: Set(domain.to_string()),
-                subject: Set(subject.to_string()),
-                role: Set(role.as_str().to_string()),
-                created_at: Set(Utc::now()),
-            };
-            domain_member::Entity::insert(row)
-                .on_conflict(
-                    OnConflict::columns([domain_member::Column::Domain, domain_member::Column::Subject])
-                        .update_column(domain_member::Column::Role)
-                        .to_owned(),
-                )
-                .exec_without_returning(&self.db)
-                .await?;
-            self.load_member(&self.db, domain, subject)
-                .await?
-                .ok_or_else(|| Error::Internal("member vanished after insert".into()))
-        })
-        .await
+    async fn add_member_now(
+        &self,
+        db: &DatabaseTransaction,
+        domain: &str,
+        subject: &Principal,
+        role: Role,
+    ) -> Result<Member> {
+        let row = domain_member::ActiveModel {
+            domain: Set(domain.to_string()),
+            subject: Set(subject.to_string()),
+            role: Set(role.as_str().to_string()),
+            created_at: Set(Utc::now()),
+        };
+        domain_member::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([domain_member::Column::Domain, domain_member::Column::Subject])
+                    .update_column(domain_member::Column::Role)
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await?;
+        self.load_member(db, domain, subject)
+            .await?
+            .ok_or_else(|| Error::Internal("member vanished after insert".into()))
     }
 
-    async fn remove_member_now(&self, domain: &str, subject: &Principal) -> Result<()> {
-        self.bounded(async {
-            let removed =
-                domain_member::Entity::delete_by_id((domain.to_string(), subject.to_string())).exec(&self.db).await?;
-            if removed.rows_affected == 0 {
-                return Err(Error::NotFound(format!("{subject} is not a member of domain {domain:?}")));
-            }
-            Ok(())
-        })
-        .await
+    async fn remove_member_now(&self, db: &DatabaseTransaction, domain: &str, subject: &Principal) -> Result<()> {
+        let removed = domain_member::Entity::delete_by_id((domain.to_string(), subject.to_string())).exec(db).await?;
+        if removed.rows_affected == 0 {
+            return Err(Error::NotFound(format!("{subject} is not a member of domain {domain:?}")));
+        }
+        Ok(())
     }
 
-    async fn grant_now(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
+    async fn grant_now(
+        &self,
+        db: &DatabaseTransaction,
+        domain: &str,
+        subject: &Principal,
+        permission: Permission,
+    ) -> Result<Member> {
         let not_member = || {
             Error::FailedPrecondition(format!(
                 "{subject} is not a member of domain {domain:?}; add it with AddDomainMember first"
             ))
         };
-        self.bounded(async {
-            let txn = self.db.begin().await?;
-            if self.load_member(&txn, domain, subject).await?.is_none() {
+        if self.load_member(db, domain, subject).await?.is_none() {
+            return Err(not_member());
+        }
+        let row = domain_permission::ActiveModel {
+            domain: Set(domain.to_string()),
+            subject: Set(subject.to_string()),
+            permission: Set(permission.name().to_string()),
+            created_at: Set(Utc::now()),
+        };
+        let inserted = domain_permission::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([
+                    domain_permission::Column::Domain,
+                    domain_permission::Column::Subject,
+                    domain_permission::Column::Permission,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await;
+        match inserted {
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) => {
                 return Err(not_member());
             }
-            let row = domain_permission::ActiveModel {
-                domain: Set(domain.to_string()),
-                subject: Set(subject.to_string()),
-                permission: Set(permission.name().to_string()),
-                created_at: Set(Utc::now()),
-            };
-            let inserted = domain_permission::Entity::insert(row)
-                .on_conflict(
-                    OnConflict::columns([
-                        domain_permission::Column::Domain,
-                        domain_permission::Column::Subject,
-                        domain_permission::Column::Permission,
-                    ])
-                    .do_nothing()
-                    .to_owned(),
-                )
-                .exec_without_returning(&txn)
-                .await;
-            match inserted {
-                Err(e) if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) => {
-                    return Err(not_member());
-                }
-                other => other?,
-            };
-            let member = self.load_member(&txn, domain, subject).await?.ok_or_else(not_member)?;
-            txn.commit().await?;
-            Ok(member)
-        })
-        .await
+            other => other?,
+        };
+        let member = self.load_member(db, domain, subject).await?.ok_or_else(not_member)?;
+        Ok(member)
     }
 
-    async fn revoke_now(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
-        self.bounded(async {
-            let txn = self.db.begin().await?;
-            if self.load_member(&txn, domain, subject).await?.is_none() {
-                return Err(Error::NotFound(format!("{subject} is not a member of domain {domain:?}")));
-            }
-            domain_permission::Entity::delete_by_id((
-                domain.to_string(),
-                subject.to_string(),
-                permission.name().to_string(),
-            ))
-            .exec(&txn)
-            .await?;
-            let member = self
-                .load_member(&txn, domain, subject)
-                .await?
-                .ok_or_else(|| Error::Internal("member vanished during revoke".into()))?;
-            txn.commit().await?;
-            Ok(member)
-        })
-        .await
+    async fn revoke_now(
+        &self,
+        db: &DatabaseTransaction,
+        domain: &str,
+        subject: &Principal,
+        permission: Permission,
+    ) -> Result<Member> {
+        if self.load_member(db, domain, subject).await?.is_none() {
+            return Err(Error::NotFound(format!("{subject} is not a member of domain {domain:?}")));
+        }
+        domain_permission::Entity::delete_by_id((
+            domain.to_string(),
+            subject.to_string(),
+            permission.name().to_string(),
+        ))
+        .exec(db)
+        .await?;
+        let member = self
+            .load_member(db, domain, subject)
+            .await?
+            .ok_or_else(|| Error::Internal("member vanished during revoke".into()))?;
+        Ok(member)
     }
 
     pub async fn members(&self, domain: &str) -> Result<Vec<Member>> {
@@ -501,32 +518,26 @@ impl Policy {
         .await
     }
 
-    async fn grant_admin_now(&self, subject: &Principal) -> Result<()> {
-        self.bounded(async {
-            let row = platform_admin::ActiveModel { subject: Set(subject.to_string()), created_at: Set(Utc::now()) };
-            platform_admin::Entity::insert(row)
-                .on_conflict(OnConflict::column(platform_admin::Column::Subject).do_nothing().to_owned())
-                .exec_without_returning(&self.db)
-                .await?;
-            Ok(())
-        })
-        .await
+    async fn grant_admin_now(&self, db: &DatabaseTransaction, subject: &Principal) -> Result<()> {
+        let row = platform_admin::ActiveModel { subject: Set(subject.to_string()), created_at: Set(Utc::now()) };
+        platform_admin::Entity::insert(row)
+            .on_conflict(OnConflict::column(platform_admin::Column::Subject).do_nothing().to_owned())
+            .exec_without_returning(db)
+            .await?;
+        Ok(())
     }
 
-    async fn revoke_admin_now(&self, subject: &Principal) -> Result<()> {
+    async fn revoke_admin_now(&self, db: &DatabaseTransaction, subject: &Principal) -> Result<()> {
         if self.bootstrap_admins.contains(subject) {
             return Err(Error::FailedPrecondition(format!(
                 "{subject} is a platform admin by configuration (bootstrap_admins); remove it there"
             )));
         }
-        self.bounded(async {
-            let removed = platform_admin::Entity::delete_by_id(subject.to_string()).exec(&self.db).await?;
-            if removed.rows_affected == 0 {
-                return Err(Error::NotFound(format!("{subject} is not a platform admin")));
-            }
-            Ok(())
-        })
-        .await
+        let removed = platform_admin::Entity::delete_by_id(subject.to_string()).exec(db).await?;
+        if removed.rows_affected == 0 {
+            return Err(Error::NotFound(format!("{subject} is not a platform admin")));
+        }
+        Ok(())
     }
 
     /// Every admin: `(subject, from_configuration)`.
@@ -563,117 +574,96 @@ impl Policy {
         Ok(Some(Group { name: row.name, description: row.description, members }))
     }
 
-    async fn create_group_now(&self, name: &str, description: &str) -> Result<Group> {
-        self.bounded(async {
-            let row = group::ActiveModel {
-                name: Set(name.to_string()),
-                description: Set(description.to_string()),
-                created_at: Set(Utc::now()),
-            };
-            let inserted = group::Entity::insert(row)
-                .on_conflict(OnConflict::column(group::Column::Name).do_nothing().to_owned())
-                .exec_without_returning(&self.db)
-                .await?;
-            if inserted == 0 {
-                return Err(Error::AlreadyExists(format!("group:{name} exists already")));
-            }
-            Ok(Group { name: name.to_string(), description: description.to_string(), members: Vec::new() })
-        })
-        .await
+    async fn create_group_now(&self, db: &DatabaseTransaction, name: &str, description: &str) -> Result<Group> {
+        let row = group::ActiveModel {
+            name: Set(name.to_string()),
+            description: Set(description.to_string()),
+            created_at: Set(Utc::now()),
+        };
+        let inserted = group::Entity::insert(row)
+            .on_conflict(OnConflict::column(group::Column::Name).do_nothing().to_owned())
+            .exec_without_returning(db)
+            .await?;
+        if inserted == 0 {
+            return Err(Error::AlreadyExists(format!("group:{name} exists already")));
+        }
+        Ok(Group { name: name.to_string(), description: description.to_string(), members: Vec::new() })
     }
 
-    async fn delete_group_now(&self, name: &str) -> Result<()> {
+    async fn delete_group_now(&self, db: &DatabaseTransaction, name: &str) -> Result<()> {
         let subject = Principal::group(name).to_string();
-        self.bounded(async {
-            let txn = self.db.begin().await?;
-            let owned: Vec<String> = bundle::Entity::find()
-                .filter(bundle::Column::Owner.eq(&subject))
-                .all(&txn)
-                .await?
-                .into_iter()
-                .map(|b| b.name)
-                .collect();
-            if !owned.is_empty() {
+        let owned: Vec<String> = bundle::Entity::find()
+            .filter(bundle::Column::Owner.eq(&subject))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        if !owned.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "{subject} owns bundle(s) {}; give them another owner with UpdateBundle first",
+                owned.join(", ")
+            )));
+        }
+        let removed = group::Entity::delete_by_id(name.to_string()).exec(db).await?;
+        if removed.rows_affected == 0 {
+            return Err(Error::NotFound(format!("{subject} does not exist")));
+        }
+        group_member::Entity::delete_many().filter(group_member::Column::Member.eq(&subject)).exec(db).await?;
+        bundle_grant::Entity::delete_many().filter(bundle_grant::Column::Subject.eq(&subject)).exec(db).await?;
+        domain_member::Entity::delete_many().filter(domain_member::Column::Subject.eq(&subject)).exec(db).await?;
+        Ok(())
+    }
+
+    async fn add_group_member_now(&self, db: &DatabaseTransaction, name: &str, member: &Principal) -> Result<Group> {
+        if db.get_database_backend() == DbBackend::Postgres {
+            db.execute_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT pg_advisory_xact_lock({GROUP_EDGES_LOCK_ID})"),
+            ))
+            .await?;
+        }
+        if group::Entity::find_by_id(name.to_string()).one(db).await?.is_none() {
+            return Err(Error::NotFound(format!("group:{name} does not exist; create it with CreateGroup")));
+        }
+        if member.is_group() {
+            let mut edges: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+            for e in
+                group_member::Entity::find().filter(group_member::Column::Member.starts_with("group:")).all(db).await?
+            {
+                if let Some(child) = e.member.strip_prefix("group:") {
+                    edges.entry(child.to_string()).or_default().insert(e.group_name);
+                }
+            }
+            if let Some(path) = rules::cycle(&edges, name, &member.name) {
                 return Err(Error::FailedPrecondition(format!(
-                    "{subject} owns bundle(s) {}; give them another owner with UpdateBundle first",
-                    owned.join(", ")
+                    "adding {member} to group:{name} would form a cycle: {path}"
                 )));
             }
-            let removed = group::Entity::delete_by_id(name.to_string()).exec(&txn).await?;
-            if removed.rows_affected == 0 {
-                return Err(Error::NotFound(format!("{subject} does not exist")));
-            }
-            group_member::Entity::delete_many().filter(group_member::Column::Member.eq(&subject)).exec(&txn).await?;
-            bundle_grant::Entity::delete_many().filter(bundle_grant::Column::Subject.eq(&subject)).exec(&txn).await?;
-            domain_member::Entity::delete_many().filter(domain_member::Column::Subject.eq(&subject)).exec(&txn).await?;
-            txn.commit().await?;
-            Ok(())
-        })
-        .await
+        }
+        let row = group_member::ActiveModel {
+            group_name: Set(name.to_string()),
+            member: Set(member.to_string()),
+            created_at: Set(Utc::now()),
+        };
+        group_member::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([group_member::Column::GroupName, group_member::Column::Member])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await?;
+        let group = self.load_group(db, name).await?.ok_or_else(|| Error::Internal("group vanished".into()))?;
+        Ok(group)
     }
 
-    async fn add_group_member_now(&self, name: &str, member: &Principal) -> Result<Group> {
-        self.bounded(async {
-            let txn = self.db.begin().await?;
-            if self.db.get_database_backend() == DbBackend::Postgres {
-                txn.execute_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    format!("SELECT pg_advisory_xact_lock({GROUP_EDGES_LOCK_ID})"),
-                ))
-                .await?;
-            }
-            if group::Entity::find_by_id(name.to_string()).one(&txn).await?.is_none() {
-                return Err(Error::NotFound(format!("group:{name} does not exist; create it with CreateGroup")));
-            }
-            if member.is_group() {
-                let mut edges: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
-                for e in group_member::Entity::find()
-                    .filter(group_member::Column::Member.starts_with("group:"))
-                    .all(&txn)
-                    .await?
-                {
-                    if let Some(child) = e.member.strip_prefix("group:") {
-                        edges.entry(child.to_string()).or_default().insert(e.group_name);
-                    }
-                }
-                if let Some(path) = rules::cycle(&edges, name, &member.name) {
-                    return Err(Error::FailedPrecondition(format!(
-                        "adding {member} to group:{name} would form a cycle: {path}"
-                    )));
-                }
-            }
-            let row = group_member::ActiveModel {
-                group_name: Set(name.to_string()),
-                member: Set(member.to_string()),
-                created_at: Set(Utc::now()),
-            };
-            group_member::Entity::insert(row)
-                .on_conflict(
-                    OnConflict::columns([group_member::Column::GroupName, group_member::Column::Member])
-                        .do_nothing()
-                        .to_owned(),
-                )
-                .exec_without_returning(&txn)
-                .await?;
-            let group = self.load_group(&txn, name).await?.ok_or_else(|| Error::Internal("group vanished".into()))?;
-            txn.commit().await?;
-            Ok(group)
-        })
-        .await
-    }
-
-    async fn remove_group_member_now(&self, name: &str, member: &Principal) -> Result<Group> {
-        self.bounded(async {
-            let removed =
-                group_member::Entity::delete_by_id((name.to_string(), member.to_string())).exec(&self.db).await?;
-            if removed.rows_affected == 0 {
-                return Err(Error::NotFound(format!("{member} is not a member of group:{name}")));
-            }
-            self.load_group(&self.db, name)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("group:{name} does not exist")))
-        })
-        .await
+    async fn remove_group_member_now(&self, db: &DatabaseTransaction, name: &str, member: &Principal) -> Result<Group> {
+        let removed = group_member::Entity::delete_by_id((name.to_string(), member.to_string())).exec(db).await?;
+        if removed.rows_affected == 0 {
+            return Err(Error::NotFound(format!("{member} is not a member of group:{name}")));
+        }
+        self.load_group(db, name).await?.ok_or_else(|| Error::NotFound(format!("group:{name} does not exist")))
     }
 
     pub async fn groups(&self) -> Result<Vec<Group>> {
@@ -748,325 +738,325 @@ impl Policy {
         .await
     }
 
-    async fn create_bundle_now(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
-        self.bounded(async {
-            let row = bundle::ActiveModel {
-                name: Set(name.to_string()),
-                description: Set(description.to_string()),
-                owner: Set(owner.to_string()),
-                created_at: Set(Utc::now()),
-            };
-            let inserted = bundle::Entity::insert(row)
-                .on_conflict(OnConflict::column(bundle::Column::Name).do_nothing().to_owned())
-                .exec_without_returning(&self.db)
-                .await?;
-            if inserted == 0 {
-                return Err(Error::AlreadyExists(format!("bundle {name} exists already")));
-            }
-            Ok(Bundle {
-                name: name.to_string(),
-                description: description.to_string(),
-                owner: owner.clone(),
-                grants: Vec::new(),
-                resources: Vec::new(),
-            })
-        })
-        .await
-    }
-
-    async fn update_bundle_now(&self, name: &str, change: BundleChange) -> Result<Bundle> {
-        self.bounded(async {
-            let Some(row) = bundle::Entity::find_by_id(name.to_string()).one(&self.db).await? else {
-                return Err(Error::NotFound(format!("bundle {name} does not exist")));
-            };
-            let mut active: bundle::ActiveModel = row.into();
-            if let Some(d) = change.description {
-                active.description = Set(d);
-            }
-            if let Some(o) = change.owner {
-                active.owner = Set(o.to_string());
-            }
-            bundle::Entity::update(active).exec(&self.db).await?;
-            self.load_bundle(&self.db, name)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
-        })
-        .await
-    }
-
-    async fn delete_bundle_now(&self, name: &str) -> Result<()> {
-        self.bounded(async {
-            let txn = self.db.begin().await?;
-            let held: Vec<String> = bundle_resource::Entity::find()
-                .filter(bundle_resource::Column::Bundle.eq(name))
-                .order_by_asc(bundle_resource::Column::ResourceId)
-                .all(&txn)
-                .await?
-                .into_iter()
-                .map(|r| format!("{} {}", r.resource_type, r.resource_id))
-                .collect();
-            if !held.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
-                    "bundle {name} still holds {}; delete those resources first",
-                    held.join(", ")
-                )));
-            }
-            let removed = bundle::Entity::delete_by_id(name.to_string()).exec(&txn).await?;
-            if removed.rows_affected == 0 {
-                return Err(Error::NotFound(format!("bundle {name} does not exist")));
-            }
-            txn.commit().await?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn grant_bundle_now(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
-        self.bounded(async {
-            if bundle::Entity::find_by_id(name.to_string()).one(&self.db).await?.is_none() {
-                return Err(Error::NotFound(format!("bundle {name} does not exist")));
-            }
-            let row = bundle_grant::ActiveModel {
-                bundle: Set(name.to_string()),
-                subject: Set(subject.to_string()),
-                permission: Set(permission.name().to_string()),
-                created_at: Set(Utc::now()),
-            };
-            bundle_grant::Entity::insert(row)
-                .on_conflict(
-                    OnConflict::columns([
-                        bundle_grant::Column::Bundle,
-                        bundle_grant::Column::Subject,
-                        bundle_grant::Column::Permission,
-                    ])
-                    .do_nothing()
-                    .to_owned(),
-                )
-                .exec_without_returning(&self.db)
-                .await?;
-            self.load_bundle(&self.db, name)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
-        })
-        .await
-    }
-
-    async fn revoke_bundle_now(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
-        self.bounded(async {
-            let removed = bundle_grant::Entity::delete_by_id((
-                name.to_string(),
-                subject.to_string(),
-                permission.name().to_string(),
-            ))
-            .exec(&self.db)
+    async fn create_bundle_now(
+        &self,
+        db: &DatabaseTransaction,
+        name: &str,
+        description: &str,
+        owner: &Principal,
+    ) -> Result<Bundle> {
+        let row = bundle::ActiveModel {
+            name: Set(name.to_string()),
+            description: Set(description.to_string()),
+            owner: Set(owner.to_string()),
+            created_at: Set(Utc::now()),
+        };
+        let inserted = bundle::Entity::insert(row)
+            .on_conflict(OnConflict::column(bundle::Column::Name).do_nothing().to_owned())
+            .exec_without_returning(db)
             .await?;
-            if removed.rows_affected == 0 {
-                return Err(Error::NotFound(format!(
-                    "{subject} holds no {} grant on bundle {name}",
-                    permission.name()
-                )));
-            }
-            self.load_bundle(&self.db, name)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
+        if inserted == 0 {
+            return Err(Error::AlreadyExists(format!("bundle {name} exists already")));
+        }
+        Ok(Bundle {
+            name: name.to_string(),
+            description: description.to_string(),
+            owner: owner.clone(),
+            grants: Vec::new(),
+            resources: Vec::new(),
         })
-        .await
+    }
+
+    async fn update_bundle_now(&self, db: &DatabaseTransaction, name: &str, change: BundleChange) -> Result<Bundle> {
+        let Some(row) = bundle::Entity::find_by_id(name.to_string()).one(db).await? else {
+            return Err(Error::NotFound(format!("bundle {name} does not exist")));
+        };
+        let mut active: bundle::ActiveModel = row.into();
+        if let Some(d) = change.description {
+            active.description = Set(d);
+        }
+        if let Some(o) = change.owner {
+            active.owner = Set(o.to_string());
+        }
+        bundle::Entity::update(active).exec(db).await?;
+        self.load_bundle(db, name).await?.ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
+    }
+
+    async fn delete_bundle_now(&self, db: &DatabaseTransaction, name: &str) -> Result<()> {
+        let held: Vec<String> = bundle_resource::Entity::find()
+            .filter(bundle_resource::Column::Bundle.eq(name))
+            .order_by_asc(bundle_resource::Column::ResourceId)
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|r| format!("{} {}", r.resource_type, r.resource_id))
+            .collect();
+        if !held.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "bundle {name} still holds {}; delete those resources first",
+                held.join(", ")
+            )));
+        }
+        let removed = bundle::Entity::delete_by_id(name.to_string()).exec(db).await?;
+        if removed.rows_affected == 0 {
+            return Err(Error::NotFound(format!("bundle {name} does not exist")));
+        }
+        Ok(())
+    }
+
+    async fn grant_bundle_now(
+        &self,
+        db: &DatabaseTransaction,
+        name: &str,
+        subject: &Principal,
+        permission: Permission,
+    ) -> Result<Bundle> {
+        if bundle::Entity::find_by_id(name.to_string()).one(db).await?.is_none() {
+            return Err(Error::NotFound(format!("bundle {name} does not exist")));
+        }
+        let row = bundle_grant::ActiveModel {
+            bundle: Set(name.to_string()),
+            subject: Set(subject.to_string()),
+            permission: Set(permission.name().to_string()),
+            created_at: Set(Utc::now()),
+        };
+        bundle_grant::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([
+                    bundle_grant::Column::Bundle,
+                    bundle_grant::Column::Subject,
+                    bundle_grant::Column::Permission,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await?;
+        self.load_bundle(db, name).await?.ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
+    }
+
+    async fn revoke_bundle_now(
+        &self,
+        db: &DatabaseTransaction,
+        name: &str,
+        subject: &Principal,
+        permission: Permission,
+    ) -> Result<Bundle> {
+        let removed =
+            bundle_grant::Entity::delete_by_id((name.to_string(), subject.to_string(), permission.name().to_string()))
+                .exec(db)
+                .await?;
+        if removed.rows_affected == 0 {
+            return Err(Error::NotFound(format!("{subject} holds no {} grant on bundle {name}", permission.name())));
+        }
+        self.load_bundle(db, name).await?.ok_or_else(|| Error::NotFound(format!("bundle {name} does not exist")))
     }
 
     // Resources.
 
-    async fn register_resource_now(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
-        self.bounded(async {
-            if bundle::Entity::find_by_id(bundle.to_string()).one(&self.db).await?.is_none() {
+    async fn register_resource_now(
+        &self,
+        db: &DatabaseTransaction,
+        kind: ResourceType,
+        id: &str,
+        bundle: &str,
+        domain: &str,
+    ) -> Result<()> {
+        if bundle::Entity::find_by_id(bundle.to_string()).one(db).await?.is_none() {
+            return Err(Error::NotFound(format!("bundle {bundle} does not exist")));
+        }
+        // One statement decides, however many registrations race (no
+        // read-then-write transaction for SQLite to refuse as busy).
+        let row = bundle_resource::ActiveModel {
+            resource_type: Set(kind.name().to_string()),
+            resource_id: Set(id.to_string()),
+            bundle: Set(bundle.to_string()),
+            domain: Set(domain.to_string()),
+            created_at: Set(Utc::now()),
+        };
+        let inserted = bundle_resource::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([bundle_resource::Column::ResourceType, bundle_resource::Column::ResourceId])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await;
+        match inserted {
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) => {
                 return Err(Error::NotFound(format!("bundle {bundle} does not exist")));
             }
-            // One statement decides, however many registrations race (no
-            // read-then-write transaction for SQLite to refuse as busy).
-            let row = bundle_resource::ActiveModel {
-                resource_type: Set(kind.name().to_string()),
-                resource_id: Set(id.to_string()),
-                bundle: Set(bundle.to_string()),
-                domain: Set(domain.to_string()),
-                created_at: Set(Utc::now()),
-            };
-            let inserted = bundle_resource::Entity::insert(row)
-                .on_conflict(
-                    OnConflict::columns([bundle_resource::Column::ResourceType, bundle_resource::Column::ResourceId])
-                        .do_nothing()
-                        .to_owned(),
-                )
-                .exec_without_returning(&self.db)
-                .await;
-            match inserted {
-                Err(e) if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) => {
-                    return Err(Error::NotFound(format!("bundle {bundle} does not exist")));
-                }
-                other => other?,
-            };
-            let existing = bundle_resource::Entity::find_by_id((kind.name().to_string(), id.to_string()))
-                .one(&self.db)
-                .await?
-                .ok_or_else(|| Error::Internal("a registered resource vanished".into()))?;
-            if existing.bundle != bundle {
-                return Err(Error::FailedPrecondition(format!(
-                    "{} {id} belongs to bundle {}; a resource's bundle is fixed when it is created and never changes: create a new one in bundle {bundle}",
-                    kind.name(),
-                    existing.bundle
-                )));
-            }
-            Ok(())
-        })
-        .await
+            other => other?,
+        };
+        let existing = bundle_resource::Entity::find_by_id((kind.name().to_string(), id.to_string()))
+            .one(db)
+            .await?
+            .ok_or_else(|| Error::Internal("a registered resource vanished".into()))?;
+        if existing.bundle != bundle {
+            return Err(Error::FailedPrecondition(format!(
+                "{} {id} belongs to bundle {}; a resource's bundle is fixed when it is created and never changes: create a new one in bundle {bundle}",
+                kind.name(),
+                existing.bundle
+            )));
+        }
+        Ok(())
     }
 
-    async fn unregister_resource_now(&self, kind: ResourceType, id: &str) -> Result<()> {
-        self.bounded(async {
-            let removed =
-                bundle_resource::Entity::delete_by_id((kind.name().to_string(), id.to_string())).exec(&self.db).await?;
-            if removed.rows_affected == 0 {
-                return Err(Error::NotFound(format!("{} {id} is in no bundle", kind.name())));
-            }
-            Ok(())
-        })
-        .await
+    async fn unregister_resource_now(&self, db: &DatabaseTransaction, kind: ResourceType, id: &str) -> Result<()> {
+        let removed = bundle_resource::Entity::delete_by_id((kind.name().to_string(), id.to_string())).exec(db).await?;
+        if removed.rows_affected == 0 {
+            return Err(Error::NotFound(format!("{} {id} is in no bundle", kind.name())));
+        }
+        Ok(())
     }
 }
 
-/// Every change to the grants, each followed by [`Policy::changed`] (also
-/// when it failed: part of it may have been written).
+/// Every change to the grants: written by the [`Writer`] with the changes
+/// queued beside it, then published to the decision leases (also when it
+/// failed: part of it may have been written).
 impl Policy {
+    /// Writes `change` and publishes it. Concurrent changes share one
+    /// transaction and, through [`crate::leases::Leases::publish`], one
+    /// round of the decision leases. Both run in a task of their own: a
+    /// caller that goes away cannot keep a queued change from being
+    /// published once it is written, however long it waited in the queue.
+    async fn change<T: Send + 'static>(
+        &self,
+        change: impl for<'a> FnOnce(&'a Policy, &'a DatabaseTransaction) -> BoxFuture<'a, Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let policy = self.clone();
+        let publication = self.publication();
+        let written = tokio::spawn(async move {
+            let writer = policy.writer.clone();
+            let result = writer.write(Box::new(move |db| Box::pin(async move { change(&policy, db).await }))).await;
+            publication.publish(result.is_err()).await;
+            result
+        });
+        written.await.map_err(|e| Error::Internal(format!("a grant change's task ended early: {e}")))?
+    }
+
     /// Adds a member or changes its role; idempotent.
     pub async fn add_member(&self, domain: &str, subject: &Principal, role: Role) -> Result<Member> {
-        let publication = self.publication();
-        let result = self.add_member_now(domain, subject, role).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (domain, subject) = (domain.to_string(), subject.clone());
+        self.change(move |policy, db| Box::pin(async move { policy.add_member_now(db, &domain, &subject, role).await }))
+            .await
     }
 
     /// Removes a member; its permissions in the domain go with it (the
     /// database cascades the delete).
     pub async fn remove_member(&self, domain: &str, subject: &Principal) -> Result<()> {
-        let publication = self.publication();
-        let result = self.remove_member_now(domain, subject).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (domain, subject) = (domain.to_string(), subject.clone());
+        self.change(move |policy, db| Box::pin(async move { policy.remove_member_now(db, &domain, &subject).await }))
+            .await
     }
 
     /// Grants a permission to a member, in one transaction. The foreign key
     /// to the member row means a member removed at the same moment cannot
     /// leave the permission behind.
     pub async fn grant(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
-        let publication = self.publication();
-        let result = self.grant_now(domain, subject, permission).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (domain, subject) = (domain.to_string(), subject.clone());
+        self.change(move |policy, db| {
+            Box::pin(async move { policy.grant_now(db, &domain, &subject, permission).await })
+        })
+        .await
     }
 
     pub async fn revoke(&self, domain: &str, subject: &Principal, permission: Permission) -> Result<Member> {
-        let publication = self.publication();
-        let result = self.revoke_now(domain, subject, permission).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (domain, subject) = (domain.to_string(), subject.clone());
+        self.change(move |policy, db| {
+            Box::pin(async move { policy.revoke_now(db, &domain, &subject, permission).await })
+        })
+        .await
     }
 
     pub async fn grant_admin(&self, subject: &Principal) -> Result<()> {
-        let publication = self.publication();
-        let result = self.grant_admin_now(subject).await;
-        publication.publish(result.is_err()).await;
-        result
+        let subject = subject.clone();
+        self.change(move |policy, db| Box::pin(async move { policy.grant_admin_now(db, &subject).await })).await
     }
 
     pub async fn revoke_admin(&self, subject: &Principal) -> Result<()> {
-        let publication = self.publication();
-        let result = self.revoke_admin_now(subject).await;
-        publication.publish(result.is_err()).await;
-        result
+        let subject = subject.clone();
+        self.change(move |policy, db| Box::pin(async move { policy.revoke_admin_now(db, &subject).await })).await
     }
 
     pub async fn create_group(&self, name: &str, description: &str) -> Result<Group> {
-        let publication = self.publication();
-        let result = self.create_group_now(name, description).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (name, description) = (name.to_string(), description.to_string());
+        self.change(move |policy, db| Box::pin(async move { policy.create_group_now(db, &name, &description).await }))
+            .await
     }
 
     /// Deletes a group, its memberships (as a group and as a member of other
     /// groups) and every grant and domain role it held. A group that owns a
     /// bundle is kept: give the bundle another owner first.
     pub async fn delete_group(&self, name: &str) -> Result<()> {
-        let publication = self.publication();
-        let result = self.delete_group_now(name).await;
-        publication.publish(result.is_err()).await;
-        result
+        let name = name.to_string();
+        self.change(move |policy, db| Box::pin(async move { policy.delete_group_now(db, &name).await })).await
     }
 
     /// Adds a member to a group; a group member that would close a cycle is
     /// refused, naming it.
     pub async fn add_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
-        let publication = self.publication();
-        let result = self.add_group_member_now(name, member).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (name, member) = (name.to_string(), member.clone());
+        self.change(move |policy, db| Box::pin(async move { policy.add_group_member_now(db, &name, &member).await }))
+            .await
     }
 
     pub async fn remove_group_member(&self, name: &str, member: &Principal) -> Result<Group> {
-        let publication = self.publication();
-        let result = self.remove_group_member_now(name, member).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (name, member) = (name.to_string(), member.clone());
+        self.change(move |policy, db| Box::pin(async move { policy.remove_group_member_now(db, &name, &member).await }))
+            .await
     }
 
     pub async fn create_bundle(&self, name: &str, description: &str, owner: &Principal) -> Result<Bundle> {
-        let publication = self.publication();
-        let result = self.create_bundle_now(name, description, owner).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (name, description, owner) = (name.to_string(), description.to_string(), owner.clone());
+        self.change(move |policy, db| {
+            Box::pin(async move { policy.create_bundle_now(db, &name, &description, &owner).await })
+        })
+        .await
     }
 
     pub async fn update_bundle(&self, name: &str, change: BundleChange) -> Result<Bundle> {
-        let publication = self.publication();
-        let result = self.update_bundle_now(name, change).await;
-        publication.publish(result.is_err()).await;
-        result
+        let name = name.to_string();
+        self.change(move |policy, db| Box::pin(async move { policy.update_bundle_now(db, &name, change).await })).await
     }
 
     /// Deletes a bundle and its grants; a bundle that still holds resources
     /// is kept, and the refusal names them.
     pub async fn delete_bundle(&self, name: &str) -> Result<()> {
-        let publication = self.publication();
-        let result = self.delete_bundle_now(name).await;
-        publication.publish(result.is_err()).await;
-        result
+        let name = name.to_string();
+        self.change(move |policy, db| Box::pin(async move { policy.delete_bundle_now(db, &name).await })).await
     }
 
     pub async fn grant_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
-        let publication = self.publication();
-        let result = self.grant_bundle_now(name, subject, permission).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (name, subject) = (name.to_string(), subject.clone());
+        self.change(move |policy, db| {
+            Box::pin(async move { policy.grant_bundle_now(db, &name, &subject, permission).await })
+        })
+        .await
     }
 
     pub async fn revoke_bundle(&self, name: &str, subject: &Principal, permission: Permission) -> Result<Bundle> {
-        let publication = self.publication();
-        let result = self.revoke_bundle_now(name, subject, permission).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (name, subject) = (name.to_string(), subject.clone());
+        self.change(move |policy, db| {
+            Box::pin(async move { policy.revoke_bundle_now(db, &name, &subject, permission).await })
+        })
+        .await
     }
 
     /// Records that a resource belongs to a bundle. Registering it again in
     /// the same bundle is harmless; in another bundle it is refused:
     /// resources never move.
     pub async fn register_resource(&self, kind: ResourceType, id: &str, bundle: &str, domain: &str) -> Result<()> {
-        let publication = self.publication();
-        let result = self.register_resource_now(kind, id, bundle, domain).await;
-        publication.publish(result.is_err()).await;
-        result
+        let (id, bundle, domain) = (id.to_string(), bundle.to_string(), domain.to_string());
+        self.change(move |policy, db| {
+            Box::pin(async move { policy.register_resource_now(db, kind, &id, &bundle, &domain).await })
+        })
+        .await
     }
 
     pub async fn unregister_resource(&self, kind: ResourceType, id: &str) -> Result<()> {
-        let publication = self.publication();
-        let result = self.unregister_resource_now(kind, id).await;
-        publication.publish(result.is_err()).await;
-        result
+        let id = id.to_string();
+        self.change(move |policy, db| Box::pin(async move { policy.unregister_resource_now(db, kind, &id).await }))
+            .await
     }
 }

@@ -9,13 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::Utc;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, TransactionTrait, sea_query::OnConflict,
+    QuerySelect, Set, sea_query::OnConflict,
 };
-use secrets_common::{
-    batch::Queues,
-    observe::Metrics,
-    validate::{self, FieldViolation},
-};
+use secrets_common::validate::{self, FieldViolation};
 use secrets_proto::{
     internal::v1::{self as internal, usage_index_server},
     v1::{self as pb, SourceType, WorkloadKind},
@@ -36,15 +32,11 @@ pub const MAX_REFERENCES: usize = 64_000;
 pub const MAX_LIMIT: u32 = 1_000;
 pub const MAX_FIELD_LEN: usize = 1_024;
 
+/// Writes go through the authz-service's one writer ([`crate::writer`]):
+/// concurrent saves share a transaction.
 #[derive(Clone)]
 pub struct UsageIndex {
     policy: Policy,
-    /// SQLite takes one writer at a time: writers queue here rather than
-    /// spin on the database's busy wait.
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
-    /// Saves waiting for the writer (group commit).
-    saves: Queues<(Save, tokio::sync::oneshot::Sender<Result<bool>>)>,
-    metrics: Option<Metrics>,
 }
 
 /// A workload's identity in the index.
@@ -136,11 +128,6 @@ struct Save {
     override_owner: bool,
 }
 
-/// The one queue of saves.
-const SAVES: &str = "saves";
-/// Saves written in one transaction at most.
-pub const MAX_SAVES_PER_TRANSACTION: usize = 64;
-
 /// Replaces one workload's record and references inside `txn`; true when
 /// it was indexed before.
 async fn save_one(txn: &DatabaseTransaction, backend: DbBackend, save: &Save) -> Result<bool> {
@@ -206,15 +193,8 @@ fn to_ref(row: &workload::Model) -> pb::WorkloadRef {
 }
 
 impl UsageIndex {
-    pub fn new(policy: Policy, metrics: Option<Metrics>) -> Self {
-        Self { policy, writer: Default::default(), saves: Queues::default(), metrics }
-    }
-
-    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match self.policy.db().get_database_backend() {
-            DbBackend::Sqlite => Some(self.writer.lock().await),
-            _ => None,
-        }
+    pub fn new(policy: Policy) -> Self {
+        Self { policy }
     }
 
     /// Replaces the workload's references; true when it was indexed before.
@@ -247,88 +227,38 @@ impl UsageIndex {
             owner: request.owner,
             override_owner: request.override_owner,
         };
-        // Queued with the saves of other callers and written with them in
-        // one transaction; the caller is answered once it is committed.
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if self.saves.push(SAVES, (save, reply)) {
-            let index = self.clone();
-            tokio::spawn(async move { index.write_saves().await });
-        }
-        answer.await.map_err(|_| Error::Internal("the usage index writer stopped before answering".into()))?
-    }
-
-    /// The saves' worker: one transaction per batch, each save in a
-    /// savepoint of its own, so a refused save (another owner's workload)
-    /// fails only its caller.
-    async fn write_saves(&self) {
-        let mut worker = self.saves.worker(SAVES);
-        while let Some(batch) = worker.next_batch(MAX_SAVES_PER_TRANSACTION) {
-            let (saves, replies): (Vec<Save>, Vec<_>) = batch.into_iter().unzip();
-            let _turn = self.write_turn().await;
-            let outcome = self
-                .policy
-                .bounded(async {
-                    let txn = self.policy.db().begin().await?;
-                    let mut outcomes = Vec::with_capacity(saves.len());
-                    for save in &saves {
-                        let savepoint = txn.begin().await?;
-                        match save_one(&savepoint, self.policy.db().get_database_backend(), save).await {
-                            Ok(existed) => {
-                                savepoint.commit().await?;
-                                outcomes.push(Ok(existed));
-                            }
-                            // The database failing fails the transaction.
-                            Err(e @ Error::Db(_)) => return Err(e),
-                            Err(refused) => {
-                                savepoint.rollback().await?;
-                                outcomes.push(Err(refused));
-                            }
-                        }
-                    }
-                    txn.commit().await?;
-                    Ok(outcomes)
-                })
-                .await;
-            if let (Some(m), Ok(_)) = (&self.metrics, &outcome) {
-                m.observe_group_write(secrets_db::backend_name(self.policy.db()), saves.len());
-            }
-            match outcome {
-                Ok(outcomes) => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(outcome);
-                    }
-                }
-                Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.for_another_caller()));
-                    }
-                }
-            }
-        }
+        // Queued with the changes of other callers and written with them
+        // in one transaction; the caller is answered once it is committed.
+        let backend = self.policy.db().get_database_backend();
+        self.policy
+            .writer()
+            .write(Box::new(move |txn| Box::pin(async move { save_one(txn, backend, &save).await })))
+            .await
     }
 
     /// True when the workload was indexed. A workload another identity
     /// owns is removed only with `override_owner`.
     pub async fn forget(&self, request: &internal::ForgetWorkloadRequest) -> Result<bool> {
         let key = key_of(&request.domain, request.kind, &request.id)?;
-        let _turn = self.write_turn().await;
+        let (owner, override_owner) = (request.owner.clone(), request.override_owner);
         self.policy
-            .bounded(async {
-                let txn = self.policy.db().begin().await?;
-                let id = (key.domain, key.kind.to_string(), key.id);
-                let Some(row) = workload::Entity::find_by_id(id.clone()).one(&txn).await? else {
-                    return Ok(false);
-                };
-                owned_elsewhere(&row, &request.owner, request.override_owner, "delete")?;
-                // The owner checked is the owner deleted: a save that
-                // changed it in between makes this delete remove nothing.
-                let removed = workload::Entity::delete_by_id(id)
-                    .filter(workload::Column::Owner.eq(row.owner.clone()))
-                    .exec(&txn)
-                    .await?;
-                txn.commit().await?;
-                Ok(removed.rows_affected > 0)
-            })
+            .writer()
+            .write(Box::new(move |txn| {
+                Box::pin(async move {
+                    let id = (key.domain, key.kind.to_string(), key.id);
+                    let Some(row) = workload::Entity::find_by_id(id.clone()).one(txn).await? else {
+                        return Ok(false);
+                    };
+                    owned_elsewhere(&row, &owner, override_owner, "delete")?;
+                    // The owner checked is the owner deleted: a save that
+                    // changed it in between makes this delete remove nothing.
+                    let removed = workload::Entity::delete_by_id(id)
+                        .filter(workload::Column::Owner.eq(row.owner.clone()))
+                        .exec(txn)
+                        .await?;
+                    Ok(removed.rows_affected > 0)
+                })
+            }))
             .await
     }
 
@@ -559,8 +489,8 @@ mod tests {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display());
         let timeout = std::time::Duration::from_secs(60);
         let db = crate::db::connect(&url, timeout, None).await.unwrap();
-        let metrics = Metrics::new();
-        let index = UsageIndex::new(Policy::new(db, BTreeSet::new(), timeout), Some(metrics.clone()));
+        let metrics = secrets_common::observe::Metrics::new();
+        let index = UsageIndex::new(Policy::new(db, BTreeSet::new(), timeout, Some(metrics.clone())));
         let save = |id: String, owner: &str| {
             let index = index.clone();
             let request = internal::RecordWorkloadRequest {
@@ -579,19 +509,33 @@ mod tests {
         };
         save("owned".into(), "service:spark").await.unwrap().unwrap();
 
-        // The writer takes the first save and waits for its turn at the
-        // database, which the test holds; 49 more queue meanwhile.
-        let turn = index.writer.clone().lock_owned().await;
-        let first = save("job-00".into(), "service:spark");
-        while !(index.saves.working(SAVES) && index.saves.queued(SAVES) == 0) {
+        // The writer's transaction is held open by a change the test
+        // releases; the first save and 49 more queue meanwhile.
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let holder = {
+            let writer = index.policy.writer().clone();
+            tokio::spawn(async move {
+                writer
+                    .write(Box::new(move |_| {
+                        Box::pin(async move {
+                            let _ = held.await;
+                            Ok(())
+                        })
+                    }))
+                    .await
+            })
+        };
+        while index.policy.writer().queued() > 0 || !index.policy.writer().working() {
             tokio::task::yield_now().await;
         }
+        let first = save("job-00".into(), "service:spark");
         let mut rest: Vec<_> = (1..49).map(|i| save(format!("job-{i:02}"), "service:spark")).collect();
         rest.push(save("owned".into(), "service:jupyter"));
-        while index.saves.queued(SAVES) < 49 {
+        while index.policy.writer().queued() < 50 {
             tokio::task::yield_now().await;
         }
-        drop(turn);
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
 
         assert!(!first.await.unwrap().unwrap(), "a new workload");
         let refused = rest.pop().unwrap().await.unwrap();
@@ -605,8 +549,12 @@ mod tests {
                 .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
                 .unwrap_or_else(|| panic!("{series} in {text}"))
         };
-        assert_eq!(sample(r#"secrets_changes_per_write_count{backend="sqlite"}"#), 3.0, "3 transactions for 51 saves");
-        assert_eq!(sample(r#"secrets_changes_per_write_sum{backend="sqlite"}"#), 51.0);
+        assert_eq!(
+            sample(r#"secrets_changes_per_write_count{backend="sqlite"}"#),
+            3.0,
+            "the first save, the held change, then 50 saves together"
+        );
+        assert_eq!(sample(r#"secrets_changes_per_write_sum{backend="sqlite"}"#), 52.0);
         let found = index
             .find(&internal::FindUsagesRequest {
                 source_type: SourceType::Kubernetes as i32,

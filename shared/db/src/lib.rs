@@ -118,25 +118,28 @@ pub async fn bounded<T>(
     claim: impl FnOnce(&DbErr) -> Option<Error>,
 ) -> Result<T, Error> {
     let backend = backend_name(db);
-    let too_slow = || format!("did not answer within {} ms", timeout.as_millis());
     match tokio::time::timeout(timeout, operation).await {
-        Err(_) => Err(Error::database(backend, too_slow())),
-        Ok(Err(Error::Db(e))) => {
-            if let Some(answer) = claim(&e) {
-                return Err(answer);
-            }
-            tracing::error!(backend, error = %e, "database call failed");
-            let message = match &e {
-                // Every pooled connection is stuck on a database that does
-                // not answer: the same failure as a slow statement.
-                DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => too_slow(),
-                DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => "cannot connect".to_string(),
-                _ => "a query failed".to_string(),
-            };
-            Err(Error::database(backend, message))
-        }
+        Err(_) => Err(Error::database(backend, format!("did not answer within {} ms", timeout.as_millis()))),
+        Ok(Err(Error::Db(e))) => Err(claim(&e).unwrap_or_else(|| failure(backend, timeout, &e))),
         Ok(other) => other,
     }
+}
+
+/// What a caller is told of a failed database call: `UNAVAILABLE` naming
+/// the database and what went wrong, never the statement. The error itself
+/// is logged.
+pub fn failure(backend: &'static str, timeout: Duration, e: &DbErr) -> Error {
+    tracing::error!(backend, error = %e, "database call failed");
+    let message = match e {
+        // Every pooled connection is stuck on a database that does not
+        // answer: the same failure as a slow statement.
+        DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => {
+            format!("did not answer within {} ms", timeout.as_millis())
+        }
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => "cannot connect".to_string(),
+        _ => "a query failed".to_string(),
+    };
+    Error::database(backend, message)
 }
 
 /// Creates the file (and its directory) with mode 0600 if it does not exist,
