@@ -20,6 +20,7 @@ use sea_orm::{
     QueryOrder, Set, SqlErr, Statement, TransactionTrait, sea_query::OnConflict,
 };
 use secrets_common::{Principal, observe::Metrics};
+use tracing::Instrument;
 
 pub use crate::rules::{Check, Decision, Permission, ResourceType, Role, Target};
 use crate::{
@@ -926,12 +927,15 @@ impl Policy {
     ) -> Result<T> {
         let policy = self.clone();
         let publication = self.publication();
-        let written = tokio::spawn(async move {
-            let writer = policy.writer.clone();
-            let result = writer.write(Box::new(move |db| Box::pin(async move { change(&policy, db).await }))).await;
-            publication.publish(result.is_err()).await;
-            result
-        });
+        let written = tokio::spawn(
+            async move {
+                let writer = policy.writer.clone();
+                let result = writer.write(Box::new(move |db| Box::pin(async move { change(&policy, db).await }))).await;
+                publication.publish(result.is_err()).await;
+                result
+            }
+            .in_current_span(),
+        );
         written.await.map_err(|e| Error::Internal(format!("a grant change's task ended early: {e}")))?
     }
 

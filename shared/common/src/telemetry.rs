@@ -76,12 +76,13 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> anyhow::Res
         tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
     // Formatting a span's fields for the log costs every call that opens
     // it, whether or not a line is written inside it. Below debug, lines
-    // carry only the grpc.server and grpc.client spans (the RPC and its
-    // trace ids); a handler's own fields (caller, principal, counts) are on
-    // its trace. At debug and below, lines carry every span.
+    // carry only the grpc.server span (the RPC and its trace ids); the
+    // calls it makes to other services (grpc.client) and a handler's own
+    // fields (caller, principal, counts) are on its trace. At debug and
+    // below, lines carry every span.
     let every_span = filter.max_level_hint().is_some_and(|l| l >= tracing_subscriber::filter::LevelFilter::DEBUG);
     let spans_in_lines = tracing_subscriber::filter::filter_fn(move |meta| {
-        every_span || !meta.is_span() || meta.name().starts_with("grpc.")
+        every_span || !meta.is_span() || meta.name() == "grpc.server"
     });
     let fmt = match config.log_format {
         LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
