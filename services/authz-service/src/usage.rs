@@ -511,23 +511,7 @@ mod tests {
 
         // The writer's transaction is held open by a change the test
         // releases; the first save and 49 more queue meanwhile.
-        let (release, held) = tokio::sync::oneshot::channel::<()>();
-        let holder = {
-            let writer = index.policy.writer().clone();
-            tokio::spawn(async move {
-                writer
-                    .write(Box::new(move |_| {
-                        Box::pin(async move {
-                            let _ = held.await;
-                            Ok(())
-                        })
-                    }))
-                    .await
-            })
-        };
-        while index.policy.writer().queued() > 0 || !index.policy.writer().working() {
-            tokio::task::yield_now().await;
-        }
+        let (release, holder) = index.policy.writer().hold().await;
         let first = save("job-00".into(), "service:spark");
         let mut rest: Vec<_> = (1..49).map(|i| save(format!("job-{i:02}"), "service:spark")).collect();
         rest.push(save("owned".into(), "service:jupyter"));

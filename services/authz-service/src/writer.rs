@@ -143,6 +143,31 @@ impl Writer {
 }
 
 #[cfg(test)]
+impl Writer {
+    /// Holds the writer's transaction open with a change that waits for the
+    /// returned sender; returns once that transaction is being written, so
+    /// changes sent next queue behind it.
+    pub(crate) async fn hold(&self) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), Error>>) {
+        let (release, held) = oneshot::channel::<()>();
+        let writer = self.clone();
+        let holder = tokio::spawn(async move {
+            writer
+                .write(Box::new(move |_| {
+                    Box::pin(async move {
+                        let _ = held.await;
+                        Ok(())
+                    })
+                }))
+                .await
+        });
+        while self.queued() > 0 || !self.working() {
+            tokio::task::yield_now().await;
+        }
+        (release, holder)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use chrono::Utc;
     use sea_orm::{EntityTrait, Set};
@@ -163,23 +188,7 @@ mod tests {
         let writer = Writer::new(db.clone(), timeout, Some(metrics.clone()));
 
         // A change the test releases holds the first transaction open.
-        let (release, held) = oneshot::channel::<()>();
-        let holder = {
-            let writer = writer.clone();
-            tokio::spawn(async move {
-                writer
-                    .write(Box::new(move |_| {
-                        Box::pin(async move {
-                            let _ = held.await;
-                            Ok(())
-                        })
-                    }))
-                    .await
-            })
-        };
-        while writer.queued() > 0 || !writer.working() {
-            tokio::task::yield_now().await;
-        }
+        let (release, holder) = writer.hold().await;
         let admit = |subject: String, refuse: bool| {
             let writer = writer.clone();
             tokio::spawn(async move {
