@@ -127,6 +127,20 @@ struct Running {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// Another replica of a service, in this process; see
+/// [`TestApp::another_authz_replica`].
+pub struct Replica {
+    pub port: u16,
+    running: Running,
+}
+
+impl Replica {
+    pub async fn stop(self) {
+        let _ = self.running.stop.send(());
+        let _ = self.running.task.await;
+    }
+}
+
 pub struct TestApp {
     pub gateway_url: String,
     pub secret_service_url: String,
@@ -394,8 +408,8 @@ impl TestApp {
         self.start_secret_service_on(listener).await;
     }
 
-    async fn start_authz_on(&mut self, listener: TcpListener) {
-        let config = authz_service::Config {
+    fn authz_config(&self) -> authz_service::Config {
+        authz_service::Config {
             internal_token: if self.pki.is_some() { None } else { Some(self.internal_token.clone()) },
             internal_tls: self
                 .pki
@@ -406,14 +420,35 @@ impl TestApp {
             server: secrets_common::server::ServerConfig::local(0, 0),
             database_timeout_ms: self.database_timeout_ms,
             ..Default::default()
-        };
-        let authz = authz_service::Application::build_with_listener(config, listener).await.expect("authz-service");
+        }
+    }
+
+    async fn start_authz_on(&mut self, listener: TcpListener) {
+        let authz = authz_service::Application::build_with_listener(self.authz_config(), listener)
+            .await
+            .expect("authz-service");
         self.set_metrics("authz-service", authz.metrics_port());
         self.authz = Some(run(|rx| {
             tokio::spawn(authz.run_until_stopped(async {
                 let _ = rx.await;
             }))
         }));
+    }
+
+    /// A second authz-service replica on the same database (PostgreSQL),
+    /// which no other service of the stack calls.
+    pub async fn another_authz_replica(&self) -> Replica {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let port = listener.local_addr().expect("bound").port();
+        let authz = authz_service::Application::build_with_listener(self.authz_config(), listener)
+            .await
+            .expect("authz-service");
+        let running = run(|rx| {
+            tokio::spawn(authz.run_until_stopped(async {
+                let _ = rx.await;
+            }))
+        });
+        Replica { port, running }
     }
 
     fn set_metrics(&self, service: &'static str, port: Option<u16>) {
@@ -513,9 +548,14 @@ impl TestApp {
     /// A client straight to the authz-service (past the proxy), as the
     /// gateway calls it, acting for the platform admin.
     pub fn authz_direct(&self) -> AuthzServiceClient<InterceptedService<Channel, ActAsAdmin>> {
+        self.authz_direct_on(self.authz_port)
+    }
+
+    /// The same, to the authz-service (or replica) on `port`.
+    pub fn authz_direct_on(&self, port: u16) -> AuthzServiceClient<InterceptedService<Channel, ActAsAdmin>> {
         let bearer = format!("Bearer {}", self.internal_token.expose_secret());
         AuthzServiceClient::with_interceptor(
-            channel(&format!("http://127.0.0.1:{}", self.authz_port)),
+            channel(&format!("http://127.0.0.1:{port}")),
             ActAsAdmin(bearer.parse().expect("ascii token")),
         )
     }

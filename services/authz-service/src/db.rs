@@ -772,6 +772,51 @@ impl MigrationTrait for WorkloadOwner {
     }
 }
 
+/// The names authz-service replicas share on PostgreSQL (see
+/// [`secrets_db::replicas`]).
+pub const REPLICAS: secrets_db::replicas::Names = secrets_db::replicas::Names {
+    service: "authz-service",
+    counter: "authz_changes",
+    table: "authz_replicas",
+    channel: "secrets_authz_changes",
+    applied_channel: "secrets_authz_applied",
+};
+
+/// PostgreSQL: every bump of the change counter is announced to the other
+/// replicas (`NOTIFY`, sent at commit), and each replica records what it has
+/// applied and its lease in `authz_replicas`.
+pub struct Replicas;
+
+impl MigrationName for Replicas {
+    fn name(&self) -> &str {
+        "m20261207_000001_replicas"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Replicas {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.get_database_backend() != sea_orm::DbBackend::Postgres {
+            return Ok(());
+        }
+        let db = manager.get_connection();
+        db.execute_unprepared(&format!(
+            "CREATE OR REPLACE FUNCTION authz_bump_version() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ DECLARE v BIGINT; BEGIN \
+             UPDATE authz_changes SET version = version + 1 WHERE id = 1 RETURNING version INTO v; \
+             PERFORM pg_notify('{}', v::text); RETURN NULL; END $$",
+            REPLICAS.channel
+        ))
+        .await?;
+        db.execute_unprepared(&REPLICAS.create_table()).await?;
+        Ok(())
+    }
+
+    async fn down(&self, _manager: &SchemaManager) -> Result<(), DbErr> {
+        Err(DbErr::Migration("the replicas table is not removed by a down migration".into()))
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
@@ -783,6 +828,7 @@ impl MigratorTrait for Migrator {
             Box::new(ChangeCounter),
             Box::new(UsageIndex),
             Box::new(WorkloadOwner),
+            Box::new(Replicas),
         ]
     }
 }

@@ -14,9 +14,11 @@
 //! loses its network delays a change by at most `APPLY_TIMEOUT + LEASE`,
 //! and never makes it unsafe.
 //!
-//! Offered only while this process alone owns the grants (SQLite). With
-//! PostgreSQL another replica's change would not reach this one's holders
-//! before it returned, so `Watch` is refused and callers ask every time.
+//! With PostgreSQL, a change through another replica reaches this one's
+//! holders before it returns (see [`secrets_db::replicas`]: it waits until
+//! this replica has applied it, which includes a round here), and holders
+//! are answered only while this replica's own lease among the replicas
+//! outlasts theirs (see [`Leases::with_guard`]).
 
 use std::{
     collections::HashMap,
@@ -99,6 +101,9 @@ struct Inner {
     /// Held by the round in progress; holds how many changes the rounds
     /// done so far cover.
     rounds: tokio::sync::Mutex<u64>,
+    /// Whether a holder may be given a lease of the given length now; see
+    /// [`Leases::with_guard`].
+    guard: std::sync::OnceLock<Box<dyn Fn(Duration) -> bool + Send + Sync>>,
 }
 
 impl Leases {
@@ -116,8 +121,21 @@ impl Leases {
                 stopping: watch::channel(false).0,
                 asked: AtomicU64::new(0),
                 rounds: tokio::sync::Mutex::new(0),
+                guard: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Answers holders only while `may_lease(LEASE)` says so: with replicas,
+    /// while this replica's own lease among them outlasts the holder's.
+    /// Unanswered, a holder's lease runs out and it asks instead.
+    pub fn with_guard(self, may_lease: impl Fn(Duration) -> bool + Send + Sync + 'static) -> Self {
+        let _ = self.inner.guard.set(Box::new(may_lease));
+        self
+    }
+
+    fn may_lease(&self) -> bool {
+        self.inner.guard.get().is_none_or(|may| may(LEASE))
     }
 
     fn holders(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Holder>>> {
@@ -212,8 +230,7 @@ impl DecisionLeases for Leases {
     ) -> Result<Response<Self::WatchStream>, Status> {
         if !self.inner.offered {
             return Err(Status::failed_precondition(
-                "decision leases are offered only while one authz-service owns the grants (SQLite); with PostgreSQL \
-                 ask for every decision",
+                "this authz-service offers no decision leases: ask for every decision",
             ));
         }
         let mut inbound = request.into_inner();
@@ -244,6 +261,9 @@ impl DecisionLeases for Leases {
                     *a = (*a).max(message.applied_generation);
                     newer
                 });
+                if !leases.may_lease() {
+                    continue;
+                }
                 if outbox.try_send(Ok(leases.answer(message.seq))).is_err() {
                     break;
                 }

@@ -115,7 +115,7 @@ pub struct Application {
     served: Served,
     /// Held while the service runs (see [`db::lock_sqlite`]).
     _sqlite_lock: Option<std::fs::File>,
-    leases: leases::Leases,
+    policy: policy::Policy,
 }
 
 secrets_common::service!(Application, Config, "authz-service");
@@ -142,7 +142,7 @@ impl Application {
         let policy = policy::Policy::new(db, admins, timeout, Some(metrics.clone()));
         let usage = usage::UsageIndex::new(policy.clone());
         let leases = policy.leases();
-        let grpc = grpc::AuthzGrpc::new(policy);
+        let grpc = grpc::AuthzGrpc::new(policy.clone());
 
         let (router, health) = server::router(
             "authz-service",
@@ -172,16 +172,16 @@ impl Application {
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
             _sqlite_lock: sqlite_lock,
-            leases,
+            policy,
         })
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let leases = self.leases.clone();
+        let policy = self.policy.clone();
         let shutdown = async move {
             shutdown.await;
             // Lease holders go back to asking while the server drains.
-            leases.stop();
+            policy.stop();
         };
         let result = self.served.run(shutdown).await.context("authz-service stopped with an error");
         drop(self._sqlite_lock);

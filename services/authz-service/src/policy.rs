@@ -2,16 +2,18 @@
 //! rules themselves are in [`crate::rules`].
 //!
 //! Decisions come from an in-memory copy of the grant tables, used only
-//! while it is current. On PostgreSQL, where replicas share the grants, a
-//! batch of checks costs one indexed read of the change counter (bumped by
-//! triggers in the same transaction as every change); on SQLite, which one
-//! process owns, no query at all: this process's changes mark the copy old.
+//! while it is current. On SQLite, which one process owns, this process's
+//! changes mark the copy old. On PostgreSQL, where replicas share the
+//! grants, every change bumps a counter (by triggers, in its transaction)
+//! and is announced to every replica ([`secrets_db::replicas`]); a replica
+//! that is serving among the others knows the newest version without a
+//! query, and one that is not reads the counter for each batch of checks.
 //! A reload follows a change. So no decision is
 //! served from before a change that has returned. Every database call is
 //! bounded by the configured timeout, so a database that stops answering
 //! turns into `UNAVAILABLE` naming the database at once.
 
-use std::{collections::BTreeSet, future::Future, time::Duration};
+use std::{collections::BTreeSet, future::Future, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use futures::future::BoxFuture;
@@ -88,6 +90,47 @@ pub struct Policy {
     leases: crate::leases::Leases,
     /// Every change to the database goes through it.
     writer: Writer,
+    /// PostgreSQL: the other replicas, which every change waits on too.
+    replicas: Option<secrets_db::replicas::Replicas>,
+    /// PostgreSQL: the newest version of the grants this replica knows of
+    /// (its own changes and those announced by the others). While the
+    /// replica is serving, the copy is current when it is at least this.
+    known: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// Applies the grant changes other replicas announce: the copy in memory
+/// is old from then on, and no gateway may answer from before them once
+/// they are confirmed.
+struct Announced {
+    db: DatabaseConnection,
+    known: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    leases: crate::leases::Leases,
+}
+
+impl secrets_db::replicas::Keeper for Announced {
+    fn reload(&self) -> BoxFuture<'_, std::result::Result<i64, secrets_common::error::Error>> {
+        Box::pin(async move {
+            let version = secrets_db::replicas::Replicas::version_in(&crate::db::REPLICAS, &self.db).await?;
+            self.known.fetch_max(version, std::sync::atomic::Ordering::SeqCst);
+            // Changes may have gone by unseen: no holder may answer from
+            // before them.
+            self.leases.publish().await;
+            Ok(version)
+        })
+    }
+
+    fn apply<'a>(
+        &'a self,
+        version: i64,
+        _what: &'a str,
+    ) -> BoxFuture<'a, std::result::Result<(), secrets_common::error::Error>> {
+        self.known.fetch_max(version, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.leases.publish())
+    }
 }
 
 fn parse_subject(text: &str) -> Result<Principal> {
@@ -159,7 +202,19 @@ impl Policy {
         timeout: Duration,
         metrics: Option<Metrics>,
     ) -> Self {
-        let leases = crate::leases::Leases::new(db.get_database_backend() != DbBackend::Postgres);
+        let known = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let (leases, replicas) = if db.get_database_backend() == DbBackend::Postgres {
+            let leases = crate::leases::Leases::new(true);
+            let keeper = Announced { db: db.clone(), known: known.clone(), leases: leases.clone() };
+            let replicas = secrets_db::replicas::Replicas::start(db.clone(), crate::db::REPLICAS, Arc::new(keeper));
+            // A holder is answered only while this replica's own lease
+            // outlasts the holder's: a replica cut off from the database
+            // stops answering before the others stop waiting for it.
+            let guard = replicas.clone();
+            (leases.with_guard(move |lease| guard.serving_for().is_some_and(|left| left >= lease)), Some(replicas))
+        } else {
+            (crate::leases::Leases::new(true), None)
+        };
         Self {
             leases,
             writer: Writer::new(db.clone(), timeout, metrics),
@@ -169,6 +224,16 @@ impl Policy {
             grants: Default::default(),
             reloading: Default::default(),
             local: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            replicas,
+            known,
+        }
+    }
+
+    /// Stops taking part among the replicas (the service is stopping).
+    pub fn stop(&self) {
+        self.leases.stop();
+        if let Some(replicas) = &self.replicas {
+            replicas.stop();
         }
     }
 
@@ -278,7 +343,12 @@ impl Policy {
     /// The grants as of `version` or later: the copy in memory when it is
     /// that current, else reloaded.
     async fn current_grants(&self) -> Result<std::sync::Arc<Grants>> {
-        let version = if self.shared() { self.version().await? } else { self.local_version() };
+        let version = match &self.replicas {
+            // Every change another replica confirmed has been announced here.
+            Some(replicas) if replicas.serving() => self.known.load(std::sync::atomic::Ordering::SeqCst),
+            _ if self.shared() => self.version().await?,
+            _ => self.local_version(),
+        };
         let fresh = |slot: &Option<std::sync::Arc<Grants>>| slot.as_ref().filter(|g| g.version >= version).cloned();
         if let Some(g) = fresh(&self.grants.read().unwrap_or_else(|e| e.into_inner())) {
             return Ok(g);
@@ -930,9 +1000,28 @@ impl Policy {
         let written = tokio::spawn(
             async move {
                 let writer = policy.writer.clone();
+                let replicas = policy.replicas.clone();
+                let known = policy.known.clone();
                 let result = writer.write(Box::new(move |db| Box::pin(async move { change(&policy, db).await }))).await;
+                let Some(replicas) = replicas else {
+                    publication.publish(result.is_err()).await;
+                    return result;
+                };
+                // The version this change made (a failed one may still have
+                // landed: then the newest the database tells).
+                let version = match result {
+                    Ok(_) => Some(writer.committed()),
+                    Err(_) => replicas.version().await.ok(),
+                };
+                if let Some(version) = version {
+                    known.fetch_max(version, std::sync::atomic::Ordering::SeqCst);
+                }
                 publication.publish(result.is_err()).await;
-                result
+                let Some(version) = version else { return result };
+                match (replicas.wait_for_others(version).await, result) {
+                    (Err(e), Ok(_)) => Err(e),
+                    (_, result) => result,
+                }
             }
             .in_current_span(),
         );

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait};
 use secrets_common::{batch::Queues, observe::Metrics};
 use tokio::sync::oneshot;
 
@@ -77,11 +77,20 @@ pub struct Writer {
     timeout: Duration,
     queue: Queues<Box<dyn Job>>,
     metrics: Option<Metrics>,
+    /// PostgreSQL: the change counter as of the newest transaction committed
+    /// here (read inside it, so it counts that transaction's changes).
+    committed: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Writer {
     pub fn new(db: DatabaseConnection, timeout: Duration, metrics: Option<Metrics>) -> Self {
-        Self { db, timeout, queue: Queues::default(), metrics }
+        Self { db, timeout, queue: Queues::default(), metrics, committed: Default::default() }
+    }
+
+    /// PostgreSQL: the change counter as of the newest transaction this
+    /// writer committed; a change answered `Ok` is counted in it.
+    pub fn committed(&self) -> i64 {
+        self.committed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Changes waiting for the worker (not those it is writing).
@@ -125,7 +134,16 @@ impl Writer {
                     for job in batch.iter_mut() {
                         job.run(&txn).await?;
                     }
+                    let version = match txn.get_database_backend() {
+                        DbBackend::Postgres => {
+                            Some(secrets_db::replicas::Replicas::version_in(&crate::db::REPLICAS, &txn).await?)
+                        }
+                        _ => None,
+                    };
                     txn.commit().await?;
+                    if let Some(version) = version {
+                        self.committed.fetch_max(version, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Ok(())
                 },
                 |_| None,

@@ -68,8 +68,8 @@ pub struct Config {
     /// Bound on every call to an internal service.
     pub request_timeout_ms: u64,
     /// Answer permission questions from memory while holding a decision
-    /// lease from the authz-service (offered with its SQLite database; with
-    /// PostgreSQL every question is asked). Off: every question is asked.
+    /// lease from the authz-service (on SQLite, and among replicas on
+    /// PostgreSQL). Off: every question is asked.
     pub decision_leases: bool,
     /// The static tokens callers may present.
     pub tokens: Vec<TokenConfig>,

@@ -111,6 +111,11 @@ fn label(row: &vault_config::Model) -> String {
 }
 
 impl Configs {
+    /// The rows in memory.
+    pub fn rows(&self) -> &Rows {
+        &self.rows
+    }
+
     pub fn new(
         db: DatabaseConnection,
         store: Arc<dyn StoreBackend<Error>>,
@@ -307,7 +312,7 @@ impl Configs {
             self.db(async {
                 let txn = self.db.begin().await?;
                 vault_config::Entity::insert(active).exec_without_returning(&txn).await?;
-                self.rows.notify(&txn, &id).await?;
+                self.rows.notify(&txn, &change).await?;
                 txn.commit().await
             })
             .await?;
@@ -425,7 +430,7 @@ impl Configs {
             .db(async {
                 let txn = self.db.begin().await?;
                 let updated = active.update(&txn).await?;
-                self.rows.notify(&txn, id).await?;
+                self.rows.notify(&txn, &change).await?;
                 txn.commit().await?;
                 Ok(updated)
             })
@@ -453,7 +458,7 @@ impl Configs {
         self.db(async {
             let txn = self.db.begin().await?;
             vault_config::Entity::delete_by_id(id.to_string()).exec(&txn).await?;
-            self.rows.notify(&txn, id).await?;
+            self.rows.notify(&txn, &change).await?;
             txn.commit().await
         })
         .await?;

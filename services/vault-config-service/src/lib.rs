@@ -156,6 +156,8 @@ impl Config {
 
 pub struct Application {
     served: Served,
+    /// Stops taking part among the replicas once the server has drained.
+    rows: rows::Rows,
 }
 
 secrets_common::service!(Application, Config, "vault-config-service");
@@ -198,6 +200,7 @@ impl Application {
             database_timeout,
         };
         let configs = configs::Configs::new(db, store, config.object_prefix.clone(), peers, limits, metrics.clone());
+        let rows = configs.rows().clone();
         let grpc = grpc::VaultGrpc::new(configs);
         let auth = internal.auth();
         let (router, health) =
@@ -216,11 +219,14 @@ impl Application {
             ));
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
+            rows,
         })
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.served.run(shutdown).await.context("vault-config-service stopped with an error")
+        let result = self.served.run(shutdown).await.context("vault-config-service stopped with an error");
+        self.rows.stop();
+        result
     }
 }
 

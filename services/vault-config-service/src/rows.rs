@@ -1,16 +1,19 @@
 //! The configs' rows in memory, so that a resolve reads no database.
 //!
 //! Loaded at start. On SQLite (one process) this service's own writes keep
-//! the copy current. On PostgreSQL every write sends `NOTIFY
-//! secrets_vault_configs` in its transaction, and each replica's listener
-//! re-reads the row it names, so a change through any replica reaches the
-//! others as soon as it commits; when the listener loses its connection the
-//! copy is reloaded whole once it is back.
+//! the copy current. On PostgreSQL the replicas keep their copies together
+//! through [`secrets_db::replicas`]: every write bumps `vault_config_changes`
+//! and announces the config it changed (`NOTIFY secrets_vault_configs`) in
+//! its transaction, each replica re-reads that row, and a write returns
+//! only once every other replica has applied it (or can no longer answer
+//! from its copy). So after `UpdateVaultConfig` or `DeleteVaultConfig`
+//! returns, no replica resolves with the old row, and the caches keyed by
+//! it miss.
 //!
 //! Reads go to the database instead while the copy may be behind: before
-//! the first load, while the listener is reconnecting, and for a config this
-//! replica is changing until its own change has come back through the
-//! listener (so a write that returned is seen by the next read here).
+//! the first load, while this replica is not serving among the replicas,
+//! and for a config this replica is changing until its own change is in its
+//! copy.
 
 use std::{
     collections::HashMap,
@@ -21,16 +24,23 @@ use std::{
     time::Duration,
 };
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait};
+use secrets_db::replicas::{BoxFuture, Names, Replicas};
 
 use crate::{
     Error, Result,
     db::vault_config::{self, Model},
 };
 
-/// The PostgreSQL channel every replica listens on; the payload is
-/// `<config id> <replica id>`.
-pub const CHANNEL: &str = "secrets_vault_configs";
+/// The names the replicas share on PostgreSQL; a change's payload is the
+/// config's id.
+pub const REPLICAS: Names = Names {
+    service: "vault-config-service",
+    counter: "vault_config_changes",
+    table: "vault_config_replicas",
+    channel: "secrets_vault_configs",
+    applied_channel: "secrets_vault_configs_applied",
+};
 
 #[derive(Clone)]
 pub struct Rows {
@@ -40,12 +50,12 @@ pub struct Rows {
 struct Inner {
     db: DatabaseConnection,
     timeout: Duration,
-    /// Names this process in its notifications.
-    replica: String,
     map: RwLock<HashMap<String, Slot>>,
-    /// The copy holds every committed change (false before the first load
-    /// and while the listener is away).
+    /// SQLite: the copy holds every committed change (false before the
+    /// first load).
     current: AtomicBool,
+    /// PostgreSQL: this replica among the others.
+    replicas: std::sync::OnceLock<Replicas>,
     /// Configs this replica is changing: read from the database until the
     /// change has been applied to the copy. A count per config.
     pending: std::sync::Mutex<HashMap<String, usize>>,
@@ -63,6 +73,8 @@ pub struct Changing {
     rows: Rows,
     id: String,
     done: bool,
+    /// PostgreSQL: the version the change was announced as.
+    version: std::sync::atomic::AtomicI64,
 }
 
 impl Drop for Changing {
@@ -82,23 +94,39 @@ impl Rows {
             inner: Arc::new(Inner {
                 db,
                 timeout,
-                replica: uuid::Uuid::new_v4().to_string(),
                 map: RwLock::default(),
                 current: AtomicBool::new(false),
+                replicas: std::sync::OnceLock::new(),
                 pending: Default::default(),
             }),
         };
-        let keeper = rows.clone();
         match rows.inner.db.get_database_backend() {
-            DbBackend::Postgres => drop(tokio::spawn(async move { keeper.listen().await })),
-            _ => drop(tokio::spawn(async move { keeper.load_until_done().await })),
+            DbBackend::Postgres => {
+                let keeper = Arc::new(Keeper(Arc::downgrade(&rows.inner)));
+                let replicas = Replicas::start(rows.inner.db.clone(), REPLICAS, keeper);
+                let _ = rows.inner.replicas.set(replicas);
+            }
+            _ => {
+                let keeper = rows.clone();
+                drop(tokio::spawn(async move { keeper.load_until_done().await }));
+            }
         }
         rows
     }
 
+    /// Stops taking part among the replicas (the service is stopping).
+    pub fn stop(&self) {
+        if let Some(replicas) = self.inner.replicas.get() {
+            replicas.stop();
+        }
+    }
+
     /// Whether reads are served from memory.
     pub fn is_current(&self) -> bool {
-        self.inner.current.load(Ordering::Acquire)
+        match self.inner.replicas.get() {
+            Some(replicas) => replicas.serving(),
+            None => self.inner.current.load(Ordering::Acquire),
+        }
     }
 
     /// The row of `id`, from memory when the copy holds it.
@@ -118,35 +146,32 @@ impl Rows {
     /// dropped without that (the change failed), the mark goes.
     pub fn changing(&self, id: &str) -> Changing {
         *self.pending().entry(id.to_string()).or_default() += 1;
-        Changing { rows: self.clone(), id: id.to_string(), done: false }
+        Changing { rows: self.clone(), id: id.to_string(), done: false, version: Default::default() }
     }
 
-    /// Inside the change's transaction: tells the other replicas (PostgreSQL).
-    pub async fn notify(&self, txn: &DatabaseTransaction, id: &str) -> Result<(), DbErr> {
+    /// Inside the change's transaction: announces it to the other replicas
+    /// (PostgreSQL).
+    pub async fn notify(&self, txn: &DatabaseTransaction, change: &Changing) -> Result<(), DbErr> {
         if txn.get_database_backend() == DbBackend::Postgres {
-            let payload = format!("{id} {}", self.inner.replica);
-            txn.execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT pg_notify($1, $2)",
-                [CHANNEL.into(), payload.into()],
-            ))
-            .await?;
+            let version = Replicas::announce(&REPLICAS, txn, &change.id).await?;
+            change.version.store(version, Ordering::SeqCst);
         }
         Ok(())
     }
 
-    /// The change has committed. SQLite: the copy is updated here.
-    /// PostgreSQL: the listener updates it when the change's notification
-    /// comes back, and only then is the config read from memory again.
+    /// The change has committed: the copy is updated here, and on
+    /// PostgreSQL this returns once every other replica has it too.
     pub async fn changed(&self, mut change: Changing) {
-        if self.inner.db.get_database_backend() != DbBackend::Postgres {
-            // A failed re-read leaves the mark: this config keeps being
-            // read from the database, which is always right.
-            if self.refresh(&change.id).await.is_err() {
-                change.done = true;
-            }
-        } else {
+        // A failed re-read leaves the mark: this config keeps being read
+        // from the database, which is always right.
+        if self.refresh(&change.id).await.is_err() {
             change.done = true;
+        }
+        if let Some(replicas) = self.inner.replicas.get() {
+            let version = change.version.load(Ordering::SeqCst);
+            if let Err(e) = replicas.wait_for_others(version).await {
+                tracing::warn!(id = %change.id, error = %e, "a vault config change was not confirmed by every replica");
+            }
         }
     }
 
@@ -209,69 +234,28 @@ impl Rows {
         }
         self.inner.current.store(true, Ordering::Release);
     }
+}
 
-    /// PostgreSQL: listen first, then load, so that no change committed
-    /// after the load goes unseen; then apply every notification.
-    async fn listen(&self) {
-        use sea_orm::sqlx::postgres::PgListener;
-        let mut wait = Duration::from_millis(100);
-        loop {
-            let listening = async {
-                let mut listener = PgListener::connect_with(self.inner.db.get_postgres_connection_pool()).await?;
-                listener.listen(CHANNEL).await?;
-                Ok::<_, sea_orm::sqlx::Error>(listener)
-            };
-            let mut listener = match listening.await {
-                Ok(l) => l,
-                // The service is stopping.
-                Err(sea_orm::sqlx::Error::PoolClosed) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for vault config changes; reading them from the database");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            };
-            wait = Duration::from_millis(100);
-            // Lost notifications are found by loading everything again;
-            // with eager reconnection the listener is back before that.
-            loop {
-                self.load_until_done().await;
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) => self.apply(n.payload()).await,
-                        Ok(None) => {
-                            tracing::warn!("lost the vault config change listener's connection; reloading");
-                            self.inner.current.store(false, Ordering::Release);
-                            break;
-                        }
-                        Err(sea_orm::sqlx::Error::PoolClosed) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the vault config change listener failed; reconnecting");
-                            self.inner.current.store(false, Ordering::Release);
-                            break;
-                        }
-                    }
-                }
-                if listener.listen(CHANNEL).await.is_err() {
-                    break;
-                }
-            }
-        }
+/// Applies what other replicas announce: the changed row is read again.
+struct Keeper(std::sync::Weak<Inner>);
+
+impl Keeper {
+    fn rows(&self) -> Result<Rows> {
+        self.0.upgrade().map(|inner| Rows { inner }).ok_or_else(|| Error::Internal("the service is stopping".into()))
+    }
+}
+
+impl secrets_db::replicas::Keeper for Keeper {
+    fn reload(&self) -> BoxFuture<'_, Result<i64>> {
+        Box::pin(async move {
+            let rows = self.rows()?;
+            let version = Replicas::version_in(&REPLICAS, &rows.inner.db).await?;
+            rows.load().await?;
+            Ok(version)
+        })
     }
 
-    /// One notification: re-read the row, then, when it was this replica's
-    /// change, read it from memory again.
-    async fn apply(&self, payload: &str) {
-        let (id, replica) = payload.split_once(' ').unwrap_or((payload, ""));
-        if let Err(e) = self.refresh(id).await {
-            // Read from the database until the copy is whole again.
-            tracing::warn!(error = %e, "cannot re-read a changed vault config; reloading");
-            self.inner.current.store(false, Ordering::Release);
-            self.load_until_done().await;
-        }
-        if replica == self.inner.replica {
-            self.settled(id);
-        }
+    fn apply<'a>(&'a self, _version: i64, id: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { self.rows()?.refresh(id).await })
     }
 }

@@ -178,7 +178,7 @@ const MAX_DECISIONS: usize = 100_000;
 /// grant change only once this cache has forgotten everything from before
 /// it (or its lease has run out), so nothing is answered from before a
 /// change that has returned. Without a lease (none yet, the stream lost, or
-/// an authz service on PostgreSQL that offers none) every question is asked.
+/// an authz service that offers none) every question is asked.
 #[derive(Clone, Default)]
 pub struct DecisionCache {
     state: Arc<Mutex<CacheState>>,

@@ -2,6 +2,8 @@
 //! default, PostgreSQL in production, migrations at start-up, every
 //! operation bounded, every statement counted.
 
+pub mod replicas;
+
 use std::time::Duration;
 
 use sea_orm::{
@@ -64,6 +66,8 @@ pub async fn connect<M: MigratorTrait>(
             let verb = info.statement.sql.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
             let operation = match verb.as_str() {
                 "select" | "insert" | "update" | "delete" => verb.as_str(),
+                // The replicas' own bookkeeping (leases, announcements).
+                replicas::MARKER => "replicas",
                 // A common table expression, then a select.
                 "with" => "select",
                 _ => "other",

@@ -24,6 +24,7 @@ mod manifests;
 mod metrics;
 mod permissions;
 mod readme;
+mod replicas;
 mod resilience;
 mod resolve;
 mod secrets;

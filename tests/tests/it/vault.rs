@@ -1655,7 +1655,7 @@ async fn a_resolve_reads_no_database_and_a_change_to_the_config_counts_at_once(a
 /// each holds the configs in memory, and a create, update or delete through
 /// one reaches the other's memory through LISTEN/NOTIFY (no polling).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_postgres_a_config_changed_through_one_replica_reaches_the_others_memory() {
+async fn on_postgres_a_config_change_returns_only_once_every_other_replica_holds_it() {
     use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
     use vault_config_service::{db::vault_config, rows::Rows};
     let Some(database) = integration_tests::postgres::fresh_database().await else { return };
@@ -1689,16 +1689,8 @@ async fn on_postgres_a_config_changed_through_one_replica_reaches_the_others_mem
         assert!(b.is_current(), "replica B never loaded the configs");
         b.get(&id).await.unwrap()
     };
-    // Waits (by count, generously) until B's memory says what `expected` says.
-    let until_b_holds = |expected: Option<&'static str>| async move {
-        for _ in 0..600 {
-            if held_by_b().await.map(|r| r.path).as_deref() == expected {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    };
+    // What B's memory says once a write through A has returned: no waiting.
+    let b_holds = || async { held_by_b().await.map(|r| r.path) };
     assert_eq!(held_by_b().await, None);
 
     let write = |op: &'static str, path: &'static str| {
@@ -1721,18 +1713,20 @@ async fn on_postgres_a_config_changed_through_one_replica_reaches_the_others_mem
                 }
                 _ => drop(vault_config::Entity::delete_by_id(row.id.clone()).exec(&txn).await.unwrap()),
             }
-            a.notify(&txn, &row.id).await.unwrap();
+            a.notify(&txn, &change).await.unwrap();
             txn.commit().await.unwrap();
             a.changed(change).await;
         }
     };
     write("insert", "").await;
-    assert!(until_b_holds(Some("/v1/secret/data/production")).await, "B never saw the create");
-    write("update", "/v1/secret/data/staging").await;
-    assert!(until_b_holds(Some("/v1/secret/data/staging")).await, "B never saw the update");
-    assert_eq!(a.get(&id).await.unwrap().unwrap().path, "/v1/secret/data/staging", "A reads its own write");
+    assert_eq!(b_holds().await.as_deref(), Some("/v1/secret/data/production"), "the create returned before B had it");
+    for path in ["/v1/secret/data/staging", "/v1/secret/data/dev", "/v1/secret/data/qa"] {
+        write("update", path).await;
+        assert_eq!(b_holds().await.as_deref(), Some(path), "the update returned before B had it");
+        assert_eq!(a.get(&id).await.unwrap().unwrap().path, path, "A reads its own write");
+    }
     write("delete", "").await;
-    assert!(until_b_holds(None).await, "B never saw the delete");
+    assert_eq!(b_holds().await, None, "the delete returned before B had it");
     drop((a, b, db_a, db_b));
     database.drop_database().await;
 }
