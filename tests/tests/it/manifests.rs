@@ -799,3 +799,41 @@ fn the_readme_shows_the_gateway_configuration_the_manifests_run() {
     let mounted = find(&docs, "ConfigMap", "iomete-secrets-config")["data"]["gateway.toml"].as_str().unwrap();
     assert_eq!(shown.trim(), mounted.trim(), "README and deploy/kubernetes/config.yaml disagree");
 }
+
+/// Every service runs two replicas or more, spread over nodes and zones,
+/// with a disruption budget that keeps all but one of them through drains.
+#[test]
+fn every_service_runs_spread_replicas_under_a_disruption_budget() {
+    let docs = documents();
+    for service in SERVICES {
+        let deployment = find(&docs, "Deployment", service);
+        let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+        assert!(replicas >= 2, "{service}: {replicas} replica(s)");
+        let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        let selects_pods = |selector: &Value| {
+            let wanted = selector["matchLabels"].as_mapping().unwrap_or_else(|| panic!("{service}: matchLabels"));
+            !wanted.is_empty() && wanted.iter().all(|(k, v)| labels[k.as_str().unwrap()] == *v)
+        };
+        let spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{service}: no topologySpreadConstraints"));
+        for key in ["kubernetes.io/hostname", "topology.kubernetes.io/zone"] {
+            let c = spread
+                .iter()
+                .find(|c| c["topologyKey"].as_str() == Some(key))
+                .unwrap_or_else(|| panic!("{service}: not spread over {key}"));
+            assert_eq!(c["maxSkew"].as_u64(), Some(1), "{service} over {key}");
+            assert!(selects_pods(&c["labelSelector"]), "{service}: the {key} spread counts other pods");
+        }
+        let budgets: Vec<&Value> =
+            all(&docs, "PodDisruptionBudget").into_iter().filter(|b| selects_pods(&b["spec"]["selector"])).collect();
+        assert_eq!(budgets.len(), 1, "{service}: one PodDisruptionBudget selects its pods");
+        let budget = &budgets[0]["spec"];
+        let keeps = match (budget["maxUnavailable"].as_u64(), budget["minAvailable"].as_u64()) {
+            (Some(down), None) => replicas.saturating_sub(down),
+            (None, Some(up)) => up,
+            other => panic!("{service}: the budget sets {other:?}"),
+        };
+        assert!(keeps >= 1 && keeps < replicas, "{service}: the budget keeps {keeps} of {replicas} through a drain");
+    }
+}
