@@ -316,18 +316,22 @@ impl Configs {
                 txn.commit().await
             })
             .await?;
-            self.rows.changed(change).await;
-            Ok::<_, Error>(())
+            Ok::<_, Error>(change)
         }
         .await;
-        if let Err(e) = saved {
-            // Leave nothing behind: the credentials and the placement go too.
-            let _ = self.remove_credentials(domain, &id).await;
-            let unregister = internal::UnregisterResourceRequest { resource: Some(Self::resource(&id)) };
-            let _ = self.registry.clone().unregister_resource(Self::registry_request(principal, unregister)).await;
-            return Err(e);
-        }
+        let change = match saved {
+            Ok(change) => change,
+            Err(e) => {
+                // Leave nothing behind: the credentials and the placement go too.
+                let _ = self.remove_credentials(domain, &id).await;
+                let unregister = internal::UnregisterResourceRequest { resource: Some(Self::resource(&id)) };
+                let _ = self.registry.clone().unregister_resource(Self::registry_request(principal, unregister)).await;
+                return Err(e);
+            }
+        };
         tracing::info!(id = %id, %domain, %bundle, name = %spec.name, %principal, "vault config created");
+        // Saved: from here an error only says another replica may not have it yet.
+        self.rows.changed(change).await?;
         Ok(Config { row, credentials_set: true })
     }
 
@@ -435,8 +439,9 @@ impl Configs {
                 Ok(updated)
             })
             .await?;
-        self.rows.changed(change).await;
+        let confirmed = self.rows.changed(change).await;
         self.forget(&row).await;
+        confirmed?;
         tracing::info!(id = %id, credentials_replaced = credentials.is_some(), %principal, "vault config updated");
         Ok(Config { row: updated, credentials_set: current.is_some() })
     }
@@ -462,7 +467,7 @@ impl Configs {
             txn.commit().await
         })
         .await?;
-        self.rows.changed(change).await;
+        let confirmed = self.rows.changed(change).await;
         self.remove_credentials(&row.domain, id).await?;
         self.forget(&row).await;
         let unregister = internal::UnregisterResourceRequest { resource: Some(Self::resource(id)) };
@@ -475,6 +480,7 @@ impl Configs {
             }
             None => tracing::info!(id = %id, %principal, "vault config deleted"),
         }
+        confirmed?;
         Ok(broken)
     }
 

@@ -56,6 +56,9 @@ struct Inner {
     current: AtomicBool,
     /// PostgreSQL: this replica among the others.
     replicas: std::sync::OnceLock<Replicas>,
+    /// One re-read or load at a time, so the one that read last writes
+    /// last: a late answer can never put an older row back.
+    reading: tokio::sync::Mutex<()>,
     /// Configs this replica is changing: read from the database until the
     /// change has been applied to the copy. A count per config.
     pending: std::sync::Mutex<HashMap<String, usize>>,
@@ -97,6 +100,7 @@ impl Rows {
                 map: RwLock::default(),
                 current: AtomicBool::new(false),
                 replicas: std::sync::OnceLock::new(),
+                reading: tokio::sync::Mutex::new(()),
                 pending: Default::default(),
             }),
         };
@@ -160,18 +164,17 @@ impl Rows {
     }
 
     /// The change has committed: the copy is updated here, and on
-    /// PostgreSQL this returns once every other replica has it too.
-    pub async fn changed(&self, mut change: Changing) {
+    /// PostgreSQL this returns once every other replica has it too (else
+    /// `DEADLINE_EXCEEDED` saying the change was saved).
+    pub async fn changed(&self, mut change: Changing) -> Result<()> {
         // A failed re-read leaves the mark: this config keeps being read
         // from the database, which is always right.
         if self.refresh(&change.id).await.is_err() {
             change.done = true;
         }
-        if let Some(replicas) = self.inner.replicas.get() {
-            let version = change.version.load(Ordering::SeqCst);
-            if let Err(e) = replicas.wait_for_others(version).await {
-                tracing::warn!(id = %change.id, error = %e, "a vault config change was not confirmed by every replica");
-            }
+        match self.inner.replicas.get() {
+            Some(replicas) => replicas.wait_for_others(change.version.load(Ordering::SeqCst)).await,
+            None => Ok(()),
         }
     }
 
@@ -199,12 +202,12 @@ impl Rows {
 
     /// Re-reads one row into the copy.
     async fn refresh(&self, id: &str) -> Result<()> {
+        let _one = self.inner.reading.lock().await;
         let row = self.bounded(vault_config::Entity::find_by_id(id.to_string()).one(&self.inner.db)).await?;
         let mut map = self.inner.map.write().unwrap_or_else(|p| p.into_inner());
         match (map.get(id), row) {
+            // Ids are never reused: a deleted config stays deleted.
             (Some(Slot::Deleted), _) => {}
-            // Never older than what is there: updates move updated_at on.
-            (Some(Slot::Row(held)), Some(row)) if row.updated_at < held.updated_at => {}
             (_, Some(row)) => drop(map.insert(id.to_string(), Slot::Row(Box::new(row)))),
             (_, None) => drop(map.insert(id.to_string(), Slot::Deleted)),
         }
@@ -213,6 +216,7 @@ impl Rows {
 
     /// Loads every row. Rows deleted meanwhile stay deleted.
     async fn load(&self) -> Result<()> {
+        let _one = self.inner.reading.lock().await;
         let rows = self.bounded(vault_config::Entity::find().all(&self.inner.db)).await?;
         let mut map = self.inner.map.write().unwrap_or_else(|p| p.into_inner());
         let deleted: Vec<String> =

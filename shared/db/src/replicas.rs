@@ -233,6 +233,14 @@ impl Replicas {
              FROM {} WHERE replica <> $1 AND applied < $2 AND lease_until > now()",
             names.table
         );
+        let unconfirmed = |why: String| {
+            Error::Upstream(tonic::Status::deadline_exceeded(format!(
+                "{}: the change was saved, but {why}: other replicas may answer from before it for up to {} ms more; \
+                 sending it again is safe",
+                names.service,
+                LEASE.as_millis()
+            )))
+        };
         loop {
             let acked = self.inner.acks.notified();
             tokio::pin!(acked);
@@ -245,27 +253,30 @@ impl Replicas {
                     &query,
                     [self.inner.replica.clone().into(), version.into()],
                 ))
-                .await
-                .map_err(|e| {
-                    Error::Unavailable(format!(
-                        "{}: cannot see whether every replica has the change: {e}",
-                        names.service
-                    ))
-                })?
-                .ok_or_else(|| Error::Internal("count(*) returned no row".into()))?;
-            let behind: i64 = row.try_get("", "behind").map_err(|e| Error::Internal(e.to_string()))?;
-            if behind == 0 {
-                return Ok(());
-            }
-            if started.elapsed() > MAX_WAIT {
-                return Err(Error::Unavailable(format!(
-                    "{}: the change was saved, but {behind} other replica(s) have not confirmed it after {} ms",
-                    names.service,
-                    MAX_WAIT.as_millis()
-                )));
-            }
-            let left_ms: i64 = row.try_get("", "left_ms").map_err(|e| Error::Internal(e.to_string()))?;
-            let wait = Duration::from_millis(left_ms.clamp(1, 100) as u64);
+                .await;
+            let wait = match row {
+                Ok(Some(row)) => {
+                    let behind: i64 = row.try_get("", "behind").map_err(|e| Error::Internal(e.to_string()))?;
+                    if behind == 0 {
+                        return Ok(());
+                    }
+                    if started.elapsed() > MAX_WAIT {
+                        return Err(unconfirmed(format!(
+                            "{behind} other replica(s) had not confirmed it after {} ms",
+                            MAX_WAIT.as_millis()
+                        )));
+                    }
+                    let left_ms: i64 = row.try_get("", "left_ms").map_err(|e| Error::Internal(e.to_string()))?;
+                    Duration::from_millis(left_ms.clamp(1, 100) as u64)
+                }
+                // A database that does not answer now may answer in a
+                // moment: try again until the bound.
+                Ok(None) | Err(_) if started.elapsed() <= MAX_WAIT => Duration::from_millis(100),
+                Ok(None) => return Err(Error::Internal("count(*) returned no row".into())),
+                Err(e) => {
+                    return Err(unconfirmed(format!("the replicas could not be asked whether they have it: {e}")));
+                }
+            };
             tokio::select! {
                 () = acked => {}
                 () = tokio::time::sleep(wait) => {}
@@ -434,11 +445,17 @@ impl Replicas {
             .await?
             .ok_or_else(|| DbErr::RecordNotFound(format!("the {} row", names.counter)))?;
         let version: i64 = row.try_get("", "version")?;
+        // Lapsed if the lease may have run out before this renewal reached
+        // the database: decided now that the answer is here (the local
+        // bound is never later than the row's). A writer may then have
+        // passed this replica by, so it must first apply everything
+        // committed before the renewal: the counter read after it.
+        let lapsed = self.lease().until.is_none_or(|until| until <= Instant::now());
+        let must_reach = if lapsed { Some(read_version(&self.inner.db, names).await?) } else { None };
         {
             let mut lease = self.lease();
-            let lapsed = lease.until.is_none_or(|until| until <= sent);
-            if lapsed {
-                lease.must_reach = version;
+            if let Some(must_reach) = must_reach {
+                lease.must_reach = must_reach;
             }
             lease.until = Some(sent + LEASE);
             if applied < version && lease.behind.is_none() {

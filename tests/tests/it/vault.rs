@@ -1715,7 +1715,7 @@ async fn on_postgres_a_config_change_returns_only_once_every_other_replica_holds
             }
             a.notify(&txn, &change).await.unwrap();
             txn.commit().await.unwrap();
-            a.changed(change).await;
+            a.changed(change).await.unwrap();
         }
     };
     write("insert", "").await;
