@@ -12,7 +12,10 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
+};
 use secrets_common::{batch::Queues, observe::Metrics};
 use tokio::sync::oneshot;
 
@@ -130,7 +133,18 @@ impl Writer {
                 &self.db,
                 self.timeout,
                 async {
-                    let txn = self.db.begin().await?;
+                    // SQLite: take the write lock at BEGIN (waiting for it as
+                    // the busy timeout allows). A deferred transaction that
+                    // reads first is refused at once when it comes to write
+                    // if another connection (a vault-config-service on the
+                    // same file) committed since its read.
+                    let txn = self
+                        .db
+                        .begin_with_options(TransactionOptions {
+                            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                            ..Default::default()
+                        })
+                        .await?;
                     for job in batch.iter_mut() {
                         job.run(&txn).await?;
                     }
@@ -192,6 +206,38 @@ mod tests {
 
     use super::*;
     use crate::db::platform_admin;
+
+    /// SQLite: a change that reads before it writes is not refused because
+    /// another connection to the same file (a vault-config-service sharing
+    /// it) committed in between: the writer holds the write lock from BEGIN.
+    #[tokio::test]
+    async fn a_change_that_reads_first_survives_another_connection_writing_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("authz.db").display());
+        let timeout = Duration::from_secs(60);
+        let db = crate::db::connect(&url, timeout, None).await.unwrap();
+        let other = crate::db::connect(&url, timeout, None).await.unwrap();
+        let writer = Writer::new(db.clone(), timeout, None);
+        let admit =
+            |subject: &str| platform_admin::ActiveModel { subject: Set(subject.into()), created_at: Set(Utc::now()) };
+        let (mine, theirs) = (admit("user:mine"), admit("user:theirs"));
+        let meanwhile = writer
+            .write(Box::new(move |txn| {
+                Box::pin(async move {
+                    platform_admin::Entity::find().all(txn).await?;
+                    let meanwhile = tokio::spawn(async move {
+                        platform_admin::Entity::insert(theirs).exec_without_returning(&other).await
+                    });
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    platform_admin::Entity::insert(mine).exec_without_returning(txn).await?;
+                    Ok(meanwhile)
+                })
+            }))
+            .await
+            .expect("the change that read first is written");
+        meanwhile.await.unwrap().expect("the other connection's write waits its turn and lands");
+        assert_eq!(platform_admin::Entity::find().all(&db).await.unwrap().len(), 2);
+    }
 
     /// Changes that arrive while a transaction is being written go out
     /// together in the next one. A change refused after it wrote, and one
