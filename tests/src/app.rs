@@ -71,6 +71,10 @@ pub struct Options {
     /// The gateway's admission bounds: max_in_flight, max_queued,
     /// queue_wait_ms (default: the services' own).
     pub gateway_admission: Option<(usize, usize, u64)>,
+    /// The secret-service keeps its store objects in this Kubernetes API
+    /// server (namespace `secrets`), watched; on PostgreSQL its replicas
+    /// keep their copies in step through the stack's database.
+    pub kubernetes_api: Option<String>,
 }
 
 /// A platform service's token and what it may do.
@@ -304,12 +308,25 @@ impl TestApp {
             },
             ..Default::default()
         };
-        let backend = match options.backend {
-            Some(b) => b,
-            None => secret_service::backend_from_config(&secret_config).await.expect("backend"),
+        let mut secret_config = secret_config;
+        let backend = match (options.backend, &options.kubernetes_api) {
+            (Some(b), _) => Some(b),
+            (None, Some(api_url)) => {
+                secret_config.backend = Some(secret_service::BackendKind::Kubernetes);
+                secret_config.kubernetes = secret_service::KubernetesConfig {
+                    api_url: Some(api_url.clone()),
+                    namespace: Some("secrets".into()),
+                    ..Default::default()
+                };
+                if app.database_url.starts_with("postgres") {
+                    secret_config.replicas.database_url = Some(app.database_url.clone());
+                }
+                None
+            }
+            (None, None) => Some(secret_service::backend_from_config(&secret_config).await.expect("backend")),
         };
         app.secret_config = secret_config;
-        app.backend = Some(backend);
+        app.backend = backend;
         app.start_secret_service_on(secret_l).await;
 
         let vault_config = vault_config_service::Config {
@@ -382,10 +399,13 @@ impl TestApp {
     }
 
     async fn start_secret_service_on(&mut self, listener: TcpListener) {
-        let backend = self.backend.clone().expect("backend");
-        let secrets = secret_service::Application::build_with_backend(self.secret_config.clone(), listener, backend)
-            .await
-            .expect("secret-service");
+        let secrets = match self.backend.clone() {
+            Some(backend) => {
+                secret_service::Application::build_with_backend(self.secret_config.clone(), listener, backend).await
+            }
+            None => secret_service::Application::build_with_listener(self.secret_config.clone(), listener).await,
+        }
+        .expect("secret-service");
         self.set_metrics("secret-service", secrets.metrics_port());
         self.secrets = Some(run(|rx| {
             tokio::spawn(secrets.run_until_stopped(async {
@@ -445,6 +465,32 @@ impl TestApp {
             .expect("authz-service");
         let running = run(|rx| {
             tokio::spawn(authz.run_until_stopped(async {
+                let _ = rx.await;
+            }))
+        });
+        Replica { port, running }
+    }
+
+    /// A second secret-service replica on the same store (and, with
+    /// `kubernetes_api` on PostgreSQL, the same replicas' database), which
+    /// no other service of the stack calls.
+    pub async fn another_secret_replica(&self) -> Replica {
+        self.another_secret_replica_with(|_| {}).await
+    }
+
+    /// The same, with its configuration changed by `edit`.
+    pub async fn another_secret_replica_with(&self, edit: impl FnOnce(&mut secret_service::Config)) -> Replica {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let port = listener.local_addr().expect("bound").port();
+        let mut config = self.secret_config.clone();
+        edit(&mut config);
+        let secrets = match self.backend.clone() {
+            Some(backend) => secret_service::Application::build_with_backend(config, listener, backend).await,
+            None => secret_service::Application::build_with_listener(config, listener).await,
+        }
+        .expect("secret-service");
+        let running = run(|rx| {
+            tokio::spawn(secrets.run_until_stopped(async {
                 let _ = rx.await;
             }))
         });

@@ -7,6 +7,7 @@
 
 mod error;
 pub mod grpc;
+pub mod replicas;
 pub mod requests;
 pub mod secrets;
 pub mod store;
@@ -74,6 +75,9 @@ pub struct Config {
     pub object_prefix: String,
     pub embedded: EmbeddedConfig,
     pub kubernetes: KubernetesConfig,
+    /// The `[replicas]` table: how replicas on the Kubernetes store keep
+    /// their copies in step.
+    pub replicas: replicas::ReplicasConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -89,6 +93,7 @@ impl Default for Config {
             object_prefix: "iomete-secret-store".into(),
             embedded: EmbeddedConfig::at("data/secrets"),
             kubernetes: KubernetesConfig::default(),
+            replicas: replicas::ReplicasConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -121,7 +126,8 @@ impl Config {
         self.internal()?
             .channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
-        self.store().validate(env)
+        self.store().validate(env)?;
+        self.replicas.validate(self.store().keeps_copies(env))
     }
 
     /// The internal credential and mutual TLS, as configured.
@@ -140,6 +146,7 @@ pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<SecretBa
 /// A built server, bound and ready to run.
 pub struct Application {
     served: Served,
+    replicas: Option<Arc<replicas::StoreReplicas>>,
 }
 
 secrets_common::service!(Application, Config, "secret-service");
@@ -154,8 +161,19 @@ impl Application {
     /// Serves on an already-bound listener (tests and the local stack bind
     /// port 0 first).
     pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
-        let backend = backend_from_config(&config).await?;
-        Self::build_with_backend(config, listener, backend).await
+        let Some(url) = config.replicas.database_url.clone() else {
+            let backend = backend_from_config(&config).await?;
+            return Self::build_with_backend(config, listener, backend).await;
+        };
+        config.validate()?;
+        let metrics = Metrics::new();
+        let fence = replicas::StoreReplicas::connect(&config.replicas, &url, &metrics).await?;
+        let backend = Arc::new(config.store().open_kubernetes().await?.fenced(fence.clone()));
+        fence.start(backend.clone());
+        tracing::info!("keeping the store objects in memory in step with the other replicas");
+        let mut app = Self::build_on(config, listener, backend, metrics).await?;
+        app.replicas = Some(fence);
+        Ok(app)
     }
 
     /// Serves with a given backend.
@@ -164,8 +182,16 @@ impl Application {
         listener: TcpListener,
         backend: Arc<SecretBackend>,
     ) -> anyhow::Result<Self> {
+        Self::build_on(config, listener, backend, Metrics::new()).await
+    }
+
+    async fn build_on(
+        config: Config,
+        listener: TcpListener,
+        backend: Arc<SecretBackend>,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         let internal = config.internal()?;
-        let metrics = Metrics::new();
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let channel = internal
             .channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
@@ -195,10 +221,15 @@ impl Application {
             ));
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
+            replicas: None,
         })
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.served.run(shutdown).await.context("secret-service stopped with an error")
+        let result = self.served.run(shutdown).await.context("secret-service stopped with an error");
+        if let Some(replicas) = &self.replicas {
+            replicas.stop();
+        }
+        result
     }
 }

@@ -198,7 +198,7 @@ impl Configs {
     }
 
     async fn credentials_of(&self, row: &vault_config::Model) -> Result<Option<Credentials>> {
-        let entries = self.store.read(&self.credentials_object(&row.domain)).await?.unwrap_or_default();
+        let entries = self.store.read_current(&self.credentials_object(&row.domain)).await?.unwrap_or_default();
         entries
             .get(&row.id)
             .map(|e| {

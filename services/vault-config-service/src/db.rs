@@ -99,39 +99,6 @@ impl MigrationTrait for CreateVaultConfigs {
     }
 }
 
-/// PostgreSQL: the change counter every config write bumps and announces,
-/// and the replicas' table (see [`crate::rows`]).
-pub struct Replicas;
-
-impl MigrationName for Replicas {
-    fn name(&self) -> &str {
-        "m20261207_000001_replicas"
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for Replicas {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != sea_orm::DbBackend::Postgres {
-            return Ok(());
-        }
-        let db = manager.get_connection();
-        let names = crate::rows::REPLICAS;
-        db.execute_unprepared(&format!(
-            "CREATE TABLE {} (id INTEGER PRIMARY KEY, version BIGINT NOT NULL)",
-            names.counter
-        ))
-        .await?;
-        db.execute_unprepared(&format!("INSERT INTO {} (id, version) VALUES (1, 1)", names.counter)).await?;
-        db.execute_unprepared(&names.create_table()).await?;
-        Ok(())
-    }
-
-    async fn down(&self, _manager: &SchemaManager) -> Result<(), DbErr> {
-        Err(DbErr::Migration("the replicas tables are not removed by a down migration".into()))
-    }
-}
-
 pub struct Migrator;
 
 #[derive(DeriveIden)]
@@ -141,7 +108,15 @@ enum VaultConfigMigrations {
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateVaultConfigs), Box::new(Replicas)]
+        vec![
+            Box::new(CreateVaultConfigs),
+            // PostgreSQL: the change counter every config write bumps and
+            // announces, and the replicas' table (see `crate::rows`).
+            Box::new(secrets_db::replicas::Migration {
+                name: "m20261207_000001_replicas",
+                names: crate::rows::REPLICAS,
+            }),
+        ]
     }
 
     /// Its own migrations table, so it can share a database with the authz

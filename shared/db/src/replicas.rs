@@ -487,3 +487,41 @@ async fn read_version(db: &impl ConnectionTrait, names: &Names) -> Result<i64, D
         .ok_or_else(|| DbErr::RecordNotFound(format!("the {} row", names.counter)))?;
     row.try_get("", "version")
 }
+
+/// The migration that creates one service's counter row and replicas'
+/// table on PostgreSQL (on SQLite, where one process holds the database,
+/// it does nothing).
+pub struct Migration {
+    /// The migration's name in the service's migrations table.
+    pub name: &'static str,
+    pub names: Names,
+}
+
+impl sea_orm_migration::MigrationName for Migration {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl sea_orm_migration::MigrationTrait for Migration {
+    async fn up(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        if manager.get_database_backend() != DbBackend::Postgres {
+            return Ok(());
+        }
+        let db = manager.get_connection();
+        let names = self.names;
+        db.execute_unprepared(&format!(
+            "CREATE TABLE {} (id INTEGER PRIMARY KEY, version BIGINT NOT NULL)",
+            names.counter
+        ))
+        .await?;
+        db.execute_unprepared(&format!("INSERT INTO {} (id, version) VALUES (1, 1)", names.counter)).await?;
+        db.execute_unprepared(&names.create_table()).await?;
+        Ok(())
+    }
+
+    async fn down(&self, _manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        Err(DbErr::Migration("the replicas tables are not removed by a down migration".into()))
+    }
+}

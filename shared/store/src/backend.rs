@@ -75,6 +75,13 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
         Ok(self.read(object).await?.map(Arc::new))
     }
 
+    /// The entries as the store holds them now, past any copy in memory:
+    /// for what is read rarely and must not be a moment behind another
+    /// replica's write (credentials when a config changed).
+    async fn read_current(&self, object: &str) -> Result<Option<Entries>, E> {
+        self.read(object).await
+    }
+
     /// Reads the object (empty when it does not exist), applies `change` and
     /// writes the result back, so that concurrent writers never lose each
     /// other's keys. Creates the object on first write. An error from
@@ -131,6 +138,13 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
     async fn read_shared(&self, object: &str) -> Result<Option<Arc<Entries>>, E> {
         let start = Instant::now();
         let result = self.inner.read_shared(object).await;
+        self.metrics.observe_backend(self.name(), "read", result.is_ok(), start.elapsed());
+        result
+    }
+
+    async fn read_current(&self, object: &str) -> Result<Option<Entries>, E> {
+        let start = Instant::now();
+        let result = self.inner.read_current(object).await;
         self.metrics.observe_backend(self.name(), "read", result.is_ok(), start.elapsed());
         result
     }

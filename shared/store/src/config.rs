@@ -182,23 +182,34 @@ impl StoreSettings<'_> {
         let env = Environment::detect();
         Ok(match self.kind(&env)? {
             BackendKind::Embedded => Arc::new(EmbeddedBackend::open(&self.embedded.data_dir)?),
-            BackendKind::Kubernetes => {
-                let k = self.kubernetes;
-                let namespace = self.namespace(&env);
-                let timeout = Duration::from_millis(k.timeout_ms);
-                let client = KubernetesBackend::client(k.api_url.as_deref(), &namespace, timeout).await?;
-                let backend = KubernetesBackend::new(client, &namespace).owned_by(crate::kubernetes::Owner {
-                    component: self.component.to_string(),
-                    prefix: self.object_prefix.to_string(),
-                });
-                if k.watch {
-                    let watch = KubernetesBackend::watch_client(k.api_url.as_deref(), &namespace, timeout).await?;
-                    Arc::new(backend.watching(watch))
-                } else {
-                    Arc::new(backend)
-                }
-            }
+            BackendKind::Kubernetes => Arc::new(self.open_kubernetes().await?),
         })
+    }
+
+    /// The Kubernetes backend the settings describe, whatever backend they
+    /// name (for a caller that adds to it, a [`crate::kubernetes::Fence`]).
+    pub async fn open_kubernetes(&self) -> anyhow::Result<KubernetesBackend> {
+        let env = Environment::detect();
+        let k = self.kubernetes;
+        let namespace = self.namespace(&env);
+        let timeout = Duration::from_millis(k.timeout_ms);
+        let client = KubernetesBackend::client(k.api_url.as_deref(), &namespace, timeout).await?;
+        let backend = KubernetesBackend::new(client, &namespace).owned_by(crate::kubernetes::Owner {
+            component: self.component.to_string(),
+            prefix: self.object_prefix.to_string(),
+        });
+        Ok(if k.watch {
+            let watch = KubernetesBackend::watch_client(k.api_url.as_deref(), &namespace, timeout).await?;
+            backend.watching(watch)
+        } else {
+            backend
+        })
+    }
+
+    /// Whether the backend keeps its objects in memory (Kubernetes with
+    /// `watch`), so that replicas need to keep their copies in step.
+    pub fn keeps_copies(&self, env: &Environment) -> bool {
+        self.kind(env).is_ok_and(|k| k == BackendKind::Kubernetes) && self.kubernetes.watch
     }
 }
 

@@ -56,6 +56,11 @@ impl<E: StoreError> GroupCommit<E> {
         self.backend.read_shared(object).await
     }
 
+    /// See [`StoreBackend::read_current`].
+    pub async fn read_current(&self, object: &str) -> Result<Option<Entries>, E> {
+        self.backend.read_current(object).await
+    }
+
     /// Changes waiting for `object`'s writer (not counting the write in
     /// progress).
     pub fn queued(&self, object: &str) -> usize {

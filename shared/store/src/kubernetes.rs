@@ -16,6 +16,11 @@
 //! renewed every [`WATCH_WINDOW`]; one that has gone silent past
 //! [`WATCH_WINDOW`] + [`WATCH_GRACE`] is no longer trusted: that is the
 //! bound on serving a copy behind a silently broken connection.
+//!
+//! Several replicas of a service each keep such a copy. With a [`Fence`]
+//! ([`KubernetesBackend::fenced`]) a write returns only once every other
+//! replica's copy has it (or that replica answers from the API server), and
+//! a replica answers from memory only while the fence holds.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -80,6 +85,21 @@ pub const WATCH_WINDOW: Duration = Duration::from_secs(15);
 /// How long past its window a silent watch is still trusted.
 pub const WATCH_GRACE: Duration = Duration::from_secs(5);
 
+/// Keeps the copies of several replicas in step (see the module
+/// documentation): the secret-service's is `secret_service::replicas`.
+pub trait Fence: Send + Sync + 'static {
+    /// Whether this replica may answer from its copy now.
+    fn holds(&self) -> bool;
+    /// After this replica wrote `object` at `version` (its
+    /// resourceVersion): returns once every other replica's copy has it, or
+    /// that replica can no longer answer from its copy.
+    fn written<'a>(
+        &'a self,
+        object: &'a str,
+        version: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+}
+
 pub struct KubernetesBackend {
     api: Api<Secret>,
     namespace: String,
@@ -87,6 +107,7 @@ pub struct KubernetesBackend {
     backoff: ExponentialBuilder,
     mirror: Option<Arc<Mirror>>,
     owner: Option<Owner>,
+    fence: Option<Arc<dyn Fence>>,
 }
 
 /// The store objects as the watch last reported them.
@@ -159,6 +180,12 @@ impl Mirror {
                 }
             }
         });
+    }
+
+    /// The version memory holds of `object`.
+    fn version(&self, object: &str) -> Option<u64> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        s.objects.get(object).map(|(v, _, _)| *v)
     }
 
     fn delete(&self, secret: &Secret) {
@@ -327,7 +354,52 @@ impl KubernetesBackend {
                 .with_max_times(MAX_WRITE_ATTEMPTS),
             mirror: None,
             owner: None,
+            fence: None,
         }
+    }
+
+    /// Answers from memory only while `fence` holds, and tells it of every
+    /// write before the write returns.
+    pub fn fenced(mut self, fence: Arc<dyn Fence>) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// Makes sure memory holds `object` at `version` or newer: reads it
+    /// from the API server unless it does already.
+    pub async fn catch_up(&self, object: &str, version: u64) -> Result<()> {
+        let Some(mirror) = &self.mirror else { return Ok(()) };
+        if mirror.version(object).is_some_and(|v| v >= version) {
+            return Ok(());
+        }
+        if let Some(secret) = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))? {
+            mirror.apply(secret);
+        }
+        Ok(())
+    }
+
+    /// Lists this service's objects from the API server into memory (what
+    /// memory holds that is newer stays).
+    pub async fn catch_up_all(&self) -> Result<()> {
+        let Some(mirror) = &self.mirror else { return Ok(()) };
+        let selector = match &self.owner {
+            Some(owner) => owner.selector(),
+            None => format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1),
+        };
+        let list = self
+            .api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| Error::Unavailable { backend: NAME, message: format!("listing the store objects: {e}") })?;
+        for secret in list.items {
+            mirror.apply(secret);
+        }
+        Ok(())
+    }
+
+    fn memory(&self) -> Option<&Mirror> {
+        let mirror = self.mirror.as_deref()?;
+        self.fence.as_ref().is_none_or(|f| f.holds()).then_some(mirror)
     }
 
     /// Writes, lists and watches only `owner`'s objects (call before
@@ -447,14 +519,33 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
     }
 
     async fn read_shared(&self, object: &str) -> Result<Option<Arc<Entries>>, E> {
-        if let Some(found) = self.mirror.as_ref().and_then(|m| m.get(object)) {
+        if let Some(found) = self.memory().and_then(|m| m.get(object)) {
             return Ok(found);
         }
         let secret = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))?;
         Ok(secret.map(|s| decode(object, s).map(|(entries, _)| Arc::new(entries))).transpose()?)
     }
 
+    async fn read_current(&self, object: &str) -> Result<Option<Entries>, E> {
+        let secret = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))?;
+        if let (Some(mirror), Some(secret)) = (&self.mirror, &secret) {
+            mirror.apply(secret.clone());
+        }
+        Ok(secret.map(|s| decode(object, s).map(|(entries, _)| entries)).transpose()?)
+    }
+
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
+        let version = self.write(object, change).await?;
+        if let Some(fence) = &self.fence {
+            fence.written(object, version).await?;
+        }
+        Ok(())
+    }
+}
+
+impl KubernetesBackend {
+    /// One read-modify-write; the resourceVersion written.
+    async fn write<E: StoreError>(&self, object: &str, change: &mut Change<'_, E>) -> Result<u64, E> {
         let lock = self.lock(object);
         let _guard = lock.lock().await;
         let mut delays = self.backoff.build();
@@ -487,6 +578,7 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
             };
             match written {
                 Ok(stored) => {
+                    let version = version_of(&stored);
                     // Read your own writes: memory has it before the event.
                     if let Some(m) = &self.mirror {
                         m.apply(stored);
@@ -494,7 +586,7 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
                     if conflicts > 0 {
                         tracing::debug!(object, conflicts, "write succeeded after conflicts");
                     }
-                    return Ok(());
+                    return Ok(version);
                 }
                 // Memory was behind: read the object and try again at once.
                 Err(e) if is_conflict(&e) && from_memory => continue,

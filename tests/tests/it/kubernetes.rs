@@ -473,3 +473,22 @@ async fn past_its_write_bound_a_change_is_refused_at_once_naming_the_setting() {
     kube.answer_writes_after(None);
     store.create(&hr, "b", SecretValue::from("2".to_string())).await.expect("a turn is free again");
 }
+
+/// What must not be a moment behind another replica's write (a Vault
+/// config's credentials when the config changed) is read with
+/// `read_current`: from the API server, even while the watched copy lags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_read_sees_an_edit_the_watched_copy_has_not_received() {
+    let f = Fixture::kubernetes_watching().await;
+    let kube = f.kube.clone().unwrap();
+    let store = f.store();
+    store.create(&finance(), "k", SecretValue::from("v1".to_string())).await.unwrap();
+    eventually(&store, "k", Some(b"v1")).await;
+    kube.hold_events(true);
+    kubectl_set(&kube, "k", "v2");
+    let object = format!("{PREFIX}-finance");
+    assert_eq!(resolved(&store, "k").await.as_deref(), Some(&b"v1"[..]), "the copy lags while events are held");
+    let current = f.backend.read_current(&object).await.unwrap().expect("the object exists");
+    assert_eq!(current["k"].value.expose(), b"v2");
+    kube.hold_events(false);
+}

@@ -146,3 +146,128 @@ async fn a_replica_that_stops_applying_holds_a_change_only_until_it_stops_servin
     rb.stop();
     database.drop_database().await;
 }
+
+/// What a secret-service replica answers the gateway for `key` in `domain`
+/// (the internal read every resolve makes): `None` when it is not there.
+async fn read_on(app: &TestApp, port: u16, domain: &str, key: &str) -> Option<Vec<u8>> {
+    use secrecy::ExposeSecret;
+    use secrets_proto::internal::v1::{self as internal, secret_reader_client::SecretReaderClient};
+    let mut reader = SecretReaderClient::new(channel(&format!("http://127.0.0.1:{port}")));
+    let mut request = tonic::Request::new(internal::ReadSecretsRequest {
+        lookups: vec![internal::SecretLookup {
+            scope: secrets_proto::v1::Scope::Domain as i32,
+            domain: domain.into(),
+            key: key.into(),
+            global_fallback: false,
+        }],
+        max_value_bytes: 0,
+        presence_only: false,
+    });
+    let bearer = format!("Bearer {}", app.internal_token.expose_secret());
+    request.metadata_mut().insert("authorization", bearer.parse().unwrap());
+    let found = reader.read_secrets(request).await.expect("read through the replica").into_inner();
+    found.results.into_iter().next().filter(|r| r.found).map(|r| r.value)
+}
+
+/// Two secret-service replicas on one Kubernetes namespace and one
+/// PostgreSQL, each answering from its own watched copy: a create, update
+/// or delete through one returns only once the other answers with it, even
+/// while the other's watch delivers nothing at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_kubernetes_a_write_through_one_secret_service_replica_is_read_through_another_at_once() {
+    let Some(db) = postgres::fresh_database().await else { return };
+    let kube = kube_server::FakeKube::start().await;
+    let app = TestApp::spawn_with(Options {
+        database_url: Some(db.url.clone()),
+        kubernetes_api: Some(kube.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    app.setup_domain("finance").await;
+    let other = app.another_secret_replica().await;
+    let owner = app.as_user(OWNER);
+    owner.create("finance", "db_password", "first").await.unwrap();
+    // The other replica is up and has loaded its copy.
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = read_on(&app, other.port, "finance", "db_password").await;
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.as_deref(), Some(&b"first"[..]));
+    // Served from its copy: reading costs the API server nothing.
+    let gets = kube.counters().gets;
+    assert_eq!(read_on(&app, other.port, "finance", "db_password").await.as_deref(), Some(&b"first"[..]));
+    assert_eq!(kube.counters().gets, gets, "the replica answers from its watched copy");
+
+    // From now on no watch delivers anything: only the replicas' own
+    // coordination can bring the other replica's copy forward.
+    kube.hold_events(true);
+    for round in 0..5 {
+        let value = format!("rotated-{round}");
+        owner.update("finance", "db_password", &value).await.unwrap();
+        assert_eq!(
+            read_on(&app, other.port, "finance", "db_password").await.as_deref(),
+            Some(value.as_bytes()),
+            "round {round}: the other replica answers with the update that returned"
+        );
+    }
+    owner.create("finance", "api_key", "created").await.unwrap();
+    assert_eq!(read_on(&app, other.port, "finance", "api_key").await.as_deref(), Some(&b"created"[..]));
+    owner.delete("finance", "api_key").await.unwrap();
+    assert_eq!(read_on(&app, other.port, "finance", "api_key").await, None, "a delete that returned counts");
+    kube.hold_events(false);
+    other.stop().await;
+    db.drop_database().await;
+}
+
+/// A secret-service replica cut off from the replicas' database stops
+/// answering from its copy once its lease runs out, and reads the API
+/// server instead: a write through another replica waits for that, at most
+/// the documented bound, and is then read through the cut-off one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_service_replica_cut_off_from_the_database_reads_the_api_server_once_its_lease_ends() {
+    let Some(db) = postgres::fresh_database().await else { return };
+    let kube = kube_server::FakeKube::start().await;
+    let app = TestApp::spawn_with(Options {
+        database_url: Some(db.url.clone()),
+        kubernetes_api: Some(kube.url.clone()),
+        // Past the longest a write can wait for a replica that is cut off.
+        request_timeout_ms: Some(15_000),
+        ..Default::default()
+    })
+    .await;
+    app.setup_domain("finance").await;
+    let link = proxy::FreezableProxy::start(db.server_addr()).await;
+    let other = app.another_secret_replica_with(|c| c.replicas.database_url = Some(db.url_via(link.port))).await;
+    let owner = app.as_user(OWNER);
+    owner.create("finance", "db_password", "first").await.unwrap();
+    for _ in 0..200 {
+        if read_on(&app, other.port, "finance", "db_password").await.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kube.hold_events(true);
+    link.freeze();
+    let started = std::time::Instant::now();
+    owner.update("finance", "db_password", "while-cut-off").await.unwrap();
+    let held = started.elapsed();
+    assert!(
+        held < secrets_db::replicas::MAX_WAIT + Duration::from_secs(5),
+        "the write waited for the cut-off replica at most the bound: {held:?}"
+    );
+    let gets = kube.counters().gets;
+    assert_eq!(
+        read_on(&app, other.port, "finance", "db_password").await.as_deref(),
+        Some(&b"while-cut-off"[..]),
+        "the cut-off replica no longer answers from its copy"
+    );
+    assert!(kube.counters().gets > gets, "it read the API server");
+    link.thaw();
+    kube.hold_events(false);
+    other.stop().await;
+    db.drop_database().await;
+}
