@@ -135,6 +135,8 @@ struct Running {
 /// [`TestApp::another_authz_replica`].
 pub struct Replica {
     pub port: u16,
+    /// Its metrics endpoint, `http://127.0.0.1:PORT/metrics`.
+    pub metrics_url: String,
     running: Running,
 }
 
@@ -173,6 +175,7 @@ pub struct TestApp {
     /// With `Options::source_proxies`: the gateway's links to the
     /// secret-service and the vault-config-service.
     source_links: Option<(crate::proxy::FreezableProxy, crate::proxy::FreezableProxy)>,
+    gateway_config: Option<gateway::Config>,
 }
 
 fn run<F>(fut: F) -> Running
@@ -286,6 +289,7 @@ impl TestApp {
             authz_child: None,
             authz_proxy,
             source_links,
+            gateway_config: None,
             dir,
         };
         if app.authz_proxy.is_some() {
@@ -388,6 +392,7 @@ impl TestApp {
             features: gateway::Features { secrets_v2: gateway::Flag { enabled: !options.secrets_v2_off } },
             ..Default::default()
         };
+        app.gateway_config = Some(gateway_config.clone());
         let gw = gateway::Application::build_with_listener(gateway_config, gateway_l).await.expect("gateway");
         app.set_metrics("gateway", gw.metrics_port());
         app.others.push(run(|rx| {
@@ -463,12 +468,13 @@ impl TestApp {
         let authz = authz_service::Application::build_with_listener(self.authz_config(), listener)
             .await
             .expect("authz-service");
+        let metrics_url = format!("http://127.0.0.1:{}/metrics", authz.metrics_port().expect("metrics endpoint"));
         let running = run(|rx| {
             tokio::spawn(authz.run_until_stopped(async {
                 let _ = rx.await;
             }))
         });
-        Replica { port, running }
+        Replica { port, metrics_url, running }
     }
 
     /// A second secret-service replica on the same store (and, with
@@ -489,12 +495,30 @@ impl TestApp {
             None => secret_service::Application::build_with_listener(config, listener).await,
         }
         .expect("secret-service");
+        let metrics_url = format!("http://127.0.0.1:{}/metrics", secrets.metrics_port().expect("metrics endpoint"));
         let running = run(|rx| {
             tokio::spawn(secrets.run_until_stopped(async {
                 let _ = rx.await;
             }))
         });
-        Replica { port, running }
+        Replica { port, metrics_url, running }
+    }
+
+    /// Another gateway in front of the same services, configured as the
+    /// stack's own with `edit` applied.
+    pub async fn another_gateway_with(&self, edit: impl FnOnce(&mut gateway::Config)) -> Replica {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let port = listener.local_addr().expect("bound").port();
+        let mut config = self.gateway_config.clone().expect("the stack's gateway");
+        edit(&mut config);
+        let gw = gateway::Application::build_with_listener(config, listener).await.expect("gateway");
+        let metrics_url = format!("http://127.0.0.1:{}/metrics", gw.metrics_port().expect("metrics endpoint"));
+        let running = run(|rx| {
+            tokio::spawn(gw.run_until_stopped(async {
+                let _ = rx.await;
+            }))
+        });
+        Replica { port, metrics_url, running }
     }
 
     fn set_metrics(&self, service: &'static str, port: Option<u16>) {

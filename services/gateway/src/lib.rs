@@ -159,10 +159,16 @@ impl Config {
         let open = |field: &str, url: &str, peer: &'static str, timeout: Duration| {
             internal.channel(url, timeout, peer, metrics).map_err(|e| anyhow::anyhow!("{field}: {e}"))
         };
+        // Calls to the secret and vault-config services go to every replica;
+        // those to the authz-service stay on one, which gives this gateway
+        // its decision lease (and in steady state is asked nothing).
+        let spread = |field: &str, url: &str, peer: &'static str, timeout: Duration| {
+            internal.balanced_channel(url, timeout, peer, metrics).map_err(|e| anyhow::anyhow!("{field}: {e}"))
+        };
         Ok([
-            open("secret_service_url", &self.secret_service_url, forward::SECRET_SERVICE, timeout)?,
+            spread("secret_service_url", &self.secret_service_url, forward::SECRET_SERVICE, timeout)?,
             open("authz_service_url", &self.authz_service_url, authz::AUTHZ_SERVICE, timeout)?,
-            open("vault_config_service_url", &self.vault_config_service_url, forward::VAULT_CONFIG_SERVICE, timeout)?,
+            spread("vault_config_service_url", &self.vault_config_service_url, forward::VAULT_CONFIG_SERVICE, timeout)?,
             // The management APIs a grant change goes through (the authz
             // API; Vault configs, which register their resources): such a
             // change may wait for the decision lease holders on top of its
@@ -173,7 +179,7 @@ impl Config {
                 authz::AUTHZ_SERVICE,
                 timeout + authz::GRANT_CHANGE_WAIT,
             )?,
-            open(
+            spread(
                 "vault_config_service_url",
                 &self.vault_config_service_url,
                 forward::VAULT_CONFIG_SERVICE,

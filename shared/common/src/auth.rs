@@ -277,6 +277,8 @@ impl Internal {
 
     /// A channel to another service, as [`internal_channel`]. With mutual
     /// TLS configured the URL must be `https://`, without it `http://`.
+    /// One connection to one URL: for the authz-service, whose decision
+    /// lease and checks must come from the same replica.
     pub fn channel(
         &self,
         url: &str,
@@ -285,6 +287,20 @@ impl Internal {
         metrics: &Metrics,
     ) -> Result<TracedChannel, String> {
         channel(url, request_timeout, peer, metrics, self.tls.as_ref().map(|t| t.client.clone()))
+    }
+
+    /// A channel that spreads calls over every replica of a service: `url`
+    /// may list several URLs separated by commas, and each host name is
+    /// resolved to all its addresses, again every few seconds (a headless
+    /// Service's name gives every ready pod). See [`crate::balance`].
+    pub fn balanced_channel(
+        &self,
+        url: &str,
+        request_timeout: Duration,
+        peer: &'static str,
+        metrics: &Metrics,
+    ) -> Result<TracedChannel, String> {
+        balanced_channel(url, request_timeout, peer, metrics, self.tls.as_ref().map(|t| t.client.clone()))
     }
 }
 
@@ -324,6 +340,67 @@ pub fn internal_channel(
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The checked URLs of a channel: every one `http://` without mutual TLS,
+/// `https://` with it.
+fn targets(url: &str, tls: bool) -> Result<Vec<crate::balance::Target>, String> {
+    let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    if urls.is_empty() {
+        return Err(format!("{url:?} names no URL"));
+    }
+    urls.into_iter()
+        .map(|one| {
+            let endpoint =
+                Endpoint::from_shared(one.to_string()).map_err(|e| format!("{one:?} is not a valid URL: {e}"))?;
+            let uri = endpoint.uri();
+            let https = uri.scheme_str() == Some("https");
+            if !https && uri.scheme_str() != Some("http") {
+                return Err(format!("{one:?} must start with http:// or https://"));
+            }
+            match (tls, https) {
+                (true, false) => {
+                    return Err(format!("{one:?} must start with https:// when internal_tls is configured"));
+                }
+                (false, true) => {
+                    return Err(format!(
+                        "{one:?} is https://: configure internal_tls (ca_file, cert_file, key_file) for it"
+                    ));
+                }
+                _ => {}
+            }
+            let host = uri.host().ok_or_else(|| format!("{one:?} names no host"))?;
+            Ok(crate::balance::Target {
+                authority: uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default(),
+                host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+            })
+        })
+        .collect()
+}
+
+/// A lazily connecting channel to `authority` (`host:port`), checking the
+/// server's certificate for `name` when TLS is on.
+fn connect(
+    authority: &str,
+    name: &str,
+    request_timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| format!("{authority:?} is not a valid address: {e}"))?
+        .connect_timeout(Duration::from_secs(2).min(request_timeout))
+        .timeout(request_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    Ok(match tls {
+        // tonic's own TLS cannot reload a client certificate, so the
+        // connector does TLS itself; tonic is handed the plain scheme.
+        Some(tls) => endpoint.connect_with_connector_lazy(crate::tls::TlsConnector::named(tls, name)),
+        None => endpoint.connect_lazy(),
+    })
+}
+
 fn channel(
     url: &str,
     request_timeout: Duration,
@@ -331,42 +408,36 @@ fn channel(
     metrics: &Metrics,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<TracedChannel, String> {
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
-    let https = endpoint.uri().scheme_str() == Some("https");
-    if endpoint.uri().host().is_none() {
-        return Err(format!("{url:?} names no host"));
-    }
-    let endpoint = endpoint
-        .connect_timeout(Duration::from_secs(2).min(request_timeout))
-        .timeout(request_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
-    let channel: Channel = match (tls, https) {
-        // tonic's own TLS cannot reload a client certificate, so the
-        // connector does TLS itself; tonic is handed the plain scheme.
-        (Some(tls), true) => {
-            let plain = format!("http://{}", endpoint.uri().authority().map(|a| a.as_str()).unwrap_or_default());
-            Endpoint::from_shared(plain)
-                .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?
-                .connect_timeout(Duration::from_secs(2).min(request_timeout))
-                .timeout(request_timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .connect_with_connector_lazy(crate::tls::TlsConnector::new(tls))
-        }
-        (None, false) => endpoint.connect_lazy(),
-        (Some(_), false) => {
-            return Err(format!("{url:?} must start with https:// when internal_tls is configured"));
-        }
-        (None, true) => {
-            return Err(format!("{url:?} is https://: configure internal_tls (ca_file, cert_file, key_file) for it"));
-        }
+    let targets = targets(url, tls.is_some())?;
+    let [target] = targets.as_slice() else {
+        return Err(format!("{url:?}: give one URL here (several are for the secret and vault-config services)"));
     };
+    let channel = connect(&target.authority, &target.host, request_timeout, tls)?;
     Ok(TracedChannel::new(channel, peer, metrics.clone()))
+}
+
+fn balanced_channel(
+    url: &str,
+    request_timeout: Duration,
+    peer: &'static str,
+    metrics: &Metrics,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<TracedChannel, String> {
+    let targets = targets(url, tls.is_some())?;
+    // One URL naming one address: one connection, nothing to spread.
+    if let [target] = targets.as_slice()
+        && target.host.parse::<std::net::IpAddr>().is_ok()
+    {
+        let channel = connect(&target.authority, &target.host, request_timeout, tls)?;
+        return Ok(TracedChannel::new(channel, peer, metrics.clone()));
+    }
+    for target in &targets {
+        connect(&target.authority, &target.host, request_timeout, None)?;
+    }
+    let balanced = crate::balance::Balanced::start(targets, peer, request_timeout, move |addr, target| {
+        connect(&addr.to_string(), &target.host, request_timeout, tls.clone())
+    });
+    Ok(TracedChannel::balanced(balanced, peer, metrics.clone()))
 }
 
 /// A client stack for internal calls: traced channel plus internal credential.

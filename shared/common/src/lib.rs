@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod auth;
 pub mod authz;
+pub mod balance;
 pub mod batch;
 pub mod cli;
 pub mod config;

@@ -630,20 +630,55 @@ where
 /// `peer`.
 #[derive(Clone)]
 pub struct TracedChannel {
-    inner: Channel,
+    inner: Link,
     peer: &'static str,
     metrics: Metrics,
 }
 
+/// One connection, or one per replica ([`crate::balance`]).
+#[derive(Clone)]
+enum Link {
+    One(Channel),
+    Balanced(crate::balance::Balanced),
+}
+
 impl TracedChannel {
     pub fn new(inner: Channel, peer: &'static str, metrics: Metrics) -> Self {
-        Self { inner, peer, metrics }
+        Self { inner: Link::One(inner), peer, metrics }
+    }
+
+    /// Calls spread over the replicas of `peer`.
+    pub fn balanced(inner: crate::balance::Balanced, peer: &'static str, metrics: Metrics) -> Self {
+        Self { inner: Link::Balanced(inner), peer, metrics }
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Link {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tower::BoxError;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self {
+            Link::One(channel) => channel.poll_ready(cx).map_err(Into::into),
+            Link::Balanced(balanced) => balanced.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        match self {
+            Link::One(channel) => {
+                let call = channel.call(request);
+                Box::pin(async move { call.await.map_err(Into::into) })
+            }
+            Link::Balanced(balanced) => balanced.call(request),
+        }
     }
 }
 
 impl Service<http::Request<tonic::body::Body>> for TracedChannel {
     type Response = http::Response<ObservedBody<tonic::body::Body>>;
-    type Error = tonic::transport::Error;
+    type Error = tower::BoxError;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {

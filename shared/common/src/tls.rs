@@ -307,15 +307,22 @@ impl InternalTls {
 }
 
 /// A connector for tonic's `Endpoint::connect_with_connector_lazy`: TCP with
-/// TCP_NODELAY, then TLS checking the server's name from the URL.
+/// TCP_NODELAY, then TLS checking the server's name from the URL (or the
+/// name given, when the URL holds one replica's address).
 #[derive(Clone)]
 pub struct TlsConnector {
     connector: tokio_rustls::TlsConnector,
+    name: Option<String>,
 }
 
 impl TlsConnector {
     pub fn new(config: Arc<rustls::ClientConfig>) -> Self {
-        Self { connector: tokio_rustls::TlsConnector::from(config) }
+        Self { connector: tokio_rustls::TlsConnector::from(config), name: None }
+    }
+
+    /// Checks the server's certificate for `name`, wherever it connects.
+    pub fn named(config: Arc<rustls::ClientConfig>, name: &str) -> Self {
+        Self { connector: tokio_rustls::TlsConnector::from(config), name: Some(name.to_string()) }
     }
 }
 
@@ -331,13 +338,14 @@ impl tower::Service<http::Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connector = self.connector.clone();
+        let (connector, name) = (self.connector.clone(), self.name.clone());
         Box::pin(async move {
             let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
             let host = uri.host().ok_or_else(|| invalid(format!("{uri}: no host")))?;
             let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.clone()).map_err(|e| invalid(format!("{host}: {e}")))?;
+            let name = name.unwrap_or_else(|| host.clone());
+            let name = ServerName::try_from(name.clone()).map_err(|e| invalid(format!("{name}: {e}")))?;
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;

@@ -83,6 +83,23 @@ mod toml_text {
     }
 }
 
+/// The host names `caller`'s configuration dials `service` by: every host
+/// of its `*_url` settings (several URLs may be listed) that is a Service
+/// selecting `service`'s pods, headless or not.
+fn dials(docs: &[(String, Value)], caller: &str, service: &str) -> Vec<String> {
+    let services = all(docs, "Service");
+    config(docs, caller)
+        .iter()
+        .filter(|(k, _)| k.ends_with("_url"))
+        .flat_map(|(_, urls)| urls.trim_matches('"').split(',').map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|url| {
+            let host = url.trim().split("//").nth(1)?.split([':', '/']).next()?.to_string();
+            let target = services.iter().find(|s| s["metadata"]["name"].as_str() == Some(host.as_str()))?;
+            (target["spec"]["selector"]["app.kubernetes.io/name"].as_str() == Some(service)).then_some(host)
+        })
+        .collect()
+}
+
 fn port_of(addr: &str) -> u64 {
     addr.rsplit(':').next().unwrap().trim_end_matches('/').parse().unwrap_or_else(|_| panic!("port of {addr}"))
 }
@@ -415,16 +432,16 @@ fn certificates_carry_the_names_the_urls_and_allowed_clients_use() {
     // Each service allows exactly those that call it.
     for service in SERVICES {
         let allowed = config(&docs, service).get("internal_tls.allowed_clients").cloned().unwrap_or_default();
-        let callers: BTreeSet<&str> = SERVICES
-            .iter()
-            .copied()
-            .filter(|caller| {
-                config(&docs, caller)
-                    .iter()
-                    .any(|(k, url)| k.ends_with("_url") && url.contains(&format!("//{service}:")))
-            })
-            .collect();
+        let callers: BTreeSet<&str> =
+            SERVICES.iter().copied().filter(|caller| !dials(&docs, caller, service).is_empty()).collect();
         for caller in &callers {
+            // Its certificate carries every name its callers dial it by.
+            for host in dials(&docs, caller, service) {
+                assert!(
+                    names(by_secret(&format!("{service}-internal-tls"))).contains(&host),
+                    "{caller} dials {service} as {host}, a name its certificate lacks"
+                );
+            }
             assert!(
                 allowed.contains(&format!("\"{caller}\"")) || allowed.contains(caller),
                 "{service} refuses its caller {caller}"
@@ -451,11 +468,7 @@ fn network_policies_open_internal_ports_only_to_their_callers() {
         let port = port_of(&config(&docs, service)["server.listen_addr"]);
         let callers: BTreeSet<String> = SERVICES
             .iter()
-            .filter(|caller| {
-                config(&docs, caller)
-                    .iter()
-                    .any(|(k, url)| k.ends_with("_url") && url.contains(&format!("//{service}:")))
-            })
+            .filter(|caller| !dials(&docs, caller, service).is_empty())
             .map(|s| s.to_string())
             .collect();
         // Every rule that opens this service's port, across all policies.

@@ -271,3 +271,93 @@ async fn a_secret_service_replica_cut_off_from_the_database_reads_the_api_server
     other.stop().await;
     db.drop_database().await;
 }
+
+/// The value a resolved item carries.
+fn value(items: &[secrets_proto::v1::ResolvedItem]) -> Vec<u8> {
+    match &items[0].result {
+        Some(secrets_proto::v1::resolved_item::Result::Value(v)) => v.clone(),
+        other => panic!("not a value: {other:?}"),
+    }
+}
+
+/// The item's value, or the error it was answered with.
+fn item_outcome(
+    answer: Result<Vec<secrets_proto::v1::ResolvedItem>, tonic::Status>,
+) -> Result<Vec<u8>, tonic_types::pb::Status> {
+    let items = answer.expect("the resolve call");
+    match &items[0].result {
+        Some(secrets_proto::v1::resolved_item::Result::Value(v)) => Ok(v.clone()),
+        Some(secrets_proto::v1::resolved_item::Result::Error(e)) => Err(e.clone()),
+        other => panic!("neither value nor error: {other:?}"),
+    }
+}
+
+/// ReadSecrets calls a secret-service replica has answered.
+async fn reads_served(metrics_url: &str) -> f64 {
+    let series = r#"secrets_grpc_server_requests_total{rpc_service="iomete.secrets.internal.v1.SecretReader",rpc_method="ReadSecrets",grpc_code="OK"}"#;
+    sample(&http_get(metrics_url).await.1, series)
+}
+
+/// A gateway given several secret-service addresses (a headless Service's
+/// name gives one per ready pod; here a list, one of them by name) spreads
+/// its resolves over all of them; when one replica dies under load, only
+/// calls that were on it fail, and each one's retry succeeds on another.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_spreads_resolves_over_every_secret_service_replica_and_a_retry_outlives_one_dying() {
+    let mut app = TestApp::spawn().await;
+    app.setup_domain("finance").await;
+    app.as_user(OWNER).create("finance", "db_password", "spread").await.unwrap();
+    let other = app.another_secret_replica().await;
+    let first = app.secret_service_url.rsplit(':').next().unwrap().to_string();
+    let gateway = app
+        .another_gateway_with(|c| {
+            c.secret_service_url = format!("http://localhost:{first},http://127.0.0.1:{}", other.port);
+        })
+        .await;
+    let clients = Clients::new(
+        &format!("http://127.0.0.1:{}", gateway.port),
+        Some(app.token(SPARK)),
+        Some(&format!("user:{OWNER}")),
+    );
+    let item = || vec![object_item("db", "finance", "db_password")];
+    let before = (reads_served(&app.metrics_url("secret-service")).await, reads_served(&other.metrics_url).await);
+    for _ in 0..60 {
+        let resolved = clients.resolve("finance", item()).await.expect("resolve");
+        assert_eq!(value(&resolved), b"spread");
+    }
+    let after = (reads_served(&app.metrics_url("secret-service")).await, reads_served(&other.metrics_url).await);
+    let (on_first, on_other) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(on_first + on_other, 60.0, "every resolve read once");
+    assert!(on_first >= 5.0 && on_other >= 5.0, "both replicas took load: {on_first} and {on_other}");
+
+    // One replica dies while resolves run: a call fails only if it was on
+    // it, and its retry lands on the other.
+    let load = {
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            let (mut failed, mut retried) = (0, 0);
+            for _ in 0..200 {
+                // A source that fails answers its items with their own
+                // error (the call itself succeeds).
+                match item_outcome(clients.resolve("finance", item()).await) {
+                    Ok(v) => assert_eq!(v, b"spread"),
+                    Err(status) => {
+                        assert_eq!(status.code, tonic::Code::Unavailable as i32, "{status:?}");
+                        failed += 1;
+                        let again = item_outcome(clients.resolve("finance", item()).await);
+                        assert_eq!(again.expect("the retry succeeds on another replica"), b"spread");
+                        retried += 1;
+                    }
+                }
+            }
+            (failed, retried)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.stop_secret_service().await;
+    let (failed, retried) = load.await.unwrap();
+    assert_eq!(failed, retried);
+    assert!(failed <= 4, "only calls on the dead replica failed, then it was left out: {failed}");
+    other.stop().await;
+    gateway.stop().await;
+}
