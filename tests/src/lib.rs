@@ -16,6 +16,7 @@ pub mod pki;
 pub mod postgres;
 pub mod procs;
 pub mod proxy;
+pub mod replicated;
 pub mod stores;
 
 pub use app::*;

@@ -52,7 +52,13 @@ impl Service {
     /// As `start`, with its log going to `stderr` (a long-running process
     /// whose log nobody reads: `Stdio::null()`).
     pub fn start_logging(name: &'static str, env: &BTreeMap<String, String>, stderr: Stdio) -> Self {
+        Self::start_with_args(name, &[], env, stderr)
+    }
+
+    /// As `start_logging`, with command-line arguments.
+    pub fn start_with_args(name: &'static str, args: &[&str], env: &BTreeMap<String, String>, stderr: Stdio) -> Self {
         let child = Command::new(binary(name))
+            .args(args)
             .env_clear()
             .envs(env)
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -159,3 +159,42 @@ async fn send(
         }
     }
 }
+
+/// A Service's virtual address as kube-proxy gives it: each new connection
+/// goes to one of the targets, in turn starting at `first`, skipping any
+/// that refuses; an open connection stays with its target.
+pub struct ClusterIp {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClusterIp {
+    pub async fn start(targets: Vec<String>, first: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let targets = Arc::new(targets);
+        let task = tokio::spawn(async move {
+            let mut turn = first;
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (targets, start) = (targets.clone(), turn);
+                turn += 1;
+                tokio::spawn(async move {
+                    for k in 0..targets.len() {
+                        if let Ok(mut server) = TcpStream::connect(targets[(start + k) % targets.len()].as_str()).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+}
+
+impl Drop for ClusterIp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -25,6 +25,7 @@ mod metrics;
 mod permissions;
 mod readme;
 mod replicas;
+mod replicated;
 mod resilience;
 mod resolve;
 mod secrets;

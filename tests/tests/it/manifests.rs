@@ -466,11 +466,8 @@ fn network_policies_open_internal_ports_only_to_their_callers() {
     );
     for service in SERVICES.iter().filter(|s| **s != "gateway") {
         let port = port_of(&config(&docs, service)["server.listen_addr"]);
-        let callers: BTreeSet<String> = SERVICES
-            .iter()
-            .filter(|caller| !dials(&docs, caller, service).is_empty())
-            .map(|s| s.to_string())
-            .collect();
+        let callers: BTreeSet<String> =
+            SERVICES.iter().filter(|caller| !dials(&docs, caller, service).is_empty()).map(|s| s.to_string()).collect();
         // Every rule that opens this service's port, across all policies.
         let mut allowed = BTreeSet::new();
         for p in &policies {

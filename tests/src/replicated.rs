@@ -1,0 +1,211 @@
+//! `ReplicatedStack`: two replicas of every service, each its own process
+//! (the real binaries), on one PostgreSQL database and one Kubernetes API
+//! server (the in-test one), as production runs them. Each gateway spreads
+//! its calls over both secret-service and both vault-config-service
+//! replicas and keeps its own authz-service replica (as one connection
+//! through a ClusterIP Service would); tests spread their clients over
+//! both gateways.
+
+use std::{collections::HashMap, fmt::Write as _, net::SocketAddr, time::Duration};
+
+use secrets_common::auth::{TokenHash, generate_token};
+use secrets_proto::v1::{self as pb, DomainRole, Permission};
+
+use crate::{
+    ADMIN, Clients, JUPYTER, LISTER, MANAGER, MEMBER, OTHER_DOMAIN, OUTSIDER, OWNER, SPARK, USERS,
+    kube_server::FakeKube,
+    postgres::TestDatabase,
+    procs::{Service, free_port},
+};
+
+/// The services, in the order they start.
+pub const SERVICES: [&str; 4] = ["authz-service", "secret-service", "vault-config-service", "gateway"];
+/// Replicas of each.
+pub const REPLICAS: usize = 2;
+/// The Kubernetes namespace of the store objects.
+pub const NAMESPACE: &str = "secrets";
+
+pub struct ReplicatedStack {
+    /// The gateways' URLs.
+    pub gateways: Vec<String>,
+    pub kube: FakeKube,
+    pub db: TestDatabase,
+    /// `service` → each replica's gRPC port.
+    pub ports: HashMap<&'static str, Vec<u16>>,
+    tokens: HashMap<String, String>,
+    processes: HashMap<(&'static str, usize), Service>,
+    /// The authz-service as each replica of the others reaches it: its
+    /// ClusterIP Service (a connection goes to one replica, and to another
+    /// once that one is gone), starting at the replica of the same number.
+    authz_links: Vec<crate::proxy::ClusterIp>,
+    dir: tempfile::TempDir,
+}
+
+impl ReplicatedStack {
+    /// Starts it all; `None` when no PostgreSQL is configured (see
+    /// [`crate::postgres::fresh_database`]).
+    pub async fn start() -> Option<Self> {
+        let db = crate::postgres::fresh_database().await?;
+        let kube = FakeKube::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: HashMap<&'static str, Vec<u16>> =
+            SERVICES.iter().map(|s| (*s, (0..REPLICAS).map(|_| free_port()).collect())).collect();
+        let mut tokens = HashMap::new();
+        let mut token_table = String::new();
+        for (name, kind) in USERS.iter().map(|u| (*u, "user")).chain([(SPARK, "service"), (JUPYTER, "service")]) {
+            let token = generate_token();
+            let everything = name == SPARK;
+            let _ = write!(
+                token_table,
+                "\n[[tokens]]\nname = \"{name}\"\nkind = \"{kind}\"\nsubject = \"{name}\"\nsha256 = \"{}\"\n",
+                TokenHash::of(&token).to_hex()
+            );
+            if everything {
+                token_table.push_str(
+                    "allow = [\"resolve\", \"workloads\", \"manage_secrets\", \"manage_access\", \"admin\"]\n\
+                     act_for = [\"*\"]\nact_for_admins = true\n",
+                );
+            }
+            tokens.insert(name.to_string(), token);
+        }
+        let authz: Vec<String> = ports["authz-service"].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut authz_links = Vec::new();
+        for replica in 0..REPLICAS {
+            authz_links.push(crate::proxy::ClusterIp::start(authz.clone(), replica).await);
+        }
+        let mut stack =
+            Self { gateways: Vec::new(), kube, db, ports, tokens, processes: HashMap::new(), authz_links, dir };
+        let internal_token = generate_token();
+        for service in SERVICES {
+            for replica in 0..REPLICAS {
+                let config = stack.config(service, replica, &internal_token, &token_table);
+                let path = stack.dir.path().join(format!("{service}-{replica}.toml"));
+                std::fs::write(&path, config).expect("write a configuration");
+                let log = stack.dir.path().join(format!("{service}-{replica}.log"));
+                stack.processes.insert((service, replica), start(service, &path, &log));
+            }
+            for replica in 0..REPLICAS {
+                stack.until_serving(service, replica).await;
+            }
+        }
+        stack.gateways = stack.ports["gateway"].iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        Some(stack)
+    }
+
+    fn urls(&self, service: &str) -> String {
+        self.ports[service].iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    fn config(&self, service: &str, replica: usize, internal_token: &str, tokens: &str) -> String {
+        let port = self.ports[service][replica];
+        let authz = format!("http://127.0.0.1:{}", self.authz_links[replica].port);
+        let mut text = format!("internal_token = \"{internal_token}\"\n");
+        if service != "authz-service" {
+            // Past the longest a write waits for a replica that is gone.
+            text.push_str("request_timeout_ms = 15000\n");
+        }
+        let kubernetes = format!(
+            "backend = \"kubernetes\"\n[kubernetes]\napi_url = \"{}\"\nnamespace = \"{NAMESPACE}\"\n",
+            self.kube.url
+        );
+        match service {
+            "authz-service" => {
+                let _ = write!(text, "database_url = \"{}\"\nbootstrap_admins = [\"user:{ADMIN}\"]\n", self.db.url);
+            }
+            "secret-service" => {
+                let _ = write!(
+                    text,
+                    "authz_url = \"{authz}\"\n{kubernetes}[replicas]\ndatabase_url = \"{}\"\n",
+                    self.db.url
+                );
+            }
+            "vault-config-service" => {
+                let _ = write!(text, "authz_url = \"{authz}\"\ndatabase_url = \"{}\"\n{kubernetes}", self.db.url);
+            }
+            _ => {
+                let _ = write!(
+                    text,
+                    "secret_service_url = \"{}\"\nvault_config_service_url = \"{}\"\nauthz_service_url = \"{authz}\"\n",
+                    self.urls("secret-service"),
+                    self.urls("vault-config-service"),
+                );
+                text.push_str(tokens);
+            }
+        }
+        let _ = write!(
+            text,
+            "\n[server]\nlisten_addr = \"127.0.0.1:{port}\"\nmetrics_addr = \"127.0.0.1:{}\"\n",
+            free_port()
+        );
+        text
+    }
+
+    async fn until_serving(&self, service: &str, replica: usize) {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.ports[service][replica]).into();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while secrets_common::server::probe(addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{service} replica {replica} did not start: {}",
+                self.log(service, replica)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A person's clients through gateway `gateway`.
+    pub fn as_user(&self, name: &str, gateway: usize) -> Clients {
+        Clients::new(&self.gateways[gateway], Some(&self.tokens[name]), None)
+    }
+
+    /// A platform service's clients through gateway `gateway`, acting for
+    /// `user:{on_behalf_of}`.
+    pub fn as_service(&self, on_behalf_of: &str, gateway: usize) -> Clients {
+        Clients::new(&self.gateways[gateway], Some(&self.tokens[SPARK]), Some(&format!("user:{on_behalf_of}")))
+    }
+
+    /// The personas' grants in `domain` (as `TestApp::setup_domain`).
+    pub async fn setup_domain(&self, domain: &str) {
+        let mut authz = self.as_user(ADMIN, 0).authz.clone();
+        let add = |d: &str, who: &str, role: DomainRole| pb::AddDomainMemberRequest {
+            domain: d.into(),
+            subject: format!("user:{who}"),
+            role: role as i32,
+        };
+        let grant = |d: &str, who: &str, p: Permission| pb::GrantDomainPermissionRequest {
+            domain: d.into(),
+            subject: format!("user:{who}"),
+            permission: p as i32,
+        };
+        authz.add_domain_member(add(domain, OWNER, DomainRole::Owner)).await.expect("owner");
+        for who in [LISTER, MANAGER, MEMBER] {
+            authz.add_domain_member(add(domain, who, DomainRole::Member)).await.expect("member");
+        }
+        authz.grant_domain_permission(grant(domain, LISTER, Permission::ListSecrets)).await.expect("grant");
+        authz.grant_domain_permission(grant(domain, MANAGER, Permission::ManageSecrets)).await.expect("grant");
+        authz.add_domain_member(add(OTHER_DOMAIN, OUTSIDER, DomainRole::Member)).await.expect("outsider");
+    }
+
+    /// SIGKILL: replica `replica` of `service` ends at once.
+    pub fn kill(&mut self, service: &'static str, replica: usize) {
+        self.processes.remove(&(service, replica)).expect("running").kill();
+    }
+
+    /// What replica `replica` of `service` has logged so far.
+    pub fn log(&self, service: &str, replica: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{service}-{replica}.log"))).unwrap_or_default()
+    }
+
+    pub async fn stop(self) {
+        drop(self.processes);
+        self.db.drop_database().await;
+    }
+}
+
+/// Starts one replica, its log going to `log` (a pipe nobody reads would
+/// fill up and stall it).
+fn start(service: &'static str, config: &std::path::Path, log: &std::path::Path) -> Service {
+    let log = std::fs::File::create(log).expect("a log file");
+    let args = ["--config", config.to_str().expect("a UTF-8 path")];
+    Service::start_with_args(service, &args, &Default::default(), std::process::Stdio::from(log))
+}
