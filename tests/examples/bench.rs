@@ -10,7 +10,9 @@
 //! Prints one table (requests/s, p50, p99 and the ratios to the two
 //! references at 1, 16 and 64 requests in flight), then for 10,000 one-item
 //! resolves: the CPU seconds and peak RSS of each service, and the
-//! API-server requests and database queries per resolve. The services log at
+//! API-server requests and database queries per resolve; then the same
+//! one-item resolve with two replicas of every service on PostgreSQL
+//! (`DATABASE_URL`), with each replica's CPU. The services log at
 //! `warn`; `BENCH_SERVICE_LOG=info` measures what per-call logging costs.
 
 #![allow(clippy::disallowed_methods, reason = "a benchmark driver may block: it runs beside the servers, not in them")]
@@ -581,6 +583,8 @@ async fn main() {
         ),
     );
 
+    replicas(rounds, per_step, [cases[0].1.clone(), cases[1].1.clone(), cases[2].1.clone()]).await;
+
     bursts(Bursts {
         dir: dir.path(),
         rounds,
@@ -594,6 +598,117 @@ async fn main() {
         gateway_config: &gateway_config,
     })
     .await;
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Two replicas of every service on PostgreSQL (`ReplicatedStack`, with the
+/// same log level and worker threads as the single stack above), beside the
+/// single-process SQLite stack and the references, interleaved: one-item
+/// resolves spread over both gateways, then through a gateway that calls
+/// one replica of each service; authz checks per resolve on PostgreSQL; and
+/// each replica's CPU per 10,000 resolves. `references`: the no-op server,
+/// OpenBao, and a one-item resolve on the single SQLite stack.
+async fn replicas(rounds: usize, per_step: usize, references: [Call; 3]) {
+    let env: BTreeMap<String, String> =
+        [("RUST_LOG".to_string(), service_log()), ("TOKIO_WORKER_THREADS".to_string(), service_threads())]
+            .into_iter()
+            .collect();
+    let Some(mut stack) = replicated::ReplicatedStack::start_with(env).await else {
+        println!();
+        println!("replica rows skipped: DATABASE_URL names no PostgreSQL server");
+        return;
+    };
+    stack.setup_domain("finance").await;
+    stack.as_user(OWNER, 0).create("finance", "db_password", "value-from-the-store").await.unwrap();
+    let one_path = stack.another_gateway(&[0]).await;
+    let through = |gateways: Vec<usize>| -> Call {
+        let clients: Arc<Vec<Clients>> = Arc::new(gateways.iter().map(|g| stack.as_service(MEMBER, *g)).collect());
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Arc::new(move || {
+            let (clients, next) = (clients.clone(), next.clone());
+            Box::pin(async move {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let client = &clients[n % clients.len()];
+                let out = client.resolve("finance", vec![object_item("a", "finance", "db_password")]).await;
+                let out = out.expect("resolve");
+                assert!(matches!(out[0].result, Some(R::Value(_))), "{out:?}");
+            })
+        })
+    };
+    let [noop, bao, single] = references;
+    let cases: Vec<(&str, Call)> = vec![
+        ("no-op tonic server (reference)", noop),
+        ("direct OpenBao KV v2 read (reference)", bao),
+        ("one-item resolve, 1 process each, authz on SQLite", single),
+        ("one-item resolve, 2 replicas each on PostgreSQL, over both gateways", through(vec![0, 1])),
+        ("one-item resolve, PostgreSQL, one gateway calling 1 replica of each", through(vec![one_path])),
+    ];
+    for (_, call) in &cases {
+        for _ in 0..50 {
+            call().await;
+        }
+    }
+    let mut samples: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
+    let levels = inflight_levels();
+    for _ in 0..rounds {
+        for &inflight in &levels {
+            for (i, (_, call)) in cases.iter().enumerate() {
+                step(call, inflight, per_step, samples.entry((inflight, i)).or_default()).await;
+            }
+        }
+    }
+    println!();
+    println!("Replicas: two of every service on one PostgreSQL, beside one of each on SQLite:");
+    println!("| call | in flight | requests/s | p50 ms | p99 ms | rps / SQLite | p50 / SQLite | p50 / OpenBao |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &inflight in &levels {
+        let bao_p50 = samples.get_mut(&(inflight, 1)).unwrap().p50();
+        let single_rps = samples[&(inflight, 2)].rps();
+        let single_p50 = samples.get_mut(&(inflight, 2)).unwrap().p50();
+        for (i, (name, _)) in cases.iter().enumerate() {
+            let s = samples.get_mut(&(inflight, i)).unwrap();
+            let (rps, p50, p99) = (s.rps(), s.p50(), s.p99());
+            println!(
+                "| {name} | {inflight} | {rps:.0} | {p50:.2} | {p99:.2} | {:.0}% | {:.2}x | {:.2}x |",
+                100.0 * rps / single_rps,
+                p50 / single_p50,
+                p50 / bao_p50
+            );
+        }
+    }
+
+    // 10,000 resolves over both gateways at 16 in flight: what each replica
+    // spends, and what the gateways asked the authz-service.
+    let gateway_metrics: Vec<u16> = (0..2).map(|g| stack.metrics[&("gateway", g)]).collect();
+    let asked = |texts: &[String]| -> f64 { texts.iter().map(|t| backend_calls(t, "operation=\"BatchCheck\"")).sum() };
+    let before_metrics: Vec<String> = futures::future::join_all(gateway_metrics.iter().map(|p| scrape(*p))).await;
+    let pids = stack.pids();
+    let before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_of(*pid)).collect();
+    let mut sample = Sample::default();
+    step(&cases[3].1, 16, 10_000, &mut sample).await;
+    let after: Vec<f64> = pids.iter().map(|(_, pid)| cpu_of(*pid)).collect();
+    let after_metrics: Vec<String> = futures::future::join_all(gateway_metrics.iter().map(|p| scrape(*p))).await;
+    println!();
+    println!(
+        "10,000 one-item resolves over both gateways at 16 in flight ({:.0}/s): {:.3} authz checks per resolve",
+        sample.rps(),
+        (asked(&after_metrics) - asked(&before_metrics)) / 10_000.0
+    );
+    println!("| replica | CPU s per 10,000 resolves |");
+    println!("| --- | ---: |");
+    for (i, ((service, replica), _)) in pids.iter().enumerate() {
+        println!("| {service} {replica} | {:.2} |", after[i] - before[i]);
+    }
+    stack.stop().await;
 }
 
 /// What the burst rows need of the set-up above.

@@ -89,6 +89,11 @@ impl Service {
 }
 
 impl Service {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the process ends at once, closing nothing cleanly.
     pub fn kill(mut self) {
         if let Some(mut c) = self.child.take() {

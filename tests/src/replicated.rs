@@ -32,6 +32,13 @@ pub struct ReplicatedStack {
     pub db: TestDatabase,
     /// `service` → each replica's gRPC port.
     pub ports: HashMap<&'static str, Vec<u16>>,
+    /// (`service`, replica) → its metrics port.
+    pub metrics: HashMap<(&'static str, usize), u16>,
+    /// Variables every process gets besides PATH (a log level, worker
+    /// threads).
+    env: std::collections::BTreeMap<String, String>,
+    internal_token: String,
+    token_table: String,
     tokens: HashMap<String, String>,
     processes: HashMap<(&'static str, usize), Service>,
     /// The authz-service as each replica of the others reaches it: its
@@ -45,6 +52,11 @@ impl ReplicatedStack {
     /// Starts it all; `None` when no PostgreSQL is configured (see
     /// [`crate::postgres::fresh_database`]).
     pub async fn start() -> Option<Self> {
+        Self::start_with(Default::default()).await
+    }
+
+    /// The same, each process with `env` too.
+    pub async fn start_with(env: std::collections::BTreeMap<String, String>) -> Option<Self> {
         let db = crate::postgres::fresh_database().await?;
         let kube = FakeKube::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -73,16 +85,25 @@ impl ReplicatedStack {
         for replica in 0..REPLICAS {
             authz_links.push(crate::proxy::ClusterIp::start(authz.clone(), replica).await);
         }
-        let mut stack =
-            Self { gateways: Vec::new(), kube, db, ports, tokens, processes: HashMap::new(), authz_links, dir };
-        let internal_token = generate_token();
+        let mut stack = Self {
+            gateways: Vec::new(),
+            kube,
+            db,
+            ports,
+            metrics: HashMap::new(),
+            env,
+            internal_token: generate_token(),
+            token_table,
+            tokens,
+            processes: HashMap::new(),
+            authz_links,
+            dir,
+        };
         for service in SERVICES {
             for replica in 0..REPLICAS {
-                let config = stack.config(service, replica, &internal_token, &token_table);
-                let path = stack.dir.path().join(format!("{service}-{replica}.toml"));
-                std::fs::write(&path, config).expect("write a configuration");
-                let log = stack.dir.path().join(format!("{service}-{replica}.log"));
-                stack.processes.insert((service, replica), start(service, &path, &log));
+                let port = stack.ports[service][replica];
+                let config = stack.config(service, replica, port, None);
+                stack.launch(service, replica, &config);
             }
             for replica in 0..REPLICAS {
                 stack.until_serving(service, replica).await;
@@ -92,12 +113,48 @@ impl ReplicatedStack {
         Some(stack)
     }
 
-    fn urls(&self, service: &str) -> String {
-        self.ports[service].iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    /// The URLs of `service`'s replicas (of those in `only`).
+    fn urls(&self, service: &str, only: Option<&[usize]>) -> String {
+        let ports = self.ports[service].iter().enumerate().filter(|(i, _)| only.is_none_or(|o| o.contains(i)));
+        ports.map(|(_, p)| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
     }
 
-    fn config(&self, service: &str, replica: usize, internal_token: &str, tokens: &str) -> String {
-        let port = self.ports[service][replica];
+    /// Writes `config` and starts the process as replica `replica` of `service`.
+    fn launch(&mut self, service: &'static str, replica: usize, config: &str) {
+        let path = self.dir.path().join(format!("{service}-{replica}.toml"));
+        std::fs::write(&path, config).expect("write a configuration");
+        let log = self.dir.path().join(format!("{service}-{replica}.log"));
+        let metrics = config
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics_addr = \"127.0.0.1:"))
+            .and_then(|p| p.trim_end_matches('"').parse().ok())
+            .expect("a metrics port");
+        self.metrics.insert((service, replica), metrics);
+        self.processes.insert((service, replica), start(service, &path, &log, &self.env));
+    }
+
+    /// Another gateway, calling only the secret-service and vault-config-service
+    /// replicas in `replicas` (and authz-service replica 0); its number.
+    pub async fn another_gateway(&mut self, replicas: &[usize]) -> usize {
+        let number = self.gateways.len();
+        let port = free_port();
+        let config = self.config("gateway", 0, port, Some(replicas));
+        self.launch("gateway", number, &config);
+        self.ports.get_mut("gateway").expect("gateways").push(port);
+        self.until_serving("gateway", number).await;
+        self.gateways.push(format!("http://127.0.0.1:{port}"));
+        number
+    }
+
+    /// The process ids, by (`service`, replica).
+    pub fn pids(&self) -> Vec<((&'static str, usize), u32)> {
+        let mut pids: Vec<_> = self.processes.iter().filter_map(|(k, p)| Some((*k, p.pid()?))).collect();
+        pids.sort();
+        pids
+    }
+
+    fn config(&self, service: &str, replica: usize, port: u16, only: Option<&[usize]>) -> String {
+        let (internal_token, tokens) = (&self.internal_token, &self.token_table);
         let authz = format!("http://127.0.0.1:{}", self.authz_links[replica].port);
         let mut text = format!("internal_token = \"{internal_token}\"\n");
         if service != "authz-service" {
@@ -126,8 +183,8 @@ impl ReplicatedStack {
                 let _ = write!(
                     text,
                     "secret_service_url = \"{}\"\nvault_config_service_url = \"{}\"\nauthz_service_url = \"{authz}\"\n",
-                    self.urls("secret-service"),
-                    self.urls("vault-config-service"),
+                    self.urls("secret-service", only),
+                    self.urls("vault-config-service", only),
                 );
                 text.push_str(tokens);
             }
@@ -204,8 +261,13 @@ impl ReplicatedStack {
 
 /// Starts one replica, its log going to `log` (a pipe nobody reads would
 /// fill up and stall it).
-fn start(service: &'static str, config: &std::path::Path, log: &std::path::Path) -> Service {
+fn start(
+    service: &'static str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Service {
     let log = std::fs::File::create(log).expect("a log file");
     let args = ["--config", config.to_str().expect("a UTF-8 path")];
-    Service::start_with_args(service, &args, &Default::default(), std::process::Stdio::from(log))
+    Service::start_with_args(service, &args, env, std::process::Stdio::from(log))
 }
