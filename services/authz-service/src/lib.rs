@@ -181,7 +181,7 @@ impl Application {
         let shutdown = async move {
             shutdown.await;
             // Lease holders go back to asking while the server drains.
-            policy.stop();
+            policy.stop().await;
         };
         let result = self.served.run(shutdown).await.context("authz-service stopped with an error");
         drop(self._sqlite_lock);

@@ -229,11 +229,13 @@ impl Policy {
         }
     }
 
-    /// Stops taking part among the replicas (the service is stopping).
-    pub fn stop(&self) {
+    /// Stops taking part among the replicas (the service is stopping):
+    /// gives no more leases, answers from the database, and leaves, so
+    /// changes stop waiting for this replica at once.
+    pub async fn stop(&self) {
         self.leases.stop();
         if let Some(replicas) = &self.replicas {
-            replicas.stop();
+            replicas.leave().await;
         }
     }
 

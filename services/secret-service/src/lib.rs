@@ -226,10 +226,14 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let result = self.served.run(shutdown).await.context("secret-service stopped with an error");
-        if let Some(replicas) = &self.replicas {
-            replicas.stop();
-        }
-        result
+        let replicas = self.replicas.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Writes stop waiting for this replica while it drains.
+            if let Some(replicas) = replicas {
+                replicas.leave().await;
+            }
+        };
+        self.served.run(shutdown).await.context("secret-service stopped with an error")
     }
 }

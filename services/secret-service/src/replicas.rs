@@ -116,9 +116,11 @@ impl StoreReplicas {
         let _ = self.replicas.set(Replicas::start(self.db.clone(), REPLICAS, keeper));
     }
 
-    pub fn stop(&self) {
+    /// Leaves the replicas (the service is stopping): reads go to the API
+    /// server, and writers stop waiting for this replica at once.
+    pub async fn leave(&self) {
         if let Some(r) = self.replicas.get() {
-            r.stop();
+            r.leave().await;
         }
     }
 

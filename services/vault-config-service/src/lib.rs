@@ -224,9 +224,13 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let result = self.served.run(shutdown).await.context("vault-config-service stopped with an error");
-        self.rows.stop();
-        result
+        let rows = self.rows.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Changes stop waiting for this replica while it drains.
+            rows.leave().await;
+        };
+        self.served.run(shutdown).await.context("vault-config-service stopped with an error")
     }
 }
 

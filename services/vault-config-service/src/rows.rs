@@ -118,10 +118,11 @@ impl Rows {
         rows
     }
 
-    /// Stops taking part among the replicas (the service is stopping).
-    pub fn stop(&self) {
+    /// Leaves the replicas (the service is stopping): reads go to the
+    /// database, and changes stop waiting for this replica at once.
+    pub async fn leave(&self) {
         if let Some(replicas) = self.inner.replicas.get() {
-            replicas.stop();
+            replicas.leave().await;
         }
     }
 

@@ -120,6 +120,9 @@ struct Inner {
     /// The copy fell behind for too long: listen and load again.
     restart: tokio::sync::Notify,
     stopped: AtomicBool,
+    /// Held while a renewal is being written: a replica that leaves waits
+    /// for it, so no renewal brings its row back.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -150,6 +153,7 @@ impl Replicas {
                 to_ack: tokio::sync::Notify::new(),
                 restart: tokio::sync::Notify::new(),
                 stopped: AtomicBool::new(false),
+                renewing: tokio::sync::Mutex::new(()),
             }),
         };
         let listener = replicas.clone();
@@ -166,6 +170,30 @@ impl Replicas {
         self.inner.to_ack.notify_one();
     }
 
+    /// Stops, no longer answers from its copy, and removes its row: writers
+    /// stop waiting for it now rather than when its lease would have run
+    /// out (a replica shutting down cleanly, as in a rolling upgrade).
+    pub async fn leave(&self) {
+        self.stop();
+        let _renewal = self.inner.renewing.lock().await;
+        let names = &self.inner.names;
+        let removed = self
+            .inner
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                format!("{MARKER} DELETE FROM {} WHERE replica = $1", names.table),
+                [self.inner.replica.clone().into()],
+            ))
+            .await;
+        match removed {
+            Ok(_) => tracing::info!(service = names.service, "left the replicas"),
+            Err(e) => {
+                tracing::warn!(service = names.service, error = %e, "cannot remove this replica's row; its lease runs out on its own")
+            }
+        }
+    }
+
     fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
         self.inner.lease.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -178,7 +206,7 @@ impl Replicas {
     /// How much longer this replica's lease surely holds, while it may
     /// answer from its copy.
     pub fn serving_for(&self) -> Option<Duration> {
-        if !self.inner.current.load(Ordering::SeqCst) {
+        if self.inner.stopped.load(Ordering::SeqCst) || !self.inner.current.load(Ordering::SeqCst) {
             return None;
         }
         let lease = self.lease();
@@ -385,7 +413,27 @@ impl Replicas {
     /// Renews every [`RENEW`], and at once after something was applied.
     async fn renew_forever(&self) {
         let mut announced = 0;
+        let mut renewals = 0u64;
         while !self.inner.stopped.load(Ordering::SeqCst) {
+            renewals += 1;
+            // Now and then: the rows of replicas long gone (killed, never
+            // left cleanly) are removed.
+            if renewals % 240 == 1 {
+                let pruned = self
+                    .inner
+                    .db
+                    .execute_raw(Statement::from_string(
+                        DbBackend::Postgres,
+                        format!(
+                            "{MARKER} DELETE FROM {} WHERE lease_until < now() - interval '1 hour'",
+                            self.inner.names.table
+                        ),
+                    ))
+                    .await;
+                if let Err(e) = pruned {
+                    tracing::debug!(service = self.inner.names.service, error = %e, "cannot remove old replica rows");
+                }
+            }
             tokio::select! {
                 () = tokio::time::sleep(RENEW) => {}
                 () = self.inner.to_ack.notified() => {}
@@ -403,6 +451,10 @@ impl Replicas {
     }
 
     async fn renew(&self, announced: &mut i64) -> Result<(), DbErr> {
+        let _renewal = self.inner.renewing.lock().await;
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let names = &self.inner.names;
         let applied = self.inner.applied.load(Ordering::SeqCst);
         let sent = Instant::now();

@@ -147,6 +147,44 @@ async fn a_replica_that_stops_applying_holds_a_change_only_until_it_stops_servin
     database.drop_database().await;
 }
 
+/// A replica that leaves cleanly (shutting down, as in a rolling upgrade)
+/// stops answering from its copy at once and removes its row: a change
+/// never waits for it, even if it would never apply the change.
+#[tokio::test]
+async fn a_replica_that_leaves_stops_answering_from_its_copy_and_holds_no_change() {
+    let Some(database) = postgres::fresh_database().await else { return };
+    let db = schema(&database.url).await;
+    let (a, b) = (Counting::new(&db), Counting::new(&db));
+    let ra = Replicas::start(pool(&database.url).await, NAMES, a.clone());
+    let rb = Replicas::start(pool(&database.url).await, NAMES, b.clone());
+    until_serving(&[&ra, &rb]).await;
+    let rows = |db: DatabaseConnection| async move {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!("SELECT count(*) AS n FROM {}", NAMES.table),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "n").unwrap()
+    };
+    assert_eq!(rows(db.clone()).await, 2);
+    b.hung.store(true, Ordering::SeqCst);
+    rb.leave().await;
+    assert!(!rb.serving(), "a replica that left answers from its copy no more");
+    assert_eq!(rows(db.clone()).await, 1, "its row is gone");
+    // Its renewer is stopped too: the row stays gone past a renewal.
+    tokio::time::sleep(secrets_db::replicas::RENEW * 3).await;
+    assert_eq!(rows(db.clone()).await, 1, "no renewal brought it back");
+    let version = change(&db).await;
+    let confirmed = ra.wait_for_others(version).await;
+    assert!(confirmed.is_ok(), "{confirmed:?}");
+    assert!(b.seen.load(Ordering::SeqCst) < version, "B never applied it, and nothing waited for B");
+    ra.stop();
+    database.drop_database().await;
+}
+
 /// What a secret-service replica answers the gateway for `key` in `domain`
 /// (the internal read every resolve makes): `None` when it is not there.
 async fn read_on(app: &TestApp, port: u16, domain: &str, key: &str) -> Option<Vec<u8>> {
