@@ -248,6 +248,11 @@ impl ReplicatedStack {
         self.processes.remove(&(service, replica)).expect("running").kill();
     }
 
+    /// The credential the services present to each other.
+    pub fn internal_token(&self) -> &str {
+        &self.internal_token
+    }
+
     /// What replica `replica` of `service` has logged so far.
     pub fn log(&self, service: &str, replica: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{service}-{replica}.log"))).unwrap_or_default()

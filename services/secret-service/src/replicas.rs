@@ -31,7 +31,7 @@ pub const REPLICAS: Names = Names {
 };
 
 /// The `[replicas]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicasConfig {
     /// The PostgreSQL database the replicas keep their copies in step
@@ -41,6 +41,16 @@ pub struct ReplicasConfig {
     pub database_url: Option<String>,
     /// Bound on getting a connection and on each statement.
     pub database_timeout_ms: u64,
+}
+
+/// The URL may hold a password: printed only as set or not.
+impl std::fmt::Debug for ReplicasConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicasConfig")
+            .field("database_url", &self.database_url.as_ref().map(|_| "(set)"))
+            .field("database_timeout_ms", &self.database_timeout_ms)
+            .finish()
+    }
 }
 
 impl Default for ReplicasConfig {
@@ -112,7 +122,8 @@ impl StoreReplicas {
 
     /// Starts keeping `backend`'s copy in step with the other replicas'.
     pub fn start(&self, backend: Arc<KubernetesBackend>) {
-        let keeper = Arc::new(Mirror { backend, db: self.db.clone() });
+        // Held weakly: the backend holds this fence, and the fence the keeper.
+        let keeper = Arc::new(Mirror { backend: Arc::downgrade(&backend), db: self.db.clone() });
         let _ = self.replicas.set(Replicas::start(self.db.clone(), REPLICAS, keeper));
     }
 
@@ -162,8 +173,14 @@ impl Fence for StoreReplicas {
 
 /// A replica's copy: the backend's memory.
 struct Mirror {
-    backend: Arc<KubernetesBackend>,
+    backend: std::sync::Weak<KubernetesBackend>,
     db: DatabaseConnection,
+}
+
+impl Mirror {
+    fn backend(&self) -> Result<Arc<KubernetesBackend>, Error> {
+        self.backend.upgrade().ok_or_else(|| Error::Internal("the store backend is gone".into()))
+    }
 }
 
 impl Keeper for Mirror {
@@ -172,7 +189,7 @@ impl Keeper for Mirror {
             // The counter first: every write announced up to it was in the
             // API server before, so the list has it.
             let version = Replicas::version_in(&REPLICAS, &self.db).await?;
-            self.backend.catch_up_all().await?;
+            self.backend()?.catch_up_all().await?;
             Ok(version)
         })
     }
@@ -183,7 +200,7 @@ impl Keeper for Mirror {
                 .rsplit_once(' ')
                 .and_then(|(o, v)| Some((o, v.parse::<u64>().ok()?)))
                 .ok_or_else(|| Error::Internal(format!("a store change announcement without a version: {what:?}")))?;
-            Ok(self.backend.catch_up(object, version).await?)
+            Ok(self.backend()?.catch_up(object, version).await?)
         })
     }
 }
@@ -201,5 +218,13 @@ mod tests {
         assert!(sqlite.contains("replicas.database_url") && sqlite.contains("postgres://"), "{sqlite}");
         let embedded = with("postgres://db/secrets").validate(false).unwrap_err().to_string();
         assert!(embedded.contains("replicas.database_url") && embedded.contains("unset it"), "{embedded}");
+    }
+
+    #[test]
+    fn the_database_url_and_its_password_stay_out_of_debug_output() {
+        let config =
+            ReplicasConfig { database_url: Some("postgres://u:pw-canary-17@db/x".into()), ..Default::default() };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("pw-canary-17") && printed.contains("(set)"), "{printed}");
     }
 }

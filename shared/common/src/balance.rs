@@ -7,8 +7,10 @@
 //! A replica whose call failed at the transport (refused, reset, no
 //! answer in time) is left out for a while ([`EJECT_MIN`], doubling up to
 //! [`EJECT_MAX`] while it keeps failing), so that a retry goes to another
-//! replica; when every replica is failing, calls go through and fail at
-//! once rather than wait.
+//! replica; it comes back once a new connection to it opens (a probe, not a
+//! caller's call). When every replica is failing, calls go through and
+//! fail at once rather than wait; when the names resolve to no address at
+//! all, calls fail at once naming them.
 
 use std::{
     collections::HashMap,
@@ -59,6 +61,12 @@ pub struct Balanced {
     inner: Buffer<http::Request<Body>, BoxFuture<Result<Response, BoxError>>>,
     peer: &'static str,
     request_timeout: Duration,
+    /// Addresses known now; -1 until the names were first resolved.
+    known: Arc<std::sync::atomic::AtomicIsize>,
+    /// `poll_ready` found no address: the call fails at once.
+    nowhere: bool,
+    /// The names, for errors.
+    names: Arc<str>,
 }
 
 impl Balanced {
@@ -88,11 +96,13 @@ impl Balanced {
     {
         let (changes, discovered) = tokio::sync::mpsc::channel::<Result<Change<SocketAddr, Replica>, Infallible>>(64);
         let healthy = Arc::new(AtomicUsize::new(0));
-        let resolver = Resolver { targets, peer, refresh, resolve, connect };
+        let known = Arc::new(std::sync::atomic::AtomicIsize::new(-1));
+        let names: Arc<str> = targets.iter().map(|t| t.authority.as_str()).collect::<Vec<_>>().join(",").into();
+        let resolver = Resolver { targets, peer, refresh, resolve, connect, known: known.clone() };
         tokio::spawn(resolver.run(changes, healthy));
         let balance = Balance::new(tokio_stream::wrappers::ReceiverStream::new(discovered));
         let service = BoxService::new(balance);
-        Self { inner: Buffer::new(service, 1024), peer, request_timeout }
+        Self { inner: Buffer::new(service, 1024), peer, request_timeout, known, nowhere: false, names }
     }
 }
 
@@ -102,14 +112,28 @@ impl Service<http::Request<Body>> for Balanced {
     type Future = BoxFuture<Result<Response, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Nowhere to send it: answered at once, never queued for good.
+        self.nowhere = self.known.load(Ordering::SeqCst) == 0;
+        if self.nowhere {
+            return Poll::Ready(Ok(()));
+        }
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if std::mem::take(&mut self.nowhere) {
+            let status = tonic::Status::unavailable(format!(
+                "{}: {} resolves to no address (no replica is ready)",
+                self.peer, self.names
+            ));
+            return Box::pin(async move { Err(Box::new(status) as BoxError) });
+        }
         let call = self.inner.call(request);
-        let (peer, timeout) = (self.peer, self.request_timeout);
+        // Past the replica's own bound (which leaves it out), so a replica
+        // that does not answer is noticed; the rest is time spent waiting
+        // for a replica to be ready.
+        let (peer, timeout) = (self.peer, self.request_timeout + Duration::from_millis(500));
         Box::pin(async move {
-            // Waiting for a replica counts against the call's bound too.
             match tokio::time::timeout(timeout, call).await {
                 Ok(answer) => answer,
                 Err(_) => Err(Box::new(tonic::Status::unavailable(format!(
@@ -132,6 +156,7 @@ struct Resolver<R, C> {
     refresh: Duration,
     resolve: R,
     connect: C,
+    known: Arc<std::sync::atomic::AtomicIsize>,
 }
 
 impl<R, C> Resolver<R, C>
@@ -150,24 +175,14 @@ where
         let mut current: HashMap<SocketAddr, usize> = HashMap::new();
         loop {
             let mut found: HashMap<SocketAddr, usize> = HashMap::new();
-            let mut failed = false;
             for (i, target) in self.targets.iter().enumerate() {
                 match (self.resolve)(target.clone()).await {
-                    Ok(addrs) if !addrs.is_empty() => found.extend(addrs.into_iter().map(|a| (a, i))),
-                    Ok(_) => {
-                        failed = true;
-                        tracing::warn!(peer, target = %target.authority, "a replica name resolved to no address; keeping the ones known");
-                    }
+                    Ok(addrs) => found.extend(addrs.into_iter().map(|a| (a, i))),
                     Err(e) => {
-                        failed = true;
-                        tracing::warn!(peer, target = %target.authority, error = %e, "cannot resolve a replica name; keeping the ones known");
+                        // A name that did not resolve this time keeps what it had.
+                        tracing::warn!(peer, target = %target.authority, error = %e, "cannot resolve a replica name; keeping its addresses known");
+                        found.extend(current.iter().filter(|(_, t)| **t == i).map(|(a, t)| (*a, *t)));
                     }
-                }
-            }
-            // A name that did not resolve this time keeps what it had.
-            if failed {
-                for (addr, i) in &current {
-                    found.entry(*addr).or_insert(*i);
                 }
             }
             let mut unusable = Vec::new();
@@ -181,7 +196,7 @@ where
                             continue;
                         }
                     };
-                    let replica = Replica::new(channel, healthy.clone());
+                    let replica = Replica::new(*addr, channel, healthy.clone());
                     if changes.send(Ok(Change::Insert(*addr, replica))).await.is_err() {
                         return;
                     }
@@ -199,9 +214,15 @@ where
                     tracing::info!(peer, %addr, "a replica left");
                 }
             }
+            if found.is_empty() {
+                tracing::warn!(peer, "no replica address is known: calls fail until one resolves");
+            }
+            self.known.store(found.len() as isize, Ordering::SeqCst);
+            // With nowhere to send calls, look again soon.
+            let wait = if found.is_empty() { self.refresh.min(Duration::from_secs(1)) } else { self.refresh };
             current = found;
             tokio::select! {
-                () = tokio::time::sleep(self.refresh) => {}
+                () = tokio::time::sleep(wait) => {}
                 () = changes.closed() => return,
             }
         }
@@ -210,42 +231,120 @@ where
 
 /// One replica's connection, left out of the balancer while it fails.
 struct Replica {
+    addr: SocketAddr,
     load: PendingRequests<Channel, CompleteOnResponse>,
     state: Arc<Mutex<Health>>,
     /// Replicas of this balancer not left out now.
     healthy: Arc<AtomicUsize>,
     wake: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A connection attempt deciding whether it comes back.
+    probe: Option<BoxFuture<bool>>,
 }
 
-#[derive(Default)]
 struct Health {
-    /// Left out until then.
+    /// Left out until then (and until a probe connects).
     out_until: Option<Instant>,
     /// How long the next failure leaves it out.
     next_eject: Duration,
+    /// Removed from the balancer: calls still finishing change no count.
+    gone: bool,
+}
+
+impl Health {
+    /// Leaves the replica out after a failure.
+    fn eject(&mut self, healthy: &AtomicUsize) {
+        if self.gone {
+            return;
+        }
+        if self.out_until.is_none() {
+            decrement(healthy);
+        }
+        self.out_until = Some(Instant::now() + self.next_eject);
+        self.next_eject = (self.next_eject * 2).min(EJECT_MAX);
+    }
+
+    /// Takes the replica back.
+    fn readmit(&mut self, healthy: &AtomicUsize) {
+        if self.out_until.take().is_some() && !self.gone {
+            healthy.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn decrement(count: &AtomicUsize) {
+    let _ = count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_sub(1)));
+}
+
+/// Whether a new TCP connection to `addr` opens (within a second).
+fn connects(addr: SocketAddr) -> BoxFuture<bool> {
+    Box::pin(async move {
+        matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
+    })
 }
 
 impl Replica {
-    fn new(channel: Channel, healthy: Arc<AtomicUsize>) -> Self {
+    fn new(addr: SocketAddr, channel: Channel, healthy: Arc<AtomicUsize>) -> Self {
         healthy.fetch_add(1, Ordering::SeqCst);
         Self {
+            addr,
             load: PendingRequests::new(channel, CompleteOnResponse::default()),
-            state: Arc::new(Mutex::new(Health { out_until: None, next_eject: EJECT_MIN })),
+            state: Arc::new(Mutex::new(Health { out_until: None, next_eject: EJECT_MIN, gone: false })),
             healthy,
             wake: None,
+            probe: None,
         }
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// `Pending` while the replica is left out (and another can take the
+    /// call); registers the wake-up.
+    fn poll_back(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(until) = self.health().out_until else { return Poll::Ready(()) };
+            // Every replica is failing: let calls through, to fail at once.
+            if self.healthy.load(Ordering::SeqCst) == 0 {
+                self.health().readmit(&self.healthy);
+                return Poll::Ready(());
+            }
+            if until > Instant::now() {
+                let deadline = tokio::time::Instant::from_std(until);
+                let wake = self.wake.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if wake.deadline() != deadline {
+                    wake.as_mut().reset(deadline);
+                }
+                if wake.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            // Its time out is over: a new connection, not a caller's
+            // call, finds out whether it is back.
+            let addr = self.addr;
+            let probe = self.probe.get_or_insert_with(|| connects(addr));
+            let Poll::Ready(back) = probe.as_mut().poll(cx) else { return Poll::Pending };
+            self.probe = None;
+            let mut health = self.health();
+            if back {
+                health.readmit(&self.healthy);
+                return Poll::Ready(());
+            }
+            // Still down: left out longer (it stays out of the count).
+            health.out_until = Some(Instant::now() + health.next_eject);
+            health.next_eject = (health.next_eject * 2).min(EJECT_MAX);
+        }
+    }
 }
 
 impl Drop for Replica {
     fn drop(&mut self) {
-        if self.health().out_until.is_none() {
-            self.healthy.fetch_sub(1, Ordering::SeqCst);
+        let mut health = self.health();
+        if !health.gone && health.out_until.is_none() {
+            decrement(&self.healthy);
         }
+        health.gone = true;
     }
 }
 
@@ -263,27 +362,10 @@ impl Service<http::Request<Body>> for Replica {
     type Future = BoxFuture<Result<Response, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let out_until = self.health().out_until;
-        if let Some(until) = out_until {
-            // Left out only while another replica can take the call.
-            if until > Instant::now() && self.healthy.load(Ordering::SeqCst) > 0 {
-                let deadline = tokio::time::Instant::from_std(until);
-                let wake = self.wake.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if wake.deadline() != deadline {
-                    wake.as_mut().reset(deadline);
-                }
-                if wake.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-            }
-            // Its time out is over: it is tried again.
-            let mut health = self.health();
-            if health.out_until.take().is_some() {
-                self.healthy.fetch_add(1, Ordering::SeqCst);
-            }
-            drop(health);
-            self.wake = None;
+        if self.poll_back(cx).is_pending() {
+            return Poll::Pending;
         }
+        self.wake = None;
         self.load.poll_ready(cx).map_err(Into::into)
     }
 
@@ -295,13 +377,7 @@ impl Service<http::Request<Body>> for Replica {
             let mut health = state.lock().unwrap_or_else(|p| p.into_inner());
             match &answer {
                 Ok(_) => health.next_eject = EJECT_MIN,
-                Err(_) => {
-                    if health.out_until.is_none() {
-                        healthy.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    health.out_until = Some(Instant::now() + health.next_eject);
-                    health.next_eject = (health.next_eject * 2).min(EJECT_MAX);
-                }
+                Err(_) => health.eject(&healthy),
             }
             answer.map_err(Into::into)
         })
@@ -317,7 +393,14 @@ mod tests {
     /// A gRPC server that says which replica it is by the health status it
     /// holds for "who"; stopped when the sender is dropped.
     async fn replica(status: tonic_health::ServingStatus) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        replica_on("127.0.0.1:0".parse().unwrap(), status).await
+    }
+
+    async fn replica_on(
+        addr: SocketAddr,
+        status: tonic_health::ServingStatus,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_service_status("who", status).await;
@@ -393,8 +476,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(stop_a);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut failures = 0;
-        for _ in 0..40 {
+        // Calls for about three seconds: past several times it is left out.
+        let (mut failures, mut calls) = (0, 0);
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            calls += 1;
             match who(&mut client).await {
                 Ok(answered) => assert_eq!(answered, "b"),
                 Err(s) => {
@@ -404,7 +490,51 @@ mod tests {
                     assert_eq!(who(&mut client).await.expect("the retry"), "b");
                 }
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(failures <= 2, "the dead replica was left out after failing: {failures} failures");
+        // Only calls sent before it was known dead fail: coming back is
+        // decided by a new connection, never by a caller's call.
+        assert!(failures <= 2, "{failures} of {calls} calls failed on the dead replica");
+
+        // It comes back: once it listens again, calls reach it.
+        let (_a_again, _stop_again) = replica_on(a, ServingStatus::Serving).await;
+        let mut back = false;
+        for _ in 0..400 {
+            if who(&mut client).await.expect("a call") == "a" {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(back, "a replica that listens again takes calls again");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_no_address_fails_calls_at_once_naming_it() {
+        let target = Target { authority: "secret-service-pods:50052".into(), host: "pods".into(), port: 1 };
+        let balanced = Balanced::start_with(
+            vec![target],
+            "secret-service",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            |_| Box::pin(async { Ok(Vec::new()) }),
+            |_, _| Err("no address to connect to".to_string()),
+        );
+        let mut client = HealthClient::new(balanced);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Many at once: none is queued for good.
+        let calls: Vec<_> = (0..2_000)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move { who(&mut client).await })
+            })
+            .collect();
+        for call in calls {
+            let status =
+                tokio::time::timeout(Duration::from_secs(10), call).await.expect("answered").unwrap().unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("secret-service-pods:50052 resolves to no address"), "{status:?}");
+        }
+        assert!(who(&mut client).await.is_err());
     }
 }

@@ -413,12 +413,12 @@ impl Replicas {
     /// Renews every [`RENEW`], and at once after something was applied.
     async fn renew_forever(&self) {
         let mut announced = 0;
-        let mut renewals = 0u64;
+        let (mut renewals, mut prune_at) = (0u64, 0u64);
         while !self.inner.stopped.load(Ordering::SeqCst) {
-            renewals += 1;
-            // Now and then: the rows of replicas long gone (killed, never
-            // left cleanly) are removed.
-            if renewals % 240 == 1 {
+            // About every two minutes: the rows of replicas long gone
+            // (killed, never left cleanly) are removed.
+            if renewals >= prune_at {
+                prune_at = renewals + 240;
                 let pruned = self
                     .inner
                     .db
@@ -435,7 +435,7 @@ impl Replicas {
                 }
             }
             tokio::select! {
-                () = tokio::time::sleep(RENEW) => {}
+                () = tokio::time::sleep(RENEW) => renewals += 1,
                 () = self.inner.to_ack.notified() => {}
             }
             if self.inner.stopped.load(Ordering::SeqCst) || !self.inner.current.load(Ordering::SeqCst) {

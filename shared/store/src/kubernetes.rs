@@ -231,9 +231,15 @@ async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>, owner: Option<Owner
             }
         };
         let mut version = list.metadata.resource_version.clone().unwrap_or_default();
+        // Merged, not replaced: what memory holds newer than the list (a
+        // write of this replica, or one another replica announced, that
+        // landed while the list was on its way) stays; what the list no
+        // longer has, and memory had from before it, goes.
+        let listed_at: u64 = version.parse().unwrap_or(u64::MAX);
+        let listed: HashSet<String> = list.items.iter().filter_map(|s| s.metadata.name.clone()).collect();
         m.with(|s| {
-            s.objects.clear();
-            s.undecodable.clear();
+            s.objects.retain(|name, (v, _, _)| listed.contains(name) || *v > listed_at);
+            s.undecodable.retain(|name| listed.contains(name));
         });
         for secret in list.items {
             m.apply(secret);

@@ -337,7 +337,7 @@ async fn reads_served(metrics_url: &str) -> f64 {
 }
 
 /// A gateway given several secret-service addresses (a headless Service's
-/// name gives one per ready pod; here a list, one of them by name) spreads
+/// name gives one per ready pod; here a list) spreads
 /// its resolves over all of them; when one replica dies under load, only
 /// calls that were on it fail, and each one's retry succeeds on another.
 #[tokio::test(flavor = "multi_thread")]
@@ -349,7 +349,7 @@ async fn a_gateway_spreads_resolves_over_every_secret_service_replica_and_a_retr
     let first = app.secret_service_url.rsplit(':').next().unwrap().to_string();
     let gateway = app
         .another_gateway_with(|c| {
-            c.secret_service_url = format!("http://localhost:{first},http://127.0.0.1:{}", other.port);
+            c.secret_service_url = format!("http://127.0.0.1:{first},http://127.0.0.1:{}", other.port);
         })
         .await;
     let clients = Clients::new(

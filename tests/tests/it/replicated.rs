@@ -299,6 +299,18 @@ async fn vault_configs_and_their_credentials_stay_coherent_across_replicas() {
         }
     }
     owner.delete_vault_config(pb::DeleteVaultConfigRequest { id: config.id.clone(), force: false }).await.unwrap();
+    // Every vault-config-service replica has forgotten it, asked directly
+    // as the gateway asks (not behind the authz-service's answer).
+    for replica in 0..2 {
+        use secrets_proto::internal::v1::{self as internal, vault_reader_client::VaultReaderClient};
+        let port = stack.ports["vault-config-service"][replica];
+        let mut reader = VaultReaderClient::new(channel(&format!("http://127.0.0.1:{port}")));
+        let mut request = tonic::Request::new(internal::ListDomainVaultConfigsRequest { domain: "finance".into() });
+        let bearer = format!("Bearer {}", stack.internal_token());
+        request.metadata_mut().insert("authorization", bearer.parse().unwrap());
+        let listed = reader.list_domain_vault_configs(request).await.unwrap().into_inner().configs;
+        assert!(listed.iter().all(|c| c.id != config.id), "replica {replica} still lists it: {listed:?}");
+    }
     for clients in &nina {
         // Its bundle placement went with it: refused as for any resource
         // outside the caller's grants.
