@@ -21,6 +21,53 @@ async fn resolved(clients: &Clients, key: &str) -> Result<Vec<u8>, Code> {
     }
 }
 
+fn token(t: &str) -> pb::VaultCredentials {
+    pb::VaultCredentials { method: Some(pb::vault_credentials::Method::Token(t.into())) }
+}
+
+/// Bundle finance-vault (owned by the domain's owner, USE for nina), two
+/// secrets in OpenBao, and config "prod" reading secret/production with
+/// `with_token`, created through gateway 0.
+async fn vault_config(stack: &ReplicatedStack, bao: &openbao::OpenBao, with_token: &str) -> pb::VaultConfig {
+    let mut authz = stack.as_user(ADMIN, 0).authz.clone();
+    authz
+        .create_bundle(pb::CreateBundleRequest {
+            name: "finance-vault".into(),
+            description: String::new(),
+            owner: format!("user:{OWNER}"),
+        })
+        .await
+        .unwrap();
+    authz
+        .grant_bundle_permission(pb::GrantBundlePermissionRequest {
+            bundle: "finance-vault".into(),
+            subject: format!("user:{MEMBER}"),
+            permission: pb::Permission::Use as i32,
+        })
+        .await
+        .unwrap();
+    bao.bao(&["kv", "put", "secret/production", "db_password=pw-production"]);
+    bao.bao(&["kv", "put", "secret/staging", "db_password=pw-staging"]);
+    stack
+        .as_user(OWNER, 0)
+        .vault
+        .clone()
+        .create_vault_config(pb::CreateVaultConfigRequest {
+            domain: "finance".into(),
+            bundle: "finance-vault".into(),
+            spec: Some(pb::VaultConfigSpec {
+                name: "prod".into(),
+                host: bao.addr.clone(),
+                path: "/v1/secret/data/production".into(),
+                credentials: Some(token(with_token)),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn spark_job(key: &str) -> pb::WorkloadPayload {
     pb::WorkloadPayload {
         kind: Some(Kind::SparkJob(pb::SparkJobPayload {
@@ -133,13 +180,54 @@ async fn every_guarantee_holds_across_two_replicas_of_every_service() {
 }
 
 /// One replica of each service is killed (SIGKILL) while writes with
-/// idempotency keys run through both gateways: calls that were on a killed
-/// replica may fail, their retries (same request_id, through a gateway
-/// that is alive) succeed, and every write that was acknowledged is there.
+/// idempotency keys and Vault resolves run through both gateways: calls
+/// that were on a killed replica may fail, their retries (same request_id,
+/// through a gateway that is alive) succeed, and every write that was
+/// acknowledged is there.
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_a_replica_of_each_service_under_load_loses_no_acknowledged_write() {
     let Some(mut stack) = ReplicatedStack::start().await else { return };
     stack.setup_domain("finance").await;
+    let bao = openbao::OpenBao::start();
+    let config = vault_config(&stack, &bao, &bao.root_token).await;
+    // Resolves of a Vault item run beside the writes, through both gateways.
+    let resolvers: Vec<_> = (0..2)
+        .map(|r| {
+            let clients = [stack.as_service(MEMBER, 0), stack.as_service(MEMBER, 1)];
+            let id = config.id.clone();
+            tokio::spawn(async move {
+                let (mut via, mut failed) = (r, 0);
+                for _ in 0..150 {
+                    let mut attempt = 0;
+                    loop {
+                        let out = clients[via].resolve("finance", vec![vault_item("x", &id, "db_password")]).await;
+                        let failure = match out.as_ref().map(|items| &items[0].result) {
+                            Ok(Some(R::Value(v))) => {
+                                assert_eq!(v, b"pw-production");
+                                break;
+                            }
+                            Ok(Some(R::Error(e))) => format!("{:?}: {}", Code::from_i32(e.code), e.message),
+                            Ok(other) => panic!("{other:?}"),
+                            // The connection to a gateway that died.
+                            Err(status) if status.code() == Code::Unknown => format!("Unavailable: {status:?}"),
+                            Err(status) => format!("{status:?}"),
+                        };
+                        assert!(
+                            failure.contains("Unavailable") || failure.contains("DeadlineExceeded"),
+                            "a failure a retry may fix, not {failure}"
+                        );
+                        failed += 1;
+                        attempt += 1;
+                        assert!(attempt < 20, "a Vault resolve still failing after {attempt} attempts: {failure}");
+                        via = 1 - via;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                failed
+            })
+        })
+        .collect();
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let clients = [stack.as_user(OWNER, 0), stack.as_user(OWNER, 1)];
@@ -195,6 +283,12 @@ async fn killing_a_replica_of_each_service_under_load_loses_no_acknowledged_writ
         acknowledged.extend(keys);
         retried += r;
     }
+    let mut resolves_failed = 0;
+    for resolver in resolvers {
+        resolves_failed += resolver.await.unwrap();
+    }
+    // Two resolvers, at most one call each in flight on a replica that dies.
+    assert!(resolves_failed <= 8, "only resolves in flight on a killed replica failed: {resolves_failed}");
     assert_eq!(acknowledged.len(), 160, "every write was acknowledged in the end");
     // Every acknowledged write is there, through the surviving replicas.
     let listed = stack.as_user(OWNER, 0).list("finance").await.unwrap();
@@ -221,45 +315,8 @@ async fn vault_configs_and_their_credentials_stay_coherent_across_replicas() {
     let Some(stack) = ReplicatedStack::start().await else { return };
     let bao = openbao::OpenBao::start();
     stack.setup_domain("finance").await;
-    let mut authz = stack.as_user(ADMIN, 0).authz.clone();
-    authz
-        .create_bundle(pb::CreateBundleRequest {
-            name: "finance-vault".into(),
-            description: String::new(),
-            owner: format!("user:{OWNER}"),
-        })
-        .await
-        .unwrap();
-    authz
-        .grant_bundle_permission(pb::GrantBundlePermissionRequest {
-            bundle: "finance-vault".into(),
-            subject: format!("user:{MEMBER}"),
-            permission: pb::Permission::Use as i32,
-        })
-        .await
-        .unwrap();
-    bao.bao(&["kv", "put", "secret/production", "db_password=pw-production"]);
-    bao.bao(&["kv", "put", "secret/staging", "db_password=pw-staging"]);
     let first_token = bao.field(&["token", "create", "-policy=root"], "token");
-    let token = |t: &str| pb::VaultCredentials { method: Some(pb::vault_credentials::Method::Token(t.into())) };
-    let config = stack
-        .as_user(OWNER, 0)
-        .vault
-        .clone()
-        .create_vault_config(pb::CreateVaultConfigRequest {
-            domain: "finance".into(),
-            bundle: "finance-vault".into(),
-            spec: Some(pb::VaultConfigSpec {
-                name: "prod".into(),
-                host: bao.addr.clone(),
-                path: "/v1/secret/data/production".into(),
-                credentials: Some(token(&first_token)),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let config = vault_config(&stack, &bao, &first_token).await;
     let nina = [stack.as_service(MEMBER, 0), stack.as_service(MEMBER, 1)];
     let vault = |clients: &Clients| {
         let clients = clients.clone();
