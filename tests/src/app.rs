@@ -662,28 +662,7 @@ impl TestApp {
     /// Gives every persona its grants in `domain` (and OUTSIDER its grants in
     /// OTHER_DOMAIN), through the gateway as the admin.
     pub async fn setup_domain(&self, domain: &str) {
-        let admin = self.as_user(ADMIN);
-        let mut authz = admin.authz.clone();
-        let add = |d: &str, who: &str, role: DomainRole| pb::AddDomainMemberRequest {
-            domain: d.into(),
-            subject: format!("user:{who}"),
-            role: role as i32,
-        };
-        let grant = |d: &str, who: &str, p: Permission| pb::GrantDomainPermissionRequest {
-            domain: d.into(),
-            subject: format!("user:{who}"),
-            permission: p as i32,
-        };
-        authz.add_domain_member(add(domain, OWNER, DomainRole::Owner)).await.expect("owner");
-        for who in [LISTER, MANAGER, MEMBER] {
-            authz.add_domain_member(add(domain, who, DomainRole::Member)).await.expect("member");
-        }
-        authz.grant_domain_permission(grant(domain, LISTER, Permission::ListSecrets)).await.expect("grant");
-        authz.grant_domain_permission(grant(domain, MANAGER, Permission::ManageSecrets)).await.expect("grant");
-        authz.add_domain_member(add(OTHER_DOMAIN, OUTSIDER, DomainRole::Member)).await.expect("outsider");
-        for p in [Permission::ListSecrets, Permission::ManageSecrets] {
-            authz.grant_domain_permission(grant(OTHER_DOMAIN, OUTSIDER, p)).await.expect("grant");
-        }
+        grant_personas(&self.as_user(ADMIN), domain).await;
     }
 
     /// Every file the services wrote (database, store objects, key file).
@@ -749,6 +728,32 @@ pub struct Clients {
     pub authz: AuthzServiceClient<Ch>,
     pub gateway: GatewayClient<Ch>,
     pub vault: VaultConfigServiceClient<Ch>,
+}
+
+/// Gives every persona its grants in `domain` (and OUTSIDER its grants in
+/// OTHER_DOMAIN), through `admin`'s gateway.
+pub async fn grant_personas(admin: &Clients, domain: &str) {
+    let mut authz = admin.authz.clone();
+    let add = |d: &str, who: &str, role: DomainRole| pb::AddDomainMemberRequest {
+        domain: d.into(),
+        subject: format!("user:{who}"),
+        role: role as i32,
+    };
+    let grant = |d: &str, who: &str, p: Permission| pb::GrantDomainPermissionRequest {
+        domain: d.into(),
+        subject: format!("user:{who}"),
+        permission: p as i32,
+    };
+    authz.add_domain_member(add(domain, OWNER, DomainRole::Owner)).await.expect("owner");
+    for who in [LISTER, MANAGER, MEMBER] {
+        authz.add_domain_member(add(domain, who, DomainRole::Member)).await.expect("member");
+    }
+    authz.grant_domain_permission(grant(domain, LISTER, Permission::ListSecrets)).await.expect("grant");
+    authz.grant_domain_permission(grant(domain, MANAGER, Permission::ManageSecrets)).await.expect("grant");
+    authz.add_domain_member(add(OTHER_DOMAIN, OUTSIDER, DomainRole::Member)).await.expect("outsider");
+    for p in [Permission::ListSecrets, Permission::ManageSecrets] {
+        authz.grant_domain_permission(grant(OTHER_DOMAIN, OUTSIDER, p)).await.expect("grant");
+    }
 }
 
 pub fn channel(url: &str) -> Channel {

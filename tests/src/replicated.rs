@@ -8,15 +8,13 @@
 
 use std::{collections::HashMap, fmt::Write as _, net::SocketAddr, time::Duration};
 
-use secrets_common::auth::{TokenHash, generate_token};
-use secrets_proto::v1::{self as pb, DomainRole, Permission};
-
 use crate::{
-    ADMIN, Clients, JUPYTER, LISTER, MANAGER, MEMBER, OTHER_DOMAIN, OUTSIDER, OWNER, SPARK, USERS,
+    ADMIN, Clients, JUPYTER, SPARK, USERS,
     kube_server::FakeKube,
     postgres::TestDatabase,
     procs::{Service, free_port},
 };
+use secrets_common::auth::{TokenHash, generate_token};
 
 /// The services, in the order they start.
 pub const SERVICES: [&str; 4] = ["authz-service", "secret-service", "vault-config-service", "gateway"];
@@ -223,24 +221,7 @@ impl ReplicatedStack {
 
     /// The personas' grants in `domain` (as `TestApp::setup_domain`).
     pub async fn setup_domain(&self, domain: &str) {
-        let mut authz = self.as_user(ADMIN, 0).authz.clone();
-        let add = |d: &str, who: &str, role: DomainRole| pb::AddDomainMemberRequest {
-            domain: d.into(),
-            subject: format!("user:{who}"),
-            role: role as i32,
-        };
-        let grant = |d: &str, who: &str, p: Permission| pb::GrantDomainPermissionRequest {
-            domain: d.into(),
-            subject: format!("user:{who}"),
-            permission: p as i32,
-        };
-        authz.add_domain_member(add(domain, OWNER, DomainRole::Owner)).await.expect("owner");
-        for who in [LISTER, MANAGER, MEMBER] {
-            authz.add_domain_member(add(domain, who, DomainRole::Member)).await.expect("member");
-        }
-        authz.grant_domain_permission(grant(domain, LISTER, Permission::ListSecrets)).await.expect("grant");
-        authz.grant_domain_permission(grant(domain, MANAGER, Permission::ManageSecrets)).await.expect("grant");
-        authz.add_domain_member(add(OTHER_DOMAIN, OUTSIDER, DomainRole::Member)).await.expect("outsider");
+        crate::grant_personas(&self.as_user(ADMIN, 0), domain).await;
     }
 
     /// SIGKILL: replica `replica` of `service` ends at once.
