@@ -711,6 +711,13 @@ impl Interceptor for Bearer {
 #[derive(Clone)]
 pub struct ActAsAdmin(AsciiMetadataValue);
 
+impl ActAsAdmin {
+    /// With the internal credential `token`.
+    pub fn with_token(token: &str) -> Self {
+        Self(format!("Bearer {token}").parse().expect("ascii token"))
+    }
+}
+
 impl Interceptor for ActAsAdmin {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         request.metadata_mut().insert("authorization", self.0.clone());

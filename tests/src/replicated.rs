@@ -43,6 +43,8 @@ pub struct ReplicatedStack {
     /// ClusterIP Service (a connection goes to one replica, and to another
     /// once that one is gone), starting at the replica of the same number.
     authz_links: Vec<crate::proxy::ClusterIp>,
+    /// Each authz-service replica's link to the database.
+    authz_databases: Vec<crate::proxy::FreezableProxy>,
     dir: tempfile::TempDir,
 }
 
@@ -83,6 +85,10 @@ impl ReplicatedStack {
         for replica in 0..REPLICAS {
             authz_links.push(crate::proxy::ClusterIp::start(authz.clone(), replica).await);
         }
+        let mut authz_databases = Vec::new();
+        for _ in 0..REPLICAS {
+            authz_databases.push(crate::proxy::FreezableProxy::start(db.server_addr()).await);
+        }
         let mut stack = Self {
             gateways: Vec::new(),
             kube,
@@ -95,6 +101,7 @@ impl ReplicatedStack {
             tokens,
             processes: HashMap::new(),
             authz_links,
+            authz_databases,
             dir,
         };
         for service in SERVICES {
@@ -165,7 +172,8 @@ impl ReplicatedStack {
         );
         match service {
             "authz-service" => {
-                let _ = write!(text, "database_url = \"{}\"\nbootstrap_admins = [\"user:{ADMIN}\"]\n", self.db.url);
+                let url = self.db.url_via(self.authz_databases[replica].port);
+                let _ = write!(text, "database_url = \"{url}\"\nbootstrap_admins = [\"user:{ADMIN}\"]\n");
             }
             "secret-service" => {
                 let _ = write!(
@@ -227,6 +235,26 @@ impl ReplicatedStack {
     /// SIGKILL: replica `replica` of `service` ends at once.
     pub fn kill(&mut self, service: &'static str, replica: usize) {
         self.processes.remove(&(service, replica)).expect("running").kill();
+    }
+
+    /// Authz-service replica `replica`'s link to the database (to cut it).
+    pub fn authz_database(&self, replica: usize) -> &crate::proxy::FreezableProxy {
+        &self.authz_databases[replica]
+    }
+
+    /// The admin's AuthzService on authz-service replica `replica` itself,
+    /// as a gateway calls it.
+    pub fn authz_direct(
+        &self,
+        replica: usize,
+    ) -> secrets_proto::v1::authz_service_client::AuthzServiceClient<
+        tonic::codegen::InterceptedService<tonic::transport::Channel, crate::ActAsAdmin>,
+    > {
+        let url = format!("http://127.0.0.1:{}", self.ports["authz-service"][replica]);
+        secrets_proto::v1::authz_service_client::AuthzServiceClient::with_interceptor(
+            crate::channel(&url),
+            crate::ActAsAdmin::with_token(&self.internal_token),
+        )
     }
 
     /// The credential the services present to each other.

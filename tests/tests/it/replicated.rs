@@ -161,6 +161,35 @@ async fn every_guarantee_holds_across_two_replicas_of_every_service() {
             .unwrap();
         assert!(resolved(&nina[check], "db_password").await.is_ok(), "round {round}: given back");
     }
+    // The replica that gives gateway 1 its lease is cut off from the
+    // database, so it learns of no change: a revoke through the other
+    // returns only once gateway 1 can no longer answer from before it
+    // (then it fails closed until the replica is back).
+    assert!(resolved(&nina[1], "db_password").await.is_ok(), "remembered under gateway 1's lease");
+    stack.authz_database(1).freeze();
+    let removal = pb::RemoveDomainMemberRequest { domain: "finance".into(), subject: format!("user:{MEMBER}") };
+    stack.authz_direct(0).remove_domain_member(removal).await.unwrap();
+    // Refused, or unavailable (the call or the item): never the value.
+    let after = nina[1].resolve("finance", vec![object_item("x", "finance", "db_password")]).await;
+    let leaked = after.as_ref().is_ok_and(|items| matches!(items[0].result, Some(R::Value(_))));
+    assert!(!leaked, "gateway 1 answered from before the revoke: {after:?}");
+    stack.authz_database(1).thaw();
+    let back = pb::AddDomainMemberRequest {
+        domain: "finance".into(),
+        subject: format!("user:{MEMBER}"),
+        role: pb::DomainRole::Member as i32,
+    };
+    stack.authz_direct(0).add_domain_member(back).await.unwrap();
+    let mut recovered = false;
+    for _ in 0..300 {
+        let out = nina[1].resolve("finance", vec![object_item("x", "finance", "db_password")]).await;
+        if out.is_ok_and(|items| matches!(items[0].result, Some(R::Value(_)))) {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "gateway 1 resolves again once its replica is back");
 
     // Delete protection: a workload saved through one gateway protects its
     // secret from a delete through the other.
