@@ -431,9 +431,6 @@ fn balanced_channel(
         let channel = connect(&target.authority, &target.host, request_timeout, tls)?;
         return Ok(TracedChannel::new(channel, peer, metrics.clone()));
     }
-    for target in &targets {
-        connect(&target.authority, &target.host, request_timeout, None)?;
-    }
     let balanced = crate::balance::Balanced::start(targets, peer, request_timeout, move |addr, target| {
         connect(&addr.to_string(), &target.host, request_timeout, tls.clone())
     });

@@ -847,3 +847,29 @@ fn every_service_runs_spread_replicas_under_a_disruption_budget() {
         assert!(keeps >= 1 && keeps < replicas, "{service}: the budget keeps {keeps} of {replicas} through a drain");
     }
 }
+
+/// The README's command that creates the database Secret gives exactly the
+/// keys the manifests read from it.
+#[test]
+fn the_readme_creates_every_database_url_key_the_manifests_read() {
+    let readme = include_str!("../../../README.md");
+    let shown: BTreeSet<String> = readme
+        .split("--from-literal=")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('=').map(|(key, _)| key.to_string()))
+        .collect();
+    let docs = documents();
+    let mut read = BTreeSet::new();
+    for deployment in all(&docs, "Deployment") {
+        for container in deployment["spec"]["template"]["spec"]["containers"].as_sequence().into_iter().flatten() {
+            for e in container["env"].as_sequence().into_iter().flatten() {
+                let reference = &e["valueFrom"]["secretKeyRef"];
+                if reference["name"].as_str() == Some("iomete-secrets-database") {
+                    read.insert(reference["key"].as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    assert!(read.contains("secret-replicas-url"), "{read:?}");
+    assert_eq!(shown, read, "README's kubectl create secret and the manifests disagree");
+}
