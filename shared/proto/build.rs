@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "iomete/secrets/internal/v1/vault_reader.proto",
         "iomete/secrets/internal/v1/usage.proto",
         "iomete/secrets/internal/v1/decisions.proto",
+        "iomete/secrets/internal/v1/changes.proto",
     ]
     .map(|f| proto_root.join(f));
     let configure = || {

@@ -75,6 +75,8 @@ pub struct Options {
     /// server (namespace `secrets`), watched; on PostgreSQL its replicas
     /// keep their copies in step through the stack's database.
     pub kubernetes_api: Option<String>,
+    /// The change feed's retention (default: the authz-service's 7 days).
+    pub change_retention_seconds: Option<u64>,
 }
 
 /// A platform service's token and what it may do.
@@ -162,6 +164,7 @@ pub struct TestApp {
     pub pki: Option<TestPki>,
     pub database_url: String,
     database_timeout_ms: u64,
+    change_retention_seconds: Option<u64>,
     tokens: HashMap<String, String>,
     authz: Option<Running>,
     secrets: Option<Running>,
@@ -270,6 +273,7 @@ impl TestApp {
 
         let mut app = TestApp {
             database_timeout_ms: options.database_timeout_ms.unwrap_or(1_500),
+            change_retention_seconds: options.change_retention_seconds,
             gateway_url,
             secret_service_url: secret_service_url.clone(),
             authz_service_url: authz_service_url.clone(),
@@ -444,6 +448,9 @@ impl TestApp {
             bootstrap_admins: vec![format!("user:{ADMIN}")],
             server: secrets_common::server::ServerConfig::local(0, 0),
             database_timeout_ms: self.database_timeout_ms,
+            changes: authz_service::changes::ChangesConfig {
+                retention_seconds: self.change_retention_seconds.unwrap_or(7 * 24 * 3600),
+            },
             ..Default::default()
         }
     }

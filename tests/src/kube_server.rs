@@ -64,6 +64,8 @@ struct Watcher {
     selector: Vec<(String, Option<String>)>,
     /// The selector as sent.
     raw: String,
+    /// It asked for bookmarks (`allowWatchBookmarks=true`).
+    bookmarks: bool,
     sender: tokio::sync::mpsc::UnboundedSender<Bytes>,
 }
 
@@ -159,6 +161,21 @@ impl FakeKube {
     /// While `hold`, open watches receive no events (they lag behind).
     pub fn hold_events(&self, hold: bool) {
         self.state.lock().unwrap().holding = hold;
+    }
+
+    /// Sends a BOOKMARK with the current resourceVersion to every open
+    /// watch that allows bookmarks (as the API server does now and then):
+    /// a watch resumed from it needs no history before it. The number of
+    /// watches it went to.
+    pub fn bookmark(&self) -> usize {
+        let s = self.state.lock().unwrap();
+        let line = json!({"type": "BOOKMARK", "object": {"kind": "Secret", "apiVersion": "v1",
+                          "metadata": {"resourceVersion": s.next_version.to_string()}}});
+        s.watchers
+            .iter()
+            .filter(|w| w.bookmarks)
+            .filter(|w| w.sender.send(Bytes::from(format!("{line}\n"))).is_ok())
+            .count()
     }
 
     /// Forgets the history: a watch from any earlier version gets 410 Gone.
@@ -387,7 +404,8 @@ async fn answer(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
                 let timeout: u64 = params.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(300);
                 // Only the list holds the sender: removing it ends the stream.
                 let id = s.counters.watches as u64;
-                s.watchers.push(Watcher { id, namespace, selector, raw, sender });
+                let bookmarks = params.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+                s.watchers.push(Watcher { id, namespace, selector, raw, bookmarks, sender });
                 let state = state.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(std::time::Duration::from_secs(timeout)).await;

@@ -99,7 +99,7 @@ impl StoreBackend<Error> for CountingBackend {
         self.inner.read(object).await
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_, Error>) -> Result<()> {
+    async fn modify(&self, object: &str, change: &mut Change<'_, Error>) -> Result<secret_service::backend::Version> {
         self.inner.modify(object, change).await
     }
 }

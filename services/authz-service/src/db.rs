@@ -557,6 +557,58 @@ impl MigrationTrait for GroupsAndBundles {
     }
 }
 
+pub mod secret_change {
+    use sea_orm::entity::prelude::*;
+
+    /// One recorded change to a secret (the change feed): names and
+    /// versions, never a value.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "secret_changes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub revision: i64,
+        /// Names the change wherever it was seen: a second sighting is
+        /// not recorded again.
+        #[sea_orm(unique)]
+        pub dedupe_key: String,
+        /// When it was recorded, Unix milliseconds (retention counts from it).
+        pub recorded_at_ms: i64,
+        pub source_type: String,
+        pub source_id: String,
+        pub domain: String,
+        pub key: String,
+        pub kind: String,
+        /// The `SecretChange` message without its revision (protobuf).
+        pub body: Vec<u8>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod secret_change_head {
+    use sea_orm::entity::prelude::*;
+
+    /// One row: the newest revision given out (every append takes its
+    /// revision by bumping it, so revisions commit in order) and the newest
+    /// one pruned.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "secret_change_head")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i32,
+        pub revision: i64,
+        pub pruned_through: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// A counter every change to the grant tables bumps, in the same
 /// transaction (database triggers, so no writer can forget it): the
 /// in-memory copy of the grants is used only while it is current, which one
@@ -817,6 +869,50 @@ impl MigrationTrait for Replicas {
     }
 }
 
+/// The change log behind the change feed: each recorded change with its
+/// revision, and the head row that hands revisions out in commit order.
+/// No trigger: appending a change is no grant change.
+pub struct ChangeLog;
+
+impl MigrationName for ChangeLog {
+    fn name(&self) -> &str {
+        "m20261207_000002_change_log"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ChangeLog {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        db.execute_unprepared(
+            "CREATE TABLE secret_change_head (id INTEGER PRIMARY KEY, revision BIGINT NOT NULL, \
+             pruned_through BIGINT NOT NULL)",
+        )
+        .await?;
+        db.execute_unprepared("INSERT INTO secret_change_head (id, revision, pruned_through) VALUES (1, 0, 0)").await?;
+        let body = match manager.get_database_backend() {
+            sea_orm::DbBackend::Postgres => "BYTEA",
+            _ => "BLOB",
+        };
+        db.execute_unprepared(&format!(
+            "CREATE TABLE secret_changes (revision BIGINT PRIMARY KEY, dedupe_key VARCHAR(700) NOT NULL UNIQUE, \
+             recorded_at_ms BIGINT NOT NULL, source_type VARCHAR(16) NOT NULL, \
+             source_id VARCHAR(64) NOT NULL, domain VARCHAR(63) NOT NULL, key VARCHAR(256) NOT NULL, \
+             kind VARCHAR(16) NOT NULL, body {body} NOT NULL)"
+        ))
+        .await?;
+        db.execute_unprepared("CREATE INDEX idx_secret_changes_recorded ON secret_changes (recorded_at_ms)").await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        db.execute_unprepared("DROP TABLE secret_changes").await?;
+        db.execute_unprepared("DROP TABLE secret_change_head").await?;
+        Ok(())
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
@@ -829,6 +925,7 @@ impl MigratorTrait for Migrator {
             Box::new(UsageIndex),
             Box::new(WorkloadOwner),
             Box::new(Replicas),
+            Box::new(ChangeLog),
         ]
     }
 }

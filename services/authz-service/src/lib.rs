@@ -6,6 +6,7 @@
 //! no I/O) → [`db`].
 
 pub mod access;
+pub mod changes;
 pub mod db;
 pub mod grants;
 pub mod grpc;
@@ -29,10 +30,10 @@ use secrets_common::{
 };
 use secrets_proto::{
     internal::v1::{
-        decision_leases_server::DecisionLeasesServer, resource_registry_server::ResourceRegistryServer,
-        usage_index_server::UsageIndexServer,
+        change_log_server::ChangeLogServer, decision_leases_server::DecisionLeasesServer,
+        resource_registry_server::ResourceRegistryServer, usage_index_server::UsageIndexServer,
     },
-    service_names::{AUTHZ_SERVICE, DECISION_LEASES, RESOURCE_REGISTRY, USAGE_INDEX},
+    service_names::{AUTHZ_SERVICE, CHANGE_LOG, DECISION_LEASES, RESOURCE_REGISTRY, USAGE_INDEX},
     v1::authz_service_server::AuthzServiceServer,
 };
 use serde::Deserialize;
@@ -61,6 +62,8 @@ pub struct Config {
     /// under the callers' request timeout, so a database that stops
     /// answering is reported as `UNAVAILABLE` naming it, not as a time-out.
     pub database_timeout_ms: u64,
+    /// The change feed's log: how long it keeps changes.
+    pub changes: changes::ChangesConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -73,6 +76,7 @@ impl Default for Config {
             database_url: "sqlite://data/authz.db?mode=rwc".into(),
             bootstrap_admins: Vec::new(),
             database_timeout_ms: 1_500,
+            changes: changes::ChangesConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -107,6 +111,7 @@ impl Config {
             "database_url must start with sqlite:, postgres:// or postgresql://"
         );
         anyhow::ensure!(self.database_timeout_ms > 0, "database_timeout_ms must be above 0");
+        anyhow::ensure!(self.changes.retention_seconds > 0, "changes.retention_seconds must be above 0");
         Ok(())
     }
 }
@@ -116,6 +121,8 @@ pub struct Application {
     /// Held while the service runs (see [`db::lock_sqlite`]).
     _sqlite_lock: Option<std::fs::File>,
     policy: policy::Policy,
+    /// Keeps the change log (polling the head on PostgreSQL, pruning).
+    change_keeper: tokio::task::JoinHandle<()>,
 }
 
 secrets_common::service!(Application, Config, "authz-service");
@@ -143,12 +150,14 @@ impl Application {
         let usage = usage::UsageIndex::new(policy.clone());
         let leases = policy.leases();
         let grpc = grpc::AuthzGrpc::new(policy.clone());
+        let change_log = changes::ChangeLog::new(policy.clone(), &config.changes).await?;
+        let change_keeper = tokio::spawn(change_log.clone().run());
 
         let (router, health) = server::router(
             "authz-service",
             &metrics,
             &config.server,
-            &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX, DECISION_LEASES],
+            &[AUTHZ_SERVICE, RESOURCE_REGISTRY, USAGE_INDEX, DECISION_LEASES, CHANGE_LOG],
         )
         .await?;
         let auth = internal.auth();
@@ -168,11 +177,17 @@ impl Application {
                     .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
                 auth.clone(),
             ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                ChangeLogServer::new(change_log)
+                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                auth.clone(),
+            ))
             .add_service(DecisionLeasesServer::with_interceptor(leases.clone(), auth));
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
             _sqlite_lock: sqlite_lock,
             policy,
+            change_keeper,
         })
     }
 
@@ -184,6 +199,7 @@ impl Application {
             policy.stop().await;
         };
         let result = self.served.run(shutdown).await.context("authz-service stopped with an error");
+        self.change_keeper.abort();
         drop(self._sqlite_lock);
         result
     }

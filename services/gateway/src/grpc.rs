@@ -12,6 +12,7 @@ use tracing::instrument;
 
 use crate::{
     auth::{Caller, RpcGroup},
+    feed::{self, Feed},
     payload,
     resolution::Resolution,
     selector::Selector,
@@ -23,6 +24,7 @@ pub struct GatewayService {
     pub resolution: Resolution,
     pub workloads: SavedWorkloads,
     pub selector: Selector,
+    pub feed: Feed,
 }
 
 /// The authenticated caller, recorded on the current span.
@@ -109,6 +111,20 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::ListSecretUsagesResponse>, Status> {
         let caller = traced_caller(&request)?;
         Ok(Response::new(self.workloads.secret_usages(&caller, request.into_inner()).await?))
+    }
+
+    type WatchSecretChangesStream = feed::Answers;
+
+    #[instrument(skip_all, fields(rpc = "WatchSecretChanges", caller, principal, domain = %request.get_ref().domain,
+                                  after = request.get_ref().after_revision))]
+    async fn watch_secret_changes(
+        &self,
+        request: Request<pb::WatchSecretChangesRequest>,
+    ) -> Result<Response<Self::WatchSecretChangesStream>, Status> {
+        let caller = traced_caller(&request)?;
+        let answers = self.feed.watch(&caller, request.into_inner()).await?;
+        tracing::info!("watching secret changes");
+        Ok(Response::new(answers))
     }
 
     #[instrument(skip_all, fields(rpc = "ListSelectableSecrets", caller, principal, domain = %request.get_ref().domain, count))]

@@ -8,6 +8,7 @@
 //! index) and [`selector`] (the secret selector).
 
 pub mod auth;
+pub mod feed;
 pub mod forward;
 pub mod grpc;
 pub mod jwt;
@@ -285,7 +286,11 @@ impl Application {
                     secrets: SecretServiceClient::with_interceptor(secrets_channel, client.clone()),
                     vault: VaultReaderClient::with_interceptor(vault_channel, client.clone()),
                 }),
-                authz: Arc::new(checks),
+                authz: Arc::new(checks.clone()),
+            },
+            feed: feed::Feed {
+                log: secrets_common::changes::ChangeLogClient::new(authz_channel.clone(), client.clone()),
+                authz: checks,
             },
         };
 

@@ -17,11 +17,15 @@ use crate::{
 
 #[derive(Clone)]
 pub struct SecretGrpc {
-    secrets: Secrets,
+    secrets: std::sync::Arc<Secrets>,
 }
 
 impl SecretGrpc {
     pub fn new(secrets: Secrets) -> Self {
+        Self::shared(std::sync::Arc::new(secrets))
+    }
+
+    pub fn shared(secrets: std::sync::Arc<Secrets>) -> Self {
         Self { secrets }
     }
 
@@ -31,8 +35,10 @@ impl SecretGrpc {
         let scope = scope_of(w.scope, &w.domain, false)?;
         let value = value_of(w.value)?;
         let request_id = Some(w.request_id.as_str()).filter(|id| !id.is_empty());
-        let info = self.secrets.put(principal, &scope, &w.key, value, mode, request_id).await?;
-        Ok(Response::new(metadata(info, &w.domain)))
+        let (info, reach) = self.secrets.put_with_reach(principal, &scope, &w.key, value, mode, request_id).await?;
+        let mut answer = metadata(info, &w.domain);
+        answer.reach = reach;
+        Ok(Response::new(answer))
     }
 }
 
@@ -98,6 +104,7 @@ fn metadata(info: SecretInfo, view_domain: &str) -> pb::SecretMetadata {
         source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: source_id }),
         created_at: Some(timestamp(info.created_at)),
         updated_at: Some(timestamp(info.updated_at)),
+        reach: None,
     }
 }
 
@@ -144,8 +151,9 @@ impl SecretService for SecretGrpc {
         record(&principal.to_string(), &req.domain, &req.key, req.scope);
         let scope = scope_of(req.scope, &req.domain, false)?;
         let request_id = Some(req.request_id.as_str()).filter(|id| !id.is_empty());
-        let broken = self.secrets.delete(principal, &scope, &req.key, req.force, request_id).await?;
-        Ok(Response::new(pb::DeleteSecretResponse { broken }))
+        let (broken, reach) =
+            self.secrets.delete_with_reach(principal, &scope, &req.key, req.force, request_id).await?;
+        Ok(Response::new(pb::DeleteSecretResponse { broken, reach }))
     }
 
     #[instrument(skip_all, fields(rpc = "ListSecrets", scope, domain, principal, count))]

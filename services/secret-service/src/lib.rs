@@ -16,7 +16,8 @@ pub mod store;
 /// error type.
 pub mod backend {
     pub use secrets_store::{
-        BackendError, Change, Entries, Entry, GroupCommit, MeteredBackend, REQUESTS_ENTRY, StoreBackend, StoreError,
+        BackendError, Change, Entries, Entry, GroupCommit, KeyChange, MeteredBackend, ObservedChange, Observer,
+        REQUESTS_ENTRY, StoreBackend, StoreError, Version,
     };
 
     /// A store backend as this service uses it.
@@ -197,13 +198,23 @@ impl Application {
             .channel(&config.authz_url, timeout, AUTHZ_SERVICE, &metrics)
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         let authz = AuthzClient::new(channel.clone(), internal.client());
-        let usage = secrets_common::usage::UsageClient::new(channel, internal.client());
+        let usage = secrets_common::usage::UsageClient::new(channel.clone(), internal.client());
+        let changes = secrets_common::changes::ChangeLogClient::new(channel, internal.client());
         let backend: Arc<SecretBackend> = Arc::new(
             backend::MeteredBackend::new(backend, metrics.clone()).with_write_limits(config.store().write_limits()),
         );
         let store = SecretStore::with_metrics(backend, config.object_prefix.clone(), Some(metrics.clone()));
         tracing::info!(backend = store.backend_name(), "secret store ready");
-        let grpc = grpc::SecretGrpc::new(secrets::Secrets { store, authz: Arc::new(authz), usage: Arc::new(usage) });
+        let secrets = secrets::Secrets {
+            store,
+            authz: Arc::new(authz),
+            usage: Arc::new(usage),
+            changes: Arc::new(changes),
+            announcer: Default::default(),
+        };
+        let secrets = Arc::new(secrets);
+        secrets.store.observe(Arc::new(secrets::Observed(Arc::downgrade(&secrets))));
+        let grpc = grpc::SecretGrpc::shared(secrets);
         let auth = internal.auth();
 
         let (router, health) =

@@ -10,7 +10,8 @@ use secrets_common::{
     SecretValue,
     auth::Acting,
     authz::{Decisions, Question},
-    usage::Usages,
+    changes::{self, Announcer, ChangeSink},
+    usage::{self, Usages},
 };
 use secrets_proto::{
     internal::v1 as internal,
@@ -28,6 +29,36 @@ pub struct Secrets {
     pub store: SecretStore,
     pub authz: Arc<dyn Decisions>,
     pub usage: Arc<dyn Usages>,
+    /// The change log every write is announced to.
+    pub changes: Arc<dyn ChangeSink>,
+    pub announcer: Announcer,
+}
+
+/// How long a change the store watch found waits before it is announced
+/// (see [`Secrets::announce_observed`]).
+const OBSERVED_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Hands the store watch's findings to [`Secrets::announce_observed`]
+/// (weakly: the store's backend holds the observer).
+pub struct Observed(pub std::sync::Weak<Secrets>);
+
+impl secrets_store::Observer for Observed {
+    fn observed(&self, changes: Vec<secrets_store::ObservedChange>) {
+        if let Some(secrets) = self.0.upgrade() {
+            secrets.announce_observed(changes);
+        }
+    }
+}
+
+/// What a change did, for the change feed.
+struct Changed<'a> {
+    /// Who made it through the API; `None` for a change seen in the store.
+    principal: Option<&'a Acting>,
+    scope: &'a Scope,
+    key: &'a str,
+    kind: pb::SecretChangeKind,
+    /// The store object's version written (`None`: a backend without).
+    version: secrets_store::Version,
 }
 
 #[derive(Clone, Copy)]
@@ -48,14 +79,158 @@ impl Secrets {
         mode: Mode,
         request_id: Option<&str>,
     ) -> Result<SecretInfo, Status> {
+        Ok(self.put_with_reach(principal, scope, key, value, mode, request_id).await?.0)
+    }
+
+    /// [`Secrets::put`], with the change's reach: the saved workloads that
+    /// reference the key, and its revision in the change feed. `None` for a
+    /// retry answered from the first outcome, or when the usage index or
+    /// the change log did not answer in time (the change is then announced
+    /// in the background).
+    pub async fn put_with_reach(
+        &self,
+        principal: &Acting,
+        scope: &Scope,
+        key: &str,
+        value: SecretValue,
+        mode: Mode,
+        request_id: Option<&str>,
+    ) -> Result<(SecretInfo, Option<pb::SecretReach>), Status> {
         self.authorize(principal, scope, Op::Write, None).await?;
-        let info = self.store.put(scope, key, value, mode, request_id).await?;
-        let verb = match mode {
-            Mode::Create => "secret created",
-            Mode::Update => "secret updated",
+        let outcome = self.store.put_written(scope, key, value, mode, request_id).await?;
+        let info = outcome.value;
+        let (verb, kind) = match mode {
+            Mode::Create => ("secret created", pb::SecretChangeKind::SecretCreated),
+            Mode::Update => ("secret updated", pb::SecretChangeKind::SecretUpdated),
         };
         tracing::info!(%scope, key = %info.key, %principal, "{verb}");
-        Ok(info)
+        let reach = match outcome.written {
+            Some(version) => {
+                self.announce(Changed { principal: Some(principal), scope, key, kind, version }, None).await
+            }
+            None => None,
+        };
+        Ok((info, reach))
+    }
+
+    /// The saved workloads a change to `key` of `scope` reaches: those that
+    /// reference the domain's key, and for a global key, those of the
+    /// domains without a key of that name (they fall back to it). `None`
+    /// when the key does not exist (a delete then reports NOT_FOUND).
+    async fn reach(
+        &self,
+        scope: &Scope,
+        key: &str,
+        find: &(
+             dyn Fn(
+            internal::FindUsagesRequest,
+        ) -> futures::future::BoxFuture<'static, Result<internal::FindUsagesResponse, Status>>
+                 + Send
+                 + Sync
+         ),
+    ) -> Result<internal::FindUsagesResponse, Status> {
+        let query = |source_id: &str, source_ids: Vec<String>| internal::FindUsagesRequest {
+            source_type: pb::SourceType::Kubernetes as i32,
+            source_id: source_id.to_string(),
+            key: key.to_string(),
+            source_ids,
+            limit: changes::REACH_LIMIT,
+        };
+        match scope {
+            Scope::Admin => Ok(internal::FindUsagesResponse::default()),
+            Scope::Domain(d) => find(query(d, Vec::new())).await,
+            Scope::Global => {
+                let candidates = find(query("", Vec::new())).await?.source_ids;
+                let lookup = |scope: Scope| Lookup { scope, key: key.to_string(), global_fallback: false };
+                let lookups = candidates
+                    .iter()
+                    .filter_map(|d| Scope::domain("source_id", d).ok().map(lookup))
+                    .collect::<Vec<_>>();
+                let own = self.store.read_values(&lookups).await?;
+                let falling_back: Vec<String> = lookups
+                    .into_iter()
+                    .zip(own)
+                    .filter(|(_, found)| found.is_none())
+                    .filter_map(|(l, _)| match l.scope {
+                        Scope::Domain(d) => Some(d),
+                        _ => None,
+                    })
+                    .collect();
+                if falling_back.is_empty() {
+                    return Ok(internal::FindUsagesResponse::default());
+                }
+                find(query("", falling_back)).await
+            }
+        }
+    }
+
+    /// Records a change in the change feed with its reach (`known`: found
+    /// before the change, as a delete does); the reach with the revision.
+    async fn announce(
+        &self,
+        changed: Changed<'_>,
+        known: Option<internal::FindUsagesResponse>,
+    ) -> Option<pb::SecretReach> {
+        let (scope, key) = (changed.scope.clone(), changed.key.to_string());
+        let object = self.store.object_name(&scope);
+        let (pb_scope, domain) = match &scope {
+            Scope::Domain(d) => (pb::Scope::Domain, d.clone()),
+            Scope::Global => (pb::Scope::Global, String::new()),
+            Scope::Admin => (pb::Scope::Admin, String::new()),
+        };
+        // The same name the store watch gives the change it sees, so it is
+        // recorded once; a store without versions has no watch.
+        let dedupe_key = match changed.version {
+            Some(v) => format!("store:{object}:{v}:{key}"),
+            None => format!("api:{object}:{key}:{}", uuid::Uuid::new_v4()),
+        };
+        let change = pb::SecretChange {
+            revision: 0,
+            kind: changed.kind as i32,
+            origin: match changed.principal {
+                Some(_) => pb::ChangeOrigin::Api,
+                None => pb::ChangeOrigin::Store,
+            } as i32,
+            source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: domain.clone() }),
+            scope: pb_scope as i32,
+            domain,
+            key: key.clone(),
+            version: changed.version.map(|v| v.to_string()).unwrap_or_default(),
+            changed_at: Some(changes::now()),
+            changed_by: changed.principal.map(|p| p.principal.to_string()).unwrap_or_default(),
+            reach: None,
+        };
+        let what = format!(
+            "{} {key:?} of {scope}",
+            pb::SecretChangeKind::try_from(changed.kind as i32).unwrap_or_default().as_str_name()
+        );
+        let this = self.clone();
+        let known = Arc::new(std::sync::Mutex::new(known));
+        let announcement: changes::Announcement = Arc::new(move || {
+            let (this, scope, key, mut change, dedupe_key, known) =
+                (this.clone(), scope.clone(), key.clone(), change.clone(), dedupe_key.clone(), known.clone());
+            Box::pin(async move {
+                let known = known.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let found = match known {
+                    Some(found) => found,
+                    None => {
+                        let usage = this.usage.clone();
+                        let find = move |q: internal::FindUsagesRequest| {
+                            let usage = usage.clone();
+                            Box::pin(async move { usage.find(q).await }) as futures::future::BoxFuture<'static, _>
+                        };
+                        this.reach(&scope, &key, &find).await?
+                    }
+                };
+                let mut reach = changes::reach_of(found);
+                change.reach = Some(reach.clone());
+                let revisions =
+                    this.changes.append(vec![internal::LoggedChange { change: Some(change), dedupe_key }]).await?;
+                reach.revision = revisions.first().copied().unwrap_or_default();
+                Ok(reach)
+            })
+        });
+        self.announcer.announce(&what, announcement).await
     }
 
     /// Deletes `key` from `scope` once the caller may change it and no
@@ -68,23 +243,58 @@ impl Secrets {
         force: bool,
         request_id: Option<&str>,
     ) -> Result<Option<pb::BrokenWorkloads>, Status> {
+        Ok(self.delete_with_reach(principal, scope, key, force, request_id).await?.0)
+    }
+
+    /// [`Secrets::delete`], with the change's reach (see
+    /// [`Secrets::put_with_reach`]).
+    pub async fn delete_with_reach(
+        &self,
+        principal: &Acting,
+        scope: &Scope,
+        key: &str,
+        force: bool,
+        request_id: Option<&str>,
+    ) -> Result<(Option<pb::BrokenWorkloads>, Option<pb::SecretReach>), Status> {
         secrets_common::validate::secret_key("key", key).map_err(secrets_common::error::invalid_argument)?;
         self.authorize(principal, scope, Op::Write, None).await?;
         // A retry of a delete that landed: answered before the usage check,
         // which would now judge a secret that is gone.
         if self.store.replay(scope, request_id, requests::Op::Delete, key, None).await?.is_some() {
             tracing::info!(%scope, key, %principal, "secret delete retried: already done");
-            return Ok(None);
+            return Ok((None, None));
         }
-        let broken = self.guard_delete(scope, key, force).await?;
-        self.store.delete_once(scope, key, request_id).await?;
+        let found = self.guard_delete(scope, key).await?;
+        let what = match scope {
+            Scope::Domain(d) => format!("secret {key:?} of domain {d:?}"),
+            Scope::Global => format!("global secret {key:?}"),
+            Scope::Admin => format!("admin secret {key:?}"),
+        };
+        let broken = match &found {
+            Some(found) => {
+                // A refusal lists the first few; the reach keeps them all.
+                let mut listed = found.clone();
+                listed.usages.truncate(usage::LISTED_WORKLOADS as usize);
+                usage::guard(&what, listed, force)?
+            }
+            None => None,
+        };
+        let outcome = self.store.delete_once(scope, key, request_id).await?;
         match &broken {
             Some(b) => {
                 tracing::warn!(%scope, key, %principal, broken = b.total, "secret deleted by force while workloads reference it")
             }
             None => tracing::info!(%scope, key, %principal, "secret deleted"),
         }
-        Ok(broken)
+        let reach = match outcome.written {
+            Some(version) => {
+                let kind = pb::SecretChangeKind::SecretDeleted;
+                let changed = Changed { principal: Some(principal), scope, key, kind, version };
+                self.announce(changed, Some(found.unwrap_or_default())).await
+            }
+            None => None,
+        };
+        Ok((broken, reach))
     }
 
     /// The keys of `scope`: LIST_SECRETS in a domain; the global secrets
@@ -122,52 +332,50 @@ impl Secrets {
             .await
     }
 
+    /// Announces the changes the store watch found that no API call here
+    /// made (edits out of band), each with its reach. A moment later: a
+    /// change another replica made through the API, which this replica's
+    /// watch may report first, is then recorded as that replica announced
+    /// it (with who made it), and this sighting is recorded once with it.
+    pub fn announce_observed(&self, changes: Vec<secrets_store::ObservedChange>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(OBSERVED_DELAY).await;
+            for c in changes {
+                let Some(scope) = this.store.scope_of_object(&c.object) else { continue };
+                let kind = match c.change {
+                    secrets_store::KeyChange::Created => pb::SecretChangeKind::SecretCreated,
+                    secrets_store::KeyChange::Updated => pb::SecretChangeKind::SecretUpdated,
+                    secrets_store::KeyChange::Deleted => pb::SecretChangeKind::SecretDeleted,
+                };
+                tracing::info!(%scope, key = %c.key, version = c.version, ?kind, "a secret changed in the store out of band");
+                let changed = Changed { principal: None, scope: &scope, key: &c.key, kind, version: Some(c.version) };
+                this.announce(changed, None).await;
+            }
+        });
+    }
+
     /// Delete protection: the saved workloads that would break if `key` of
-    /// `scope` went, refused unless `force` (see [`Usages::guard_delete`]).
-    /// A global key breaks the workloads that look it up in a domain without
-    /// a key of that name (they fall back to the global one).
-    async fn guard_delete(&self, scope: &Scope, key: &str, force: bool) -> Result<Option<pb::BrokenWorkloads>, Status> {
-        let lookup = |scope: Scope| Lookup { scope, key: key.to_string(), global_fallback: false };
-        if self.store.read_values(&[lookup(scope.clone())]).await?[0].is_none() {
+    /// `scope` went (see [`Secrets::reach`]); `None` when the key does not
+    /// exist. When the index cannot answer, `UNAVAILABLE` saying nothing
+    /// was deleted.
+    async fn guard_delete(&self, scope: &Scope, key: &str) -> Result<Option<internal::FindUsagesResponse>, Status> {
+        let lookup = Lookup { scope: scope.clone(), key: key.to_string(), global_fallback: false };
+        if self.store.read_values(&[lookup]).await?[0].is_none() {
             // Nothing to protect: the delete reports NOT_FOUND.
             return Ok(None);
         }
-        let query = |source_id: &str, source_ids: Vec<String>| internal::FindUsagesRequest {
-            source_type: pb::SourceType::Kubernetes as i32,
-            source_id: source_id.to_string(),
-            key: key.to_string(),
-            source_ids,
-            limit: 0,
+        let what = match scope {
+            Scope::Domain(d) => format!("secret {key:?} of domain {d:?}"),
+            Scope::Global => format!("global secret {key:?}"),
+            Scope::Admin => format!("admin secret {key:?}"),
         };
-        match scope {
-            Scope::Admin => Ok(None),
-            Scope::Domain(d) => {
-                let what = format!("secret {key:?} of domain {d:?}");
-                self.usage.guard_delete(&what, query(d, Vec::new()), force).await
-            }
-            Scope::Global => {
-                let what = format!("global secret {key:?}");
-                let candidates = self.usage.find_before_delete(&what, query("", Vec::new())).await?.source_ids;
-                let lookups = candidates
-                    .iter()
-                    .filter_map(|d| Scope::domain("source_id", d).ok().map(lookup))
-                    .collect::<Vec<_>>();
-                let own = self.store.read_values(&lookups).await?;
-                let falling_back: Vec<String> = lookups
-                    .into_iter()
-                    .zip(own)
-                    .filter(|(_, found)| found.is_none())
-                    .filter_map(|(l, _)| match l.scope {
-                        Scope::Domain(d) => Some(d),
-                        _ => None,
-                    })
-                    .collect();
-                if falling_back.is_empty() {
-                    return Ok(None);
-                }
-                self.usage.guard_delete(&what, query("", falling_back), force).await
-            }
-        }
+        let usage = self.usage.clone();
+        let find = move |q: internal::FindUsagesRequest| {
+            let (usage, what) = (usage.clone(), what.clone());
+            Box::pin(async move { usage.find_before_delete(&what, q).await }) as futures::future::BoxFuture<'static, _>
+        };
+        Ok(Some(self.reach(scope, key, &find).await?))
     }
 }
 
@@ -245,6 +453,22 @@ mod tests {
         }
     }
 
+    /// The change log: every change appended, in order.
+    #[derive(Default)]
+    struct Log {
+        changes: Mutex<Vec<internal::LoggedChange>>,
+    }
+
+    #[tonic::async_trait]
+    impl ChangeSink for Log {
+        async fn append(&self, changes: Vec<internal::LoggedChange>) -> Result<Vec<u64>, Status> {
+            let mut all = self.changes.lock().unwrap();
+            let first = all.len() as u64 + 1;
+            all.extend(changes.iter().cloned());
+            Ok((first..first + changes.len() as u64).collect())
+        }
+    }
+
     struct Fixture {
         secrets: Secrets,
         grants: Arc<Grants>,
@@ -256,8 +480,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend: Arc<crate::backend::SecretBackend> = Arc::new(EmbeddedBackend::open(dir.path()).unwrap());
         let (grants, index) = (Arc::new(Grants { allow, asked: Mutex::default() }), Arc::new(index));
-        let secrets =
-            Secrets { store: SecretStore::new(backend, "store"), authz: grants.clone(), usage: index.clone() };
+        let secrets = Secrets {
+            store: SecretStore::new(backend, "store"),
+            authz: grants.clone(),
+            usage: index.clone(),
+            changes: Arc::new(Log::default()),
+            announcer: Announcer::default(),
+        };
         Fixture { secrets, grants, index, _dir: dir }
     }
 

@@ -53,6 +53,15 @@ pub struct SecretInfo {
     pub updated_at: chrono::DateTime<Utc>,
 }
 
+/// What a write answered, and whether it wrote: `written` is the version
+/// of the store object it produced (`Some(None)` for a backend without
+/// versions), `None` when a retry was answered from the first outcome.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    pub value: T,
+    pub written: Option<secrets_store::Version>,
+}
+
 /// One key to read for the resolver.
 #[derive(Clone, Debug)]
 pub struct Lookup {
@@ -98,6 +107,21 @@ impl SecretStore {
         }
     }
 
+    /// The scope whose store object `object` is, if any.
+    pub fn scope_of_object(&self, object: &str) -> Option<Scope> {
+        let rest = object.strip_prefix(self.prefix.as_str())?;
+        match rest {
+            "" => Some(Scope::Global),
+            "-admin" => Some(Scope::Admin),
+            _ => Scope::domain("object", rest.strip_prefix('-')?).ok(),
+        }
+    }
+
+    /// Tells `observer` of changes made to the store outside this service.
+    pub fn observe(&self, observer: Arc<dyn secrets_store::Observer>) {
+        self.backend.backend().observe(observer);
+    }
+
     #[instrument(skip(self, value), fields(backend = self.backend.name(), %scope))]
     pub async fn create(&self, scope: &Scope, key: &str, value: SecretValue) -> Result<SecretInfo> {
         self.put(scope, key, value, Mode::Create, None).await
@@ -127,7 +151,6 @@ impl SecretStore {
 
     /// Creates or updates `key`; with a `request_id`, recorded in the same
     /// write, and a retry answered with the first outcome.
-    #[instrument(skip(self, value, request_id), fields(backend = self.backend.name(), %scope))]
     pub async fn put(
         &self,
         scope: &Scope,
@@ -136,6 +159,19 @@ impl SecretStore {
         mode: Mode,
         request_id: Option<&str>,
     ) -> Result<SecretInfo> {
+        Ok(self.put_written(scope, key, value, mode, request_id).await?.value)
+    }
+
+    /// [`SecretStore::put`], saying what was written.
+    #[instrument(skip(self, value, request_id), fields(backend = self.backend.name(), %scope))]
+    pub async fn put_written(
+        &self,
+        scope: &Scope,
+        key: &str,
+        value: SecretValue,
+        mode: Mode,
+        request_id: Option<&str>,
+    ) -> Result<Outcome<SecretInfo>> {
         validate::secret_key("key", key)?;
         validate::secret_value("value", value.len())?;
         if let Some(id) = request_id {
@@ -146,22 +182,27 @@ impl SecretStore {
             Mode::Update => Op::Update,
         };
         if let Some(first) = self.replay(scope, request_id, op, key, Some(&value)).await? {
-            return first.ok_or_else(|| Error::Internal("a create or update was recorded without its times".into()));
+            let info =
+                first.ok_or_else(|| Error::Internal("a create or update was recorded without its times".into()))?;
+            return Ok(Outcome { value: info, written: None });
         }
         let object = self.object_name(scope);
         let (key, scope, name) = (key.to_string(), scope.clone(), object.clone());
         let request_id = request_id.map(str::to_string);
         // Queued with the other changes to this object and written with them;
         // a refusal leaves the entries as they were, so the others go ahead.
-        self.backend
-            .apply(&object, move |entries: &mut Entries| {
+        let ((info, fresh), version) = self
+            .backend
+            .apply_versioned(&object, move |entries: &mut Entries| {
                 // Records are read only for a change that carries an id.
                 let mut requests = request_id.as_ref().map(|_| Requests::of(entries));
                 // The same request may have landed since the check above.
                 if let (Some(id), Some(requests)) = (&request_id, &requests)
                     && let Some(first) = requests.replay(id, op, &scope, &key, Some(&value), entries)
                 {
-                    return first?.ok_or_else(|| Error::Internal("a write was recorded without its times".into()));
+                    let info =
+                        first?.ok_or_else(|| Error::Internal("a write was recorded without its times".into()))?;
+                    return Ok((info, false));
                 }
                 // Milliseconds: what every backend stores and lists.
                 let now = Utc::now().trunc_subsecs(3);
@@ -182,22 +223,23 @@ impl SecretStore {
                     requests.store(entries, now)?;
                 }
                 entries.insert(key.clone(), Entry { value: value.clone(), created_at, updated_at: now });
-                Ok(info)
+                Ok((info, true))
             })
-            .await
+            .await?;
+        Ok(Outcome { value: info, written: fresh.then_some(version) })
     }
 
     pub async fn delete(&self, scope: &Scope, key: &str) -> Result<()> {
-        self.delete_once(scope, key, None).await
+        self.delete_once(scope, key, None).await.map(|_| ())
     }
 
     /// Deletes `key`; with a `request_id`, recorded in the same write, and
-    /// a retry answered OK without deleting anything.
+    /// a retry answered OK without deleting anything (`written` is `None`).
     #[instrument(skip(self, request_id), fields(backend = self.backend.name(), %scope))]
-    pub async fn delete_once(&self, scope: &Scope, key: &str, request_id: Option<&str>) -> Result<()> {
+    pub async fn delete_once(&self, scope: &Scope, key: &str, request_id: Option<&str>) -> Result<Outcome<()>> {
         validate::secret_key("key", key)?;
         if self.replay(scope, request_id, Op::Delete, key, None).await?.is_some() {
-            return Ok(());
+            return Ok(Outcome { value: (), written: None });
         }
         let object = self.object_name(scope);
         // A missing object has no keys: report the key as missing without
@@ -207,13 +249,14 @@ impl SecretStore {
         }
         let (key, scope) = (key.to_string(), scope.clone());
         let request_id = request_id.map(str::to_string);
-        self.backend
-            .apply(&object, move |entries: &mut Entries| {
+        let (fresh, version) = self
+            .backend
+            .apply_versioned(&object, move |entries: &mut Entries| {
                 let mut requests = request_id.as_ref().map(|_| Requests::of(entries));
                 if let (Some(id), Some(requests)) = (&request_id, &requests)
                     && let Some(first) = requests.replay(id, Op::Delete, &scope, &key, None, entries)
                 {
-                    return first.map(|_| ());
+                    return first.map(|_| false);
                 }
                 if !entries.contains_key(&key) {
                     return Err(Error::NotFound { key: key.clone(), scope: scope.clone() });
@@ -224,9 +267,10 @@ impl SecretStore {
                     requests.store(entries, now)?;
                 }
                 entries.remove(&key);
-                Ok(())
+                Ok(true)
             })
-            .await
+            .await?;
+        Ok(Outcome { value: (), written: fresh.then_some(version) })
     }
 
     #[instrument(skip(self), fields(backend = self.backend.name(), %scope))]

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod authz;
 pub mod balance;
 pub mod batch;
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod deadline;

@@ -37,6 +37,7 @@ pub mod service_names {
     pub const VAULT_READER: &str = "iomete.secrets.internal.v1.VaultReader";
     pub const USAGE_INDEX: &str = "iomete.secrets.internal.v1.UsageIndex";
     pub const DECISION_LEASES: &str = "iomete.secrets.internal.v1.DecisionLeases";
+    pub const CHANGE_LOG: &str = "iomete.secrets.internal.v1.ChangeLog";
 }
 
 /// The messages and oneofs whose `Debug` is written here, as the build

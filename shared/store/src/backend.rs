@@ -56,6 +56,37 @@ pub type Entries = BTreeMap<String, Entry>;
 /// keeps it in an annotation rather than in the Secret's data.
 pub const REQUESTS_ENTRY: &str = "..requests";
 
+/// The version of a store object a write produced, where the backend has
+/// one: the Kubernetes resourceVersion.
+pub type Version = Option<u64>;
+
+/// What a key of a store object went through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyChange {
+    Created,
+    Updated,
+    Deleted,
+}
+
+/// A change to one key that the watch (or a list after the watch was lost)
+/// reported and memory did not hold yet: an edit out of band (`kubectl`,
+/// another tool), or a write another replica made without telling. Never
+/// a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedChange {
+    pub object: String,
+    pub key: String,
+    pub change: KeyChange,
+    /// The object's resourceVersion that carried it (for a deletion found
+    /// by a list: the list's).
+    pub version: u64,
+}
+
+/// Told of the changes the watch finds (see [`KubernetesBackend::observe`]).
+pub trait Observer: Send + Sync + 'static {
+    fn observed(&self, changes: Vec<ObservedChange>);
+}
+
 /// A change applied to an object's entries. It may run more than once when a
 /// concurrent writer got there first, so it must only depend on its input.
 pub type Change<'a, E> = dyn FnMut(&mut Entries) -> Result<(), E> + Send + 'a;
@@ -85,8 +116,14 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
     /// Reads the object (empty when it does not exist), applies `change` and
     /// writes the result back, so that concurrent writers never lose each
     /// other's keys. Creates the object on first write. An error from
-    /// `change` is returned as it is and nothing is written.
-    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E>;
+    /// `change` is returned as it is and nothing is written. The version
+    /// written, where the backend has one (a Kubernetes resourceVersion).
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E>;
+
+    /// Tells `observer` of the changes to keys made outside this service
+    /// that the backend sees (the Kubernetes watch); nothing for a backend
+    /// that sees none.
+    fn observe(&self, _observer: Arc<dyn Observer>) {}
 }
 
 /// Counts and times every call to the backend it wraps, and bounds the
@@ -149,7 +186,11 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
         result
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
+    fn observe(&self, observer: Arc<dyn Observer>) {
+        self.inner.observe(observer);
+    }
+
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {
         let _turn = match &self.writes {
             Some((writes, class)) => Some(writes.admit(class, None).await.map_err(|shed| {
                 let refusal = writes.refusal(class, shed);

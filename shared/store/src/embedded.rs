@@ -37,7 +37,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::{
     BackendError as Error,
-    backend::{Change, Entries, Entry, StoreBackend, StoreError},
+    backend::{Change, Entries, Entry, StoreBackend, StoreError, Version},
 };
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -226,7 +226,7 @@ impl<E: StoreError> StoreBackend<E> for EmbeddedBackend {
         Ok(self.load_shared(object).await?)
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {
         // Writers in this process queue here; other processes on the same
         // directory queue on the file lock. The object is read under both.
         let guard = self.lock(object).lock_owned().await;
@@ -248,7 +248,7 @@ impl<E: StoreError> StoreBackend<E> for EmbeddedBackend {
         })
         .await
         .map_err(|e| Error::Internal(format!("store write task failed: {e}")))??;
-        Ok(())
+        Ok(None)
     }
 }
 

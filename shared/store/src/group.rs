@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     BackendError,
-    backend::{Entries, StoreBackend, StoreError},
+    backend::{Entries, StoreBackend, StoreError, Version},
 };
 
 /// At most this many changes go into one write, so that one write's time
@@ -80,6 +80,16 @@ impl<E: StoreError> GroupCommit<E> {
         R: Send + 'static,
         F: FnMut(&mut Entries) -> Result<R, E> + Send + 'static,
     {
+        Ok(self.apply_versioned(object, change).await?.0)
+    }
+
+    /// [`GroupCommit::apply`], with the version the write produced (where
+    /// the backend has one).
+    pub async fn apply_versioned<R, F>(&self, object: &str, change: F) -> Result<(R, Version), E>
+    where
+        R: Send + 'static,
+        F: FnMut(&mut Entries) -> Result<R, E> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let item: Box<dyn Pending<E>> = Box::new(Item { change, outcome: None, reply });
         if self.queues.push(object, item) {
@@ -102,13 +112,13 @@ trait Pending<E>: Send {
     fn apply(&mut self, entries: &mut Entries) -> bool;
     /// Answers the caller: its own outcome when the write went through (or
     /// when its change refused), else `failed`.
-    fn answer(self: Box<Self>, failed: Option<&E>);
+    fn answer(self: Box<Self>, failed: Option<&E>, version: Version);
 }
 
 struct Item<R, F, E> {
     change: F,
     outcome: Option<Result<R, E>>,
-    reply: oneshot::Sender<Result<R, E>>,
+    reply: oneshot::Sender<Result<(R, Version), E>>,
 }
 
 impl<R, F, E> Pending<E> for Item<R, F, E>
@@ -124,12 +134,12 @@ where
         applied
     }
 
-    fn answer(self: Box<Self>, failed: Option<&E>) {
+    fn answer(self: Box<Self>, failed: Option<&E>, version: Version) {
         let Item { outcome, reply, .. } = *self;
         let answer = match (failed, outcome) {
             // Refused: nothing of it was to be written, whatever the write did.
             (_, Some(Err(own))) => Err(own),
-            (None, Some(Ok(r))) => Ok(r),
+            (None, Some(Ok(r))) => Ok((r, version)),
             (Some(e), _) => Err(e.for_another_caller()),
             (None, None) => Err(E::from(BackendError::Internal("a store write finished without its change".into()))),
         };
@@ -175,13 +185,13 @@ impl<E: StoreError> Writer<E> {
         {
             m.observe_group_write(self.backend.name(), batch.len());
         }
-        let failed = match &result {
-            Err(_) if nothing_to_write => None,
-            Err(e) => Some(e),
-            Ok(()) => None,
+        let (failed, version) = match &result {
+            Err(_) if nothing_to_write => (None, None),
+            Err(e) => (Some(e), None),
+            Ok(version) => (None, *version),
         };
         for item in batch.iter_mut().map(|item| std::mem::replace(item, Box::new(Answered))) {
-            item.answer(failed);
+            item.answer(failed, version);
         }
     }
 }
@@ -193,7 +203,7 @@ impl<E> Pending<E> for Answered {
     fn apply(&mut self, _: &mut Entries) -> bool {
         false
     }
-    fn answer(self: Box<Self>, _: Option<&E>) {}
+    fn answer(self: Box<Self>, _: Option<&E>, _: Version) {}
 }
 
 #[cfg(test)]
@@ -234,7 +244,7 @@ mod tests {
         async fn read(&self, object: &str) -> Result<Option<Entries>, Error> {
             StoreBackend::<Error>::read(&self.inner, object).await
         }
-        async fn modify(&self, object: &str, change: &mut Change<'_, Error>) -> Result<(), Error> {
+        async fn modify(&self, object: &str, change: &mut Change<'_, Error>) -> Result<crate::backend::Version, Error> {
             if self.writes.fetch_add(1, Ordering::SeqCst) == 0 {
                 self.entered.notify_one();
                 self.gate.acquire().await.unwrap().forget();

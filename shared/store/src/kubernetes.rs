@@ -39,7 +39,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     BackendError as Error,
-    backend::{Change, Entries, Entry, REQUESTS_ENTRY, StoreBackend, StoreError},
+    backend::{
+        Change, Entries, Entry, KeyChange, ObservedChange, Observer, REQUESTS_ENTRY, StoreBackend, StoreError, Version,
+    },
 };
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -100,6 +102,26 @@ pub trait Fence: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 }
 
+/// The keys whose values differ between two copies of an object.
+fn key_changes(object: &str, version: u64, before: Option<&Entries>, after: Option<&Entries>) -> Vec<ObservedChange> {
+    let empty = Entries::new();
+    let (before, after) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
+    let change =
+        |key: &str, change| ObservedChange { object: object.to_string(), key: key.to_string(), change, version };
+    let mut changes = Vec::new();
+    for (key, entry) in after.iter().filter(|(k, _)| k.as_str() != REQUESTS_ENTRY) {
+        match before.get(key) {
+            None => changes.push(change(key, KeyChange::Created)),
+            Some(old) if old.value != entry.value => changes.push(change(key, KeyChange::Updated)),
+            Some(_) => {}
+        }
+    }
+    for key in before.keys().filter(|k| k.as_str() != REQUESTS_ENTRY && !after.contains_key(*k)) {
+        changes.push(change(key, KeyChange::Deleted));
+    }
+    changes
+}
+
 pub struct KubernetesBackend {
     api: Api<Secret>,
     namespace: String,
@@ -114,6 +136,8 @@ pub struct KubernetesBackend {
 #[derive(Default)]
 struct Mirror {
     state: RwLock<MirrorState>,
+    /// Told of the changes the watch finds that memory did not hold.
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
 }
 
 #[derive(Default)]
@@ -161,15 +185,27 @@ impl Mirror {
 
     /// Keeps `secret` unless memory holds a newer version already.
     fn apply(&self, secret: Secret) {
+        self.apply_seen(secret, false);
+    }
+
+    /// [`Mirror::apply`]; with `observed` (the watch or a later list
+    /// reported it), the observer is told which keys changed from what
+    /// memory held.
+    fn apply_seen(&self, secret: Secret, observed: bool) {
         let Some(name) = secret.metadata.name.clone() else { return };
         let version = version_of(&secret);
         let decoded = decode(&name, secret);
+        let mut changes = Vec::new();
         self.with(|s| {
-            if s.objects.get(&name).is_some_and(|(v, _, _)| *v > version) {
+            let held = s.objects.get(&name);
+            if held.is_some_and(|(v, _, _)| *v > version) {
                 return;
             }
             match decoded {
                 Ok((entries, meta)) => {
+                    if observed && held.is_none_or(|(v, _, _)| *v < version) {
+                        changes = key_changes(&name, version, held.map(|(_, e, _)| e.as_ref()), Some(&entries));
+                    }
                     s.undecodable.remove(&name);
                     s.objects.insert(name, (version, Arc::new(entries), Arc::new(meta)));
                 }
@@ -180,6 +216,13 @@ impl Mirror {
                 }
             }
         });
+        self.tell(changes);
+    }
+
+    fn tell(&self, changes: Vec<ObservedChange>) {
+        if let (false, Some(observer)) = (changes.is_empty(), self.observer.get()) {
+            observer.observed(changes);
+        }
     }
 
     /// The version memory holds of `object`.
@@ -188,15 +231,20 @@ impl Mirror {
         s.objects.get(object).map(|(v, _, _)| *v)
     }
 
+    /// The watch reported `secret` deleted: every key it held is.
     fn delete(&self, secret: &Secret) {
         let Some(name) = secret.metadata.name.as_deref() else { return };
         let version = version_of(secret);
+        let mut changes = Vec::new();
         self.with(|s| {
-            if s.objects.get(name).is_none_or(|(v, _, _)| *v <= version) {
-                s.objects.remove(name);
+            if s.objects.get(name).is_none_or(|(v, _, _)| *v <= version)
+                && let Some((_, entries, _)) = s.objects.remove(name)
+            {
+                changes = key_changes(name, version, Some(&entries), None);
             }
             s.undecodable.remove(name);
         });
+        self.tell(changes);
     }
 
     fn alive(&self) {
@@ -213,6 +261,9 @@ async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>, owner: Option<Owner
     };
     let mut failures = 0u32;
     let pause = |failures: u32| Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+    // The first list only fills memory; later ones (after the watch was
+    // lost or its version compacted away) report what changed meanwhile.
+    let mut baseline = false;
     'list: loop {
         if let Some(owner) = &owner {
             adopt(&api, owner).await;
@@ -237,13 +288,22 @@ async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>, owner: Option<Owner
         // longer has, and memory had from before it, goes.
         let listed_at: u64 = version.parse().unwrap_or(u64::MAX);
         let listed: HashSet<String> = list.items.iter().filter_map(|s| s.metadata.name.clone()).collect();
+        let mut gone = Vec::new();
         m.with(|s| {
-            s.objects.retain(|name, (v, _, _)| listed.contains(name) || *v > listed_at);
+            s.objects.retain(|name, (v, entries, _)| {
+                let keep = listed.contains(name) || *v > listed_at;
+                if !keep && baseline {
+                    gone.extend(key_changes(name, listed_at, Some(entries), None));
+                }
+                keep
+            });
             s.undecodable.retain(|name| listed.contains(name));
         });
+        m.tell(gone);
         for secret in list.items {
-            m.apply(secret);
+            m.apply_seen(secret, baseline);
         }
+        baseline = true;
         m.with(|s| {
             s.synced = true;
             s.alive = Some(Instant::now());
@@ -283,7 +343,7 @@ async fn mirror_loop(mirror: Weak<Mirror>, api: Api<Secret>, owner: Option<Owner
                     }
                     Ok(Some(Ok(WatchEvent::Added(secret) | WatchEvent::Modified(secret)))) => {
                         version = secret.metadata.resource_version.clone().unwrap_or(version);
-                        m.apply(secret);
+                        m.apply_seen(secret, true);
                         m.alive();
                     }
                     Ok(Some(Ok(WatchEvent::Deleted(secret)))) => {
@@ -540,12 +600,21 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
         Ok(secret.map(|s| decode(object, s).map(|(entries, _)| entries)).transpose()?)
     }
 
-    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<(), E> {
+    /// Changes before the first list are not reported: there is nothing to
+    /// compare them with. This replica's own writes, and those another
+    /// replica announced, are in memory before the watch reports them.
+    fn observe(&self, observer: Arc<dyn Observer>) {
+        if let Some(mirror) = &self.mirror {
+            let _ = mirror.observer.set(observer);
+        }
+    }
+
+    async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {
         let version = self.write(object, change).await?;
         if let Some(fence) = &self.fence {
             fence.written(object, version).await?;
         }
-        Ok(())
+        Ok(Some(version))
     }
 }
 

@@ -13,7 +13,10 @@ pub mod embedded;
 pub mod group;
 pub mod kubernetes;
 
-pub use backend::{Change, Entries, Entry, MeteredBackend, REQUESTS_ENTRY, StoreBackend, StoreError};
+pub use backend::{
+    Change, Entries, Entry, KeyChange, MeteredBackend, ObservedChange, Observer, REQUESTS_ENTRY, StoreBackend,
+    StoreError, Version,
+};
 pub use config::{BackendKind, EmbeddedConfig, Environment, KubernetesConfig, StoreSettings};
 pub use group::GroupCommit;
 pub use secrets_common::error::BackendError;

@@ -492,3 +492,90 @@ async fn a_current_read_sees_an_edit_the_watched_copy_has_not_received() {
     assert_eq!(current["k"].value.expose(), b"v2");
     kube.hold_events(false);
 }
+
+/// Collects what the store watch reports.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<Vec<secret_service::backend::ObservedChange>>);
+
+impl secret_service::backend::Observer for Seen {
+    fn observed(&self, changes: Vec<secret_service::backend::ObservedChange>) {
+        self.0.lock().unwrap().extend(changes);
+    }
+}
+
+impl Seen {
+    /// Waits (up to 10 s) until `n` changes were reported; all of them.
+    async fn at_least(&self, n: usize) -> Vec<(String, secret_service::backend::KeyChange, u64)> {
+        for _ in 0..1_000 {
+            let seen = self.0.lock().unwrap().clone();
+            if seen.len() >= n {
+                return seen.into_iter().map(|c| (c.key, c.change, c.version)).collect();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("only {:?} reported", self.0.lock().unwrap());
+    }
+}
+
+fn version_now(kube: &integration_tests::kube_server::FakeKube) -> u64 {
+    let secret = kube.secret(NAMESPACE, &format!("{PREFIX}-finance")).unwrap();
+    secret.metadata.resource_version.unwrap().parse().unwrap()
+}
+
+/// Out-of-band edits reach the observer once each, with the version that
+/// carried them; this service's own writes do not (the API reports those);
+/// a watch resumed from a bookmark needs no list; one resumed from a
+/// version compacted away gets 410, lists again and reports what changed
+/// meanwhile, never skipping it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_reports_each_change_made_out_of_band_once_even_across_a_410() {
+    use secret_service::backend::KeyChange::{Created, Deleted, Updated};
+    integration_tests::logs::init();
+    let f = Fixture::kubernetes_watching().await;
+    let kube = f.kube.clone().unwrap();
+    let store = f.store();
+    let seen = Arc::new(Seen::default());
+    store.observe(seen.clone());
+    store.create(&finance(), "k", SecretValue::from("v1".to_string())).await.unwrap();
+    store.update(&finance(), "k", SecretValue::from("v2".to_string())).await.unwrap();
+    eventually(&store, "k", Some(b"v2")).await;
+
+    kubectl_set(&kube, "k", "edited");
+    let edited = version_now(&kube);
+    assert_eq!(seen.at_least(1).await, [("k".to_string(), Updated, edited)], "own writes are not reported");
+    kubectl_set(&kube, "added", "a");
+    let added = version_now(&kube);
+    kube.edit(NAMESPACE, &format!("{PREFIX}-finance"), |s| {
+        s.data.as_mut().unwrap().remove("added");
+    });
+    let removed = version_now(&kube);
+    let all = seen.at_least(3).await;
+    assert_eq!(all[1..], [("added".to_string(), Created, added), ("added".to_string(), Deleted, removed)]);
+
+    // A bookmark moves the watch's version on: resumed after the history
+    // is compacted, it needs no list.
+    let lists = kube.counters().lists;
+    assert!(kube.bookmark() > 0, "the watch asked for bookmarks");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    kube.compact();
+    kube.drop_watches();
+    kubectl_set(&kube, "k", "after-bookmark");
+    let after_bookmark = version_now(&kube);
+    eventually(&store, "k", Some(b"after-bookmark")).await;
+    assert_eq!(kube.counters().lists, lists, "resumed from the bookmark, not listed again");
+
+    // Lagging behind a compaction: 410, a new list, and the change it
+    // missed is reported from the list.
+    kube.hold_events(true);
+    kubectl_set(&kube, "k", "while-lagging");
+    let lagging = version_now(&kube);
+    kube.compact();
+    kube.drop_watches();
+    kube.hold_events(false);
+    eventually(&store, "k", Some(b"while-lagging")).await;
+    let all = seen.at_least(5).await;
+    assert_eq!(all[3..], [("k".to_string(), Updated, after_bookmark), ("k".to_string(), Updated, lagging)]);
+    assert!(kube.counters().lists > lists, "listed again after the 410");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(seen.0.lock().unwrap().len(), 5, "each change reported once");
+}

@@ -11,6 +11,7 @@ mod authz;
 mod bad_input;
 mod bundles;
 mod canary;
+mod changes;
 mod decisions;
 mod deployment;
 mod embedded;
