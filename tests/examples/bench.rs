@@ -280,11 +280,14 @@ async fn main() {
             ttl_ms.map(|t| format!("[vault]\ncache_ttl_ms = {t}\n")).unwrap_or_default()
         )
     };
+    // A gateway with its own audit trail (strict, the default), in a file
+    // of its own.
     let gateway_config = |port: u16, metrics: u16, vault: u16, secrets: u16| {
         format!(
             "{}secret_service_url = \"http://127.0.0.1:{secrets}\"\nauthz_service_url = \"http://127.0.0.1:{authz}\"\nvault_config_service_url = \"http://127.0.0.1:{vault}\"\n\
              [[tokens]]\nname = \"admin\"\nkind = \"user\"\nsubject = \"admin\"\nsha256 = \"{}\"\n\
-             [[tokens]]\nname = \"spark\"\nkind = \"service\"\nsubject = \"spark\"\nsha256 = \"{}\"\n",
+             [[tokens]]\nname = \"spark\"\nkind = \"service\"\nsubject = \"spark\"\nsha256 = \"{}\"\n\
+             [audit]\ndatabase_url = \"sqlite://{d}/audit-{port}.db?mode=rwc\"\n",
             common(port, metrics),
             TokenHash::of(&admin_token).to_hex(),
             TokenHash::of(&service_token).to_hex()
@@ -403,6 +406,29 @@ async fn main() {
     let cold_service =
         Clients::new(&format!("http://127.0.0.1:{gateway_cold}"), Some(&service_token), Some("user:nina"));
 
+    // The same services behind gateways whose audit trail is buffered, or
+    // off: what auditing costs a resolve.
+    let (gateway_buffered, gateway_unaudited) = (port(), port());
+    let _audit_modes = [
+        start_as(
+            dir.path(),
+            "gateway-buffered",
+            "gateway",
+            &format!("{}mode = \"buffered\"\n", gateway_config(gateway_buffered, port(), vault, secrets)),
+        ),
+        start_as(
+            dir.path(),
+            "gateway-unaudited",
+            "gateway",
+            &format!("{}mode = \"off\"\n", gateway_config(gateway_unaudited, port(), vault, secrets)),
+        ),
+    ];
+    for p in [gateway_buffered, gateway_unaudited] {
+        wait_serving(p).await;
+    }
+    let via = |port: u16| Clients::new(&format!("http://127.0.0.1:{port}"), Some(&service_token), Some("user:nina"));
+    let (buffered_service, unaudited_service) = (via(gateway_buffered), via(gateway_unaudited));
+
     // The calls.
     let resolve_via = |service: &Clients, domain: &'static str, items: Vec<pb::ResolveItem>| -> Call {
         let (service, items) = (service.clone(), Arc::new(items));
@@ -493,6 +519,14 @@ async fn main() {
         ("no-op tonic server (reference)", noop_call),
         ("direct OpenBao KV v2 read (reference)", bao_call),
         ("resolve 1 item, object of 10 keys", resolve("small", vec![object_item("a", "small", "key-1")])),
+        (
+            "resolve 1 item, audit buffered",
+            resolve_via(&buffered_service, "small", vec![object_item("a", "small", "key-1")]),
+        ),
+        (
+            "resolve 1 item, audit off",
+            resolve_via(&unaudited_service, "small", vec![object_item("a", "small", "key-1")]),
+        ),
         ("resolve 1 item, object of 1,000 keys", resolve("big", vec![object_item("a", "big", "key-1")])),
         ("resolve 20 items, one object", resolve("wide", objects(20))),
         ("resolve 100 items, one object", resolve("wide", objects(100))),
@@ -582,6 +616,8 @@ async fn main() {
             backend_calls(&metrics_before[1], "operation=\"read\"")
         ),
     );
+
+    audit_queries(dir.path(), &admin_token, &gateway_config, vault, secrets).await;
 
     replicas(rounds, per_step, [cases[0].1.clone(), cases[1].1.clone(), cases[2].1.clone()]).await;
 
@@ -970,4 +1006,162 @@ async fn bursts(b: Bursts<'_>) {
         }
         println!("| {inflight} | {:.0} | {:.0} | {:.0}% |", warn.rps(), info.rps(), 100.0 * info.rps() / warn.rps());
     }
+}
+
+/// Audit queries over a trail of 1,000,000 records (30 days, 50 domains,
+/// 5,000 secrets, 200 principals), through a gateway's QueryAuditRecords
+/// and ListSecretLastAccess: p50 and p95 of 100 calls each.
+async fn audit_queries(
+    dir: &Path,
+    admin_token: &str,
+    gateway_config: &dyn Fn(u16, u16, u16, u16) -> String,
+    vault: u16,
+    secrets: u16,
+) {
+    use gateway::audit::db::{audit_last_access, audit_record, audit_reference};
+    use sea_orm::{ActiveValue::Set, EntityTrait, TransactionTrait};
+    const RECORDS: i64 = 1_000_000;
+    let port = procs::free_port();
+    // The gateway creates the trail's tables; the records go in directly.
+    let _gateway =
+        start_as(dir, "gateway-million", "gateway", &gateway_config(port, procs::free_port(), vault, secrets));
+    wait_serving(port).await;
+    let url = format!("sqlite://{}/audit-{port}.db?mode=rwc", dir.display());
+    let db = connect_database(&url).await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let month = 30 * 24 * 3600 * 1000i64;
+    let started = Instant::now();
+    let mut n = 0i64;
+    while n < RECORDS {
+        let txn = db.begin().await.unwrap();
+        for _ in 0..40 {
+            let (mut records, mut references) = (Vec::new(), Vec::new());
+            for _ in 0..500 {
+                let at = now - month + n * month / RECORDS;
+                let (domain, principal) = (format!("d{}", n % 50), format!("user:u{}", (n * 7) % 200));
+                let (key, denied) = (format!("k{}", (n * 13) % 100), n % 20 == 0);
+                let decision = if denied { "DENIED" } else { "ALLOWED" };
+                records.push(audit_record::ActiveModel {
+                    gateway: Set("gateway-bench".into()),
+                    sequence: Set(n),
+                    at_ms: Set(at),
+                    rpc: Set("ResolveSecrets".into()),
+                    caller: Set("service:spark".into()),
+                    principal: Set(principal),
+                    domain: Set(domain.clone()),
+                    workload_kind: Set(String::new()),
+                    workload_id: Set(String::new()),
+                    decision: Set(decision.into()),
+                    trace_id: Set(String::new()),
+                    detail: Set(String::new()),
+                });
+                references.push(audit_reference::ActiveModel {
+                    gateway: Set("gateway-bench".into()),
+                    sequence: Set(n),
+                    position: Set(0),
+                    at_ms: Set(at),
+                    source_type: Set("KUBERNETES".into()),
+                    source_id: Set(domain),
+                    key: Set(key),
+                    version: Set(String::new()),
+                    decision: Set(decision.into()),
+                    item: Set("envVars.DB_PASSWORD".into()),
+                });
+                n += 1;
+            }
+            audit_record::Entity::insert_many(records).exec_without_returning(&txn).await.unwrap();
+            audit_reference::Entity::insert_many(references).exec_without_returning(&txn).await.unwrap();
+        }
+        txn.commit().await.unwrap();
+    }
+    let last: Vec<_> = (0..5_000)
+        .map(|i| audit_last_access::ActiveModel {
+            domain: Set(format!("d{}", i % 50)),
+            source_type: Set("KUBERNETES".into()),
+            source_id: Set(format!("d{}", i % 50)),
+            key: Set(format!("k{}", i / 50)),
+            at_ms: Set(now - (i as i64) * 1_000),
+            principal: Set("user:u1".into()),
+            caller: Set("service:spark".into()),
+        })
+        .collect();
+    for chunk in last.chunks(500) {
+        audit_last_access::Entity::insert_many(chunk.to_vec()).exec_without_returning(&db).await.unwrap();
+    }
+    let filled = started.elapsed();
+
+    let admin = Clients::new(&format!("http://127.0.0.1:{port}"), Some(admin_token), None);
+    let week_ago = prost_types::Timestamp { seconds: (now - month / 4) / 1_000, nanos: 0 };
+    let day_ago = prost_types::Timestamp { seconds: (now - month / 30) / 1_000, nanos: 0 };
+    let queries: Vec<(&str, pb::QueryAuditRecordsRequest)> = vec![
+        (
+            "who resolved secret X (of 5,000) in the last 7 days, first page",
+            pb::QueryAuditRecordsRequest {
+                source: Some(pb::SecretSource { r#type: pb::SourceType::Kubernetes as i32, id: "d7".into() }),
+                key: "k37".into(),
+                from: Some(week_ago),
+                ..Default::default()
+            },
+        ),
+        (
+            "what principal Y (of 200) received in the last 7 days, first page",
+            pb::QueryAuditRecordsRequest {
+                principal: "user:u42".into(),
+                rpcs: vec!["ResolveSecrets".into()],
+                from: Some(week_ago),
+                ..Default::default()
+            },
+        ),
+        (
+            "a domain's denied resolutions in the last day",
+            pb::QueryAuditRecordsRequest {
+                domain: "d3".into(),
+                decision: pb::AuditDecision::AuditDenied as i32,
+                from: Some(day_ago),
+                ..Default::default()
+            },
+        ),
+        ("everything, newest first, first page", pb::QueryAuditRecordsRequest::default()),
+    ];
+    println!();
+    println!(
+        "Audit queries over {RECORDS} records (filled in {:.0} s), 100 calls each through QueryAuditRecords:",
+        filled.as_secs_f64()
+    );
+    println!("| query | records on the page | p50 ms | p95 ms |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, request) in queries {
+        let mut times = Vec::new();
+        let mut found = 0;
+        for _ in 0..100 {
+            let t = Instant::now();
+            let answer = admin.gateway.clone().query_audit_records(request.clone()).await.expect("query");
+            times.push(t.elapsed());
+            found = answer.into_inner().records.len();
+        }
+        times.sort();
+        println!("| {name} | {found} | {:.1} | {:.1} |", percentile(&times, 0.5), percentile(&times, 0.95));
+    }
+    let mut times = Vec::new();
+    let mut found = 0;
+    for _ in 0..100 {
+        let t = Instant::now();
+        let request = pb::ListSecretLastAccessRequest { domain: "d7".into() };
+        found = admin
+            .gateway
+            .clone()
+            .list_secret_last_access(request)
+            .await
+            .expect("last access")
+            .into_inner()
+            .secrets
+            .len();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "| last access of each of a domain's secrets | {found} | {:.1} | {:.1} |",
+        percentile(&times, 0.5),
+        percentile(&times, 0.95)
+    );
 }

@@ -77,6 +77,12 @@ pub struct Options {
     pub kubernetes_api: Option<String>,
     /// The change feed's retention (default: the authz-service's 7 days).
     pub change_retention_seconds: Option<u64>,
+    /// Vault change detection (default: off in tests, so Vault sees only
+    /// what a test asks).
+    pub vault_changes: Option<vault_config_service::rotation::ChangesConfig>,
+    /// The gateway's audit trail (default: strict, in the stack's database
+    /// on PostgreSQL, else a SQLite file of its own).
+    pub audit: Option<gateway::audit::AuditConfig>,
 }
 
 /// A platform service's token and what it may do.
@@ -352,6 +358,10 @@ impl TestApp {
             },
             // Under the 2 s bound between the services.
             vault: vault_config_service::VaultSettings { timeout_ms: 1_000, ..options.vault.unwrap_or_default() },
+            changes: options.vault_changes.clone().unwrap_or(vault_config_service::rotation::ChangesConfig {
+                vault_poll_interval_seconds: 0,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let vault = vault_config_service::Application::build_with_listener(vault_config, vault_l)
@@ -394,6 +404,16 @@ impl TestApp {
             jwt_issuers: options.jwt_issuers,
             service_accounts: options.service_accounts,
             features: gateway::Features { secrets_v2: gateway::Flag { enabled: !options.secrets_v2_off } },
+            // The stack's own database on PostgreSQL (one trail for every
+            // gateway), a file of its own on SQLite.
+            audit: options.audit.clone().unwrap_or_else(|| gateway::audit::AuditConfig {
+                database_url: if app.database_url.starts_with("postgres") {
+                    app.database_url.clone()
+                } else {
+                    format!("sqlite://{}?mode=rwc", app.dir.path().join("audit.db").display())
+                },
+                ..Default::default()
+            }),
             ..Default::default()
         };
         app.gateway_config = Some(gateway_config.clone());

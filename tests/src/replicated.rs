@@ -193,6 +193,8 @@ impl ReplicatedStack {
                     self.urls("vault-config-service", only),
                 );
                 text.push_str(tokens);
+                // One audit trail for every gateway.
+                let _ = write!(text, "\n[audit]\ndatabase_url = \"{}\"\n", self.db.url);
             }
         }
         let _ = write!(
@@ -225,6 +227,11 @@ impl ReplicatedStack {
     /// `user:{on_behalf_of}`.
     pub fn as_service(&self, on_behalf_of: &str, gateway: usize) -> Clients {
         Clients::new(&self.gateways[gateway], Some(&self.tokens[SPARK]), Some(&format!("user:{on_behalf_of}")))
+    }
+
+    /// The token of `name` (a persona, or the platform service).
+    pub fn token(&self, name: &str) -> &str {
+        &self.tokens[name]
     }
 
     /// The personas' grants in `domain` (as `TestApp::setup_domain`).

@@ -104,7 +104,13 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     assert!(stdout.contains(r#""text": "jdbc:postgresql://etl:rotated@db/warehouse""#), "resolved text: {stdout}");
     // Create, update, then the same update twice with one requestId: the
     // retry answers the first outcome (the same updatedAt).
-    let update_times: Vec<&str> = stdout.match_indices(r#""updatedAt": ""#).map(|(i, _)| &stdout[i..i + 40]).collect();
+    let update_times: Vec<&str> = stdout
+        .match_indices(r#""updatedAt": ""#)
+        .map(|(i, m)| {
+            let value = &stdout[i + m.len()..];
+            &value[..value.find('"').unwrap_or(value.len())]
+        })
+        .collect();
     assert!(update_times.len() >= 4, "{stdout}");
     assert_eq!(update_times[2], update_times[3], "the retried update was answered with its first outcome: {stdout}");
     assert!(stdout.contains(r#""value": "c210cC1wYXNz""#), "the global smtp_password through finance: {stdout}");
@@ -157,6 +163,28 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
         "the refusal names the job: {stderr}"
     );
     assert!(stdout.contains(r#""removed": true"#), "{stdout}");
+
+    // The rotation and audit walkthrough, in the same stack.
+    let _stop_bao = StopBao;
+    let (stdout, stderr) = run_block(dir.path(), "rotation", sh_block("### Rotation and audit with grpcurl"));
+    let Some(start) = stdout.find(r#""caughtUp": true"#) else {
+        panic!("the feed's first message is not in the output:\n{stderr}\n{stdout}");
+    };
+    let feed = &stdout[start..];
+    for origin in ["CHANGE_ORIGIN_API", "CHANGE_ORIGIN_VAULT"] {
+        assert!(feed.contains(&format!(r#""origin": "{origin}""#)), "the feed reports the {origin} change: {feed}");
+    }
+    assert!(feed.contains(r#""version": "2""#), "the Vault change carries the new version: {feed}");
+    assert!(feed.matches(r#""id": "hourly-sync""#).count() >= 2, "each change names the job: {feed}");
+    assert!(
+        stdout.contains(r#""rpc": "ResolveWorkload""#) && stdout.contains(r#""principal": "user:alice""#),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r#""rpc": "UpdateSecret""#), "the rotation is in the trail: {stdout}");
+    assert!(stdout.contains(r#""lastResolved""#), "last access: {stdout}");
+    for rotated in ["token-2", "vault-pw-2"] {
+        assert!(!stdout.contains(rotated), "no answer shows a rotated value: {stdout}");
+    }
 }
 
 #[test]

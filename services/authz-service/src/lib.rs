@@ -122,7 +122,7 @@ pub struct Application {
     _sqlite_lock: Option<std::fs::File>,
     policy: policy::Policy,
     /// Keeps the change log (polling the head on PostgreSQL, pruning).
-    change_keeper: tokio::task::JoinHandle<()>,
+    _change_keeper: secrets_common::server::AbortOnDrop,
 }
 
 secrets_common::service!(Application, Config, "authz-service");
@@ -151,7 +151,7 @@ impl Application {
         let leases = policy.leases();
         let grpc = grpc::AuthzGrpc::new(policy.clone());
         let change_log = changes::ChangeLog::new(policy.clone(), &config.changes).await?;
-        let change_keeper = tokio::spawn(change_log.clone().run());
+        let change_keeper = secrets_common::server::AbortOnDrop(tokio::spawn(change_log.clone().run()));
 
         let (router, health) = server::router(
             "authz-service",
@@ -187,7 +187,7 @@ impl Application {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
             _sqlite_lock: sqlite_lock,
             policy,
-            change_keeper,
+            _change_keeper: change_keeper,
         })
     }
 
@@ -199,7 +199,6 @@ impl Application {
             policy.stop().await;
         };
         let result = self.served.run(shutdown).await.context("authz-service stopped with an error");
-        self.change_keeper.abort();
         drop(self._sqlite_lock);
         result
     }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::{
+    audit::{self, Audit, Record},
     auth::{Caller, RpcGroup},
     feed::{self, Feed},
     payload,
@@ -25,6 +26,61 @@ pub struct GatewayService {
     pub workloads: SavedWorkloads,
     pub selector: Selector,
     pub feed: Feed,
+    pub audit: Audit,
+    /// For the audit queries' permission questions.
+    pub checks: secrets_common::authz::AuthzClient,
+}
+
+/// A resolution as its audit record names it.
+struct Resolving<'a> {
+    rpc: &'static str,
+    caller: &'a Caller,
+    domain: &'a str,
+    trace_id: String,
+}
+
+impl GatewayService {
+    /// Records a resolution; in strict mode an answer is given only once
+    /// its record is stored (a failed call keeps its own error).
+    async fn audited<T>(
+        &self,
+        call: Resolving<'_>,
+        items: &[pb::ResolveItem],
+        result: Result<T, Status>,
+        answers: impl FnOnce(&T) -> Option<&[pb::ResolvedItem]>,
+    ) -> Result<T, Status> {
+        let Resolving { rpc, caller, domain, trace_id } = call;
+        if !self.audit.is_on() {
+            return result;
+        }
+        let (decision, references, detail) = match &result {
+            Ok(answer) => (
+                pb::AuditDecision::AuditAllowed,
+                audit::resolution_references(domain, items, answers(answer), None),
+                String::new(),
+            ),
+            Err(s) => (
+                audit::decision_of(s.code()),
+                audit::resolution_references(domain, items, None, Some(s.code())),
+                s.message().to_string(),
+            ),
+        };
+        let record = Record {
+            rpc,
+            caller: caller.own.to_string(),
+            principal: caller.principal.to_string(),
+            domain: domain.to_string(),
+            workload: None,
+            references,
+            decision,
+            trace_id,
+            detail,
+        };
+        let stored = self.audit.record(record).await;
+        let answer = result?;
+        stored?;
+        Ok(answer)
+    }
 }
 
 /// The authenticated caller, recorded on the current span.
@@ -49,7 +105,19 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::ResolveSecretsResponse>, Status> {
         let caller = traced_caller(&request)?;
         let deadline = deadline::of(request.metadata());
-        let response = self.resolution.resolve("ResolveSecrets", &caller, request.into_inner(), deadline).await?;
+        let trace_id = audit::trace_id_of(request.metadata());
+        let request = request.into_inner();
+        let (domain, items) =
+            if self.audit.is_on() { (request.domain.clone(), request.items.clone()) } else { Default::default() };
+        let result = self.resolution.resolve("ResolveSecrets", &caller, request, deadline).await;
+        let response = self
+            .audited(
+                Resolving { rpc: "ResolveSecrets", caller: &caller, domain: &domain, trace_id },
+                &items,
+                result,
+                |r| Some(r.items.as_slice()),
+            )
+            .await?;
         tracing::debug!("resolved");
         Ok(Response::new(response))
     }
@@ -61,14 +129,32 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::ResolveWorkloadResponse>, Status> {
         let caller = traced_caller(&request)?;
         let deadline = deadline::of(request.metadata());
+        let trace_id = audit::trace_id_of(request.metadata());
         let request = request.into_inner();
-        let payload = request
+        let domain = request.domain;
+        let prepared = request
             .payload
-            .ok_or_else(|| invalid_argument(FieldViolation::new("payload", "is required: the workload's payload")))?;
-        let items = payload::items(&payload)?;
+            .ok_or_else(|| invalid_argument(FieldViolation::new("payload", "is required: the workload's payload")))
+            .and_then(|payload| payload::items(&payload).map(|items| (payload, items)));
+        let (payload, items) = match prepared {
+            Ok(p) => p,
+            Err(s) => {
+                // Always the error itself (recorded first).
+                let call = Resolving { rpc: "ResolveWorkload", caller: &caller, domain: &domain, trace_id };
+                let failed = self.audited(call, &[], Err(s), |_: &()| None);
+                return failed.await.map(|()| Response::new(pb::ResolveWorkloadResponse::default()));
+            }
+        };
+        let kept = if self.audit.is_on() { items.clone() } else { Vec::new() };
+        let request = pb::ResolveSecretsRequest { domain: domain.clone(), items };
+        let result = self.resolution.resolve("ResolveWorkload", &caller, request, deadline).await;
         let resolved = self
-            .resolution
-            .resolve("ResolveWorkload", &caller, pb::ResolveSecretsRequest { domain: request.domain, items }, deadline)
+            .audited(
+                Resolving { rpc: "ResolveWorkload", caller: &caller, domain: &domain, trace_id },
+                &kept,
+                result,
+                |r| Some(r.items.as_slice()),
+            )
             .await?;
         tracing::debug!("resolved");
         Ok(Response::new(payload::fill(payload, resolved.items)))
@@ -83,7 +169,66 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::SaveWorkloadResponse>, Status> {
         let caller = traced_caller(&request)?;
         let deadline = deadline::of(request.metadata());
-        Ok(Response::new(self.workloads.save(&caller, request.into_inner(), deadline).await?))
+        let trace_id = audit::trace_id_of(request.metadata());
+        let request = request.into_inner();
+        let workload = pb::WorkloadRef {
+            domain: request.domain.clone(),
+            kind: request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, payload::kind) as i32,
+            id: request.id.clone(),
+            name: String::new(),
+        };
+        let validate_only = request.validate_only;
+        let result = self.workloads.save(&caller, request, deadline).await;
+        if !self.audit.is_on() {
+            return Ok(Response::new(result?));
+        }
+        let (decision, references, detail) = match &result {
+            Ok(saved) => {
+                let problem = |field: &str| saved.problems.iter().find(|p| p.field == field);
+                let references = saved
+                    .references
+                    .iter()
+                    .map(|r| {
+                        let object = r.secret_object.clone().unwrap_or_default();
+                        let decision = problem(&r.field).map_or(pb::AuditDecision::AuditAllowed, |p| {
+                            audit::problem_decision(pb::ProblemType::try_from(p.r#type).unwrap_or_default())
+                        });
+                        pb::AuditReference {
+                            source: object.source,
+                            key: object.key,
+                            version: String::new(),
+                            decision: decision as i32,
+                            item: r.field.clone(),
+                        }
+                    })
+                    .collect();
+                let decision = saved.problems.first().map_or(pb::AuditDecision::AuditAllowed, |p| {
+                    audit::problem_decision(pb::ProblemType::try_from(p.r#type).unwrap_or_default())
+                });
+                let detail = match (saved.saved, validate_only) {
+                    (true, _) => "saved".to_string(),
+                    (false, true) => "validated only".to_string(),
+                    (false, false) => format!("not saved: {} problems", saved.problems.len()),
+                };
+                (decision, references, detail)
+            }
+            Err(s) => (audit::decision_of(s.code()), Vec::new(), s.message().to_string()),
+        };
+        let record = Record {
+            rpc: "SaveWorkload",
+            caller: caller.own.to_string(),
+            principal: caller.principal.to_string(),
+            domain: workload.domain.clone(),
+            workload: Some(workload),
+            references,
+            decision,
+            trace_id,
+            detail,
+        };
+        let stored = self.audit.record(record).await;
+        let saved = result?;
+        stored?;
+        Ok(Response::new(saved))
     }
 
     #[instrument(skip_all, fields(rpc = "DeleteWorkload", caller, principal, domain = %request.get_ref().domain, id = %request.get_ref().id))]
@@ -111,6 +256,26 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::ListSecretUsagesResponse>, Status> {
         let caller = traced_caller(&request)?;
         Ok(Response::new(self.workloads.secret_usages(&caller, request.into_inner()).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "QueryAuditRecords", caller, principal, domain = %request.get_ref().domain, count))]
+    async fn query_audit_records(
+        &self,
+        request: Request<pb::QueryAuditRecordsRequest>,
+    ) -> Result<Response<pb::QueryAuditRecordsResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        let answer = audit::trail::query(&self.audit, &self.checks, &caller, request.into_inner()).await?;
+        tracing::Span::current().record("count", answer.records.len() as i64);
+        Ok(Response::new(answer))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListSecretLastAccess", caller, principal, domain = %request.get_ref().domain))]
+    async fn list_secret_last_access(
+        &self,
+        request: Request<pb::ListSecretLastAccessRequest>,
+    ) -> Result<Response<pb::ListSecretLastAccessResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        Ok(Response::new(audit::trail::last_access(&self.audit, &self.checks, &caller, request.into_inner()).await?))
     }
 
     type WatchSecretChangesStream = feed::Answers;

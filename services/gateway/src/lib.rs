@@ -7,6 +7,7 @@
 //! through [`payload`]), [`workloads`] (saved workloads and the usage
 //! index) and [`selector`] (the secret selector).
 
+pub mod audit;
 pub mod auth;
 pub mod feed;
 pub mod forward;
@@ -26,7 +27,7 @@ use secrets_common::{
     auth::Internal,
     authz::{self, AuthzClient},
     observe::{Metrics, TracedChannel},
-    server::{self, Served, ServerConfig},
+    server::{self, AbortOnDrop, Served, ServerConfig},
     telemetry::TelemetryConfig,
     tls::{self, InternalTlsConfig},
 };
@@ -80,6 +81,8 @@ pub struct Config {
     /// Service accounts that call as platform services, and what each may do.
     pub service_accounts: Vec<ServiceAccountConfig>,
     pub features: Features,
+    /// The audit trail: where it is kept, strict or buffered.
+    pub audit: audit::AuditConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -118,6 +121,7 @@ impl Default for Config {
             jwt_issuers: Vec::new(),
             service_accounts: Vec::new(),
             features: Features::default(),
+            audit: audit::AuditConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -195,6 +199,7 @@ impl Config {
         self.authenticator()?;
         self.server_tls()?;
         self.channels(&internal, Duration::from_secs(1), &Metrics::new())?;
+        self.audit.validate()?;
         Ok(())
     }
 }
@@ -203,15 +208,6 @@ pub struct Application {
     served: Served,
     /// Holds the decision lease while the gateway runs.
     _lease_holder: Option<AbortOnDrop>,
-}
-
-/// Stops a background task when the gateway goes.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 secrets_common::service!(Application, Config, "gateway");
@@ -234,6 +230,8 @@ impl Application {
         let [secrets_channel, authz_channel, vault_channel, authz_changes_channel, vault_changes_channel] =
             config.channels(&internal, timeout, &metrics)?;
         let client = internal.client();
+        config.audit.validate()?;
+        let audit = audit::Audit::open(&config.audit, &metrics).await?;
 
         // One decision cache for every permission question the gateway asks.
         let mut checks = AuthzClient::new(authz_channel.clone(), client.clone());
@@ -254,6 +252,7 @@ impl Application {
                 .max_encoding_message_size(MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             checks: checks.clone(),
+            audit: audit.clone(),
         };
         if !config.features.secrets_v2.enabled {
             tracing::info!("features.secretsV2.enabled is false: secret objects are refused, placeholders resolve");
@@ -290,8 +289,10 @@ impl Application {
             },
             feed: feed::Feed {
                 log: secrets_common::changes::ChangeLogClient::new(authz_channel.clone(), client.clone()),
-                authz: checks,
+                authz: checks.clone(),
             },
+            audit,
+            checks,
         };
 
         let (router, health) = server::router(

@@ -131,6 +131,12 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("VAULT_CONFIG_SERVICE_EMBEDDED__DATA_DIR").is_none() {
         vault.embedded.data_dir = data_dir.join("vault-credentials");
     }
+    // Locally, a Vault secret's new version is in the change feed within
+    // seconds (production polls every 60 s).
+    if std::env::var_os("VAULT_CONFIG_SERVICE_CHANGES__VAULT_POLL_INTERVAL_SECONDS").is_none() {
+        vault.changes.vault_poll_interval_seconds = 5;
+        vault.changes.vault_poll_budget_per_minute = 60;
+    }
     if vault.backend.is_none() {
         vault.backend = Some(secret_service::BackendKind::Embedded);
         vault.embedded.allow_in_cluster = true;
@@ -138,6 +144,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut gw = gateway::Config::load(None)?;
     gw.server.listen_addr = addr(args.gateway_port);
+    if std::env::var_os("GATEWAY_AUDIT__DATABASE_URL").is_none() {
+        gw.audit.database_url = format!("sqlite://{}?mode=rwc", data_dir.join("audit.db").display());
+    }
     gw.internal_token = Some(internal);
     gw.secret_service_url = url(args.secret_service_port);
     gw.authz_service_url = url(args.authz_service_port);

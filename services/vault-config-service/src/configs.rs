@@ -539,6 +539,17 @@ impl Configs {
         Ok(fields.keys().cloned().collect())
     }
 
+    /// The config's connection to Vault (shared with the resolver: one
+    /// token, one login), for the change detection.
+    pub(crate) async fn connection_for(&self, row: &vault_config::Model) -> Result<Arc<Connection>> {
+        Ok(self.connection(row).await?)
+    }
+
+    /// Drops the config's values from memory: the next resolve reads Vault.
+    pub(crate) async fn forget_values(&self, row: &vault_config::Model) {
+        self.values.invalidate(&version(row)).await;
+    }
+
     async fn connection(&self, row: &vault_config::Model) -> Result<Arc<Connection>, Unbuilt> {
         let build = async {
             let credentials = self.credentials_of(row).await?.ok_or_else(|| {

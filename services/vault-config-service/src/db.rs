@@ -35,6 +35,56 @@ pub mod vault_config {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod vault_version {
+    use sea_orm::entity::prelude::*;
+
+    /// The KV v2 version of a config's secret last seen by the change
+    /// detection (a version, never a value): a change is one past it.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "vault_secret_versions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub config_id: String,
+        /// The config's path when the version was seen: a config moved to
+        /// another secret starts over.
+        pub path: String,
+        pub version: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The versions the change detection has seen (see [`vault_version`]).
+struct VaultVersions;
+
+impl MigrationName for VaultVersions {
+    fn name(&self) -> &str {
+        "m20261207_000002_vault_versions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for VaultVersions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "CREATE TABLE vault_secret_versions (config_id VARCHAR(64) PRIMARY KEY, path VARCHAR(1024) NOT NULL, \
+                 version BIGINT NOT NULL)",
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.get_connection().execute_unprepared("DROP TABLE vault_secret_versions").await?;
+        Ok(())
+    }
+}
+
 #[derive(DeriveIden)]
 enum VaultConfigs {
     Table,
@@ -116,6 +166,7 @@ impl MigratorTrait for Migrator {
                 name: "m20261207_000001_replicas",
                 names: crate::rows::REPLICAS,
             }),
+            Box::new(VaultVersions),
         ]
     }
 

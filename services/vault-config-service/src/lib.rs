@@ -10,6 +10,7 @@
 pub mod configs;
 pub mod db;
 pub mod grpc;
+pub mod rotation;
 pub mod rows;
 pub mod spec;
 pub mod vault;
@@ -65,6 +66,8 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     pub kubernetes: KubernetesConfig,
     pub vault: VaultSettings,
+    /// Vault change detection for the change feed.
+    pub changes: rotation::ChangesConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -106,6 +109,7 @@ impl Default for Config {
             embedded: EmbeddedConfig::at("data/vault-credentials"),
             kubernetes: KubernetesConfig::default(),
             vault: VaultSettings::default(),
+            changes: rotation::ChangesConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -150,6 +154,11 @@ impl Config {
         );
         anyhow::ensure!(self.database_timeout_ms > 0, "database_timeout_ms must be above 0");
         anyhow::ensure!(self.vault.timeout_ms > 0, "vault.timeout_ms must be above 0");
+        anyhow::ensure!(
+            self.changes.vault_poll_interval_seconds == 0 || self.changes.vault_poll_budget_per_minute > 0,
+            "changes.vault_poll_budget_per_minute must be above 0 (or set changes.vault_poll_interval_seconds to 0 \
+             to turn Vault change detection off)"
+        );
         self.store().validate(&Environment::detect())
     }
 }
@@ -158,6 +167,8 @@ pub struct Application {
     served: Served,
     /// Stops taking part among the replicas once the server has drained.
     rows: rows::Rows,
+    /// The Vault change detection.
+    _poller: secrets_common::server::AbortOnDrop,
 }
 
 secrets_common::service!(Application, Config, "vault-config-service");
@@ -184,8 +195,10 @@ impl Application {
         let peers = configs::Peers {
             authz: Arc::new(authz),
             registry: ResourceRegistryClient::with_interceptor(registry_channel, internal.client()),
-            usage: Arc::new(secrets_common::usage::UsageClient::new(channel, internal.client())),
+            usage: Arc::new(secrets_common::usage::UsageClient::new(channel.clone(), internal.client())),
         };
+        let usage = peers.usage.clone();
+        let change_log = secrets_common::changes::ChangeLogClient::new(channel, internal.client());
         let database_timeout = Duration::from_millis(config.database_timeout_ms);
         let db = db::connect(&config.database_url, database_timeout, Some(&metrics)).await?;
         let store = config.store().open::<Error>().await?;
@@ -199,8 +212,20 @@ impl Application {
             cache_max_bytes: config.vault.cache_max_bytes,
             database_timeout,
         };
-        let configs = configs::Configs::new(db, store, config.object_prefix.clone(), peers, limits, metrics.clone());
+        let configs =
+            configs::Configs::new(db.clone(), store, config.object_prefix.clone(), peers, limits, metrics.clone());
         let rows = configs.rows().clone();
+        let poller = secrets_common::server::AbortOnDrop(tokio::spawn(
+            rotation::Poller {
+                configs: configs.clone(),
+                db,
+                usage,
+                log: Arc::new(change_log),
+                announcer: Default::default(),
+                settings: config.changes.clone(),
+            }
+            .run(),
+        ));
         let grpc = grpc::VaultGrpc::new(configs);
         let auth = internal.auth();
         let (router, health) =
@@ -220,6 +245,7 @@ impl Application {
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
             rows,
+            _poller: poller,
         })
     }
 

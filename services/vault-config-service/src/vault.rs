@@ -491,26 +491,64 @@ impl Connection {
     /// The fields of the secret. A 403 gets one fresh login (AppRole; unless
     /// another request has logged in since) and one retry.
     pub async fn read(&self) -> Result<Fields, VaultFailure> {
+        Ok(self.read_version(None).await?.0)
+    }
+
+    /// The fields of the secret at `version` (`None`: the current one), and
+    /// which version they are.
+    pub async fn read_version(&self, version: Option<u64>) -> Result<(Fields, u64), VaultFailure> {
         let token = self.token().await?;
-        match self.read_with(&token).await {
+        match self.read_with(&token, version).await {
             Err(f)
                 if f.kind == FailureKind::InvalidCredentials
                     && matches!(self.credentials, Credentials::AppRole { .. }) =>
             {
                 let token = self.approle_token(Login::Replacing(&token)).await?;
-                self.read_with(&token).await
+                self.read_with(&token, version).await
             }
             other => other,
         }
     }
 
+    /// The secret's current KV v2 version, from its metadata
+    /// (`GET /v1/<mount>/metadata/<secret>`): no value moves. A token whose
+    /// policy does not cover the metadata path gets `NoAccessToPath`.
+    pub async fn current_version(&self) -> Result<u64, VaultFailure> {
+        let token = self.token().await?;
+        let kv = &self.target.kv;
+        let at = self.describe();
+        let path = format!("{}/metadata/{}", kv.mount, kv.secret);
+        let body = match self.exchange(reqwest::Method::GET, &path, Some(&token), None, "kv2.metadata").await? {
+            Ok(body) => body,
+            Err(e) => return Err(self.classify(e, Stage::Read, &token).await),
+        };
+        #[derive(serde::Deserialize)]
+        struct Metadata {
+            data: MetadataData,
+        }
+        #[derive(serde::Deserialize)]
+        struct MetadataData {
+            current_version: u64,
+        }
+        let read: Metadata = serde_json::from_slice(&body).map_err(|e| {
+            VaultFailure::new(
+                FailureKind::Other,
+                format!("vault at {at} answered a body that is not KV v2 metadata: {e}"),
+            )
+        })?;
+        Ok(read.data.current_version)
+    }
+
     /// Reads the secret (`GET /v1/<mount>/data/<secret>`), taking at most
     /// [`MAX_RESPONSE_BYTES`] of answer: a server that sends more is refused,
     /// not buffered.
-    async fn read_with(&self, token: &SecretString) -> Result<Fields, VaultFailure> {
+    async fn read_with(&self, token: &SecretString, version: Option<u64>) -> Result<(Fields, u64), VaultFailure> {
         let kv = &self.target.kv;
         let at = self.describe();
-        let path = format!("{}/data/{}", kv.mount, kv.secret);
+        let path = match version {
+            None => format!("{}/data/{}", kv.mount, kv.secret),
+            Some(v) => format!("{}/data/{}?version={v}", kv.mount, kv.secret),
+        };
         let body = match self.exchange(reqwest::Method::GET, &path, Some(token), None, "kv2.read").await? {
             Ok(body) => body,
             Err(e) => return Err(self.classify(e, Stage::Read, token).await),
@@ -522,6 +560,13 @@ impl Connection {
         #[derive(serde::Deserialize)]
         struct ReadData {
             data: Option<BTreeMap<String, serde_json::Value>>,
+            #[serde(default)]
+            metadata: Option<ReadMetadata>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ReadMetadata {
+            #[serde(default)]
+            version: u64,
         }
         let read: Read = serde_json::from_slice(&body).map_err(|e| {
             VaultFailure::new(
@@ -529,7 +574,8 @@ impl Connection {
                 format!("vault at {at} answered a body that is not a KV v2 read: {e}"),
             )
         })?;
-        Ok(read
+        let read_version = read.data.metadata.as_ref().map_or(0, |m| m.version);
+        let fields = read
             .data
             .data
             .unwrap_or_default()
@@ -541,7 +587,8 @@ impl Connection {
                 };
                 (k, SecretValue::new(bytes))
             })
-            .collect())
+            .collect();
+        Ok((fields, read_version))
     }
 
     /// Classifies a failure that needs no further question to Vault.

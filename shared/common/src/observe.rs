@@ -71,6 +71,12 @@ struct Inner {
     backend_errors: Family<BackendLabels, Counter>,
     backend_seconds: Family<BackendLabels, Histogram>,
     changes_per_write: Family<WriteLabels, Histogram>,
+    audit_records: Family<AuditLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditLabels {
+    outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -148,8 +154,15 @@ impl Metrics {
             "Calls answered RESOURCE_EXHAUSTED without being served: queue_full or waited_too_long",
             admission_shed.clone(),
         );
+        let audit_records = Family::<AuditLabels, Counter>::default();
+        registry.register(
+            "audit_records",
+            "Audit records by outcome: recorded (in the audit store), dropped (buffered mode, the buffer full), failed (the store refused or did not answer in time)",
+            audit_records.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                audit_records,
                 registry,
                 requests,
                 request_seconds,
@@ -199,6 +212,11 @@ impl Metrics {
     pub fn observe_group_write(&self, backend: &str, changes: usize) {
         let labels = WriteLabels { backend: backend.into() };
         self.inner.changes_per_write.get_or_create(&labels).observe(changes as f64);
+    }
+
+    /// `n` audit records that ended as `outcome` (recorded, dropped, failed).
+    pub fn audit_records(&self, outcome: &str, n: u64) {
+        self.inner.audit_records.get_or_create(&AuditLabels { outcome: outcome.into() }).inc_by(n);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -507,3 +507,13 @@ pub async fn router(
         .add_service(reflection_v1alpha);
     Ok((router, health))
 }
+
+/// A background task of a service, stopped when the service (holding this)
+/// goes.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

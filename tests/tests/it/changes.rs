@@ -411,3 +411,108 @@ async fn an_edit_made_out_of_band_in_kubernetes_is_reported_with_its_reach() {
     let quiet = tokio::time::timeout(Duration::from_secs(4), next_change(&mut stream)).await;
     assert!(quiet.is_err(), "an extra change: {quiet:?}");
 }
+
+/// A new version written with the Vault CLI is reported for the keys that
+/// changed (not the others), with the version and the workloads it
+/// reaches, and the next resolve returns the new value at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_vault_version_written_with_the_cli_is_reported_for_the_keys_that_changed() {
+    use integration_tests::openbao::OpenBao;
+    let bao = OpenBao::start();
+    let app = TestApp::spawn_with(Options {
+        vault_changes: Some(vault_config_service::rotation::ChangesConfig {
+            vault_poll_interval_seconds: 1,
+            vault_poll_budget_per_minute: 600,
+        }),
+        ..Default::default()
+    })
+    .await;
+    app.setup_domain("finance").await;
+    let mut authz = app.as_user(ADMIN).authz.clone();
+    authz
+        .create_bundle(pb::CreateBundleRequest {
+            name: "finance-vault".into(),
+            description: String::new(),
+            owner: format!("user:{OWNER}"),
+        })
+        .await
+        .unwrap();
+    bao.bao(&["kv", "put", "secret/production", "db_password=v1-password", "api_key=unchanged"]);
+    let spec = pb::VaultConfigSpec {
+        name: "prod".into(),
+        host: bao.addr.clone(),
+        path: "/v1/secret/data/production".into(),
+        credentials: Some(pb::VaultCredentials {
+            method: Some(pb::vault_credentials::Method::Token(bao.root_token.clone())),
+        }),
+        ..Default::default()
+    };
+    let create =
+        pb::CreateVaultConfigRequest { domain: "finance".into(), bundle: "finance-vault".into(), spec: Some(spec) };
+    let config = app.as_user(OWNER).vault.clone().create_vault_config(create).await.unwrap().into_inner();
+    let vault_object = |key: &str| pb::ConfigValue {
+        value: Some(pb::config_value::Value::SecretObject(pb::SecretObject {
+            key: key.into(),
+            source: Some(pb::SecretSource { r#type: pb::SourceType::Vault as i32, id: config.id.clone() }),
+        })),
+    };
+    save(&app, spark_job("vault-job", &[("DB", vault_object("db_password")), ("API", vault_object("api_key"))])).await;
+    let spark = app.as_service(Some(&format!("user:{OWNER}")));
+    let resolve = || async {
+        let items = spark.resolve("finance", vec![vault_item("db", &config.id, "db_password")]).await.unwrap();
+        match &items[0].result {
+            Some(pb::resolved_item::Result::Value(v)) => String::from_utf8(v.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(resolve().await, "v1-password", "cached for the next resolve");
+
+    // The detection has seen version 1 once its row is in the database.
+    let db = connect_database(&app.database_url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        use sea_orm::{ConnectionTrait, Statement};
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT version FROM vault_secret_versions",
+            ))
+            .await
+            .unwrap();
+        if row.is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the config was never polled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let platform = app.as_service(None);
+    let mut stream =
+        watch(&platform, pb::WatchSecretChangesRequest { source: pb::SourceType::Vault as i32, ..request(0) }).await;
+    next(&mut stream).await;
+
+    bao.bao(&["kv", "put", "secret/production", "db_password=v2-rotated", "api_key=unchanged"]);
+    let (_, change) = next_change(&mut stream).await;
+    assert_eq!(change.origin, pb::ChangeOrigin::Vault as i32);
+    assert_eq!((change.key.as_str(), change.version.as_str()), ("db_password", "2"));
+    assert_eq!(change.source.as_ref().unwrap().id, config.id);
+    assert_eq!(change.domain, "finance");
+    assert_eq!(ids(change.reach.as_ref().unwrap()), BTreeSet::from(["vault-job".to_string()]));
+    assert_eq!(resolve().await, "v2-rotated", "the values in memory were dropped");
+    // api_key did not change: no event for it.
+    let quiet = tokio::time::timeout(Duration::from_secs(3), next_change(&mut stream)).await;
+    assert!(quiet.is_err(), "an extra change: {quiet:?}");
+}
+
+/// The change log is internal: the authz-service takes only the internal
+/// credential, and the gateway does not route it.
+#[tokio::test]
+async fn the_change_log_takes_only_the_internal_credential_and_is_not_routed() {
+    use secrets_proto::internal::v1::{FollowChangesRequest, change_log_client::ChangeLogClient};
+    let app = TestApp::spawn().await;
+    let mut anyone = ChangeLogClient::new(channel(&app.authz_service_url));
+    let err = anyone.follow(FollowChangesRequest { after_revision: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut via_gateway = ChangeLogClient::new(channel(&app.gateway_url));
+    let err = via_gateway.follow(FollowChangesRequest { after_revision: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+}

@@ -7,6 +7,7 @@
     reason = "test set-up may block: it runs before and beside the servers, not in them"
 )]
 
+mod audit;
 mod authz;
 mod bad_input;
 mod bundles;

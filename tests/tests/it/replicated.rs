@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use integration_tests::{replicated::ReplicatedStack, *};
+use integration_tests::{
+    replicated::{NAMESPACE, ReplicatedStack},
+    *,
+};
 use secrets_proto::v1::{self as pb, resolved_item::Result as R, workload_payload::Kind};
 use tonic::Code;
 
@@ -405,4 +408,87 @@ async fn vault_configs_and_their_credentials_stay_coherent_across_replicas() {
     }
     stack.kube.hold_events(false);
     stack.stop().await;
+}
+
+/// The change feed and the audit trail across two replicas of every
+/// service: a watcher on one gateway sees every change made through either
+/// gateway and the one made with kubectl, each once, in revision order, and
+/// resumes on the other gateway with its cursor; the audit records of both
+/// gateways are one trail.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_change_feed_and_the_audit_trail_span_every_replica() {
+    let Some(stack) = ReplicatedStack::start().await else { return };
+    stack.setup_domain("finance").await;
+    stack.as_user(OWNER, 0).create("finance", "db_password", "v0").await.unwrap();
+    let spark = stack.as_service(OWNER, 0);
+    let job = pb::SaveWorkloadRequest {
+        domain: "finance".into(),
+        id: "etl".into(),
+        name: "etl".into(),
+        payload: Some(spark_job("db_password")),
+        validate_only: false,
+    };
+    assert!(spark.gateway.clone().save_workload(job).await.unwrap().into_inner().saved);
+
+    let platform = |gw: usize| Clients::new(&stack.gateways[gw], Some(stack.token(SPARK)), None);
+    let watch = |gw: usize, after: u64| {
+        let clients = platform(gw);
+        async move {
+            let request = pb::WatchSecretChangesRequest { after_revision: after, ..Default::default() };
+            clients.gateway.clone().watch_secret_changes(request).await.unwrap().into_inner()
+        }
+    };
+    let mut stream = watch(0, 0).await;
+    let mut expected = Vec::new();
+    for round in 1..=6 {
+        let gw = round % 2;
+        let reach =
+            stack.as_user(OWNER, gw).update("finance", "db_password", &format!("v{round}")).await.unwrap().reach;
+        let reach = reach.expect("the update's reach");
+        assert_eq!(reach.workloads.len(), 1, "{reach:?}");
+        expected.push(reach.revision);
+    }
+    stack.kube.edit(NAMESPACE, "iomete-secret-store-finance", |s| {
+        s.data.as_mut().unwrap().insert("db_password".into(), k8s_openapi::ByteString(b"from-kubectl".to_vec()));
+    });
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    for _ in 0..4 {
+        let (c, change) = next_change(&mut stream).await;
+        seen.push(change.revision);
+        cursor = c;
+    }
+    drop(stream);
+    // The rest through the other gateway, from the cursor.
+    let mut stream = watch(1, cursor).await;
+    let mut store_edits = 0;
+    while seen.len() < 7 {
+        let (_, change) = next_change(&mut stream).await;
+        if change.origin == pb::ChangeOrigin::Store as i32 {
+            store_edits += 1;
+        }
+        seen.push(change.revision);
+    }
+    assert_eq!(&seen[..6], &expected[..], "every API change once, in order, across the reconnect");
+    assert_eq!(store_edits, 1, "the kubectl edit once, though both secret-service replicas watch");
+    let quiet = tokio::time::timeout(Duration::from_secs(4), next_change(&mut stream)).await;
+    assert!(quiet.is_err(), "a change came twice: {quiet:?}");
+
+    // One trail: the records of both gateways, through either.
+    let admin = stack.as_user(ADMIN, 1);
+    let query = pb::QueryAuditRecordsRequest { rpcs: vec!["UpdateSecret".into()], ..Default::default() };
+    let records = admin.gateway.clone().query_audit_records(query).await.unwrap().into_inner().records;
+    assert_eq!(records.len(), 6);
+    let gateways: std::collections::BTreeSet<&str> = records.iter().map(|r| r.gateway.as_str()).collect();
+    assert_eq!(gateways.len(), 2, "{gateways:?}");
+}
+
+/// The next change on a watch, skipping the caught-up markers.
+async fn next_change(stream: &mut tonic::Streaming<pb::WatchSecretChangesResponse>) -> (u64, pb::SecretChange) {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), stream.message()).await.unwrap().unwrap().unwrap();
+        if let Some(pb::watch_secret_changes_response::Event::Change(c)) = m.event {
+            return (m.cursor, c);
+        }
+    }
 }
