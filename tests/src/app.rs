@@ -85,6 +85,15 @@ pub struct Options {
     pub audit: Option<gateway::audit::AuditConfig>,
 }
 
+/// A strict audit trail in a SQLite file under `dir`, for a gateway a test
+/// builds itself.
+pub fn audit_in(dir: &std::path::Path) -> gateway::audit::AuditConfig {
+    gateway::audit::AuditConfig {
+        database_url: format!("sqlite://{}?mode=rwc", dir.join("audit.db").display()),
+        ..Default::default()
+    }
+}
+
 /// A platform service's token and what it may do.
 pub struct ServiceToken {
     pub name: &'static str,

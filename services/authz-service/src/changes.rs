@@ -46,6 +46,8 @@ const RECHECK: Duration = Duration::from_secs(10);
 /// through the other replicas.
 const POLL: Duration = Duration::from_millis(250);
 const MAX_DEDUPE_KEY: usize = 700;
+/// Revisions one pruning transaction covers at most.
+const PRUNE_CHUNK: i64 = 10_000;
 
 /// The `[changes]` table of the authz-service's configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -198,11 +200,27 @@ impl ChangeLog {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let revisions = self
-            .policy
-            .writer()
-            .write(Box::new(move |txn| Box::pin(async move { append_rows(txn, rows).await })))
-            .await?;
+        let revisions = if self.policy.db().get_database_backend() == DbBackend::Postgres {
+            // A transaction of its own: the head row's lock is never held
+            // beside the grant counter's (another replica's writer may take
+            // them in the other order).
+            let db = self.policy.db().clone();
+            self.policy
+                .bounded(async move {
+                    use sea_orm::TransactionTrait;
+                    let txn = db.begin().await?;
+                    let revisions = append_rows(&txn, rows).await?;
+                    txn.commit().await?;
+                    Ok(revisions)
+                })
+                .await?
+        } else {
+            // SQLite: through the one writer, so the file sees one writer.
+            self.policy
+                .writer()
+                .write(Box::new(move |txn| Box::pin(async move { append_rows(txn, rows).await })))
+                .await?
+        };
         if let Some(&newest) = revisions.iter().max() {
             self.head.send_if_modified(|h| {
                 let newer = newest as i64 > *h;
@@ -255,6 +273,25 @@ impl ChangeLog {
             n => i64::try_from(n).map_err(|_| FieldViolation::new("after_revision", "is past any revision"))?,
         };
         let mut told: Option<i64> = None;
+        let first = self.read_head().await?;
+        if cursor > first.revision {
+            // A cursor this log never gave (a restored database, another
+            // installation's cursor): what it missed cannot be told.
+            let resync = pb::ResyncRequired {
+                after_revision: cursor as u64,
+                oldest_revision: first.pruned_through as u64 + 1,
+                message: format!(
+                    "revision {cursor} is past the newest this change feed has recorded ({}): the feed was restored \
+                     or the cursor is another's; list the secrets and treat every workload as possibly affected, \
+                     then follow on from here",
+                    first.revision
+                ),
+            };
+            if !send(Event::ResyncRequired(resync)).await {
+                return Ok(());
+            }
+            cursor = first.revision;
+        }
         loop {
             let head = self.read_head().await?;
             if cursor < head.pruned_through {
@@ -275,6 +312,11 @@ impl ChangeLog {
                 cursor = head.pruned_through;
             }
             let changes = self.page(cursor, PAGE).await?;
+            // A prune between the head's read and the page may have taken
+            // changes after the cursor: go round again to say so.
+            if self.read_head().await?.pruned_through > cursor {
+                continue;
+            }
             let full = changes.len() as u64 == PAGE;
             for change in changes {
                 cursor = change.revision as i64;
@@ -321,10 +363,16 @@ impl ChangeLog {
             }
             if last_prune.elapsed() >= prune_every {
                 last_prune = tokio::time::Instant::now();
-                match self.prune().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(pruned = n, "changes past the change feed's retention pruned"),
-                    Err(e) => tracing::warn!(error = %e, "pruning the change feed failed; trying again later"),
+                // A chunk at a time, until nothing is past the retention.
+                for _ in 0..1_000 {
+                    match self.prune().await {
+                        Ok(0) => break,
+                        Ok(n) => tracing::info!(pruned = n, "changes past the change feed's retention pruned"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pruning the change feed failed; trying again later");
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -346,7 +394,17 @@ impl ChangeLog {
                         .one(txn)
                         .await?
                         .flatten();
-                    let Some(through) = newest_old else { return Ok(0) };
+                    let Some(newest_old) = newest_old else { return Ok(0) };
+                    // At most PRUNE_CHUNK changes a transaction; the next
+                    // round takes the rest.
+                    let oldest: Option<i64> = secret_change::Entity::find()
+                        .select_only()
+                        .column_as(secret_change::Column::Revision.min(), "oldest")
+                        .into_tuple::<Option<i64>>()
+                        .one(txn)
+                        .await?
+                        .flatten();
+                    let through = oldest.map_or(newest_old, |o| Ord::min(newest_old, o.saturating_add(PRUNE_CHUNK)));
                     let removed = secret_change::Entity::delete_many()
                         .filter(secret_change::Column::Revision.lte(through))
                         .exec(txn)

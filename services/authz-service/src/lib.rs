@@ -111,7 +111,10 @@ impl Config {
             "database_url must start with sqlite:, postgres:// or postgresql://"
         );
         anyhow::ensure!(self.database_timeout_ms > 0, "database_timeout_ms must be above 0");
-        anyhow::ensure!(self.changes.retention_seconds > 0, "changes.retention_seconds must be above 0");
+        anyhow::ensure!(
+            (1..=10 * 365 * 24 * 3600).contains(&self.changes.retention_seconds),
+            "changes.retention_seconds must be 1 to 315360000 (ten years)"
+        );
         Ok(())
     }
 }

@@ -44,6 +44,9 @@ use db::{audit_last_access, audit_record, audit_reference};
 
 /// Records one batch writes at most.
 const MAX_BATCH: usize = 500;
+/// References one record keeps (a resolve may name 64,000 through
+/// placeholders); the detail says how many more there were.
+const MAX_REFERENCES: usize = 1_000;
 /// Bound on `detail` (a longer one is cut).
 const MAX_DETAIL: usize = 1_024;
 
@@ -104,7 +107,7 @@ impl AuditConfig {
             "audit.record_timeout_ms must be 1 to 1999: a call is refused within 2 s when the audit store cannot record"
         );
         anyhow::ensure!(self.buffer_size > 0, "audit.buffer_size must be above 0");
-        anyhow::ensure!(self.retention_days > 0, "audit.retention_days must be above 0");
+        anyhow::ensure!((1..=36_500).contains(&self.retention_days), "audit.retention_days must be 1 to 36500");
         anyhow::ensure!(self.database_timeout_ms > 0, "audit.database_timeout_ms must be above 0");
         Ok(())
     }
@@ -265,6 +268,7 @@ impl Audit {
     /// Buffered: returns at once; a full buffer drops it (counted).
     pub async fn record(&self, record: Record) -> Result<(), Status> {
         let Some(inner) = &self.inner else { return Ok(()) };
+        let record = sanitized(record);
         let sequence = inner.sequence.fetch_add(1, Ordering::SeqCst) + 1;
         let at_ms = chrono::Utc::now().timestamp_millis();
         match inner.mode {
@@ -305,6 +309,34 @@ impl Audit {
     }
 }
 
+/// The record as it is stored and logged: every text within its column,
+/// without control characters.
+fn sanitized(mut r: Record) -> Record {
+    if let Some(more) = r.references.len().checked_sub(MAX_REFERENCES).filter(|&n| n > 0) {
+        r.references.truncate(MAX_REFERENCES);
+        r.detail = format!("{} ({more} more references not recorded)", r.detail);
+    }
+    r.caller = cut(&r.caller, 300);
+    r.principal = cut(&r.principal, 300);
+    r.domain = cut(&r.domain, 63);
+    r.trace_id = cut(&r.trace_id, 32);
+    r.detail = cut(&r.detail, MAX_DETAIL);
+    if let Some(w) = r.workload.as_mut() {
+        w.domain = cut(&w.domain, 63);
+        w.id = cut(&w.id, 128);
+        w.name = cut(&w.name, 256);
+    }
+    for x in &mut r.references {
+        if let Some(source) = x.source.as_mut() {
+            source.id = cut(&source.id, 64);
+        }
+        x.key = cut(&x.key, 256);
+        x.version = cut(&x.version, 64);
+        x.item = cut(&x.item, MAX_DETAIL);
+    }
+    r
+}
+
 fn reference_rows(gateway: &str, q: &Queued) -> Vec<audit_reference::ActiveModel> {
     q.record
         .references
@@ -332,15 +364,19 @@ fn reference_rows(gateway: &str, q: &Queued) -> Vec<audit_reference::ActiveModel
         .collect()
 }
 
+/// `text` as the trail stores it: control characters (which PostgreSQL
+/// refuses, `\0`, and which would forge lines in a log) replaced, and cut
+/// to its column's size, so no request can make a record unwritable.
 fn cut(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let c = if c.is_control() { '\u{fffd}' } else { c };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
+    out
 }
 
 pub fn source_type_name(t: i32) -> &'static str {
@@ -424,11 +460,27 @@ async fn write_batch(inner: &Inner, batch: &[Queued], gap: Gap) -> Result<(), se
             });
         }
     }
+    // A batch written again after a commit whose answer was lost finds its
+    // rows there: they are kept, not refused.
     for chunk in records.chunks(200) {
-        audit_record::Entity::insert_many(chunk.to_vec()).exec_without_returning(&txn).await?;
+        let insert = audit_record::Entity::insert_many(chunk.to_vec()).on_conflict(
+            OnConflict::columns([audit_record::Column::Gateway, audit_record::Column::Sequence])
+                .do_nothing()
+                .to_owned(),
+        );
+        ignore_none_inserted(insert.exec_without_returning(&txn).await)?;
     }
     for chunk in references.chunks(200) {
-        audit_reference::Entity::insert_many(chunk.to_vec()).exec_without_returning(&txn).await?;
+        let insert = audit_reference::Entity::insert_many(chunk.to_vec()).on_conflict(
+            OnConflict::columns([
+                audit_reference::Column::Gateway,
+                audit_reference::Column::Sequence,
+                audit_reference::Column::Position,
+            ])
+            .do_nothing()
+            .to_owned(),
+        );
+        ignore_none_inserted(insert.exec_without_returning(&txn).await)?;
     }
     // One row per secret: the newest of this batch.
     last_access.reverse();
@@ -459,8 +511,19 @@ async fn write_batch(inner: &Inner, batch: &[Queued], gap: Gap) -> Result<(), se
     txn.commit().await
 }
 
+/// An insert whose rows were all there already is no failure.
+fn ignore_none_inserted(result: Result<u64, sea_orm::DbErr>) -> Result<(), sea_orm::DbErr> {
+    match result {
+        Ok(_) | Err(sea_orm::DbErr::RecordNotInserted) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Logs a stored record on the `audit` target, for a SIEM.
 fn log_record(gateway: &str, q: &Queued) {
+    if !tracing::enabled!(target: "audit", tracing::Level::INFO) {
+        return;
+    }
     let r = &q.record;
     let references: Vec<String> = r
         .references
@@ -590,9 +653,13 @@ async fn probe(db: &DatabaseConnection) -> Result<(), sea_orm::DbErr> {
     txn.commit().await
 }
 
+/// Deletes records past the retention: a few seconds after start, then
+/// every ten minutes.
 async fn prune_loop(inner: std::sync::Weak<Inner>, retention: Duration) {
+    let mut pause = Duration::from_secs(2);
     loop {
-        tokio::time::sleep(Duration::from_secs(600)).await;
+        tokio::time::sleep(pause).await;
+        pause = Duration::from_secs(600);
         let Some(inner) = inner.upgrade() else { return };
         let cutoff = chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64;
         let pruned = async {

@@ -35,6 +35,11 @@ pub const MAX_COALESCE_SECONDS: u32 = 3_600;
 pub const MAX_WORKLOAD_IDS: usize = 1_000;
 /// How often a watcher's permission is asked again while it receives.
 const RECHECK: Duration = Duration::from_secs(10);
+/// Coalesced: workloads one window collects at most, and changes per
+/// workload; past either, the window closes early (a message stays well
+/// under a client's 4 MiB limit).
+const MAX_PENDING_WORKLOADS: usize = 10_000;
+const MAX_CHANGES_PER_WORKLOAD: usize = 1_000;
 
 #[derive(Clone)]
 pub struct Feed {
@@ -72,11 +77,10 @@ impl Filter {
         if let Some(domain) = &self.domain {
             let global = change.scope == pb::Scope::Global as i32;
             let own = !global && change.scope != pb::Scope::Admin as i32 && &change.domain == domain;
-            let before = reach.workloads.len();
+            // Only this domain's workloads, and their count: never what
+            // other domains have.
             reach.workloads.retain(|w| &w.domain == domain);
-            if reach.workloads.len() != before {
-                reach.total = reach.workloads.len() as u32;
-            }
+            reach.total = reach.workloads.len() as u32;
             let reaches_it = global && !reach.workloads.is_empty();
             if !own && !reaches_it {
                 return None;
@@ -204,8 +208,10 @@ impl Feed {
             };
             let Some(message) = next else {
                 // The window closed: one message per workload, then where
-                // the stream stands.
+                // the stream stands (to a watcher still allowed to see it).
                 flush_at = None;
+                self.authorize(caller, &filter).await?;
+                checked = Instant::now();
                 for (_, changes) in std::mem::take(&mut pending) {
                     if tx.send(answer(delivered, Event::Workload(changes))).await.is_err() {
                         return Ok(());
@@ -240,15 +246,24 @@ impl Feed {
                         }
                         Some(window) => {
                             let workloads = change.reach.as_ref().map(|r| r.workloads.clone()).unwrap_or_default();
+                            // Each workload's message names its changes; the
+                            // reach of each would only repeat it.
+                            let mut bare = change.clone();
+                            bare.reach = None;
+                            let mut full = false;
                             for w in workloads.into_iter().filter(|w| filter.workload_matches(w)) {
                                 let slot =
                                     pending.entry((w.domain.clone(), w.kind, w.id.clone())).or_insert_with(|| {
                                         pb::WorkloadChanges { workload: Some(w.clone()), changes: Vec::new() }
                                     });
-                                slot.changes.push(change.clone());
+                                slot.changes.push(bare.clone());
+                                full |= slot.changes.len() >= MAX_CHANGES_PER_WORKLOAD;
                             }
+                            full |= pending.len() >= MAX_PENDING_WORKLOADS;
                             if pending.is_empty() {
                                 delivered = read;
+                            } else if full {
+                                flush_at = Some(tokio::time::Instant::now());
                             } else if flush_at.is_none() {
                                 flush_at = Some(tokio::time::Instant::now() + window);
                             }

@@ -45,8 +45,8 @@ pub mod vault_version {
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub config_id: String,
-        /// The config's path when the version was seen: a config moved to
-        /// another secret starts over.
+        /// Where the config's secret was when the version was seen (host,
+        /// namespace and path): a config moved elsewhere starts over.
         pub path: String,
         pub version: i64,
     }
@@ -72,7 +72,7 @@ impl MigrationTrait for VaultVersions {
         manager
             .get_connection()
             .execute_unprepared(
-                "CREATE TABLE vault_secret_versions (config_id VARCHAR(64) PRIMARY KEY, path VARCHAR(1024) NOT NULL, \
+                "CREATE TABLE vault_secret_versions (config_id VARCHAR(64) PRIMARY KEY, path VARCHAR(4096) NOT NULL, \
                  version BIGINT NOT NULL)",
             )
             .await?;

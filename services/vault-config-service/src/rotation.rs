@@ -153,7 +153,7 @@ impl Poller {
         } else {
             match connection.current_version().await {
                 Ok(v) => v,
-                Err(f) if f.kind == FailureKind::NoAccessToPath || f.kind == FailureKind::InvalidCredentials => {
+                Err(f) if f.kind == FailureKind::NoAccessToPath => {
                     tracing::info!(config = %id, "the config's token may not read its secret's metadata; polling with reads");
                     state.by_reading = true;
                     return Ok(());
@@ -167,8 +167,19 @@ impl Poller {
             // to compare with yet.
             return self.remember(&row, version).await;
         };
-        if version <= before {
+        if version == before {
             return Ok(());
+        }
+        if version < before {
+            // The secret was deleted and written anew: its versions start
+            // over. Every key counts as changed, from this new baseline.
+            tracing::info!(config = %id, from = before, to = version, "a vault secret's versions started over");
+            let keys = connection.read_version(Some(version)).await.map_err(crate::Error::from)?.0;
+            self.configs.forget_values(&row).await;
+            for key in keys.keys() {
+                self.announce(&row, key, pb::SecretChangeKind::SecretUpdated, version).await;
+            }
+            return self.remember(&row, version).await;
         }
         let changed = if state.tokens >= 2.0 {
             state.tokens -= 2.0;
@@ -191,17 +202,18 @@ impl Poller {
         self.remember(&row, version).await
     }
 
-    /// The version last seen for the config's current path.
+    /// The version last seen for the config's current secret (its host,
+    /// namespace and path: a config moved elsewhere starts over).
     async fn seen(&self, row: &vault_config::Model) -> crate::Result<Option<u64>> {
         let found =
             vault_version::Entity::find_by_id(row.id.clone()).one(&self.db).await.map_err(crate::Error::from)?;
-        Ok(found.filter(|v| v.path == row.path).map(|v| v.version as u64))
+        Ok(found.filter(|v| v.path == where_of(row)).map(|v| v.version as u64))
     }
 
     async fn remember(&self, row: &vault_config::Model, version: u64) -> crate::Result<()> {
         let model = vault_version::ActiveModel {
             config_id: Set(row.id.clone()),
-            path: Set(row.path.clone()),
+            path: Set(where_of(row)),
             version: Set(version as i64),
         };
         vault_version::Entity::insert(model)
@@ -265,6 +277,11 @@ impl Poller {
             .announce(&format!("new version {version} of {key:?} in vault config {}", row.id), announcement)
             .await;
     }
+}
+
+/// Where a config's secret is: host, namespace and path.
+fn where_of(row: &vault_config::Model) -> String {
+    format!("{} {} {}", row.host, row.namespace, row.path)
 }
 
 /// The keys whose values differ between two versions of a secret.

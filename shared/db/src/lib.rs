@@ -27,6 +27,30 @@ pub async fn connect<M: MigratorTrait>(
     metrics: Option<&Metrics>,
     lock_id: i64,
 ) -> anyhow::Result<DatabaseConnection> {
+    connect_with::<M>(url, timeout, metrics, lock_id, Durability::Flushed).await
+}
+
+/// When a SQLite commit returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the disk has flushed it (`synchronous = FULL`): no
+    /// acknowledged write is lost, even to a power cut.
+    Flushed,
+    /// Once it is in the write-ahead log (`synchronous = NORMAL`): it
+    /// survives the process crashing, not the machine losing power. For an
+    /// append-only trail written at every resolve. PostgreSQL commits as
+    /// the server is configured either way.
+    Logged,
+}
+
+/// [`connect`], with the SQLite commit `durability`.
+pub async fn connect_with<M: MigratorTrait>(
+    url: &str,
+    timeout: Duration,
+    metrics: Option<&Metrics>,
+    lock_id: i64,
+    durability: Durability,
+) -> anyhow::Result<DatabaseConnection> {
     if let Some(path) = sqlite_file(url) {
         create_private_file(std::path::Path::new(path))
             .map_err(|e| anyhow::anyhow!("cannot create the database file of {url}: {e}"))?;
@@ -52,7 +76,10 @@ pub async fn connect<M: MigratorTrait>(
             o.busy_timeout(timeout)
                 .foreign_keys(true)
                 .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+                .synchronous(match durability {
+                    Durability::Flushed => sea_orm::sqlx::sqlite::SqliteSynchronous::Full,
+                    Durability::Logged => sea_orm::sqlx::sqlite::SqliteSynchronous::Normal,
+                })
         });
     if url.contains(":memory:") {
         options.max_connections(1);

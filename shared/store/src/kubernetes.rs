@@ -439,7 +439,9 @@ impl KubernetesBackend {
             return Ok(());
         }
         if let Some(secret) = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))? {
-            mirror.apply(secret);
+            // What else changed since memory's copy (an edit out of band the
+            // watch has not delivered) is reported, not swallowed.
+            mirror.apply_seen(secret, true);
         }
         Ok(())
     }
@@ -458,7 +460,7 @@ impl KubernetesBackend {
             .await
             .map_err(|e| Error::Unavailable { backend: NAME, message: format!("listing the store objects: {e}") })?;
         for secret in list.items {
-            mirror.apply(secret);
+            mirror.apply_seen(secret, true);
         }
         Ok(())
     }
@@ -595,7 +597,7 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
     async fn read_current(&self, object: &str) -> Result<Option<Entries>, E> {
         let secret = self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))?;
         if let (Some(mirror), Some(secret)) = (&self.mirror, &secret) {
-            mirror.apply(secret.clone());
+            mirror.apply_seen(secret.clone(), true);
         }
         Ok(secret.map(|s| decode(object, s).map(|(entries, _)| entries)).transpose()?)
     }
@@ -638,6 +640,11 @@ impl KubernetesBackend {
                 Some(None) => (false, Entries::new(), ObjectMeta::default()),
                 None => match self.api.get_opt(object).await.map_err(|e| self.api_error(object, e))? {
                     Some(s) => {
+                        // Memory was behind: what it missed is reported
+                        // before this write moves it past.
+                        if let Some(m) = &self.mirror {
+                            m.apply_seen(s.clone(), true);
+                        }
                         let (entries, meta) = decode(object, s)?;
                         (true, entries, meta)
                     }

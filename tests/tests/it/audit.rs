@@ -343,3 +343,39 @@ async fn buffered_mode_counts_what_it_drops_and_records_the_gap() {
     assert_eq!(gap.decision, AuditDecision::AuditDropped as i32);
     assert!(gap.detail.starts_with(&format!("{dropped} records dropped")), "{}", gap.detail);
 }
+
+/// Records past `audit.retention_days` are deleted (a gateway prunes soon
+/// after it starts, then every ten minutes); newer ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_past_the_retention_are_deleted() {
+    let app = TestApp::spawn().await;
+    finance(&app).await;
+    let url = format!("sqlite://{}?mode=rwc", app.dir.path().join("audit.db").display());
+    let db = connect_database(&url).await.unwrap();
+    let old = chrono::Utc::now().timestamp_millis() - 400 * 24 * 3600 * 1000;
+    db.execute_unprepared(&format!(
+        "INSERT INTO audit_records (gateway, sequence, at_ms, rpc, caller, principal, domain, workload_kind, \
+         workload_id, decision, trace_id, detail) VALUES ('gateway-old', 1, {old}, 'ResolveSecrets', 'service:spark', \
+         'user:old', 'finance', '', '', 'ALLOWED', '', '')"
+    ))
+    .await
+    .unwrap();
+    let admin = app.as_user(ADMIN);
+    let old_ones = || {
+        let admin = admin.clone();
+        async move {
+            let request = pb::QueryAuditRecordsRequest { principal: "user:old".into(), ..Default::default() };
+            query(&admin, request).await.unwrap().records.len()
+        }
+    };
+    assert_eq!(old_ones().await, 1);
+    // Another gateway on the same trail (retention 365 days) prunes it.
+    let _pruner = app.another_gateway_with(|_| {}).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while old_ones().await > 0 {
+        assert!(Instant::now() < deadline, "the record past the retention was never deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kept = query(&admin, pb::QueryAuditRecordsRequest { rpcs: vec!["CreateSecret".into()], ..Default::default() });
+    assert_eq!(kept.await.unwrap().records.len(), 1, "newer records stay");
+}

@@ -516,3 +516,40 @@ async fn the_change_log_takes_only_the_internal_credential_and_is_not_routed() {
     let err = via_gateway.follow(FollowChangesRequest { after_revision: 0 }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
 }
+
+/// A watcher whose permission is revoked is cut off: the stream ends with
+/// PERMISSION_DENIED at its next change (permissions are asked again every
+/// 10 s while it receives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_whose_permission_is_revoked_is_cut_off() {
+    let app = TestApp::spawn().await;
+    finance(&app).await;
+    let lister = app.as_user(LISTER);
+    let mut stream = watch(&lister, pb::WatchSecretChangesRequest { domain: "finance".into(), ..request(0) }).await;
+    next(&mut stream).await;
+    app.as_user(OWNER).update("finance", "other_key", "o-2").await.unwrap();
+    next_change(&mut stream).await;
+    app.as_user(ADMIN)
+        .authz
+        .clone()
+        .revoke_domain_permission(pb::RevokeDomainPermissionRequest {
+            domain: "finance".into(),
+            subject: format!("user:{LISTER}"),
+            permission: pb::Permission::ListSecrets as i32,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    app.as_user(OWNER).update("finance", "other_key", "o-3").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await.expect("the stream ends") {
+            Ok(Some(m)) => assert!(!matches!(m.event, Some(Event::Change(_))), "a change after the revoke: {m:?}"),
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(e) => {
+                assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+                break;
+            }
+        }
+    }
+}

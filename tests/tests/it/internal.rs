@@ -102,6 +102,7 @@ async fn a_gateway_with_the_wrong_internal_token_is_unavailable_naming_the_hop_n
             act_for: None,
             act_for_admins: true,
         }],
+        audit: integration_tests::audit_in(app.dir.path()),
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -8,7 +8,10 @@ use secrets_common::auth::generate_token;
 
 async fn run_gateway(extra: &[(&str, &str)]) -> String {
     let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = format!("sqlite://{}?mode=rwc", dir.path().join("audit.db").display());
     let mut env: BTreeMap<String, String> = [
+        ("GATEWAY_AUDIT__DATABASE_URL".to_string(), audit),
         ("GATEWAY_SERVER__LISTEN_ADDR".to_string(), format!("127.0.0.1:{port}")),
         ("GATEWAY_SERVER__METRICS_ADDR".to_string(), "127.0.0.1:0".to_string()),
         ("GATEWAY_INTERNAL_TOKEN".to_string(), generate_token()),

@@ -247,6 +247,7 @@ async fn a_tls_service_answers_plaintext_health_checks_on_its_health_port_only()
             }),
             ..secrets_common::server::ServerConfig::local(0, 0)
         },
+        audit: integration_tests::audit_in(dir.path()),
         ..Default::default()
     };
     let app = gateway::Application::build_with_listener(config, listener).await.expect("gateway");

@@ -154,6 +154,7 @@ async fn a_resolve_is_one_trace_across_all_services_continuing_the_callers_trace
             "GATEWAY_",
             &[
                 ("GATEWAY_SERVER__LISTEN_ADDR", format!("127.0.0.1:{gw}")),
+                ("GATEWAY_AUDIT__DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("audit.db").display())),
                 ("GATEWAY_SECRET_SERVICE_URL", format!("http://127.0.0.1:{ss}")),
                 ("GATEWAY_AUTHZ_SERVICE_URL", format!("http://127.0.0.1:{az}")),
                 ("GATEWAY_VAULT_CONFIG_SERVICE_URL", format!("http://127.0.0.1:{vc}")),
