@@ -349,11 +349,11 @@ fn reference_rows(gateway: &str, q: &Queued) -> Vec<audit_reference::ActiveModel
                 position: Set(0),
                 at_ms: Set(q.at_ms),
                 source_type: Set(source_type_name(source.r#type).to_string()),
-                source_id: Set(cut(&source.id, 64)),
-                key: Set(cut(&r.key, 256)),
-                version: Set(cut(&r.version, 64)),
+                source_id: Set(source.id.clone()),
+                key: Set(r.key.clone()),
+                version: Set(r.version.clone()),
                 decision: Set(decision_name(r.decision).to_string()),
-                item: Set(cut(&r.item, MAX_DETAIL)),
+                item: Set(r.item.clone()),
             }
         })
         .enumerate()
@@ -420,7 +420,9 @@ async fn write_batch(inner: &Inner, batch: &[Queued], gap: Gap) -> Result<(), se
         });
     }
     let mut references = Vec::new();
-    let mut last_access: Vec<audit_last_access::ActiveModel> = Vec::new();
+    // One row per secret: the newest of the batch (records are in order).
+    let mut last_access: std::collections::HashMap<(String, String, String, String), audit_last_access::ActiveModel> =
+        std::collections::HashMap::new();
     for q in batch {
         let r = &q.record;
         let workload = r.workload.clone().unwrap_or_default();
@@ -428,36 +430,40 @@ async fn write_batch(inner: &Inner, batch: &[Queued], gap: Gap) -> Result<(), se
             gateway: Set(inner.gateway.clone()),
             sequence: Set(q.sequence as i64),
             at_ms: Set(q.at_ms),
-            // Every field within its column, whatever a request carried (a
-            // refused request's ids are recorded as far as they fit).
-            rpc: Set(cut(r.rpc, 64)),
-            caller: Set(cut(&r.caller, 300)),
-            principal: Set(cut(&r.principal, 300)),
-            domain: Set(cut(&r.domain, 63)),
+            // Every text is within its column already (`sanitized`).
+            rpc: Set(r.rpc.to_string()),
+            caller: Set(r.caller.clone()),
+            principal: Set(r.principal.clone()),
+            domain: Set(r.domain.clone()),
             workload_kind: Set(if r.workload.is_some() {
                 pb::WorkloadKind::try_from(workload.kind).unwrap_or_default().as_str_name().to_string()
             } else {
                 String::new()
             }),
-            workload_id: Set(cut(&workload.id, 128)),
+            workload_id: Set(workload.id.clone()),
             decision: Set(decision_name(r.decision as i32).to_string()),
-            trace_id: Set(cut(&r.trace_id, 32)),
-            detail: Set(cut(&r.detail, MAX_DETAIL)),
+            trace_id: Set(r.trace_id.clone()),
+            detail: Set(r.detail.clone()),
         });
         references.extend(reference_rows(&inner.gateway, q));
         let resolution = matches!(r.rpc, "ResolveSecrets" | "ResolveWorkload");
         for reference in r.references.iter().filter(|x| resolution && x.decision == AuditDecision::AuditAllowed as i32)
         {
             let source = reference.source.clone().unwrap_or_default();
-            last_access.push(audit_last_access::ActiveModel {
-                domain: Set(cut(&r.domain, 63)),
-                source_type: Set(source_type_name(source.r#type).to_string()),
-                source_id: Set(cut(&source.id, 64)),
-                key: Set(cut(&reference.key, 256)),
-                at_ms: Set(q.at_ms),
-                principal: Set(cut(&r.principal, 300)),
-                caller: Set(cut(&r.caller, 300)),
-            });
+            let source_type = source_type_name(source.r#type).to_string();
+            let slot = (r.domain.clone(), source_type.clone(), source.id.clone(), reference.key.clone());
+            last_access.insert(
+                slot,
+                audit_last_access::ActiveModel {
+                    domain: Set(r.domain.clone()),
+                    source_type: Set(source_type),
+                    source_id: Set(source.id),
+                    key: Set(reference.key.clone()),
+                    at_ms: Set(q.at_ms),
+                    principal: Set(r.principal.clone()),
+                    caller: Set(r.caller.clone()),
+                },
+            );
         }
     }
     // A batch written again after a commit whose answer was lost finds its
@@ -482,13 +488,7 @@ async fn write_batch(inner: &Inner, batch: &[Queued], gap: Gap) -> Result<(), se
         );
         ignore_none_inserted(insert.exec_without_returning(&txn).await)?;
     }
-    // One row per secret: the newest of this batch.
-    last_access.reverse();
-    let mut seen = std::collections::HashSet::new();
-    last_access.retain(|row| {
-        let key = format!("{:?}", (&row.domain, &row.source_type, &row.source_id, &row.key));
-        seen.insert(key)
-    });
+    let last_access: Vec<_> = last_access.into_values().collect();
     for chunk in last_access.chunks(200) {
         audit_last_access::Entity::insert_many(chunk.to_vec())
             .on_conflict(

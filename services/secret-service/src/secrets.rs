@@ -34,6 +34,15 @@ pub struct Secrets {
     pub announcer: Announcer,
 }
 
+/// A secret as refusals name it.
+fn described(scope: &Scope, key: &str) -> String {
+    match scope {
+        Scope::Domain(d) => format!("secret {key:?} of domain {d:?}"),
+        Scope::Global => format!("global secret {key:?}"),
+        Scope::Admin => format!("admin secret {key:?}"),
+    }
+}
+
 /// How long a change the store watch found waits before it is announced
 /// (see [`Secrets::announce_observed`]).
 const OBSERVED_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -265,11 +274,7 @@ impl Secrets {
             return Ok((None, None));
         }
         let found = self.guard_delete(scope, key).await?;
-        let what = match scope {
-            Scope::Domain(d) => format!("secret {key:?} of domain {d:?}"),
-            Scope::Global => format!("global secret {key:?}"),
-            Scope::Admin => format!("admin secret {key:?}"),
-        };
+        let what = described(scope, key);
         let broken = match &found {
             Some(found) => {
                 // A refusal lists the first few; the reach keeps them all.
@@ -365,11 +370,7 @@ impl Secrets {
             // Nothing to protect: the delete reports NOT_FOUND.
             return Ok(None);
         }
-        let what = match scope {
-            Scope::Domain(d) => format!("secret {key:?} of domain {d:?}"),
-            Scope::Global => format!("global secret {key:?}"),
-            Scope::Admin => format!("admin secret {key:?}"),
-        };
+        let what = described(scope, key);
         let usage = self.usage.clone();
         let find = move |q: internal::FindUsagesRequest| {
             let (usage, what) = (usage.clone(), what.clone());
