@@ -341,6 +341,9 @@ impl TestApp {
                     namespace: Some("secrets".into()),
                     ..Default::default()
                 };
+                // Baselines recorded every second: a restart finds what
+                // changed while it was down within seconds.
+                secret_config.changes.baseline_interval_seconds = 1;
                 if app.database_url.starts_with("postgres") {
                     secret_config.replicas.database_url = Some(app.database_url.clone());
                 }

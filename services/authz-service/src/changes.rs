@@ -31,7 +31,7 @@ use tracing::instrument;
 
 use crate::{
     Error, Result,
-    db::{secret_change, secret_change_head},
+    db::{secret_change, secret_change_head, store_baseline},
     policy::Policy,
 };
 
@@ -46,6 +46,10 @@ const RECHECK: Duration = Duration::from_secs(10);
 /// through the other replicas.
 const POLL: Duration = Duration::from_millis(250);
 const MAX_DEDUPE_KEY: usize = 700;
+/// Store baselines a list answers by default, and at most (and a record
+/// call carries at most).
+const DEFAULT_BASELINES: u32 = 500;
+const MAX_BASELINES: u32 = 1_000;
 /// Revisions one pruning transaction covers at most.
 const PRUNE_CHUNK: i64 = 10_000;
 
@@ -87,6 +91,19 @@ fn kind_name(kind: i32) -> Option<&'static str> {
         SecretChangeKind::SecretUpdated => Some("UPDATED"),
         SecretChangeKind::SecretDeleted => Some("DELETED"),
         SecretChangeKind::Unspecified => None,
+    }
+}
+
+/// A store object's name as Kubernetes allows it: 1 to 253 characters of
+/// lower-case letters, digits, '-' and '.'.
+fn store_object(field: &str, name: &str) -> std::result::Result<(), FieldViolation> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldViolation::new(field, "must be 1 to 253 characters of lower-case letters, digits, '-' and '.'"))
     }
 }
 
@@ -200,27 +217,7 @@ impl ChangeLog {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let revisions = if self.policy.db().get_database_backend() == DbBackend::Postgres {
-            // A transaction of its own: the head row's lock is never held
-            // beside the grant counter's (another replica's writer may take
-            // them in the other order).
-            let db = self.policy.db().clone();
-            self.policy
-                .bounded(async move {
-                    use sea_orm::TransactionTrait;
-                    let txn = db.begin().await?;
-                    let revisions = append_rows(&txn, rows).await?;
-                    txn.commit().await?;
-                    Ok(revisions)
-                })
-                .await?
-        } else {
-            // SQLite: through the one writer, so the file sees one writer.
-            self.policy
-                .writer()
-                .write(Box::new(move |txn| Box::pin(async move { append_rows(txn, rows).await })))
-                .await?
-        };
+        let revisions = self.transact(move |txn| Box::pin(async move { append_rows(txn, rows).await })).await?;
         if let Some(&newest) = revisions.iter().max() {
             self.head.send_if_modified(|h| {
                 let newer = newest as i64 > *h;
@@ -231,6 +228,127 @@ impl ChangeLog {
             });
         }
         Ok(revisions)
+    }
+
+    /// Runs `work` in a transaction of its own: on PostgreSQL beside the
+    /// writer, so the head row's lock is never held beside the grant
+    /// counter's (another replica's writer may take them in the other
+    /// order); on SQLite through the one writer, so the file sees one.
+    async fn transact<T: Send + 'static>(
+        &self,
+        work: impl for<'t> FnOnce(&'t DatabaseTransaction) -> futures::future::BoxFuture<'t, Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        if self.policy.db().get_database_backend() == DbBackend::Postgres {
+            let db = self.policy.db().clone();
+            self.policy
+                .bounded(async move {
+                    use sea_orm::TransactionTrait;
+                    let txn = db.begin().await?;
+                    let out = work(&txn).await?;
+                    txn.commit().await?;
+                    Ok(out)
+                })
+                .await
+        } else {
+            self.policy.writer().write(Box::new(move |txn| work(txn))).await
+        }
+    }
+
+    /// The store baselines after `after`, at most `limit`, by name; whether
+    /// any were ever recorded, and whether more follow.
+    pub async fn baselines(&self, after: &str, limit: u32) -> Result<internal::ListBaselinesResponse> {
+        let limit = match limit {
+            0 => DEFAULT_BASELINES,
+            n if n > MAX_BASELINES => {
+                return Err(FieldViolation::new("limit", format!("must be at most {MAX_BASELINES}")).into());
+            }
+            n => n,
+        };
+        let db = self.policy.db();
+        let after = after.to_string();
+        let (rows, recorded) = self
+            .policy
+            .bounded(async {
+                let recorded = store_baseline::Entity::find_by_id(String::new()).one(db).await?.is_some();
+                let rows = store_baseline::Entity::find()
+                    .filter(store_baseline::Column::Object.gt(after))
+                    .order_by_asc(store_baseline::Column::Object)
+                    .limit(u64::from(limit) + 1)
+                    .all(db)
+                    .await?;
+                Ok((rows, recorded))
+            })
+            .await?;
+        let more = rows.len() > limit as usize;
+        let baselines = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|row| internal::StoreBaseline {
+                keys: row.keys.split('\n').filter(|k| !k.is_empty()).map(str::to_string).collect(),
+                object: row.object,
+                version: row.version as u64,
+            })
+            .collect();
+        Ok(internal::ListBaselinesResponse { baselines, recorded, more })
+    }
+
+    /// Records store objects as seen (a baseline older than the one kept is
+    /// ignored) and forgets `removed` ones; marks that baselines were taken.
+    pub async fn record_baselines(&self, request: internal::RecordBaselinesRequest) -> Result<()> {
+        if request.baselines.len() + request.removed.len() > MAX_BASELINES as usize {
+            return Err(FieldViolation::new("baselines", format!("at most {MAX_BASELINES} objects per call")).into());
+        }
+        let mut rows = Vec::with_capacity(request.baselines.len() + 1);
+        for (i, b) in request.baselines.iter().enumerate() {
+            store_object(&format!("baselines[{i}].object"), &b.object)?;
+            for (j, key) in b.keys.iter().enumerate() {
+                validate::secret_key(&format!("baselines[{i}].keys[{j}]"), key)?;
+            }
+            let version = i64::try_from(b.version)
+                .map_err(|_| FieldViolation::new(format!("baselines[{i}].version"), "is too large"))?;
+            rows.push(store_baseline::ActiveModel {
+                object: Set(b.object.clone()),
+                version: Set(version),
+                keys: Set(b.keys.join("\n")),
+            });
+        }
+        for (i, object) in request.removed.iter().enumerate() {
+            store_object(&format!("removed[{i}]"), object)?;
+        }
+        // The mark that baselines were taken: a row no object can name.
+        rows.push(store_baseline::ActiveModel {
+            object: Set(String::new()),
+            version: Set(0),
+            keys: Set(String::new()),
+        });
+        let removed = request.removed;
+        self.transact(move |txn| {
+            Box::pin(async move {
+                use sea_orm::sea_query::{Alias, OnConflict};
+                for row in rows {
+                    store_baseline::Entity::insert(row)
+                        .on_conflict(
+                            OnConflict::column(store_baseline::Column::Object)
+                                .update_columns([store_baseline::Column::Version, store_baseline::Column::Keys])
+                                .action_and_where(
+                                    Expr::col((store_baseline::Entity, store_baseline::Column::Version))
+                                        .lt(Expr::col((Alias::new("excluded"), store_baseline::Column::Version))),
+                                )
+                                .to_owned(),
+                        )
+                        .exec_without_returning(txn)
+                        .await?;
+                }
+                if !removed.is_empty() {
+                    store_baseline::Entity::delete_many()
+                        .filter(store_baseline::Column::Object.is_in(removed))
+                        .exec(txn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
     }
 
     /// The changes after `after`, at most `limit`, in revision order.
@@ -432,6 +550,24 @@ impl change_log_server::ChangeLog for ChangeLog {
     ) -> std::result::Result<Response<internal::AppendChangesResponse>, Status> {
         let revisions = ChangeLog::append(self, &request.get_ref().changes).await?;
         Ok(Response::new(internal::AppendChangesResponse { revisions }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListBaselines"))]
+    async fn list_baselines(
+        &self,
+        request: Request<internal::ListBaselinesRequest>,
+    ) -> std::result::Result<Response<internal::ListBaselinesResponse>, Status> {
+        let r = request.get_ref();
+        Ok(Response::new(self.baselines(&r.after_object, r.limit).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "RecordBaselines", objects = request.get_ref().baselines.len() as i64))]
+    async fn record_baselines(
+        &self,
+        request: Request<internal::RecordBaselinesRequest>,
+    ) -> std::result::Result<Response<internal::RecordBaselinesResponse>, Status> {
+        ChangeLog::record_baselines(self, request.into_inner()).await?;
+        Ok(Response::new(internal::RecordBaselinesResponse {}))
     }
 
     type FollowStream =

@@ -609,6 +609,28 @@ pub mod secret_change_head {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod store_baseline {
+    use sea_orm::entity::prelude::*;
+
+    /// A store object as the secret-service last recorded it: its
+    /// resourceVersion and key names, never a value. The row with the empty
+    /// name marks that baselines were taken.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "store_baselines")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub object: String,
+        pub version: i64,
+        /// The key names, one per line.
+        pub keys: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// A counter every change to the grant tables bumps, in the same
 /// transaction (database triggers, so no writer can forget it): the
 /// in-memory copy of the grants is used only while it is current, which one
@@ -913,6 +935,35 @@ impl MigrationTrait for ChangeLog {
     }
 }
 
+/// The store objects as last seen, so a secret-service starting after none
+/// ran can tell what changed meanwhile.
+pub struct StoreBaselines;
+
+impl MigrationName for StoreBaselines {
+    fn name(&self) -> &str {
+        "m20261207_000003_store_baselines"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for StoreBaselines {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "CREATE TABLE store_baselines (object VARCHAR(253) PRIMARY KEY, version BIGINT NOT NULL, \
+                 keys TEXT NOT NULL)",
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.get_connection().execute_unprepared("DROP TABLE store_baselines").await?;
+        Ok(())
+    }
+}
+
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
@@ -926,6 +977,7 @@ impl MigratorTrait for Migrator {
             Box::new(WorkloadOwner),
             Box::new(Replicas),
             Box::new(ChangeLog),
+            Box::new(StoreBaselines),
         ]
     }
 }

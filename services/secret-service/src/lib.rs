@@ -5,6 +5,7 @@
 //! → [`backend`] (the storage trait, from the shared `secrets-store` crate,
 //! with [`kubernetes`] and [`embedded`]).
 
+pub mod baselines;
 mod error;
 pub mod grpc;
 pub mod replicas;
@@ -79,6 +80,9 @@ pub struct Config {
     /// The `[replicas]` table: how replicas on the Kubernetes store keep
     /// their copies in step.
     pub replicas: replicas::ReplicasConfig,
+    /// The `[changes]` table: how changes made while no replica watched the
+    /// store are found.
+    pub changes: baselines::ChangesConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -95,6 +99,7 @@ impl Default for Config {
             embedded: EmbeddedConfig::at("data/secrets"),
             kubernetes: KubernetesConfig::default(),
             replicas: replicas::ReplicasConfig::default(),
+            changes: baselines::ChangesConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -128,6 +133,7 @@ impl Config {
             .channel(&self.authz_url, Duration::from_secs(1), AUTHZ_SERVICE, &Metrics::new())
             .map_err(|e| anyhow::anyhow!("authz_url: {e}"))?;
         self.store().validate(env)?;
+        self.changes.validate()?;
         self.replicas.validate(self.store().keeps_copies(env))
     }
 
@@ -148,6 +154,8 @@ pub async fn backend_from_config(config: &Config) -> anyhow::Result<Arc<SecretBa
 pub struct Application {
     served: Served,
     replicas: Option<Arc<replicas::StoreReplicas>>,
+    /// Finds what changed while no replica watched, then records baselines.
+    _baselines: Option<secrets_common::server::AbortOnDrop>,
 }
 
 secrets_common::service!(Application, Config, "secret-service");
@@ -200,6 +208,7 @@ impl Application {
         let authz = AuthzClient::new(channel.clone(), internal.client());
         let usage = secrets_common::usage::UsageClient::new(channel.clone(), internal.client());
         let changes = secrets_common::changes::ChangeLogClient::new(channel, internal.client());
+        config.changes.validate()?;
         let backend: Arc<SecretBackend> = Arc::new(
             backend::MeteredBackend::new(backend, metrics.clone()).with_write_limits(config.store().write_limits()),
         );
@@ -209,11 +218,14 @@ impl Application {
             store,
             authz: Arc::new(authz),
             usage: Arc::new(usage),
-            changes: Arc::new(changes),
+            changes: Arc::new(changes.clone()),
             announcer: Default::default(),
+            order: Default::default(),
         };
         let secrets = Arc::new(secrets);
         secrets.store.observe(Arc::new(secrets::Observed(Arc::downgrade(&secrets))));
+        let baselines =
+            baselines::start(&secrets, changes, config.changes.clone()).map(secrets_common::server::AbortOnDrop);
         let grpc = grpc::SecretGrpc::shared(secrets);
         let auth = internal.auth();
 
@@ -233,6 +245,7 @@ impl Application {
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
             replicas: None,
+            _baselines: baselines,
         })
     }
 

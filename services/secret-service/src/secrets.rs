@@ -32,6 +32,56 @@ pub struct Secrets {
     /// The change log every write is announced to.
     pub changes: Arc<dyn ChangeSink>,
     pub announcer: Announcer,
+    /// Keeps each secret's announcements in the order of its changes.
+    pub order: Arc<InOrder>,
+}
+
+/// Announcements of one secret are made one at a time (a lock per stripe
+/// of secrets), and the changes the store watch found wait here for their
+/// turn: an API write announces the sightings of its secret that came
+/// before it first, so the log keeps each secret's changes in order.
+pub struct InOrder {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// (object, key) → changes the watch found, not yet announced.
+    sighted: std::sync::Mutex<std::collections::HashMap<(String, String), Vec<secrets_store::ObservedChange>>>,
+}
+
+impl Default for InOrder {
+    fn default() -> Self {
+        Self { stripes: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(), sighted: Default::default() }
+    }
+}
+
+impl InOrder {
+    async fn turn(&self, object: &str, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (object, key).hash(&mut h);
+        self.stripes[(h.finish() % self.stripes.len() as u64) as usize].lock().await
+    }
+
+    fn sight(&self, change: secrets_store::ObservedChange) {
+        let mut sighted = self.sighted.lock().unwrap_or_else(|p| p.into_inner());
+        sighted.entry((change.object.clone(), change.key.clone())).or_default().push(change);
+    }
+
+    /// The sightings of (object, key) before `version` (all for `None`), in
+    /// order; one at `version` is the same change, and is dropped.
+    fn take(&self, object: &str, key: &str, version: Option<u64>) -> Vec<secrets_store::ObservedChange> {
+        let mut sighted = self.sighted.lock().unwrap_or_else(|p| p.into_inner());
+        let id = (object.to_string(), key.to_string());
+        let Some(list) = sighted.get_mut(&id) else { return Vec::new() };
+        let (mut taken, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(list).into_iter().partition(|c| version.is_none_or(|v| c.version <= v));
+        if kept.is_empty() {
+            sighted.remove(&id);
+        } else {
+            *list = kept;
+        }
+        taken.retain(|c| version.is_none_or(|v| c.version < v));
+        taken.sort_by_key(|c| c.version);
+        taken
+    }
 }
 
 /// A secret as refusals name it.
@@ -68,6 +118,11 @@ struct Changed<'a> {
     kind: pb::SecretChangeKind,
     /// The store object's version written (`None`: a backend without).
     version: secrets_store::Version,
+    /// Found on start for an object that changed while no replica watched
+    /// (see `SecretChange.presumed`).
+    presumed: bool,
+    /// Names the change in place of the one its version gives.
+    dedupe: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -115,7 +170,11 @@ impl Secrets {
         tracing::info!(%scope, key = %info.key, %principal, "{verb}");
         let reach = match outcome.written {
             Some(version) => {
-                self.announce(Changed { principal: Some(principal), scope, key, kind, version }, None).await
+                self.announce(
+                    Changed { principal: Some(principal), scope, key, kind, version, presumed: false, dedupe: None },
+                    None,
+                )
+                .await
             }
             None => None,
         };
@@ -174,8 +233,39 @@ impl Secrets {
     }
 
     /// Records a change in the change feed with its reach (`known`: found
-    /// before the change, as a delete does); the reach with the revision.
+    /// before the change, as a delete does), after the changes of the same
+    /// secret the store watch found before it; the reach with the revision.
     async fn announce(
+        &self,
+        changed: Changed<'_>,
+        known: Option<internal::FindUsagesResponse>,
+    ) -> Option<pb::SecretReach> {
+        let object = self.store.object_name(changed.scope);
+        let _turn = self.order.turn(&object, changed.key).await;
+        self.announce_sighted(&object, changed.key, changed.version.or(Some(0))).await;
+        self.record(changed, known).await
+    }
+
+    /// Announces the changes of (object, key) the store watch found before
+    /// `version` (all for `None`), in order. The caller holds its turn.
+    async fn announce_sighted(&self, object: &str, key: &str, version: Option<u64>) {
+        for c in self.order.take(object, key, version) {
+            let Some(scope) = self.store.scope_of_object(&c.object) else { continue };
+            let kind = match c.change {
+                secrets_store::KeyChange::Created => pb::SecretChangeKind::SecretCreated,
+                secrets_store::KeyChange::Updated => pb::SecretChangeKind::SecretUpdated,
+                secrets_store::KeyChange::Deleted => pb::SecretChangeKind::SecretDeleted,
+            };
+            tracing::info!(%scope, key = %c.key, version = c.version, ?kind, "a secret changed in the store out of band");
+            let version = Some(c.version);
+            let changed =
+                Changed { principal: None, scope: &scope, key: &c.key, kind, version, presumed: false, dedupe: None };
+            self.record(changed, None).await;
+        }
+    }
+
+    /// [`Secrets::announce`] without waiting for the secret's turn.
+    async fn record(
         &self,
         changed: Changed<'_>,
         known: Option<internal::FindUsagesResponse>,
@@ -189,9 +279,10 @@ impl Secrets {
         };
         // The same name the store watch gives the change it sees, so it is
         // recorded once; a store without versions has no watch.
-        let dedupe_key = match changed.version {
-            Some(v) => format!("store:{object}:{v}:{key}"),
-            None => format!("api:{object}:{key}:{}", uuid::Uuid::new_v4()),
+        let dedupe_key = match (changed.dedupe, changed.version) {
+            (Some(dedupe), _) => dedupe,
+            (None, Some(v)) => format!("store:{object}:{v}:{key}"),
+            (None, None) => format!("api:{object}:{key}:{}", uuid::Uuid::new_v4()),
         };
         let change = pb::SecretChange {
             revision: 0,
@@ -208,6 +299,7 @@ impl Secrets {
             changed_at: Some(changes::now()),
             changed_by: changed.principal.map(|p| p.principal.to_string()).unwrap_or_default(),
             reach: None,
+            presumed: changed.presumed,
         };
         let what = format!(
             "{} {key:?} of {scope}",
@@ -294,7 +386,8 @@ impl Secrets {
         let reach = match outcome.written {
             Some(version) => {
                 let kind = pb::SecretChangeKind::SecretDeleted;
-                let changed = Changed { principal: Some(principal), scope, key, kind, version };
+                let changed =
+                    Changed { principal: Some(principal), scope, key, kind, version, presumed: false, dedupe: None };
                 self.announce(changed, Some(found.unwrap_or_default())).await
             }
             None => None,
@@ -342,22 +435,45 @@ impl Secrets {
     /// change another replica made through the API, which this replica's
     /// watch may report first, is then recorded as that replica announced
     /// it (with who made it), and this sighting is recorded once with it.
+    /// An API write of the same secret meanwhile announces them first.
     pub fn announce_observed(&self, changes: Vec<secrets_store::ObservedChange>) {
+        let mut secrets: Vec<(String, String)> = Vec::new();
+        for c in changes {
+            if !secrets.iter().any(|(o, k)| *o == c.object && *k == c.key) {
+                secrets.push((c.object.clone(), c.key.clone()));
+            }
+            self.order.sight(c);
+        }
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(OBSERVED_DELAY).await;
-            for c in changes {
-                let Some(scope) = this.store.scope_of_object(&c.object) else { continue };
-                let kind = match c.change {
-                    secrets_store::KeyChange::Created => pb::SecretChangeKind::SecretCreated,
-                    secrets_store::KeyChange::Updated => pb::SecretChangeKind::SecretUpdated,
-                    secrets_store::KeyChange::Deleted => pb::SecretChangeKind::SecretDeleted,
-                };
-                tracing::info!(%scope, key = %c.key, version = c.version, ?kind, "a secret changed in the store out of band");
-                let changed = Changed { principal: None, scope: &scope, key: &c.key, kind, version: Some(c.version) };
-                this.announce(changed, None).await;
+            for (object, key) in secrets {
+                let _turn = this.order.turn(&object, &key).await;
+                this.announce_sighted(&object, &key, None).await;
             }
         });
+    }
+
+    /// Announces what changed in the store while no secret-service watched
+    /// it (found on start; see [`crate::baselines`]): keys added or removed
+    /// as such, every other key as presumed updated. Named by the object's
+    /// current version (`gone`: the version it was last seen at), so
+    /// replicas starting together, and the watch, record each once.
+    pub async fn announce_unwatched(&self, found: crate::baselines::Unwatched) {
+        let Some(scope) = self.store.scope_of_object(&found.object) else { return };
+        let kind = match found.change {
+            secrets_store::KeyChange::Created => pb::SecretChangeKind::SecretCreated,
+            secrets_store::KeyChange::Updated => pb::SecretChangeKind::SecretUpdated,
+            secrets_store::KeyChange::Deleted => pb::SecretChangeKind::SecretDeleted,
+        };
+        let presumed = found.change == secrets_store::KeyChange::Updated;
+        let (version, dedupe) = match found.gone {
+            false => (Some(found.version), None),
+            true => (None, Some(format!("store:{}:gone-{}:{}", found.object, found.version, found.key))),
+        };
+        tracing::info!(%scope, key = %found.key, version = found.version, ?kind, presumed, "a secret changed in the store while no secret-service watched it");
+        let changed = Changed { principal: None, scope: &scope, key: &found.key, kind, version, presumed, dedupe };
+        self.announce(changed, None).await;
     }
 
     /// Delete protection: the saved workloads that would break if `key` of
@@ -487,6 +603,7 @@ mod tests {
             usage: index.clone(),
             changes: Arc::new(Log::default()),
             announcer: Announcer::default(),
+            order: Default::default(),
         };
         Fixture { secrets, grants, index, _dir: dir }
     }

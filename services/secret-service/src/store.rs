@@ -117,6 +117,12 @@ impl SecretStore {
         }
     }
 
+    /// What memory holds of every store object (see
+    /// [`secrets_store::StoreBackend::snapshot`]).
+    pub fn snapshot(&self) -> Option<secrets_store::Snapshot> {
+        self.backend.backend().snapshot()
+    }
+
     /// Tells `observer` of changes made to the store outside this service.
     pub fn observe(&self, observer: Arc<dyn secrets_store::Observer>) {
         self.backend.backend().observe(observer);

@@ -253,6 +253,7 @@ impl Poller {
             changed_at: Some(changes::now()),
             changed_by: String::new(),
             reach: None,
+            presumed: false,
         };
         let dedupe_key = format!("vault:{}:{key}:{version}", row.id);
         let (usage, log, id, key_owned) = (self.usage.clone(), self.log.clone(), row.id.clone(), key.to_string());

@@ -6,10 +6,8 @@
 //! records it late rather than never.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    collections::VecDeque,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -18,7 +16,8 @@ use secrets_proto::{
     internal::v1::{self as internal, change_log_client::ChangeLogClient as Grpc},
     v1 as pb,
 };
-use tonic::Status;
+use tokio::sync::oneshot;
+use tonic::{Code, Status};
 
 use crate::{
     auth::{InternalChannel, InternalClient},
@@ -38,6 +37,12 @@ pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
 const MAX_DEFERRED: usize = 10_000;
 /// How long a deferred announcement is retried.
 const DEFER_FOR: Duration = Duration::from_secs(3_600);
+/// The pause after a deferred announcement's first failure, doubling to
+/// the second.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Store baselines asked for at a time.
+const BASELINE_PAGE: u32 = 500;
 
 #[derive(Clone)]
 pub struct ChangeLogClient {
@@ -61,6 +66,53 @@ impl ChangeLogClient {
             .await
             .map_err(|s| from_upstream(CHANGE_LOG, s))?
             .into_inner())
+    }
+}
+
+impl ChangeLogClient {
+    /// Every store baseline recorded (see `ChangeLog.ListBaselines`), and
+    /// whether any ever was.
+    pub async fn baselines(&self) -> Result<(Vec<internal::StoreBaseline>, bool), Status> {
+        let mut all = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self
+                .inner
+                .clone()
+                .list_baselines(internal::ListBaselinesRequest { after_object: after, limit: BASELINE_PAGE })
+                .await
+                .map_err(|s| from_upstream(CHANGE_LOG, s))?
+                .into_inner();
+            let recorded = page.recorded;
+            after = page.baselines.last().map(|b| b.object.clone()).unwrap_or_default();
+            all.extend(page.baselines);
+            if !page.more || after.is_empty() {
+                return Ok((all, recorded));
+            }
+        }
+    }
+
+    /// Records store objects as seen and forgets `removed` ones, a batch
+    /// at a time.
+    pub async fn record_baselines(
+        &self,
+        baselines: Vec<internal::StoreBaseline>,
+        removed: Vec<String>,
+    ) -> Result<(), Status> {
+        let mut baselines = baselines.into_iter().peekable();
+        let mut removed = removed.into_iter().peekable();
+        loop {
+            let batch: Vec<_> = baselines.by_ref().take(BASELINE_PAGE as usize).collect();
+            let gone: Vec<_> = removed.by_ref().take(BASELINE_PAGE as usize).collect();
+            self.inner
+                .clone()
+                .record_baselines(internal::RecordBaselinesRequest { baselines: batch, removed: gone })
+                .await
+                .map_err(|s| from_upstream(CHANGE_LOG, s))?;
+            if baselines.peek().is_none() && removed.peek().is_none() {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -90,18 +142,71 @@ impl ChangeSink for ChangeLogClient {
 pub type Announcement = Arc<dyn Fn() -> BoxFuture<'static, Result<pb::SecretReach, Status>> + Send + Sync>;
 
 /// Makes announcements: at once when the log answers within
-/// [`ANNOUNCE_WAIT`], else again in the background with backoff.
+/// [`ANNOUNCE_WAIT`], else again in the background with backoff. Deferred
+/// announcements are retried one at a time in the order they were made,
+/// and while any waits, a new one queues behind it: the log records a
+/// secret's changes in the order they happened, outages or not.
 #[derive(Clone, Default)]
 pub struct Announcer {
-    deferred: Arc<AtomicUsize>,
+    deferred: Arc<Mutex<Deferred>>,
+}
+
+#[derive(Default)]
+struct Deferred {
+    queue: VecDeque<Waiting>,
+    /// A task is retrying the queue's front.
+    draining: bool,
+}
+
+struct Waiting {
+    what: String,
+    announcement: Announcement,
+    since: tokio::time::Instant,
+    /// The caller still waiting for the reach, if any.
+    answer: Option<oneshot::Sender<pb::SecretReach>>,
+}
+
+/// Errors that say the announcement itself is wrong: retrying cannot help.
+fn hopeless(status: &Status) -> bool {
+    matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange)
 }
 
 impl Announcer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Deferred> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The reach of a change, with its revision; `None` when it could not
     /// be recorded in time (it is then retried in the background).
     pub async fn announce(&self, what: &str, announcement: Announcement) -> Option<pb::SecretReach> {
+        let queued = {
+            let mut deferred = self.lock();
+            if deferred.queue.is_empty() {
+                None
+            } else {
+                let (answer, reach) = oneshot::channel();
+                self.defer(&mut deferred, what, announcement.clone(), Some(answer)).then_some(reach)
+            }
+        };
+        if let Some(reach) = queued {
+            // Behind changes that wait for the log: answered when recorded.
+            return match tokio::time::timeout(ANNOUNCE_WAIT, reach).await {
+                Ok(Ok(reach)) => Some(reach),
+                _ => {
+                    tracing::warn!(
+                        change = what,
+                        "the change is saved; it is announced after earlier changes that wait for the change log"
+                    );
+                    None
+                }
+            };
+        }
         match tokio::time::timeout(ANNOUNCE_WAIT, announcement()).await {
             Ok(Ok(reach)) => return Some(reach),
+            Ok(Err(e)) if hopeless(&e) => {
+                tracing::error!(change = what, error = %e.message(), "the change log refused the change: it is not announced");
+                return None;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(change = what, error = %e.message(), "the change is saved; announcing it in the background")
             }
@@ -110,40 +215,93 @@ impl Announcer {
                 "the change is saved; its announcement is slow, going on in the background"
             ),
         }
-        if self.deferred.fetch_add(1, Ordering::SeqCst) >= MAX_DEFERRED {
-            self.deferred.fetch_sub(1, Ordering::SeqCst);
+        let mut deferred = self.lock();
+        self.defer(&mut deferred, what, announcement, None);
+        None
+    }
+
+    /// Queues an announcement for the background; false when the queue is full.
+    fn defer(
+        &self,
+        deferred: &mut Deferred,
+        what: &str,
+        announcement: Announcement,
+        answer: Option<oneshot::Sender<pb::SecretReach>>,
+    ) -> bool {
+        if deferred.queue.len() >= MAX_DEFERRED {
             tracing::error!(change = what, "too many changes wait for the change log: this one is not announced");
-            return None;
+            return false;
         }
-        let (deferred, what) = (self.deferred.clone(), what.to_string());
-        tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let mut delay = Duration::from_millis(500);
-            loop {
+        deferred.queue.push_back(Waiting {
+            what: what.to_string(),
+            announcement,
+            since: tokio::time::Instant::now(),
+            answer,
+        });
+        if !deferred.draining {
+            deferred.draining = true;
+            tokio::spawn(self.clone().drain());
+        }
+        true
+    }
+
+    /// Retries the queue's front until it is recorded (or given up), then
+    /// the next, until the queue is empty.
+    async fn drain(self) {
+        let mut delay = RETRY_FIRST;
+        let mut failed = true;
+        loop {
+            if failed {
                 tokio::time::sleep(delay).await;
-                match announcement().await {
-                    Ok(reach) => {
-                        tracing::info!(change = %what, revision = reach.revision, "a deferred change is announced");
-                        break;
-                    }
-                    Err(e) if started.elapsed() < DEFER_FOR => {
-                        tracing::debug!(change = %what, error = %e.message(), "announcing a change failed again");
-                        delay = (delay * 2).min(Duration::from_secs(30));
-                    }
-                    Err(e) => {
-                        tracing::error!(change = %what, error = %e.message(), "a change could not be announced for an hour; giving up");
-                        break;
+            }
+            let front = {
+                let mut deferred = self.lock();
+                match deferred.queue.front() {
+                    Some(w) => (w.announcement.clone(), w.since, w.what.clone()),
+                    None => {
+                        deferred.draining = false;
+                        return;
                     }
                 }
+            };
+            let (announcement, since, what) = front;
+            let outcome = announcement().await;
+            let done = match &outcome {
+                Ok(_) => true,
+                Err(e) if hopeless(e) => {
+                    tracing::error!(change = %what, error = %e.message(), "the change log refused a deferred change: it is not announced");
+                    true
+                }
+                Err(e) if since.elapsed() >= DEFER_FOR => {
+                    tracing::error!(change = %what, error = %e.message(), "a change could not be announced for an hour; giving up");
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(change = %what, error = %e.message(), "announcing a change failed again");
+                    false
+                }
+            };
+            failed = !done;
+            if !done {
+                delay = (delay * 2).min(RETRY_MAX);
+                continue;
             }
-            deferred.fetch_sub(1, Ordering::SeqCst);
-        });
-        None
+            delay = RETRY_FIRST;
+            let waiting = self.lock().queue.pop_front();
+            if let (Ok(reach), Some(waiting)) = (outcome, waiting) {
+                match waiting.answer {
+                    Some(answer) => {
+                        let _ = answer.send(reach);
+                    }
+                    None => tracing::info!(change = %what, revision = reach.revision, "a deferred change is announced"),
+                }
+            }
+        }
     }
 
     /// Announcements waiting in the background.
     pub fn deferred(&self) -> usize {
-        self.deferred.load(Ordering::SeqCst)
+        self.lock().queue.len()
     }
 }
 
@@ -160,4 +318,65 @@ pub fn reach_of(found: internal::FindUsagesResponse) -> pb::SecretReach {
 pub fn now() -> prost_types::Timestamp {
     let t = chrono::Utc::now();
     prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+
+    use super::*;
+
+    type Log = Arc<Mutex<Vec<&'static str>>>;
+
+    /// An announcement that fails `failures` times with `error`, then
+    /// records `name` in `log`.
+    fn recording(log: &Log, name: &'static str, failures: u32, error: fn() -> Status) -> Announcement {
+        let (log, left) = (log.clone(), Arc::new(AtomicU32::new(failures)));
+        Arc::new(move || {
+            let (log, left) = (log.clone(), left.clone());
+            Box::pin(async move {
+                if left.load(SeqCst) > 0 {
+                    left.fetch_sub(1, SeqCst);
+                    return Err(error());
+                }
+                let mut log = log.lock().unwrap();
+                log.push(name);
+                Ok(pb::SecretReach { revision: log.len() as u64, ..Default::default() })
+            })
+        })
+    }
+
+    fn down() -> Status {
+        Status::unavailable("the change log is down")
+    }
+
+    #[tokio::test]
+    async fn a_change_made_while_an_earlier_one_waits_for_the_log_is_recorded_after_it() {
+        let log: Log = Default::default();
+        let announcer = Announcer::default();
+        // Fails now and at its first retry (after 0.5 s); recorded at the second (1.5 s).
+        assert!(announcer.announce("first", recording(&log, "first", 2, down)).await.is_none());
+        assert_eq!(announcer.deferred(), 1);
+        // The log would take this one at once; it waits its turn, and is
+        // answered within the caller's wait once the first is recorded.
+        let second = announcer.announce("second", recording(&log, "second", 0, down)).await;
+        assert_eq!(second.map(|r| r.revision), Some(2), "answered with its revision, after the first");
+        assert_eq!(*log.lock().unwrap(), vec!["first", "second"]);
+        assert_eq!(announcer.deferred(), 0);
+        // With nothing waiting, the next goes straight to the log.
+        let third = announcer.announce("third", recording(&log, "third", 0, down)).await;
+        assert_eq!(third.map(|r| r.revision), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_change_the_log_refuses_is_not_retried_and_holds_nothing_up() {
+        let log: Log = Default::default();
+        let announcer = Announcer::default();
+        let refused = || Status::invalid_argument("changes[0].change.key: must not be empty");
+        assert!(announcer.announce("bad", recording(&log, "bad", 1, refused)).await.is_none());
+        assert_eq!(announcer.deferred(), 0, "not queued for retries");
+        let next = announcer.announce("next", recording(&log, "next", 0, down)).await;
+        assert_eq!(next.map(|r| r.revision), Some(1));
+        assert_eq!(*log.lock().unwrap(), vec!["next"]);
+    }
 }

@@ -82,6 +82,24 @@ pub struct ObservedChange {
     pub version: u64,
 }
 
+/// The store objects as memory holds them (names, versions and key names;
+/// never a value): what the secret-service records so that, starting after
+/// none ran, it can tell which objects changed meanwhile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub objects: Vec<ObjectState>,
+    /// Objects that exist but whose contents memory cannot tell (they did
+    /// not decode): neither changed nor gone.
+    pub unknown: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectState {
+    pub object: String,
+    pub version: u64,
+    pub keys: Vec<String>,
+}
+
 /// Told of the changes the watch finds (see [`KubernetesBackend::observe`]).
 pub trait Observer: Send + Sync + 'static {
     fn observed(&self, changes: Vec<ObservedChange>);
@@ -124,6 +142,13 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
     /// that the backend sees (the Kubernetes watch); nothing for a backend
     /// that sees none.
     fn observe(&self, _observer: Arc<dyn Observer>) {}
+
+    /// What memory holds of every store object, once it is in step with the
+    /// store; `None` for a backend that keeps no copy, or while its copy is
+    /// not (yet) trusted.
+    fn snapshot(&self) -> Option<Snapshot> {
+        None
+    }
 }
 
 /// Counts and times every call to the backend it wraps, and bounds the
@@ -188,6 +213,10 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
 
     fn observe(&self, observer: Arc<dyn Observer>) {
         self.inner.observe(observer);
+    }
+
+    fn snapshot(&self) -> Option<Snapshot> {
+        self.inner.snapshot()
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {

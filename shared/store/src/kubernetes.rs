@@ -40,7 +40,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     BackendError as Error,
     backend::{
-        Change, Entries, Entry, KeyChange, ObservedChange, Observer, REQUESTS_ENTRY, StoreBackend, StoreError, Version,
+        Change, Entries, Entry, KeyChange, ObjectState, ObservedChange, Observer, REQUESTS_ENTRY, Snapshot,
+        StoreBackend, StoreError, Version,
     },
 };
 
@@ -245,6 +246,24 @@ impl Mirror {
             s.undecodable.remove(name);
         });
         self.tell(changes);
+    }
+
+    /// Every object memory holds, while it is in step with the store.
+    fn snapshot(&self) -> Option<Snapshot> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        if !s.synced {
+            return None;
+        }
+        let objects = s
+            .objects
+            .iter()
+            .map(|(name, (version, entries, _))| ObjectState {
+                object: name.clone(),
+                version: *version,
+                keys: entries.keys().filter(|k| k.as_str() != REQUESTS_ENTRY).cloned().collect(),
+            })
+            .collect();
+        Some(Snapshot { objects, unknown: s.undecodable.iter().cloned().collect() })
     }
 
     fn alive(&self) {
@@ -609,6 +628,10 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
         if let Some(mirror) = &self.mirror {
             let _ = mirror.observer.set(observer);
         }
+    }
+
+    fn snapshot(&self) -> Option<Snapshot> {
+        self.mirror.as_ref()?.snapshot()
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {

@@ -14,8 +14,8 @@ pub mod group;
 pub mod kubernetes;
 
 pub use backend::{
-    Change, Entries, Entry, KeyChange, MeteredBackend, ObservedChange, Observer, REQUESTS_ENTRY, StoreBackend,
-    StoreError, Version,
+    Change, Entries, Entry, KeyChange, MeteredBackend, ObjectState, ObservedChange, Observer, REQUESTS_ENTRY, Snapshot,
+    StoreBackend, StoreError, Version,
 };
 pub use config::{BackendKind, EmbeddedConfig, Environment, KubernetesConfig, StoreSettings};
 pub use group::GroupCommit;

@@ -412,6 +412,190 @@ async fn an_edit_made_out_of_band_in_kubernetes_is_reported_with_its_reach() {
     assert!(quiet.is_err(), "an extra change: {quiet:?}");
 }
 
+/// Someone edits a key with kubectl and, a moment later (before the watch's
+/// sighting is announced), the key is updated through the API: the feed
+/// keeps the secret's order, the kubectl edit first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_out_of_band_then_an_api_write_of_the_same_key_are_recorded_in_that_order() {
+    let kube = kube_server::FakeKube::start().await;
+    let app = TestApp::spawn_with(Options { kubernetes_api: Some(kube.url.clone()), ..Default::default() }).await;
+    finance(&app).await;
+    let platform = app.as_service(None);
+    let mut stream = watch(&platform, request(0)).await;
+    next(&mut stream).await;
+    for round in 0..3 {
+        kube.edit("secrets", "iomete-secret-store-finance", |s| {
+            let value = format!("kubectl-{round}").into_bytes();
+            s.data.as_mut().unwrap().insert("db_password".into(), k8s_openapi::ByteString(value));
+        });
+        let edited = kube.secret("secrets", "iomete-secret-store-finance").unwrap().metadata.resource_version.unwrap();
+        let value = format!("api-{round}");
+        let api = app.as_user(OWNER).update("finance", "db_password", &value).await.unwrap().reach.unwrap().revision;
+        let (_, first) = next_change(&mut stream).await;
+        let (_, second) = next_change(&mut stream).await;
+        assert_eq!(
+            (first.origin, first.version.as_str()),
+            (pb::ChangeOrigin::Store as i32, edited.as_str()),
+            "round {round}: the kubectl edit first: {first:?}"
+        );
+        assert_eq!((second.origin, second.revision), (pb::ChangeOrigin::Api as i32, api), "round {round}");
+        assert!(second.version.parse::<u64>().unwrap() > edited.parse::<u64>().unwrap());
+    }
+    let quiet = tokio::time::timeout(Duration::from_secs(4), next_change(&mut stream)).await;
+    assert!(quiet.is_err(), "an extra change: {quiet:?}");
+}
+
+type Credential = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type LogClient = secrets_proto::internal::v1::change_log_client::ChangeLogClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credential>,
+>;
+
+/// The change log, as the services call it (with the internal credential).
+fn change_log(app: &TestApp) -> LogClient {
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", secrecy::ExposeSecret::expose_secret(&app.internal_token)).parse().unwrap();
+    let credential: Credential = Box::new(move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", bearer.clone());
+        Ok(r)
+    });
+    secrets_proto::internal::v1::change_log_client::ChangeLogClient::with_interceptor(
+        channel(&app.authz_service_url),
+        credential,
+    )
+}
+
+/// The store baselines as the change log holds them: object → version.
+async fn baselines(app: &TestApp) -> BTreeMap<String, u64> {
+    let request = secrets_proto::internal::v1::ListBaselinesRequest::default();
+    let page = change_log(app).list_baselines(request).await.unwrap().into_inner();
+    page.baselines.into_iter().map(|b| (b.object, b.version)).collect()
+}
+
+on_both_databases!(store_baselines_keep_the_newest_version_page_by_name_and_refuse_bad_names);
+
+/// The baselines a starting secret-service compares the store with: a
+/// late recorder's older version never replaces a newer one, removed
+/// objects are forgotten, pages follow on by name, and a bad name or key
+/// is refused naming the field.
+async fn store_baselines_keep_the_newest_version_page_by_name_and_refuse_bad_names(app: TestApp) {
+    use secrets_proto::internal::v1::{ListBaselinesRequest, RecordBaselinesRequest, StoreBaseline};
+    let mut log = change_log(&app);
+    let list = |after: &str, limit| ListBaselinesRequest { after_object: after.into(), limit };
+    let first = log.list_baselines(list("", 0)).await.unwrap().into_inner();
+    assert!(!first.recorded && first.baselines.is_empty(), "nothing recorded yet: a first start");
+    let base = |object: &str, version, keys: &[&str]| StoreBaseline {
+        object: object.into(),
+        version,
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+    };
+    let record = |baselines, removed: &[&str]| RecordBaselinesRequest {
+        baselines,
+        removed: removed.iter().map(|r| r.to_string()).collect(),
+    };
+    let long = "o".repeat(253);
+    log.record_baselines(record(vec![base("store-a", 5, &["x", "y.z"]), base(&long, 1, &[])], &[])).await.unwrap();
+    log.record_baselines(record(vec![base("store-a", 3, &["old"])], &[])).await.unwrap();
+    let page = log.list_baselines(list("", 0)).await.unwrap().into_inner();
+    assert!(page.recorded && !page.more);
+    assert_eq!(page.baselines, vec![base(&long, 1, &[]), base("store-a", 5, &["x", "y.z"])], "the newest kept");
+    log.record_baselines(record(vec![], &[&long])).await.unwrap();
+    let objects: Vec<_> = (0..7).map(|i| base(&format!("store-p{i}"), 1, &["k"])).collect();
+    log.record_baselines(record(objects, &[])).await.unwrap();
+    let page = log.list_baselines(list("store-a", 3)).await.unwrap().into_inner();
+    let names: Vec<_> = page.baselines.iter().map(|b| b.object.as_str()).collect();
+    assert_eq!((names, page.more), (vec!["store-p0", "store-p1", "store-p2"], true));
+    let page = log.list_baselines(list("store-p5", 3)).await.unwrap().into_inner();
+    assert_eq!((page.baselines.len(), page.more), (1, false), "{page:?}");
+
+    for (bad, field) in [
+        (base("Store_A", 1, &[]), "baselines[0].object"),
+        (base(&"o".repeat(254), 1, &[]), "baselines[0].object"),
+        (base("store-a", 9, &["a/b"]), "baselines[0].keys[0]"),
+    ] {
+        let err = log.record_baselines(record(vec![bad], &[])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    let err = log.list_baselines(list("", 5_000)).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().contains("limit"), "{err:?}");
+    assert_eq!(baselines(&app).await["store-a"], 5, "nothing refused was written");
+}
+
+/// Waits until the log's baseline of `object` is at `version`.
+async fn baseline_reaches(app: &TestApp, object: &str, version: &str) {
+    let version: u64 = version.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while baselines(app).await.get(object) != Some(&version) {
+        assert!(tokio::time::Instant::now() < deadline, "the baseline of {object} never reached {version}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every secret-service replica is stopped; meanwhile someone edits the
+/// store with kubectl: one key changed, one added, one removed, and a new
+/// domain's object created. The secret-service that starts next reports
+/// them: added and removed keys as created and deleted, the keys still there
+/// as presumed updated (their old values are unknown), the new object's keys
+/// as created. A restart with nothing changed meanwhile reports nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_no_secret_service_ran_are_reported_when_one_starts() {
+    const OBJECT: &str = "iomete-secret-store-finance";
+    let kube = kube_server::FakeKube::start().await;
+    let mut app = TestApp::spawn_with(Options { kubernetes_api: Some(kube.url.clone()), ..Default::default() }).await;
+    finance(&app).await;
+    app.as_user(OWNER).create("finance", "to_remove", "r-1").await.unwrap();
+    let platform = app.as_service(None);
+    let mut stream = watch(&platform, request(0)).await;
+    next(&mut stream).await;
+    let version = kube.secret("secrets", OBJECT).unwrap().metadata.resource_version.unwrap();
+    baseline_reaches(&app, OBJECT, &version).await;
+
+    // A restart with nothing changed meanwhile: nothing to report.
+    app.stop_secret_service().await;
+    app.start_secret_service().await;
+    // The comparison runs 2 intervals + 5 s after the first list.
+    let quiet = tokio::time::timeout(Duration::from_secs(12), next_change(&mut stream)).await;
+    assert!(quiet.is_err(), "a restart with no change reported one: {quiet:?}");
+
+    app.stop_secret_service().await;
+    kube.edit("secrets", OBJECT, |s| {
+        let data = s.data.as_mut().unwrap();
+        data.insert("db_password".into(), k8s_openapi::ByteString(b"edited-while-down".to_vec()));
+        data.insert("added_key".into(), k8s_openapi::ByteString(b"a".to_vec()));
+        data.remove("to_remove");
+    });
+    let mut hr = kube.secret("secrets", OBJECT).unwrap();
+    hr.metadata = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        name: Some("iomete-secret-store-hr".into()),
+        labels: hr.metadata.labels.clone(),
+        ..Default::default()
+    };
+    hr.data = Some([("hr_token".to_string(), k8s_openapi::ByteString(b"t".to_vec()))].into());
+    kube.insert("secrets", hr);
+    let edited = kube.secret("secrets", OBJECT).unwrap().metadata.resource_version.unwrap();
+    app.start_secret_service().await;
+
+    let mut found = BTreeMap::new();
+    while found.len() < 5 {
+        let (_, c) = next_change(&mut stream).await;
+        assert_eq!(c.origin, pb::ChangeOrigin::Store as i32, "{c:?}");
+        let kind = pb::SecretChangeKind::try_from(c.kind).unwrap().as_str_name();
+        let previous = found.insert(format!("{}/{}", c.domain, c.key), (kind, c.presumed, c.version.clone()));
+        assert!(previous.is_none(), "reported twice: {c:?}");
+    }
+    let presumed = |kind| (kind, true, edited.clone());
+    let certain = |kind| (kind, false, edited.clone());
+    assert_eq!(found["finance/db_password"], presumed("SECRET_UPDATED"));
+    assert_eq!(found["finance/other_key"], presumed("SECRET_UPDATED"), "its old value is unknown: more, never less");
+    assert_eq!(found["finance/added_key"], certain("SECRET_CREATED"));
+    assert_eq!(found["finance/to_remove"], certain("SECRET_DELETED"));
+    assert_eq!(found["hr/hr_token"].0, "SECRET_CREATED");
+    let quiet = tokio::time::timeout(Duration::from_secs(4), next_change(&mut stream)).await;
+    assert!(quiet.is_err(), "an extra change: {quiet:?}");
+    // What was reported is the new baseline: the next restart is quiet.
+    baseline_reaches(&app, OBJECT, &edited).await;
+}
+
 /// A new version written with the Vault CLI is reported for the keys that
 /// changed (not the others), with the version and the workloads it
 /// reaches, and the next resolve returns the new value at once.
