@@ -50,6 +50,8 @@ const MAX_DEDUPE_KEY: usize = 700;
 /// call carries at most).
 const DEFAULT_BASELINES: u32 = 500;
 const MAX_BASELINES: u32 = 1_000;
+/// Key-name bytes after which a page of baselines ends.
+const PAGE_BYTES: usize = 1 << 20;
 /// Revisions one pruning transaction covers at most.
 const PRUNE_CHUNK: i64 = 10_000;
 
@@ -279,22 +281,32 @@ impl ChangeLog {
                 Ok((rows, recorded))
             })
             .await?;
-        let more = rows.len() > limit as usize;
-        let baselines = rows
-            .into_iter()
-            .take(limit as usize)
-            .map(|row| internal::StoreBaseline {
+        let mut more = rows.len() > limit as usize;
+        let mut baselines = Vec::new();
+        let mut bytes = 0;
+        for row in rows.into_iter().take(limit as usize) {
+            // A page stays well within a message, however many keys.
+            if bytes > PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += row.keys.len() + row.object.len();
+            baselines.push(internal::StoreBaseline {
                 keys: row.keys.split('\n').filter(|k| !k.is_empty()).map(str::to_string).collect(),
                 object: row.object,
                 version: row.version as u64,
-            })
-            .collect();
+            });
+        }
         Ok(internal::ListBaselinesResponse { baselines, recorded, more })
     }
 
     /// Records store objects as seen (a baseline older than the one kept is
-    /// ignored) and forgets `removed` ones; marks that baselines were taken.
-    pub async fn record_baselines(&self, request: internal::RecordBaselinesRequest) -> Result<()> {
+    /// ignored) and forgets `removed` ones; a `complete` record marks that
+    /// baselines were taken.
+    pub async fn record_baselines(&self, mut request: internal::RecordBaselinesRequest) -> Result<()> {
+        // The same order on every replica: two recorders' upserts never
+        // wait on each other's rows in opposite orders (PostgreSQL).
+        request.baselines.sort_by(|a, b| a.object.cmp(&b.object));
         if request.baselines.len() + request.removed.len() > MAX_BASELINES as usize {
             return Err(FieldViolation::new("baselines", format!("at most {MAX_BASELINES} objects per call")).into());
         }
@@ -315,12 +327,13 @@ impl ChangeLog {
         for (i, object) in request.removed.iter().enumerate() {
             store_object(&format!("removed[{i}]"), object)?;
         }
-        // The mark that baselines were taken: a row no object can name.
-        rows.push(store_baseline::ActiveModel {
-            object: Set(String::new()),
-            version: Set(0),
-            keys: Set(String::new()),
-        });
+        if request.complete {
+            // The mark that baselines were taken: a row no object can name.
+            rows.insert(
+                0,
+                store_baseline::ActiveModel { object: Set(String::new()), version: Set(0), keys: Set(String::new()) },
+            );
+        }
         let removed = request.removed;
         self.transact(move |txn| {
             Box::pin(async move {

@@ -602,11 +602,14 @@ async fn write_loop(inner: std::sync::Weak<Inner>, mut receiver: mpsc::Receiver<
             Ok(()) => {
                 inner.failing.store(false, Ordering::SeqCst);
                 inner.metrics.audit_records("recorded", pending.len() as u64);
-                for mut q in pending.drain(..) {
-                    log_record(&inner.gateway, &q);
+                // Every waiting call is answered before the batch is logged.
+                for q in &mut pending {
                     if let Some(stored) = q.stored.take() {
                         let _ = stored.send(Ok(()));
                     }
+                }
+                for q in pending.drain(..) {
+                    log_record(&inner.gateway, &q);
                 }
                 delay = Duration::from_millis(50);
             }

@@ -3,8 +3,10 @@
 //! ran (all stopped, an upgrade that replaced every pod) is found on start by
 //! comparing the store objects with their baselines: each object's
 //! resourceVersion and key names as last recorded in the change log (never
-//! a value). Every replica records what it holds, one interval late, so a
-//! baseline never covers a change before that change was announced.
+//! a value). Every replica records what it holds one interval late, and
+//! leaves out objects whose announcements are still on their way or wait
+//! for the change log, so a baseline never covers a change before that
+//! change was announced.
 //!
 //! An object whose version moved past its baseline reports its added keys as
 //! created, its removed keys as deleted, and every other key as presumed
@@ -101,6 +103,17 @@ pub fn unwatched(listed: &Snapshot, now: &Snapshot, baselines: &[internal::Store
             add(object, key, KeyChange::Deleted, *version, false);
         }
     }
+    for (object, (first, keys)) in &listed {
+        // Listed, then gone or no longer decoding: the watch reported what
+        // it held; the keys removed before the list are reported here.
+        if current.contains_key(object) {
+            continue;
+        }
+        let Some(b) = recorded.get(object.as_str()).filter(|b| b.version < *first) else { continue };
+        for key in b.keys.iter().filter(|k| !keys.contains(*k)) {
+            add(object, key, KeyChange::Deleted, *first, false);
+        }
+    }
     for (object, b) in &recorded {
         // Gone before this replica listed; one gone since, the watch reported.
         if object.is_empty()
@@ -172,23 +185,39 @@ pub async fn keep(secrets: Weak<Secrets>, log: ChangeLogClient, config: ChangesC
         let Some(s) = secrets.upgrade() else { return };
         let Some(now) = s.store.snapshot() else { continue };
         drop(s);
-        // The snapshot of an interval ago: every change in it is announced.
+        // The snapshot of an interval ago: a change in it is announced,
+        // unless its announcement is still on its way or waits for the log
+        // (then that object waits for a later round).
         let due = std::mem::replace(&mut last, now);
+        let Some(s) = secrets.upgrade() else { return };
+        if s.announcer.deferred() > 0 {
+            continue;
+        }
         let due_states = states(&due);
         let changed: Vec<internal::StoreBaseline> = due
             .objects
             .iter()
             .filter(|o| held.get(&o.object).is_none_or(|(v, _)| *v != o.version))
+            .filter(|o| !s.order.busy(&o.object))
             .map(|o| internal::StoreBaseline { object: o.object.clone(), version: o.version, keys: o.keys.clone() })
             .collect();
-        let gone: Vec<String> =
-            held.keys().filter(|o| !due_states.contains_key(*o) && !due.unknown.contains(o)).cloned().collect();
+        let gone: Vec<String> = held
+            .keys()
+            .filter(|o| !due_states.contains_key(*o) && !due.unknown.contains(o) && !s.order.busy(o))
+            .cloned()
+            .collect();
+        drop(s);
         if changed.is_empty() && gone.is_empty() && marked {
             continue;
         }
-        match log.record_baselines(changed, gone).await {
+        match log.record_baselines(changed.clone(), gone.clone()).await {
             Ok(()) => {
-                held = due_states;
+                for b in changed {
+                    held.insert(b.object, (b.version, b.keys.into_iter().collect()));
+                }
+                for o in gone {
+                    held.remove(&o);
+                }
                 marked = true;
             }
             Err(e) => {
@@ -276,6 +305,16 @@ mod tests {
         // Another replica's recorder had caught up with s-a; s-b's baseline too.
         let baselines = [base("", 0, &[]), base("s-a", 10, &["k"]), base("s-b", 4, &["k"])];
         assert!(unwatched(&listed, &now, &baselines).is_empty());
+    }
+
+    #[test]
+    fn keys_removed_while_none_watched_from_an_object_gone_since_are_reported() {
+        let listed = snap(&[("s-a", 10, &["kept"])]);
+        let now = snap(&[]);
+        let baselines = [base("", 0, &[]), base("s-a", 4, &["kept", "removed"])];
+        let f = unwatched(&listed, &now, &baselines);
+        assert_eq!(found(&f), vec![("s-a/removed".into(), KeyChange::Deleted, false)]);
+        assert_eq!(f[0].version, 10);
     }
 
     #[test]

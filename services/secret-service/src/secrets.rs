@@ -44,11 +44,35 @@ pub struct InOrder {
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// (object, key) → changes the watch found, not yet announced.
     sighted: std::sync::Mutex<std::collections::HashMap<(String, String), Vec<secrets_store::ObservedChange>>>,
+    /// object → announcements on their way.
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Default for InOrder {
     fn default() -> Self {
-        Self { stripes: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(), sighted: Default::default() }
+        Self {
+            stripes: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
+            sighted: Default::default(),
+            in_flight: Default::default(),
+        }
+    }
+}
+
+/// An announcement on its way (see [`InOrder::busy`]).
+struct Flying {
+    order: Arc<InOrder>,
+    object: String,
+}
+
+impl Drop for Flying {
+    fn drop(&mut self) {
+        let mut in_flight = self.order.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = in_flight.get_mut(&self.object) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.object);
+            }
+        }
     }
 }
 
@@ -65,22 +89,34 @@ impl InOrder {
         sighted.entry((change.object.clone(), change.key.clone())).or_default().push(change);
     }
 
-    /// The sightings of (object, key) before `version` (all for `None`), in
-    /// order; one at `version` is the same change, and is dropped.
-    fn take(&self, object: &str, key: &str, version: Option<u64>) -> Vec<secrets_store::ObservedChange> {
+    /// The sightings of (object, key) that `keep` does not keep, in order
+    /// of version.
+    fn take(&self, object: &str, key: &str, keep: impl Fn(u64) -> bool) -> Vec<secrets_store::ObservedChange> {
         let mut sighted = self.sighted.lock().unwrap_or_else(|p| p.into_inner());
         let id = (object.to_string(), key.to_string());
         let Some(list) = sighted.get_mut(&id) else { return Vec::new() };
-        let (mut taken, kept): (Vec<_>, Vec<_>) =
-            std::mem::take(list).into_iter().partition(|c| version.is_none_or(|v| c.version <= v));
+        let (kept, mut taken): (Vec<_>, Vec<_>) = std::mem::take(list).into_iter().partition(|c| keep(c.version));
         if kept.is_empty() {
             sighted.remove(&id);
         } else {
             *list = kept;
         }
-        taken.retain(|c| version.is_none_or(|v| c.version < v));
         taken.sort_by_key(|c| c.version);
         taken
+    }
+
+    /// Whether a change of `object` may still be unannounced: a sighting
+    /// waits, or an announcement is on its way.
+    pub fn busy(&self, object: &str) -> bool {
+        let sighted = self.sighted.lock().unwrap_or_else(|p| p.into_inner());
+        let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        in_flight.get(object).is_some_and(|n| *n > 0) || sighted.keys().any(|(o, _)| o == object)
+    }
+
+    /// Counts an announcement of `object` on its way until the guard goes.
+    fn flying(self: &Arc<Self>, object: &str) -> Flying {
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).entry(object.to_string()).or_default() += 1;
+        Flying { order: self.clone(), object: object.to_string() }
     }
 }
 
@@ -241,15 +277,21 @@ impl Secrets {
         known: Option<internal::FindUsagesResponse>,
     ) -> Option<pb::SecretReach> {
         let object = self.store.object_name(changed.scope);
+        let _flying = self.order.flying(&object);
         let _turn = self.order.turn(&object, changed.key).await;
-        self.announce_sighted(&object, changed.key, changed.version.or(Some(0))).await;
+        // Sightings before this change first; one of this very change is it.
+        let version = changed.version.unwrap_or(0);
+        self.announce_sighted(&object, changed.key, |v| v > version, Some(version)).await;
         self.record(changed, known).await
     }
 
-    /// Announces the changes of (object, key) the store watch found before
-    /// `version` (all for `None`), in order. The caller holds its turn.
-    async fn announce_sighted(&self, object: &str, key: &str, version: Option<u64>) {
-        for c in self.order.take(object, key, version) {
+    /// Announces the changes of (object, key) the store watch found that
+    /// `keep` does not keep, in order, but the one at version `same` (the
+    /// caller's own change). The caller holds its turn.
+    async fn announce_sighted(&self, object: &str, key: &str, keep: impl Fn(u64) -> bool, same: Option<u64>) {
+        let sightings = self.order.take(object, key, keep);
+        let _flying = (!sightings.is_empty()).then(|| self.order.flying(object));
+        for c in sightings.into_iter().filter(|c| Some(c.version) != same) {
             let Some(scope) = self.store.scope_of_object(&c.object) else { continue };
             let kind = match c.change {
                 secrets_store::KeyChange::Created => pb::SecretChangeKind::SecretCreated,
@@ -437,19 +479,22 @@ impl Secrets {
     /// it (with who made it), and this sighting is recorded once with it.
     /// An API write of the same secret meanwhile announces them first.
     pub fn announce_observed(&self, changes: Vec<secrets_store::ObservedChange>) {
-        let mut secrets: Vec<(String, String)> = Vec::new();
+        // (object, key) → the newest version of this batch: later
+        // sightings wait for their own delay.
+        let mut secrets: Vec<(String, String, u64)> = Vec::new();
         for c in changes {
-            if !secrets.iter().any(|(o, k)| *o == c.object && *k == c.key) {
-                secrets.push((c.object.clone(), c.key.clone()));
+            match secrets.iter_mut().find(|(o, k, _)| *o == c.object && *k == c.key) {
+                Some(s) => s.2 = s.2.max(c.version),
+                None => secrets.push((c.object.clone(), c.key.clone(), c.version)),
             }
             self.order.sight(c);
         }
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(OBSERVED_DELAY).await;
-            for (object, key) in secrets {
+            for (object, key, through) in secrets {
                 let _turn = this.order.turn(&object, &key).await;
-                this.announce_sighted(&object, &key, None).await;
+                this.announce_sighted(&object, &key, |v| v > through, None).await;
             }
         });
     }

@@ -16,7 +16,6 @@ use secrets_proto::{
     internal::v1::{self as internal, change_log_client::ChangeLogClient as Grpc},
     v1 as pb,
 };
-use tokio::sync::oneshot;
 use tonic::{Code, Status};
 
 use crate::{
@@ -41,8 +40,10 @@ const DEFER_FOR: Duration = Duration::from_secs(3_600);
 /// the second.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Store baselines asked for at a time.
+/// Store baselines asked for, or recorded, at a time.
 const BASELINE_PAGE: u32 = 500;
+/// Key-name bytes one record call carries, about.
+const BASELINE_BYTES: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct ChangeLogClient {
@@ -92,8 +93,9 @@ impl ChangeLogClient {
         }
     }
 
-    /// Records store objects as seen and forgets `removed` ones, a batch
-    /// at a time.
+    /// Records store objects as seen and forgets `removed` ones, in calls
+    /// of at most [`BASELINE_PAGE`] objects and about 1 MiB of key names;
+    /// the last marks the record complete.
     pub async fn record_baselines(
         &self,
         baselines: Vec<internal::StoreBaseline>,
@@ -102,14 +104,21 @@ impl ChangeLogClient {
         let mut baselines = baselines.into_iter().peekable();
         let mut removed = removed.into_iter().peekable();
         loop {
-            let batch: Vec<_> = baselines.by_ref().take(BASELINE_PAGE as usize).collect();
-            let gone: Vec<_> = removed.by_ref().take(BASELINE_PAGE as usize).collect();
+            let (mut batch, mut bytes) = (Vec::new(), 0);
+            while batch.len() < BASELINE_PAGE as usize && bytes < BASELINE_BYTES {
+                let Some(b) = baselines.next() else { break };
+                bytes += b.object.len() + b.keys.iter().map(|k| k.len() + 1).sum::<usize>();
+                batch.push(b);
+            }
+            let room = BASELINE_PAGE as usize - batch.len();
+            let gone: Vec<_> = removed.by_ref().take(room).collect();
+            let complete = baselines.peek().is_none() && removed.peek().is_none();
             self.inner
                 .clone()
-                .record_baselines(internal::RecordBaselinesRequest { baselines: batch, removed: gone })
+                .record_baselines(internal::RecordBaselinesRequest { baselines: batch, removed: gone, complete })
                 .await
                 .map_err(|s| from_upstream(CHANGE_LOG, s))?;
-            if baselines.peek().is_none() && removed.peek().is_none() {
+            if complete {
                 return Ok(());
             }
         }
@@ -144,8 +153,9 @@ pub type Announcement = Arc<dyn Fn() -> BoxFuture<'static, Result<pb::SecretReac
 /// Makes announcements: at once when the log answers within
 /// [`ANNOUNCE_WAIT`], else again in the background with backoff. Deferred
 /// announcements are retried one at a time in the order they were made,
-/// and while any waits, a new one queues behind it: the log records a
-/// secret's changes in the order they happened, outages or not.
+/// and while any waits, a new one queues behind it at once (its caller
+/// gets no reach): the log records a secret's changes in the order they
+/// happened, outages or not.
 #[derive(Clone, Default)]
 pub struct Announcer {
     deferred: Arc<Mutex<Deferred>>,
@@ -162,13 +172,21 @@ struct Waiting {
     what: String,
     announcement: Announcement,
     since: tokio::time::Instant,
-    /// The caller still waiting for the reach, if any.
-    answer: Option<oneshot::Sender<pb::SecretReach>>,
 }
 
-/// Errors that say the announcement itself is wrong: retrying cannot help.
-fn hopeless(status: &Status) -> bool {
-    matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange)
+/// Errors that may clear (the log or the usage index is down, slow or
+/// busy): worth retrying. Any other says the announcement cannot be
+/// recorded as it is, and would hold up every change queued behind it.
+fn passing(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Unknown
+    )
 }
 
 impl Announcer {
@@ -177,34 +195,20 @@ impl Announcer {
     }
 
     /// The reach of a change, with its revision; `None` when it could not
-    /// be recorded in time (it is then retried in the background).
+    /// be recorded in time, or changes before it still wait for the log (it
+    /// is then recorded after them, in the background).
     pub async fn announce(&self, what: &str, announcement: Announcement) -> Option<pb::SecretReach> {
-        let queued = {
+        {
             let mut deferred = self.lock();
-            if deferred.queue.is_empty() {
-                None
-            } else {
-                let (answer, reach) = oneshot::channel();
-                self.defer(&mut deferred, what, announcement.clone(), Some(answer)).then_some(reach)
+            if !deferred.queue.is_empty() {
+                self.defer(&mut deferred, what, announcement);
+                return None;
             }
-        };
-        if let Some(reach) = queued {
-            // Behind changes that wait for the log: answered when recorded.
-            return match tokio::time::timeout(ANNOUNCE_WAIT, reach).await {
-                Ok(Ok(reach)) => Some(reach),
-                _ => {
-                    tracing::warn!(
-                        change = what,
-                        "the change is saved; it is announced after earlier changes that wait for the change log"
-                    );
-                    None
-                }
-            };
         }
         match tokio::time::timeout(ANNOUNCE_WAIT, announcement()).await {
             Ok(Ok(reach)) => return Some(reach),
-            Ok(Err(e)) if hopeless(&e) => {
-                tracing::error!(change = what, error = %e.message(), "the change log refused the change: it is not announced");
+            Ok(Err(e)) if !passing(&e) => {
+                tracing::error!(change = what, error = %e.message(), "the change cannot be announced: it is left out of the change feed");
                 return None;
             }
             Ok(Err(e)) => {
@@ -216,33 +220,22 @@ impl Announcer {
             ),
         }
         let mut deferred = self.lock();
-        self.defer(&mut deferred, what, announcement, None);
+        self.defer(&mut deferred, what, announcement);
         None
     }
 
-    /// Queues an announcement for the background; false when the queue is full.
-    fn defer(
-        &self,
-        deferred: &mut Deferred,
-        what: &str,
-        announcement: Announcement,
-        answer: Option<oneshot::Sender<pb::SecretReach>>,
-    ) -> bool {
+    /// Queues an announcement for the background (past [`MAX_DEFERRED`]
+    /// it is dropped, logged).
+    fn defer(&self, deferred: &mut Deferred, what: &str, announcement: Announcement) {
         if deferred.queue.len() >= MAX_DEFERRED {
             tracing::error!(change = what, "too many changes wait for the change log: this one is not announced");
-            return false;
+            return;
         }
-        deferred.queue.push_back(Waiting {
-            what: what.to_string(),
-            announcement,
-            since: tokio::time::Instant::now(),
-            answer,
-        });
+        deferred.queue.push_back(Waiting { what: what.to_string(), announcement, since: tokio::time::Instant::now() });
         if !deferred.draining {
             deferred.draining = true;
             tokio::spawn(self.clone().drain());
         }
-        true
     }
 
     /// Retries the queue's front until it is recorded (or given up), then
@@ -265,11 +258,13 @@ impl Announcer {
                 }
             };
             let (announcement, since, what) = front;
-            let outcome = announcement().await;
-            let done = match &outcome {
-                Ok(_) => true,
-                Err(e) if hopeless(e) => {
-                    tracing::error!(change = %what, error = %e.message(), "the change log refused a deferred change: it is not announced");
+            let done = match announcement().await {
+                Ok(reach) => {
+                    tracing::info!(change = %what, revision = reach.revision, "a deferred change is announced");
+                    true
+                }
+                Err(e) if !passing(&e) => {
+                    tracing::error!(change = %what, error = %e.message(), "a deferred change cannot be announced: it is left out of the change feed");
                     true
                 }
                 Err(e) if since.elapsed() >= DEFER_FOR => {
@@ -282,19 +277,11 @@ impl Announcer {
                 }
             };
             failed = !done;
-            if !done {
+            if done {
+                delay = RETRY_FIRST;
+                self.lock().queue.pop_front();
+            } else {
                 delay = (delay * 2).min(RETRY_MAX);
-                continue;
-            }
-            delay = RETRY_FIRST;
-            let waiting = self.lock().queue.pop_front();
-            if let (Ok(reach), Some(waiting)) = (outcome, waiting) {
-                match waiting.answer {
-                    Some(answer) => {
-                        let _ = answer.send(reach);
-                    }
-                    None => tracing::info!(change = %what, revision = reach.revision, "a deferred change is announced"),
-                }
             }
         }
     }
@@ -357,26 +344,43 @@ mod tests {
         // Fails now and at its first retry (after 0.5 s); recorded at the second (1.5 s).
         assert!(announcer.announce("first", recording(&log, "first", 2, down)).await.is_none());
         assert_eq!(announcer.deferred(), 1);
-        // The log would take this one at once; it waits its turn, and is
-        // answered within the caller's wait once the first is recorded.
-        let second = announcer.announce("second", recording(&log, "second", 0, down)).await;
-        assert_eq!(second.map(|r| r.revision), Some(2), "answered with its revision, after the first");
+        // The log would take this one at once: it queues behind the first.
+        assert!(announcer.announce("second", recording(&log, "second", 0, down)).await.is_none());
+        assert_eq!(announcer.deferred(), 2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while announcer.deferred() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the queue never drained");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert_eq!(*log.lock().unwrap(), vec!["first", "second"]);
-        assert_eq!(announcer.deferred(), 0);
         // With nothing waiting, the next goes straight to the log.
         let third = announcer.announce("third", recording(&log, "third", 0, down)).await;
         assert_eq!(third.map(|r| r.revision), Some(3));
     }
 
     #[tokio::test]
-    async fn a_change_the_log_refuses_is_not_retried_and_holds_nothing_up() {
+    async fn a_change_that_cannot_be_recorded_holds_nothing_up() {
         let log: Log = Default::default();
         let announcer = Announcer::default();
         let refused = || Status::invalid_argument("changes[0].change.key: must not be empty");
         assert!(announcer.announce("bad", recording(&log, "bad", 1, refused)).await.is_none());
         assert_eq!(announcer.deferred(), 0, "not queued for retries");
-        let next = announcer.announce("next", recording(&log, "next", 0, down)).await;
-        assert_eq!(next.map(|r| r.revision), Some(1));
-        assert_eq!(*log.lock().unwrap(), vec!["next"]);
+        // One that fails for a reason that does not clear, once deferred, is
+        // dropped at its retry, and the one behind it is recorded.
+        let broken = || Status::internal("an object of the store does not decode");
+        assert!(announcer.announce("slow", recording(&log, "slow", 1, down)).await.is_none());
+        {
+            // Behind it: fails with Internal for good.
+            let mut deferred = announcer.lock();
+            let stuck = recording(&log, "stuck", u32::MAX, broken);
+            announcer.defer(&mut deferred, "stuck", stuck);
+        }
+        assert!(announcer.announce("next", recording(&log, "next", 0, down)).await.is_none());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while announcer.deferred() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the queue never drained");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*log.lock().unwrap(), vec!["slow", "next"]);
     }
 }

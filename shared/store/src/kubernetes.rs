@@ -151,6 +151,45 @@ struct MirrorState {
     objects: HashMap<String, (u64, Arc<Entries>, Arc<ObjectMeta>)>,
     /// Objects that did not decode: read from the API server, which reports why.
     undecodable: HashSet<String>,
+    /// Objects this replica is writing: what the watch reports of them
+    /// meanwhile waits, so the write's own event is not taken for a change
+    /// made out of band when it arrives before the write's answer.
+    writing: HashMap<String, Writing>,
+}
+
+#[derive(Default)]
+struct Writing {
+    /// Writes on their way.
+    count: usize,
+    /// The versions they wrote.
+    own: Vec<u64>,
+    /// Changes seen meanwhile.
+    held: Vec<ObservedChange>,
+}
+
+/// One write on its way (see [`MirrorState::writing`]).
+struct WriteGuard<'a> {
+    mirror: Option<&'a Mirror>,
+    object: &'a str,
+    written: Option<u64>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        let Some(m) = self.mirror else { return };
+        let mut release = Vec::new();
+        m.with(|s| {
+            let Some(w) = s.writing.get_mut(self.object) else { return };
+            w.count -= 1;
+            w.own.extend(self.written);
+            if w.count == 0
+                && let Some(w) = s.writing.remove(self.object)
+            {
+                release = w.held.into_iter().filter(|c| !w.own.contains(&c.version)).collect();
+            }
+        });
+        m.tell(release);
+    }
 }
 
 fn version_of(secret: &Secret) -> u64 {
@@ -205,7 +244,8 @@ impl Mirror {
             match decoded {
                 Ok((entries, meta)) => {
                     if observed && held.is_none_or(|(v, _, _)| *v < version) {
-                        changes = key_changes(&name, version, held.map(|(_, e, _)| e.as_ref()), Some(&entries));
+                        let found = key_changes(&name, version, held.map(|(_, e, _)| e.as_ref()), Some(&entries));
+                        changes = Self::report(s, &name, found);
                     }
                     s.undecodable.remove(&name);
                     s.objects.insert(name, (version, Arc::new(entries), Arc::new(meta)));
@@ -226,6 +266,25 @@ impl Mirror {
         }
     }
 
+    /// Holds what the watch reports of `object` until the write the guard
+    /// stands for is answered.
+    fn writing<'a>(&'a self, object: &'a str) -> WriteGuard<'a> {
+        self.with(|s| s.writing.entry(object.to_string()).or_default().count += 1);
+        WriteGuard { mirror: Some(self), object, written: None }
+    }
+
+    /// Tells the observer of `changes`, or holds them while `object` is
+    /// being written here. Called with the state locked.
+    fn report(s: &mut MirrorState, object: &str, changes: Vec<ObservedChange>) -> Vec<ObservedChange> {
+        match s.writing.get_mut(object) {
+            Some(w) => {
+                w.held.extend(changes);
+                Vec::new()
+            }
+            None => changes,
+        }
+    }
+
     /// The version memory holds of `object`.
     fn version(&self, object: &str) -> Option<u64> {
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());
@@ -241,7 +300,7 @@ impl Mirror {
             if s.objects.get(name).is_none_or(|(v, _, _)| *v <= version)
                 && let Some((_, entries, _)) = s.objects.remove(name)
             {
-                changes = key_changes(name, version, Some(&entries), None);
+                changes = Self::report(s, name, key_changes(name, version, Some(&entries), None));
             }
             s.undecodable.remove(name);
         });
@@ -676,6 +735,10 @@ impl KubernetesBackend {
             };
             change(&mut entries)?;
             let secret = encode(object, meta, &entries, self.owner.as_ref())?;
+            let mut guard = match &self.mirror {
+                Some(m) => m.writing(object),
+                None => WriteGuard { mirror: None, object, written: None },
+            };
             let written = if exists {
                 self.api.replace(object, &PostParams::default(), &secret).await
             } else {
@@ -684,10 +747,12 @@ impl KubernetesBackend {
             match written {
                 Ok(stored) => {
                     let version = version_of(&stored);
+                    guard.written = Some(version);
                     // Read your own writes: memory has it before the event.
                     if let Some(m) = &self.mirror {
                         m.apply(stored);
                     }
+                    drop(guard);
                     if conflicts > 0 {
                         tracing::debug!(object, conflicts, "write succeeded after conflicts");
                     }

@@ -491,7 +491,12 @@ async fn store_baselines_keep_the_newest_version_page_by_name_and_refuse_bad_nam
     let record = |baselines, removed: &[&str]| RecordBaselinesRequest {
         baselines,
         removed: removed.iter().map(|r| r.to_string()).collect(),
+        complete: true,
     };
+    // A part of a record split into several calls marks nothing.
+    let part = RecordBaselinesRequest { baselines: vec![base("store-a", 1, &["x"])], removed: vec![], complete: false };
+    log.record_baselines(part).await.unwrap();
+    assert!(!log.list_baselines(list("", 0)).await.unwrap().into_inner().recorded);
     let long = "o".repeat(253);
     log.record_baselines(record(vec![base("store-a", 5, &["x", "y.z"]), base(&long, 1, &[])], &[])).await.unwrap();
     log.record_baselines(record(vec![base("store-a", 3, &["old"])], &[])).await.unwrap();
@@ -594,6 +599,46 @@ async fn changes_made_while_no_secret_service_ran_are_reported_when_one_starts()
     assert!(quiet.is_err(), "an extra change: {quiet:?}");
     // What was reported is the new baseline: the next restart is quiet.
     baseline_reaches(&app, OBJECT, &edited).await;
+}
+
+/// A replica that starts while another runs and writes go on reports
+/// nothing as changed while unwatched: it compares only once the running
+/// replica has recorded what it watched. Every write is in the feed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starting_while_another_runs_reports_no_presumed_change() {
+    let kube = kube_server::FakeKube::start().await;
+    let app = TestApp::spawn_with(Options { kubernetes_api: Some(kube.url.clone()), ..Default::default() }).await;
+    finance(&app).await;
+    baseline_reaches(
+        &app,
+        "iomete-secret-store-finance",
+        &kube.secret("secrets", "iomete-secret-store-finance").unwrap().metadata.resource_version.unwrap(),
+    )
+    .await;
+    let platform = app.as_service(None);
+    let mut stream = watch(&platform, request(0)).await;
+    next(&mut stream).await;
+    let other = app.another_secret_replica().await;
+    // Writes all through the comparison (2 intervals + 5 s after its list).
+    let owner = app.as_user(OWNER);
+    let mut written = Vec::new();
+    for round in 0..40 {
+        let reach = owner.update("finance", "db_password", &format!("pw-{round}")).await.unwrap().reach.unwrap();
+        written.push(reach.revision);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(6), next_change(&mut stream)).await {
+            Ok((_, c)) => {
+                assert!(!c.presumed, "the new replica reported a change it did not miss: {c:?}");
+                seen.push(c.revision);
+            }
+            Err(_) => break,
+        }
+    }
+    assert_eq!(seen, written, "every write once, in order");
+    other.stop().await;
 }
 
 /// A new version written with the Vault CLI is reported for the keys that
