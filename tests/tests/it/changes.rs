@@ -628,14 +628,9 @@ async fn a_replica_starting_while_another_runs_reports_no_presumed_change() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let mut seen = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(6), next_change(&mut stream)).await {
-            Ok((_, c)) => {
-                assert!(!c.presumed, "the new replica reported a change it did not miss: {c:?}");
-                seen.push(c.revision);
-            }
-            Err(_) => break,
-        }
+    while let Ok((_, c)) = tokio::time::timeout(Duration::from_secs(6), next_change(&mut stream)).await {
+        assert!(!c.presumed, "the new replica reported a change it did not miss: {c:?}");
+        seen.push(c.revision);
     }
     assert_eq!(seen, written, "every write once, in order");
     other.stop().await;
