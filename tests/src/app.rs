@@ -693,6 +693,18 @@ impl TestApp {
         Clients::over(self.gateway_channel(), Some(self.token(SPARK)), on_behalf_of)
     }
 
+    /// [`TestApp::as_service`] over a channel that waits a minute per call
+    /// (the default gives up after 10 s): for bursts whose point is that
+    /// every call lands, however loaded the machine.
+    pub fn as_service_patiently(&self, on_behalf_of: Option<&str>) -> Clients {
+        Clients::over(patient_channel(&self.gateway_url), Some(self.token(SPARK)), on_behalf_of)
+    }
+
+    /// [`TestApp::as_user`], as patient.
+    pub fn as_user_patiently(&self, name: &str) -> Clients {
+        Clients::over(patient_channel(&self.gateway_url), Some(self.token(name)), None)
+    }
+
     /// Clients that send no credentials.
     pub fn anonymous(&self) -> Clients {
         Clients::over(self.gateway_channel(), None, None)
@@ -804,6 +816,11 @@ pub async fn grant_personas(admin: &Clients, domain: &str) {
 
 pub fn channel(url: &str) -> Channel {
     Endpoint::from_shared(url.to_string()).expect("url").timeout(Duration::from_secs(10)).connect_lazy()
+}
+
+/// A channel whose calls wait up to a minute (plaintext).
+pub fn patient_channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_string()).expect("url").timeout(Duration::from_secs(60)).connect_lazy()
 }
 
 /// A TLS channel trusting `ca_pem`, presenting `identity` (cert, key PEM)

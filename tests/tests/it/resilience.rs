@@ -224,15 +224,10 @@ async fn five_hundred_concurrent_creates_over_ten_domains_all_land() {
     let writes = r#"secrets_changes_per_write_count{backend="embedded"}"#;
     let metrics = || async { http_get(&app.metrics_url("secret-service")).await.1 };
     let before = metrics().await;
-    // A client that waits as long as the services do (the default channel
-    // gives up after 10 s, which a loaded machine can take here).
-    let patient = tonic::transport::Endpoint::from_shared(app.gateway_url.clone())
-        .unwrap()
-        .timeout(std::time::Duration::from_secs(60))
-        .connect_lazy();
     let calls: Vec<_> = (0..500)
         .map(|i| {
-            let client = Clients::over(patient.clone(), Some(app.token(ADMIN)), None);
+            // As patient as the services (a loaded machine takes its time).
+            let client = app.as_user_patiently(ADMIN);
             let domain = domains[i % 10].clone();
             tokio::spawn(async move { client.create(&domain, &format!("key-{i:03}"), "v").await })
         })

@@ -494,7 +494,7 @@ async fn a_thousand_concurrent_cold_resolves_make_one_vault_read_and_one_login()
     setup(&app, &bao).await;
     let (config, _) = approle_config(&app, &bao, "1h", "2h").await;
     let before = bao.requested_paths();
-    let service = app.as_service(Some(&format!("user:{MEMBER}")));
+    let service = app.as_service_patiently(Some(&format!("user:{MEMBER}")));
     let resolves = (0..1000).map(|i| {
         let service = service.gateway.clone();
         let item = vault_item(&format!("r{i}"), &config.id, "db_password");
