@@ -28,8 +28,11 @@ fn sh_block(heading: &str) -> &'static str {
 /// Runs a README block with bash (`-euo pipefail`) in `dir`, after the
 /// first block's variables; its stdout and stderr, once it succeeded.
 fn run_block(dir: &std::path::Path, name: &str, block: &str) -> (String, String) {
+    // secretsctl as installed: the workspace's build of it on PATH.
+    let bin = binary("secretsctl");
+    let bin_dir = bin.parent().expect("the binaries' directory").display();
     let script = format!(
-        "export ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{block}"
+        "export PATH=\"{bin_dir}:$PATH\"\nexport ADMIN_TOKEN=$(cat .local-stack/admin.token) SERVICE_TOKEN=$(cat .local-stack/platform-service.token)\nGW=127.0.0.1:50051\n{block}"
     );
     let output =
         Command::new("bash").args(["-euo", "pipefail", "-c", &script]).current_dir(dir).output().expect("run bash");
@@ -98,6 +101,21 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(started, "local-stack did not start");
+
+    // The secretsctl walkthrough first: it leaves nothing behind that the
+    // grpcurl one creates.
+    let (stdout, stderr) = run_block(dir.path(), "secretsctl", sh_block("## Using it with secretsctl"));
+    assert!(stdout.contains("created secret db_password of domain finance"), "{stdout}");
+    assert!(stdout.contains("updated secret db_password of domain finance"), "{stdout}");
+    assert!(stdout.contains(r#""key": "db_password""#) && stdout.contains(r#""scope": "domain""#), "json: {stdout}");
+    assert!(stdout.contains("refused: exit code 1"), "{stdout}");
+    assert!(stderr.contains("a value on the command line is refused"), "{stderr}");
+    assert!(
+        !stdout.contains("not-a-good-idea") && !stderr.contains("not-a-good-idea"),
+        "the refused value is repeated"
+    );
+    assert!(stdout.contains("denied: user:alice MANAGE_SECRETS"), "{stdout}");
+    assert!(stdout.contains("deleted secret db_password of domain finance"), "{stdout}");
 
     let (stdout, _) = run_block(dir.path(), "grpcurl", sh_block("## Using it with grpcurl"));
     assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");

@@ -71,6 +71,34 @@ fn token_file(dir: &Path, name: &str) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// secretsctl's profiles for this stack (mode 0600), written at every start:
+/// `admin` (the current one) and `platform`, each with its token file.
+#[expect(clippy::disallowed_methods, reason = "runs once, at startup")]
+fn secretsctl_profiles(dir: &Path, gateway: &str) -> anyhow::Result<()> {
+    let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let token = |name: &str| quoted(&dir.join(name).display().to_string());
+    let text = format!(
+        "# secretsctl's profiles for this local stack (rewritten at every start)\n\
+         current = \"admin\"\n\n\
+         [profiles.admin]\naddr = {gateway}\ntoken_file = {admin}\n\n\
+         [profiles.platform]\naddr = {gateway}\ntoken_file = {platform}\n",
+        gateway = quoted(gateway),
+        admin = token("admin.token"),
+        platform = token("platform-service.token"),
+    );
+    let path = dir.join("secretsctl.toml");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -177,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
     let vault = vault_config_service::Application::build(vault).await.context("vault-config-service")?;
     let gw = gateway::Application::build(gw).await.context("gateway")?;
 
+    secretsctl_profiles(&data_dir, &url(gw.port()))?;
     let shown = args.data_dir.display();
     println!(
         "\nsecrets control plane is running; data in {shown} (kept across restarts)\n\n  \
@@ -189,7 +218,8 @@ async fn main() -> anyhow::Result<()> {
          export ADMIN_TOKEN=$(cat {shown}/admin.token)              # user:admin, a platform admin\n  \
          export SERVICE_TOKEN=$(cat {shown}/platform-service.token) # platform service: may resolve values\n\n\
          try:\n  \
-         grpcurl -plaintext -H \"authorization: Bearer $ADMIN_TOKEN\" {gateway_addr} list\n",
+         grpcurl -plaintext -H \"authorization: Bearer $ADMIN_TOKEN\" {gateway_addr} list\n  \
+         SECRETSCTL_CONFIG={shown}/secretsctl.toml secretsctl secret list --global\n",
         gateway_addr = addr(gw.port()),
         secret_addr = addr(secrets.port()),
         authz_addr = addr(authz.port()),

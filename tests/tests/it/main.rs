@@ -13,6 +13,7 @@ mod bad_input;
 mod bundles;
 mod canary;
 mod changes;
+mod cli;
 mod decisions;
 mod deployment;
 mod embedded;

@@ -1,0 +1,310 @@
+//! `secretsctl`, the real binary, against a stack started in the test.
+
+use std::{io::Write, os::unix::fs::PermissionsExt, process::Stdio};
+
+use integration_tests::{payloads::object, *};
+use secrets_proto::v1::{self as pb, workload_payload::Kind};
+
+const DOMAIN: &str = "finance";
+const CANARY: &str = "cli-canary-7d1f0c9e";
+
+/// The binary, pointed at the stack's gateway as `user` (the token in the
+/// environment, never on the command line), with no profiles file.
+fn ctl(app: &TestApp, user: &str) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::new(procs::binary("secretsctl"));
+    cmd.env_clear()
+        .env("SECRETS_ADDR", &app.gateway_url)
+        .env("SECRETS_TOKEN", app.token(user))
+        .env("HOME", "/nonexistent");
+    cmd
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(cmd: &mut assert_cmd::Command) -> Run {
+    let out = cmd.output().expect("secretsctl runs");
+    Run {
+        code: out.status.code().expect("an exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn stored(app: &TestApp, key: &str) -> Option<String> {
+    let spark = app.as_service(Some(&format!("user:{OWNER}")));
+    let items = spark.resolve(DOMAIN, vec![object_item("x", DOMAIN, key)]).await.unwrap();
+    match &items[0].result {
+        Some(pb::resolved_item::Result::Value(v)) => Some(String::from_utf8(v.clone()).unwrap()),
+        _ => None,
+    }
+}
+
+async fn save_job(app: &TestApp, id: &str, key: &str) {
+    let request = pb::SaveWorkloadRequest {
+        domain: DOMAIN.into(),
+        id: id.into(),
+        name: format!("job {id}"),
+        payload: Some(pb::WorkloadPayload {
+            kind: Some(Kind::SparkJob(pb::SparkJobPayload {
+                template: Some(pb::EnvAndConf {
+                    env_vars: [("DB".to_string(), object(DOMAIN, key))].into(),
+                    spark_conf: Default::default(),
+                }),
+            })),
+        }),
+        validate_only: false,
+    };
+    let spark = app.as_service(Some(&format!("user:{OWNER}")));
+    let saved = spark.gateway.clone().save_workload(request).await.unwrap().into_inner();
+    assert!(saved.saved, "{:?}", saved.problems);
+}
+
+/// Create from stdin, a file (`@PATH` and --from-file), update, list as a
+/// table and as JSON and YAML with the documented fields, delete refused
+/// while in use (exit 4, naming the workload), then forced (printing it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_created_listed_updated_and_deleted_with_values_from_stdin_and_files() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("value.txt");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+
+    let r = run(ctl(&app, OWNER).args(["secret", "create", "db_password", "-d", DOMAIN, "-"]).write_stdin("s3cret\n"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("created secret db_password of domain finance"), "{}", r.stdout);
+    assert_eq!(stored(&app, "db_password").await.as_deref(), Some("s3cret"), "one trailing newline dropped");
+    let at = format!("@{}", file.display());
+    let r = run(ctl(&app, OWNER).args(["secret", "create", "from_file", "-d", DOMAIN, &at]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(stored(&app, "from_file").await.as_deref(), Some("from-a-file\n"), "a file is taken as it is");
+    let r = run(ctl(&app, OWNER).args(["secret", "update", "from_file", "-d", DOMAIN, "--from-file"]).arg(&file));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    save_job(&app, "etl", "db_password").await;
+    let r = run(ctl(&app, OWNER)
+        .args(["secret", "update", "db_password", "-d", DOMAIN, "-o", "json", "-"])
+        .write_stdin("v2"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let json: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (json["key"].as_str(), json["scope"].as_str(), json["domain"].as_str()),
+        (Some("db_password"), Some("domain"), Some(DOMAIN))
+    );
+    assert_eq!(json["reach"]["total"], 1);
+    assert_eq!(json["reach"]["workloads"][0]["id"], "etl");
+    assert!(json["updated_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(stored(&app, "db_password").await.as_deref(), Some("v2"));
+
+    let r = run(ctl(&app, OWNER).args(["secret", "list", "-d", DOMAIN]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("KEY"), "{}", r.stdout);
+    assert!(r.stdout.contains("db_password") && r.stdout.contains("from_file"));
+    let r = run(ctl(&app, LISTER).args(["secret", "list", "-d", DOMAIN, "-o", "yaml"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&r.stdout).unwrap();
+    let keys: Vec<_> = yaml.as_sequence().unwrap().iter().map(|s| s["key"].as_str().unwrap().to_string()).collect();
+    assert_eq!(keys, ["db_password", "from_file"]);
+    for field in ["key", "scope", "domain", "created_at", "updated_at"] {
+        assert!(yaml[0].get(field).is_some(), "{field} in {yaml:?}");
+    }
+
+    let r = run(ctl(&app, OWNER).args(["secret", "delete", "db_password", "-d", DOMAIN]));
+    assert_eq!(r.code, 4, "in use: {} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("etl"), "the refusal names the workload: {}", r.stderr);
+    assert_eq!(stored(&app, "db_password").await.as_deref(), Some("v2"), "nothing deleted");
+    let r = run(ctl(&app, OWNER).args(["secret", "delete", "db_password", "-d", DOMAIN, "--force"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("1 saved workload(s) referenced it") && r.stdout.contains("etl"), "{}", r.stdout);
+    assert_eq!(stored(&app, "db_password").await, None);
+}
+
+/// A value given as an argument is refused with a message saying how to
+/// pass it, and repeated nowhere; nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_on_the_command_line_is_refused_and_repeated_nowhere() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    for args in [
+        vec!["secret", "create", "api_key", "-d", DOMAIN, CANARY],
+        vec!["secret", "update", "api_key", "-d", DOMAIN, CANARY],
+    ] {
+        let r = run(ctl(&app, OWNER).args(&args));
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("refused") && r.stderr.contains("stdin") && r.stderr.contains("@PATH"),
+            "{}",
+            r.stderr
+        );
+        assert!(!r.stdout.contains(CANARY) && !r.stderr.contains(CANARY), "the value is repeated");
+    }
+    assert!(app.as_user(OWNER).list(DOMAIN).await.unwrap().is_empty());
+    assert!(!logs::captured().contains(CANARY), "the value reached a log");
+}
+
+/// While a create waits for its value on stdin, the value is in no
+/// process's command line; once sent it is stored and printed nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_value_is_in_no_process_list_and_no_output() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let mut child = std::process::Command::new(procs::binary("secretsctl"))
+        .env_clear()
+        .env("SECRETS_ADDR", &app.gateway_url)
+        .env("SECRETS_TOKEN", app.token(OWNER))
+        .env("HOME", "/nonexistent")
+        .args(["secret", "create", "api_key", "-d", DOMAIN, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(CANARY.as_bytes()).unwrap();
+    // Still running (stdin open): every command line on the machine.
+    let mut seen = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            seen += 1;
+            assert!(!String::from_utf8_lossy(&cmdline).contains(CANARY), "in a process list: {:?}", entry.path());
+        }
+    }
+    assert!(seen > 1);
+    assert!(child.try_wait().unwrap().is_none(), "it waits for the value");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!printed.contains(CANARY), "{printed}");
+    assert_eq!(stored(&app, "api_key").await.as_deref(), Some(CANARY));
+    assert!(!logs::captured().contains(CANARY), "the value reached a log");
+}
+
+/// One exit code per class, each with the server's message on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_class_of_failure_has_its_exit_code() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    app.as_user(OWNER).create(DOMAIN, "exists", "v").await.unwrap();
+    let create = |user: &str, key: &str| {
+        let mut cmd = ctl(&app, user);
+        cmd.args(["secret", "create", key, "-d", DOMAIN, "-"]).write_stdin("v");
+        cmd
+    };
+    // 1: usage (no scope given).
+    let r = run(ctl(&app, OWNER).args(["secret", "list"]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    // 2: unauthenticated, and permission denied.
+    let r = run(create(OWNER, "k").env("SECRETS_TOKEN", "not-a-token"));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("unauthenticated"), "{}", r.stderr);
+    let r = run(&mut create(LISTER, "k"));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("permission denied"), "{}", r.stderr);
+    // 3: not found.
+    let r = run(ctl(&app, OWNER).args(["secret", "update", "missing", "-d", DOMAIN, "-"]).write_stdin("v"));
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    // 4: exists.
+    let r = run(&mut create(OWNER, "exists"));
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    // 5: unavailable (nothing listens there).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let r = run(create(OWNER, "k").env("SECRETS_ADDR", format!("http://{closed}")));
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    // 6: another refusal by the server, with its field violation.
+    let r = run(&mut create(OWNER, "bad/key"));
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("key:") && r.stderr.contains("letters, digits"), "{}", r.stderr);
+}
+
+/// A profiles file or token file others can read is refused, saying
+/// `chmod 600`; once private, the profile connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profiles_or_token_file_others_can_read_is_refused() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, token) = (dir.path().join("config.toml"), dir.path().join("owner.token"));
+    std::fs::write(&token, format!("{}\n", app.token(OWNER))).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "current = \"test\"\n[profiles.test]\naddr = \"{}\"\ntoken_file = \"{}\"\n",
+            app.gateway_url,
+            token.display()
+        ),
+    )
+    .unwrap();
+    let mode =
+        |path: &std::path::Path, mode| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let list = || {
+        let mut cmd = assert_cmd::Command::new(procs::binary("secretsctl"));
+        cmd.env_clear()
+            .env("HOME", "/nonexistent")
+            .env("SECRETSCTL_CONFIG", &config)
+            .args(["secret", "list", "-d", DOMAIN]);
+        cmd
+    };
+    mode(&config, 0o644);
+    mode(&token, 0o600);
+    let r = run(&mut list());
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("chmod 600") && r.stderr.contains("config.toml"), "{}", r.stderr);
+    mode(&config, 0o600);
+    mode(&token, 0o640);
+    let r = run(&mut list());
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("chmod 600") && r.stderr.contains("owner.token"), "{}", r.stderr);
+    mode(&token, 0o600);
+    let r = run(&mut list());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(list().arg("--profile").arg("nope"));
+    assert!(r.code == 1 && r.stderr.contains("no profile \"nope\""), "{}", r.stderr);
+}
+
+/// `check` prints the decision and its reason, as text and as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_the_decision_and_the_reason() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let r = run(ctl(&app, ADMIN).args(["check", &format!("user:{MANAGER}"), "manage-secrets", "-d", DOMAIN]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("allowed: user:max MANAGE_SECRETS: "), "{}", r.stdout);
+    let r =
+        run(ctl(&app, ADMIN).args(["check", &format!("user:{LISTER}"), "manage-secrets", "-d", DOMAIN, "-o", "json"]));
+    let json: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(json["allowed"], false);
+    assert!(!json["reason"].as_str().unwrap().is_empty());
+}
+
+/// Completions for bash, zsh and fish name the subcommands; the help of the
+/// tool and of each subcommand has examples and the exit codes.
+#[test]
+fn completions_generate_and_every_help_has_examples() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = assert_cmd::Command::new(procs::binary("secretsctl")).args(["completion", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains("secretsctl") && script.contains("secret") && script.contains("check"), "{shell}");
+    }
+    let help = assert_cmd::Command::new(procs::binary("secretsctl")).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("Examples:") && help.contains("Exit codes: 0 ok"), "{help}");
+    for sub in [
+        &["secret", "create"][..],
+        &["secret", "update"],
+        &["secret", "list"],
+        &["secret", "delete"],
+        &["check"],
+        &["completion"],
+    ] {
+        let out = assert_cmd::Command::new(procs::binary("secretsctl")).args(sub).arg("--help").output().unwrap();
+        assert!(out.status.success());
+        assert!(String::from_utf8(out.stdout).unwrap().contains("Examples:"), "{sub:?}");
+    }
+}
