@@ -116,6 +116,9 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     );
     assert!(stdout.contains("denied: user:alice MANAGE_SECRETS"), "{stdout}");
     assert!(stdout.contains("deleted secret db_password of domain finance"), "{stdout}");
+    assert!(stdout.contains("allowed: user:bob LIST_SECRETS"), "bob lists finance's secrets: {stdout}");
+    assert!(stdout.contains("subject: group:analysts") && stdout.contains("permission: USE"), "the grant: {stdout}");
+    assert!(stdout.contains("removed user:bob from domain finance"), "{stdout}");
 
     let (stdout, _) = run_block(dir.path(), "grpcurl", sh_block("## Using it with grpcurl"));
     assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");

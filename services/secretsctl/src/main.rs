@@ -8,6 +8,7 @@
     reason = "a command-line tool: it reads its files (profiles, tokens, values) before its one call, blocking nothing else"
 )]
 
+mod access;
 mod check;
 mod connect;
 mod failure;
@@ -65,6 +66,21 @@ enum Command {
     Secret(secret::SecretCommand),
     /// Ask whether a subject may do something, and why
     Check(check::CheckArgs),
+    /// A domain's members and their roles
+    #[command(subcommand)]
+    Member(access::MemberCommand),
+    /// A domain's permissions held by its members
+    #[command(subcommand)]
+    Permission(access::PermissionCommand),
+    /// Platform admins
+    #[command(subcommand)]
+    Admin(access::AdminCommand),
+    /// Groups (members: users, services, other groups)
+    #[command(subcommand)]
+    Group(access::GroupCommand),
+    /// Resource bundles: owners, grants, resources
+    #[command(subcommand)]
+    Bundle(access::BundleCommand),
     /// Print a shell completion script
     #[command(after_help = "Examples:
   secretsctl completion bash > ~/.local/share/bash-completion/completions/secretsctl
@@ -88,6 +104,17 @@ async fn run(cli: Cli) -> failure::Result<()> {
         }
         Command::Check(args) => {
             check::run(args, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await
+        }
+        Command::Member(c) => {
+            access::member(c, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await
+        }
+        Command::Permission(c) => {
+            access::permission(c, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await
+        }
+        Command::Admin(c) => access::admin(c, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await,
+        Command::Group(c) => access::group(c, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await,
+        Command::Bundle(c) => {
+            access::bundle(c, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await
         }
         Command::Completion { .. } => Ok(()),
     }

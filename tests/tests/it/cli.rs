@@ -308,3 +308,88 @@ fn completions_generate_and_every_help_has_examples() {
         assert!(String::from_utf8(out.stdout).unwrap().contains("Examples:"), "{sub:?}");
     }
 }
+
+/// Members, permissions, platform admins, groups and bundles: each command
+/// does what it says, as the next `check` shows, with the documented JSON
+/// fields; a refusal (a non-admin creating a group) exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_is_managed_with_members_permissions_admins_groups_and_bundles() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let json = |r: Run| -> serde_json::Value {
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+    };
+    let check = |subject: &str, permission: &str, extra: &[&str]| {
+        let mut cmd = ctl(&app, ADMIN);
+        cmd.args(["check", subject, permission, "-o", "json"]).args(extra);
+        json(run(&mut cmd))["allowed"].as_bool().unwrap()
+    };
+    let member = json(run(ctl(&app, OWNER).args(["member", "add", "user:bob", "-d", DOMAIN, "-o", "json"])));
+    assert_eq!((member[0]["subject"].as_str(), member[0]["role"].as_str()), (Some("user:bob"), Some("MEMBER")));
+    assert!(!check("user:bob", "list-secrets", &["-d", DOMAIN]));
+    let granted = json(run(ctl(&app, OWNER).args([
+        "permission",
+        "grant",
+        "user:bob",
+        "list-secrets",
+        "-d",
+        DOMAIN,
+        "-o",
+        "json",
+    ])));
+    assert_eq!(granted[0]["permissions"], serde_json::json!(["LIST_SECRETS"]));
+    assert!(check("user:bob", "list-secrets", &["-d", DOMAIN]));
+    let listed = run(ctl(&app, OWNER).args(["member", "list", "-d", DOMAIN]));
+    assert!(
+        listed.stdout.lines().any(|l| l.starts_with("user:bob") && l.contains("LIST_SECRETS")),
+        "{}",
+        listed.stdout
+    );
+    run(ctl(&app, OWNER).args(["permission", "revoke", "user:bob", "list-secrets", "-d", DOMAIN]));
+    assert!(!check("user:bob", "list-secrets", &["-d", DOMAIN]));
+    let removed = run(ctl(&app, OWNER).args(["member", "remove", "user:bob", "-d", DOMAIN]));
+    assert!(removed.code == 0 && removed.stdout.contains("removed user:bob from domain finance"), "{}", removed.stderr);
+
+    assert!(!check("user:carol", "platform-admin", &[]));
+    run(ctl(&app, ADMIN).args(["admin", "grant", "user:carol"]));
+    assert!(check("user:carol", "platform-admin", &[]));
+    let admins = json(run(ctl(&app, ADMIN).args(["admin", "list", "-o", "json"])));
+    let carol = admins.as_array().unwrap().iter().find(|a| a["subject"] == "user:carol").expect("carol listed");
+    assert_eq!(carol["from_configuration"], false);
+    run(ctl(&app, ADMIN).args(["admin", "revoke", "user:carol"]));
+    assert!(!check("user:carol", "platform-admin", &[]));
+
+    let r = run(ctl(&app, OWNER).args(["group", "create", "analysts"]));
+    assert_eq!(r.code, 2, "only platform admins create groups: {}", r.stderr);
+    run(ctl(&app, ADMIN).args(["group", "create", "analysts", "--description", "finance analysts"]));
+    let group = json(run(ctl(&app, ADMIN).args(["group", "add-member", "analysts", "user:dave", "-o", "json"])));
+    assert_eq!((group[0]["name"].as_str(), group[0]["members"][0].as_str()), (Some("analysts"), Some("user:dave")));
+    let bundle = json(run(ctl(&app, ADMIN).args([
+        "bundle",
+        "create",
+        "analysts-vault",
+        "--owner",
+        "user:olivia",
+        "-o",
+        "json",
+    ])));
+    assert_eq!(bundle[0]["owner"], "user:olivia");
+    run(ctl(&app, OWNER).args(["bundle", "grant", "analysts-vault", "group:analysts", "use"]));
+    assert!(check("user:dave", "use", &["--bundle", "analysts-vault"]), "through the group");
+    let got = json(run(ctl(&app, OWNER).args(["bundle", "get", "analysts-vault", "-o", "json"])));
+    assert_eq!(got[0]["grants"], serde_json::json!([{"subject": "group:analysts", "permission": "USE"}]));
+    assert_eq!(got[0]["resources"], serde_json::json!([]));
+    let updated =
+        json(run(ctl(&app, OWNER).args(["bundle", "update", "analysts-vault", "--description", "d", "-o", "json"])));
+    assert_eq!(updated[0]["description"], "d");
+    run(ctl(&app, ADMIN).args(["group", "remove-member", "analysts", "user:dave"]));
+    assert!(!check("user:dave", "use", &["--bundle", "analysts-vault"]));
+    run(ctl(&app, OWNER).args(["bundle", "revoke", "analysts-vault", "group:analysts", "use"]));
+    assert_eq!(run(ctl(&app, ADMIN).args(["bundle", "delete", "analysts-vault"])).code, 0);
+    assert_eq!(run(ctl(&app, ADMIN).args(["group", "delete", "analysts"])).code, 0);
+    let r = run(ctl(&app, ADMIN).args(["bundle", "get", "analysts-vault"]));
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let groups = json(run(ctl(&app, ADMIN).args(["group", "list", "-o", "json"])));
+    assert!(groups.as_array().unwrap().iter().all(|g| g["name"] != "analysts"));
+}
