@@ -15,11 +15,15 @@ mod failure;
 mod output;
 mod secret;
 mod value;
+mod vault;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use secrets_proto::v1::{authz_service_client::AuthzServiceClient, secret_service_client::SecretServiceClient};
+use secrets_proto::v1::{
+    authz_service_client::AuthzServiceClient, secret_service_client::SecretServiceClient,
+    vault_config_service_client::VaultConfigServiceClient,
+};
 
 const ABOUT: &str = "Manage the secrets control plane from the command line";
 
@@ -81,6 +85,9 @@ enum Command {
     /// Resource bundles: owners, grants, resources
     #[command(subcommand)]
     Bundle(access::BundleCommand),
+    /// A domain's Vault (KV v2) integrations: configs, connection tests, keys
+    #[command(subcommand)]
+    Vault(vault::VaultCommand),
     /// Print a shell completion script
     #[command(after_help = "Examples:
   secretsctl completion bash > ~/.local/share/bash-completion/completions/secretsctl
@@ -92,12 +99,17 @@ enum Command {
     },
 }
 
-async fn run(cli: Cli) -> failure::Result<()> {
+/// Runs the command; its exit code (a Vault connection test's outcome sets
+/// one of its own).
+async fn run(cli: Cli) -> failure::Result<u8> {
     if let Command::Completion { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "secretsctl", &mut std::io::stdout());
-        return Ok(());
+        return Ok(0);
     }
     let (channel, bearer) = cli.connect.resolve()?.open()?;
+    if let Command::Vault(c) = cli.command {
+        return vault::run(c, VaultConfigServiceClient::with_interceptor(channel, bearer), cli.output).await;
+    }
     match cli.command {
         Command::Secret(command) => {
             secret::run(command, SecretServiceClient::with_interceptor(channel, bearer), cli.output).await
@@ -116,8 +128,9 @@ async fn run(cli: Cli) -> failure::Result<()> {
         Command::Bundle(c) => {
             access::bundle(c, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await
         }
-        Command::Completion { .. } => Ok(()),
+        Command::Completion { .. } | Command::Vault(_) => Ok(()),
     }
+    .map(|()| 0)
 }
 
 fn main() -> ExitCode {
@@ -137,7 +150,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(failure) => ExitCode::from(failure.report()),
     }
 }

@@ -393,3 +393,84 @@ async fn access_is_managed_with_members_permissions_admins_groups_and_bundles() 
     let groups = json(run(ctl(&app, ADMIN).args(["group", "list", "-o", "json"])));
     assert!(groups.as_array().unwrap().iter().all(|g| g["name"] != "analysts"));
 }
+
+/// Vault configs with secretsctl against a real OpenBao: created with the
+/// token on stdin (in no output), tested (CONNECTION_OK, exit 0), keys
+/// listed, shown without credentials, pointed at a missing secret
+/// (SECRET_NOT_FOUND, exit 3), given a bad token from a file
+/// (INVALID_CREDENTIALS, exit 2), listed and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_configs_are_created_tested_listed_and_deleted_with_credentials_never_shown() {
+    let bao = integration_tests::openbao::OpenBao::start();
+    bao.bao(&["kv", "put", "secret/production", "db_password=from-vault", "api_key=k"]);
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    assert_eq!(
+        run(ctl(&app, ADMIN).args(["bundle", "create", "finance-vault", "--owner", &format!("user:{OWNER}")])).code,
+        0
+    );
+    let path = "/v1/secret/data/production";
+    let r = run(ctl(&app, OWNER)
+        .args([
+            "vault",
+            "create",
+            "prod",
+            "-d",
+            DOMAIN,
+            "--bundle",
+            "finance-vault",
+            "--host",
+            &bao.addr,
+            "--path",
+            path,
+        ])
+        .args(["--auth", "token", "-", "-o", "json"])
+        .write_stdin(format!("{}\n", bao.root_token)));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let created: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let id = created[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (created[0]["auth_method"].as_str(), created[0]["credentials_set"].as_bool()),
+        (Some("TOKEN"), Some(true))
+    );
+    let mut printed = r.stdout + &r.stderr;
+
+    let r = run(ctl(&app, OWNER).args(["vault", "test", &id]));
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("CONNECTION_OK") && r.stdout.contains("2 key(s)"), "{}", r.stdout);
+    printed += &r.stdout;
+    let r = run(ctl(&app, OWNER).args(["vault", "keys", &id]));
+    let mut keys: Vec<_> = r.stdout.lines().collect();
+    keys.sort();
+    assert_eq!(keys, ["api_key", "db_password"], "{}", r.stderr);
+    let r = run(ctl(&app, OWNER).args(["vault", "get", &id, "-o", "yaml"]));
+    assert!(r.code == 0 && r.stdout.contains("name: prod"), "{}", r.stderr);
+    printed += &r.stdout;
+
+    let r = run(ctl(&app, OWNER).args(["vault", "update", &id, "--path", "/v1/secret/data/missing"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(ctl(&app, OWNER).args(["vault", "test", &id, "-o", "json"]));
+    assert_eq!(r.code, 3, "{}", r.stdout);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()["outcome"], "SECRET_NOT_FOUND");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.token");
+    std::fs::write(&bad, "not-the-token").unwrap();
+    let at = format!("@{}", bad.display());
+    let r = run(ctl(&app, OWNER).args(["vault", "update", &id, "--path", path, "--auth", "token", &at]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(ctl(&app, OWNER).args(["vault", "test", &id]));
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(r.stdout.starts_with("INVALID_CREDENTIALS"), "{}", r.stdout);
+    // A credential given as an argument is refused like a value.
+    let r = run(ctl(&app, OWNER).args(["vault", "update", &id, "--auth", "token", &bao.root_token]));
+    assert_eq!(r.code, 1);
+    printed += &r.stdout;
+    printed += &r.stderr;
+
+    let r = run(ctl(&app, OWNER).args(["vault", "list", "-d", DOMAIN]));
+    assert!(r.stdout.lines().any(|l| l.starts_with(&id) && l.contains("prod")), "{}", r.stdout);
+    assert_eq!(run(ctl(&app, OWNER).args(["vault", "delete", &id])).code, 0);
+    assert_eq!(run(ctl(&app, OWNER).args(["vault", "get", &id])).code, 3);
+    assert!(!printed.contains(&bao.root_token), "the token was printed");
+    assert!(!logs::captured().contains(&bao.root_token), "the token reached a log");
+}
