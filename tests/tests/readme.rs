@@ -79,6 +79,8 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
         if std::net::TcpStream::connect("127.0.0.1:50051").is_ok()
             && std::net::TcpStream::connect("127.0.0.1:50054").is_ok()
             && dir.path().join(".local-stack/admin.token").exists()
+            // Written once the services are built, a moment after the ports open.
+            && dir.path().join(".local-stack/secretsctl.toml").exists()
         {
             started = true;
             break;
