@@ -546,7 +546,13 @@ impl TestApp {
     /// Another gateway in front of the same services, configured as the
     /// stack's own with `edit` applied.
     pub async fn another_gateway_with(&self, edit: impl FnOnce(&mut gateway::Config)) -> Replica {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        self.another_gateway_on(0, edit).await
+    }
+
+    /// Another gateway on `port` (0: any free port): one that was stopped
+    /// can be started again where its clients look for it.
+    pub async fn another_gateway_on(&self, port: u16, edit: impl FnOnce(&mut gateway::Config)) -> Replica {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         let port = listener.local_addr().expect("bound").port();
         let mut config = self.gateway_config.clone().expect("the stack's gateway");
         edit(&mut config);

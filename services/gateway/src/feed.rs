@@ -45,6 +45,19 @@ const MAX_CHANGES_PER_WORKLOAD: usize = 1_000;
 pub struct Feed {
     pub log: ChangeLogClient,
     pub authz: AuthzClient,
+    /// Turns true when this gateway starts shutting down: open streams end
+    /// at once with UNAVAILABLE (rather than holding the shutdown for its
+    /// whole grace), and new ones are refused, so watchers reconnect to
+    /// another replica with their cursor.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Why a stream ended or was refused while this gateway shuts down.
+fn shutting_down() -> Status {
+    Status::unavailable(
+        "this gateway is shutting down; reconnect (to any gateway) with after_revision set to the last cursor \
+         received",
+    )
 }
 
 /// A stream's answers.
@@ -102,6 +115,9 @@ impl Feed {
     /// Checks the request and the caller, then streams.
     pub async fn watch(&self, caller: &Caller, request: pb::WatchSecretChangesRequest) -> Result<Answers, Status> {
         caller.require(RpcGroup::Workloads, "WatchSecretChanges")?;
+        if *self.closing.borrow() {
+            return Err(shutting_down());
+        }
         let filter = Filter {
             domain: match request.domain.as_str() {
                 "" => None,
@@ -200,9 +216,11 @@ impl Feed {
         let mut pending: BTreeMap<(String, i32, String), pb::WorkloadChanges> = BTreeMap::new();
         let mut flush_at: Option<tokio::time::Instant> = None;
         let mut checked = Instant::now();
+        let mut closing = self.closing.clone();
         loop {
             let next = tokio::select! {
                 () = tx.closed() => return Ok(()),
+                _ = closing.wait_for(|c| *c) => return Err(shutting_down()),
                 () = async { if let Some(at) = flush_at { tokio::time::sleep_until(at).await } else { std::future::pending().await } } => None,
                 message = upstream.message() => Some(message.map_err(|s| secrets_common::error::from_upstream(secrets_common::changes::CHANGE_LOG, s))?),
             };

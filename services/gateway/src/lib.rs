@@ -208,6 +208,8 @@ pub struct Application {
     served: Served,
     /// Holds the decision lease while the gateway runs.
     _lease_holder: Option<AbortOnDrop>,
+    /// Set at shutdown: ends the change feed's open streams.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 secrets_common::service!(Application, Config, "gateway");
@@ -258,6 +260,7 @@ impl Application {
             tracing::info!("features.secretsV2.enabled is false: secret objects are refused, placeholders resolve");
         }
         let secrets_v2 = config.features.secrets_v2.enabled;
+        let (closing, closing_rx) = tokio::sync::watch::channel(false);
         let resolution = resolution::Resolution {
             secrets_v2,
             kubernetes: Arc::new(sources::KubernetesSource {
@@ -290,6 +293,7 @@ impl Application {
             feed: feed::Feed {
                 log: secrets_common::changes::ChangeLogClient::new(authz_channel.clone(), client.clone()),
                 authz: checks.clone(),
+                closing: closing_rx,
             },
             audit,
             checks,
@@ -322,10 +326,17 @@ impl Application {
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, server_tls).await?,
             _lease_holder: lease_holder,
+            closing,
         })
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let closing = self.closing;
+        let shutdown = async move {
+            shutdown.await;
+            // Change-feed streams never finish on their own: they end now.
+            let _ = closing.send(true);
+        };
         self.served.run(shutdown).await.context("gateway stopped with an error")
     }
 }
