@@ -104,6 +104,14 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     }
     assert!(started, "local-stack did not start");
 
+    // The block stops its OpenBao itself; this stops it if the block fails first.
+    struct StopBao;
+    impl Drop for StopBao {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill").args(["-f", "dev-root-token-id=dev-only-root-token"]).status();
+        }
+    }
+
     // The secretsctl walkthrough first: it leaves nothing behind that the
     // grpcurl one creates.
     let (stdout, stderr) = run_block(dir.path(), "secretsctl", sh_block("## Using it with secretsctl"));
@@ -121,6 +129,36 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     assert!(stdout.contains("allowed: user:bob LIST_SECRETS"), "bob lists finance's secrets: {stdout}");
     assert!(stdout.contains("subject: group:analysts") && stdout.contains("permission: USE"), "the grant: {stdout}");
     assert!(stdout.contains("removed user:bob from domain finance"), "{stdout}");
+
+    // Vault, workloads, the change feed and the audit trail with secretsctl
+    // alone, in the same stack; it removes what it made, bundle and all.
+    let _stop_bao = StopBao;
+    let block = sh_block("### Vault, workloads, rotation and audit with secretsctl");
+    let (stdout, stderr) = run_block(dir.path(), "secretsctl Vault and workload", block);
+    assert!(stdout.contains("CONNECTION_OK"), "tested: {stdout}");
+    assert!(stdout.contains("problems: exit code 4"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with(r#"template.envVars["API_TOKEN"]"#) && l.contains("not-found")),
+        "the missing key is a problem on its field: {stdout}"
+    );
+    assert!(stdout.contains("saved finance WORKLOAD_KIND_SPARK_JOB hourly-report"), "{stdout}");
+    assert!(stdout.contains("1 saved workload(s) reference it"), "usages: {stdout}");
+    assert!(stdout.contains(r#""text": "token-1""#) && stdout.contains(r#""text": "vault-pw-1""#), "launch: {stdout}");
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with(r#"{"cursor""#))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|m: &serde_json::Value| m.get("change").is_some())
+        .collect();
+    let origins: Vec<&str> = events.iter().map(|m| m["change"]["origin"].as_str().unwrap_or_default()).collect();
+    assert_eq!(origins, ["api", "vault"], "the API rotation, then Vault's new version: {stdout}\n{stderr}");
+    assert_eq!(events[1]["change"]["version"], "2");
+    for m in &events {
+        assert_eq!(m["change"]["reach"]["workloads"][0]["id"], "hourly-report", "each names the job: {m}");
+    }
+    assert!(stdout.contains("ResolveWorkload") && stdout.contains("user:carol"), "the trail: {stdout}");
+    assert!(stdout.contains("deleted Vault config") && stdout.contains("deleted bundle reports-vault"), "{stdout}");
+    assert!(!stdout.contains("dev-only-root-token") && !stderr.contains("dev-only-root-token"), "the Vault token");
 
     let (stdout, _) = run_block(dir.path(), "grpcurl", sh_block("## Using it with grpcurl"));
     assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");
@@ -147,13 +185,6 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     // The Vault walkthrough, in the same stack, with the variables the
     // first block exported.
     let vault = sh_block("### Vault integrations with grpcurl");
-    // The block stops its OpenBao itself; this stops it if the block fails first.
-    struct StopBao;
-    impl Drop for StopBao {
-        fn drop(&mut self) {
-            let _ = Command::new("pkill").args(["-f", "dev-root-token-id=dev-only-root-token"]).status();
-        }
-    }
     let _stop_bao = StopBao;
     let (stdout, _) = run_block(dir.path(), "Vault", vault);
     assert!(stdout.contains(r#""outcome": "CONNECTION_OK""#), "tested: {stdout}");

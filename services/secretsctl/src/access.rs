@@ -218,7 +218,7 @@ pub async fn member(command: MemberCommand, mut client: Client, format: Format) 
             let request = pb::RemoveDomainMemberRequest { domain: domain.domain.clone(), subject: subject.clone() };
             client.remove_domain_member(request).await?;
             let done = Done { done: format!("removed {subject} from domain {}", domain.domain) };
-            return output::print(format, &done, |d| println!("{}", d.done));
+            return output::print(format, &done, |d| outln!("{}", d.done));
         }
     };
     print_members(format, vec![Member::from(member)])
@@ -292,7 +292,7 @@ pub async fn admin(command: AdminCommand, mut client: Client, format: Format) ->
             format!("{subject} is no longer a platform admin")
         }
     };
-    output::print(format, &Done { done }, |d| println!("{}", d.done))
+    output::print(format, &Done { done }, |d| outln!("{}", d.done))
 }
 
 /// A group: `-o json` prints these fields.
@@ -328,7 +328,7 @@ pub async fn group(command: GroupCommand, mut client: Client, format: Format) ->
         }
         GroupCommand::Delete { name } => {
             client.delete_group(pb::DeleteGroupRequest { name: name.clone() }).await?;
-            return output::print(format, &Done { done: format!("deleted group {name}") }, |d| println!("{}", d.done));
+            return output::print(format, &Done { done: format!("deleted group {name}") }, |d| outln!("{}", d.done));
         }
         GroupCommand::AddMember { group, member } => {
             client.add_group_member(pb::AddGroupMemberRequest { group, member }).await?.into_inner()
@@ -420,7 +420,7 @@ pub async fn bundle(command: BundleCommand, mut client: Client, format: Format) 
         }
         BundleCommand::Delete { name } => {
             client.delete_bundle(pb::DeleteBundleRequest { name: name.clone() }).await?;
-            return output::print(format, &Done { done: format!("deleted bundle {name}") }, |d| println!("{}", d.done));
+            return output::print(format, &Done { done: format!("deleted bundle {name}") }, |d| outln!("{}", d.done));
         }
         BundleCommand::Grant { name, subject, permission } => {
             let request = pb::GrantBundlePermissionRequest { bundle: name, subject, permission: pick(permission) };

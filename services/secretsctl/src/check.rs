@@ -94,6 +94,6 @@ pub async fn run(args: CheckArgs, client: AuthzServiceClient<Authed>, format: Fo
     };
     output::print(format, &decision, |d| {
         let verdict = if d.allowed { "allowed" } else { "denied" };
-        println!("{verdict}: {} {}: {}", d.subject, d.permission, d.reason);
+        outln!("{verdict}: {} {}: {}", d.subject, d.permission, d.reason);
     })
 }

@@ -25,20 +25,22 @@ pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
 #[derive(Args, Debug)]
 pub struct ConnectArgs {
-    /// The gateway, e.g. https://secrets.example.com:443 [default: the
-    /// profile's, else http://127.0.0.1:50051]
-    #[arg(long, global = true, env = "SECRETS_ADDR", value_name = "URL")]
+    /// The gateway, e.g. https://secrets.example.com:443 [default: see below]
+    #[arg(long, global = true, value_name = "URL")]
     pub addr: Option<String>,
     /// A file holding the bearer token (mode 600). The token itself may be
     /// in SECRETS_TOKEN; there is no flag for it, so it never shows in the
     /// process list.
-    #[arg(long, global = true, env = "SECRETS_TOKEN_FILE", value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-    /// A profile of the profiles file [default: the file's `current`]
-    #[arg(long, global = true, env = "SECRETSCTL_PROFILE", value_name = "NAME")]
+    /// Take the address and the token from this profile of the profiles
+    /// file, whatever the environment says [default: SECRETSCTL_PROFILE, else
+    /// the file's `current`]
+    #[arg(long, global = true, value_name = "NAME")]
     pub profile: Option<String>,
-    /// The profiles file [default: ~/.config/secretsctl/config.toml]
-    #[arg(long, global = true, env = "SECRETSCTL_CONFIG", value_name = "PATH")]
+    /// The profiles file [default: SECRETSCTL_CONFIG, else
+    /// ~/.config/secretsctl/config.toml]
+    #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// The CA certificate (PEM) that signed the gateway's certificate; needed for https
     #[arg(long, global = true, value_name = "PATH")]
@@ -49,9 +51,17 @@ pub struct ConnectArgs {
     /// The client certificate's private key (PEM)
     #[arg(long, global = true, value_name = "PATH", requires = "cert_file")]
     pub key_file: Option<PathBuf>,
+    /// Send the token over plain http to a host other than this machine
+    /// (anyone on the way can read it)
+    #[arg(long, global = true)]
+    pub insecure: bool,
     /// How long one call may take, in seconds
     #[arg(long, global = true, default_value_t = 30, value_name = "SECONDS")]
     pub timeout: u64,
+    /// Act for this principal (user:alice): for platform-service
+    /// credentials, as the platform's components do (x-on-behalf-of)
+    #[arg(long, global = true, value_name = "PRINCIPAL")]
+    pub on_behalf_of: Option<String>,
 }
 
 /// The profiles file.
@@ -93,10 +103,17 @@ impl std::fmt::Debug for Profile {
     }
 }
 
-/// Refuses a file that anyone but its owner may read or write.
-fn private(path: &Path, what: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| local(format!("{what} {}: {e}", path.display())))?;
+/// Reads a file that holds a credential. It is opened first and then
+/// checked, so what is checked is what is read: it must belong to this user
+/// (or root) and be closed to everyone else.
+fn read_private(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>> {
+    use std::{
+        io::Read,
+        os::unix::fs::{MetadataExt, PermissionsExt},
+    };
+    let failed = |e: std::io::Error| local(format!("{what} {}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let meta = file.metadata().map_err(failed)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(local(format!(
@@ -105,7 +122,17 @@ fn private(path: &Path, what: &str) -> Result<()> {
             path.display()
         )));
     }
-    Ok(())
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(local(format!(
+            "{what} {} belongs to another user (uid {}); it holds a credential: use a file of your own, mode 600",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes).map_err(failed)?;
+    Ok(bytes)
 }
 
 fn default_config() -> Option<PathBuf> {
@@ -116,11 +143,15 @@ fn default_config() -> Option<PathBuf> {
 }
 
 fn read_token(path: &Path) -> Result<Zeroizing<String>> {
-    private(path, "the token file")?;
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|e| local(format!("the token file {}: {e}", path.display())))?,
-    );
+    let bytes = read_private(path, "the token file")?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| local(format!("the token file {} does not hold text", path.display())))?;
     Ok(Zeroizing::new(text.trim().to_string()))
+}
+
+/// A variable of the environment, when set and not empty.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// Where and as whom to call, resolved.
@@ -130,67 +161,134 @@ pub struct Connection {
     ca_file: Option<PathBuf>,
     identity: Option<(PathBuf, PathBuf)>,
     timeout: Duration,
+    insecure: bool,
+    on_behalf_of: Option<String>,
+}
+
+/// Where the address and the token come from: both from one place, so that
+/// a token is never sent to an address meant for another.
+enum Origin {
+    Environment,
+    Profile(Profile),
+    Nothing,
 }
 
 impl ConnectArgs {
-    pub fn resolve(&self) -> Result<Connection> {
-        let (path, named) = match &self.config {
-            Some(p) => (Some(p.clone()), true),
+    fn profile(&self, name: Option<String>) -> Result<Option<Profile>> {
+        let (path, named) = match self.config.clone().or_else(|| env("SECRETSCTL_CONFIG").map(PathBuf::from)) {
+            Some(p) => (Some(p), true),
             None => (default_config(), false),
         };
-        let file = match path {
-            Some(path) if path.exists() => {
-                private(&path, "the profiles file")?;
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| local(format!("the profiles file {}: {e}", path.display())))?;
-                toml::from_str::<ProfilesFile>(&text)
-                    .map_err(|e| local(format!("the profiles file {}: {}", path.display(), e.message())))?
+        let Some(path) = path else { return Ok(None) };
+        if !path.exists() {
+            if named || name.is_some() {
+                return Err(local(format!("the profiles file {} does not exist", path.display())));
             }
-            Some(path) if named => return Err(local(format!("the profiles file {} does not exist", path.display()))),
-            _ => ProfilesFile::default(),
-        };
+            return Ok(None);
+        }
+        let bytes = read_private(&path, "the profiles file")?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| local(format!("the profiles file {} does not hold text", path.display())))?;
+        let file = toml::from_str::<ProfilesFile>(text)
+            .map_err(|e| local(format!("the profiles file {}: {}", path.display(), e.message())))?;
         let mut profiles = file.profiles;
-        let profile = match self.profile.as_ref().or(file.current.as_ref()) {
-            Some(name) => profiles.remove(name).ok_or_else(|| {
-                let known: Vec<_> = profiles.keys().cloned().collect();
-                local(format!("no profile {name:?} in the profiles file (it has: {})", known.join(", ")))
-            })?,
-            None => Profile::default(),
-        };
-        let token = match (std::env::var("SECRETS_TOKEN").ok().filter(|t| !t.is_empty()), &self.token_file) {
-            (_, Some(path)) => Some(read_token(path)?),
-            (Some(token), None) => Some(Zeroizing::new(token)),
-            (None, None) => match (profile.token.clone(), &profile.token_file) {
-                (Some(token), _) => Some(Zeroizing::new(token)),
-                (None, Some(path)) => Some(read_token(path)?),
-                (None, None) => None,
+        let Some(name) = name.or(file.current.clone()) else { return Ok(None) };
+        let mut profile = profiles.remove(&name).ok_or_else(|| {
+            let known: Vec<_> = profiles.keys().cloned().collect();
+            local(format!("no profile {name:?} in the profiles file {} (it has: {})", path.display(), known.join(", ")))
+        })?;
+        // Relative paths are relative to the profiles file.
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for p in [&mut profile.token_file, &mut profile.ca_file, &mut profile.cert_file, &mut profile.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(Some(profile))
+    }
+
+    /// Resolves the connection: `--profile` takes the address and the token
+    /// from that profile; otherwise the environment, when it names either;
+    /// otherwise the profile SECRETSCTL_PROFILE or the file's `current`
+    /// names. `--addr`, `--token-file` and the TLS flags override each.
+    pub fn resolve(&self) -> Result<Connection> {
+        let from_env = ["SECRETS_ADDR", "SECRETS_TOKEN", "SECRETS_TOKEN_FILE"].iter().any(|v| env(v).is_some());
+        let origin = match &self.profile {
+            Some(name) => Origin::Profile(
+                self.profile(Some(name.clone()))?.ok_or_else(|| local("no profiles file to take --profile from"))?,
+            ),
+            None if from_env => Origin::Environment,
+            None => match self.profile(env("SECRETSCTL_PROFILE"))? {
+                Some(p) => Origin::Profile(p),
+                None => Origin::Nothing,
             },
         };
-        let cert = self.cert_file.clone().or(profile.cert_file.clone());
-        let key = self.key_file.clone().or(profile.key_file.clone());
-        let identity = match (cert, key) {
+        let (addr, token, ca, cert, key) = match &origin {
+            Origin::Environment => {
+                let token = match (env("SECRETS_TOKEN"), env("SECRETS_TOKEN_FILE")) {
+                    (Some(_), Some(_)) => return Err(local("set SECRETS_TOKEN or SECRETS_TOKEN_FILE, not both")),
+                    (Some(t), None) => Some(Zeroizing::new(t)),
+                    (None, Some(path)) => Some(read_token(Path::new(&path))?),
+                    (None, None) => None,
+                };
+                (env("SECRETS_ADDR"), token, None, None, None)
+            }
+            Origin::Profile(p) => {
+                let token = match (&p.token, &p.token_file) {
+                    (Some(_), Some(_)) => return Err(local("a profile has `token` or `token_file`, not both")),
+                    (Some(t), None) => Some(Zeroizing::new(t.clone())),
+                    (None, Some(path)) => Some(read_token(path)?),
+                    (None, None) => None,
+                };
+                (p.addr.clone(), token, p.ca_file.clone(), p.cert_file.clone(), p.key_file.clone())
+            }
+            Origin::Nothing => (None, None, None, None, None),
+        };
+        let token = match &self.token_file {
+            Some(path) => Some(read_token(path)?),
+            None => token,
+        };
+        let identity = match (self.cert_file.clone().or(cert), self.key_file.clone().or(key)) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => return Err(local("a client certificate needs both cert_file and key_file")),
         };
         Ok(Connection {
-            addr: self.addr.clone().or(profile.addr.clone()).unwrap_or_else(|| DEFAULT_ADDR.to_string()),
+            addr: self.addr.clone().or(addr).unwrap_or_else(|| DEFAULT_ADDR.to_string()),
             token,
-            ca_file: self.ca_file.clone().or(profile.ca_file.clone()),
+            ca_file: self.ca_file.clone().or(ca),
             identity,
             timeout: Duration::from_secs(self.timeout.max(1)),
+            insecure: self.insecure,
+            on_behalf_of: self.on_behalf_of.clone(),
         })
     }
 }
 
-/// Adds the bearer token to every call.
+/// Whether `host` is this machine.
+fn loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+}
+
+/// Adds the bearer token, and the principal acted for, to every call.
 #[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
+pub struct Bearer {
+    token: Option<MetadataValue<Ascii>>,
+    on_behalf_of: Option<MetadataValue<Ascii>>,
+}
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.token {
             request.metadata_mut().insert("authorization", value.clone());
+        }
+        if let Some(value) = &self.on_behalf_of {
+            request.metadata_mut().insert("x-on-behalf-of", value.clone());
         }
         Ok(request)
     }
@@ -202,14 +300,36 @@ impl Connection {
     /// A channel to the gateway (connected on first use) and the credential.
     pub fn open(&self) -> Result<(Channel, Bearer)> {
         let read = |path: &PathBuf, what: &str| {
-            std::fs::read_to_string(path).map_err(|e| local(format!("{what} {}: {e}", path.display())))
+            std::fs::read(path).map_err(|e| local(format!("{what} {}: {e}", path.display())))
         };
         let mut endpoint = Endpoint::from_shared(self.addr.clone())
-            .map_err(|e| local(format!("--addr {:?} is not a URL: {e}", self.addr)))?
+            .map_err(|e| local(format!("the address {:?} is not a URL: {e}", self.addr)))?
             .timeout(self.timeout)
             .connect_timeout(self.timeout.min(Duration::from_secs(10)));
-        let https = self.addr.starts_with("https://");
-        if https || self.ca_file.is_some() || self.identity.is_some() {
+        let uri = self
+            .addr
+            .parse::<tonic::codegen::http::Uri>()
+            .map_err(|e| local(format!("the address {:?} is not a URL: {e}", self.addr)))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(local(format!("the address {:?} should start with https:// or http://", self.addr))),
+        };
+        if !https && (self.ca_file.is_some() || self.identity.is_some()) {
+            return Err(local(format!(
+                "TLS files are set (--ca-file, --cert-file or the profile's) but {} is plain http, so they would \
+                 not be used and the token would travel in clear text: use an https:// address",
+                self.addr
+            )));
+        }
+        if !https && self.token.is_some() && !self.insecure && !uri.host().is_some_and(loopback) {
+            return Err(local(format!(
+                "{} is plain http to another machine: the token would travel in clear text. Use https:// (with \
+                 --ca-file), or pass --insecure if the network is yours",
+                self.addr
+            )));
+        }
+        if https {
             let Some(ca) = &self.ca_file else {
                 return Err(local(
                     "https needs --ca-file: the CA certificate (PEM) that signed the gateway's certificate",
@@ -217,20 +337,30 @@ impl Connection {
             };
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "the CA file")?));
             if let Some((cert, key)) = &self.identity {
-                private(key, "the client key file")?;
-                tls = tls
-                    .identity(Identity::from_pem(read(cert, "the client certificate")?, read(key, "the client key")?));
+                let key = read_private(key, "the client key file")?;
+                tls = tls.identity(Identity::from_pem(read(cert, "the client certificate")?, &*key));
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| local(format!("TLS settings: {e}")))?;
         }
         let bearer = match &self.token {
-            Some(token) => Some(
-                format!("Bearer {}", token.as_str())
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| local("the token holds characters a header cannot carry"))?,
-            ),
+            Some(token) => {
+                let header = Zeroizing::new(format!("Bearer {}", token.as_str()));
+                let mut value = MetadataValue::<Ascii>::try_from(header.as_str())
+                    .map_err(|_| local("the token holds characters a header cannot carry"))?;
+                // Kept out of HTTP/2 header compression tables.
+                value.set_sensitive(true);
+                Some(value)
+            }
             None => None,
         };
-        Ok((endpoint.connect_lazy(), Bearer(bearer)))
+        let on_behalf_of = self
+            .on_behalf_of
+            .as_deref()
+            .map(|p| {
+                MetadataValue::<Ascii>::try_from(p)
+                    .map_err(|_| local("--on-behalf-of takes a principal such as user:alice (printable ASCII)"))
+            })
+            .transpose()?;
+        Ok((endpoint.connect_lazy(), Bearer { token: bearer, on_behalf_of }))
     }
 }

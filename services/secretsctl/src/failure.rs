@@ -6,6 +6,7 @@
 use tonic::Code;
 use tonic_types::StatusExt;
 
+#[derive(Debug)]
 pub enum Failure {
     /// A mistake on this side: arguments, files, the profile.
     Local(String),

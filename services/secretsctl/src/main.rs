@@ -8,34 +8,50 @@
     reason = "a command-line tool: it reads its files (profiles, tokens, values) before its one call, blocking nothing else"
 )]
 
+/// `println!` that does not panic when stdout's reader has gone away.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
 mod access;
+mod audit;
 mod check;
 mod connect;
 mod failure;
 mod output;
+mod payload;
 mod secret;
 mod value;
 mod vault;
+mod watch;
+mod workload;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use secrets_proto::v1::{
-    authz_service_client::AuthzServiceClient, secret_service_client::SecretServiceClient,
-    vault_config_service_client::VaultConfigServiceClient,
+    self as pb, authz_service_client::AuthzServiceClient, gateway_client::GatewayClient,
+    secret_service_client::SecretServiceClient, vault_config_service_client::VaultConfigServiceClient,
 };
 
 const ABOUT: &str = "Manage the secrets control plane from the command line";
 
-const AFTER_HELP: &str = "Connection: --addr, else SECRETS_ADDR, else the profile's `addr`, else
-http://127.0.0.1:50051. The token: --token-file, else SECRETS_TOKEN or
-SECRETS_TOKEN_FILE, else the profile's `token` or `token_file`. Profiles live in
-~/.config/secretsctl/config.toml (mode 600):
+const AFTER_HELP: &str = "Connection: --profile NAME takes the address and the token from that
+profile of the profiles file. Without it: SECRETS_ADDR with SECRETS_TOKEN or
+SECRETS_TOKEN_FILE, when any of them is set; else the profile SECRETSCTL_PROFILE
+names, or the file's `current`; else http://127.0.0.1:50051 with no token. The
+address and the token come from the same place; --addr, --token-file and the TLS
+flags override it. A token goes over plain http only to this machine, unless
+--insecure. The profiles file is ~/.config/secretsctl/config.toml (or --config,
+SECRETSCTL_CONFIG), mode 600; relative paths in it are relative to it:
 
   current = \"local\"
   [profiles.local]
-  addr = \"http://127.0.0.1:50051\"
-  token_file = \"/home/me/.config/secretsctl/local.token\"
+  addr = \"https://secrets.example.com:443\"
+  ca_file = \"ca.pem\"
+  token_file = \"local.token\"
 
 Values are never taken from the command line: pass `-` (stdin), `@PATH` or
 --from-file PATH, or leave the value out to be prompted for it.
@@ -88,6 +104,16 @@ enum Command {
     /// A domain's Vault (KV v2) integrations: configs, connection tests, keys
     #[command(subcommand)]
     Vault(vault::VaultCommand),
+    /// Check, save, inspect and delete saved workloads (the usage index)
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
+    /// Resolve keys or a workload payload as a platform component does at launch
+    Resolve(workload::ResolveArgs),
+    /// Follow the change feed: every create, update and delete, and what it reaches
+    Watch(watch::WatchArgs),
+    /// The audit trail and each secret's last access
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Print a shell completion script
     #[command(after_help = "Examples:
   secretsctl completion bash > ~/.local/share/bash-completion/completions/secretsctl
@@ -103,12 +129,33 @@ enum Command {
 /// one of its own).
 async fn run(cli: Cli) -> failure::Result<u8> {
     if let Command::Completion { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "secretsctl", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "secretsctl", &mut script);
+        outln!("{}", String::from_utf8_lossy(&script).trim_end_matches('\n'));
         return Ok(0);
     }
     let (channel, bearer) = cli.connect.resolve()?.open()?;
-    if let Command::Vault(c) = cli.command {
-        return vault::run(c, VaultConfigServiceClient::with_interceptor(channel, bearer), cli.output).await;
+    let gateway = || GatewayClient::with_interceptor(channel.clone(), bearer.clone());
+    match cli.command {
+        Command::Secret(secret::SecretCommand::Usages(args)) => {
+            let domain = args.in_domain.clone();
+            return workload::usages(args.request(), domain, gateway(), cli.output).await;
+        }
+        Command::Vault(vault::VaultCommand::Usages { id, key }) => {
+            let secret = pb::list_secret_usages_request::Secret::VaultSecret(pb::VaultSecret {
+                config_id: id,
+                key: key.unwrap_or_default(),
+            });
+            return workload::usages(secret, None, gateway(), cli.output).await;
+        }
+        Command::Vault(c) => {
+            return vault::run(c, VaultConfigServiceClient::with_interceptor(channel, bearer), cli.output).await;
+        }
+        Command::Workload(c) => return workload::run(c, gateway(), cli.output).await,
+        Command::Resolve(args) => return workload::resolve(args, gateway(), cli.output).await,
+        Command::Watch(args) => return watch::run(args, gateway(), cli.output).await,
+        Command::Audit(c) => return audit::run(c, gateway(), cli.output).await,
+        _ => {}
     }
     match cli.command {
         Command::Secret(command) => {
@@ -128,19 +175,58 @@ async fn run(cli: Cli) -> failure::Result<u8> {
         Command::Bundle(c) => {
             access::bundle(c, AuthzServiceClient::with_interceptor(channel, bearer), cli.output).await
         }
-        Command::Completion { .. } | Command::Vault(_) => Ok(()),
+        Command::Completion { .. }
+        | Command::Vault(_)
+        | Command::Workload(_)
+        | Command::Resolve(_)
+        | Command::Watch(_)
+        | Command::Audit(_) => Ok(()),
     }
     .map(|()| 0)
+}
+
+/// Prints a command-line mistake; its exit code. What was typed in a wrong
+/// place is not repeated: it may be a value pasted where it does not belong.
+fn usage(e: clap::Error) -> u8 {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let what = match e.kind() {
+        ErrorKind::UnknownArgument | ErrorKind::TooManyValues => "an argument this command does not take".to_string(),
+        ErrorKind::InvalidSubcommand => "an unknown command".to_string(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::InvalidUtf8 => {
+            match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(arg)) => format!("a value {arg} does not take"),
+                _ => "a value that is not valid here".to_string(),
+            }
+        }
+        _ => {
+            let _ = e.print();
+            return if e.use_stderr() { 1 } else { 0 };
+        }
+    };
+    eprintln!("error: {what} (not repeated here, in case it was a secret value)");
+    let strings = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => vec![s.clone()],
+        Some(ContextValue::Strings(s)) => s.clone(),
+        _ => Vec::new(),
+    };
+    for suggestion in strings(ContextKind::SuggestedArg).into_iter().chain(strings(ContextKind::SuggestedSubcommand)) {
+        eprintln!("  did you mean {suggestion}?");
+    }
+    let valid = strings(ContextKind::ValidValue);
+    if !valid.is_empty() {
+        eprintln!("  possible values: {}", valid.join(", "));
+    }
+    if let Some(ContextValue::StyledStr(usage)) = e.get(ContextKind::Usage) {
+        eprintln!("\n{usage}");
+    }
+    eprintln!("\nFor more information, try '--help'.");
+    1
 }
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(e) => return ExitCode::from(usage(e)),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -23,12 +23,12 @@ pub fn print<T: Serialize>(format: Format, value: &T, human: impl FnOnce(&T)) ->
         Format::Json => {
             let text = serde_json::to_string_pretty(value)
                 .map_err(|e| crate::failure::local(format!("encoding the answer as JSON: {e}")))?;
-            println!("{text}");
+            outln!("{text}");
         }
         Format::Yaml => {
             let text = serde_yaml::to_string(value)
                 .map_err(|e| crate::failure::local(format!("encoding the answer as YAML: {e}")))?;
-            print!("{text}");
+            outln!("{}", text.trim_end_matches('\n'));
         }
     }
     Ok(())
@@ -44,7 +44,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
     let line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
@@ -57,4 +57,18 @@ pub fn time(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
+}
+
+/// Writes one line of the answer to stdout. A reader that went away (`| head`)
+/// ends the program quietly; any other failure to write ends it with 1.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the answer: {e}");
+        std::process::exit(1);
+    }
 }

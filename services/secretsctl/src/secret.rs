@@ -36,6 +36,33 @@ pub enum SecretCommand {
   secretsctl secret delete old_key -d finance
   secretsctl secret delete db_password -d finance --force   # prints the workloads that break")]
     Delete(DeleteArgs),
+    /// The saved workloads that reference a secret, and in which field
+    #[command(after_help = "Examples:
+  secretsctl secret usages warehouse_password -d finance
+  secretsctl secret usages smtp_password --global --in-domain finance -o json")]
+    Usages(UsagesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UsagesArgs {
+    /// The secret's key
+    pub key: String,
+    #[command(flatten)]
+    pub target: Target,
+    /// For a global secret: only this domain's workloads
+    #[arg(long, value_name = "DOMAIN", requires = "global")]
+    pub in_domain: Option<String>,
+}
+
+impl UsagesArgs {
+    pub fn request(&self) -> pb::list_secret_usages_request::Secret {
+        let (scope, domain) = self.target.scope();
+        pb::list_secret_usages_request::Secret::StoreSecret(pb::StoreSecret {
+            scope: scope as i32,
+            domain,
+            key: self.key.clone(),
+        })
+    }
 }
 
 /// Which secrets: a domain's, the global or the admin ones.
@@ -177,11 +204,11 @@ fn describe(scope: &str, domain: &str, key: &str) -> String {
 fn print_reach(reach: &Option<Reach>) {
     if let Some(r) = reach {
         match r.total {
-            0 => println!("no saved workload references it"),
+            0 => outln!("no saved workload references it"),
             n => {
-                println!("{n} saved workload(s) reference it (change-feed revision {}):", r.revision);
+                outln!("{n} saved workload(s) reference it (change-feed revision {}):", r.revision);
                 for w in &r.workloads {
-                    println!("  {} {} {} ({})", w.domain, w.kind, w.id, w.name);
+                    outln!("  {} {} {} ({})", w.domain, w.kind, w.id, w.name);
                 }
             }
         }
@@ -191,6 +218,7 @@ fn print_reach(reach: &Option<Reach>) {
 pub async fn run(command: SecretCommand, client: SecretServiceClient<Authed>, format: Format) -> Result<()> {
     let mut client = client;
     match command {
+        SecretCommand::Usages(_) => Err(crate::failure::local("usages are the gateway's")),
         SecretCommand::Create(args) => put(&mut client, args, true, format).await,
         SecretCommand::Update(args) => put(&mut client, args, false, format).await,
         SecretCommand::List(args) => {
@@ -225,11 +253,11 @@ pub async fn run(command: SecretCommand, client: SecretServiceClient<Authed>, fo
                 reach: answer.reach.map(Reach::from),
             };
             output::print(format, &deleted, |d| {
-                println!("deleted {}", describe(&d.scope, &d.domain, &d.key));
+                outln!("deleted {}", describe(&d.scope, &d.domain, &d.key));
                 if d.broken_total > 0 {
-                    println!("{} saved workload(s) referenced it and now fail to resolve:", d.broken_total);
+                    outln!("{} saved workload(s) referenced it and now fail to resolve:", d.broken_total);
                     for w in &d.broken {
-                        println!("  {} {} {} ({})", w.domain, w.kind, w.id, w.name);
+                        outln!("  {} {} {} ({})", w.domain, w.kind, w.id, w.name);
                     }
                 }
             })
@@ -258,7 +286,7 @@ async fn put(client: &mut SecretServiceClient<Authed>, args: PutArgs, create: bo
     let secret = Secret::from(metadata);
     output::print(format, &secret, |s| {
         let verb = if create { "created" } else { "updated" };
-        println!("{verb} {}", describe(&s.scope, &s.domain, &s.key));
+        outln!("{verb} {}", describe(&s.scope, &s.domain, &s.key));
         print_reach(&s.reach);
     })
 }

@@ -11,7 +11,9 @@ use crate::failure::{Result, local};
 
 pub enum Source {
     Stdin,
-    File(PathBuf),
+    /// A file, and whether its name may be repeated in an error: a name
+    /// given after `@` is not, in case what was typed was a value.
+    File(PathBuf, bool),
     Prompt,
 }
 
@@ -20,10 +22,12 @@ pub enum Source {
 pub fn source(arg: Option<&str>, from_file: Option<PathBuf>) -> Result<Source> {
     match (arg, from_file) {
         (Some(_), Some(_)) => Err(local("give the value once: `-`, `@PATH` or --from-file PATH")),
-        (None, Some(path)) => Ok(Source::File(path)),
+        (None, Some(path)) => Ok(Source::File(path, true)),
+        // `-` with a terminal as stdin would read the value with echo on.
+        (Some("-"), None) if std::io::stdin().is_terminal() => Ok(Source::Prompt),
         (Some("-"), None) => Ok(Source::Stdin),
         (Some(a), None) if a.len() > 1 && a.starts_with('@') => {
-            Ok(Source::File(PathBuf::from(a.get(1..).unwrap_or_default())))
+            Ok(Source::File(PathBuf::from(a.get(1..).unwrap_or_default()), false))
         }
         (Some(_), None) => Err(local(
             "a value on the command line is refused: it would stay in your shell history and be visible to \
@@ -35,14 +39,15 @@ pub fn source(arg: Option<&str>, from_file: Option<PathBuf>) -> Result<Source> {
     }
 }
 
-/// Reads the value of `key` from `source`. From stdin one trailing newline
-/// is dropped (what `echo` adds); a file is taken as it is.
+/// Reads the value of `key` from `source`. From stdin, text loses one
+/// trailing newline (what `echo` adds); bytes that are not text, and a
+/// file, are taken as they are.
 pub fn read(source: &Source, key: &str) -> Result<Zeroizing<Vec<u8>>> {
     let value = match source {
         Source::Stdin => {
             let mut buf = Zeroizing::new(Vec::new());
             std::io::stdin().read_to_end(&mut buf).map_err(|e| local(format!("reading the value from stdin: {e}")))?;
-            if buf.ends_with(b"\n") {
+            if std::str::from_utf8(&buf).is_ok() && buf.ends_with(b"\n") {
                 buf.pop();
                 if buf.ends_with(b"\r") {
                     buf.pop();
@@ -50,9 +55,16 @@ pub fn read(source: &Source, key: &str) -> Result<Zeroizing<Vec<u8>>> {
             }
             buf
         }
-        Source::File(path) => Zeroizing::new(
+        Source::File(path, true) => Zeroizing::new(
             std::fs::read(path).map_err(|e| local(format!("reading the value from {}: {e}", path.display())))?,
         ),
+        Source::File(path, false) => Zeroizing::new(std::fs::read(path).map_err(|e| {
+            local(format!(
+                "reading the value from the file named after `@`: {} (the name is not repeated here, in case it \
+                 was a value; pass a file as `@PATH` or --from-file PATH)",
+                e.kind()
+            ))
+        })?),
         Source::Prompt => {
             let first = Zeroizing::new(
                 rpassword::prompt_password(format!("Value for {key}: "))
@@ -72,4 +84,16 @@ pub fn read(source: &Source, key: &str) -> Result<Zeroizing<Vec<u8>>> {
         return Err(local("the value is empty; nothing was sent"));
     }
     Ok(value)
+}
+
+/// Reads a credential (a Vault token, an AppRole secret id) as text, without
+/// the whitespace around it that a file or `echo` leaves.
+pub fn read_credential(source: &Source, what: &str) -> Result<Zeroizing<String>> {
+    let bytes = read(source, what)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| local(format!("{what} is not UTF-8 text")))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(local(format!("{what} is empty; nothing was sent")));
+    }
+    Ok(Zeroizing::new(trimmed.to_string()))
 }

@@ -59,15 +59,12 @@ impl Credentials {
         let source = value::source(self.source.as_deref(), self.credentials_file.clone())?;
         let method = match auth {
             Auth::Token => {
-                let token = value::read(&source, "the Vault token")?;
-                let token = String::from_utf8(token.to_vec()).map_err(|_| local("the Vault token is not UTF-8"))?;
-                pb::vault_credentials::Method::Token(token)
+                let token = value::read_credential(&source, "the Vault token")?;
+                pb::vault_credentials::Method::Token(token.to_string())
             }
             Auth::AppRole => {
                 let role_id = self.role_id.clone().ok_or_else(|| local("--auth app-role needs --role-id"))?;
-                let secret = value::read(&source, "the AppRole secret id")?;
-                let secret_id =
-                    String::from_utf8(secret.to_vec()).map_err(|_| local("the AppRole secret id is not UTF-8"))?;
+                let secret_id = value::read_credential(&source, "the AppRole secret id")?.to_string();
                 pb::vault_credentials::Method::AppRole(pb::AppRoleCredentials {
                     role_id,
                     secret_id,
@@ -164,6 +161,14 @@ Examples:
         #[arg(long)]
         force: bool,
     },
+    /// The saved workloads that use a config's keys (or one key)
+    #[command(after_help = "Examples:\n  secretsctl vault usages 3f2a... --key db_password")]
+    Usages {
+        id: String,
+        /// Only this key
+        #[arg(long)]
+        key: Option<String>,
+    },
 }
 
 /// A Vault config: `-o json` prints these fields (never a credential).
@@ -245,6 +250,7 @@ fn outcome_code(outcome: pb::VaultConnectionOutcome) -> u8 {
 /// Runs `command`; the exit code (a connection test's outcome sets it).
 pub async fn run(command: VaultCommand, mut client: Client, format: Format) -> Result<u8> {
     let config = match command {
+        VaultCommand::Usages { .. } => return Err(local("usages are the gateway's")),
         VaultCommand::List { domain } => {
             let listed = client.list_vault_configs(pb::ListVaultConfigsRequest { domain }).await?.into_inner();
             print_configs(format, listed.configs.into_iter().map(VaultConfig::from).collect())?;
@@ -253,7 +259,7 @@ pub async fn run(command: VaultCommand, mut client: Client, format: Format) -> R
         VaultCommand::Get { id } => client.get_vault_config(pb::GetVaultConfigRequest { id }).await?.into_inner(),
         VaultCommand::Keys { id } => {
             let keys = client.list_vault_keys(pb::ListVaultKeysRequest { id }).await?.into_inner().keys;
-            output::print(format, &keys, |keys| keys.iter().for_each(|k| println!("{k}")))?;
+            output::print(format, &keys, |keys| keys.iter().for_each(|k| outln!("{k}")))?;
             return Ok(0);
         }
         VaultCommand::Test { id } => {
@@ -267,9 +273,9 @@ pub async fn run(command: VaultCommand, mut client: Client, format: Format) -> R
                 key_count: answer.key_count,
             };
             output::print(format, &tested, |t| {
-                println!("{}: {}", t.outcome, t.message);
+                outln!("{}: {}", t.outcome, t.message);
                 if t.outcome == "CONNECTION_OK" {
-                    println!("{} key(s)", t.key_count);
+                    outln!("{} key(s)", t.key_count);
                 }
             })?;
             return Ok(outcome_code(outcome));
@@ -312,11 +318,11 @@ pub async fn run(command: VaultCommand, mut client: Client, format: Format) -> R
                 broken: broken.workloads.into_iter().map(Workload::from).collect(),
             };
             output::print(format, &deleted, |d| {
-                println!("deleted Vault config {}", d.id);
+                outln!("deleted Vault config {}", d.id);
                 if d.broken_total > 0 {
-                    println!("{} saved workload(s) used it and now fail to resolve:", d.broken_total);
+                    outln!("{} saved workload(s) used it and now fail to resolve:", d.broken_total);
                     for w in &d.broken {
-                        println!("  {} {} {} ({})", w.domain, w.kind, w.id, w.name);
+                        outln!("  {} {} {} ({})", w.domain, w.kind, w.id, w.name);
                     }
                 }
             })?;

@@ -1,6 +1,6 @@
 //! `secretsctl`, the real binary, against a stack started in the test.
 
-use std::{io::Write, os::unix::fs::PermissionsExt, process::Stdio};
+use std::{io::Write, os::unix::fs::PermissionsExt, process::Stdio, time::Duration};
 
 use integration_tests::{payloads::object, *};
 use secrets_proto::v1::{self as pb, workload_payload::Kind};
@@ -300,7 +300,17 @@ fn completions_generate_and_every_help_has_examples() {
         &["secret", "update"],
         &["secret", "list"],
         &["secret", "delete"],
+        &["secret", "usages"],
         &["check"],
+        &["vault", "usages"],
+        &["workload", "validate"],
+        &["workload", "save"],
+        &["workload", "references"],
+        &["workload", "delete"],
+        &["resolve"],
+        &["watch"],
+        &["audit", "query"],
+        &["audit", "last-access"],
         &["completion"],
     ] {
         let out = assert_cmd::Command::new(procs::binary("secretsctl")).args(sub).arg("--help").output().unwrap();
@@ -461,6 +471,13 @@ async fn vault_configs_are_created_tested_listed_and_deleted_with_credentials_ne
     let r = run(ctl(&app, OWNER).args(["vault", "test", &id]));
     assert_eq!(r.code, 2, "{}", r.stdout);
     assert!(r.stdout.starts_with("INVALID_CREDENTIALS"), "{}", r.stdout);
+    // A credential file's trailing newline is not part of the token.
+    let good = dir.path().join("good.token");
+    std::fs::write(&good, format!("{}\n", bao.root_token)).unwrap();
+    let r = run(ctl(&app, OWNER).args(["vault", "update", &id, "--auth", "token", "--credentials-file"]).arg(&good));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(ctl(&app, OWNER).args(["vault", "test", &id]));
+    assert_eq!(r.code, 0, "{}", r.stdout);
     // A credential given as an argument is refused like a value.
     let r = run(ctl(&app, OWNER).args(["vault", "update", &id, "--auth", "token", &bao.root_token]));
     assert_eq!(r.code, 1);
@@ -473,4 +490,372 @@ async fn vault_configs_are_created_tested_listed_and_deleted_with_credentials_ne
     assert_eq!(run(ctl(&app, OWNER).args(["vault", "get", &id])).code, 3);
     assert!(!printed.contains(&bao.root_token), "the token was printed");
     assert!(!logs::captured().contains(&bao.root_token), "the token reached a log");
+}
+
+/// A profiles file with a relative token path, beside the environment:
+/// the address and the token always come from one place (`--profile` wins
+/// over the environment; the environment's address never gets the
+/// profile's token); TLS files with an http address, and a token over plain
+/// http to another machine, are refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_address_and_the_token_come_from_one_place_and_never_travel_in_clear_text() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, token) = (dir.path().join("config.toml"), dir.path().join("owner.token"));
+    std::fs::write(&token, format!("{}\n", app.token(OWNER))).unwrap();
+    let profile =
+        format!("current = \"test\"\n[profiles.test]\naddr = \"{}\"\ntoken_file = \"owner.token\"\n", app.gateway_url);
+    std::fs::write(&config, profile).unwrap();
+    for path in [&config, &token] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let list = || {
+        let mut cmd = assert_cmd::Command::new(procs::binary("secretsctl"));
+        cmd.env_clear().env("HOME", "/nonexistent").env("SECRETSCTL_CONFIG", &config).current_dir("/");
+        cmd.args(["secret", "list", "-d", DOMAIN]);
+        cmd
+    };
+    let r = run(&mut list());
+    assert_eq!(r.code, 0, "a token_file relative to the profiles file: {}", r.stderr);
+
+    // The environment names the address: the profile's token is not sent there.
+    let r = run(list().env("SECRETS_ADDR", &app.gateway_url));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("unauthenticated"), "{}", r.stderr);
+    // --profile wins over the environment, address and token together.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let r = run(list()
+        .env("SECRETS_ADDR", format!("http://{closed}"))
+        .env("SECRETS_TOKEN", "not-a-token")
+        .args(["--profile", "test"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // TLS files with plain http would be ignored: refused.
+    let r = run(list().args(["--ca-file", "/etc/hostname"]));
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("plain http") && r.stderr.contains("https://"), "{}", r.stderr);
+    // A token over plain http to another machine: refused unless --insecure.
+    let remote = "http://192.0.2.1:50051";
+    let r = run(list().args(["--addr", remote]));
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("clear text") && r.stderr.contains("--insecure"), "{}", r.stderr);
+    let r = run(list().args(["--addr", remote, "--insecure", "--timeout", "1"]));
+    assert_eq!(r.code, 5, "sent, and nobody answers there: {}", r.stderr);
+
+    // A token file of another user is refused (the check needs root to chown).
+    if std::process::Command::new("chown").arg("65534").arg(&token).status().is_ok_and(|s| s.success()) {
+        let r = run(&mut list());
+        assert_eq!(r.code, 1);
+        assert!(r.stderr.contains("belongs to another user"), "{}", r.stderr);
+    }
+}
+
+/// What is typed in a wrong place is never repeated (it may be a value:
+/// `-s3cret` or an `@` name), a typo'd flag still gets its suggestion, and
+/// a reader that closes the pipe early ends the program quietly.
+#[test]
+fn mistyped_arguments_are_not_repeated_and_a_closed_pipe_is_no_failure() {
+    let ctl = || {
+        let mut cmd = assert_cmd::Command::new(procs::binary("secretsctl"));
+        cmd.env_clear().env("HOME", "/nonexistent");
+        cmd
+    };
+    let dash = format!("-{CANARY}");
+    let at = format!("@{CANARY}");
+    for args in [
+        vec!["secret", "create", "k", "-d", DOMAIN, dash.as_str()],
+        vec!["secret", "create", "k", "-d", DOMAIN, "-", CANARY],
+        vec!["secret", "create", "k", "-d", DOMAIN, at.as_str()],
+        vec!["vault", "update", "id", "--auth", "token", dash.as_str()],
+        vec![CANARY],
+    ] {
+        let r = run(ctl().args(&args));
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.contains(CANARY) && !r.stdout.contains(CANARY), "{args:?} repeated: {}", r.stderr);
+    }
+    let r = run(ctl().args(["secret", "list", "-d", DOMAIN, "--ouptut", "json"]));
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("did you mean --output"), "{}", r.stderr);
+
+    let mut child = std::process::Command::new(procs::binary("secretsctl"))
+        .args(["completion", "zsh"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// On a terminal the value is asked for twice with echo off, with or
+/// without `-`; two different answers send nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_masked_prompt_asks_twice_and_echoes_nothing() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let (url, token) = (app.gateway_url.clone(), app.token(OWNER).to_string());
+    let prompt = move |key: &str, dash: bool, second: &str| {
+        let mut cmd = std::process::Command::new(procs::binary("secretsctl"));
+        cmd.env_clear().env("SECRETS_ADDR", &url).env("SECRETS_TOKEN", &token).env("HOME", "/nonexistent");
+        cmd.args(["secret", "create", key, "-d", DOMAIN]);
+        if dash {
+            cmd.arg("-");
+        }
+        let mut p = expectrl::Session::spawn(cmd).unwrap();
+        p.set_expect_timeout(Some(std::time::Duration::from_secs(60)));
+        let mut seen = String::new();
+        let asked = p.expect(format!("Value for {key}: ").as_str()).unwrap();
+        seen.push_str(&String::from_utf8_lossy(asked.before()));
+        p.send_line(CANARY).unwrap();
+        let again = p.expect("Again, to confirm: ").unwrap();
+        seen.push_str(&String::from_utf8_lossy(again.before()));
+        p.send_line(second).unwrap();
+        // Everything printed up to the end: Eof matches all of it.
+        let rest = p.expect(expectrl::Eof).unwrap();
+        seen.push_str(&String::from_utf8_lossy(rest.as_bytes()));
+        seen
+    };
+    let p = prompt.clone();
+    let seen = tokio::task::spawn_blocking(move || p("prompted", false, CANARY)).await.unwrap();
+    assert!(seen.contains("created secret prompted"), "{seen}");
+    assert!(!seen.contains(CANARY), "echoed: {seen}");
+    assert_eq!(stored(&app, "prompted").await.as_deref(), Some(CANARY));
+
+    let p = prompt.clone();
+    let seen = tokio::task::spawn_blocking(move || p("dashed", true, CANARY)).await.unwrap();
+    assert!(seen.contains("created secret dashed") && !seen.contains(CANARY), "`-` on a terminal prompts: {seen}");
+
+    let seen = tokio::task::spawn_blocking(move || prompt("differs", false, "something-else")).await.unwrap();
+    assert!(seen.contains("the two values differ") && !seen.contains(CANARY), "{seen}");
+    assert_eq!(stored(&app, "differs").await, None, "nothing was sent");
+}
+
+/// Workloads: a payload file validated (problems per field path, exit 4),
+/// saved by a platform service for a user, its references and the secret's
+/// usages listed, resolved (values only with --reveal, and only for
+/// platform services), deleted; a mistake in the file names its field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_are_validated_saved_resolved_and_deleted() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    app.as_user(OWNER).create(DOMAIN, "db_password", CANARY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("nightly.json");
+    let draft = r#"{"sparkJob": {"template": {"envVars": {
+        "DB": {"secretObject": {"key": "db_password", "source": {"type": "KUBERNETES", "id": "finance"}}},
+        "TOKEN": "${secrets.no_such_key}"}}}}"#;
+    std::fs::write(&job, draft).unwrap();
+    let json = |r: &Run| -> serde_json::Value {
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {} {}", r.stdout, r.stderr))
+    };
+    let platform = || {
+        let mut cmd = ctl(&app, SPARK);
+        cmd.args(["--on-behalf-of", &format!("user:{OWNER}")]);
+        cmd
+    };
+
+    let r = run(ctl(&app, OWNER).args(["workload", "validate", "-d", DOMAIN, "-f"]).arg(&job));
+    assert_eq!(r.code, 4, "{} {}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.lines().any(|l| l.starts_with(r#"template.envVars["TOKEN"]"#) && l.contains("not-found")),
+        "{}",
+        r.stdout
+    );
+    let r = run(ctl(&app, OWNER).args(["workload", "validate", "-d", DOMAIN, "-o", "json", "-f"]).arg(&job));
+    let v = json(&r);
+    assert_eq!((v["saved"].as_bool(), v["id"].as_str()), (Some(false), Some("nightly")));
+    assert_eq!(v["problems"][0]["type"], "not-found");
+    assert_eq!(v["kind"], "WORKLOAD_KIND_SPARK_JOB");
+
+    std::fs::write(
+        &job,
+        draft
+            .replace(r#","TOKEN": "${secrets.no_such_key}""#, "")
+            .replace(",\n        \"TOKEN\": \"${secrets.no_such_key}\"", ""),
+    )
+    .unwrap();
+    let r = run(ctl(&app, OWNER).args(["workload", "validate", "-d", DOMAIN, "-f"]).arg(&job));
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("1 reference(s), no problem"), "{}", r.stdout);
+    let r = run(ctl(&app, OWNER).args(["workload", "save", "-d", DOMAIN, "--id", "nightly", "-f"]).arg(&job));
+    assert_eq!(r.code, 2, "a user may only validate: {}", r.stderr);
+    let r = run(platform()
+        .args(["workload", "save", "-d", DOMAIN, "--id", "nightly", "--name", "Nightly", "-f"])
+        .arg(&job));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("saved finance WORKLOAD_KIND_SPARK_JOB nightly"), "{}", r.stdout);
+
+    let r = run(platform().args(["workload", "references", "spark-job", "nightly", "-d", DOMAIN, "-o", "json"]));
+    let v = json(&r);
+    assert_eq!(v["references"][0]["field"], r#"template.envVars["DB"]"#);
+    assert_eq!((v["owner"].as_str(), v["saved_by"].as_str()), (Some("service:spark"), Some("user:olivia")));
+    let r = run(ctl(&app, OWNER).args(["secret", "usages", "db_password", "-d", DOMAIN, "-o", "json"]));
+    let v = json(&r);
+    assert_eq!((v["total"].as_u64(), v["usages"][0]["workload"]["id"].as_str()), (Some(1), Some("nightly")));
+
+    let r = run(platform().args(["resolve", "-d", DOMAIN, "db_password"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("db_password: resolved (value not shown") && !r.stdout.contains(CANARY), "{}", r.stdout);
+    let r = run(platform().args(["resolve", "-d", DOMAIN, "db_password", "missing", "--reveal"]));
+    assert_eq!(r.code, 4, "one item did not resolve: {}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("db_password: {CANARY}")) && r.stdout.contains("missing: error:"),
+        "{}",
+        r.stdout
+    );
+    let r = run(platform().args(["resolve", "-d", DOMAIN, "--reveal", "-o", "json", "-f"]).arg(&job));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(json(&r)["payload"]["sparkJob"]["template"]["envVars"]["DB"]["text"], CANARY);
+    let r = run(ctl(&app, OWNER).args(["resolve", "-d", DOMAIN, "db_password", "--reveal"]));
+    assert_eq!(r.code, 2, "values only for platform services: {}", r.stderr);
+    assert!(!r.stdout.contains(CANARY));
+
+    let r = run(platform().args(["workload", "delete", "spark-job", "nightly", "-d", DOMAIN]));
+    assert!(r.code == 0 && r.stdout.contains("removed finance WORKLOAD_KIND_SPARK_JOB nightly"), "{}", r.stderr);
+    let r = run(ctl(&app, OWNER).args(["secret", "usages", "db_password", "-d", DOMAIN, "-o", "json"]));
+    assert_eq!(json(&r)["total"], 0);
+
+    std::fs::write(&job, r#"{"sparkJob": {"template": {"envVars": {"PW": 42}}}}"#).unwrap();
+    let r = run(ctl(&app, OWNER).args(["workload", "validate", "-d", DOMAIN, "-f"]).arg(&job));
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains(r#"sparkJob.template.envVars["PW"]: expected a string"#), "{}", r.stderr);
+    assert!(!logs::captured().contains(CANARY), "the value reached a log");
+}
+
+/// `watch` prints each change once, in order, as JSON lines or text, and
+/// when its gateway goes away it reconnects after the last cursor: a change
+/// made meanwhile arrives once the gateway is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_the_feed_and_resumes_after_its_cursor_when_the_gateway_returns() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    let owner = app.as_user(OWNER);
+    let start = owner.create(DOMAIN, "k0", "v").await.unwrap().reach.unwrap().revision;
+    let gateway = app.another_gateway_on(0, |_| {}).await;
+    let port = gateway.port;
+    let mut child = std::process::Command::new(procs::binary("secretsctl"))
+        .env_clear()
+        .env("SECRETS_ADDR", format!("http://127.0.0.1:{port}"))
+        .env("SECRETS_TOKEN", app.token(SPARK))
+        .env("HOME", "/nonexistent")
+        .args(["watch", "-d", DOMAIN, "--after", &start.to_string(), "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).expect("a JSON line"));
+        }
+    });
+    let one = owner.update(DOMAIN, "k0", "v1").await.unwrap().reach.unwrap().revision;
+    let m = next_change(&mut rx).await;
+    assert_eq!((m["change"]["key"].as_str(), m["change"]["revision"].as_u64()), (Some("k0"), Some(one)));
+    assert_eq!((m["change"]["kind"].as_str(), m["change"]["origin"].as_str()), (Some("updated"), Some("api")));
+    assert_eq!(m["cursor"].as_u64(), Some(one));
+
+    gateway.stop().await;
+    let two = owner.update(DOMAIN, "k0", "v2").await.unwrap().reach.unwrap().revision;
+    let three = owner.create(DOMAIN, "k1", "v").await.unwrap().reach.unwrap().revision;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gateway = app.another_gateway_on(port, |_| {}).await;
+    let m = next_change(&mut rx).await;
+    assert_eq!(m["change"]["revision"].as_u64(), Some(two), "nothing missed, nothing repeated: {m}");
+    let m = next_change(&mut rx).await;
+    assert_eq!((m["change"]["revision"].as_u64(), m["change"]["kind"].as_str()), (Some(three), Some("created")));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reconnecting") && stderr.contains(&format!("after cursor {one}")), "{stderr}");
+
+    // Text, up to where the feed stands.
+    let r = run(ctl(&app, SPARK).args(["--addr", &format!("http://127.0.0.1:{port}")]).args([
+        "watch",
+        "-d",
+        DOMAIN,
+        "--after",
+        &start.to_string(),
+        "--until-caught-up",
+    ]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[0].starts_with(&format!("#{one} updated api k0 (domain finance) by user:olivia")), "{}", r.stdout);
+    assert!(lines.last().unwrap().starts_with(&format!("-- caught up at {three}")), "{}", r.stdout);
+    // --count stops after that many changes; --max-time gives up (exit 5).
+    let r = run(ctl(&app, SPARK).args(["watch", "-d", DOMAIN, "--after", &start.to_string(), "--count", "2"]));
+    assert_eq!((r.code, r.stdout.lines().filter(|l| l.starts_with('#')).count()), (0, 2), "{}", r.stdout);
+    let r = run(ctl(&app, SPARK)
+        .args(["watch", "-d", DOMAIN, "--after", &three.to_string(), "--count", "1"])
+        .args(["--max-time", "2"]));
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    let r = run(ctl(&app, STRANGER).args(["watch", "-d", DOMAIN]));
+    assert_eq!(r.code, 2, "a refusal ends the watch: {}", r.stderr);
+    gateway.stop().await;
+}
+
+/// The next `change` event a `watch -o json` printed.
+async fn next_change(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) -> serde_json::Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(90), rx.recv()).await.expect("an event").expect("open");
+        if m.get("change").is_some() {
+            return m;
+        }
+    }
+}
+
+/// The audit trail with secretsctl: who resolved a secret, for whom, and
+/// when each secret was last resolved; never a value. Domain owners query
+/// their domain only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_queries_say_who_received_which_secret_and_never_its_value() {
+    let app = TestApp::spawn().await;
+    app.setup_domain(DOMAIN).await;
+    app.as_user(OWNER).create(DOMAIN, "api_token", CANARY).await.unwrap();
+    assert_eq!(stored(&app, "api_token").await.as_deref(), Some(CANARY));
+    let json = |r: Run| -> serde_json::Value {
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(!r.stdout.contains(CANARY), "a value in the trail: {}", r.stdout);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+    };
+    let records = json(run(ctl(&app, OWNER).args([
+        "audit",
+        "query",
+        "-d",
+        DOMAIN,
+        "--key",
+        "api_token",
+        "--since",
+        "1h",
+        "-o",
+        "json",
+    ])));
+    let records = records.as_array().unwrap();
+    let resolved =
+        records.iter().find(|r| r["rpc"] == "ResolveSecrets").unwrap_or_else(|| panic!("no resolve in {records:?}"));
+    assert_eq!(
+        (resolved["principal"].as_str(), resolved["caller"].as_str()),
+        (Some("user:olivia"), Some("service:spark"))
+    );
+    assert_eq!(
+        (resolved["decision"].as_str(), resolved["references"][0]["key"].as_str()),
+        (Some("allowed"), Some("api_token"))
+    );
+    assert!(records.iter().any(|r| r["rpc"] == "CreateSecret"), "{records:?}");
+    let only =
+        json(run(ctl(&app, ADMIN).args(["audit", "query", "--rpc", "CreateSecret", "--limit", "1", "-o", "json"])));
+    assert_eq!(only.as_array().unwrap().len(), 1);
+    let last = json(run(ctl(&app, OWNER).args(["audit", "last-access", "-d", DOMAIN, "-o", "json"])));
+    let entry = last.as_array().unwrap().iter().find(|s| s["key"] == "api_token").expect("api_token listed");
+    assert_eq!((entry["principal"].as_str(), entry["source"].as_str()), (Some("user:olivia"), Some("kubernetes")));
+    let r = run(ctl(&app, OWNER).args(["audit", "query"]));
+    assert_eq!(r.code, 2, "every domain is for platform admins: {}", r.stderr);
+    let r = run(ctl(&app, OWNER).args(["audit", "query", "-d", DOMAIN, "--since", "5x"]));
+    assert!(r.code == 1 && r.stderr.contains("90s, 15m, 2h or 7d"), "{}", r.stderr);
 }
