@@ -141,6 +141,9 @@ async fn run(cli: Cli) -> failure::Result<u8> {
             let domain = args.in_domain.clone();
             return workload::usages(args.request(), domain, gateway(), cli.output).await;
         }
+        Command::Secret(secret::SecretCommand::Selectable { domain }) => {
+            return workload::selectable(domain, gateway(), cli.output).await;
+        }
         Command::Vault(vault::VaultCommand::Usages { id, key }) => {
             let secret = pb::list_secret_usages_request::Secret::VaultSecret(pb::VaultSecret {
                 config_id: id,
@@ -238,5 +241,17 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => ExitCode::from(failure.report()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own checks of every command's definition (names that the
+    /// conflicts and requirements refer to exist, and so on).
+    #[test]
+    fn every_command_is_well_defined() {
+        Cli::command().debug_assert();
     }
 }

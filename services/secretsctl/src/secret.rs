@@ -41,6 +41,17 @@ pub enum SecretCommand {
   secretsctl secret usages warehouse_password -d finance
   secretsctl secret usages smtp_password --global --in-domain finance -o json")]
     Usages(UsagesArgs),
+    /// The keys a principal may pick for a workload in a domain, ready to paste
+    #[command(after_help = "Needs LIST_SECRETS in the domain; lists its keys, the global keys it does not
+shadow, and the keys of each Vault config on which the principal holds USE.
+
+Examples:
+  secretsctl secret selectable -d finance
+  secretsctl --profile platform --on-behalf-of user:alice secret selectable -d finance -o json")]
+    Selectable {
+        #[arg(short, long)]
+        domain: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +114,10 @@ pub struct PutArgs {
     pub from_file: Option<PathBuf>,
     #[command(flatten)]
     pub target: Target,
+    /// Retry a call with the id it had: the service answers the first
+    /// outcome instead of acting twice [default: a new id]
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +135,9 @@ pub struct DeleteArgs {
     pub force: bool,
     #[command(flatten)]
     pub target: Target,
+    /// Retry a call with the id it had [default: a new id]
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
 }
 
 /// A workload, as every answer names one.
@@ -218,7 +236,9 @@ fn print_reach(reach: &Option<Reach>) {
 pub async fn run(command: SecretCommand, client: SecretServiceClient<Authed>, format: Format) -> Result<()> {
     let mut client = client;
     match command {
-        SecretCommand::Usages(_) => Err(crate::failure::local("usages are the gateway's")),
+        SecretCommand::Usages(_) | SecretCommand::Selectable { .. } => {
+            Err(crate::failure::local("usages and the selector are the gateway's"))
+        }
         SecretCommand::Create(args) => put(&mut client, args, true, format).await,
         SecretCommand::Update(args) => put(&mut client, args, false, format).await,
         SecretCommand::List(args) => {
@@ -240,7 +260,7 @@ pub async fn run(command: SecretCommand, client: SecretServiceClient<Authed>, fo
                 domain: domain.clone(),
                 key: args.key.clone(),
                 force: args.force,
-                request_id: uuid::Uuid::new_v4().to_string(),
+                request_id: args.request_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             };
             let answer = client.delete_secret(request).await?.into_inner();
             let broken = answer.broken.unwrap_or_default();
@@ -274,7 +294,7 @@ async fn put(client: &mut SecretServiceClient<Authed>, args: PutArgs, create: bo
         Err(_) => pb::secret_value::Kind::Binary(bytes.to_vec()),
     };
     let value = Some(pb::SecretValue { kind: Some(value) });
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = args.request_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let (key, scope_i) = (args.key.clone(), scope as i32);
     let metadata = if create {
         let request = pb::CreateSecretRequest { scope: scope_i, domain: domain.clone(), key, value, request_id };

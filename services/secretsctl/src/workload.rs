@@ -284,6 +284,7 @@ printed. Exit code 4 when an item did not resolve.
 
 Examples:
   secretsctl --profile platform resolve -d finance db_password --on-behalf-of user:alice
+  secretsctl --profile platform resolve -d finance --text 'jdbc:postgresql://etl:${secrets.etl_password}@db/wh' --reveal
   secretsctl --profile platform resolve -d finance -f job.json --on-behalf-of user:alice --reveal -o json")]
 pub struct ResolveArgs {
     /// The workload's domain
@@ -291,8 +292,12 @@ pub struct ResolveArgs {
     pub domain: String,
     /// Keys to resolve as the workload's domain would (its key, else the
     /// global one); `vault:CONFIG_ID/KEY` for a Vault config's key
-    #[arg(conflicts_with = "file", required_unless_present = "file")]
+    #[arg(conflicts_with = "file", required_unless_present_any = ["file", "texts"])]
     pub keys: Vec<String>,
+    /// Text with legacy ${secrets.KEY} placeholders, returned with each
+    /// replaced (repeatable)
+    #[arg(long = "text", value_name = "TEXT", conflicts_with = "file")]
+    pub texts: Vec<String>,
     /// A workload payload (JSON) to resolve instead; `-` for stdin
     #[arg(short, long, value_name = "PATH")]
     pub file: Option<PathBuf>,
@@ -372,6 +377,12 @@ pub async fn resolve(args: ResolveArgs, mut client: GatewayClient<Authed>, forma
             };
             Ok(pb::ResolveItem { id: k.clone(), reference: Some(pb::resolve_item::Reference::SecretObject(object)) })
         })
+        .chain(args.texts.iter().enumerate().map(|(i, t)| {
+            Ok(pb::ResolveItem {
+                id: format!("text[{i}]"),
+                reference: Some(pb::resolve_item::Reference::Text(t.clone())),
+            })
+        }))
         .collect::<Result<Vec<_>>>()?;
     let answer =
         client.resolve_secrets(pb::ResolveSecretsRequest { domain: args.domain.clone(), items }).await?.into_inner();
@@ -475,6 +486,76 @@ pub async fn usages(
             .collect();
         if !rows.is_empty() {
             output::table(&["DOMAIN", "KIND", "ID", "NAME", "FIELD"], &rows);
+        }
+    })?;
+    Ok(0)
+}
+
+/// `secret selectable`: the secret selector.
+pub async fn selectable(domain: String, mut client: GatewayClient<Authed>, format: Format) -> Result<u8> {
+    let answer = client.list_selectable_secrets(pb::ListSelectableSecretsRequest { domain }).await?.into_inner();
+    #[derive(Serialize)]
+    struct Selectable {
+        key: String,
+        source: String,
+        source_id: String,
+        label: String,
+        /// For domain and global keys: the legacy `${secrets.KEY}` form.
+        placeholder: String,
+    }
+    #[derive(Serialize)]
+    struct Unreadable {
+        source: String,
+        source_id: String,
+        label: String,
+        error: String,
+    }
+    #[derive(Serialize)]
+    struct Listed {
+        secrets: Vec<Selectable>,
+        errors: Vec<Unreadable>,
+    }
+    let listed = Listed {
+        secrets: answer
+            .secrets
+            .into_iter()
+            .map(|s| {
+                let object = s.secret_object.unwrap_or_default();
+                let source = object.source.unwrap_or_default();
+                Selectable {
+                    key: object.key,
+                    source: source_name(source.r#type),
+                    source_id: source.id,
+                    label: s.label,
+                    placeholder: s.placeholder,
+                }
+            })
+            .collect(),
+        errors: answer
+            .errors
+            .into_iter()
+            .map(|e| {
+                let source = e.source.unwrap_or_default();
+                Unreadable {
+                    source: source_name(source.r#type),
+                    source_id: source.id,
+                    label: e.label,
+                    error: e.error.map(|s| s.message).unwrap_or_default(),
+                }
+            })
+            .collect(),
+    };
+    output::print(format, &listed, |l| {
+        let rows: Vec<Vec<String>> = l
+            .secrets
+            .iter()
+            .map(|s| {
+                vec![s.key.clone(), s.label.clone(), format!("{} {}", s.source, s.source_id), s.placeholder.clone()]
+            })
+            .collect();
+        output::table(&["KEY", "FROM", "SOURCE", "PLACEHOLDER"], &rows);
+        for e in &l.errors {
+            eprintln!("warning: {} ({} {}) could not be read: {}", e.label, e.source, e.source_id, e.error);
         }
     })?;
     Ok(0)

@@ -34,6 +34,11 @@ fn run(cmd: &mut assert_cmd::Command) -> Run {
     }
 }
 
+fn json_of(r: Run) -> serde_json::Value {
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
 async fn stored(app: &TestApp, key: &str) -> Option<String> {
     let spark = app.as_service(Some(&format!("user:{OWNER}")));
     let items = spark.resolve(DOMAIN, vec![object_item("x", DOMAIN, key)]).await.unwrap();
@@ -99,6 +104,16 @@ async fn secrets_are_created_listed_updated_and_deleted_with_values_from_stdin_a
     assert_eq!(json["reach"]["workloads"][0]["id"], "etl");
     assert!(json["updated_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(stored(&app, "db_password").await.as_deref(), Some("v2"));
+    // A retry with the first call's --request-id answers its outcome again.
+    let retry = || {
+        let mut cmd = ctl(&app, OWNER);
+        cmd.args(["secret", "update", "from_file", "-d", DOMAIN, "--request-id", "retry-1", "-o", "json", "-"]);
+        cmd.write_stdin("once");
+        json_of(run(&mut cmd))["updated_at"].as_str().unwrap().to_string()
+    };
+    let first = retry();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(retry(), first, "answered with the first outcome");
 
     let r = run(ctl(&app, OWNER).args(["secret", "list", "-d", DOMAIN]));
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -301,6 +316,7 @@ fn completions_generate_and_every_help_has_examples() {
         &["secret", "list"],
         &["secret", "delete"],
         &["secret", "usages"],
+        &["secret", "selectable"],
         &["check"],
         &["vault", "usages"],
         &["workload", "validate"],
@@ -710,6 +726,16 @@ async fn workloads_are_validated_saved_resolved_and_deleted() {
     let r = run(platform().args(["resolve", "-d", DOMAIN, "--reveal", "-o", "json", "-f"]).arg(&job));
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(json(&r)["payload"]["sparkJob"]["template"]["envVars"]["DB"]["text"], CANARY);
+    let text = "postgres://etl:${secrets.db_password}@db";
+    let r = run(platform().args(["resolve", "-d", DOMAIN, "--text", text, "--reveal", "-o", "json"]));
+    assert_eq!(json(&r)[0]["value"], format!("postgres://etl:{CANARY}@db"));
+    let r = run(platform().args(["secret", "selectable", "-d", DOMAIN, "-o", "json"]));
+    let picked = json(&r)["secrets"].as_array().unwrap().iter().find(|s| s["key"] == "db_password").cloned();
+    let picked = picked.unwrap_or_else(|| panic!("db_password selectable: {}", r.stdout));
+    assert_eq!(
+        (picked["label"].as_str(), picked["placeholder"].as_str()),
+        (Some(DOMAIN), Some("${secrets.db_password}"))
+    );
     let r = run(ctl(&app, OWNER).args(["resolve", "-d", DOMAIN, "db_password", "--reveal"]));
     assert_eq!(r.code, 2, "values only for platform services: {}", r.stderr);
     assert!(!r.stdout.contains(CANARY));
