@@ -205,15 +205,30 @@ impl ReplicatedStack {
         text
     }
 
-    async fn until_serving(&self, service: &str, replica: usize) {
+    /// Waits until replica `replica` of `service` answers. The metrics port
+    /// was free when it was picked, but another process may take it before
+    /// the replica binds it: then the replica starts again on another.
+    async fn until_serving(&mut self, service: &'static str, replica: usize) {
         let addr: SocketAddr = ([127, 0, 0, 1], self.ports[service][replica]).into();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut relaunched = 0;
         while secrets_common::server::probe(addr).await.is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{service} replica {replica} did not start: {}",
-                self.log(service, replica)
-            );
+            let log = self.log(service, replica);
+            if relaunched < 3 && log.contains("cannot listen for metrics") && log.contains("Address already in use") {
+                relaunched += 1;
+                let path = self.dir.path().join(format!("{service}-{replica}.toml"));
+                let config: String = std::fs::read_to_string(&path)
+                    .expect("its configuration")
+                    .lines()
+                    .map(|l| match l.starts_with("metrics_addr = ") {
+                        true => format!("metrics_addr = \"127.0.0.1:{}\"\n", free_port()),
+                        false => format!("{l}\n"),
+                    })
+                    .collect();
+                self.launch(service, replica, &config);
+                continue;
+            }
+            assert!(std::time::Instant::now() < deadline, "{service} replica {replica} did not start: {log}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -164,9 +164,24 @@ impl Feed {
         let (tx, rx) = mpsc::channel(64);
         let (feed, caller) = (self.clone(), caller.clone());
         let window = (request.coalesce_seconds > 0).then(|| Duration::from_secs(request.coalesce_seconds.into()));
+        let mut closing = self.closing.clone();
         tokio::spawn(async move {
-            if let Err(e) = feed.relay(&caller, filter, window, request.after_revision, upstream, &tx).await {
-                let _ = tx.send(Err(e)).await;
+            // Shutdown ends the relay wherever it waits: on the log, on a
+            // permission check, or on a watcher too slow to take its messages.
+            let relayed = tokio::select! {
+                relayed = feed.relay(&caller, filter, window, request.after_revision, upstream, &tx) => relayed,
+                _ = closing.wait_for(|c| *c) => Err(shutting_down()),
+            };
+            if let Err(e) = relayed {
+                // Once shutting down, a watcher too slow to take the error
+                // only sees the stream end.
+                tokio::select! {
+                    biased;
+                    _ = tx.send(Err(e.clone())) => {}
+                    _ = closing.wait_for(|c| *c) => {
+                        let _ = tx.try_send(Err(e));
+                    }
+                }
             }
         });
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -216,11 +231,9 @@ impl Feed {
         let mut pending: BTreeMap<(String, i32, String), pb::WorkloadChanges> = BTreeMap::new();
         let mut flush_at: Option<tokio::time::Instant> = None;
         let mut checked = Instant::now();
-        let mut closing = self.closing.clone();
         loop {
             let next = tokio::select! {
                 () = tx.closed() => return Ok(()),
-                _ = closing.wait_for(|c| *c) => return Err(shutting_down()),
                 () = async { if let Some(at) = flush_at { tokio::time::sleep_until(at).await } else { std::future::pending().await } } => None,
                 message = upstream.message() => Some(message.map_err(|s| secrets_common::error::from_upstream(secrets_common::changes::CHANGE_LOG, s))?),
             };

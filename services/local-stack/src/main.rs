@@ -86,16 +86,21 @@ fn secretsctl_profiles(dir: &Path, gateway: &str) -> anyhow::Result<()> {
         admin = token("admin.token"),
         platform = token("platform-service.token"),
     );
+    // Written whole beside it, then renamed into place: a reader never
+    // sees half a file.
     let path = dir.join("secretsctl.toml");
+    let partial = dir.join("secretsctl.toml.partial");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        .open(&partial)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

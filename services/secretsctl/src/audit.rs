@@ -140,14 +140,14 @@ fn duration(text: &str) -> Result<chrono::Duration> {
     let bad = || local("--since takes a number and a unit: 90s, 15m, 2h or 7d");
     let unit = text.chars().last().ok_or_else(bad)?;
     let n: i64 = text.get(..text.len() - unit.len_utf8()).and_then(|n| n.parse().ok()).ok_or_else(bad)?;
-    let seconds = match unit {
-        's' => n,
-        'm' => n * 60,
-        'h' => n * 3600,
-        'd' => n * 86_400,
+    let unit = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
         _ => return Err(bad()),
     };
-    chrono::Duration::try_seconds(seconds).ok_or_else(bad)
+    n.checked_mul(unit).filter(|s| *s >= 0).and_then(chrono::Duration::try_seconds).ok_or_else(bad)
 }
 
 fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
@@ -177,7 +177,10 @@ pub async fn run(command: AuditCommand, mut client: GatewayClient<Authed>, forma
             limit,
         } => {
             let from = match (since, from) {
-                (Some(s), _) => Some(timestamp(chrono::Utc::now() - duration(&s)?)),
+                (Some(s), _) => {
+                    let from = chrono::Utc::now().checked_sub_signed(duration(&s)?);
+                    Some(timestamp(from.ok_or_else(|| local("--since reaches back before any time there is"))?))
+                }
                 (None, Some(f)) => Some(parse_time(&f, "--from")?),
                 (None, None) => None,
             };

@@ -247,6 +247,20 @@ impl ConnectArgs {
             }
             Origin::Nothing => (None, None, None, None, None),
         };
+        // A token goes only to the address it came with: --addr pointing
+        // elsewhere needs its own --token-file.
+        if let (Some(flag), Some(origin_addr), Some(_), None) = (&self.addr, &addr, &token, &self.token_file)
+            && flag.trim_end_matches('/') != origin_addr.trim_end_matches('/')
+        {
+            let from = match &origin {
+                Origin::Profile(_) => "the profile's",
+                _ => "SECRETS_ADDR's",
+            };
+            return Err(local(format!(
+                "--addr {flag} is not {from} address {origin_addr}, and the token is for that one only: give the \
+                 token for {flag} with --token-file, or choose the profile for it with --profile"
+            )));
+        }
         let token = match &self.token_file {
             Some(path) => Some(read_token(path)?),
             None => token,
@@ -305,7 +319,13 @@ impl Connection {
         let mut endpoint = Endpoint::from_shared(self.addr.clone())
             .map_err(|e| local(format!("the address {:?} is not a URL: {e}", self.addr)))?
             .timeout(self.timeout)
-            .connect_timeout(self.timeout.min(Duration::from_secs(10)));
+            .connect_timeout(self.timeout.min(Duration::from_secs(10)))
+            // A connection that dies without a word (a partition, a host
+            // gone) is noticed, so `watch` reconnects instead of waiting.
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(Duration::from_secs(60)));
         let uri = self
             .addr
             .parse::<tonic::codegen::http::Uri>()

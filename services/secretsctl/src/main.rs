@@ -82,37 +82,74 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Domain, global and admin secrets
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  secretsctl secret create db_password -d finance - < password.txt
+  secretsctl secret list -d finance
+  secretsctl secret usages db_password -d finance"
+    )]
     Secret(secret::SecretCommand),
     /// Ask whether a subject may do something, and why
     Check(check::CheckArgs),
     /// A domain's members and their roles
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  secretsctl member add user:bob -d finance
+  secretsctl member list -d finance"
+    )]
     Member(access::MemberCommand),
     /// A domain's permissions held by its members
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  secretsctl permission grant user:bob list-secrets -d finance")]
     Permission(access::PermissionCommand),
     /// Platform admins
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  secretsctl admin list\n  secretsctl admin grant user:carol")]
     Admin(access::AdminCommand),
     /// Groups (members: users, services, other groups)
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  secretsctl group create analysts --description \"finance analysts\"
+  secretsctl group add-member analysts user:bob"
+    )]
     Group(access::GroupCommand),
     /// Resource bundles: owners, grants, resources
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  secretsctl bundle create analysts-vault --owner user:admin
+  secretsctl bundle grant analysts-vault group:analysts use"
+    )]
     Bundle(access::BundleCommand),
     /// A domain's Vault (KV v2) integrations: configs, connection tests, keys
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  printf '%s' \"$VAULT_TOKEN\" | secretsctl vault create prod -d finance --bundle finance-vault \\
+    --host https://vault.example.com:8200 --path /v1/secret/data/prod --auth token -
+  secretsctl vault test 3f2a..."
+    )]
     Vault(vault::VaultCommand),
     /// Check, save, inspect and delete saved workloads (the usage index)
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  secretsctl workload validate -d finance -f job.json
+  secretsctl --profile platform --on-behalf-of user:alice workload save -d finance -f job.json --id nightly-etl"
+    )]
     Workload(workload::WorkloadCommand),
     /// Resolve keys or a workload payload as a platform component does at launch
     Resolve(workload::ResolveArgs),
     /// Follow the change feed: every create, update and delete, and what it reaches
     Watch(watch::WatchArgs),
     /// The audit trail and each secret's last access
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  secretsctl audit query -d finance --key api_token --since 24h
+  secretsctl audit last-access -d finance"
+    )]
     Audit(audit::AuditCommand),
     /// Print a shell completion script
     #[command(after_help = "Examples:
@@ -207,6 +244,12 @@ fn usage(e: clap::Error) -> u8 {
         }
     };
     eprintln!("error: {what} (not repeated here, in case it was a secret value)");
+    if matches!(e.kind(), ErrorKind::UnknownArgument | ErrorKind::TooManyValues) {
+        eprintln!(
+            "  a value or credential is never taken from the command line: pass it on stdin (`-`), from a file \
+             (`@PATH` or --from-file), or leave it out to be prompted for it"
+        );
+    }
     let strings = |kind| match e.get(kind) {
         Some(ContextValue::String(s)) => vec![s.clone()],
         Some(ContextValue::Strings(s)) => s.clone(),

@@ -18,9 +18,29 @@ fn object<'a>(value: &'a Value, path: &str) -> Result<Fields<'a>> {
     value.as_object().ok_or_else(|| local(format!("{path}: expected an object")))
 }
 
-/// Refuses fields other than `known`, naming the first.
+/// `sparkJob` → `spark_job`: protobuf's own field name, which grpcurl also
+/// takes.
+fn snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A field by its JSON name or its protobuf name.
+fn get<'a>(fields: Fields<'a>, name: &str) -> Option<&'a Value> {
+    fields.get(name).or_else(|| fields.get(&snake(name)))
+}
+
+/// Refuses fields other than `known` (by either name), naming the first.
 fn only(fields: Fields<'_>, known: &[&str], path: &str) -> Result<()> {
-    match fields.keys().find(|k| !known.contains(&k.as_str())) {
+    match fields.keys().find(|k| !known.iter().any(|n| n == k || snake(n) == **k)) {
         Some(k) => Err(local(format!("{path}: unknown field {k:?} (known here: {})", known.join(", ")))),
         None => Ok(()),
     }
@@ -33,20 +53,25 @@ fn string(value: &Value, path: &str) -> Result<String> {
 fn secret_object(value: &Value, path: &str) -> Result<pb::SecretObject> {
     let fields = object(value, path)?;
     only(fields, &["key", "source"], path)?;
-    let key = fields.get("key").map(|k| string(k, &format!("{path}.key"))).transpose()?.unwrap_or_default();
-    let source = match fields.get("source") {
+    let key = get(fields, "key").map(|k| string(k, &format!("{path}.key"))).transpose()?.unwrap_or_default();
+    let source = match get(fields, "source") {
         None => None,
         Some(s) => {
             let at = format!("{path}.source");
             let s = object(s, &at)?;
             only(s, &["type", "id"], &at)?;
-            let r#type = match s.get("type").map(|t| string(t, &format!("{at}.type"))).transpose()?.as_deref() {
+            let r#type = match get(s, "type").and_then(Value::as_u64) {
+                Some(1) => Some("KUBERNETES".to_string()),
+                Some(2) => Some("VAULT".to_string()),
+                _ => get(s, "type").map(|t| string(t, &format!("{at}.type"))).transpose()?,
+            };
+            let r#type = match r#type.as_deref() {
                 None => pb::SourceType::Unspecified,
                 Some(t) if t.eq_ignore_ascii_case("kubernetes") => pb::SourceType::Kubernetes,
                 Some(t) if t.eq_ignore_ascii_case("vault") => pb::SourceType::Vault,
                 Some(_) => return Err(local(format!("{at}.type: expected KUBERNETES or VAULT"))),
             };
-            let id = s.get("id").map(|i| string(i, &format!("{at}.id"))).transpose()?.unwrap_or_default();
+            let id = get(s, "id").map(|i| string(i, &format!("{at}.id"))).transpose()?.unwrap_or_default();
             Some(pb::SecretSource { r#type: r#type as i32, id })
         }
     };
@@ -57,9 +82,9 @@ fn config_value(value: &Value, path: &str) -> Result<pb::ConfigValue> {
     use pb::config_value::Value as V;
     let v = match value {
         Value::String(text) => V::Text(text.clone()),
-        Value::Object(fields) if fields.contains_key("text") || fields.contains_key("secretObject") => {
+        Value::Object(fields) if get(fields, "text").is_some() || get(fields, "secretObject").is_some() => {
             only(fields, &["text", "secretObject"], path)?;
-            match (fields.get("text"), fields.get("secretObject")) {
+            match (get(fields, "text"), get(fields, "secretObject")) {
                 (Some(t), None) => V::Text(string(t, &format!("{path}.text"))?),
                 (None, Some(o)) => V::SecretObject(secret_object(o, &format!("{path}.secretObject"))?),
                 _ => return Err(local(format!("{path}: set text or secretObject, not both"))),
@@ -94,7 +119,7 @@ fn env_and_conf(value: &Value, path: &str) -> Result<pb::EnvAndConf> {
 fn spark(value: &Value, path: &str) -> Result<pb::SparkJobPayload> {
     let fields = object(value, path)?;
     only(fields, &["template"], path)?;
-    let template = fields.get("template").map(|t| env_and_conf(t, &format!("{path}.template"))).transpose()?;
+    let template = get(fields, "template").map(|t| env_and_conf(t, &format!("{path}.template"))).transpose()?;
     Ok(pb::SparkJobPayload { template })
 }
 
@@ -114,12 +139,12 @@ pub fn parse(text: &str, file: &str) -> Result<pb::WorkloadPayload> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| local(format!("{file}: not JSON (line {}, column {})", e.line(), e.column())))?;
     let top = object(&value, file)?;
-    let mut kinds = top.iter().filter(|(k, _)| KINDS.contains(&k.as_str()));
+    only(top, &KINDS, file)?;
+    let mut kinds = KINDS.iter().filter_map(|k| get(top, k).map(|body| (*k, body)));
     let (Some((kind, body)), None) = (kinds.next(), kinds.next()) else {
         return Err(local(format!("{file}: set exactly one kind at the top: {}", KINDS.join(", "))));
     };
-    only(top, &KINDS, file)?;
-    let kind = match kind.as_str() {
+    let kind = match kind {
         "compute" => {
             let c = env_and_conf(body, "compute")?;
             Kind::Compute(pb::ComputePayload { env_vars: c.env_vars, spark_conf: c.spark_conf })
@@ -130,7 +155,7 @@ pub fn parse(text: &str, file: &str) -> Result<pb::WorkloadPayload> {
         "jupyterContainer" => {
             let fields = object(body, "jupyterContainer")?;
             only(fields, &["config"], "jupyterContainer")?;
-            let config = match fields.get("config") {
+            let config = match get(fields, "config") {
                 Some(c) => {
                     let c = object(c, "jupyterContainer.config")?;
                     only(c, &["envVars"], "jupyterContainer.config")?;
@@ -144,13 +169,11 @@ pub fn parse(text: &str, file: &str) -> Result<pb::WorkloadPayload> {
             let fields = object(body, "storageConfig")?;
             only(fields, &["secretKey", "storageSecret"], "storageConfig")?;
             Kind::StorageConfig(pb::StorageConfigPayload {
-                secret_key: fields
-                    .get("secretKey")
+                secret_key: get(fields, "secretKey")
                     .map(|v| string(v, "storageConfig.secretKey"))
                     .transpose()?
                     .unwrap_or_default(),
-                storage_secret: fields
-                    .get("storageSecret")
+                storage_secret: get(fields, "storageSecret")
                     .map(|v| secret_object(v, "storageConfig.storageSecret"))
                     .transpose()?,
             })
@@ -159,8 +182,7 @@ pub fn parse(text: &str, file: &str) -> Result<pb::WorkloadPayload> {
             let fields = object(body, "emailSettings")?;
             only(fields, &["smtpPassword"], "emailSettings")?;
             Kind::EmailSettings(pb::EmailSettingsPayload {
-                smtp_password: fields
-                    .get("smtpPassword")
+                smtp_password: get(fields, "smtpPassword")
                     .map(|v| config_value(v, "emailSettings.smtpPassword"))
                     .transpose()?,
             })
@@ -169,8 +191,7 @@ pub fn parse(text: &str, file: &str) -> Result<pb::WorkloadPayload> {
             let fields = object(body, "ldapIntegration")?;
             only(fields, &["bindPassword"], "ldapIntegration")?;
             Kind::LdapIntegration(pb::LdapIntegrationPayload {
-                bind_password: fields
-                    .get("bindPassword")
+                bind_password: get(fields, "bindPassword")
                     .map(|v| config_value(v, "ldapIntegration.bindPassword"))
                     .transpose()?,
             })
@@ -196,11 +217,13 @@ pub fn read(path: &std::path::Path) -> Result<pb::WorkloadPayload> {
 }
 
 fn object_json(o: &pb::SecretObject) -> Value {
-    let source = o.source.as_ref().map(|s| {
+    let mut out = Map::new();
+    out.insert("key".into(), json!(o.key));
+    if let Some(s) = &o.source {
         let t = pb::SourceType::try_from(s.r#type).map(|t| t.as_str_name()).unwrap_or("SOURCE_TYPE_UNSPECIFIED");
-        json!({"type": t, "id": s.id})
-    });
-    json!({"key": o.key, "source": source})
+        out.insert("source".into(), json!({"type": t, "id": s.id}));
+    }
+    Value::Object(out)
 }
 
 fn value_json(v: &pb::ConfigValue) -> Value {
@@ -212,7 +235,8 @@ fn value_json(v: &pb::ConfigValue) -> Value {
 }
 
 fn map_json(m: &HashMap<String, pb::ConfigValue>) -> Value {
-    let sorted: std::collections::BTreeMap<_, _> = m.iter().map(|(k, v)| (k.clone(), value_json(v))).collect();
+    let sorted: std::collections::BTreeMap<_, _> =
+        m.iter().filter(|(_, v)| v.value.is_some()).map(|(k, v)| (k.clone(), value_json(v))).collect();
     json!(sorted)
 }
 
@@ -311,6 +335,19 @@ mod tests {
         let back = to_json(&p);
         assert_eq!(back["compute"]["envVars"]["A"], json!({"text": "${secrets.a}"}));
         assert_eq!(back["compute"]["envVars"]["B"]["secretObject"]["source"]["type"], "KUBERNETES");
+    }
+
+    #[test]
+    fn protobuf_names_and_numeric_enums_are_read_as_grpcurl_takes_them() {
+        let p = parse(
+            r#"{"spark_job":{"template":{"env_vars":{"A":{"secret_object":{"key":"a","source":{"type":2,"id":"v"}}}}}}}"#,
+            "t",
+        )
+        .unwrap();
+        let back = to_json(&p);
+        assert_eq!(back["sparkJob"]["template"]["envVars"]["A"]["secretObject"]["source"]["type"], "VAULT");
+        let bare = parse(r#"{"emailSettings":{"smtpPassword":{"secretObject":{"key":"k"}}}}"#, "t").unwrap();
+        assert_eq!(parse(&to_json(&bare).to_string(), "t").unwrap(), bare, "no null written back");
     }
 
     #[test]

@@ -52,7 +52,10 @@ impl Credentials {
     fn read(&self) -> Result<Option<pb::VaultCredentials>> {
         let Some(auth) = self.auth else {
             if self.source.is_some() || self.credentials_file.is_some() || self.role_id.is_some() {
-                return Err(local("credentials need --auth token or --auth app-role"));
+                return Err(local(
+                    "credentials need --auth token or --auth app-role, and the token or secret id itself on stdin \
+                     (`-`), from a file (`@PATH` or --credentials-file) or at the prompt; never as an argument",
+                ));
             }
             return Ok(None);
         };

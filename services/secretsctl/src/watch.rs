@@ -210,19 +210,20 @@ fn print(format: Format, message: &Message) -> Result<()> {
     Ok(())
 }
 
-/// Whether a failed stream is worth reopening.
-fn transient(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::Unknown
-            | Code::Aborted
-            | Code::Internal
-            | Code::ResourceExhausted
-    )
+/// Whether a failed stream is worth reopening: always for an outage; for
+/// an error that may be the server's own bug, only a few times in a row
+/// without progress.
+fn transient(code: Code, fruitless: u32) -> bool {
+    match code {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::ResourceExhausted => true,
+        Code::Unknown | Code::Internal => fruitless < MAX_FRUITLESS,
+        _ => false,
+    }
 }
+
+/// Reconnections in a row that delivered nothing, after which an error that
+/// is not an outage ends the watch.
+const MAX_FRUITLESS: u32 = 5;
 
 pub async fn run(args: WatchArgs, client: GatewayClient<Authed>, format: Format) -> Result<u8> {
     match args.max_time {
@@ -244,6 +245,7 @@ pub async fn run(args: WatchArgs, client: GatewayClient<Authed>, format: Format)
 async fn follow(args: WatchArgs, mut client: GatewayClient<Authed>, format: Format) -> Result<u8> {
     let mut cursor = args.after;
     let mut seen = 0u64;
+    let mut fruitless = 0u32;
     let mut pause = Duration::from_millis(500);
     loop {
         let request = pb::WatchSecretChangesRequest {
@@ -261,7 +263,6 @@ async fn follow(args: WatchArgs, mut client: GatewayClient<Authed>, format: Form
                 loop {
                     match stream.message().await {
                         Ok(Some(m)) => {
-                            pause = Duration::from_millis(500);
                             // The cursor moves only once the message is printed.
                             let message = Message {
                                 cursor: m.cursor,
@@ -293,7 +294,13 @@ async fn follow(args: WatchArgs, mut client: GatewayClient<Authed>, format: Form
                                 );
                             }
                             print(format, &message)?;
-                            cursor = cursor.max(m.cursor);
+                            // The server's cursor, even when a resync moves
+                            // it back: it is where this watcher stands.
+                            if m.cursor != cursor || message.change.is_some() || message.workload.is_some() {
+                                pause = Duration::from_millis(500);
+                                fruitless = 0;
+                            }
+                            cursor = m.cursor;
                             if message.caught_up && args.until_caught_up {
                                 return Ok(0);
                             }
@@ -310,9 +317,10 @@ async fn follow(args: WatchArgs, mut client: GatewayClient<Authed>, format: Form
                 }
             }
         };
-        if !transient(failure.code()) {
+        if !transient(failure.code(), fruitless) {
             return Err(failure.into());
         }
+        fruitless += 1;
         eprintln!(
             "watch: {} ({:?}); reconnecting in {:.1}s after cursor {cursor}",
             failure.message(),

@@ -311,7 +311,43 @@ fn completions_generate_and_every_help_has_examples() {
     let help = String::from_utf8(help.stdout).unwrap();
     assert!(help.contains("Examples:") && help.contains("Exit codes: 0 ok"), "{help}");
     for sub in [
-        &["secret", "create"][..],
+        &["secret"][..],
+        &["member"],
+        &["permission"],
+        &["admin"],
+        &["group"],
+        &["bundle"],
+        &["vault"],
+        &["workload"],
+        &["audit"],
+        &["member", "add"],
+        &["member", "list"],
+        &["member", "remove"],
+        &["permission", "grant"],
+        &["permission", "revoke"],
+        &["admin", "list"],
+        &["admin", "grant"],
+        &["admin", "revoke"],
+        &["group", "list"],
+        &["group", "create"],
+        &["group", "delete"],
+        &["group", "add-member"],
+        &["group", "remove-member"],
+        &["bundle", "list"],
+        &["bundle", "get"],
+        &["bundle", "create"],
+        &["bundle", "update"],
+        &["bundle", "delete"],
+        &["bundle", "grant"],
+        &["bundle", "revoke"],
+        &["vault", "list"],
+        &["vault", "get"],
+        &["vault", "keys"],
+        &["vault", "test"],
+        &["vault", "create"],
+        &["vault", "update"],
+        &["vault", "delete"],
+        &["secret", "create"],
         &["secret", "update"],
         &["secret", "list"],
         &["secret", "delete"],
@@ -547,16 +583,24 @@ async fn the_address_and_the_token_come_from_one_place_and_never_travel_in_clear
         .args(["--profile", "test"]));
     assert_eq!(r.code, 0, "{}", r.stderr);
 
+    // --addr elsewhere than the profile's: its token is not sent there.
+    let elsewhere = format!("http://{closed}");
+    let r = run(list().args(["--addr", &elsewhere]));
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not the profile's address") && r.stderr.contains("--token-file"), "{}", r.stderr);
+    let r = run(list().args(["--addr", &elsewhere, "--token-file"]).arg(&token));
+    assert_eq!(r.code, 5, "with its own token it is sent (and nobody answers there): {}", r.stderr);
+
     // TLS files with plain http would be ignored: refused.
     let r = run(list().args(["--ca-file", "/etc/hostname"]));
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("plain http") && r.stderr.contains("https://"), "{}", r.stderr);
     // A token over plain http to another machine: refused unless --insecure.
     let remote = "http://192.0.2.1:50051";
-    let r = run(list().args(["--addr", remote]));
+    let r = run(list().args(["--addr", remote, "--token-file"]).arg(&token));
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("clear text") && r.stderr.contains("--insecure"), "{}", r.stderr);
-    let r = run(list().args(["--addr", remote, "--insecure", "--timeout", "1"]));
+    let r = run(list().args(["--addr", remote, "--insecure", "--timeout", "1", "--token-file"]).arg(&token));
     assert_eq!(r.code, 5, "sent, and nobody answers there: {}", r.stderr);
 
     // A token file of another user is refused (the check needs root to chown).
@@ -624,11 +668,22 @@ async fn the_masked_prompt_asks_twice_and_echoes_nothing() {
         let mut p = expectrl::Session::spawn(cmd).unwrap();
         p.set_expect_timeout(Some(std::time::Duration::from_secs(60)));
         let mut seen = String::new();
+        // The prompt is printed before echo goes off: each answer waits
+        // for the terminal to stop echoing, as a person's typing would.
+        let echo_off = |p: &expectrl::Session| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while p.get_process().get_echo().unwrap() {
+                assert!(std::time::Instant::now() < deadline, "echo never went off");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
         let asked = p.expect(format!("Value for {key}: ").as_str()).unwrap();
         seen.push_str(&String::from_utf8_lossy(asked.before()));
+        echo_off(&p);
         p.send_line(CANARY).unwrap();
         let again = p.expect("Again, to confirm: ").unwrap();
         seen.push_str(&String::from_utf8_lossy(again.before()));
+        echo_off(&p);
         p.send_line(second).unwrap();
         // Everything printed up to the end: Eof matches all of it.
         let rest = p.expect(expectrl::Eof).unwrap();
@@ -802,7 +857,7 @@ async fn watch_follows_the_feed_and_resumes_after_its_cursor_when_the_gateway_re
     assert!(stderr.contains("reconnecting") && stderr.contains(&format!("after cursor {one}")), "{stderr}");
 
     // Text, up to where the feed stands.
-    let r = run(ctl(&app, SPARK).args(["--addr", &format!("http://127.0.0.1:{port}")]).args([
+    let r = run(ctl(&app, SPARK).env("SECRETS_ADDR", format!("http://127.0.0.1:{port}")).args([
         "watch",
         "-d",
         DOMAIN,
@@ -821,6 +876,7 @@ async fn watch_follows_the_feed_and_resumes_after_its_cursor_when_the_gateway_re
         .args(["watch", "-d", DOMAIN, "--after", &three.to_string(), "--count", "1"])
         .args(["--max-time", "2"]));
     assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("fewer changes than --count") && r.stdout.contains("caught up"), "{}", r.stderr);
     let r = run(ctl(&app, STRANGER).args(["watch", "-d", DOMAIN]));
     assert_eq!(r.code, 2, "a refusal ends the watch: {}", r.stderr);
     gateway.stop().await;
@@ -882,6 +938,10 @@ async fn audit_queries_say_who_received_which_secret_and_never_its_value() {
     assert_eq!((entry["principal"].as_str(), entry["source"].as_str()), (Some("user:olivia"), Some("kubernetes")));
     let r = run(ctl(&app, OWNER).args(["audit", "query"]));
     assert_eq!(r.code, 2, "every domain is for platform admins: {}", r.stderr);
-    let r = run(ctl(&app, OWNER).args(["audit", "query", "-d", DOMAIN, "--since", "5x"]));
-    assert!(r.code == 1 && r.stderr.contains("90s, 15m, 2h or 7d"), "{}", r.stderr);
+    for since in ["5x", "100000000000000d"] {
+        let r = run(ctl(&app, OWNER).args(["audit", "query", "-d", DOMAIN, "--since", since]));
+        assert!(r.code == 1 && r.stderr.contains("90s, 15m, 2h or 7d"), "{since}: {}", r.stderr);
+    }
+    let r = run(ctl(&app, OWNER).args(["audit", "query", "-d", DOMAIN, "--since", "100000000d"]));
+    assert!(r.code == 1 && r.stderr.contains("--since reaches back"), "{}", r.stderr);
 }

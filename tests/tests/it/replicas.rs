@@ -235,10 +235,14 @@ async fn on_kubernetes_a_write_through_one_secret_service_replica_is_read_throug
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(seen.as_deref(), Some(&b"first"[..]));
-    // Served from its copy: reading costs the API server nothing.
+    // Served from its copy: reads cost the API server nothing (the
+    // replicas' own background work may read now and then, never per call).
     let gets = kube.counters().gets;
-    assert_eq!(read_on(&app, other.port, "finance", "db_password").await.as_deref(), Some(&b"first"[..]));
-    assert_eq!(kube.counters().gets, gets, "the replica answers from its watched copy");
+    for _ in 0..20 {
+        assert_eq!(read_on(&app, other.port, "finance", "db_password").await.as_deref(), Some(&b"first"[..]));
+    }
+    let cost = kube.counters().gets - gets;
+    assert!(cost < 5, "the replica answers from its watched copy: 20 reads cost {cost} GETs");
 
     // From now on no watch delivers anything: only the replicas' own
     // coordination can bring the other replica's copy forward.
