@@ -101,7 +101,7 @@ fn config_value(value: &Value, path: &str) -> Result<pb::ConfigValue> {
 }
 
 fn config_map(fields: Fields<'_>, name: &str, prefix: &str) -> Result<HashMap<String, pb::ConfigValue>> {
-    let Some(value) = fields.get(name) else { return Ok(HashMap::new()) };
+    let Some(value) = get(fields, name) else { return Ok(HashMap::new()) };
     let path = format!("{prefix}{name}");
     object(value, &path)?.iter().map(|(k, v)| Ok((k.clone(), config_value(v, &format!("{path}[{k:?}]"))?))).collect()
 }
