@@ -160,6 +160,28 @@ fn the_grpcurl_walkthrough_runs_as_printed_against_the_local_stack() {
     assert!(stdout.contains("deleted Vault config") && stdout.contains("deleted bundle reports-vault"), "{stdout}");
     assert!(!stdout.contains("dev-only-root-token") && !stderr.contains("dev-only-root-token"), "the Vault token");
 
+    // The migration walkthrough, in the same stack; it removes what it made.
+    let (stdout, stderr) = run_block(dir.path(), "migration", sh_block("## Migrating to secret objects"));
+    assert!(stdout.contains("2 workload(s) still to migrate"), "status before: {stdout}");
+    assert!(
+        stdout.lines().any(|l| l.contains("spark.smtp.password") && l.contains("smtp_relay_password (global)")),
+        "the global fallback is named: {stdout}"
+    );
+    assert!(stdout.lines().any(|l| l.contains("JDBC_URL") && l.contains("embedded-in-text")), "{stdout}");
+    assert!(
+        stdout.lines().filter(|l| *l == "created secret lake_secret_key").count() == 1,
+        "created by the first apply only: {stdout}"
+    );
+    assert!(stdout.contains("same values"), "{stdout}");
+    assert!(
+        stdout.contains("1 workload(s) still to migrate"),
+        "the embedded placeholder keeps etl-nightly listed: {stdout}"
+    );
+    assert!(
+        !stdout.contains("lake-plaintext-key") && !stderr.contains("lake-plaintext-key"),
+        "the plaintext is echoed"
+    );
+
     let (stdout, _) = run_block(dir.path(), "grpcurl", sh_block("## Using it with grpcurl"));
     assert!(stdout.contains("iomete.secrets.v1.Gateway"), "list: {stdout}");
     assert!(stdout.contains(r#""text": "jdbc:postgresql://etl:rotated@db/warehouse""#), "resolved text: {stdout}");

@@ -189,6 +189,9 @@ pub mod workload {
         pub saved_at: ChronoDateTimeUtc,
         /// The identity that owns the record (empty: recorded before owners).
         pub owner: String,
+        /// The fields that hold a plaintext credential, one per line (the
+        /// fields, never the values); empty when none does.
+        pub plaintext_fields: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -708,6 +711,7 @@ enum Workloads {
     SavedBy,
     SavedAt,
     Owner,
+    PlaintextFields,
 }
 
 #[derive(DeriveIden)]
@@ -978,7 +982,38 @@ impl MigratorTrait for Migrator {
             Box::new(Replicas),
             Box::new(ChangeLog),
             Box::new(StoreBaselines),
+            Box::new(WorkloadPlaintext),
         ]
+    }
+}
+
+/// Which saved workloads still hold a plaintext credential (the field,
+/// never the value): migration progress.
+pub struct WorkloadPlaintext;
+
+impl MigrationName for WorkloadPlaintext {
+    fn name(&self) -> &str {
+        "m20261208_000001_workload_plaintext"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for WorkloadPlaintext {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Workloads::Table)
+                    .add_column(ColumnDef::new(Workloads::PlaintextFields).text().not_null().default(""))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(Table::alter().table(Workloads::Table).drop_column(Workloads::PlaintextFields).to_owned())
+            .await
     }
 }
 

@@ -126,6 +126,33 @@ struct Save {
     saved_by: String,
     owner: String,
     override_owner: bool,
+    /// One field per line.
+    plaintext_fields: String,
+}
+
+/// Fields holding a plaintext credential one workload may record.
+pub const MAX_PLAINTEXT_FIELDS: usize = 16;
+
+fn plaintext_fields(fields: &[String]) -> Result<String> {
+    if fields.len() > MAX_PLAINTEXT_FIELDS {
+        return Err(Error::from(FieldViolation::new(
+            "plaintext_fields",
+            format!("at most {MAX_PLAINTEXT_FIELDS} per workload"),
+        )));
+    }
+    for (i, f) in fields.iter().enumerate() {
+        if f.is_empty() || f.len() > MAX_FIELD_LEN || f.chars().any(char::is_control) {
+            return Err(Error::from(FieldViolation::new(
+                format!("plaintext_fields[{i}]"),
+                format!("must be a field path of 1 to {MAX_FIELD_LEN} bytes without control characters"),
+            )));
+        }
+    }
+    Ok(fields.join("\n"))
+}
+
+fn fields_of(stored: &str) -> Vec<String> {
+    stored.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
 }
 
 /// Replaces one workload's record and references inside `txn`; true when
@@ -141,6 +168,7 @@ async fn save_one(txn: &DatabaseTransaction, backend: DbBackend, save: &Save) ->
         saved_by: Set(save.saved_by.clone()),
         saved_at: Set(Utc::now()),
         owner: Set(save.owner.clone()),
+        plaintext_fields: Set(save.plaintext_fields.clone()),
     };
     // Claim the row first: a new workload becomes this owner's, and on
     // PostgreSQL a concurrent first save waits here for this one, then
@@ -226,6 +254,7 @@ impl UsageIndex {
             saved_by: request.saved_by,
             owner: request.owner,
             override_owner: request.override_owner,
+            plaintext_fields: plaintext_fields(&request.plaintext_fields)?,
         };
         // Queued with the changes of other callers and written with them
         // in one transaction; the caller is answered once it is committed.
@@ -286,6 +315,7 @@ impl UsageIndex {
                     found: true,
                     workload: Some(to_ref(&row)),
                     references: references.into_iter().map(to_reference).collect(),
+                    plaintext_fields: fields_of(&row.plaintext_fields),
                     saved_by: row.saved_by,
                     owner: row.owner,
                 })
@@ -360,6 +390,84 @@ impl UsageIndex {
     }
 }
 
+impl UsageIndex {
+    /// The saved workloads that still use placeholders or hold plaintext
+    /// credentials (the first `limit`, by domain, kind and id, with their
+    /// placeholder references), and counts per kind over all of them.
+    pub async fn legacy(&self, request: &internal::ListLegacyRequest) -> Result<internal::ListLegacyResponse> {
+        if !request.domain.is_empty() {
+            validate::domain("domain", &request.domain)?;
+        }
+        if request.limit > MAX_LIMIT {
+            return Err(Error::from(FieldViolation::new("limit", format!("is at most {MAX_LIMIT}"))));
+        }
+        let domain = (!request.domain.is_empty()).then(|| request.domain.clone());
+        self.policy
+            .bounded(async {
+                let db = self.policy.db();
+                let mut workloads = workload::Entity::find()
+                    .select_only()
+                    .column(workload::Column::Domain)
+                    .column(workload::Column::Kind)
+                    .column(workload::Column::Id)
+                    .column(workload::Column::Name)
+                    .column(workload::Column::PlaintextFields);
+                let mut placeholders =
+                    workload_reference::Entity::find().filter(workload_reference::Column::Placeholder.eq(true));
+                if let Some(d) = &domain {
+                    workloads = workloads.filter(workload::Column::Domain.eq(d));
+                    placeholders = placeholders.filter(workload_reference::Column::Domain.eq(d));
+                }
+                // Names and plaintext fields only: a few bytes per workload.
+                let rows: Vec<(String, String, String, String, String)> = workloads.into_tuple().all(db).await?;
+                let placeholders = placeholders
+                    .order_by_asc(workload_reference::Column::Field)
+                    .order_by_asc(workload_reference::Column::Key)
+                    .all(db)
+                    .await?;
+                let mut by_workload: BTreeMap<(String, String, String), Vec<internal::IndexedReference>> =
+                    BTreeMap::new();
+                for row in placeholders {
+                    by_workload
+                        .entry((row.domain.clone(), row.kind.clone(), row.workload_id.clone()))
+                        .or_default()
+                        .push(to_reference(row));
+                }
+                let mut counts: BTreeMap<String, internal::KindCount> = BTreeMap::new();
+                let mut legacy = Vec::new();
+                for (domain, kind, id, name, plaintext) in rows {
+                    let count = counts
+                        .entry(kind.clone())
+                        .or_insert_with(|| internal::KindCount { kind: kind_of(&kind), ..Default::default() });
+                    count.saved += 1;
+                    let key = (domain, kind, id);
+                    let refs = by_workload.remove(&key).unwrap_or_default();
+                    let fields = fields_of(&plaintext);
+                    count.with_placeholders += u32::from(!refs.is_empty());
+                    count.with_plaintext += u32::from(!fields.is_empty());
+                    if refs.is_empty() && fields.is_empty() {
+                        continue;
+                    }
+                    count.legacy += 1;
+                    legacy.push((key, name, refs, fields));
+                }
+                legacy.sort_by(|a, b| a.0.cmp(&b.0));
+                let total = legacy.len() as u32;
+                let workloads = legacy
+                    .into_iter()
+                    .take(request.limit as usize)
+                    .map(|((domain, kind, id), name, placeholders, plaintext_fields)| internal::LegacyEntry {
+                        workload: Some(pb::WorkloadRef { domain, kind: kind_of(&kind), id, name }),
+                        placeholders,
+                        plaintext_fields,
+                    })
+                    .collect();
+                Ok(internal::ListLegacyResponse { workloads, total, counts: counts.into_values().collect() })
+            })
+            .await
+    }
+}
+
 #[tonic::async_trait]
 impl usage_index_server::UsageIndex for UsageIndex {
     #[instrument(skip_all, fields(rpc = "RecordWorkload", references = request.get_ref().references.len() as i64))]
@@ -388,6 +496,16 @@ impl usage_index_server::UsageIndex for UsageIndex {
     ) -> Result<Response<internal::GetWorkloadResponse>, Status> {
         let r = request.into_inner();
         Ok(Response::new(self.get(&r.domain, r.kind, &r.id).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListLegacy", total))]
+    async fn list_legacy(
+        &self,
+        request: Request<internal::ListLegacyRequest>,
+    ) -> Result<Response<internal::ListLegacyResponse>, Status> {
+        let found = self.legacy(request.get_ref()).await?;
+        tracing::Span::current().record("total", found.total as i64);
+        Ok(Response::new(found))
     }
 
     #[instrument(skip_all, fields(rpc = "FindUsages", total))]
@@ -467,6 +585,7 @@ mod tests {
             saved_by: owner.into(),
             saved_at: chrono::Utc::now(),
             owner: owner.into(),
+            plaintext_fields: String::new(),
         };
         assert!(owned_elsewhere(&row("service:spark-manager"), "service:spark-manager", false, "save").is_ok());
         assert!(owned_elsewhere(&row(""), "service:compute-manager", false, "save").is_ok(), "claimed");
@@ -504,6 +623,7 @@ mod tests {
                 saved_by: "user:alice".into(),
                 owner: owner.into(),
                 override_owner: false,
+                plaintext_fields: Vec::new(),
             };
             tokio::spawn(async move { index.record(request).await })
         };

@@ -14,6 +14,7 @@ use crate::{
     audit::{self, Audit, Record},
     auth::{Caller, RpcGroup},
     feed::{self, Feed},
+    migration::Migrations,
     payload,
     resolution::Resolution,
     selector::Selector,
@@ -24,6 +25,7 @@ use crate::{
 pub struct GatewayService {
     pub resolution: Resolution,
     pub workloads: SavedWorkloads,
+    pub migrations: Migrations,
     pub selector: Selector,
     pub feed: Feed,
     pub audit: Audit,
@@ -276,6 +278,105 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::ListSecretLastAccessResponse>, Status> {
         let caller = traced_caller(&request)?;
         Ok(Response::new(audit::trail::last_access(&self.audit, &self.checks, &caller, request.into_inner()).await?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "PlanWorkloadMigration", caller, principal, domain = %request.get_ref().domain,
+                                  id = %request.get_ref().id, changes, problems))]
+    async fn plan_workload_migration(
+        &self,
+        request: Request<pb::PlanWorkloadMigrationRequest>,
+    ) -> Result<Response<pb::PlanWorkloadMigrationResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        let deadline = deadline::of(request.metadata());
+        let plan = self.migrations.plan(&caller, request.into_inner(), deadline).await?;
+        let span = tracing::Span::current();
+        span.record("changes", plan.changes.len() as i64);
+        span.record("problems", plan.problems.len() as i64);
+        Ok(Response::new(plan))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ApplyWorkloadMigration", caller, principal, domain = %request.get_ref().domain,
+                                  id = %request.get_ref().id, changes, created))]
+    async fn apply_workload_migration(
+        &self,
+        request: Request<pb::ApplyWorkloadMigrationRequest>,
+    ) -> Result<Response<pb::ApplyWorkloadMigrationResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        let deadline = deadline::of(request.metadata());
+        let trace_id = audit::trace_id_of(request.metadata());
+        let request = request.into_inner();
+        let workload = pb::WorkloadRef {
+            domain: request.domain.clone(),
+            kind: request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, payload::kind) as i32,
+            id: request.id.clone(),
+            name: String::new(),
+        };
+        let applied = self.migrations.apply(&caller, request, deadline).await;
+        if let Ok(a) = &applied {
+            let span = tracing::Span::current();
+            span.record("changes", a.changes.len() as i64);
+            span.record("created", a.created_secrets.len() as i64);
+        }
+        if !self.audit.is_on() {
+            return Ok(Response::new(applied?));
+        }
+        let (decision, references, detail) = match &applied {
+            Ok(a) => {
+                let references = a
+                    .changes
+                    .iter()
+                    .filter_map(|c| {
+                        let object = c.secret_object.clone()?;
+                        Some(pb::AuditReference {
+                            source: object.source,
+                            key: object.key,
+                            version: String::new(),
+                            decision: pb::AuditDecision::AuditAllowed as i32,
+                            item: c.field.clone(),
+                        })
+                    })
+                    .collect();
+                let detail = match a.applied {
+                    true => format!(
+                        "migrated: {} change(s), {} secret(s) created, usage index {}",
+                        a.changes.len(),
+                        a.created_secrets.len(),
+                        if a.index_updated { "updated" } else { "not holding it" }
+                    ),
+                    false => format!("not migrated: {} problem(s)", a.problems.len()),
+                };
+                let decision =
+                    if a.applied { pb::AuditDecision::AuditAllowed } else { pb::AuditDecision::AuditInvalid };
+                (decision, references, detail)
+            }
+            Err(s) => (audit::decision_of(s.code()), Vec::new(), s.message().to_string()),
+        };
+        let record = Record {
+            rpc: "ApplyWorkloadMigration",
+            caller: caller.own.to_string(),
+            principal: caller.principal.to_string(),
+            domain: workload.domain.clone(),
+            workload: Some(workload),
+            references,
+            decision,
+            trace_id,
+            detail,
+        };
+        let stored = self.audit.record(record).await;
+        let applied = applied?;
+        stored?;
+        Ok(Response::new(applied))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListLegacyReferences", caller, principal, domain = %request.get_ref().domain, total))]
+    async fn list_legacy_references(
+        &self,
+        request: Request<pb::ListLegacyReferencesRequest>,
+    ) -> Result<Response<pb::ListLegacyReferencesResponse>, Status> {
+        let caller = traced_caller(&request)?;
+        let answer = self.migrations.legacy(&caller, request.into_inner()).await?;
+        tracing::Span::current().record("total", answer.total as i64);
+        Ok(Response::new(answer))
     }
 
     type WatchSecretChangesStream = feed::Answers;

@@ -13,6 +13,7 @@ pub mod feed;
 pub mod forward;
 pub mod grpc;
 pub mod jwt;
+pub mod migration;
 pub mod payload;
 pub mod resolution;
 pub mod selector;
@@ -273,14 +274,23 @@ impl Application {
             }),
             authz: Arc::new(checks.clone()),
         };
+        let workloads = workloads::SavedWorkloads {
+            resolution: resolution.clone(),
+            usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
+            authz: checks.clone(),
+            secrets: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone())
+                .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+        };
         let gateway = grpc::GatewayService {
-            workloads: workloads::SavedWorkloads {
-                resolution: resolution.clone(),
-                usage: secrets_common::usage::UsageClient::new(authz_channel.clone(), client.clone()),
-                authz: checks.clone(),
+            migrations: migration::Migrations {
+                workloads: workloads.clone(),
                 secrets: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone())
                     .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+                forwarder: forwarder.clone(),
+                authz: checks.clone(),
+                secrets_v2,
             },
+            workloads,
             resolution,
             selector: selector::Selector {
                 secrets_v2,

@@ -10,7 +10,7 @@ use secrets_proto::v1::{
 use tonic::Status;
 
 /// A map field's entry path, as in JSON: `envVars["DB_PASSWORD"]`.
-fn entry(prefix: &str, map: &str, key: &str) -> String {
+pub fn entry(prefix: &str, map: &str, key: &str) -> String {
     format!("{prefix}{map}[{key:?}]")
 }
 

@@ -111,7 +111,7 @@ impl SavedWorkloads {
     /// Whether the caller may record or delete saved workloads: platform
     /// services (the component that owns the workload) may; a user only
     /// as a platform admin. True when the caller is known to be an admin.
-    async fn may_record(&self, caller: &Caller, action: &str) -> Result<bool, Status> {
+    pub async fn may_record(&self, caller: &Caller, action: &str) -> Result<bool, Status> {
         if caller.kind == TokenKind::Service {
             return Ok(false);
         }
@@ -130,7 +130,7 @@ impl SavedWorkloads {
 
     /// Whether the acting principal is a platform admin, who may change a
     /// workload's record another identity owns.
-    async fn is_admin(&self, caller: &Caller) -> Result<bool, Status> {
+    pub async fn is_admin(&self, caller: &Caller) -> Result<bool, Status> {
         let question = Question::domain(&caller.principal, Permission::PlatformAdmin, None);
         match self.require(caller, question, "act as a platform admin").await {
             Ok(()) => Ok(true),
@@ -204,6 +204,7 @@ impl SavedWorkloads {
                 name: request.name,
             };
             let described = describe(&workload);
+            let plaintext = crate::migration::plaintext_fields(&payload);
             let record = |override_owner| {
                 self.usage.record(internal::RecordWorkloadRequest {
                     workload: Some(workload.clone()),
@@ -211,6 +212,7 @@ impl SavedWorkloads {
                     saved_by: caller.principal.to_string(),
                     owner: caller.own.to_string(),
                     override_owner,
+                    plaintext_fields: plaintext.clone(),
                 })
             };
             self.as_owner(caller, admin, record).await?;

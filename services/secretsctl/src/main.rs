@@ -20,6 +20,7 @@ mod audit;
 mod check;
 mod connect;
 mod failure;
+mod migrate;
 mod output;
 mod payload;
 mod secret;
@@ -143,6 +144,15 @@ enum Command {
     Resolve(workload::ResolveArgs),
     /// Follow the change feed: every create, update and delete, and what it reaches
     Watch(watch::WatchArgs),
+    /// Move workloads from ${secrets.KEY} placeholders and plaintext credentials to secret objects
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  secretsctl migrate status -d finance
+  secretsctl migrate plan -d finance -f job.json
+  secretsctl --profile platform --on-behalf-of user:alice migrate apply -d finance -f job.json --id nightly-etl"
+    )]
+    Migrate(migrate::MigrateCommand),
     /// The audit trail and each secret's last access
     #[command(
         subcommand,
@@ -195,6 +205,7 @@ async fn run(cli: Cli) -> failure::Result<u8> {
         Command::Resolve(args) => return workload::resolve(args, gateway(), cli.output).await,
         Command::Watch(args) => return watch::run(args, gateway(), cli.output).await,
         Command::Audit(c) => return audit::run(c, gateway(), cli.output).await,
+        Command::Migrate(c) => return migrate::run(c, gateway(), cli.output).await,
         _ => {}
     }
     match cli.command {
@@ -220,7 +231,8 @@ async fn run(cli: Cli) -> failure::Result<u8> {
         | Command::Workload(_)
         | Command::Resolve(_)
         | Command::Watch(_)
-        | Command::Audit(_) => Ok(()),
+        | Command::Audit(_)
+        | Command::Migrate(_) => Ok(()),
     }
     .map(|()| 0)
 }

@@ -70,6 +70,10 @@ impl UsageClient {
     pub async fn find(&self, request: internal::FindUsagesRequest) -> Result<internal::FindUsagesResponse, Status> {
         Ok(self.inner.clone().find_usages(request).await.map_err(Self::failed)?.into_inner())
     }
+
+    pub async fn legacy(&self, request: internal::ListLegacyRequest) -> Result<internal::ListLegacyResponse, Status> {
+        Ok(self.inner.clone().list_legacy(request).await.map_err(Self::failed)?.into_inner())
+    }
 }
 
 /// The usage index as delete protection asks it: through [`UsageClient`],

@@ -25,6 +25,7 @@ mod least_privilege;
 mod logs;
 mod manifests;
 mod metrics;
+mod migration;
 mod permissions;
 mod readme;
 mod replicas;
