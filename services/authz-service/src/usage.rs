@@ -130,6 +130,10 @@ struct Save {
     plaintext_fields: String,
 }
 
+/// Placeholders listed per workload in a legacy report (a workload may
+/// hold thousands; the first ones say what to migrate).
+pub const MAX_LEGACY_PLACEHOLDERS: usize = 100;
+
 /// Fields holding a plaintext credential one workload may record.
 pub const MAX_PLAINTEXT_FIELDS: usize = 16;
 
@@ -449,6 +453,8 @@ impl UsageIndex {
                         continue;
                     }
                     count.legacy += 1;
+                    let mut refs = refs;
+                    refs.truncate(MAX_LEGACY_PLACEHOLDERS);
                     legacy.push((key, name, refs, fields));
                 }
                 legacy.sort_by(|a, b| a.0.cmp(&b.0));

@@ -226,22 +226,49 @@ impl Rewriter<'_> {
                 }
             }
             Some(Kind::StorageConfig(s)) => {
-                if !s.secret_key.is_empty() {
+                if s.secret_key.is_empty() {
+                } else if s.storage_secret.is_some() {
+                    drop(Zeroizing::new(std::mem::take(&mut s.secret_key)));
+                    self.changes.push(pb::MigrationChange {
+                        field: "secretKey".into(),
+                        action: pb::MigrationAction::MigrationPlaintextRemoved as i32,
+                        secret_object: None,
+                        origin: pb::KeyOrigin::Unspecified as i32,
+                        message: "secretKey: the fallback is removed; storageSecret already wins over it".into(),
+                        keys: Vec::new(),
+                    });
+                } else if let Some(key) = lone_placeholder(&s.secret_key).map(str::to_string) {
+                    // Resolved into secretKey today: the reference does the same.
+                    let object = object(self.domain, &key);
+                    self.changes.push(pb::MigrationChange {
+                        field: "secretKey".into(),
+                        action: pb::MigrationAction::MigrationPlaceholderToObject as i32,
+                        secret_object: Some(object.clone()),
+                        origin: pb::KeyOrigin::Unspecified as i32,
+                        message: String::new(),
+                        keys: Vec::new(),
+                    });
+                    s.secret_key.clear();
+                    s.storage_secret = Some(object);
+                } else if s.secret_key.contains("${secrets.") {
+                    let keys: Vec<String> = placeholder::parse(&s.secret_key)
+                        .map(|segments| placeholder::keys(&segments).into_iter().map(str::to_string).collect())
+                        .unwrap_or_default();
+                    self.changes.push(pb::MigrationChange {
+                        field: "secretKey".into(),
+                        action: pb::MigrationAction::MigrationEmbeddedInText as i32,
+                        secret_object: None,
+                        origin: pb::KeyOrigin::Unspecified as i32,
+                        message: format!(
+                            "secretKey: {} placeholder(s) embedded in text stay as they are; to migrate, keep the \
+                             whole key in one secret and reference it",
+                            keys.len()
+                        ),
+                        keys,
+                    });
+                } else {
                     let plaintext = std::mem::take(&mut s.secret_key);
-                    if s.storage_secret.is_some() {
-                        self.changes.push(pb::MigrationChange {
-                            field: "secretKey".into(),
-                            action: pb::MigrationAction::MigrationPlaintextRemoved as i32,
-                            secret_object: None,
-                            origin: pb::KeyOrigin::Unspecified as i32,
-                            message: "secretKey: the plaintext fallback is removed; storageSecret already wins over it"
-                                .into(),
-                            keys: Vec::new(),
-                        });
-                        drop(Zeroizing::new(plaintext));
-                    } else {
-                        s.storage_secret = Some(self.propose("secretKey", "storageSecret", plaintext)?);
-                    }
+                    s.storage_secret = Some(self.propose("secretKey", "storageSecret", plaintext)?);
                 }
             }
             Some(Kind::EmailSettings(e)) => {
@@ -275,6 +302,16 @@ fn rewrite(
 ) -> Result<Rewrite, Status> {
     let mut r = Rewriter { domain, id, names, changes: Vec::new(), proposals: Vec::new() };
     r.payload(&mut payload)?;
+    if let Some(unknown) = names.keys().find(|f| !r.proposals.iter().any(|p| &p.field == *f)) {
+        let proposed: Vec<&str> = r.proposals.iter().map(|p| p.field.as_str()).collect();
+        return Err(invalid_argument(FieldViolation::new(
+            format!("secret_names[{unknown:?}]"),
+            match proposed.is_empty() {
+                true => "names no proposed secret: this payload proposes none".to_string(),
+                false => format!("names no proposed secret: this payload proposes {}", proposed.join(", ")),
+            },
+        )));
+    }
     let mut keys = std::collections::HashSet::new();
     for p in &r.proposals {
         if !keys.insert(p.key.clone()) {
@@ -295,7 +332,9 @@ pub fn plaintext_fields(payload: &pb::WorkloadPayload) -> Vec<String> {
             if !t.is_empty() && !t.contains("${secrets."))
     };
     match &payload.kind {
-        Some(Kind::StorageConfig(s)) if !s.secret_key.is_empty() => vec!["secretKey".into()],
+        Some(Kind::StorageConfig(s)) if !s.secret_key.is_empty() && !s.secret_key.contains("${secrets.") => {
+            vec!["secretKey".into()]
+        }
         Some(Kind::EmailSettings(e)) if plain(&e.smtp_password) => vec!["smtpPassword".into()],
         Some(Kind::LdapIntegration(l)) if plain(&l.bind_password) => vec!["bindPassword".into()],
         _ => Vec::new(),
@@ -501,29 +540,28 @@ impl Migrations {
             .usage
             .get(internal::GetWorkloadRequest { domain: domain.clone(), kind: kind as i32, id: request.id.clone() })
             .await?;
-        if indexed.found {
-            let admin = self.workloads.may_record(caller, "update the usage index of a migrated workload").await?;
-            let owner = &indexed.owner;
-            if !owner.is_empty()
-                && *owner != caller.own.to_string()
-                && !admin
-                && !self.workloads.is_admin(caller).await?
-            {
-                return Err(Status::permission_denied(format!(
-                    "{} may not migrate workload {domain}/{}/{}: {owner} saved it, and only it or a platform admin may \
-                     change its record",
-                    caller.own,
-                    kind.as_str_name().trim_start_matches("WORKLOAD_KIND_"),
-                    request.id
-                )));
+        // The index is updated by the record's owner or a platform admin
+        // (SaveWorkload's rule); anyone else gets the payload and the
+        // secrets, and the owner's next save records the references.
+        let may_record = if !indexed.found {
+            false
+        } else {
+            match self.workloads.may_record(caller, "update the usage index").await {
+                Ok(admin) => {
+                    let owner = &indexed.owner;
+                    owner.is_empty()
+                        || *owner == caller.own.to_string()
+                        || admin
+                        || self.workloads.is_admin(caller).await?
+                }
+                Err(s) if s.code() == Code::PermissionDenied => false,
+                Err(s) => return Err(s),
             }
-        }
-        if !rewrite.proposals.is_empty() {
-            caller.require(RpcGroup::ManageSecrets, "ApplyWorkloadMigration")?;
-            let question = Question::domain(&caller.principal, Permission::ManageSecrets, Some(&domain));
-            self.require(caller, question, &format!("create the proposed secrets in domain {domain:?}")).await?;
-        }
-        let lookups = rewrite
+        };
+        // Proposed secrets that exist already. A platform service, which
+        // resolves values anyway, may find its own earlier apply there (same
+        // value: nothing to do). Nobody else learns how a value compares.
+        let lookups: Vec<internal::SecretLookup> = rewrite
             .proposals
             .iter()
             .map(|p| internal::SecretLookup {
@@ -533,20 +571,44 @@ impl Migrations {
                 global_fallback: false,
             })
             .collect();
-        let existing = self.read(lookups, false).await?;
-        let mut created_secrets = Vec::new();
-        for (proposal, found) in rewrite.proposals.iter().zip(existing) {
-            let found_value = Zeroizing::new(found.value);
-            if found.found {
-                if same(&found_value, proposal.value.as_bytes()) {
-                    continue;
-                }
-                return Err(Status::failed_precondition(format!(
-                    "{}: secret {:?} of domain {domain:?} already exists with another value; name the new secret with \
-                     secret_names[{:?}]",
-                    proposal.field, proposal.key, proposal.field
-                )));
+        let existing = self.read(lookups.clone(), false).await?;
+        if existing.len() != lookups.len() {
+            return Err(Status::unavailable(format!(
+                "{SECRET_SERVICE} answered {} of {} lookups; nothing was done, try again",
+                existing.len(),
+                lookups.len()
+            )));
+        }
+        let compares = caller.kind == crate::auth::TokenKind::Service;
+        let exists = |proposal: &Proposal, found: internal::SecretLookupResult| -> Result<(), Status> {
+            let value = Zeroizing::new(found.value);
+            if compares && same(&value, proposal.value.as_bytes()) {
+                return Ok(());
             }
+            Err(Status::failed_precondition(format!(
+                "{}: secret {:?} of domain {domain:?} exists already{}; name the new secret with secret_names[{:?}], \
+                 or apply the migrated payload",
+                proposal.field,
+                proposal.key,
+                if compares { " with another value" } else { "" },
+                proposal.field
+            )))
+        };
+        let mut to_create = Vec::new();
+        for (proposal, found) in rewrite.proposals.iter().zip(existing) {
+            if found.found {
+                exists(proposal, found)?;
+            } else {
+                to_create.push(proposal);
+            }
+        }
+        if !to_create.is_empty() {
+            caller.require(RpcGroup::ManageSecrets, "ApplyWorkloadMigration")?;
+            let question = Question::domain(&caller.principal, Permission::ManageSecrets, Some(&domain));
+            self.require(caller, question, &format!("create the proposed secrets in domain {domain:?}")).await?;
+        }
+        let mut created_secrets = Vec::new();
+        for proposal in to_create {
             let mut create = Request::new(pb::CreateSecretRequest {
                 scope: pb::Scope::Domain as i32,
                 domain: domain.clone(),
@@ -557,8 +619,17 @@ impl Migrations {
             create.extensions_mut().insert(caller.clone());
             match SecretService::create_secret(&self.forwarder, create).await {
                 Ok(_) => created_secrets.push(object(&domain, &proposal.key)),
-                // Created meanwhile by a concurrent apply of the same plan.
-                Err(s) if s.code() == Code::AlreadyExists => {}
+                // Created meanwhile (a concurrent apply): the same rule as above.
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    let lookup = internal::SecretLookup {
+                        scope: pb::Scope::Domain as i32,
+                        domain: domain.clone(),
+                        key: proposal.key.clone(),
+                        global_fallback: false,
+                    };
+                    let found = self.read(vec![lookup], false).await?.into_iter().next().unwrap_or_default();
+                    exists(proposal, found)?;
+                }
                 Err(s) => return Err(s),
             }
         }
@@ -566,7 +637,7 @@ impl Migrations {
         // that saved it) and its name; its references and plaintext fields
         // change.
         let mut index_updated = false;
-        if indexed.found {
+        if may_record {
             let items = payload::items(&rewrite.payload)?;
             let owner = if indexed.owner.is_empty() { caller.own.to_string() } else { indexed.owner.clone() };
             let override_owner = owner != caller.own.to_string();

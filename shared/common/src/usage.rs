@@ -41,7 +41,10 @@ pub fn describe(w: &pb::WorkloadRef) -> String {
 
 impl UsageClient {
     pub fn new(channel: TracedChannel, client: InternalClient) -> Self {
-        Self { inner: UsageIndexClient::with_interceptor(channel, client) }
+        Self {
+            inner: UsageIndexClient::with_interceptor(channel, client)
+                .max_decoding_message_size(crate::server::MAX_INTERNAL_MESSAGE_BYTES),
+        }
     }
 
     fn failed(s: Status) -> Status {

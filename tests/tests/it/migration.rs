@@ -61,6 +61,13 @@ fn payloads() -> Vec<(&'static str, pb::WorkloadPayload)> {
             Kind::EmailSettings(pb::EmailSettingsPayload { smtp_password: Some(text("${secrets.smtp_password}")) }),
         ),
         ("ldap", Kind::LdapIntegration(pb::LdapIntegrationPayload { bind_password: Some(text(LDAP_CANARY)) })),
+        (
+            "storage-ref",
+            Kind::StorageConfig(pb::StorageConfigPayload {
+                secret_key: "${secrets.db_password}".into(),
+                storage_secret: None,
+            }),
+        ),
     ];
     kinds.into_iter().map(|(n, k)| (n, pb::WorkloadPayload { kind: Some(k) })).collect()
 }
@@ -159,6 +166,16 @@ async fn every_workload_kind_is_planned_and_applied_and_resolves_to_the_same_val
             }
             "email" => assert_eq!(origin(change(&planned.changes, "smtpPassword")), pb::KeyOrigin::Global),
             "ldap" => assert_eq!(planned.proposed_secrets[0].key, "ldap_bind_password"),
+            "storage-ref" => {
+                // A placeholder in secretKey is resolved today: it becomes the
+                // reference, never a new secret holding the placeholder's text.
+                let c = change(&planned.changes, "secretKey");
+                assert_eq!(
+                    (action(c), origin(c)),
+                    (pb::MigrationAction::MigrationPlaceholderToObject, pb::KeyOrigin::Domain)
+                );
+                assert!(planned.proposed_secrets.is_empty());
+            }
             _ => assert_eq!(action(&planned.changes[0]), pb::MigrationAction::MigrationPlaceholderToObject),
         }
 
@@ -220,7 +237,7 @@ async fn proposed_secrets_are_named_as_asked_and_never_overwrite_another_value()
     };
     let err = platform(&app).gateway.apply_workload_migration(named.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-    assert!(err.message().contains("already exists with another value") && !err.message().contains(CANARY));
+    assert!(err.message().contains("exists already with another value") && !err.message().contains(CANARY));
     let mut named = named;
     named.secret_names.insert("secretKey".into(), "lake_s3_secret".into());
     let applied = platform(&app).gateway.apply_workload_migration(named).await.unwrap().into_inner();
@@ -231,6 +248,38 @@ async fn proposed_secrets_are_named_as_asked_and_never_overwrite_another_value()
     let c = change(&overridden.changes, "secretKey");
     assert_eq!(action(c), pb::MigrationAction::MigrationPlaintextRemoved);
     assert!(overridden.proposed_secrets.is_empty());
+
+    // A name for a field that proposes nothing is refused, naming it.
+    let misnamed = pb::ApplyWorkloadMigrationRequest {
+        domain: DOMAIN.into(),
+        id: "lake4".into(),
+        payload: Some(storage(None)),
+        secret_names: [("secret_key".to_string(), "x".to_string())].into(),
+    };
+    let err = platform(&app).gateway.apply_workload_migration(misnamed).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("secret_names[\"secret_key\"]") && err.message().contains("secretKey"),
+        "{}",
+        err.message()
+    );
+
+    // A user token never learns how an existing secret compares with a
+    // guess: its second apply is refused the same way whatever the value.
+    let by_user = |value: &str| pb::ApplyWorkloadMigrationRequest {
+        domain: DOMAIN.into(),
+        id: "directory".into(),
+        payload: Some(pb::WorkloadPayload {
+            kind: Some(Kind::LdapIntegration(pb::LdapIntegrationPayload { bind_password: Some(text(value)) })),
+        }),
+        ..Default::default()
+    };
+    let first = app.as_user(OWNER).gateway.apply_workload_migration(by_user(LDAP_CANARY)).await.unwrap().into_inner();
+    assert_eq!(first.created_secrets[0].key, "directory_bind_password");
+    let same = app.as_user(OWNER).gateway.apply_workload_migration(by_user(LDAP_CANARY)).await.unwrap_err();
+    let other = app.as_user(OWNER).gateway.apply_workload_migration(by_user("a-guess")).await.unwrap_err();
+    assert_eq!((same.code(), other.code()), (Code::FailedPrecondition, Code::FailedPrecondition));
+    assert_eq!(same.message(), other.message(), "the answer does not depend on the value");
 
     // Creating secrets needs MANAGE_SECRETS: lisa may list, not manage.
     let request = pb::ApplyWorkloadMigrationRequest {
@@ -309,6 +358,17 @@ async fn the_legacy_report_keeps_count_through_saves_migrations_and_deletes() {
         })),
     };
     save(&app, "cluster", done).await;
+    // Another domain's legacy workload is not finance's.
+    app.setup_domain(OTHER_DOMAIN).await;
+    let other = pb::SaveWorkloadRequest {
+        domain: OTHER_DOMAIN.into(),
+        id: "mail".into(),
+        name: String::new(),
+        payload: Some(by_name("email")),
+        validate_only: false,
+    };
+    let saved = app.as_service(Some(&format!("user:{OWNER}"))).gateway.save_workload(other).await.unwrap().into_inner();
+    assert!(saved.saved, "{:?}", saved.problems);
 
     let report = legacy(&app).await;
     assert_eq!(report.total, 3);
@@ -422,5 +482,5 @@ async fn the_legacy_report_keeps_count_through_saves_migrations_and_deletes() {
     let err = app.as_user(OWNER).gateway.list_legacy_references(every.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let all = app.as_user(ADMIN).gateway.list_legacy_references(every).await.unwrap().into_inner();
-    assert_eq!(all.total, 1);
+    assert_eq!(all.total, 2, "finance's one and the other domain's");
 }
