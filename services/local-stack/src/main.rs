@@ -205,6 +205,8 @@ async fn main() -> anyhow::Result<()> {
         act_for_admins: false,
     });
 
+    // Caught from before the first port is bound (see shutdown_signal).
+    let signal = secrets_common::server::shutdown_signal();
     let authz = authz_service::Application::build(authz).await.context("authz-service")?;
     let secrets = secret_service::Application::build(secrets).await.context("secret-service")?;
     let vault = vault_config_service::Application::build(vault).await.context("vault-config-service")?;
@@ -254,7 +256,7 @@ async fn main() -> anyhow::Result<()> {
             gw.run_until_stopped(stopped(rx)),
         )
     });
-    secrets_common::server::shutdown_signal().await;
+    signal.await;
     let _ = tx.send(true);
     servers.await??;
     Ok(())

@@ -206,9 +206,13 @@ pub async fn run<S: Service>(config_file: Option<&Path>, command: Option<Mainten
         return command.run(S::server(&config).probe_addr(), || S::validate(&config)).await;
     }
     let _telemetry = crate::telemetry::init(S::NAME, S::telemetry(&config))?;
+    // Caught from before the port is bound: a SIGTERM that arrives as soon
+    // as the service answers (an orchestrator's quick restart) stops it
+    // cleanly instead of killing it.
+    let shutdown = shutdown_signal();
     let app = S::build(config).await?;
     tracing::info!(port = app.port(), "{} listening", S::NAME);
-    app.run_until_stopped(shutdown_signal()).await
+    app.run_until_stopped(shutdown).await
 }
 
 /// The router every service builds: its services behind [`ObserveLayer`].
@@ -300,28 +304,35 @@ pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives in
+/// between is not lost (nor does it kill the process with the default
+/// action).
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+    let handlers = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::terminate()).and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+    };
+    async move {
+        #[cfg(unix)]
+        match handlers {
+            Ok((mut term, mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutting down");
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutting down");
 }
 
 /// Asks the gRPC health service of the server listening on `listen_addr`
