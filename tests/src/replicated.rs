@@ -46,7 +46,14 @@ pub struct ReplicatedStack {
     /// Each authz-service replica's link to the database.
     authz_databases: Vec<crate::proxy::FreezableProxy>,
     dir: tempfile::TempDir,
+    /// One stack at a time (dropped last, once its processes are gone):
+    /// eight processes and a PostgreSQL each are as much as this machine
+    /// runs beside the other tests.
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// Stacks that may run at once.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 impl ReplicatedStack {
     /// Starts it all; `None` when no PostgreSQL is configured (see
@@ -58,6 +65,7 @@ impl ReplicatedStack {
     /// The same, each process with `env` too.
     pub async fn start_with(env: std::collections::BTreeMap<String, String>) -> Option<Self> {
         let db = crate::postgres::fresh_database().await?;
+        let slot = SLOTS.acquire().await.expect("the slots are never closed");
         let kube = FakeKube::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let ports: HashMap<&'static str, Vec<u16>> =
@@ -103,6 +111,7 @@ impl ReplicatedStack {
             authz_links,
             authz_databases,
             dir,
+            _slot: slot,
         };
         for service in SERVICES {
             for replica in 0..REPLICAS {

@@ -235,14 +235,23 @@ async fn on_kubernetes_a_write_through_one_secret_service_replica_is_read_throug
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(seen.as_deref(), Some(&b"first"[..]));
-    // Served from its copy: reads cost the API server nothing (the
-    // replicas' own background work may read now and then, never per call).
-    let gets = kube.counters().gets;
+    // Served from its copy: reads cost the API server nothing. A replica
+    // that is not sure its copy is current (a busy machine delays its
+    // watch and its leases) reads through instead, so the claim is that
+    // some batch of reads costs nothing, not that every one does.
+    let mut costs = Vec::new();
     for _ in 0..20 {
-        assert_eq!(read_on(&app, other.port, "finance", "db_password").await.as_deref(), Some(&b"first"[..]));
+        let gets = kube.counters().gets;
+        for _ in 0..5 {
+            assert_eq!(read_on(&app, other.port, "finance", "db_password").await.as_deref(), Some(&b"first"[..]));
+        }
+        costs.push(kube.counters().gets - gets);
+        if costs.last() == Some(&0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cost = kube.counters().gets - gets;
-    assert!(cost < 5, "the replica answers from its watched copy: 20 reads cost {cost} GETs");
+    assert_eq!(costs.last(), Some(&0), "the replica answers from its watched copy: GETs per 5 reads {costs:?}");
 
     // From now on no watch delivers anything: only the replicas' own
     // coordination can bring the other replica's copy forward.
