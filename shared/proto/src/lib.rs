@@ -37,6 +37,7 @@ pub mod service_names {
     pub const VAULT_READER: &str = "iomete.secrets.internal.v1.VaultReader";
     pub const USAGE_INDEX: &str = "iomete.secrets.internal.v1.UsageIndex";
     pub const DECISION_LEASES: &str = "iomete.secrets.internal.v1.DecisionLeases";
+    pub const VALUE_LEASES: &str = "iomete.secrets.internal.v1.ValueLeases";
     pub const CHANGE_LOG: &str = "iomete.secrets.internal.v1.ChangeLog";
 }
 
@@ -201,9 +202,21 @@ mod tests {
                 while let Some((name, message)) = messages.pop() {
                     walked += 1;
                     messages.extend(message.nested_type.iter().map(|n| (format!("{name}.{}", n.name()), n)));
+                    // A map's entries name their fields `key` and `value`
+                    // whatever they hold: a map is judged by its own name,
+                    // in the message that has it (below).
+                    let map_entry = message.options.as_ref().is_some_and(|o| o.map_entry());
                     for field in &message.field {
                         let by_type = field.r#type() == Type::Bytes;
-                        let by_name = field.r#type() == Type::String && VALUE_NAMES.contains(&field.name());
+                        let by_name =
+                            !map_entry && field.r#type() == Type::String && VALUE_NAMES.contains(&field.name());
+                        let is_map = field.r#type() == Type::Message
+                            && message.nested_type.iter().any(|n| {
+                                n.options.as_ref().is_some_and(|o| o.map_entry())
+                                    && field.type_name() == format!("{name}.{}", n.name())
+                            });
+                        let by_name =
+                            by_name || (is_map && (VALUE_NAMES.contains(&field.name()) || field.name() == "values"));
                         let by_message = field.r#type() == Type::Message
                             && super::redaction::REDACTED.contains(&field.type_name())
                             && !field.type_name().ends_with("Credentials");
