@@ -83,6 +83,8 @@ pub struct Options {
     /// The gateway's audit trail (default: strict, in the stack's database
     /// on PostgreSQL, else a SQLite file of its own).
     pub audit: Option<gateway::audit::AuditConfig>,
+    /// The secret-service offers value leases and the gateway holds one.
+    pub value_leases: bool,
 }
 
 /// A strict audit trail in a SQLite file under `dir`, for a gateway a test
@@ -329,6 +331,7 @@ impl TestApp {
                 data_dir: app.dir.path().join("secrets"),
                 allow_in_cluster: true,
             },
+            value_leases: options.value_leases,
             ..Default::default()
         };
         let mut secret_config = secret_config;
@@ -344,11 +347,15 @@ impl TestApp {
                 // Baselines recorded every second: a restart finds what
                 // changed while it was down within seconds.
                 secret_config.changes.baseline_interval_seconds = 1;
-                if app.database_url.starts_with("postgres") {
+                // Value leases are offered by a single replica only.
+                if app.database_url.starts_with("postgres") && !options.value_leases {
                     secret_config.replicas.database_url = Some(app.database_url.clone());
                 }
                 None
             }
+            // The service opens its own store, so that it may offer value
+            // leases (a backend handed in may be shared).
+            (None, None) if options.value_leases => None,
             (None, None) => Some(secret_service::backend_from_config(&secret_config).await.expect("backend")),
         };
         app.secret_config = secret_config;
@@ -416,6 +423,7 @@ impl TestApp {
             jwt_issuers: options.jwt_issuers,
             service_accounts: options.service_accounts,
             features: gateway::Features { secrets_v2: gateway::Flag { enabled: !options.secrets_v2_off } },
+            value_leases: options.value_leases,
             // The stack's own database on PostgreSQL (one trail for every
             // gateway), a file of its own on SQLite.
             audit: options.audit.clone().unwrap_or_else(|| gateway::audit::AuditConfig {

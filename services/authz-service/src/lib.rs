@@ -10,7 +10,6 @@ pub mod changes;
 pub mod db;
 pub mod grants;
 pub mod grpc;
-pub mod leases;
 pub mod policy;
 pub mod rules;
 pub mod usage;

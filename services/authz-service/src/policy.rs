@@ -87,7 +87,7 @@ pub struct Policy {
     /// the grants, and a decision costs no query at all.
     local: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The gateways' decision leases, which every change waits on.
-    leases: crate::leases::Leases,
+    leases: secrets_common::leases::Leases,
     /// Every change to the database goes through it.
     writer: Writer,
     /// PostgreSQL: the other replicas, which every change waits on too.
@@ -104,7 +104,7 @@ pub struct Policy {
 struct Announced {
     db: DatabaseConnection,
     known: std::sync::Arc<std::sync::atomic::AtomicI64>,
-    leases: crate::leases::Leases,
+    leases: secrets_common::leases::Leases,
 }
 
 impl secrets_db::replicas::Keeper for Announced {
@@ -147,7 +147,7 @@ fn parse_role(text: &str) -> Result<Role> {
 /// dropped unpublished (its task stopped early: a panic, the runtime going
 /// away), in a task of its own.
 pub struct Publication {
-    pending: Option<(crate::leases::Leases, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
+    pending: Option<(secrets_common::leases::Leases, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
     /// The bound on a database operation: a write whose caller stopped
     /// waiting has landed or failed by then.
     settle: Duration,
@@ -158,12 +158,12 @@ impl Publication {
     /// timed out, or its request went away), once more after `settle`: a
     /// check answered in between cannot outlive the write.
     fn start(
-        leases: crate::leases::Leases,
+        leases: secrets_common::leases::Leases,
         local: std::sync::Arc<std::sync::atomic::AtomicU64>,
         again_after: Option<Duration>,
     ) -> tokio::task::JoinHandle<()> {
         // Detached: cancelling the request that waits on it does not stop it.
-        let publish = |leases: crate::leases::Leases, local: std::sync::Arc<std::sync::atomic::AtomicU64>| async move {
+        let publish = |leases: secrets_common::leases::Leases, local: std::sync::Arc<std::sync::atomic::AtomicU64>| async move {
             local.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             leases.publish().await;
         };
@@ -204,7 +204,7 @@ impl Policy {
     ) -> Self {
         let known = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
         let (leases, replicas) = if db.get_database_backend() == DbBackend::Postgres {
-            let leases = crate::leases::Leases::new(true);
+            let leases = secrets_common::leases::Leases::new("decision");
             let keeper = Announced { db: db.clone(), known: known.clone(), leases: leases.clone() };
             let replicas = secrets_db::replicas::Replicas::start(db.clone(), crate::db::REPLICAS, Arc::new(keeper));
             // A holder is answered only while this replica's own lease
@@ -213,7 +213,7 @@ impl Policy {
             let guard = replicas.clone();
             (leases.with_guard(move |lease| guard.serving_for().is_some_and(|left| left >= lease)), Some(replicas))
         } else {
-            (crate::leases::Leases::new(true), None)
+            (secrets_common::leases::Leases::new("decision"), None)
         };
         Self {
             leases,
@@ -249,7 +249,7 @@ impl Policy {
     }
 
     /// The decision leases served to gateways.
-    pub fn leases(&self) -> crate::leases::Leases {
+    pub fn leases(&self) -> secrets_common::leases::Leases {
         self.leases.clone()
     }
 
@@ -989,7 +989,7 @@ impl Policy {
 /// failed: part of it may have been written).
 impl Policy {
     /// Writes `change` and publishes it. Concurrent changes share one
-    /// transaction and, through [`crate::leases::Leases::publish`], one
+    /// transaction and, through [`secrets_common::leases::Leases::publish`], one
     /// round of the decision leases. Both run in a task of their own: a
     /// caller that goes away cannot keep a queued change from being
     /// published once it is written, however long it waited in the queue.

@@ -18,6 +18,7 @@ pub mod payload;
 pub mod resolution;
 pub mod selector;
 pub mod sources;
+pub mod values;
 pub mod workloads;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -74,6 +75,12 @@ pub struct Config {
     /// lease from the authz-service (on SQLite, and among replicas on
     /// PostgreSQL). Off: every question is asked.
     pub decision_leases: bool,
+    /// Keep resolved KUBERNETES values in memory while holding a value
+    /// lease from the secret-service (offered where it sees every change to
+    /// the store; see `value_cache`). Off: every resolve reads them.
+    pub value_leases: bool,
+    /// The `[value_cache]` table: how much the value lease may keep.
+    pub value_cache: values::ValueCacheConfig,
     /// The static tokens callers may present.
     pub tokens: Vec<TokenConfig>,
     /// Trusted JWT issuers: the identity provider (users) and the cluster
@@ -118,6 +125,8 @@ impl Default for Config {
             vault_config_service_url: "http://127.0.0.1:50054".into(),
             request_timeout_ms: 5_000,
             decision_leases: true,
+            value_leases: false,
+            value_cache: values::ValueCacheConfig::default(),
             tokens: Vec::new(),
             jwt_issuers: Vec::new(),
             service_accounts: Vec::new(),
@@ -161,7 +170,7 @@ impl Config {
         internal: &Internal,
         timeout: Duration,
         metrics: &Metrics,
-    ) -> anyhow::Result<[TracedChannel; 5]> {
+    ) -> anyhow::Result<[TracedChannel; 6]> {
         let open = |field: &str, url: &str, peer: &'static str, timeout: Duration| {
             internal.channel(url, timeout, peer, metrics).map_err(|e| anyhow::anyhow!("{field}: {e}"))
         };
@@ -191,6 +200,13 @@ impl Config {
                 forward::VAULT_CONFIG_SERVICE,
                 timeout + authz::GRANT_CHANGE_WAIT,
             )?,
+            // Secret writes, which may wait for the value lease holders.
+            spread(
+                "secret_service_url",
+                &self.secret_service_url,
+                forward::SECRET_SERVICE,
+                timeout + secrets_common::leases::CHANGE_WAIT,
+            )?,
         ])
     }
 
@@ -201,6 +217,7 @@ impl Config {
         self.server_tls()?;
         self.channels(&internal, Duration::from_secs(1), &Metrics::new())?;
         self.audit.validate()?;
+        self.value_cache.validate()?;
         Ok(())
     }
 }
@@ -209,6 +226,8 @@ pub struct Application {
     served: Served,
     /// Holds the decision lease while the gateway runs.
     _lease_holder: Option<AbortOnDrop>,
+    /// Holds the value lease while the gateway runs.
+    _value_lease_holder: Option<AbortOnDrop>,
     /// Set at shutdown: ends the change feed's open streams.
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -230,8 +249,15 @@ impl Application {
         }
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let metrics = Metrics::new();
-        let [secrets_channel, authz_channel, vault_channel, authz_changes_channel, vault_changes_channel] =
-            config.channels(&internal, timeout, &metrics)?;
+        let [
+            secrets_channel,
+            authz_channel,
+            vault_channel,
+            authz_changes_channel,
+            vault_changes_channel,
+            secrets_changes_channel,
+        ] = config.channels(&internal, timeout, &metrics)?;
+        config.value_cache.validate()?;
         let client = internal.client();
         config.audit.validate()?;
         let audit = audit::Audit::open(&config.audit, &metrics).await?;
@@ -245,7 +271,7 @@ impl Application {
             checks = checks.with_cache(cache);
         }
         let forwarder = forward::Forwarder {
-            secrets: SecretServiceClient::with_interceptor(secrets_channel.clone(), client.clone())
+            secrets: SecretServiceClient::with_interceptor(secrets_changes_channel, client.clone())
                 .max_encoding_message_size(MAX_REQUEST_BYTES)
                 .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
             authz: AuthzServiceClient::with_interceptor(authz_changes_channel, client.clone())
@@ -262,12 +288,19 @@ impl Application {
         }
         let secrets_v2 = config.features.secrets_v2.enabled;
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
+        let mut kubernetes: Arc<dyn resolution::Source> = Arc::new(sources::KubernetesSource {
+            reader: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone())
+                .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
+        });
+        let mut value_lease_holder = None;
+        if config.value_leases {
+            let leased = values::LeasedSource::new(kubernetes, &config.value_cache, metrics.clone());
+            value_lease_holder = Some(AbortOnDrop(leased.watch(secrets_channel.clone(), client.clone())));
+            kubernetes = Arc::new(leased);
+        }
         let resolution = resolution::Resolution {
             secrets_v2,
-            kubernetes: Arc::new(sources::KubernetesSource {
-                reader: SecretReaderClient::with_interceptor(secrets_channel.clone(), client.clone())
-                    .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
-            }),
+            kubernetes,
             vault: Arc::new(sources::VaultSource {
                 reader: VaultReaderClient::with_interceptor(vault_channel.clone(), client.clone())
                     .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
@@ -336,6 +369,7 @@ impl Application {
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, server_tls).await?,
             _lease_holder: lease_holder,
+            _value_lease_holder: value_lease_holder,
             closing,
         })
     }

@@ -68,7 +68,7 @@ pub struct Resolution {
 }
 
 /// Where one key is looked up.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Target {
     /// A domain's secrets, then the global secrets.
     Domain(String),

@@ -12,6 +12,7 @@ pub mod replicas;
 pub mod requests;
 pub mod secrets;
 pub mod store;
+pub mod values;
 
 /// The store backends, from the shared store library, with this service's
 /// error type.
@@ -42,8 +43,8 @@ use secrets_common::{
     tls::InternalTlsConfig,
 };
 use secrets_proto::{
-    internal::v1::secret_reader_server::SecretReaderServer,
-    service_names::{SECRET_READER, SECRET_SERVICE},
+    internal::v1::{secret_reader_server::SecretReaderServer, value_leases_server::ValueLeasesServer},
+    service_names::{SECRET_READER, SECRET_SERVICE, VALUE_LEASES},
     v1::secret_service_server::SecretServiceServer,
 };
 use serde::Deserialize;
@@ -83,6 +84,12 @@ pub struct Config {
     /// The `[changes]` table: how changes made while no replica watched the
     /// store are found.
     pub changes: baselines::ChangesConfig,
+    /// Offer gateways value leases (see [`values`]): they keep resolved
+    /// values in memory, and every write waits until they have dropped
+    /// them. Offered only where this process sees every change to the store
+    /// (the embedded store held by this process alone, or the Kubernetes
+    /// store watched by a single replica).
+    pub value_leases: bool,
     pub telemetry: TelemetryConfig,
 }
 
@@ -100,6 +107,7 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             replicas: replicas::ReplicasConfig::default(),
             changes: baselines::ChangesConfig::default(),
+            value_leases: false,
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -156,6 +164,10 @@ pub struct Application {
     replicas: Option<Arc<replicas::StoreReplicas>>,
     /// Finds what changed while no replica watched, then records baselines.
     _baselines: Option<secrets_common::server::AbortOnDrop>,
+    /// The value leases given to gateways (ended at shutdown), and the lock
+    /// that keeps them sound.
+    value_leases: secrets_common::leases::Leases,
+    _value_lock: Option<std::fs::File>,
 }
 
 secrets_common::service!(Application, Config, "secret-service");
@@ -172,7 +184,8 @@ impl Application {
     pub async fn build_with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
         let Some(url) = config.replicas.database_url.clone() else {
             let backend = backend_from_config(&config).await?;
-            return Self::build_with_backend(config, listener, backend).await;
+            let offer = values::Offer::for_config(&config)?;
+            return Self::build_on(config, listener, backend, Metrics::new(), offer).await;
         };
         config.validate()?;
         let metrics = Metrics::new();
@@ -180,18 +193,23 @@ impl Application {
         let backend = Arc::new(config.store().open_kubernetes().await?.fenced(fence.clone()));
         fence.start(backend.clone());
         tracing::info!("keeping the store objects in memory in step with the other replicas");
-        let mut app = Self::build_on(config, listener, backend, metrics).await?;
+        let offer = values::Offer::refused(
+            "replicas keep their copies in step through the database, and value leases are not offered across replicas",
+        );
+        let mut app = Self::build_on(config, listener, backend, metrics, offer).await?;
         app.replicas = Some(fence);
         Ok(app)
     }
 
-    /// Serves with a given backend.
+    /// Serves with a given backend, which other replicas in this process
+    /// may share (so no value leases are offered).
     pub async fn build_with_backend(
         config: Config,
         listener: TcpListener,
         backend: Arc<SecretBackend>,
     ) -> anyhow::Result<Self> {
-        Self::build_on(config, listener, backend, Metrics::new()).await
+        let offer = values::Offer::refused("this replica shares its store with others it does not coordinate with");
+        Self::build_on(config, listener, backend, Metrics::new(), offer).await
     }
 
     async fn build_on(
@@ -199,6 +217,7 @@ impl Application {
         listener: TcpListener,
         backend: Arc<SecretBackend>,
         metrics: Metrics,
+        offer: values::Offer,
     ) -> anyhow::Result<Self> {
         let internal = config.internal()?;
         let timeout = Duration::from_millis(config.request_timeout_ms);
@@ -212,6 +231,17 @@ impl Application {
         let backend: Arc<SecretBackend> = Arc::new(
             backend::MeteredBackend::new(backend, metrics.clone()).with_write_limits(config.store().write_limits()),
         );
+        let values::Offer { leases, lock, while_watched } = offer;
+        let leases = if while_watched {
+            let watched = backend.clone();
+            leases.with_guard(move |_| watched.watched())
+        } else {
+            leases
+        };
+        if leases.offered() {
+            tracing::info!("offering value leases: gateways may keep values in memory; writes wait for them");
+        }
+        let backend: Arc<SecretBackend> = Arc::new(values::LeasedBackend::new(backend, leases.clone()));
         let store = SecretStore::with_metrics(backend, config.object_prefix.clone(), Some(metrics.clone()));
         tracing::info!(backend = store.backend_name(), "secret store ready");
         let secrets = secrets::Secrets {
@@ -230,7 +260,8 @@ impl Application {
         let auth = internal.auth();
 
         let (router, health) =
-            server::router("secret-service", &metrics, &config.server, &[SECRET_SERVICE, SECRET_READER]).await?;
+            server::router("secret-service", &metrics, &config.server, &[SECRET_SERVICE, SECRET_READER, VALUE_LEASES])
+                .await?;
         let router = router
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 SecretServiceServer::new(grpc.clone())
@@ -240,19 +271,24 @@ impl Application {
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 SecretReaderServer::new(grpc)
                     .max_decoding_message_size(secrets_common::server::MAX_INTERNAL_MESSAGE_BYTES),
-                auth,
-            ));
+                auth.clone(),
+            ))
+            .add_service(ValueLeasesServer::with_interceptor(leases.clone(), auth));
         Ok(Self {
             served: Served::start(listener, (router, health), metrics, &config.server, internal.server_tls()).await?,
             replicas: None,
             _baselines: baselines,
+            value_leases: leases,
+            _value_lock: lock,
         })
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let replicas = self.replicas.clone();
+        let leases = self.value_leases.clone();
         let shutdown = async move {
             shutdown.await;
+            leases.stop();
             // Writes stop waiting for this replica while it drains.
             if let Some(replicas) = replicas {
                 replicas.leave().await;

@@ -2,33 +2,27 @@
 //! the authz service cannot answer, the caller gets `UNAVAILABLE` and nothing
 //! is allowed.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::collections::HashMap;
 
-use secrets_proto::{
-    internal::v1::{WatchDecisionsRequest, decision_leases_client::DecisionLeasesClient},
-    v1::{BatchCheckRequest, CheckRequest, CheckResponse, Permission, authz_service_client::AuthzServiceClient},
+use secrets_proto::v1::{
+    BatchCheckRequest, CheckRequest, CheckResponse, Permission, authz_service_client::AuthzServiceClient,
 };
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::{
     Principal,
     auth::{InternalChannel, InternalClient},
     error::from_upstream,
+    leases::{Giver, Leased, Memory},
     observe::TracedChannel,
 };
 
 pub const AUTHZ_SERVICE: &str = "authz-service";
 
-/// The longest a grant change may wait for decision lease holders: one
-/// acknowledgement timeout and one lease (see the authz-service's `leases`
-/// module, which checks its constants against this). A caller of grant
-/// changes allows this much on top of its usual bound, so a change that is
-/// waiting out a silent holder is not reported as failed.
-pub const GRANT_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_millis(3_000);
+/// The longest a grant change may wait for decision lease holders (see
+/// [`crate::leases::CHANGE_WAIT`]). A caller of grant changes allows this
+/// much on top of its usual bound.
+pub const GRANT_CHANGE_WAIT: std::time::Duration = crate::leases::CHANGE_WAIT;
 
 #[derive(Clone)]
 pub struct AuthzClient {
@@ -167,9 +161,6 @@ fn cache_key(c: &CheckRequest) -> String {
     )
 }
 
-/// How long a lease stream may go unanswered before it is given up.
-const LEASE_SILENCE: Duration = Duration::from_secs(3);
-
 /// Entries one cache holds at most; past it, it starts again empty.
 const MAX_DECISIONS: usize = 100_000;
 
@@ -181,19 +172,16 @@ const MAX_DECISIONS: usize = 100_000;
 /// an authz service that offers none) every question is asked.
 #[derive(Clone, Default)]
 pub struct DecisionCache {
-    state: Arc<Mutex<CacheState>>,
+    leased: Leased<Remembered>,
 }
 
 #[derive(Default)]
-struct CacheState {
-    /// The newest authz generation applied.
-    generation: u64,
-    /// Bumped whenever the entries are dropped: an answer asked for before
-    /// that is not remembered.
-    epoch: u64,
-    /// The lease: answers are served from memory only before this.
-    valid_until: Option<Instant>,
-    entries: HashMap<String, CheckResponse>,
+struct Remembered(HashMap<String, CheckResponse>);
+
+impl Memory for Remembered {
+    fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 enum Lookup {
@@ -201,163 +189,37 @@ enum Lookup {
     Missing(u64),
 }
 
-impl CacheState {
-    fn leased(&self) -> bool {
-        self.valid_until.is_some_and(|t| Instant::now() < t)
-    }
-
-    fn forget(&mut self) {
-        self.entries.clear();
-        self.epoch += 1;
-    }
-}
-
 impl DecisionCache {
-    fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn lookup(&self, keys: &[String]) -> Lookup {
-        let state = self.state();
-        if state.leased() {
-            let found: Option<Vec<CheckResponse>> = keys.iter().map(|k| state.entries.get(k).cloned()).collect();
+        let state = self.leased.lock();
+        if let Some(memory) = state.memory() {
+            let found: Option<Vec<CheckResponse>> = keys.iter().map(|k| memory.0.get(k).cloned()).collect();
             if let Some(answers) = found {
                 return Lookup::All(answers);
             }
         }
-        Lookup::Missing(state.epoch)
+        Lookup::Missing(state.epoch())
     }
 
     fn remember(&self, epoch: u64, answers: impl Iterator<Item = (String, CheckResponse)>) {
-        let mut state = self.state();
-        if state.epoch != epoch || !state.leased() {
+        let mut state = self.leased.lock();
+        let Some(memory) = state.memory_since(epoch) else { return };
+        if memory.0.len() >= MAX_DECISIONS {
+            state.clear();
             return;
         }
-        if state.entries.len() >= MAX_DECISIONS {
-            state.forget();
-            return;
-        }
-        state.entries.extend(answers);
+        memory.0.extend(answers);
     }
 
     /// Whether answers are served from memory now.
     pub fn leased(&self) -> bool {
-        self.state().leased()
+        self.leased.leased()
     }
 
     /// Holds a lease from the authz service at `channel` for as long as the
     /// returned task runs, reconnecting when the stream is lost.
     pub fn watch(&self, channel: TracedChannel, client: InternalClient) -> tokio::task::JoinHandle<()> {
-        let cache = self.clone();
-        tokio::spawn(async move {
-            let client = DecisionLeasesClient::with_interceptor(channel, client);
-            let (mut had_lease, mut told_none) = (false, false);
-            loop {
-                let outcome = cache.hold(client.clone(), &mut had_lease).await;
-                {
-                    // Generations count per authz-service process: the next
-                    // stream (perhaps to a restarted one) starts from zero.
-                    let mut state = cache.state();
-                    state.valid_until = None;
-                    state.generation = 0;
-                    state.forget();
-                }
-                let pause = match outcome {
-                    Err(s) if s.code() == Code::FailedPrecondition => {
-                        if !std::mem::replace(&mut told_none, true) {
-                            tracing::info!("{AUTHZ_SERVICE} offers no decision leases: {}", s.message());
-                        }
-                        Duration::from_secs(60)
-                    }
-                    Err(s) => {
-                        if had_lease {
-                            tracing::warn!("decision lease lost; asking {AUTHZ_SERVICE} every time: {}", s.message());
-                        }
-                        Duration::from_secs(1)
-                    }
-                    Ok(()) => Duration::from_millis(200),
-                };
-                had_lease = false;
-                tokio::time::sleep(pause).await;
-            }
-        })
-    }
-
-    /// One stream: answers extend the lease, changes drop every entry and
-    /// are acknowledged at once. Returns when the stream ends.
-    async fn hold(
-        &self,
-        mut client: DecisionLeasesClient<InternalChannel>,
-        had_lease: &mut bool,
-    ) -> Result<(), Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<WatchDecisionsRequest>(16);
-        let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
-        let mut seq = 0u64;
-        let mut send = |applied: u64, sent: &mut VecDeque<(u64, Instant)>| {
-            seq += 1;
-            sent.push_back((seq, Instant::now()));
-            if sent.len() > 64 {
-                sent.pop_front();
-            }
-            tx.try_send(WatchDecisionsRequest { seq, applied_generation: applied }).is_ok()
-        };
-        let applied = self.state().generation;
-        send(applied, &mut sent);
-        let mut inbound = client
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| from_upstream(AUTHZ_SERVICE, s))?
-            .into_inner();
-        let mut renew = tokio::time::interval(Duration::from_millis(500));
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        renew.tick().await;
-        let mut last_answer = Instant::now();
-        loop {
-            tokio::select! {
-                _ = renew.tick() => {
-                    // No answer for a whole lease: the service is gone or
-                    // unreachable; the lease has run out. Connect anew.
-                    if last_answer.elapsed() > LEASE_SILENCE {
-                        return Err(Status::unavailable(format!("{AUTHZ_SERVICE} stopped answering the lease stream")));
-                    }
-                    let applied = self.state().generation;
-                    if !send(applied, &mut sent) {
-                        return Ok(());
-                    }
-                }
-                message = inbound.message() => {
-                    let Some(answer) = message.map_err(|s| from_upstream(AUTHZ_SERVICE, s))? else { return Ok(()) };
-                    last_answer = Instant::now();
-                    let changed = {
-                        let mut state = self.state();
-                        let changed = answer.generation > state.generation;
-                        if changed {
-                            state.forget();
-                            state.generation = answer.generation;
-                        }
-                        if answer.seq != 0
-                            && let Some(&(_, at)) = sent.iter().find(|(s, _)| *s == answer.seq)
-                        {
-                            let until = at + Duration::from_millis(u64::from(answer.lease_ms));
-                            state.valid_until = Some(state.valid_until.map_or(until, |t| t.max(until)));
-                        }
-                        changed
-                    };
-                    if changed && !send(answer.generation, &mut sent) {
-                        return Ok(());
-                    }
-                    if answer.renew_ms > 0 && renew.period() != Duration::from_millis(u64::from(answer.renew_ms)) {
-                        renew = tokio::time::interval(Duration::from_millis(u64::from(answer.renew_ms)));
-                        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        renew.tick().await;
-                    }
-                    if !*had_lease && self.leased() {
-                        *had_lease = true;
-                        tracing::debug!("decision lease held from {AUTHZ_SERVICE}");
-                    }
-                }
-            }
-        }
+        self.leased.watch(Giver::Decisions, channel, client)
     }
 }
 
@@ -371,7 +233,7 @@ mod tests {
 
     fn leased_cache(for_ms: u64) -> DecisionCache {
         let cache = DecisionCache::default();
-        cache.state().valid_until = Some(Instant::now() + Duration::from_millis(for_ms));
+        cache.leased.lock().lease_for(std::time::Duration::from_millis(for_ms));
         cache
     }
 
@@ -393,7 +255,7 @@ mod tests {
         let Lookup::Missing(epoch) = cache.lookup(&["q".into()]) else { panic!() };
         cache.remember(epoch, std::iter::once(("q".to_string(), answer(true))));
         assert_eq!(hit(&cache, "q"), Some(true));
-        cache.state().valid_until = Some(Instant::now());
+        cache.leased.lock().lease_for(std::time::Duration::ZERO);
         assert_eq!(hit(&cache, "q"), None, "an expired lease serves nothing");
     }
 
@@ -402,7 +264,7 @@ mod tests {
         let cache = leased_cache(60_000);
         let Lookup::Missing(epoch) = cache.lookup(&["q".into()]) else { panic!() };
         // A change is applied while the question is on its way.
-        cache.state().forget();
+        cache.leased.lock().clear();
         cache.remember(epoch, std::iter::once(("q".to_string(), answer(true))));
         assert_eq!(hit(&cache, "q"), None);
     }

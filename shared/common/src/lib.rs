@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod leases;
 pub mod observe;
 pub mod server;
 pub mod telemetry;

@@ -72,6 +72,9 @@ struct Inner {
     backend_seconds: Family<BackendLabels, Histogram>,
     changes_per_write: Family<WriteLabels, Histogram>,
     audit_records: Family<AuditLabels, Counter>,
+    value_cache_entries: Gauge,
+    value_cache_bytes: Gauge,
+    value_cache_evictions: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,8 +163,29 @@ impl Metrics {
             "Audit records by outcome: recorded (in the audit store), dropped (buffered mode, the buffer full), failed (the store refused or did not answer in time)",
             audit_records.clone(),
         );
+        let value_cache_entries = Gauge::default();
+        let value_cache_bytes = Gauge::default();
+        let value_cache_evictions = Counter::default();
+        registry.register(
+            "gateway_value_cache_entries",
+            "Secret values (and answers that a key does not exist) the gateway keeps under a value lease",
+            value_cache_entries.clone(),
+        );
+        registry.register(
+            "gateway_value_cache_bytes",
+            "Bytes of keys and values the gateway keeps under a value lease (at most value_cache.max_bytes)",
+            value_cache_bytes.clone(),
+        );
+        registry.register(
+            "gateway_value_cache_evictions",
+            "Values the gateway dropped to stay within value_cache.max_entries and value_cache.max_bytes",
+            value_cache_evictions.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                value_cache_entries,
+                value_cache_bytes,
+                value_cache_evictions,
                 audit_records,
                 registry,
                 requests,
@@ -217,6 +241,13 @@ impl Metrics {
     /// `n` audit records that ended as `outcome` (recorded, dropped, failed).
     pub fn audit_records(&self, outcome: &str, n: u64) {
         self.inner.audit_records.get_or_create(&AuditLabels { outcome: outcome.into() }).inc_by(n);
+    }
+
+    /// The gateway's value cache now, and values it just evicted.
+    pub fn value_cache(&self, entries: usize, bytes: usize, evicted: u64) {
+        self.inner.value_cache_entries.set(entries as i64);
+        self.inner.value_cache_bytes.set(bytes as i64);
+        self.inner.value_cache_evictions.inc_by(evicted);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -149,6 +149,13 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
     fn snapshot(&self) -> Option<Snapshot> {
         None
     }
+
+    /// Whether every change made to the store outside this process reaches
+    /// [`Self::observe`]'s observer as it happens, now (the Kubernetes
+    /// watch, while it is alive); `false` for a backend that sees none.
+    fn watched(&self) -> bool {
+        false
+    }
 }
 
 /// Counts and times every call to the backend it wraps, and bounds the
@@ -217,6 +224,10 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
 
     fn snapshot(&self) -> Option<Snapshot> {
         self.inner.snapshot()
+    }
+
+    fn watched(&self) -> bool {
+        self.inner.watched()
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {

@@ -202,6 +202,13 @@ impl Mirror {
     }
 
     /// The object from memory: `None` when memory cannot answer.
+    /// Whether the copy is in step with the store: listed, and the watch
+    /// heard from within a window.
+    fn trusted(&self) -> bool {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        s.synced && s.alive.is_some_and(|t| t.elapsed() < WATCH_WINDOW + WATCH_GRACE)
+    }
+
     fn get(&self, object: &str) -> Option<Option<Arc<Entries>>> {
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());
         let trusted = s.synced && s.alive.is_some_and(|t| t.elapsed() < WATCH_WINDOW + WATCH_GRACE);
@@ -691,6 +698,10 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
 
     fn snapshot(&self) -> Option<Snapshot> {
         self.mirror.as_ref()?.snapshot()
+    }
+
+    fn watched(&self) -> bool {
+        self.mirror.as_ref().is_some_and(|m| m.trusted())
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {

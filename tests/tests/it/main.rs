@@ -37,6 +37,7 @@ mod store_suite;
 mod tls;
 mod traces;
 mod usage;
+mod values;
 mod vault;
 mod vault_matrix;
 mod workloads;
