@@ -53,8 +53,9 @@ impl ValueCacheConfig {
 
 type Key = (Target, String);
 
-/// What an entry costs besides its key and value.
-const ENTRY_OVERHEAD: usize = 64;
+/// What an entry costs besides its key and value (counted twice: the map
+/// and the eviction order each hold the key).
+const ENTRY_OVERHEAD: usize = 128;
 
 /// The remembered answers of the secret-service: a value, or `None` for a
 /// key that does not exist.
@@ -66,6 +67,8 @@ pub struct Values {
     bytes: usize,
     limits: (usize, usize),
     evicted: u64,
+    /// Where the entries, bytes and evictions are shown.
+    metrics: Option<Metrics>,
 }
 
 fn weight(key: &Key, value: &Option<Arc<SecretValue>>) -> usize {
@@ -73,7 +76,7 @@ fn weight(key: &Key, value: &Option<Arc<SecretValue>>) -> usize {
         Target::Domain(d) | Target::Vault(d) => d.len(),
         Target::Admin => 0,
     };
-    ENTRY_OVERHEAD + target + key.1.len() + value.as_ref().map_or(0, |v| v.expose().len())
+    ENTRY_OVERHEAD + 2 * (target + key.1.len()) + value.as_ref().map_or(0, |v| v.expose().len())
 }
 
 impl Memory for Values {
@@ -82,6 +85,7 @@ impl Memory for Values {
         self.entries.clear();
         self.order.clear();
         self.bytes = 0;
+        self.report(0);
     }
 }
 
@@ -90,6 +94,10 @@ impl Values {
         let (max_entries, max_bytes) = self.limits;
         let cost = weight(&key, &value);
         if cost > max_bytes {
+            // Never kept; nor is what was kept under the key before.
+            if let Some(old) = self.entries.remove(&key) {
+                self.bytes -= weight(&key, &old);
+            }
             self.evicted += 1;
             return;
         }
@@ -111,31 +119,34 @@ impl Values {
             self.order.retain(|k| entries.contains_key(k));
         }
     }
+
+    /// Shows the entries and bytes now, and `evicted` more evictions.
+    fn report(&self, evicted: u64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.value_cache(self.entries.len(), self.bytes, evicted);
+        }
+    }
 }
 
 /// A source whose answers are remembered under a value lease.
 pub struct LeasedSource {
     inner: Arc<dyn Source>,
     leased: Leased<Values>,
-    metrics: Metrics,
 }
 
 impl LeasedSource {
     /// Remembers `inner`'s answers within `config`'s bounds; call
     /// [`Self::watch`] to hold the lease they need.
     pub fn new(inner: Arc<dyn Source>, config: &ValueCacheConfig, metrics: Metrics) -> Self {
-        let values = Values { limits: (config.max_entries, config.max_bytes), ..Values::default() };
-        Self { inner, leased: Leased::new(values), metrics }
+        let values =
+            Values { limits: (config.max_entries, config.max_bytes), metrics: Some(metrics), ..Values::default() };
+        Self { inner, leased: Leased::new(values) }
     }
 
     /// Holds a value lease from the secret-service at `channel` for as long
     /// as the returned task runs.
     pub fn watch(&self, channel: TracedChannel, client: InternalClient) -> tokio::task::JoinHandle<()> {
         self.leased.watch(Giver::Values, channel, client)
-    }
-
-    fn report(&self, values: &Values, evicted_before: u64) {
-        self.metrics.value_cache(values.entries.len(), values.bytes, values.evicted - evicted_before);
     }
 }
 
@@ -204,7 +215,7 @@ impl Source for LeasedSource {
                 out.push(answer);
             }
             if let Some(m) = memory {
-                self.report(m, evicted_before);
+                m.report(m.evicted - evicted_before);
             }
         }
         Ok(out)

@@ -234,7 +234,7 @@ impl Application {
         let values::Offer { leases, lock, while_watched } = offer;
         let leases = if while_watched {
             let watched = backend.clone();
-            leases.with_guard(move |_| watched.watched())
+            leases.with_guard(move |lease| watched.watched(lease))
         } else {
             leases
         };

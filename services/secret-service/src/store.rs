@@ -152,7 +152,13 @@ impl SecretStore {
         let Some(id) = request_id else { return Ok(None) };
         requests::validate("request_id", id)?;
         let Some(entries) = self.backend.read_shared(&self.object_name(scope)).await? else { return Ok(None) };
-        Requests::of(&entries).replay(id, op, scope, key, value, &entries).transpose()
+        let replayed = Requests::of(&entries).replay(id, op, scope, key, value, &entries).transpose()?;
+        if replayed.is_some() {
+            // The first attempt may still be handing its change on (value
+            // leases): a retry answers only once that is done.
+            self.backend.backend().settle().await;
+        }
+        Ok(replayed)
     }
 
     /// Creates or updates `key`; with a `request_id`, recorded in the same

@@ -5,11 +5,12 @@
 //! them the same way, as soon as the store watch reports them.
 //!
 //! Offered only where this process sees every change to the store: the
-//! embedded store while this process holds its value-lease lock, or the
-//! Kubernetes store watched by a single replica, and then only while the
-//! watch is alive.
+//! embedded store while this process has its data directory alone (every
+//! secret-service on an embedded store holds the directory's lock file,
+//! shared, or exclusively to offer value leases), or the Kubernetes store
+//! watched by a single replica, and then only while the watch is alive.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use secrets_common::leases::Leases;
 use secrets_store::{Entries, ObservedChange, Observer, Snapshot};
@@ -22,12 +23,13 @@ use crate::{
 /// What is leased, in messages.
 const WHAT: &str = "value";
 
-/// The lock file, in the embedded store's data directory, that the process
-/// offering value leases holds.
+/// The lock file in the embedded store's data directory: every
+/// secret-service on the directory holds it, shared, or exclusively when it
+/// offers value leases.
 pub const LOCK_FILE: &str = "value-leases.lock";
 
-/// The leases this process offers, and the lock that keeps them sound
-/// (held for as long as the service runs).
+/// The leases this process offers, and its hold on the embedded store's
+/// lock file (kept for as long as the service runs).
 pub struct Offer {
     pub leases: Leases,
     pub lock: Option<std::fs::File>,
@@ -43,20 +45,24 @@ impl Offer {
 
     /// What a single secret-service (no `[replicas]`) offers with `config`.
     pub fn for_config(config: &Config) -> anyhow::Result<Self> {
-        if !config.value_leases {
-            return Ok(Self::refused("value_leases is off"));
-        }
         match config.store().kind(&Environment::detect())? {
-            BackendKind::Embedded => match lock(&config.embedded.data_dir)? {
-                Some(lock) => Ok(Self { leases: Leases::new(WHAT), lock: Some(lock), while_watched: false }),
-                None => {
-                    tracing::warn!(
-                        data_dir = %config.embedded.data_dir.display(),
-                        "another process holds the embedded store's value-lease lock: no value leases are offered here"
-                    );
-                    Ok(Self::refused("another secret-service process offers them for this data directory"))
-                }
-            },
+            BackendKind::Embedded => {
+                let (lock, alone) = lock(&config.embedded.data_dir, config.value_leases)?;
+                let mut offer = match (config.value_leases, alone) {
+                    (false, _) => Self::refused("value_leases is off"),
+                    (true, true) => Self { leases: Leases::new(WHAT), lock: None, while_watched: false },
+                    (true, false) => {
+                        tracing::warn!(
+                            data_dir = %config.embedded.data_dir.display(),
+                            "other secret-service processes use this embedded store: no value leases are offered"
+                        );
+                        Self::refused("other secret-service processes share this embedded store")
+                    }
+                };
+                offer.lock = Some(lock);
+                Ok(offer)
+            }
+            BackendKind::Kubernetes if !config.value_leases => Ok(Self::refused("value_leases is off")),
             BackendKind::Kubernetes if config.kubernetes.watch => {
                 Ok(Self { leases: Leases::new(WHAT), lock: None, while_watched: true })
             }
@@ -67,9 +73,11 @@ impl Offer {
     }
 }
 
-/// Takes `data_dir`'s value-lease lock; `None` when another process holds it.
+/// Takes `data_dir`'s lock file: exclusively when `exclusive` is asked and
+/// no other process holds it (`true`: this process has the store alone),
+/// else shared. Refused while another process holds it exclusively.
 #[expect(clippy::disallowed_methods, reason = "takes the lock once, at startup")]
-fn lock(data_dir: &Path) -> anyhow::Result<Option<std::fs::File>> {
+fn lock(data_dir: &Path, exclusive: bool) -> anyhow::Result<(std::fs::File, bool)> {
     std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
     let path = data_dir.join(LOCK_FILE);
     use std::os::unix::fs::OpenOptionsExt;
@@ -81,10 +89,22 @@ fn lock(data_dir: &Path) -> anyhow::Result<Option<std::fs::File>> {
         .mode(0o600)
         .open(&path)
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    let failed = |e: std::io::Error| anyhow::anyhow!("cannot lock {}: {e}", path.display());
+    if exclusive {
+        match file.try_lock() {
+            Ok(()) => return Ok((file, true)),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
+        }
+    }
+    match file.try_lock_shared() {
+        Ok(()) => Ok((file, false)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "another secret-service process offers value leases on the embedded store at {} and must have it \
+             alone: stop it, or set value_leases = false in it, before starting another one on this directory",
+            data_dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(failed(e)),
     }
 }
 
@@ -110,7 +130,9 @@ struct Publishing {
 impl Observer for Publishing {
     fn observed(&self, changes: Vec<ObservedChange>) {
         let leases = self.leases.clone();
-        tokio::spawn(async move { leases.publish().await });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { leases.publish().await });
+        }
         self.observer.observed(changes);
     }
 }
@@ -134,11 +156,26 @@ impl StoreBackend<crate::Error> for LeasedBackend {
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, crate::Error>) -> Result<Version, crate::Error> {
-        let written = self.inner.modify(object, change).await;
-        // Also after an error: a write the store did not confirm may still
-        // have landed.
-        self.leases.publish().await;
+        let mut changed = false;
+        let written = {
+            let mut noting = |entries: &mut Entries| {
+                let outcome = change(entries);
+                changed |= outcome.is_ok();
+                outcome
+            };
+            self.inner.modify(object, &mut noting).await
+        };
+        // Also after an error, once a change was made: a write the store
+        // did not confirm may still have landed. A change refused before
+        // anything was written costs the holders nothing.
+        if changed {
+            self.leases.publish().await;
+        }
         written
+    }
+
+    async fn settle(&self) {
+        self.leases.publish().await;
     }
 
     fn observe(&self, observer: Arc<dyn Observer>) {
@@ -149,7 +186,7 @@ impl StoreBackend<crate::Error> for LeasedBackend {
         self.inner.snapshot()
     }
 
-    fn watched(&self) -> bool {
-        self.inner.watched()
+    fn watched(&self, for_at_least: Duration) -> bool {
+        self.inner.watched(for_at_least)
     }
 }

@@ -224,18 +224,23 @@ impl Leases {
             }
         });
         let laggards: Vec<u64> = futures::future::join_all(waits).await.into_iter().flatten().collect();
-        let mut until = *self.inner.departed.lock().unwrap_or_else(|e| e.into_inner());
+        // Each laggard is cut off (whether or not its stream has ended and
+        // taken it off the map already), and only then is `departed` read:
+        // a holder whose stream ended records its lease there before it
+        // leaves the map.
+        let mut cut = None;
+        {
+            let mut map = self.holders();
+            for (id, holder) in holders.iter().filter(|(id, _)| laggards.contains(id)) {
+                map.remove(id);
+                cut = cut.max(Some(holder.cut()));
+            }
+        }
+        let departed = *self.inner.departed.lock().unwrap_or_else(|e| e.into_inner());
+        let until = cut.map_or(departed, |c| c.max(departed));
         if laggards.is_empty() {
             tokio::time::sleep_until(until.into()).await;
             return;
-        }
-        {
-            let mut map = self.holders();
-            for id in &laggards {
-                if let Some(holder) = map.remove(id) {
-                    until = until.max(holder.cut());
-                }
-            }
         }
         tracing::warn!(
             holders = laggards.len(),
@@ -294,11 +299,14 @@ impl Leases {
                 }
             }
             // The holder's stream ends when the last sender goes; its lease
-            // may outlive it (it may not have noticed yet).
-            leases.holders().remove(&id);
+            // may outlive it (it may not have noticed yet). Recorded before
+            // it leaves the map, so a round sees it in one or the other.
             let expires = holder.cut();
-            let mut departed = leases.inner.departed.lock().unwrap_or_else(|e| e.into_inner());
-            *departed = (*departed).max(expires);
+            {
+                let mut departed = leases.inner.departed.lock().unwrap_or_else(|e| e.into_inner());
+                *departed = (*departed).max(expires);
+            }
+            leases.holders().remove(&id);
         });
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
@@ -543,6 +551,12 @@ impl<M: Memory> Leased<M> {
                         if answer.seq != 0
                             && let Some(&(_, at)) = sent.iter().find(|(s, _)| *s == answer.seq)
                         {
+                            // After a lapse (the giver stopped answering for
+                            // a while, perhaps unsure of its own data), what
+                            // was kept before it is not served again.
+                            if !state.leased() {
+                                state.clear();
+                            }
                             let until = at + Duration::from_millis(u64::from(answer.lease_ms));
                             state.valid_until = Some(state.valid_until.map_or(until, |t| t.max(until)));
                         }

@@ -6,7 +6,11 @@
 //! already, say) and get it back unchanged; the backends' own failures come
 //! as [`BackendError`], which `E` takes in.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -151,11 +155,17 @@ pub trait StoreBackend<E: StoreError>: Send + Sync + 'static {
     }
 
     /// Whether every change made to the store outside this process reaches
-    /// [`Self::observe`]'s observer as it happens, now (the Kubernetes
-    /// watch, while it is alive); `false` for a backend that sees none.
-    fn watched(&self) -> bool {
+    /// [`Self::observe`]'s observer as it happens, now and for at least
+    /// `for_at_least` (the Kubernetes watch, while it is alive); `false` for
+    /// a backend that sees none.
+    fn watched(&self, _for_at_least: Duration) -> bool {
         false
     }
+
+    /// Returns once every write this process has made is known to everyone
+    /// who must know of it before it counts as done (see the secret-service's
+    /// value leases); at once for a backend that tells no one.
+    async fn settle(&self) {}
 }
 
 /// Counts and times every call to the backend it wraps, and bounds the
@@ -226,8 +236,12 @@ impl<E: StoreError> StoreBackend<E> for MeteredBackend<E> {
         self.inner.snapshot()
     }
 
-    fn watched(&self) -> bool {
-        self.inner.watched()
+    fn watched(&self, for_at_least: Duration) -> bool {
+        self.inner.watched(for_at_least)
+    }
+
+    async fn settle(&self) {
+        self.inner.settle().await;
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {

@@ -201,14 +201,15 @@ impl Mirror {
         f(&mut self.state.write().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The object from memory: `None` when memory cannot answer.
-    /// Whether the copy is in step with the store: listed, and the watch
-    /// heard from within a window.
-    fn trusted(&self) -> bool {
+    /// Whether the copy is in step with the store (listed, and the watch
+    /// heard from within a window) and stays so for at least `margin`
+    /// unless the watch is heard from again.
+    fn trusted_for(&self, margin: Duration) -> bool {
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());
-        s.synced && s.alive.is_some_and(|t| t.elapsed() < WATCH_WINDOW + WATCH_GRACE)
+        s.synced && s.alive.is_some_and(|t| t.elapsed() + margin < WATCH_WINDOW + WATCH_GRACE)
     }
 
+    /// The object from memory: `None` when memory cannot answer.
     fn get(&self, object: &str) -> Option<Option<Arc<Entries>>> {
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());
         let trusted = s.synced && s.alive.is_some_and(|t| t.elapsed() < WATCH_WINDOW + WATCH_GRACE);
@@ -700,8 +701,8 @@ impl<E: StoreError> StoreBackend<E> for KubernetesBackend {
         self.mirror.as_ref()?.snapshot()
     }
 
-    fn watched(&self) -> bool {
-        self.mirror.as_ref().is_some_and(|m| m.trusted())
+    fn watched(&self, for_at_least: Duration) -> bool {
+        self.mirror.as_ref().is_some_and(|m| m.trusted_for(for_at_least))
     }
 
     async fn modify(&self, object: &str, change: &mut Change<'_, E>) -> Result<Version, E> {

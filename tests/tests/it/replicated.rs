@@ -334,8 +334,19 @@ async fn killing_a_replica_of_each_service_under_load_loses_no_acknowledged_writ
         assert!(listed.contains(key), "{key} was acknowledged and is missing");
     }
     assert_eq!(listed.iter().filter(|k| k.starts_with("k_")).count(), 160, "nothing twice, nothing extra");
+    // The value resolves through the survivors; the first call may still
+    // meet a connection to a killed replica that the gateway has not
+    // dropped yet (the point here is that nothing acknowledged was lost).
     let spark = stack.as_service(OWNER, 0);
-    assert_eq!(resolved(&spark, "k_3_39").await, Ok(b"value-3-39".to_vec()));
+    let mut answer = resolved(&spark, "k_3_39").await;
+    for _ in 0..40 {
+        if answer != Err(Code::Unavailable) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        answer = resolved(&spark, "k_3_39").await;
+    }
+    assert_eq!(answer, Ok(b"value-3-39".to_vec()));
     // Four writers have at most four calls in flight when a replica dies;
     // four replicas die.
     assert!(retried <= 16, "only calls in flight on a killed replica failed: {retried} retries");
