@@ -284,3 +284,31 @@ async fn a_remembered_value_reaches_no_log() {
     let (_, metrics) = http_get(&app.metrics_url("gateway")).await;
     assert!(!metrics.contains(&canary), "the canary reached the metrics");
 }
+
+/// On the embedded store, a process offering value leases has the data
+/// directory alone: another secret-service on it is refused at start (its
+/// writes would go unseen by the first one's gateways) until it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_an_embedded_store_with_value_leases_is_refused_at_start() {
+    let mut app = TestApp::spawn_with(leased()).await;
+    let config = secret_service::Config {
+        server: secrets_common::server::ServerConfig::local(0, 0),
+        internal_token: Some(app.internal_token.clone()),
+        authz_url: app.authz_service_url.clone(),
+        backend: Some(secret_service::BackendKind::Embedded),
+        embedded: secret_service::EmbeddedConfig { data_dir: app.dir.path().join("secrets"), allow_in_cluster: true },
+        ..Default::default()
+    };
+    for value_leases in [false, true] {
+        let second = secret_service::Config { value_leases, ..config.clone() };
+        match secret_service::Application::build(second).await {
+            Ok(_) => {
+                panic!("a second process started beside one offering value leases (value_leases = {value_leases})")
+            }
+            Err(e) => assert!(e.to_string().contains("must have it alone"), "{e}"),
+        }
+    }
+    app.stop_secret_service().await;
+    let second = secret_service::Application::build(config).await.expect("starts once the first has stopped");
+    drop(second);
+}
