@@ -1036,14 +1036,7 @@ pub fn lock_sqlite(url: &str) -> anyhow::Result<Option<std::fs::File>> {
     if let Some(dir) = std::path::Path::new(&lock).parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     }
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock)
+    let file = secrets_common::lockfile::open(std::path::Path::new(&lock))
         .map_err(|e| anyhow::anyhow!("cannot open {lock}: {e}"))?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),

@@ -80,15 +80,8 @@ impl Offer {
 fn lock(data_dir: &Path, exclusive: bool) -> anyhow::Result<(std::fs::File, bool)> {
     std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
     let path = data_dir.join(LOCK_FILE);
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let file =
+        secrets_common::lockfile::open(&path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     let failed = |e: std::io::Error| anyhow::anyhow!("cannot lock {}: {e}", path.display());
     if exclusive {
         match file.try_lock() {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod leases;
+pub mod lockfile;
 pub mod observe;
 pub mod server;
 pub mod telemetry;

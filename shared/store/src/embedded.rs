@@ -98,14 +98,7 @@ impl EmbeddedBackend {
     async fn lock_across_processes(&self, object: &str) -> Result<std::fs::File> {
         let path = self.objects_dir.join(format!("{object}.lock"));
         tokio::task::spawn_blocking(move || {
-            #[expect(clippy::disallowed_methods, reason = "inside spawn_blocking")]
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)?;
+            let file = secrets_common::lockfile::open(&path)?;
             file.lock()?;
             Ok::<_, std::io::Error>(file)
         })
