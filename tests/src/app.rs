@@ -331,7 +331,8 @@ impl TestApp {
                 data_dir: app.dir.path().join("secrets"),
                 allow_in_cluster: true,
             },
-            value_leases: options.value_leases,
+            // Off unless asked: most tests count what a resolve reads.
+            value_leases: Some(options.value_leases),
             ..Default::default()
         };
         let mut secret_config = secret_config;

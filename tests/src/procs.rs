@@ -33,7 +33,20 @@ pub fn grpcurl() -> PathBuf {
 }
 
 /// A loopback port that was free a moment ago.
+///
+/// Chosen below the kernel's ephemeral range (32768 and up by default), so
+/// that between this call and the process binding it, no outgoing
+/// connection of another test (nor a listener on port 0) can take it.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1_000 {
+        let mut random = std::collections::hash_map::RandomState::new().build_hasher();
+        random.write_u64(std::process::id().into());
+        let port = 20_000 + (random.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 

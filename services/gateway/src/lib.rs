@@ -77,7 +77,8 @@ pub struct Config {
     pub decision_leases: bool,
     /// Keep resolved KUBERNETES values in memory while holding a value
     /// lease from the secret-service (offered where it sees every change to
-    /// the store; see `value_cache`). Off: every resolve reads them.
+    /// the store; see `value_cache`). Off, or without a lease: every
+    /// resolve reads them.
     pub value_leases: bool,
     /// The `[value_cache]` table: how much the value lease may keep.
     pub value_cache: values::ValueCacheConfig,
@@ -125,7 +126,7 @@ impl Default for Config {
             vault_config_service_url: "http://127.0.0.1:50054".into(),
             request_timeout_ms: 5_000,
             decision_leases: true,
-            value_leases: false,
+            value_leases: true,
             value_cache: values::ValueCacheConfig::default(),
             tokens: Vec::new(),
             jwt_issuers: Vec::new(),

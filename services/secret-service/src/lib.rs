@@ -88,8 +88,9 @@ pub struct Config {
     /// values in memory, and every write waits until they have dropped
     /// them. Offered only where this process sees every change to the store
     /// (the embedded store held by this process alone, or the Kubernetes
-    /// store watched by a single replica).
-    pub value_leases: bool,
+    /// store watched by a single replica). Unset: on for the embedded
+    /// store, off for Kubernetes (a rolling update runs two pods at once).
+    pub value_leases: Option<bool>,
     pub telemetry: TelemetryConfig,
 }
 
@@ -107,7 +108,7 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             replicas: replicas::ReplicasConfig::default(),
             changes: baselines::ChangesConfig::default(),
-            value_leases: false,
+            value_leases: None,
             telemetry: TelemetryConfig::default(),
         }
     }

@@ -47,8 +47,9 @@ impl Offer {
     pub fn for_config(config: &Config) -> anyhow::Result<Self> {
         match config.store().kind(&Environment::detect())? {
             BackendKind::Embedded => {
-                let (lock, alone) = lock(&config.embedded.data_dir, config.value_leases)?;
-                let mut offer = match (config.value_leases, alone) {
+                let wanted = config.value_leases.unwrap_or(true);
+                let (lock, alone) = lock(&config.embedded.data_dir, wanted)?;
+                let mut offer = match (wanted, alone) {
                     (false, _) => Self::refused("value_leases is off"),
                     (true, true) => Self { leases: Leases::new(WHAT), lock: None, while_watched: false },
                     (true, false) => {
@@ -62,7 +63,11 @@ impl Offer {
                 offer.lock = Some(lock);
                 Ok(offer)
             }
-            BackendKind::Kubernetes if !config.value_leases => Ok(Self::refused("value_leases is off")),
+            BackendKind::Kubernetes if config.value_leases.is_none() => Ok(Self::refused(
+                "value_leases is not set: on Kubernetes they are offered only when set, for a single replica \
+                 deployed with the Recreate strategy",
+            )),
+            BackendKind::Kubernetes if config.value_leases == Some(false) => Ok(Self::refused("value_leases is off")),
             BackendKind::Kubernetes if config.kubernetes.watch => {
                 Ok(Self { leases: Leases::new(WHAT), lock: None, while_watched: true })
             }
@@ -181,5 +186,49 @@ impl StoreBackend<crate::Error> for LeasedBackend {
 
     fn watched(&self, for_at_least: Duration) -> bool {
         self.inner.watched(for_at_least)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embedded(dir: &Path, value_leases: Option<bool>) -> Config {
+        Config {
+            backend: Some(BackendKind::Embedded),
+            embedded: crate::EmbeddedConfig { data_dir: dir.to_path_buf(), allow_in_cluster: true },
+            value_leases,
+            ..Config::default()
+        }
+    }
+
+    fn kubernetes(value_leases: Option<bool>, watch: bool) -> Config {
+        let mut config = Config { backend: Some(BackendKind::Kubernetes), value_leases, ..Config::default() };
+        config.kubernetes.watch = watch;
+        config
+    }
+
+    #[test]
+    fn on_the_embedded_store_they_are_offered_unless_turned_off_and_only_to_the_process_alone_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Offer::for_config(&embedded(dir.path(), None)).unwrap();
+        assert!(first.leases.offered(), "unset: offered on the embedded store");
+        let Err(e) = Offer::for_config(&embedded(dir.path(), Some(false))) else { panic!("a second process started") };
+        assert!(e.to_string().contains("must have it alone"), "{e}");
+        drop(first);
+
+        let off = Offer::for_config(&embedded(dir.path(), Some(false))).unwrap();
+        assert!(!off.leases.offered());
+        let shared = Offer::for_config(&embedded(dir.path(), Some(true))).unwrap();
+        assert!(!shared.leases.offered(), "another process shares the directory: none are offered");
+    }
+
+    #[test]
+    fn on_kubernetes_they_are_offered_only_when_set_and_watched() {
+        assert!(!Offer::for_config(&kubernetes(None, true)).unwrap().leases.offered());
+        assert!(!Offer::for_config(&kubernetes(Some(false), true)).unwrap().leases.offered());
+        assert!(!Offer::for_config(&kubernetes(Some(true), false)).unwrap().leases.offered());
+        let offer = Offer::for_config(&kubernetes(Some(true), true)).unwrap();
+        assert!(offer.leases.offered() && offer.while_watched);
     }
 }

@@ -300,7 +300,7 @@ async fn a_second_process_on_an_embedded_store_with_value_leases_is_refused_at_s
         ..Default::default()
     };
     for value_leases in [false, true] {
-        let second = secret_service::Config { value_leases, ..config.clone() };
+        let second = secret_service::Config { value_leases: Some(value_leases), ..config.clone() };
         match secret_service::Application::build(second).await {
             Ok(_) => {
                 panic!("a second process started beside one offering value leases (value_leases = {value_leases})")
