@@ -175,7 +175,8 @@ impl Gateway for GatewayService {
         let request = request.into_inner();
         let workload = pb::WorkloadRef {
             domain: request.domain.clone(),
-            kind: request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, payload::kind) as i32,
+            kind: request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, pb::WorkloadPayload::workload_kind)
+                as i32,
             id: request.id.clone(),
             name: String::new(),
         };
@@ -307,7 +308,8 @@ impl Gateway for GatewayService {
         let request = request.into_inner();
         let workload = pb::WorkloadRef {
             domain: request.domain.clone(),
-            kind: request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, payload::kind) as i32,
+            kind: request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, pb::WorkloadPayload::workload_kind)
+                as i32,
             id: request.id.clone(),
             name: String::new(),
         };

@@ -520,7 +520,7 @@ impl Migrations {
         }
         validate::workload_id("id", &request.id).map_err(invalid_argument)?;
         let domain = request.domain.clone();
-        let kind = request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, payload::kind);
+        let kind = request.payload.as_ref().map_or(pb::WorkloadKind::Unspecified, pb::WorkloadPayload::workload_kind);
         let planned =
             self.plan_of(caller, &domain, &request.id, request.payload, &request.secret_names, deadline).await?;
         let Planned { rewrite, problems } = planned;

@@ -77,21 +77,6 @@ fn slots(payload: &pb::WorkloadPayload) -> Vec<Slot> {
     slots
 }
 
-/// The kind of workload `payload` configures.
-pub fn kind(payload: &pb::WorkloadPayload) -> pb::WorkloadKind {
-    match &payload.kind {
-        Some(Kind::Compute(_)) => pb::WorkloadKind::Compute,
-        Some(Kind::SparkJob(_)) => pb::WorkloadKind::SparkJob,
-        Some(Kind::StreamingJob(_)) => pb::WorkloadKind::StreamingJob,
-        Some(Kind::SdkSparkJob(_)) => pb::WorkloadKind::SdkSparkJob,
-        Some(Kind::JupyterContainer(_)) => pb::WorkloadKind::JupyterContainer,
-        Some(Kind::StorageConfig(_)) => pb::WorkloadKind::StorageConfig,
-        Some(Kind::EmailSettings(_)) => pb::WorkloadKind::EmailSettings,
-        Some(Kind::LdapIntegration(_)) => pb::WorkloadKind::LdapIntegration,
-        None => pb::WorkloadKind::Unspecified,
-    }
-}
-
 /// An item's error as a field's: the message names the field's path
 /// rather than the internal item it was resolved as.
 pub fn field_status(index: usize, field: &str, status: tonic_types::pb::Status) -> tonic_types::pb::Status {

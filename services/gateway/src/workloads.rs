@@ -199,7 +199,7 @@ impl SavedWorkloads {
         if saved {
             let workload = pb::WorkloadRef {
                 domain: request.domain,
-                kind: payload::kind(&payload) as i32,
+                kind: payload.workload_kind() as i32,
                 id: request.id,
                 name: request.name,
             };

@@ -286,21 +286,6 @@ pub fn to_json(p: &pb::WorkloadPayload) -> Value {
     }
 }
 
-/// The kind's name on the command line (`spark-job`) and in the API.
-pub fn kind_of(p: &pb::WorkloadPayload) -> pb::WorkloadKind {
-    match &p.kind {
-        Some(Kind::Compute(_)) => pb::WorkloadKind::Compute,
-        Some(Kind::SparkJob(_)) => pb::WorkloadKind::SparkJob,
-        Some(Kind::StreamingJob(_)) => pb::WorkloadKind::StreamingJob,
-        Some(Kind::SdkSparkJob(_)) => pb::WorkloadKind::SdkSparkJob,
-        Some(Kind::JupyterContainer(_)) => pb::WorkloadKind::JupyterContainer,
-        Some(Kind::StorageConfig(_)) => pb::WorkloadKind::StorageConfig,
-        Some(Kind::EmailSettings(_)) => pb::WorkloadKind::EmailSettings,
-        Some(Kind::LdapIntegration(_)) => pb::WorkloadKind::LdapIntegration,
-        None => pb::WorkloadKind::Unspecified,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

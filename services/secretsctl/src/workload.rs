@@ -233,7 +233,7 @@ pub async fn run(command: WorkloadCommand, mut client: GatewayClient<Authed>, fo
         }
     };
     let payload = payload::read(&file)?;
-    let kind = kind_name(payload::kind_of(&payload) as i32);
+    let kind = kind_name(payload.workload_kind() as i32);
     let answer = client
         .save_workload(pb::SaveWorkloadRequest {
             domain: domain.clone(),

@@ -175,6 +175,24 @@ impl fmt::Debug for v1::ResolvedItem {
     }
 }
 
+impl v1::WorkloadPayload {
+    /// The kind of workload this payload configures.
+    pub fn workload_kind(&self) -> v1::WorkloadKind {
+        use v1::{WorkloadKind as K, workload_payload::Kind};
+        match &self.kind {
+            Some(Kind::Compute(_)) => K::Compute,
+            Some(Kind::SparkJob(_)) => K::SparkJob,
+            Some(Kind::StreamingJob(_)) => K::StreamingJob,
+            Some(Kind::SdkSparkJob(_)) => K::SdkSparkJob,
+            Some(Kind::JupyterContainer(_)) => K::JupyterContainer,
+            Some(Kind::StorageConfig(_)) => K::StorageConfig,
+            Some(Kind::EmailSettings(_)) => K::EmailSettings,
+            Some(Kind::LdapIntegration(_)) => K::LdapIntegration,
+            None => K::Unspecified,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{internal::v1::SecretLookupResult, v1::*};
